@@ -1,0 +1,33 @@
+# mpesa-pipeline: one command to run the stack, one to test it.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test bench down infra clean
+
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+infra: install ## start Kafka and PostgreSQL on loopback (idempotent)
+	bash infra/up.sh
+
+run: infra ## the whole stack in the foreground; Ctrl-C stops everything
+	$(PY) -m services.cli migrate
+	exec $(PY) -m services.cli run
+
+test: infra ## the whole suite against the real broker and database
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: infra ## benchmarks (throughput and latency figures; not tests)
+	for b in bench/*_bench.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+down: ## stop Kafka and PostgreSQL
+	bash infra/down.sh
+
+clean: down ## also delete local data
+	rm -rf .local

@@ -1,0 +1,136 @@
+"""Configuration from environment variables, checked once at start.
+
+A service declares its settings; `load` reads them all and raises ConfigError naming the first
+variable that is missing or bad. `describe` prints the result with secrets masked.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+_MISSING = object()
+
+
+class ConfigError(Exception):
+    """One line naming the variable and what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    parse: Callable[[str], Any] = str
+    default: Any = _MISSING
+    secret: bool = False
+    help: str = ""
+
+
+def load(settings: list[Setting], environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    environ = os.environ if environ is None else environ
+    values = {}
+    for s in settings:
+        raw = environ.get(s.env)
+        if raw is None or raw == "":
+            if s.default is _MISSING:
+                raise ConfigError(f"{s.env} is required but not set" + (f" ({s.help})" if s.help else ""))
+            values[s.env] = s.default
+            continue
+        try:
+            values[s.env] = s.parse(raw)
+        except (ValueError, TypeError) as exc:
+            if s.secret:  # even the parser's message might quote the value
+                raise ConfigError(f"{s.env} is invalid (value hidden: it is a secret)") from None
+            raise ConfigError(f"{s.env}={raw!r} is invalid: {exc}") from None
+    return values
+
+
+def describe(settings: list[Setting], values: Mapping[str, Any]) -> str:
+    return "\n".join(f"{s.env}={'****' if s.secret else mask_url(str(values[s.env]))}" for s in settings)
+
+
+def mask_url(value: str) -> str:
+    """Hides a password embedded in a URL (postgresql://user:pw@host/db)."""
+    parts = urlsplit(value)
+    if parts.password:
+        return value.replace(f":{parts.password}@", ":****@", 1)
+    return value
+
+
+# Parsers: each raises ValueError with a message fit to follow the variable's name.
+
+def whole_number(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+
+
+def port(raw: str) -> int:
+    value = whole_number(raw)
+    if not 0 < value < 65536:
+        raise ValueError("must be a TCP port between 1 and 65535")
+    return value
+
+
+def positive_int(raw: str) -> int:
+    value = whole_number(raw)
+    if value <= 0:
+        raise ValueError("must be a positive whole number")
+    return value
+
+
+def positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("must be a number") from None
+    if value <= 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def http_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http(s) URL with a host")
+    return raw.rstrip("/")
+
+
+def postgres_url(raw: str) -> str:
+    if urlsplit(raw).scheme not in ("postgresql", "postgres"):
+        raise ValueError("must be a postgresql:// URL")
+    return raw
+
+
+def host_ports(raw: str) -> str:
+    for item in raw.split(","):
+        host, sep, p = item.strip().rpartition(":")
+        if not sep or not host:
+            raise ValueError("must be host:port[,host:port...]")
+        port(p)
+    return raw
+
+
+def boolean(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def choice(raw: str, *options: str) -> str:
+    if raw not in options:
+        raise ValueError(f"must be one of {', '.join(options)}")
+    return raw
+
+
+# Settings several services share, declared once.
+KAFKA_BOOTSTRAP = Setting("KAFKA_BOOTSTRAP_SERVERS", host_ports, "127.0.0.1:9092", help="Kafka brokers")
+DATABASE_URL = Setting("DATABASE_URL", postgres_url, "postgresql://mpesa:mpesa@127.0.0.1:5433/mpesa",
+                       secret=False, help="PostgreSQL connection URL; its password is masked")
+TOPIC_PARTITIONS = Setting("KAFKA_TOPIC_PARTITIONS", positive_int, 6, help="partitions per topic at creation")
+METRICS_HOST = Setting("METRICS_HOST", str, "127.0.0.1", help="address of /metrics and /healthz for workers")
+LOG_LEVEL = Setting("LOG_LEVEL", lambda v: choice(v.upper(), "DEBUG", "INFO", "WARNING", "ERROR"), "INFO")

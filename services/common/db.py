@@ -1,0 +1,41 @@
+"""PostgreSQL: connection pools and the project's schema migrations (migrations/NNNN_*.sql)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+_MIGRATION_LOCK = 7_262_021  # advisory lock id: one migrator at a time across services
+
+log = logging.getLogger(__name__)
+
+
+def migrate(database_url: str, migrations_dir: Path = MIGRATIONS_DIR) -> list[str]:
+    """Applies every migration not yet applied, each in its own transaction; returns their names."""
+    applied_now = []
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
+                         "name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+            done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
+            for path in sorted(migrations_dir.glob("*.sql")):
+                if path.name in done:
+                    continue
+                with conn.transaction():
+                    conn.execute(path.read_text())
+                    conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (path.name,))
+                applied_now.append(path.name)
+                log.info("applied migration %s", path.name)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+    return applied_now
+
+
+async def open_pool(database_url: str, *, min_size: int = 1, max_size: int = 10) -> AsyncConnectionPool:
+    pool = AsyncConnectionPool(database_url, min_size=min_size, max_size=max_size, open=False)
+    await pool.open(wait=True, timeout=30)
+    return pool

@@ -1,0 +1,375 @@
+"""Kafka plumbing: an acknowledged producer, topic creation, and a consumer loop that commits
+only what was fully handled and dead-letters what it cannot read or handle.
+
+confluent-kafka is used directly (its asyncio producer is experimental, kafka-local.md); this
+module is the project's one small interface to it.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable, Iterable
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.common.avro import Codec, DecodeError
+from services.common.topics import DEAD_LETTER, Topic
+
+log = logging.getLogger(__name__)
+
+EVENTS_OUT = Counter("pipeline_events_published_total", "Events acknowledged by Kafka", ["topic"])
+PUBLISH_FAILURES = Counter("pipeline_publish_failures_total", "Events Kafka did not acknowledge", ["topic"])
+EVENTS_IN = Counter("pipeline_events_consumed_total", "Events handled by a consumer", ["topic", "result"])
+HANDLE_SECONDS = Histogram("pipeline_batch_handle_seconds", "Time to handle one consumed batch", ["group"])
+CONSUMER_LAG = Gauge("pipeline_consumer_lag", "Messages behind the end of the partition", ["topic", "partition"])
+
+
+class PublishError(Exception):
+    """Kafka did not acknowledge the event (broker down, timeout, authorisation...)."""
+
+
+def new_event_fields(channel_id: str, payment_id: str | None = None) -> dict[str, Any]:
+    """The fields every event carries (design.md: event_id, occurred_at, channel_id, payment_id)."""
+    fields = {"event_id": str(uuid.uuid4()), "occurred_at": datetime.now(timezone.utc),
+              "channel_id": channel_id, "schema_version": 1}
+    if payment_id is not None:
+        fields["payment_id"] = payment_id
+    return fields
+
+
+class EventProducer:
+    """Publishes Avro events keyed by channel id; `publish` returns only after the broker acked.
+
+    Idempotent producer with acks=all, set explicitly so no library default decides durability.
+    """
+
+    def __init__(self, bootstrap: str, codec: Codec, *, client_id: str, delivery_timeout_ms: int = 15000,
+                 linger_ms: int = 2):
+        self.codec = codec
+        self._producer = Producer({
+            "bootstrap.servers": bootstrap,
+            "client.id": client_id,
+            "enable.idempotence": True,
+            "acks": "all",
+            "max.in.flight.requests.per.connection": 5,
+            "linger.ms": linger_ms,
+            "compression.type": "lz4",
+            "delivery.timeout.ms": delivery_timeout_ms,
+        })
+        self._closed = threading.Event()
+        self._poller = threading.Thread(target=self._poll_forever, name=f"{client_id}-delivery", daemon=True)
+        self._poller.start()
+
+    def _poll_forever(self) -> None:
+        while not self._closed.is_set():
+            self._producer.poll(0.05)
+
+    async def publish(self, topic: Topic, record: dict[str, Any]) -> None:
+        await self.publish_raw(topic, record["channel_id"].encode(), self.codec.encode(topic.schema, record))
+
+    async def publish_raw(self, topic: Topic, key: bytes | None, value: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        acked = loop.create_future()
+
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            loop.call_soon_threadsafe(_settle, acked, err)
+
+        while True:
+            try:
+                self._producer.produce(topic.name, key=key, value=value, on_delivery=on_delivery)
+                break
+            except BufferError:  # local queue full: wait for deliveries to drain it
+                await asyncio.sleep(0.005)
+        try:
+            await acked
+        except PublishError:
+            PUBLISH_FAILURES.labels(topic.name).inc()
+            raise
+        EVENTS_OUT.labels(topic.name).inc()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._producer.flush(timeout)
+        self._closed.set()
+        self._poller.join(timeout=1)
+
+
+def _settle(fut: asyncio.Future, err: KafkaError | None) -> None:
+    if fut.done():
+        return
+    if err is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(PublishError(f"Kafka did not acknowledge the event: {err.str()}"))
+
+
+def ensure_topics(bootstrap: str, topics: Iterable[Topic], partitions: int, timeout: float = 30.0) -> None:
+    """Creates missing topics with the configured partition count; existing ones are left alone."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = admin.list_topics(timeout=timeout).topics
+    missing = [NewTopic(t.name, num_partitions=partitions, replication_factor=1)
+               for t in topics if t.name not in existing]
+    if not missing:
+        return
+    for name, future in admin.create_topics(missing, operation_timeout=timeout).items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+
+
+def _record_lag(stats_json: str) -> None:
+    """librdkafka's statistics carry consumer_lag per partition (-1 when unknown)."""
+    for topic, t in json.loads(stats_json).get("topics", {}).items():
+        for partition, p in t.get("partitions", {}).items():
+            if partition != "-1" and p.get("consumer_lag", -1) >= 0:
+                CONSUMER_LAG.labels(topic, partition).set(p["consumer_lag"])
+
+
+@dataclass
+class ConsumedEvent:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    schema: str
+    value: dict[str, Any]
+
+
+@dataclass
+class Rejection:
+    """A consumed event the handler cannot apply, ever; it goes to the dead-letter topic."""
+    event: ConsumedEvent
+    error: Exception
+
+
+class Transient(Exception):
+    """A failure worth retrying (a dependency is down); the batch is retried, not dead-lettered."""
+
+
+BatchHandler = Callable[[list[ConsumedEvent]], Awaitable[list[Rejection]]]
+
+
+def per_event(handle: Callable[[ConsumedEvent], Awaitable[None]], is_transient: Callable[[Exception], bool]
+              ) -> BatchHandler:
+    """Adapts a one-event handler: runs a batch concurrently; permanent failures become rejections."""
+
+    async def handle_batch(events: list[ConsumedEvent]) -> list[Rejection]:
+        results = await asyncio.gather(*(handle(e) for e in events), return_exceptions=True)
+        failures = [(e, r) for e, r in zip(events, results) if isinstance(r, BaseException)]
+        for _, error in failures:
+            if not isinstance(error, Exception) or is_transient(error):
+                raise error
+        return [Rejection(e, error) for e, error in failures]
+
+    return handle_batch
+
+
+@dataclass
+class _PartitionProgress:
+    """Offsets handed out in order; the committable position is the first one not yet done."""
+    pending: deque[int] = field(default_factory=deque)
+    done: set[int] = field(default_factory=set)
+    next_commit: int | None = None
+
+    def committable(self) -> int | None:
+        advanced = False
+        while self.pending and self.pending[0] in self.done:
+            offset = self.pending.popleft()
+            self.done.discard(offset)
+            self.next_commit = offset + 1
+            advanced = True
+        return self.next_commit if advanced else None
+
+
+class ConsumerLoop:
+    """Consumes topics in batches and hands each decoded batch to `handler`.
+
+    Offsets are committed only after the handler returned for every earlier message of the
+    partition. Undecodable messages and rejections go to the dead-letter topic (after its ack)
+    and count as handled. A handler exception is treated as transient: the batch is retried with
+    back-off and nothing is committed meanwhile. Up to `max_in_flight` batches run at once.
+    """
+
+    def __init__(self, *, bootstrap: str, group_id: str, topics: list[Topic], codec: Codec,
+                 handler: BatchHandler, dead_letters: EventProducer, max_batch: int = 500,
+                 max_in_flight: int = 1, poll_timeout: float = 0.2, extra_config: dict | None = None):
+        self.group_id = group_id
+        self.topics = topics
+        self.codec = codec
+        self.handler = handler
+        self.dead_letters = dead_letters
+        self.max_batch = max_batch
+        self.poll_timeout = poll_timeout
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._progress: dict[tuple[str, int], _PartitionProgress] = {}
+        self._lock = threading.Lock()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{group_id}-consumer")
+        self._consumer = Consumer({
+            "bootstrap.servers": bootstrap,
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "partition.assignment.strategy": "cooperative-sticky",
+            # A crashed worker's partitions move after 10 s instead of librdkafka's 45 s.
+            "session.timeout.ms": 10000,
+            "heartbeat.interval.ms": 1000,
+            "statistics.interval.ms": 5000,
+            "stats_cb": _record_lag,
+            **(extra_config or {}),
+        })
+        self.assigned = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        await self._in_thread(self._consumer.subscribe, [t.name for t in self.topics],
+                              on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        tasks: set[asyncio.Task] = set()
+        try:
+            while not stop.is_set():
+                await self._slots.acquire()
+                messages = await self._in_thread(self._consumer.consume, self.max_batch, self.poll_timeout)
+                batch = self._track([m for m in messages if self._is_data(m)])
+                if not batch:
+                    self._slots.release()
+                    continue
+                task = loop.create_task(self._handle(batch, stop))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            await self._commit()
+            await self._in_thread(self._consumer.close)
+            self._thread.shutdown(wait=True)
+
+    def _in_thread(self, fn, *args, **kwargs):
+        # Every consumer call happens on one thread: the client is not safe across threads.
+        return asyncio.get_running_loop().run_in_executor(self._thread, lambda: fn(*args, **kwargs))
+
+    def _is_data(self, msg: Message) -> bool:
+        err = msg.error()
+        if err is None:
+            return True
+        if err.code() != KafkaError._PARTITION_EOF:
+            log.warning("consumer error: %s", err.str())
+        return False
+
+    def _track(self, messages: list[Message]) -> list[Message]:
+        with self._lock:
+            for m in messages:
+                self._progress.setdefault((m.topic(), m.partition()), _PartitionProgress()).pending.append(m.offset())
+        return messages
+
+    async def _handle(self, messages: list[Message], stop: asyncio.Event) -> None:
+        try:
+            events, undecodable = self._decode_all(messages)
+            for msg, error in undecodable:
+                await self._dead_letter(msg, error)
+            await self._handle_with_retry(events, messages, stop)
+            self._mark_done(messages)
+            await self._commit()
+        finally:
+            self._slots.release()
+
+    def _decode_all(self, messages: list[Message]) -> tuple[list[ConsumedEvent], list[tuple[Message, Exception]]]:
+        events, undecodable = [], []
+        for m in messages:
+            try:
+                schema, value = self.codec.decode(m.value())
+                events.append(ConsumedEvent(m.topic(), m.partition(), m.offset(), m.key(), schema, value))
+            except DecodeError as exc:
+                undecodable.append((m, exc))
+        return events, undecodable
+
+    async def _handle_with_retry(self, events: list[ConsumedEvent], messages: list[Message],
+                                 stop: asyncio.Event) -> None:
+        if not events:
+            return
+        by_position = {(m.topic(), m.partition(), m.offset()): m for m in messages}
+        delay = 0.1
+        while True:
+            started = time.perf_counter()
+            try:
+                rejections = await self.handler(events)
+                break
+            except Exception as exc:
+                if stop.is_set():
+                    raise
+                # Unexpected errors stall the partition rather than dead-letter money events.
+                log.log(logging.WARNING if isinstance(exc, Transient) else logging.ERROR,
+                        "batch of %d failed, retrying in %.1fs: %s: %s", len(events), delay,
+                        type(exc).__name__, exc, exc_info=not isinstance(exc, Transient))
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 10.0)
+        HANDLE_SECONDS.labels(self.group_id).observe(time.perf_counter() - started)
+        for r in rejections:
+            msg = by_position[(r.event.topic, r.event.partition, r.event.offset)]
+            await self._dead_letter(msg, r.error)
+        rejected = {(r.event.topic, r.event.partition, r.event.offset) for r in rejections}
+        for e in events:
+            ok = (e.topic, e.partition, e.offset) not in rejected
+            EVENTS_IN.labels(e.topic, "ok" if ok else "dead_letter").inc()
+
+    async def _dead_letter(self, msg: Message, error: Exception) -> None:
+        key = msg.key()
+        record = new_event_fields(key.decode("utf-8", "replace") if key else "")
+        record.update(payment_id=None, source_topic=msg.topic(), source_partition=msg.partition(),
+                      source_offset=msg.offset(), consumer_group=self.group_id,
+                      error_type=type(error).__name__, error=str(error)[:1000],
+                      original_key=key, original_value=msg.value())
+        log.warning("dead-lettered %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), error)
+        await self.dead_letters.publish(DEAD_LETTER, record)
+
+    def _mark_done(self, messages: list[Message]) -> None:
+        with self._lock:
+            for m in messages:
+                progress = self._progress.get((m.topic(), m.partition()))
+                if progress is not None:  # None: partition revoked meanwhile; its new owner redoes it
+                    progress.done.add(m.offset())
+
+    async def _commit(self) -> None:
+        offsets = self._committable()
+        if offsets:
+            await self._in_thread(self._consumer.commit, offsets=offsets, asynchronous=False)
+
+    def _committable(self, only: set[tuple[str, int]] | None = None) -> list[TopicPartition]:
+        with self._lock:
+            result = []
+            for (topic, partition), progress in self._progress.items():
+                if only is not None and (topic, partition) not in only:
+                    continue
+                position = progress.committable()
+                if position is not None:
+                    result.append(TopicPartition(topic, partition, position))
+            return result
+
+    # Rebalance callbacks run on the consumer thread, inside consume().
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned = True
+        log.info("assigned %s", [(p.topic, p.partition) for p in partitions])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        revoked = {(p.topic, p.partition) for p in partitions}
+        offsets = self._committable(only=revoked)
+        if offsets:
+            try:
+                consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                log.warning("commit on revoke failed: %s", exc)
+        with self._lock:
+            for tp in revoked:
+                self._progress.pop(tp, None)
+        log.info("revoked %s", sorted(revoked))

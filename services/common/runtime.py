@@ -1,0 +1,30 @@
+"""Starting a service: config checked first, JSON logs, graceful stop on SIGTERM/SIGINT."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from typing import Any, Awaitable, Callable
+
+from services.common import config
+from services.common.observability import setup_logging
+
+
+def run_service(name: str, settings: list[config.Setting],
+                main: Callable[[dict[str, Any], asyncio.Event], Awaitable[None]]) -> None:
+    """Loads config (one clear line and exit 2 on error), then runs main(cfg, stop) until stopped."""
+    try:
+        cfg = config.load([*settings, config.LOG_LEVEL])
+    except config.ConfigError as exc:
+        print(f"{name}: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    setup_logging(name, cfg["LOG_LEVEL"])
+    asyncio.run(_main_until_signalled(cfg, main))
+
+
+async def _main_until_signalled(cfg, main) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await main(cfg, stop)

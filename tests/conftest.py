@@ -1,0 +1,103 @@
+"""Shared fixtures: a real Kafka broker and a real PostgreSQL.
+
+Endpoints come from KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL when set; otherwise the project's own
+scripts (infra/up.sh) start local ones, which is idempotent and fast when they already run.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from services.common.avro import Codec
+from services.common.db import migrate, open_pool
+from services.common.kafka import EventProducer, ensure_topics
+from services.common.topics import ALL_TOPICS
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTITIONS = 3
+
+
+def _start_local_infra() -> dict[str, str]:
+    out = subprocess.run(["bash", str(ROOT / "infra" / "up.sh")], check=True, capture_output=True, text=True)
+    env = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    return {k: v for k, v in env.items() if k in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")}
+
+
+@pytest.fixture(scope="session")
+def infra() -> dict[str, str]:
+    given = {k: os.environ[k] for k in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL") if os.environ.get(k)}
+    if len(given) < 2:
+        given = {**_start_local_infra(), **given}
+    migrate(given["DATABASE_URL"])
+    ensure_topics(given["KAFKA_BOOTSTRAP_SERVERS"], ALL_TOPICS, PARTITIONS)
+    return given
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(infra) -> str:
+    return infra["KAFKA_BOOTSTRAP_SERVERS"]
+
+
+@pytest.fixture(scope="session")
+def database_url(infra) -> str:
+    return infra["DATABASE_URL"]
+
+
+@pytest.fixture(scope="session")
+def codec() -> Codec:
+    return Codec()
+
+
+@pytest.fixture(scope="session")
+def producer(kafka_bootstrap, codec):
+    p = EventProducer(kafka_bootstrap, codec, client_id="tests")
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="session")
+async def pool(database_url):
+    p = await open_pool(database_url, max_size=4)
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short random suffix so tests never share topics, groups or channels."""
+    return uuid.uuid4().hex[:10]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def service_env(infra: dict[str, str], **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INGRESS_", "LEDGER_", "STK_", "WEBHOOK_"))}
+    return {**env, **infra, "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in extra.items()}}
+
+
+def start_service(module: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+async def eventually(check, timeout: float = 20.0, interval: float = 0.1):
+    """Polls an async check until it returns a truthy value; returns it, or fails at the deadline."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last result: {result!r})")
+        await asyncio.sleep(interval)

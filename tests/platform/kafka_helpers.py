@@ -1,0 +1,69 @@
+"""Small helpers for tests that drive the consumer loop on topics of their own."""
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from confluent_kafka import Consumer
+
+from services.common.avro import Codec
+from services.common.kafka import ConsumedEvent, ConsumerLoop, EventProducer, Rejection
+from services.common.topics import Topic
+
+
+def sample_request(channel_id: str, payment_id: str) -> dict:
+    from services.common.kafka import new_event_fields
+    return {**new_event_fields(channel_id, payment_id), "amount": 10, "phone": "254712345678",
+            "account_reference": "T1", "description": None, "order_reference": None,
+            "idempotency_key": None, "metadata": {}, "source": "TOPIC"}
+
+
+async def run_until(loop: ConsumerLoop, done: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Runs a consumer loop until done() holds (or fails at the deadline), then stops it gracefully."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(loop.run(stop))
+    deadline = asyncio.get_running_loop().time() + timeout
+    try:
+        while not done():
+            if task.done():
+                task.result()
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError("consumer did not get there in time")
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+def recording_loop(bootstrap: str, group: str, topic: Topic, codec: Codec, producer: EventProducer,
+                   seen: list[ConsumedEvent], fail: Callable[[ConsumedEvent], Exception | None] = lambda e: None
+                   ) -> ConsumerLoop:
+    async def handler(events: list[ConsumedEvent]) -> list[Rejection]:
+        rejections = []
+        for e in events:
+            error = fail(e)
+            if error is None:
+                seen.append(e)
+            else:
+                rejections.append(Rejection(e, error))
+        return rejections
+
+    return ConsumerLoop(bootstrap=bootstrap, group_id=group, topics=[topic], codec=codec,
+                        handler=handler, dead_letters=producer, poll_timeout=0.1)
+
+
+def read_all(bootstrap: str, topic: str, predicate, expected: int, timeout_polls: int = 60) -> list:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{id(predicate)}-{topic}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    found = []
+    try:
+        for _ in range(timeout_polls):
+            for msg in consumer.consume(500, 0.5):
+                if msg.error() is None and predicate(msg):
+                    found.append(msg)
+            if len(found) >= expected:
+                break
+    finally:
+        consumer.close()
+    return found

@@ -1,0 +1,93 @@
+"""The consumer loop against the real broker: commit after handling, dead letters, retries."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+
+from services.common.kafka import Transient, ensure_topics
+from services.common.topics import DEAD_LETTER, Topic
+from tests.conftest import ROOT
+from tests.platform.kafka_helpers import read_all, recording_loop, run_until, sample_request
+
+
+def own_topic(kafka_bootstrap: str, unique: str) -> Topic:
+    topic = Topic(f"test.loop.{unique}", "payment_requested")
+    ensure_topics(kafka_bootstrap, [topic], 2)
+    return topic
+
+
+async def test_a_consumer_killed_before_commit_gets_the_message_again(kafka_bootstrap, codec, producer, unique,
+                                                                       tmp_path):
+    topic = own_topic(kafka_bootstrap, unique)
+    event = sample_request(f"ch-{unique}", str(uuid.uuid4()))
+    await producer.publish(topic, event)
+    record = tmp_path / "handled.txt"
+
+    died = subprocess.run([sys.executable, "-m", "tests.platform.consumer_that_dies", kafka_bootstrap,
+                           f"g-{unique}", topic.name, str(record)], cwd=ROOT, timeout=60)
+
+    assert died.returncode == -9
+    assert record.read_text().split() == [event["event_id"]]
+    seen = []
+    await run_until(recording_loop(kafka_bootstrap, f"g-{unique}", topic, codec, producer, seen), lambda: seen)
+    assert [e.value["event_id"] for e in seen] == [event["event_id"]]
+
+
+async def test_committed_messages_are_not_delivered_again(kafka_bootstrap, codec, producer, unique):
+    topic = own_topic(kafka_bootstrap, unique)
+    first, second = (sample_request(f"ch-{unique}", str(uuid.uuid4())) for _ in range(2))
+    await producer.publish(topic, first)
+    seen = []
+    await run_until(recording_loop(kafka_bootstrap, f"g-{unique}", topic, codec, producer, seen), lambda: seen)
+    await producer.publish(topic, second)
+    seen_after_restart = []
+    await run_until(recording_loop(kafka_bootstrap, f"g-{unique}", topic, codec, producer, seen_after_restart),
+                    lambda: seen_after_restart)
+    assert [e.value["event_id"] for e in seen_after_restart] == [second["event_id"]]
+
+
+async def test_poison_messages_go_to_the_dead_letter_topic_and_the_consumer_continues(
+        kafka_bootstrap, codec, producer, unique):
+    topic = own_topic(kafka_bootstrap, unique)
+    channel = f"ch-{unique}"
+    refused = sample_request(channel, str(uuid.uuid4()))
+    good = sample_request(channel, str(uuid.uuid4()))
+    await producer.publish_raw(topic, channel.encode(), b"this is not avro")
+    await producer.publish(topic, refused)
+    await producer.publish(topic, good)
+
+    seen = []
+    fail = lambda e: ValueError("amount exceeds the channel limit") if e.value["event_id"] == refused["event_id"] else None  # noqa: E731
+    await run_until(recording_loop(kafka_bootstrap, f"g-{unique}", topic, codec, producer, seen, fail),
+                    lambda: any(e.value["event_id"] == good["event_id"] for e in seen))
+
+    letters = read_all(kafka_bootstrap, DEAD_LETTER.name,
+                       lambda m: codec.decode(m.value())[1]["source_topic"] == topic.name, expected=2)
+    records = sorted((codec.decode(m.value())[1] for m in letters), key=lambda r: r["source_offset"])
+    assert [(r["error_type"], r["original_value"]) for r in records] == [
+        ("DecodeError", b"this is not avro"), ("ValueError", codec.encode("payment_requested", refused))]
+    assert records[1]["error"] == "amount exceeds the channel limit"
+    assert all(r["consumer_group"] == f"g-{unique}" and r["original_key"] == channel.encode() for r in records)
+    assert [e.value["event_id"] for e in seen] == [good["event_id"]]
+
+
+async def test_a_transient_failure_is_retried_not_dead_lettered(kafka_bootstrap, codec, producer, unique):
+    topic = own_topic(kafka_bootstrap, unique)
+    event = sample_request(f"ch-{unique}", str(uuid.uuid4()))
+    await producer.publish(topic, event)
+    attempts, seen = [], []
+
+    async def flaky(events):
+        attempts.append(len(events))
+        if len(attempts) < 3:
+            raise Transient("database restarting")
+        seen.extend(events)
+        return []
+
+    from services.common.kafka import ConsumerLoop
+    loop = ConsumerLoop(bootstrap=kafka_bootstrap, group_id=f"g-{unique}", topics=[topic], codec=codec,
+                        handler=flaky, dead_letters=producer, poll_timeout=0.1)
+    await run_until(loop, lambda: seen)
+    assert len(attempts) == 3
+    assert [e.value["event_id"] for e in seen] == [event["event_id"]]

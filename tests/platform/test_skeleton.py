@@ -1,0 +1,44 @@
+"""The walking skeleton: POST a payment to the ingress, the ledger stores it, GET shows Requested."""
+from __future__ import annotations
+
+import httpx
+
+from tests.conftest import eventually, free_port, service_env, start_service
+
+
+async def test_post_then_get_shows_a_requested_payment(infra, unique):
+    port = free_port()
+    env = service_env(infra, INGRESS_PORT=port, LEDGER_GROUP_ID=f"ledger-{unique}", LEDGER_METRICS_PORT=free_port())
+    ingress, ledger = start_service("services.ingress", env), start_service("services.ledger", env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+            await eventually(lambda: _healthy(http))
+            created = await http.post("/api/payments", json={
+                "channelId": f"shop-{unique}", "amount": 150, "phone": "0712 345 678",
+                "accountReference": "INV-42", "description": "Shoes", "orderReference": "ord-1"})
+            assert created.status_code == 202, created.text
+            payment_id = created.json()["paymentId"]
+            assert created.json()["state"] == "Requested"
+
+            shown = await eventually(lambda: _found(http, payment_id), timeout=30)
+            assert shown["state"] == "Requested"
+            assert shown["amount"] == 150 and shown["channelId"] == f"shop-{unique}"
+            assert [h["state"] for h in shown["history"]] == ["Requested"]
+    finally:
+        for proc in (ingress, ledger):
+            proc.terminate()
+        for proc in (ingress, ledger):
+            assert proc.wait(timeout=30) == 0, proc.stdout.read()
+
+
+async def _healthy(http: httpx.AsyncClient) -> bool:
+    try:
+        return (await http.get("/healthz")).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+async def _found(http: httpx.AsyncClient, payment_id: str):
+    response = await http.get(f"/api/payments/{payment_id}")
+    return response.json() if response.status_code == 200 else None
