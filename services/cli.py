@@ -21,6 +21,22 @@ def cmd_migrate(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_verify(_: argparse.Namespace) -> int:
+    import psycopg
+    from services.ledger.store import verify_audit
+
+    async def verify() -> tuple[int, str | None]:
+        async with await psycopg.AsyncConnection.connect(config.load([config.DATABASE_URL])["DATABASE_URL"]) as conn:
+            return await verify_audit(conn)
+
+    count, problem = asyncio.run(verify())
+    if problem:
+        print(f"audit trail BROKEN after {count} rows: {problem}")
+        return 1
+    print(f"audit trail intact: {count} rows verified")
+    return 0
+
+
 def cmd_run(_: argparse.Namespace) -> int:
     from services.supervisor import supervise
     return asyncio.run(supervise([(name, [sys.executable, "-m", module]) for name, module in STACK]))
@@ -31,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
     sub.add_parser("run", help="run every service in the foreground (Ctrl-C stops all)").set_defaults(func=cmd_run)
+    audit = sub.add_parser("audit", help="the ledger's hash-chained audit trail").add_subparsers(dest="audit", required=True)
+    audit.add_parser("verify", help="recompute the hash chain; exit 1 if any row was edited or removed"
+                     ).set_defaults(func=cmd_audit_verify)
     return parser
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 from services.common import config
 from services.common.avro import Codec
@@ -9,8 +10,10 @@ from services.common.db import migrate, open_pool
 from services.common.kafka import ConsumerLoop, EventProducer, ensure_topics
 from services.common.observability import Health, serve_ops
 from services.common.runtime import run_service
-from services.common.topics import ALL_TOPICS, PAYMENT_REQUESTED
-from services.ledger.service import Ledger
+from services.common.topics import ALL_TOPICS, CALLBACK_RAW, PAYMENT_REQUESTED, STK_PUSH_RESULT, STK_QUERY_RESULT
+from services.ledger.reconciler import Reconciler
+from services.ledger.relay import OutboxRelay
+from services.ledger.service import Ledger, LedgerSettings
 
 SETTINGS = [
     config.KAFKA_BOOTSTRAP,
@@ -19,23 +22,29 @@ SETTINGS = [
     config.METRICS_HOST,
     config.Setting("LEDGER_GROUP_ID", str, "ledger", help="Kafka consumer group"),
     config.Setting("LEDGER_METRICS_PORT", config.port, 9102, help="port of /metrics and /healthz"),
+    config.Setting("LEDGER_QUERY_AFTER_S", config.positive_float, 90.0, help="Pending this long: start STK queries"),
+    config.Setting("LEDGER_REVIEW_AFTER_S", config.positive_float, 900.0, help="no final answer by then: Review"),
 ]
 
 
 async def main(cfg: dict, stop: asyncio.Event) -> None:
     migrate(cfg["DATABASE_URL"])
-    ensure_topics(cfg["KAFKA_BOOTSTRAP_SERVERS"], ALL_TOPICS, cfg["KAFKA_TOPIC_PARTITIONS"])
+    bootstrap = cfg["KAFKA_BOOTSTRAP_SERVERS"]
+    ensure_topics(bootstrap, ALL_TOPICS, cfg["KAFKA_TOPIC_PARTITIONS"])
     codec = Codec()
-    producer = EventProducer(cfg["KAFKA_BOOTSTRAP_SERVERS"], codec, client_id="ledger")
+    settings = LedgerSettings(first_query_after=timedelta(seconds=cfg["LEDGER_QUERY_AFTER_S"]),
+                              review_after=timedelta(seconds=cfg["LEDGER_REVIEW_AFTER_S"]))
+    producer = EventProducer(bootstrap, codec, client_id="ledger")
     pool = await open_pool(cfg["DATABASE_URL"], max_size=4)
-    loop = ConsumerLoop(bootstrap=cfg["KAFKA_BOOTSTRAP_SERVERS"], group_id=cfg["LEDGER_GROUP_ID"],
-                        topics=[PAYMENT_REQUESTED], codec=codec, handler=Ledger(pool).handle_batch,
-                        dead_letters=producer)
-    health = Health()
-    health.add("kafka_consumer_assigned", lambda: not stop.is_set())
-    runner = await serve_ops(health, cfg["METRICS_HOST"], cfg["LEDGER_METRICS_PORT"])
+    relay = OutboxRelay(pool, producer)
+    ledger = Ledger(pool, codec, settings, on_commit=relay.wake.set)
+    consumer = ConsumerLoop(bootstrap=bootstrap, group_id=cfg["LEDGER_GROUP_ID"], codec=codec,
+                            topics=[PAYMENT_REQUESTED, STK_PUSH_RESULT, CALLBACK_RAW, STK_QUERY_RESULT],
+                            handler=ledger.handle_batch, dead_letters=producer)
+    reconciler = Reconciler(pool, codec, settings, on_commit=relay.wake.set)
+    runner = await serve_ops(Health(), cfg["METRICS_HOST"], cfg["LEDGER_METRICS_PORT"])
     try:
-        await loop.run(stop)
+        await asyncio.gather(consumer.run(stop), relay.run(stop), reconciler.run(stop))
     finally:
         await runner.cleanup()
         producer.close()

@@ -1,63 +1,196 @@
 """The ledger's consumer: applies each batch of facts in one PostgreSQL transaction.
 
-Every event id is recorded in processed_events in the same transaction as its effect, and the
-consumer loop commits Kafka offsets only after this returns, so a redelivered event is a no-op.
+Every event id is recorded in processed_events in the same transaction as its effect, with the
+audit entries and the outbox rows; the consumer loop commits Kafka offsets only after this
+returns, so a redelivered event is a no-op and nothing is published before the commit.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
 import psycopg
 from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
 
-from services.common.kafka import ConsumedEvent, Rejection, Transient
+from services.common.avro import Codec
+from services.common.kafka import ConsumedEvent, Rejection, Transient, new_event_fields
+from services.common.topics import PAYMENT_STATUS
+from services.ledger import state_machine as sm
 from services.ledger import store
+from services.ledger.callbacks import CallbackParseError
+from services.ledger.facts import NotAFact, fact_of
 
 log = logging.getLogger(__name__)
 
 TRANSITIONS = Counter("ledger_transitions_total", "Payment state transitions applied", ["to_state"])
-DUPLICATES = Counter("ledger_duplicate_events_total", "Events already applied, ignored", ["topic"])
+VERDICTS = Counter("ledger_facts_total", "Facts by verdict", ["fact", "verdict"])
+ALERTS = Counter("ledger_contradictions_total", "Contradictions sent to Review (alert on any increase)", ["kind"])
+
+
+@dataclass(frozen=True)
+class LedgerSettings:
+    first_query_after: timedelta = timedelta(seconds=90)   # Pending this long: start STK queries
+    query_backoff_max: timedelta = timedelta(seconds=120)  # queries back off up to this interval
+    review_after: timedelta = timedelta(minutes=15)        # still no final answer: Review, not a guess
 
 
 class Ledger:
-    def __init__(self, pool: AsyncConnectionPool):
+    def __init__(self, pool: AsyncConnectionPool, codec: Codec, settings: LedgerSettings = LedgerSettings(),
+                 on_commit=lambda: None):
         self.pool = pool
+        self.codec = codec
+        self.settings = settings
+        self.on_commit = on_commit  # wakes the outbox relay
 
     async def handle_batch(self, events: list[ConsumedEvent]) -> list[Rejection]:
         try:
-            await self._apply_in_one_transaction(events)
-            return []
-        except (psycopg.IntegrityError, psycopg.DataError):
-            # One bad event must not block the rest: find it by applying them one by one.
-            return [r for e in events if (r := await self._apply_alone(e))]
+            try:
+                rejections = await self._apply_in_one_transaction(events)
+            except (psycopg.IntegrityError, psycopg.DataError):
+                # One bad event must not block the rest: find it by applying them one by one.
+                rejections = []
+                for e in events:
+                    rejections += await self._apply_alone(e)
         except psycopg.OperationalError as exc:
             raise Transient(f"database unavailable: {exc}") from exc
+        self.on_commit()
+        return rejections
 
-    async def _apply_alone(self, event: ConsumedEvent) -> Rejection | None:
+    async def _apply_alone(self, event: ConsumedEvent) -> list[Rejection]:
         try:
-            await self._apply_in_one_transaction([event])
+            return await self._apply_in_one_transaction([event])
         except (psycopg.IntegrityError, psycopg.DataError) as exc:
-            return Rejection(event, exc)
-        return None
+            return [Rejection(event, exc)]
 
-    async def _apply_in_one_transaction(self, events: list[ConsumedEvent]) -> None:
+    async def _apply_in_one_transaction(self, events: list[ConsumedEvent]) -> list[Rejection]:
         async with self.pool.connection() as conn, conn.transaction():
             seen = await store.already_processed(conn, [e.value["event_id"] for e in events])
             fresh = _first_of_each(e for e in events if e.value["event_id"] not in seen)
-            for e in events:
-                if e.value["event_id"] in seen:
-                    DUPLICATES.labels(e.topic).inc()
+            batch = FactBatch(conn, self.codec, self.settings)
+            rejections, facts = [], []
             for e in fresh:
-                await self._apply(conn, e)
+                try:
+                    facts.append((e, *fact_of(e)))
+                except (NotAFact, CallbackParseError) as exc:
+                    rejections.append(Rejection(e, exc))  # dead-lettered with its reason; payment untouched
+            await batch.prefetch([payment_id for _, payment_id, _ in facts])
+            for e, payment_id, fact in facts:
+                await batch.apply(e, payment_id, fact)
+            await batch.flush()
             await store.mark_processed(conn, [(e.value["event_id"], e.topic) for e in fresh])
+        VERDICTS.labels("replay", "duplicate").inc(len(events) - len(fresh))
+        return rejections
 
-    async def _apply(self, conn, event: ConsumedEvent) -> None:
-        if event.schema == "payment_requested":
-            v = event.value
-            if await store.insert_payment(conn, v):
-                await store.add_history(conn, v["payment_id"], "Requested", None, None, v["event_id"])
-                TRANSITIONS.labels("Requested").inc()
+
+class FactBatch:
+    """One transaction's work: locked payments, audit entries and outbox rows, written at flush."""
+
+    def __init__(self, conn, codec: Codec, settings: LedgerSettings):
+        self.conn, self.codec, self.settings = conn, codec, settings
+        self.payments: dict[str, dict | None] = {}
+        self.audit: list[dict] = []
+        self.outbox: list[tuple[str, bytes, bytes]] = []
+
+    async def apply(self, event: ConsumedEvent, payment_id: str, fact: sm.Fact) -> None:
+        row = await self._payment(payment_id)
+        decision = sm.decide(_snapshot(row), fact)
+        VERDICTS.labels(type(fact).__name__, decision.verdict.value).inc()
+        self._audit(payment_id, event.value["event_id"], fact, decision, row)
+        if decision.verdict is sm.Verdict.PARKED:
+            await store.park(self.conn, event.value["event_id"], payment_id, event.topic,
+                             self.codec.encode(event.schema, event.value))
+        elif decision.verdict is sm.Verdict.APPLIED:
+            row = await self._persist(event.value, payment_id, row, decision)
+            if isinstance(fact, sm.Requested):
+                await self._unpark(payment_id)
+
+    async def prefetch(self, payment_ids: list[str]) -> None:
+        """Locks every payment of the batch in one round trip (in id order: no deadlocks)."""
+        found = await store.lock_payments(self.conn, sorted(set(payment_ids)))
+        self.payments.update({pid: found.get(pid) for pid in payment_ids})
+
+    async def _payment(self, payment_id: str) -> dict | None:
+        if payment_id not in self.payments:
+            self.payments.update(await store.lock_payments(self.conn, [payment_id]) or {payment_id: None})
+        return self.payments[payment_id]
+
+    async def _persist(self, v: dict, payment_id: str, row: dict | None, d: sm.Decision) -> dict:
+        d = await self._check_receipt_unused(payment_id, d)
+        previous = row["state"] if row else None
+        changes = {**d.changes, **self._reconciliation_changes(d)}
+        if d.new_state:
+            changes["state"] = d.new_state
+        if d.alert:
+            changes["review_reason"] = d.reason
+            ALERTS.labels(d.alert).inc()
+            log.warning("payment sent to review: %s", d.reason, extra={"payment_id": payment_id})
+        if row is None:
+            row = await store.insert_payment(self.conn, v, d.new_state, changes)
+        elif changes:
+            row = await store.update_payment(self.conn, payment_id, changes)
+        self.payments[payment_id] = row
+        if d.new_state and d.new_state != previous:
+            TRANSITIONS.labels(d.new_state).inc()
+            await store.add_history(self.conn, payment_id, d.new_state, previous, d.reason, v["event_id"])
+            self.outbox.append(self._status_event(row, previous, d.reason))
+        return row
+
+    async def _check_receipt_unused(self, payment_id: str, d: sm.Decision) -> sm.Decision:
+        """One receipt proves one payment: a receipt already used elsewhere is a case for review."""
+        receipt = d.changes.get("mpesa_receipt")
+        other = receipt and await store.payment_with_receipt(self.conn, receipt, payment_id)
+        if not other:
+            return d
+        changes = {k: v for k, v in d.changes.items() if k != "mpesa_receipt"}
+        return sm.review("receipt_reused", f"receipt {receipt} already proves payment {other}", **changes)
+
+    def _reconciliation_changes(self, d: sm.Decision) -> dict:
+        now = datetime.now(timezone.utc)
+        if d.new_state == "Pending" or d.changes.get("push_unknown"):
+            return {"pending_since": now, "next_query_at": now + self.settings.first_query_after}
+        if d.new_state in ("Settled", "Cancelled", "Failed", "Review"):
+            return {"next_query_at": None}
+        return {}
+
+    async def _unpark(self, payment_id: str) -> None:
+        for topic, payload in await store.take_parked(self.conn, payment_id):
+            schema, value = self.codec.decode(payload)
+            early = ConsumedEvent(topic, -1, -1, None, schema, value)
+            _, fact = fact_of(early)
+            await self.apply(early, payment_id, fact)
+
+    def _audit(self, payment_id: str, event_id: str | None, fact: sm.Fact, d: sm.Decision, row: dict | None) -> None:
+        before = row["state"] if row else None
+        self.audit.append({"payment_id": payment_id, "event_id": event_id, "fact": type(fact).__name__,
+                           "verdict": d.verdict.value, "from_state": before, "to_state": d.new_state or before,
+                           "detail": d.reason or ""})
+
+    def _status_event(self, row: dict, previous: str | None, reason: str | None) -> tuple[str, bytes, bytes]:
+        record = {**new_event_fields(row["channel_id"], row["payment_id"]), "status": row["state"],
+                  "previous_status": previous, "amount": row["amount"], "phone_masked": mask_phone(row["phone"]),
+                  "order_reference": row["order_reference"], "checkout_request_id": row["checkout_request_id"],
+                  "mpesa_receipt": row["mpesa_receipt"], "transaction_time": row["transaction_time"],
+                  "result_code": row["result_code"], "reason": reason,
+                  "metadata": {str(k): str(v) for k, v in (row["metadata"] or {}).items()}}
+        return PAYMENT_STATUS.name, row["channel_id"].encode(), self.codec.encode(PAYMENT_STATUS.schema, record)
+
+    async def flush(self) -> None:
+        await store.append_audit(self.conn, self.audit)
+        await store.enqueue(self.conn, self.outbox)
+
+
+def _snapshot(row: dict | None) -> sm.Payment | None:
+    if row is None:
+        return None
+    return sm.Payment(row["state"], row["amount"], row["phone"], row["checkout_request_id"], row["mpesa_receipt"],
+                      row["result_code"])
+
+
+def mask_phone(phone: str) -> str:
+    """Analytics read the status topic: keep the operator prefix and last two digits only."""
+    return phone[:4] + "*" * max(len(phone) - 6, 0) + phone[-2:] if len(phone) > 6 else "*" * len(phone)
 
 
 def _first_of_each(events) -> list[ConsumedEvent]:

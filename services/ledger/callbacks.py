@@ -1,0 +1,109 @@
+"""Tolerant parsing of Daraja's STK callback body (daraja.md §3) and the ResultCode catalogue.
+
+Pure: bytes in, a ParsedCallback out, or CallbackParseError saying why.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from zoneinfo import ZoneInfo
+
+NAIROBI = ZoneInfo("Africa/Nairobi")
+
+SUCCESS = "0"
+# Final failure codes and their meaning (daraja.md §3 catalogue). Anything else is not provable.
+FAILURE_MEANINGS = {
+    "1": "insufficient balance", "2": "amount below the minimum", "3": "amount above the maximum",
+    "4": "daily transfer limit exceeded", "8": "receiver's maximum balance exceeded",
+    "17": "rule limited: same amount to the same customer within 2 minutes", "26": "system busy",
+    "1001": "a transaction is already in process for the subscriber", "1019": "transaction expired",
+    "1025": "error sending the push request", "1032": "cancelled by the customer",
+    "1036": "prompt not delivered (SMSC ACK timeout)", "1037": "customer could not be reached or did not respond",
+    "1101": "prompt message prefix too long", "1102": "prompt message too long",
+    "2001": "wrong M-Pesa PIN", "2028": "not permitted for this shortcode (till/paybill mismatch)",
+    "8006": "customer's PIN is locked", "9999": "error sending the push request",
+    "SFC_IC0003": "the operator does not exist (till/paybill mismatch)",
+}
+
+
+class CallbackParseError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ParsedCallback:
+    merchant_request_id: str | None
+    checkout_request_id: str
+    result_code: str
+    result_desc: str
+    receipt: str | None = None
+    amount: Decimal | None = None
+    phone: str | None = None
+    transaction_time: datetime | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.result_code == SUCCESS
+
+
+def parse_callback(body: bytes) -> ParsedCallback:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise CallbackParseError("body is not JSON") from None
+    stk = doc.get("Body", {}).get("stkCallback") if isinstance(doc, dict) and isinstance(doc.get("Body"), dict) else None
+    if not isinstance(stk, dict):
+        raise CallbackParseError("no Body.stkCallback object")
+    checkout_id, code = stk.get("CheckoutRequestID"), stk.get("ResultCode")
+    if not isinstance(checkout_id, str) or not checkout_id:
+        raise CallbackParseError("CheckoutRequestID missing")
+    if isinstance(code, bool) or not isinstance(code, (int, str)) or str(code).strip() == "":
+        raise CallbackParseError("ResultCode missing")  # int in real callbacks, "SFC_IC0003" a string
+    items = _items_by_name(stk.get("CallbackMetadata"))
+    return ParsedCallback(
+        merchant_request_id=_str_or_none(stk.get("MerchantRequestID")),
+        checkout_request_id=checkout_id,
+        result_code=str(code).strip(),
+        result_desc=str(stk.get("ResultDesc") or ""),
+        receipt=_str_or_none(items.get("MpesaReceiptNumber")),
+        amount=_decimal(items.get("Amount")),
+        phone=_phone(items.get("PhoneNumber")),
+        transaction_time=_transaction_time(items.get("TransactionDate")),
+    )
+
+
+def _items_by_name(metadata) -> dict:
+    """Items are read by Name, never by position; an item without Value (Balance) is skipped."""
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("Item"), list):
+        return {}
+    return {i["Name"]: i["Value"] for i in metadata["Item"]
+            if isinstance(i, dict) and isinstance(i.get("Name"), str) and "Value" in i}
+
+
+def _str_or_none(value) -> str | None:
+    return str(value) if value not in (None, "") else None
+
+
+def _decimal(value) -> Decimal | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return Decimal(str(value))  # via str: never compare floats (daraja.md §3)
+    except InvalidOperation:
+        raise CallbackParseError(f"Amount {value!r} is not a number") from None
+
+
+def _phone(value) -> str | None:
+    return None if value is None else str(value)
+
+
+def _transaction_time(value) -> datetime | None:
+    if value is None:
+        return None
+    text = str(value)
+    try:
+        return datetime.strptime(text, "%Y%m%d%H%M%S").replace(tzinfo=NAIROBI)  # Nairobi local time
+    except ValueError:
+        raise CallbackParseError(f"TransactionDate {text!r} is not YYYYMMDDHHmmss") from None

@@ -1,0 +1,50 @@
+"""Turns consumed events into the state machine's facts (pure)."""
+from __future__ import annotations
+
+from services.common.kafka import ConsumedEvent
+from services.ingress.validation import parse_payment_request
+from services.ledger import state_machine as sm
+from services.ledger.callbacks import parse_callback
+
+
+class NotAFact(ValueError):
+    """The event cannot be applied to any payment (it is dead-lettered with this reason)."""
+
+
+def fact_of(event: ConsumedEvent) -> tuple[str, sm.Fact]:
+    """Returns (payment id, fact); raises NotAFact or CallbackParseError for what can't apply."""
+    v = event.value
+    payment_id = v.get("payment_id")
+    if not payment_id:
+        raise NotAFact(f"{event.schema} event without a payment id")
+    if event.schema == "payment_requested":
+        return payment_id, sm.Requested(invalid_reason=request_problem(v))
+    if event.schema == "stk_push_result":
+        return payment_id, _push_fact(v)
+    if event.schema == "callback_raw":
+        return payment_id, sm.CallbackReceived(parse_callback(v["body"]))
+    if event.schema == "stk_query_result":
+        return payment_id, sm.QueryAnswered(v["status"], v["checkout_request_id"], v["result_code"], v["result_desc"])
+    raise NotAFact(f"the ledger does not consume {event.schema} events")
+
+
+def request_problem(v: dict) -> str | None:
+    """Requests produced straight to the topic get the same checks as the ingress API's."""
+    _, errors = parse_payment_request({
+        "channelId": v["channel_id"], "amount": v["amount"], "phone": v["phone"],
+        "accountReference": v["account_reference"], "description": v["description"],
+        "orderReference": v["order_reference"], "metadata": v["metadata"]})
+    if v["phone"] and not errors and len(v["phone"]) != 12:
+        errors = {"phone": "must be normalised to 12 digits (2547XXXXXXXX or 2541XXXXXXXX)"}
+    return "invalid request: " + "; ".join(f"{k} {m}" for k, m in errors.items()) if errors else None
+
+
+def _push_fact(v: dict) -> sm.Fact:
+    outcome = v["outcome"]
+    if outcome == "ACCEPTED":
+        if not v["checkout_request_id"]:
+            raise NotAFact("accepted push result without a CheckoutRequestID")
+        return sm.PushAccepted(v["merchant_request_id"], v["checkout_request_id"])
+    if outcome in ("REFUSED", "INVALID"):
+        return sm.PushRefused(v["error_code"] or outcome, v["error_message"] or "")
+    return sm.PushOutcomeUnknown(v["error_message"] or "no answer from Daraja")

@@ -1,0 +1,82 @@
+"""Reconciliation: payments Pending too long (or whose push outcome is unknown) get STK queries
+with back-off; after the deadline they go to Review rather than to a guess (daraja.md §4)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+from prometheus_client import Counter
+from psycopg.rows import dict_row
+
+from services.common.avro import Codec
+from services.common.kafka import ConsumedEvent, new_event_fields
+from services.common.topics import STK_QUERY_REQUESTED
+from services.ledger import state_machine as sm
+from services.ledger import store
+from services.ledger.service import FactBatch, LedgerSettings
+
+log = logging.getLogger(__name__)
+QUERIES = Counter("ledger_reconciliation_queries_total", "STK queries requested by reconciliation")
+
+
+def next_query_delay(attempt: int, settings: LedgerSettings) -> timedelta:
+    """15 s, 30 s, 60 s ... capped: the query is rate-limited like everything else."""
+    return min(timedelta(seconds=15 * 2 ** (attempt - 1)), settings.query_backoff_max)
+
+
+class Reconciler:
+    def __init__(self, pool, codec: Codec, settings: LedgerSettings, on_commit=lambda: None,
+                 interval_s: float = 1.0):
+        self.pool, self.codec, self.settings = pool, codec, settings
+        self.on_commit = on_commit
+        self.interval_s = interval_s
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                if await self.tick():
+                    self.on_commit()
+            except psycopg.OperationalError as exc:
+                log.warning("reconciliation: %s; retrying", exc)
+            try:
+                await asyncio.wait_for(stop.wait(), self.interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def tick(self, limit: int = 200) -> int:
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute("SELECT payment_id FROM payments WHERE state IN ('Requested', 'Pending')"
+                              " AND next_query_at <= now() ORDER BY next_query_at LIMIT %s FOR UPDATE SKIP LOCKED",
+                              (limit,))
+            due = [r["payment_id"] for r in await cur.fetchall()]
+            batch = FactBatch(conn, self.codec, self.settings)
+            await batch.prefetch(due)
+            queries = []
+            for payment_id in due:
+                queries += await self._reconcile(conn, batch, batch.payments[payment_id])
+            await batch.flush()
+            await store.enqueue(conn, queries)
+        return len(due)
+
+    async def _reconcile(self, conn, batch: FactBatch, row: dict) -> list:
+        now = datetime.now(timezone.utc)
+        age = now - (row["pending_since"] or row["requested_at"])
+        if age >= self.settings.review_after:
+            event = ConsumedEvent("reconciliation", -1, -1, None, "reconciliation", {"event_id": str(uuid.uuid4())})
+            await batch.apply(event, row["payment_id"], sm.ReconciliationExpired(int(age.total_seconds())))
+            return []
+        if not row["checkout_request_id"]:  # nothing to query: only a callback can tell; wait to the deadline
+            await store.update_payment(conn, row["payment_id"], {"next_query_at": now + self.settings.review_after - age})
+            return []
+        attempt = row["query_attempts"] + 1
+        await store.update_payment(conn, row["payment_id"], {
+            "query_attempts": attempt, "next_query_at": now + next_query_delay(attempt, self.settings)})
+        QUERIES.inc()
+        record = {**new_event_fields(row["channel_id"], row["payment_id"]),
+                  "checkout_request_id": row["checkout_request_id"], "attempt": attempt,
+                  "reason": "PUSH_OUTCOME_UNKNOWN" if row["push_unknown"] else "PENDING_TOO_LONG"}
+        return [(STK_QUERY_REQUESTED.name, row["channel_id"].encode(), self.codec.encode(STK_QUERY_REQUESTED.schema, record))]

@@ -1,0 +1,139 @@
+"""The ledger against the real PostgreSQL: exactly-once effect, early facts, audit chain, outbox."""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from services.common.kafka import ConsumedEvent, new_event_fields
+from services.common.topics import CALLBACK_RAW, PAYMENT_REQUESTED, PAYMENT_STATUS, STK_PUSH_RESULT
+from services.ledger import store
+from services.ledger.relay import OutboxRelay
+from services.ledger.service import Ledger
+from tests.ledger.callbacks import success
+from tests.platform.kafka_helpers import read_all
+
+
+def receipt(unique: str) -> str:
+    return unique[:10].upper()
+
+
+def event(topic, schema, value) -> ConsumedEvent:
+    return ConsumedEvent(topic.name, 0, 0, value["channel_id"].encode(), schema, value)
+
+
+def requested(channel, payment_id, **overrides):
+    return event(PAYMENT_REQUESTED, "payment_requested", {
+        **new_event_fields(channel, payment_id), "amount": 100, "phone": "254712345678",
+        "account_reference": "INV1", "description": None, "order_reference": "o-1", "idempotency_key": None,
+        "metadata": {"k": "v"}, "source": "TOPIC", **overrides})
+
+
+def accepted(channel, payment_id, checkout_id):
+    return event(STK_PUSH_RESULT, "stk_push_result", {
+        **new_event_fields(channel, payment_id), "outcome": "ACCEPTED", "merchant_request_id": "m-1",
+        "checkout_request_id": checkout_id, "error_code": None, "error_message": None, "attempts": 1})
+
+
+def callback(channel, payment_id, body):
+    return event(CALLBACK_RAW, "callback_raw", {
+        **new_event_fields(channel, payment_id), "received_at": new_event_fields(channel)["occurred_at"],
+        "source_address": "196.201.212.69", "path": "/x", "path_params": {}, "content_type": "application/json",
+        "body": body, "rejection_reason": None})
+
+
+async def state_of(pool, payment_id):
+    async with pool.connection() as conn:
+        row = await (await conn.execute("SELECT state, mpesa_receipt FROM payments WHERE payment_id = %s",
+                                        (payment_id,))).fetchone()
+        return row
+
+
+@pytest.fixture
+def ledger(pool, codec):
+    return Ledger(pool, codec)
+
+
+async def test_request_push_callback_settles_and_redelivery_changes_nothing(ledger, pool, unique):
+    channel, pid = f"ch-{unique}", str(uuid.uuid4())
+    facts = [requested(channel, pid), accepted(channel, pid, f"ws_CO_{unique}"), callback(channel, pid, success(f"ws_CO_{unique}", receipt=receipt(unique)))]
+    assert await ledger.handle_batch(facts) == []
+    assert await state_of(pool, pid) == ("Settled", receipt(unique))
+
+    assert await ledger.handle_batch(facts) == []  # the whole batch redelivered
+    async with pool.connection() as conn:
+        history = await (await conn.execute("SELECT state FROM payment_history WHERE payment_id = %s ORDER BY id",
+                                            (pid,))).fetchall()
+        outbox = await (await conn.execute("SELECT count(*) FROM outbox WHERE key = %s", (channel.encode(),))).fetchone()
+    assert [h[0] for h in history] == ["Requested", "Pending", "Settled"]
+    assert outbox[0] == 3
+
+
+async def test_a_callback_before_its_payment_waits_and_then_settles(ledger, pool, unique):
+    channel, pid = f"ch-{unique}", str(uuid.uuid4())
+    assert await ledger.handle_batch([callback(channel, pid, success(f"ws_CO_{unique}", receipt=receipt(unique)))]) == []
+    assert await state_of(pool, pid) is None
+    await ledger.handle_batch([requested(channel, pid)])
+    assert await state_of(pool, pid) == ("Settled", receipt(unique))
+    await ledger.handle_batch([accepted(channel, pid, f"ws_CO_{unique}")])
+    assert await state_of(pool, pid) == ("Settled", receipt(unique))
+
+
+async def test_unparseable_callback_is_rejected_and_leaves_the_payment_untouched(ledger, pool, unique):
+    channel, pid = f"ch-{unique}", str(uuid.uuid4())
+    await ledger.handle_batch([requested(channel, pid), accepted(channel, pid, f"ws_CO_{unique}")])
+    bad = callback(channel, pid, b"<html>not json</html>")
+    rejections = await ledger.handle_batch([bad])
+    assert [(r.event.value["event_id"], type(r.error).__name__) for r in rejections] == [
+        (bad.value["event_id"], "CallbackParseError")]
+    assert (await state_of(pool, pid))[0] == "Pending"
+
+
+async def test_a_reused_receipt_goes_to_review(ledger, pool, unique):
+    channel, first, second = f"ch-{unique}", str(uuid.uuid4()), str(uuid.uuid4())
+    await ledger.handle_batch([requested(channel, first), requested(channel, second),
+                               callback(channel, first, success("ws_CO_a" + unique, receipt=receipt(unique)))])
+    await ledger.handle_batch([callback(channel, second, success("ws_CO_b" + unique, receipt=receipt(unique)))])
+    assert await state_of(pool, first) == ("Settled", receipt(unique))
+    assert await state_of(pool, second) == ("Review", None)
+
+
+async def test_an_invalid_request_on_the_topic_ends_failed_never_pushed(ledger, pool, unique):
+    pid = str(uuid.uuid4())
+    await ledger.handle_batch([requested(f"ch-{unique}", pid, amount=-5, phone="12345")])
+    assert (await state_of(pool, pid))[0] == "Failed"
+
+
+async def test_status_events_are_published_after_commit_through_the_outbox(ledger, pool, producer, codec,
+                                                                         kafka_bootstrap, unique):
+    channel, pid = f"ch-{unique}", str(uuid.uuid4())
+    await ledger.handle_batch([requested(channel, pid), accepted(channel, pid, f"ws_CO_{unique}")])
+    relay = OutboxRelay(pool, producer)
+    while await relay.publish_once():
+        pass
+    messages = read_all(kafka_bootstrap, PAYMENT_STATUS.name, lambda m: m.key() == channel.encode(), expected=2)
+    statuses = [codec.decode(m.value())[1] for m in messages]
+    assert [(s["status"], s["previous_status"]) for s in statuses] == [("Requested", None), ("Pending", "Requested")]
+    assert statuses[0]["phone_masked"] == "2547******78" and statuses[1]["checkout_request_id"] == f"ws_CO_{unique}"
+
+
+async def test_editing_an_audit_row_makes_verification_fail(ledger, pool, unique):
+    channel, pid = f"ch-{unique}", str(uuid.uuid4())
+    await ledger.handle_batch([requested(channel, pid)])
+    async with pool.connection() as conn:
+        count, problem = await store.verify_audit(conn)
+        assert count > 0 and problem is None
+        with pytest.raises(Exception, match="append-only"):
+            await conn.execute("UPDATE audit_log SET detail = 'x' WHERE payment_id = %s", (pid,))
+    async with pool.connection() as conn:
+        seq, detail = await (await conn.execute("SELECT seq, detail FROM audit_log WHERE payment_id = %s",
+                                                (pid,))).fetchone()
+        await conn.execute("ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_change")
+        await conn.execute("UPDATE audit_log SET detail = 'forged' WHERE seq = %s", (seq,))
+        try:
+            _, problem = await store.verify_audit(conn)
+            assert problem == f"row {seq}: content does not match its hash (edited)"
+        finally:
+            await conn.execute("UPDATE audit_log SET detail = %s WHERE seq = %s", (detail, seq))
+            await conn.execute("ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_change")
+        assert (await store.verify_audit(conn))[1] is None
