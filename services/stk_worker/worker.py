@@ -1,0 +1,142 @@
+"""The STK worker's two jobs: push payment requests to Daraja (exactly once) and answer the
+ledger's query requests. It reports what happened; only the ledger decides states."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import psycopg
+from prometheus_client import Counter
+
+from services.common.callback_token import callback_url
+from services.common.kafka import ConsumedEvent, EventProducer, PublishError, Transient, new_event_fields
+from services.common.topics import STK_PUSH_RESULT, STK_QUERY_RESULT
+from services.daraja.errors import DarajaError, ErrorKind
+from services.daraja.models import AppCredentials, QueryStatus, Shortcode, StkPushRequest
+from services.ledger.facts import request_problem
+from services.stk_worker import claims
+from services.stk_worker.claims import PushOutcome
+from services.stk_worker.throttle import ShortcodeThrottle
+
+log = logging.getLogger(__name__)
+PUSHES = Counter("stk_pushes_total", "STK push outcomes", ["outcome"])
+QUERIES = Counter("stk_queries_total", "STK query outcomes", ["status"])
+SPIKE_ARREST = "500.003.02"
+
+
+@dataclass(frozen=True)
+class ChannelAccess:
+    channel_id: str
+    active: bool
+    shortcode: Shortcode
+    app: AppCredentials
+
+
+ChannelLookup = Callable[[str], Awaitable[ChannelAccess | None]]
+
+
+def is_transient(exc: Exception) -> bool:
+    return isinstance(exc, (Transient, PublishError, psycopg.OperationalError))
+
+
+@dataclass
+class PushSettings:
+    public_base_url: str
+    token_secret: bytes
+    max_attempts: int = 4
+    backoff_s: float = 0.5
+
+
+class Pusher:
+    def __init__(self, pool, daraja, lookup: ChannelLookup, producer: EventProducer, throttle: ShortcodeThrottle,
+                 settings: PushSettings):
+        self.pool, self.daraja, self.lookup, self.producer = pool, daraja, lookup, producer
+        self.throttle, self.settings = throttle, settings
+
+    async def handle(self, event: ConsumedEvent) -> None:
+        v = event.value
+        outcome = await self._decide(v)
+        PUSHES.labels(outcome.status).inc()
+        await self._publish(v, outcome)
+
+    async def _decide(self, v: dict) -> PushOutcome:
+        problem = request_problem(v)
+        if problem:
+            return PushOutcome("invalid", error_code="INVALID_REQUEST", error_message=problem)
+        channel = await self.lookup(v["channel_id"])
+        if channel is None or not channel.active:
+            state = "unknown" if channel is None else "suspended"
+            return PushOutcome("invalid", error_code=f"CHANNEL_{state.upper()}", error_message=f"channel is {state}")
+        earlier = await claims.claim(self.pool, v["payment_id"], v["channel_id"])
+        if earlier is not None:  # redelivered: report what happened, never push again
+            return earlier
+        outcome = await self._push(channel, v)
+        await claims.finish(self.pool, v["payment_id"], outcome)
+        return outcome
+
+    async def _push(self, channel: ChannelAccess, v: dict) -> PushOutcome:
+        try:
+            request = StkPushRequest(
+                amount=v["amount"], phone=v["phone"], account_reference=v["account_reference"],
+                description=v["description"] or v["account_reference"][:13],
+                callback_url=callback_url(self.settings.public_base_url, self.settings.token_secret,
+                                          v["channel_id"], v["payment_id"]))
+        except ValueError as exc:
+            return PushOutcome("invalid", error_code="INVALID_REQUEST", error_message=str(exc))
+        code = channel.shortcode.business_shortcode
+        for attempt in range(1, self.settings.max_attempts + 1):
+            await self.throttle.acquire(code)
+            try:
+                accepted = await self.daraja.push(channel.app, channel.shortcode, request)
+                return PushOutcome("accepted", accepted.merchant_request_id, accepted.checkout_request_id,
+                                   attempts=attempt)
+            except DarajaError as exc:
+                if exc.error_code == SPIKE_ARREST:
+                    self.throttle.spike_arrested(code)
+                if exc.kind is ErrorKind.OUTCOME_UNKNOWN:
+                    return PushOutcome("unknown", error_code=exc.error_code, error_message=str(exc), attempts=attempt)
+                if exc.kind is ErrorKind.PERMANENT or attempt == self.settings.max_attempts:
+                    return PushOutcome("refused", error_code=exc.error_code or exc.kind.value,
+                                       error_message=str(exc), attempts=attempt)
+                # Retryable: Daraja did not act on it, so sending it again cannot prompt twice.
+                await asyncio.sleep(exc.retry_after_s or self.settings.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+        raise AssertionError("unreachable")
+
+    async def _publish(self, v: dict, o: PushOutcome) -> None:
+        outcome = {"accepted": "ACCEPTED", "refused": "REFUSED", "unknown": "OUTCOME_UNKNOWN", "invalid": "INVALID"}
+        await self.producer.publish(STK_PUSH_RESULT, {
+            **new_event_fields(v["channel_id"], v["payment_id"]), "outcome": outcome[o.status],
+            "merchant_request_id": o.merchant_request_id, "checkout_request_id": o.checkout_request_id,
+            "error_code": o.error_code, "error_message": o.error_message, "attempts": max(o.attempts, 1)})
+
+
+class Querier:
+    STATUS = {QueryStatus.FINAL_SUCCESS: "SUCCESS", QueryStatus.FINAL_FAILURE: "FAILED",
+              QueryStatus.STILL_PROCESSING: "PROCESSING"}
+
+    def __init__(self, daraja, lookup: ChannelLookup, producer: EventProducer, throttle: ShortcodeThrottle):
+        self.daraja, self.lookup, self.producer, self.throttle = daraja, lookup, producer, throttle
+
+    async def handle(self, event: ConsumedEvent) -> None:
+        v = event.value
+        status, code, desc = await self._query(v)
+        QUERIES.labels(status).inc()
+        await self.producer.publish(STK_QUERY_RESULT, {
+            **new_event_fields(v["channel_id"], v["payment_id"]), "checkout_request_id": v["checkout_request_id"],
+            "status": status, "result_code": code, "result_desc": desc, "attempt": v["attempt"]})
+
+    async def _query(self, v: dict) -> tuple[str, str | None, str | None]:
+        channel = await self.lookup(v["channel_id"])
+        if channel is None or not v["checkout_request_id"]:
+            return "ERROR", None, "nothing to query with" if channel else "unknown channel"
+        await self.throttle.acquire(channel.shortcode.business_shortcode)
+        try:
+            result = await self.daraja.query(channel.app, channel.shortcode, v["checkout_request_id"])
+        except DarajaError as exc:
+            if exc.error_code == SPIKE_ARREST:
+                self.throttle.spike_arrested(channel.shortcode.business_shortcode)
+            return "ERROR", exc.error_code, str(exc)
+        return self.STATUS[result.status], result.result_code, result.result_desc

@@ -1,0 +1,106 @@
+"""The STK worker against the real broker, database and the Daraja simulator: one push per payment."""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import uuid
+
+import httpx
+import pytest
+
+from services.common.kafka import ConsumedEvent
+from services.common.topics import PAYMENT_REQUESTED, STK_PUSH_RESULT
+from services.daraja.client import DarajaClient
+from services.daraja.models import AppCredentials, Shortcode
+from services.daraja_sandbox.settings import DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
+from services.stk_worker.throttle import ShortcodeThrottle
+from services.stk_worker.worker import ChannelAccess, Pusher, PushSettings
+from tests.conftest import ROOT, eventually, free_port
+from tests.platform.kafka_helpers import read_all, sample_request
+
+SECRET = b"x" * 32
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "services.daraja_sandbox", "--port", str(port),
+                             "--callback-delay-ms", "0", "--no-subscriber-lock"], cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            if httpx.get(f"{base}/sandbox/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            import time
+            time.sleep(0.1)
+    yield base
+    proc.terminate()
+    proc.wait(10)
+
+
+def pusher_for(sandbox: str, pool, producer) -> Pusher:
+    channel = ChannelAccess("any", True, Shortcode("174379"),
+                            AppCredentials(DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY))
+
+    async def lookup(channel_id: str):
+        return channel if not channel_id.startswith("gone") else None
+
+    return Pusher(pool, DarajaClient(sandbox), lookup, producer, ShortcodeThrottle(200, 50),
+                  PushSettings("http://127.0.0.1:9", SECRET, backoff_s=0.01))
+
+
+def as_event(value: dict) -> ConsumedEvent:
+    return ConsumedEvent(PAYMENT_REQUESTED.name, 0, 0, value["channel_id"].encode(), "payment_requested", value)
+
+
+def pushes_for(sandbox: str, reference: str) -> list:
+    return httpx.get(f"{sandbox}/sandbox/pushes", params={"AccountReference": reference}).json()["pushes"]
+
+
+def results_for(kafka_bootstrap, codec, payment_id: str, expected: int) -> list[dict]:
+    found = read_all(kafka_bootstrap, STK_PUSH_RESULT.name,
+                     lambda m: codec.decode(m.value())[1]["payment_id"] == payment_id, expected)
+    return [codec.decode(m.value())[1] for m in found]
+
+
+async def test_a_request_is_pushed_once_even_when_delivered_twice(sandbox, pool, producer, codec, kafka_bootstrap,
+                                                                 unique):
+    request = {**sample_request(f"ch-{unique}", str(uuid.uuid4())), "account_reference": unique[:12].upper()}
+    pusher = pusher_for(sandbox, pool, producer)
+    await pusher.handle(as_event(request))
+    await pusher.handle(as_event(request))  # redelivery
+    await asyncio.gather(pusher.handle(as_event(request)), pusher.handle(as_event(request)))  # concurrent duplicates
+
+    assert len(pushes_for(sandbox, unique[:12].upper())) == 1
+    results = results_for(kafka_bootstrap, codec, request["payment_id"], expected=4)
+    assert {r["outcome"] for r in results} == {"ACCEPTED"}
+    assert len({r["checkout_request_id"] for r in results}) == 1
+
+
+async def test_a_claim_left_by_a_dead_worker_is_never_pushed_again(sandbox, pool, producer, codec,
+                                                                  kafka_bootstrap, unique):
+    request = {**sample_request(f"ch-{unique}", str(uuid.uuid4())), "account_reference": unique[:12].upper()}
+    async with pool.connection() as conn:  # as if a worker claimed it and died before Daraja answered
+        await conn.execute("INSERT INTO stk_push_claims (payment_id, channel_id, status) VALUES (%s, %s, 'claimed')",
+                           (request["payment_id"], request["channel_id"]))
+    await pusher_for(sandbox, pool, producer).handle(as_event(request))
+    assert pushes_for(sandbox, unique[:12].upper()) == []
+    [result] = results_for(kafka_bootstrap, codec, request["payment_id"], expected=1)
+    assert result["outcome"] == "OUTCOME_UNKNOWN"
+
+
+@pytest.mark.parametrize("change, code", [
+    ({"amount": 0}, "INVALID_REQUEST"),
+    ({"phone": "0712345678"}, "INVALID_REQUEST"),
+    ({"channel_id": "gone-channel"}, "CHANNEL_UNKNOWN"),
+])
+async def test_bad_requests_from_the_topic_are_never_pushed(sandbox, pool, producer, codec, kafka_bootstrap,
+                                                           unique, change, code):
+    request = {**sample_request(f"ch-{unique}", str(uuid.uuid4())), "account_reference": unique[:12].upper(),
+               **change}
+    await pusher_for(sandbox, pool, producer).handle(as_event(request))
+    assert pushes_for(sandbox, unique[:12].upper()) == []
+    [result] = results_for(kafka_bootstrap, codec, request["payment_id"], expected=1)
+    assert (result["outcome"], result["error_code"]) == ("INVALID", code)
