@@ -57,12 +57,12 @@ class Reconciler:
             await batch.prefetch(due)
             queries = []
             for payment_id in due:
-                queries += await self._reconcile(conn, batch, batch.payments[payment_id])
+                queries += await self._reconcile(batch, batch.payments[payment_id])
             await batch.flush()
             await store.enqueue(conn, queries)
         return len(due)
 
-    async def _reconcile(self, conn, batch: FactBatch, row: dict) -> list:
+    async def _reconcile(self, batch: FactBatch, row: dict) -> list:
         now = datetime.now(timezone.utc)
         age = now - (row["pending_since"] or row["requested_at"])
         if age >= self.settings.review_after:
@@ -70,11 +70,11 @@ class Reconciler:
             await batch.apply(event, row["payment_id"], sm.ReconciliationExpired(int(age.total_seconds())))
             return []
         if not row["checkout_request_id"]:  # nothing to query: only a callback can tell; wait to the deadline
-            await store.update_payment(conn, row["payment_id"], {"next_query_at": now + self.settings.review_after - age})
+            batch.set(row["payment_id"], {"next_query_at": now + self.settings.review_after - age})
             return []
         attempt = row["query_attempts"] + 1
-        await store.update_payment(conn, row["payment_id"], {
-            "query_attempts": attempt, "next_query_at": now + next_query_delay(attempt, self.settings)})
+        batch.set(row["payment_id"], {"query_attempts": attempt,
+                                      "next_query_at": now + next_query_delay(attempt, self.settings)})
         QUERIES.inc()
         record = {**new_event_fields(row["channel_id"], row["payment_id"]),
                   "checkout_request_id": row["checkout_request_id"], "attempt": attempt,

@@ -75,7 +75,7 @@ class Ledger:
                     facts.append((e, *fact_of(e)))
                 except (NotAFact, CallbackParseError) as exc:
                     rejections.append(Rejection(e, exc))  # dead-lettered with its reason; payment untouched
-            await batch.prefetch([payment_id for _, payment_id, _ in facts])
+            await batch.prefetch([payment_id for _, payment_id, _ in facts], _receipts(facts))
             for e, payment_id, fact in facts:
                 await batch.apply(e, payment_id, fact)
             await batch.flush()
@@ -85,39 +85,47 @@ class Ledger:
 
 
 class FactBatch:
-    """One transaction's work: locked payments, audit entries and outbox rows, written at flush."""
+    """One transaction's work. Payments are locked and read once, changed in memory, and written
+    with the history, audit, outbox and parked rows in a few pipelined statements at flush."""
 
     def __init__(self, conn, codec: Codec, settings: LedgerSettings):
         self.conn, self.codec, self.settings = conn, codec, settings
         self.payments: dict[str, dict | None] = {}
+        self.dirty: set[str] = set()
+        self.parked: dict[str, list[tuple[str, str, bytes]]] = {}
+        self.receipts: dict[str, str] = {}  # receipt -> the payment it proves
+        self.history: list[tuple] = []
         self.audit: list[dict] = []
         self.outbox: list[tuple[str, bytes, bytes]] = []
+        self.to_park: list[tuple[str, str, str, bytes]] = []
+        self.unparked: list[str] = []
+
+    async def prefetch(self, payment_ids: list[str], receipts: list[str] = ()) -> None:
+        """Locks every payment of the batch in one round trip (in id order: no deadlocks)."""
+        ids = sorted(set(payment_ids))
+        found = await store.lock_payments(self.conn, ids)
+        self.payments.update({pid: found.get(pid) for pid in ids})
+        self.parked = await store.parked_for(self.conn, [pid for pid in ids if found.get(pid) is None])
+        self.receipts = await store.receipts_in_use(self.conn, list(receipts))
+
+    def set(self, payment_id: str, changes: dict) -> None:
+        self.payments[payment_id].update(changes)
+        self.dirty.add(payment_id)
 
     async def apply(self, event: ConsumedEvent, payment_id: str, fact: sm.Fact) -> None:
-        row = await self._payment(payment_id)
-        decision = sm.decide(_snapshot(row), fact)
+        row = self.payments.get(payment_id)
+        decision = self._receipt_checked(payment_id, sm.decide(_snapshot(row), fact))
         VERDICTS.labels(type(fact).__name__, decision.verdict.value).inc()
         self._audit(payment_id, event.value["event_id"], fact, decision, row)
         if decision.verdict is sm.Verdict.PARKED:
-            await store.park(self.conn, event.value["event_id"], payment_id, event.topic,
-                             self.codec.encode(event.schema, event.value))
+            self.to_park.append((event.value["event_id"], payment_id, event.topic,
+                                 self.codec.encode(event.schema, event.value)))
         elif decision.verdict is sm.Verdict.APPLIED:
-            row = await self._persist(event.value, payment_id, row, decision)
+            self._persist(event.value, payment_id, row, decision)
             if isinstance(fact, sm.Requested):
                 await self._unpark(payment_id)
 
-    async def prefetch(self, payment_ids: list[str]) -> None:
-        """Locks every payment of the batch in one round trip (in id order: no deadlocks)."""
-        found = await store.lock_payments(self.conn, sorted(set(payment_ids)))
-        self.payments.update({pid: found.get(pid) for pid in payment_ids})
-
-    async def _payment(self, payment_id: str) -> dict | None:
-        if payment_id not in self.payments:
-            self.payments.update(await store.lock_payments(self.conn, [payment_id]) or {payment_id: None})
-        return self.payments[payment_id]
-
-    async def _persist(self, v: dict, payment_id: str, row: dict | None, d: sm.Decision) -> dict:
-        d = await self._check_receipt_unused(payment_id, d)
+    def _persist(self, v: dict, payment_id: str, row: dict | None, d: sm.Decision) -> None:
         previous = row["state"] if row else None
         changes = {**d.changes, **self._reconciliation_changes(d)}
         if d.new_state:
@@ -127,21 +135,21 @@ class FactBatch:
             ALERTS.labels(d.alert).inc()
             log.warning("payment sent to review: %s", d.reason, extra={"payment_id": payment_id})
         if row is None:
-            row = await store.insert_payment(self.conn, v, d.new_state, changes)
-        elif changes:
-            row = await store.update_payment(self.conn, payment_id, changes)
-        self.payments[payment_id] = row
+            self.payments[payment_id] = store.new_payment_row(v)
+        self.set(payment_id, changes)
+        row = self.payments[payment_id]
+        if row.get("mpesa_receipt"):
+            self.receipts[row["mpesa_receipt"]] = payment_id
         if d.new_state and d.new_state != previous:
             TRANSITIONS.labels(d.new_state).inc()
-            await store.add_history(self.conn, payment_id, d.new_state, previous, d.reason, v["event_id"])
+            self.history.append((payment_id, d.new_state, previous, d.reason, v["event_id"]))
             self.outbox.append(self._status_event(row, previous, d.reason))
-        return row
 
-    async def _check_receipt_unused(self, payment_id: str, d: sm.Decision) -> sm.Decision:
+    def _receipt_checked(self, payment_id: str, d: sm.Decision) -> sm.Decision:
         """One receipt proves one payment: a receipt already used elsewhere is a case for review."""
         receipt = d.changes.get("mpesa_receipt")
-        other = receipt and await store.payment_with_receipt(self.conn, receipt, payment_id)
-        if not other:
+        other = self.receipts.get(receipt) if receipt else None
+        if other is None or other == payment_id:
             return d
         changes = {k: v for k, v in d.changes.items() if k != "mpesa_receipt"}
         return sm.review("receipt_reused", f"receipt {receipt} already proves payment {other}", **changes)
@@ -155,7 +163,8 @@ class FactBatch:
         return {}
 
     async def _unpark(self, payment_id: str) -> None:
-        for topic, payload in await store.take_parked(self.conn, payment_id):
+        for event_id, topic, payload in self.parked.pop(payment_id, []):
+            self.unparked.append(event_id)
             schema, value = self.codec.decode(payload)
             early = ConsumedEvent(topic, -1, -1, None, schema, value)
             _, fact = fact_of(early)
@@ -177,6 +186,10 @@ class FactBatch:
         return PAYMENT_STATUS.name, row["channel_id"].encode(), self.codec.encode(PAYMENT_STATUS.schema, record)
 
     async def flush(self) -> None:
+        await store.upsert_payments(self.conn, [self.payments[pid] for pid in sorted(self.dirty)])
+        await store.add_history(self.conn, self.history)
+        await store.park(self.conn, self.to_park)
+        await store.unpark(self.conn, self.unparked)
         await store.append_audit(self.conn, self.audit)
         await store.enqueue(self.conn, self.outbox)
 
@@ -186,6 +199,10 @@ def _snapshot(row: dict | None) -> sm.Payment | None:
         return None
     return sm.Payment(row["state"], row["amount"], row["phone"], row["checkout_request_id"], row["mpesa_receipt"],
                       row["result_code"])
+
+
+def _receipts(facts) -> list[str]:
+    return [f.callback.receipt for _, _, f in facts if isinstance(f, sm.CallbackReceived) and f.callback.receipt]
 
 
 def mask_phone(phone: str) -> str:

@@ -8,13 +8,23 @@ from typing import Any
 
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 _AUDIT_LOCK = 7_262_022  # advisory lock: one appender of the hash chain at a time
 GENESIS = "0" * 64
 
-PAYMENT_COLUMNS = ("payment_id, channel_id, state, amount, phone, order_reference, metadata, checkout_request_id,"
-                   " merchant_request_id, mpesa_receipt, transaction_time, result_code, result_desc, push_unknown,"
-                   " query_attempts, pending_since, requested_at")
+COLUMNS = ("payment_id", "channel_id", "state", "amount", "phone", "account_reference", "description",
+           "order_reference", "metadata", "merchant_request_id", "checkout_request_id", "mpesa_receipt",
+           "transaction_time", "result_code", "result_desc", "requested_at", "push_unknown", "pending_since",
+           "next_query_at", "query_attempts", "review_reason")
+TYPES = ("text", "text", "text", "bigint", "text", "text", "text", "text", "jsonb", "text", "text", "text",
+         "timestamptz", "text", "text", "timestamptz", "boolean", "timestamptz", "timestamptz", "int", "text")
+# One statement for the whole batch: a column of values per parameter, zipped back by unnest.
+_UPSERT = (f"INSERT INTO payments ({', '.join(COLUMNS)}) SELECT * FROM unnest("
+           + ", ".join(f"%s::{t}[]" for t in TYPES) + ")"
+           " ON CONFLICT (payment_id) DO UPDATE SET "
+           + ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS[2:] if c not in ("amount", "phone", "requested_at"))
+           + ", updated_at = now()")
 
 
 async def already_processed(conn: AsyncConnection, event_ids: list[str]) -> set[str]:
@@ -25,73 +35,84 @@ async def already_processed(conn: AsyncConnection, event_ids: list[str]) -> set[
 
 async def mark_processed(conn: AsyncConnection, events: list[tuple[str, str]]) -> None:
     """events: (event_id, topic). The primary key makes a replay fail loudly instead of applying twice."""
-    async with conn.cursor() as cur:
-        await cur.executemany("INSERT INTO processed_events (event_id, topic) VALUES (%s, %s)", events)
+    await _copy(conn, "processed_events", "event_id, topic", events)
 
 
 async def lock_payments(conn: AsyncConnection, payment_ids: list[str]) -> dict[str, dict]:
     cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(f"SELECT {PAYMENT_COLUMNS} FROM payments WHERE payment_id = ANY(%s) ORDER BY payment_id"
+    await cur.execute(f"SELECT {', '.join(COLUMNS)} FROM payments WHERE payment_id = ANY(%s) ORDER BY payment_id"
                       " FOR UPDATE", (payment_ids,))
     return {row["payment_id"]: row for row in await cur.fetchall()}
 
 
-async def insert_payment(conn: AsyncConnection, v: dict[str, Any], state: str, changes: dict) -> dict:
-    cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(
-        "INSERT INTO payments (payment_id, channel_id, state, amount, phone, account_reference, description,"
-        " order_reference, metadata, requested_at, result_code, result_desc)"
-        f" VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {PAYMENT_COLUMNS}",
-        (v["payment_id"], v["channel_id"], state, v["amount"], v["phone"], v["account_reference"], v["description"],
-         v["order_reference"], json.dumps(v["metadata"]), v["occurred_at"], changes.get("result_code"),
-         changes.get("result_desc")))
-    return await cur.fetchone()
+def new_payment_row(v: dict[str, Any]) -> dict[str, Any]:
+    row = dict.fromkeys(COLUMNS)
+    row.update({k: v[k] for k in ("payment_id", "channel_id", "amount", "phone", "account_reference", "description",
+                                  "order_reference", "metadata")})
+    row.update(requested_at=v["occurred_at"], push_unknown=False, query_attempts=0)
+    return row
 
 
-UPDATABLE = {"state", "checkout_request_id", "merchant_request_id", "mpesa_receipt", "transaction_time",
-             "result_code", "result_desc", "push_unknown", "pending_since", "next_query_at", "query_attempts",
-             "review_reason"}
+async def upsert_payments(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        columns = [[Jsonb(r[c]) if c == "metadata" else r[c] for r in rows] for c in COLUMNS]
+        await conn.execute(_UPSERT, columns)
 
 
-async def update_payment(conn: AsyncConnection, payment_id: str, changes: dict[str, Any]) -> dict:
-    unknown = set(changes) - UPDATABLE
-    assert not unknown, f"not updatable: {unknown}"
-    assignments = ", ".join(f"{column} = %({column})s" for column in changes)
-    cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(f"UPDATE payments SET {assignments}, updated_at = now() WHERE payment_id = %(payment_id)s"
-                      f" RETURNING {PAYMENT_COLUMNS}", {**changes, "payment_id": payment_id})
-    return await cur.fetchone()
+async def add_history(conn: AsyncConnection, rows: list[tuple]) -> None:
+    """rows: (payment_id, state, previous, reason, event_id)."""
+    await _copy(conn, "payment_history", "payment_id, state, previous, reason, event_id", rows)
 
 
-async def payment_with_receipt(conn: AsyncConnection, receipt: str, other_than: str) -> str | None:
-    cur = await conn.execute("SELECT payment_id FROM payments WHERE mpesa_receipt = %s AND payment_id <> %s",
-                             (receipt, other_than))
-    row = await cur.fetchone()
-    return row[0] if row else None
+async def receipts_in_use(conn: AsyncConnection, receipts: list[str]) -> dict[str, str]:
+    if not receipts:
+        return {}
+    cur = await conn.execute("SELECT mpesa_receipt, payment_id FROM payments WHERE mpesa_receipt = ANY(%s)",
+                             (receipts,))
+    return dict(await cur.fetchall())
 
 
-async def add_history(conn: AsyncConnection, payment_id: str, state: str, previous: str | None,
-                      reason: str | None, event_id: str) -> None:
-    await conn.execute("INSERT INTO payment_history (payment_id, state, previous, reason, event_id)"
-                       " VALUES (%s, %s, %s, %s, %s)", (payment_id, state, previous, reason, event_id))
+async def parked_for(conn: AsyncConnection, payment_ids: list[str]) -> dict[str, list[tuple[str, str, bytes]]]:
+    """Early facts of these payments, oldest first: payment_id -> [(event_id, topic, payload)]."""
+    if not payment_ids:
+        return {}
+    cur = await conn.execute("SELECT payment_id, event_id::text, topic, payload FROM parked_facts"
+                             " WHERE payment_id = ANY(%s) ORDER BY parked_at, event_id FOR UPDATE", (payment_ids,))
+    parked: dict[str, list] = {}
+    for payment_id, event_id, topic, payload in await cur.fetchall():
+        parked.setdefault(payment_id, []).append((event_id, topic, bytes(payload)))
+    return parked
 
 
-async def park(conn: AsyncConnection, event_id: str, payment_id: str, topic: str, payload: bytes) -> None:
-    await conn.execute("INSERT INTO parked_facts (event_id, payment_id, topic, payload) VALUES (%s, %s, %s, %s)"
-                       " ON CONFLICT DO NOTHING", (event_id, payment_id, topic, payload))
+async def park(conn: AsyncConnection, rows: list[tuple[str, str, str, bytes]]) -> None:
+    """rows: (event_id, payment_id, topic, payload)."""
+    await _many(conn, "INSERT INTO parked_facts (event_id, payment_id, topic, payload) VALUES (%s, %s, %s, %s)"
+                      " ON CONFLICT DO NOTHING", rows)
 
 
-async def take_parked(conn: AsyncConnection, payment_id: str) -> list[tuple[str, bytes]]:
-    cur = await conn.execute("DELETE FROM parked_facts WHERE payment_id = %s RETURNING topic, payload, parked_at",
-                             (payment_id,))
-    return [(topic, bytes(payload)) for topic, payload, _ in sorted(await cur.fetchall(), key=lambda r: r[2])]
+async def unpark(conn: AsyncConnection, event_ids: list[str]) -> None:
+    if event_ids:
+        await conn.execute("DELETE FROM parked_facts WHERE event_id = ANY(%s::uuid[])", (event_ids,))
+
+
+async def _many(conn: AsyncConnection, sql: str, rows: list) -> None:
+    """executemany is pipelined by psycopg: one round trip for the lot."""
+    if rows:
+        async with conn.cursor() as cur:
+            await cur.executemany(sql, rows)
+
+
+async def _copy(conn: AsyncConnection, table: str, columns: str, rows: list[tuple]) -> None:
+    """COPY costs a fraction of executemany per row: the ledger's hot path appends with it."""
+    if rows:
+        async with conn.cursor().copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+            for row in rows:
+                await copy.write_row(row)
 
 
 async def enqueue(conn: AsyncConnection, rows: list[tuple[str, bytes, bytes]]) -> None:
     """Outbox rows (topic, key, payload), published by the relay after this transaction commits."""
-    if rows:
-        async with conn.cursor() as cur:
-            await cur.executemany("INSERT INTO outbox (topic, key, payload) VALUES (%s, %s, %s)", rows)
+    await _copy(conn, "outbox", "topic, key, payload", rows)
 
 
 # --- Audit trail -----------------------------------------------------------------------------
@@ -118,9 +139,8 @@ async def append_audit(conn: AsyncConnection, entries: list[dict[str, Any]]) -> 
         rows.append((seq, entry["payment_id"], entry["event_id"], entry["fact"], entry["verdict"],
                      entry["from_state"], entry["to_state"], entry["detail"], at, prev, digest))
         prev = digest
-    async with conn.cursor() as cur:
-        await cur.executemany("INSERT INTO audit_log (seq, payment_id, event_id, fact, verdict, from_state, to_state,"
-                              " detail, at, prev_hash, hash) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", rows)
+    await _copy(conn, "audit_log", "seq, payment_id, event_id, fact, verdict, from_state, to_state, detail, at,"
+                " prev_hash, hash", rows)
 
 
 async def verify_audit(conn: AsyncConnection) -> tuple[int, str | None]:

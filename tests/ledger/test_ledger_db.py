@@ -11,7 +11,7 @@ from services.ledger import store
 from services.ledger.relay import OutboxRelay
 from services.ledger.service import Ledger
 from tests.ledger.callbacks import success
-from tests.platform.kafka_helpers import read_all
+from tests.platform.kafka_helpers import end_offsets, read_all
 
 
 def receipt(unique: str) -> str:
@@ -108,10 +108,12 @@ async def test_status_events_are_published_after_commit_through_the_outbox(ledge
                                                                          kafka_bootstrap, unique):
     channel, pid = f"ch-{unique}", str(uuid.uuid4())
     await ledger.handle_batch([requested(channel, pid), accepted(channel, pid, f"ws_CO_{unique}")])
+    mark = end_offsets(kafka_bootstrap, PAYMENT_STATUS.name)
     relay = OutboxRelay(pool, producer)
     while await relay.publish_once():
         pass
-    messages = read_all(kafka_bootstrap, PAYMENT_STATUS.name, lambda m: m.key() == channel.encode(), expected=2)
+    messages = read_all(kafka_bootstrap, PAYMENT_STATUS.name, lambda m: m.key() == channel.encode(), expected=2,
+                        since=mark)
     statuses = [codec.decode(m.value())[1] for m in messages]
     assert [(s["status"], s["previous_status"]) for s in statuses] == [("Requested", None), ("Pending", "Requested")]
     assert statuses[0]["phone_masked"] == "2547******78" and statuses[1]["checkout_request_id"] == f"ws_CO_{unique}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, TopicPartition
 
 from services.common.avro import Codec
 from services.common.kafka import ConsumedEvent, ConsumerLoop, EventProducer, Rejection
@@ -52,10 +52,22 @@ def recording_loop(bootstrap: str, group: str, topic: Topic, codec: Codec, produ
                         handler=handler, dead_letters=producer, poll_timeout=0.1)
 
 
-def read_all(bootstrap: str, topic: str, predicate, expected: int, timeout_polls: int = 60) -> list:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{id(predicate)}-{topic}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    consumer.subscribe([topic])
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    """Where each partition ends now: read from here to see only what a test caused."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "offsets-probe", "enable.auto.commit": False})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+    finally:
+        consumer.close()
+
+
+def read_all(bootstrap: str, topic: str, predicate, expected: int, since: dict[int, int] | None = None,
+             timeout_polls: int = 60) -> list:
+    """Messages of `topic` matching predicate, from `since` offsets (default: the beginning)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "reader", "enable.auto.commit": False})
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, (since or {}).get(p, -2)) for p in partitions])  # -2: beginning
     found = []
     try:
         for _ in range(timeout_polls):

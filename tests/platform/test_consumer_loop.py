@@ -8,7 +8,7 @@ import uuid
 from services.common.kafka import Transient, ensure_topics
 from services.common.topics import DEAD_LETTER, Topic
 from tests.conftest import ROOT
-from tests.platform.kafka_helpers import read_all, recording_loop, run_until, sample_request
+from tests.platform.kafka_helpers import end_offsets, read_all, recording_loop, run_until, sample_request
 
 
 def own_topic(kafka_bootstrap: str, unique: str) -> Topic:
@@ -53,6 +53,7 @@ async def test_poison_messages_go_to_the_dead_letter_topic_and_the_consumer_cont
     channel = f"ch-{unique}"
     refused = sample_request(channel, str(uuid.uuid4()))
     good = sample_request(channel, str(uuid.uuid4()))
+    mark = end_offsets(kafka_bootstrap, DEAD_LETTER.name)
     await producer.publish_raw(topic, channel.encode(), b"this is not avro")
     await producer.publish(topic, refused)
     await producer.publish(topic, good)
@@ -63,7 +64,7 @@ async def test_poison_messages_go_to_the_dead_letter_topic_and_the_consumer_cont
                     lambda: any(e.value["event_id"] == good["event_id"] for e in seen))
 
     letters = read_all(kafka_bootstrap, DEAD_LETTER.name,
-                       lambda m: codec.decode(m.value())[1]["source_topic"] == topic.name, expected=2)
+                       lambda m: codec.decode(m.value())[1]["source_topic"] == topic.name, expected=2, since=mark)
     records = sorted((codec.decode(m.value())[1] for m in letters), key=lambda r: r["source_offset"])
     assert [(r["error_type"], r["original_value"]) for r in records] == [
         ("DecodeError", b"this is not avro"), ("ValueError", codec.encode("payment_requested", refused))]

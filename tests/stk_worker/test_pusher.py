@@ -17,7 +17,7 @@ from services.daraja_sandbox.settings import DEMO_CONSUMER_KEY, DEMO_CONSUMER_SE
 from services.stk_worker.throttle import ShortcodeThrottle
 from services.stk_worker.worker import ChannelAccess, Pusher, PushSettings
 from tests.conftest import ROOT, eventually, free_port
-from tests.platform.kafka_helpers import read_all, sample_request
+from tests.platform.kafka_helpers import end_offsets, read_all, sample_request
 
 SECRET = b"x" * 32
 
@@ -59,14 +59,19 @@ def pushes_for(sandbox: str, reference: str) -> list:
     return httpx.get(f"{sandbox}/sandbox/pushes", params={"AccountReference": reference}).json()["pushes"]
 
 
-def results_for(kafka_bootstrap, codec, payment_id: str, expected: int) -> list[dict]:
+@pytest.fixture
+def mark(kafka_bootstrap):
+    return end_offsets(kafka_bootstrap, STK_PUSH_RESULT.name)
+
+
+def results_for(kafka_bootstrap, codec, payment_id: str, expected: int, since) -> list[dict]:
     found = read_all(kafka_bootstrap, STK_PUSH_RESULT.name,
-                     lambda m: codec.decode(m.value())[1]["payment_id"] == payment_id, expected)
+                     lambda m: codec.decode(m.value())[1]["payment_id"] == payment_id, expected, since=since)
     return [codec.decode(m.value())[1] for m in found]
 
 
 async def test_a_request_is_pushed_once_even_when_delivered_twice(sandbox, pool, producer, codec, kafka_bootstrap,
-                                                                 unique):
+                                                                 unique, mark):
     request = {**sample_request(f"ch-{unique}", str(uuid.uuid4())), "account_reference": unique[:12].upper()}
     pusher = pusher_for(sandbox, pool, producer)
     await pusher.handle(as_event(request))
@@ -74,20 +79,20 @@ async def test_a_request_is_pushed_once_even_when_delivered_twice(sandbox, pool,
     await asyncio.gather(pusher.handle(as_event(request)), pusher.handle(as_event(request)))  # concurrent duplicates
 
     assert len(pushes_for(sandbox, unique[:12].upper())) == 1
-    results = results_for(kafka_bootstrap, codec, request["payment_id"], expected=4)
+    results = results_for(kafka_bootstrap, codec, request["payment_id"], expected=4, since=mark)
     assert {r["outcome"] for r in results} == {"ACCEPTED"}
     assert len({r["checkout_request_id"] for r in results}) == 1
 
 
 async def test_a_claim_left_by_a_dead_worker_is_never_pushed_again(sandbox, pool, producer, codec,
-                                                                  kafka_bootstrap, unique):
+                                                                  kafka_bootstrap, unique, mark):
     request = {**sample_request(f"ch-{unique}", str(uuid.uuid4())), "account_reference": unique[:12].upper()}
     async with pool.connection() as conn:  # as if a worker claimed it and died before Daraja answered
         await conn.execute("INSERT INTO stk_push_claims (payment_id, channel_id, status) VALUES (%s, %s, 'claimed')",
                            (request["payment_id"], request["channel_id"]))
     await pusher_for(sandbox, pool, producer).handle(as_event(request))
     assert pushes_for(sandbox, unique[:12].upper()) == []
-    [result] = results_for(kafka_bootstrap, codec, request["payment_id"], expected=1)
+    [result] = results_for(kafka_bootstrap, codec, request["payment_id"], expected=1, since=mark)
     assert result["outcome"] == "OUTCOME_UNKNOWN"
 
 
@@ -97,10 +102,10 @@ async def test_a_claim_left_by_a_dead_worker_is_never_pushed_again(sandbox, pool
     ({"channel_id": "gone-channel"}, "CHANNEL_UNKNOWN"),
 ])
 async def test_bad_requests_from_the_topic_are_never_pushed(sandbox, pool, producer, codec, kafka_bootstrap,
-                                                           unique, change, code):
+                                                           unique, change, code, mark):
     request = {**sample_request(f"ch-{unique}", str(uuid.uuid4())), "account_reference": unique[:12].upper(),
                **change}
     await pusher_for(sandbox, pool, producer).handle(as_event(request))
     assert pushes_for(sandbox, unique[:12].upper()) == []
-    [result] = results_for(kafka_bootstrap, codec, request["payment_id"], expected=1)
+    [result] = results_for(kafka_bootstrap, codec, request["payment_id"], expected=1, since=mark)
     assert (result["outcome"], result["error_code"]) == ("INVALID", code)
