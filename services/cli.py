@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import sys
 
+from services.channels.cli import register as register_channels
 from services.common import config
 
 STACK = [
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
     sub.add_parser("run", help="run every service in the foreground (Ctrl-C stops all)").set_defaults(func=cmd_run)
+    register_channels(sub)
     audit = sub.add_parser("audit", help="the ledger's hash-chained audit trail").add_subparsers(dest="audit", required=True)
     audit.add_parser("verify", help="recompute the hash chain; exit 1 if any row was edited or removed"
                      ).set_defaults(func=cmd_audit_verify)

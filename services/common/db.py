@@ -36,6 +36,8 @@ def migrate(database_url: str, migrations_dir: Path = MIGRATIONS_DIR) -> list[st
 
 
 async def open_pool(database_url: str, *, min_size: int = 1, max_size: int = 10) -> AsyncConnectionPool:
-    pool = AsyncConnectionPool(database_url, min_size=min_size, max_size=max_size, open=False)
+    # check: a connection that died with a PostgreSQL restart is replaced, not handed out.
+    pool = AsyncConnectionPool(database_url, min_size=min_size, max_size=max_size, open=False,
+                               check=AsyncConnectionPool.check_connection)
     await pool.open(wait=True, timeout=30)
     return pool

@@ -276,8 +276,7 @@ class ConsumerLoop:
     async def _handle(self, messages: list[Message], stop: asyncio.Event) -> None:
         try:
             events, undecodable = self._decode_all(messages)
-            for msg, error in undecodable:
-                await self._dead_letter(msg, error)
+            await asyncio.gather(*(self._dead_letter(msg, error) for msg, error in undecodable))
             await self._handle_with_retry(events, messages, stop)
             self._mark_done(messages)
             await self._commit()
@@ -315,9 +314,8 @@ class ConsumerLoop:
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 10.0)
         HANDLE_SECONDS.labels(self.group_id).observe(time.perf_counter() - started)
-        for r in rejections:
-            msg = by_position[(r.event.topic, r.event.partition, r.event.offset)]
-            await self._dead_letter(msg, r.error)
+        await asyncio.gather(*(self._dead_letter(by_position[(r.event.topic, r.event.partition, r.event.offset)],
+                                                 r.error) for r in rejections))
         rejected = {(r.event.topic, r.event.partition, r.event.offset) for r in rejections}
         for e in events:
             ok = (e.topic, e.partition, e.offset) not in rejected

@@ -62,6 +62,17 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
         consumer.close()
 
 
+def start_group_at_end(bootstrap: str, group: str, topics: list[str]) -> None:
+    """Commits the current end of every partition for a new group, so a service started with it
+    handles only what a test publishes from now on (not every earlier test's events)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        consumer.commit(offsets=[TopicPartition(t, p, end) for t in topics
+                                 for p, end in end_offsets(bootstrap, t).items()], asynchronous=False)
+    finally:
+        consumer.close()
+
+
 def read_all(bootstrap: str, topic: str, predicate, expected: int, since: dict[int, int] | None = None,
              timeout_polls: int = 60) -> list:
     """Messages of `topic` matching predicate, from `since` offsets (default: the beginning)."""

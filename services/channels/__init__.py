@@ -1,0 +1,12 @@
+"""Channels: the merchants we act for, their Daraja credentials (encrypted), and upstream API keys.
+
+model.py        pure: the Channel record and the validation of every onboarding input
+vault.py        pure crypto: envelope encryption of credentials, key providers (local key file)
+repository.py   the SQL, one function per statement group; callers own the transaction
+onboarding.py   the operations the admin API and the command line share
+credentials.py  the read side for the STK worker: decrypt once, cache, audit each decryption
+rotation.py     re-wrapping every data key under a new key-encryption key
+apikeys.py      upstream API keys: issue (shown once), store hashed, authenticate with a cache
+api.py          the onboarding HTTP API under /admin/ (python -m services.channels)
+cli.py          `mpesa-pipeline channels|keys|vault|admin-token ...`
+"""

@@ -1,0 +1,161 @@
+"""The onboarding API under /admin/: channels, their credentials and upstream API keys.
+
+Authentication is the admin bearer token (`Authorization: Bearer <token>`), a credential apart from
+the upstream API keys. Without a bearer token the answer is 401 (with WWW-Authenticate); with a
+token that is not the admin token, an upstream API key included, it is 403. /metrics and /healthz
+are open, as on every service.
+
+No response carries a secret: credentials show as version and fingerprint, and an API key is shown
+once, in the answer that issues it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import Counter
+
+from services.channels.onboarding import Onboarding, OnboardingError
+from services.channels.settings import AdminToken
+from services.common.observability import Health, add_ops_routes, http_metrics
+from services.common.problems import problem
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 * 1024
+ONBOARDING = web.AppKey("onboarding", Onboarding)
+ADMIN_TOKEN = web.AppKey("admin_token", AdminToken)
+AUTH_REFUSALS = Counter("admin_auth_refusals_total", "Admin API requests refused", ["reason"])
+
+
+def create_app(onboarding: Onboarding, admin_token: AdminToken, health: Health | None = None) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[http_metrics, require_admin, problems])
+    app[ONBOARDING] = onboarding
+    app[ADMIN_TOKEN] = admin_token
+    r = app.router
+    r.add_get("/admin/channels", list_channels)
+    r.add_post("/admin/channels", create_channel)
+    r.add_get("/admin/channels/{channelId}", show_channel)
+    r.add_patch("/admin/channels/{channelId}", update_channel)
+    r.add_put("/admin/channels/{channelId}/credentials", set_credentials)
+    r.add_post("/admin/channels/{channelId}/credentials/rotate", rotate_credentials)
+    r.add_post("/admin/channels/{channelId}/suspend", suspend_channel)
+    r.add_post("/admin/channels/{channelId}/resume", resume_channel)
+    r.add_get("/admin/api-keys", list_api_keys)
+    r.add_post("/admin/api-keys", issue_api_key)
+    r.add_post("/admin/api-keys/{keyId}/revoke", revoke_api_key)
+    add_ops_routes(app, health or Health())
+    return app
+
+
+@web.middleware
+async def require_admin(request: web.Request, handler):
+    if not request.path.startswith("/admin/"):
+        return await handler(request)
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        AUTH_REFUSALS.labels("missing").inc()
+        return problem(401, "Unauthorized", "send the admin token as 'Authorization: Bearer <token>'",
+                       headers={"WWW-Authenticate": 'Bearer realm="mpesa-admin"'})
+    if not request.app[ADMIN_TOKEN].matches(token.strip()):
+        AUTH_REFUSALS.labels("wrong").inc()
+        log.warning("admin request refused: the bearer token is not the admin token (from %s)", request.remote)
+        return problem(403, "Forbidden", "the bearer token presented is not the admin token")
+    return await handler(request)
+
+
+@web.middleware
+async def problems(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except OnboardingError as error:
+        return problem(error.status, error.title, error.detail, errors=error.errors or None)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("admin request failed: %s %s", request.method, request.path)
+        return problem(500, "Internal server error", "the request failed; nothing secret was logged")
+
+
+def _actor(request: web.Request) -> str:
+    return f"admin-api@{request.remote}"
+
+
+async def _json_body(request: web.Request) -> Any:
+    if request.content_type != "application/json":
+        raise _Problem(415, "Unsupported media type", "send the body as application/json")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _Problem(413, "Request too large", f"the body must be at most {MAX_BODY_BYTES} bytes") from None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise _Problem(400, "Malformed JSON", "the body is not valid JSON") from None  # never echo: may hold secrets
+
+
+class _Problem(OnboardingError):
+    def __init__(self, status: int, title: str, detail: str):
+        super().__init__(detail)
+        self.status, self.title = status, title
+
+
+async def list_channels(request: web.Request) -> web.Response:
+    records = await request.app[ONBOARDING].channels()
+    return web.json_response({"channels": [r.view() for r in records]})
+
+
+async def create_channel(request: web.Request) -> web.Response:
+    record = await request.app[ONBOARDING].create_channel(await _json_body(request), _actor(request))
+    return web.json_response(record.view(), status=201,
+                             headers={"Location": f"/admin/channels/{record.channel.channel_id}"})
+
+
+async def show_channel(request: web.Request) -> web.Response:
+    record = await request.app[ONBOARDING].channel(request.match_info["channelId"])
+    return web.json_response(record.view())
+
+
+async def update_channel(request: web.Request) -> web.Response:
+    record = await request.app[ONBOARDING].update_channel(request.match_info["channelId"], await _json_body(request),
+                                                          _actor(request))
+    return web.json_response(record.view())
+
+
+async def set_credentials(request: web.Request) -> web.Response:
+    record = await request.app[ONBOARDING].set_credentials(request.match_info["channelId"],
+                                                           await _json_body(request), _actor(request))
+    return web.json_response(record.view())
+
+
+async def rotate_credentials(request: web.Request) -> web.Response:
+    record = await request.app[ONBOARDING].rotate_credentials(request.match_info["channelId"],
+                                                              await _json_body(request), _actor(request))
+    return web.json_response(record.view())
+
+
+async def suspend_channel(request: web.Request) -> web.Response:
+    record = await request.app[ONBOARDING].suspend(request.match_info["channelId"], _actor(request))
+    return web.json_response(record.view())
+
+
+async def resume_channel(request: web.Request) -> web.Response:
+    record = await request.app[ONBOARDING].resume(request.match_info["channelId"], _actor(request))
+    return web.json_response(record.view())
+
+
+async def list_api_keys(request: web.Request) -> web.Response:
+    return web.json_response({"apiKeys": await request.app[ONBOARDING].api_keys()})
+
+
+async def issue_api_key(request: web.Request) -> web.Response:
+    view, api_key = await request.app[ONBOARDING].issue_api_key(await _json_body(request), _actor(request))
+    return web.json_response({**view, "apiKey": api_key, "note": "shown once: store it now"}, status=201,
+                             headers={"Cache-Control": "no-store"})
+
+
+async def revoke_api_key(request: web.Request) -> web.Response:
+    view = await request.app[ONBOARDING].revoke_api_key(request.match_info["keyId"], _actor(request))
+    return web.json_response(view)

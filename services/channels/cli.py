@@ -1,0 +1,308 @@
+"""`mpesa-pipeline channels|keys|vault|admin-token`: the onboarding operations from a shell.
+
+The commands talk to PostgreSQL directly (DATABASE_URL), through the same operations as the admin
+API, and print JSON. Secrets are never taken from the command line, where `ps` and shell history
+would show them: credentials come from prompts, from a JSON object on stdin (--from-stdin), or
+from MPESA_CONSUMER_KEY / MPESA_CONSUMER_SECRET / MPESA_PASSKEY.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import hashlib
+import json
+import os
+import secrets
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from services.channels import settings as s
+from services.common import config
+
+CREDENTIAL_ENV = {"consumerKey": "MPESA_CONSUMER_KEY", "consumerSecret": "MPESA_CONSUMER_SECRET",
+                  "passkey": "MPESA_PASSKEY"}
+_CHANNEL_OPTIONS = [  # (option, API field, type)
+    ("--name", "displayName", str), ("--shortcode-type", "shortcodeType", str),
+    ("--shortcode", "businessShortcode", str), ("--till-number", "tillNumber", str),
+    ("--environment", "environment", str), ("--consent-reference", "consentReference", str),
+    ("--consent-date", "consentDate", str), ("--max-amount", "maxAmount", int),
+    ("--pushes-per-second", "pushesPerSecond", float),
+]
+_CLEARABLE = {"till-number": ["tillNumber"], "consent": ["consentReference", "consentDate"],
+              "max-amount": ["maxAmount"], "pushes-per-second": ["pushesPerSecond"]}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds the commands to `mpesa-pipeline` (services/cli.py)."""
+    _register_channels(subparsers)
+    _register_keys(subparsers)
+    _register_vault(subparsers)
+    subparsers.add_parser("admin-token", help="generate an admin token for the onboarding API",
+                          description="Prints a new random admin token and the ADMIN_TOKEN_SHA256 value to "
+                                      "configure; the token is not stored anywhere.").set_defaults(func=cmd_admin_token)
+
+
+def _register_channels(subparsers) -> None:
+    channels = subparsers.add_parser("channels", help="create, change, list, suspend and resume channels; "
+                                                      "set and rotate their Daraja credentials",
+                                     description="Channels are the merchants we act for. Output is JSON.")
+    sub = channels.add_subparsers(dest="channels_command", required=True)
+    create = sub.add_parser("create", help="create a channel (status onboarding)")
+    create.add_argument("channel_id")
+    _add_channel_options(create)
+    create.set_defaults(func=_onboarding_command(lambda o, a, actor: o.create_channel(_channel_body(a), actor)))
+    update = sub.add_parser("update", help="change some fields of a channel")
+    update.add_argument("channel_id")
+    _add_channel_options(update)
+    update.add_argument("--clear", action="append", choices=sorted(_CLEARABLE), default=[],
+                        help="remove an optional field (repeatable)")
+    update.set_defaults(func=_onboarding_command(
+        lambda o, a, actor: o.update_channel(a.channel_id, _channel_body(a), actor)))
+    sub.add_parser("list", help="list channels (credentials as fingerprints only)").set_defaults(
+        func=_onboarding_command(lambda o, a, actor: o.channels()))
+    for name, help_text, operation in [
+        ("show", "show one channel", lambda o, a, actor: o.channel(a.channel_id)),
+        ("suspend", "stop new payments for a channel", lambda o, a, actor: o.suspend(a.channel_id, actor)),
+        ("resume", "activate a channel (first time, or after a suspension); needs consent and credentials",
+         lambda o, a, actor: o.resume(a.channel_id, actor)),
+    ]:
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("channel_id")
+        command.set_defaults(func=_onboarding_command(operation))
+    for name, method, help_text in [
+        ("set-credentials", "set_credentials", "set a channel's first Daraja credentials"),
+        ("rotate-credentials", "rotate_credentials", "new version of a channel's Daraja credentials (the older "
+                                                     "stay readable for payments in flight)"),
+    ]:
+        command = sub.add_parser(name, help=help_text,
+                                 description="Credentials are read from a JSON object on stdin (--from-stdin: "
+                                             '{"consumerKey", "consumerSecret", "passkey"}), else from '
+                                             "MPESA_CONSUMER_KEY, MPESA_CONSUMER_SECRET and MPESA_PASSKEY, else "
+                                             "from prompts. Never from the command line.")
+        command.add_argument("channel_id")
+        command.add_argument("--validate", action="store_true",
+                             help="obtain a Daraja OAuth token with them first; store nothing if refused")
+        command.add_argument("--from-stdin", action="store_true", help="read the credentials as JSON from stdin")
+        command.set_defaults(func=_onboarding_command(
+            lambda o, a, actor, method=method: getattr(o, method)(a.channel_id, _credentials_body(a), actor)))
+
+
+def _register_keys(subparsers) -> None:
+    keys = subparsers.add_parser("keys", help="issue, revoke and list upstream API keys",
+                                 description="Upstream API keys authenticate callers of the ingress; each is scoped "
+                                             "to channels and stored hashed.")
+    sub = keys.add_subparsers(dest="keys_command", required=True)
+    issue = sub.add_parser("issue", help="issue a key (printed once; store it then)")
+    issue.add_argument("--label", required=True, help="who the key is for")
+    issue.add_argument("--channel", dest="channels", action="append", required=True,
+                       help="a channel the key may act for (repeatable)")
+    issue.set_defaults(func=_onboarding_command(lambda o, a, actor: _issue(o, a, actor)))
+    revoke = sub.add_parser("revoke", help="revoke a key by its key id")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(func=_onboarding_command(lambda o, a, actor: o.revoke_api_key(a.key_id, actor)))
+    sub.add_parser("list", help="list keys (never the keys themselves)").set_defaults(
+        func=_onboarding_command(lambda o, a, actor: o.api_keys()))
+
+
+def _register_vault(subparsers) -> None:
+    vault = subparsers.add_parser("vault", help="the key-encryption key: create, inspect, rotate",
+                                  description="Run these where the key file lives (the STK worker's host).")
+    sub = vault.add_subparsers(dest="vault_command", required=True)
+    for name, help_text, func in [
+        ("init", "create the key file (mode 0600) and its public .pub.json if missing", cmd_vault_init),
+        ("status", "the key file's keys and how many credential versions each wraps", cmd_vault_status),
+        ("rotate-kek", "new key-encryption key; re-wrap every data key under it", cmd_vault_rotate),
+    ]:
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("--key-file", type=Path, help="default: $VAULT_KEY_FILE, else .local/vault/kek.json")
+        command.set_defaults(func=func)
+        if name == "rotate-kek":
+            command.add_argument("--retire-old", action="store_true",
+                                 help="then drop old keys from the key file if no row uses them any more")
+
+
+def _add_channel_options(parser: argparse.ArgumentParser) -> None:
+    for option, field, kind in _CHANNEL_OPTIONS:
+        parser.add_argument(option, dest=field, type=kind, help=f"API field {field}")
+
+
+def _channel_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {"channelId": args.channel_id}
+    body.update({field: getattr(args, field) for _, field, _ in _CHANNEL_OPTIONS if getattr(args, field) is not None})
+    for name in getattr(args, "clear", []):
+        body.update({field: None for field in _CLEARABLE[name]})
+    return body
+
+
+def _credentials_body(args: argparse.Namespace) -> dict[str, Any]:
+    if args.from_stdin:
+        try:
+            body = json.loads(sys.stdin.read())
+        except ValueError:
+            raise _UsageError("stdin is not a JSON object with consumerKey, consumerSecret and passkey") from None
+    elif all(os.environ.get(env) for env in CREDENTIAL_ENV.values()):
+        body = {field: os.environ[env] for field, env in CREDENTIAL_ENV.items()}
+    elif sys.stdin.isatty():
+        body = {field: getpass.getpass(f"{field}: ") for field in CREDENTIAL_ENV}
+    else:
+        raise _UsageError("no credentials: use --from-stdin, set " + ", ".join(CREDENTIAL_ENV.values())
+                          + ", or run in a terminal to be prompted")
+    if not isinstance(body, dict):
+        raise _UsageError("stdin must hold a JSON object")
+    return {**body, "validate": args.validate}
+
+
+async def _issue(onboarding, args: argparse.Namespace, actor: str) -> dict[str, Any]:
+    view, api_key = await onboarding.issue_api_key({"label": args.label, "channelIds": args.channels}, actor)
+    print("the API key is shown once: store it now", file=sys.stderr)
+    return {**view, "apiKey": api_key}
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _actor() -> str:
+    return f"cli:{getpass.getuser()}@{socket.gethostname()}"
+
+
+def _onboarding_command(operation: Callable[..., Awaitable[Any]]) -> Callable[[argparse.Namespace], int]:
+    """Wraps an Onboarding call: config, a pool, errors as one clear message and exit status 1."""
+    def command(args: argparse.Namespace) -> int:
+        from services.daraja.settings import SETTINGS as DARAJA_SETTINGS
+        cfg = config.load([config.DATABASE_URL, s.VAULT_PUBLIC_KEY_FILE, *DARAJA_SETTINGS])
+        return asyncio.run(_run_onboarding(cfg, operation, args))
+    return command
+
+
+async def _run_onboarding(cfg: dict, operation, args: argparse.Namespace) -> int:
+    from services.channels.onboarding import Onboarding, OnboardingError, daraja_credential_check
+    from services.common.db import open_pool
+    pool = await open_pool(cfg["DATABASE_URL"], min_size=1, max_size=2)
+    try:
+        onboarding = Onboarding(pool, public_key_file=cfg["VAULT_PUBLIC_KEY_FILE"],
+                                credential_check=daraja_credential_check(cfg["DARAJA_BASE_URL"]))
+        result = await operation(onboarding, args, _actor())
+    except OnboardingError as error:
+        _print_error(error.detail, error.errors)
+        return 1
+    except _UsageError as error:
+        _print_error(str(error), {})
+        return 2
+    finally:
+        await pool.close()
+    print(json.dumps(_plain(result), indent=2))
+    return 0
+
+
+def _plain(result: Any) -> Any:
+    if isinstance(result, list):
+        return [_plain(item) for item in result]
+    return result.view() if hasattr(result, "view") else result
+
+
+def _print_error(detail: str, errors: dict[str, str]) -> None:
+    print(f"mpesa-pipeline: {detail}", file=sys.stderr)
+    for field, message in errors.items():
+        print(f"  {field}: {message}", file=sys.stderr)
+
+
+def cmd_admin_token(_: argparse.Namespace) -> int:
+    token = secrets.token_urlsafe(32)
+    print(f"ADMIN_TOKEN={token}")
+    print(f"ADMIN_TOKEN_SHA256={hashlib.sha256(token.encode()).hexdigest()}")
+    print("give the onboarding API ADMIN_TOKEN_SHA256 and keep the token with its callers", file=sys.stderr)
+    return 0
+
+
+def _key_file(args: argparse.Namespace) -> Path:
+    return args.key_file or config.load([s.VAULT_KEY_FILE])["VAULT_KEY_FILE"]
+
+
+def cmd_vault_init(args: argparse.Namespace) -> int:
+    from services.channels.vault import LocalKeyFileProvider, VaultError, public_key_path
+    path = _key_file(args)
+    existed = path.exists()
+    try:
+        provider = LocalKeyFileProvider.open(path, create=True)
+    except VaultError as exc:
+        _print_error(str(exc), {})
+        return 1
+    print(json.dumps({"keyFile": str(path), "publicKeyFile": str(public_key_path(path)), "created": not existed,
+                      "activeKeyId": provider.key_id, "keyIds": list(provider.key_ids)}, indent=2))
+    return 0
+
+
+def cmd_vault_status(args: argparse.Namespace) -> int:
+    return asyncio.run(_vault_status(_key_file(args), config.load([config.DATABASE_URL])["DATABASE_URL"]))
+
+
+async def _vault_status(path: Path, database_url: str) -> int:
+    from services.channels import repository as repo
+    from services.channels.vault import LocalKeyFileProvider, VaultError
+    from services.common.db import open_pool
+    try:
+        provider = LocalKeyFileProvider.open(path)
+    except VaultError as exc:
+        _print_error(str(exc), {})
+        return 1
+    pool = await open_pool(database_url, min_size=1, max_size=1)
+    try:
+        async with pool.connection() as conn:
+            usage = await repo.rows_per_kek(conn)
+    finally:
+        await pool.close()
+    unheld = {k: n for k, n in usage.items() if k not in provider.key_ids}
+    print(json.dumps({"keyFile": str(path), "activeKeyId": provider.key_id,
+                      "versionsPerKey": {k: usage.get(k, 0) for k in provider.key_ids},
+                      "versionsUnderKeysNotHeld": unheld}, indent=2))
+    return 1 if unheld else 0
+
+
+def cmd_vault_rotate(args: argparse.Namespace) -> int:
+    return asyncio.run(_vault_rotate(_key_file(args), config.load([config.DATABASE_URL])["DATABASE_URL"],
+                                     args.retire_old))
+
+
+async def _vault_rotate(path: Path, database_url: str, retire_old: bool) -> int:
+    from services.channels.rotation import rotate_kek
+    from services.channels.vault import LocalKeyFileProvider, VaultError
+    from services.common.db import open_pool
+    try:
+        provider = LocalKeyFileProvider.open(path)
+    except VaultError as exc:
+        _print_error(str(exc), {})
+        return 1
+    pool = await open_pool(database_url, min_size=1, max_size=2)
+    try:
+        report = await rotate_kek(pool, provider, _actor(), retire_old=retire_old)
+    finally:
+        await pool.close()
+    print(json.dumps({"activeKeyId": report.active_key_id, "rewrapped": len(report.rewrapped),
+                      "failed": [{"channelId": c, "version": v, "reason": r} for c, v, r in report.failed],
+                      "versionsUnderKeysNotHeld": report.unheld, "retiredKeyIds": report.retired}, indent=2))
+    return 0 if report.complete else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Standalone use (`python -m services.channels.cli ...`), the same commands as mpesa-pipeline's."""
+    parser = argparse.ArgumentParser(prog="mpesa-pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except config.ConfigError as exc:
+        print(f"mpesa-pipeline: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Settings of the onboarding API, the channel commands and the vault, declared once."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from pathlib import Path
+
+from services.common import config
+
+ADMIN_TOKEN_MIN_CHARS = 32
+
+
+def sha256_hex(raw: str) -> str:
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", raw.strip()):
+        raise ValueError("must be 64 hexadecimal digits (the SHA-256 of the admin token)")
+    return raw.strip().lower()
+
+
+ADMIN_HOST = config.Setting("ADMIN_HOST", str, "127.0.0.1", help="address of the onboarding API")
+ADMIN_PORT = config.Setting("ADMIN_PORT", config.port, 8082, help="port of the onboarding API")
+ADMIN_TOKEN = config.Setting("ADMIN_TOKEN", str, None, secret=True,
+                             help="the admin bearer token itself (or give ADMIN_TOKEN_SHA256)")
+ADMIN_TOKEN_SHA256 = config.Setting("ADMIN_TOKEN_SHA256", sha256_hex, None,
+                                    help="SHA-256 (hex) of the admin bearer token; preferred over ADMIN_TOKEN")
+VAULT_KEY_FILE = config.Setting("VAULT_KEY_FILE", Path, Path(".local/vault/kek.json"),
+                                help="the key-encryption key file (private; only the STK worker's host)")
+VAULT_PUBLIC_KEY_FILE = config.Setting("VAULT_PUBLIC_KEY_FILE", Path, Path(".local/vault/kek.pub.json"),
+                                       help="public half of the key-encryption key, to seal new credentials")
+CREDENTIALS_TTL_S = config.Setting("CHANNEL_CREDENTIALS_TTL_S", config.positive_float, 30.0,
+                                   help="how long the STK worker trusts its cached channel and version")
+
+
+class AdminToken:
+    """The admin credential, held only as its SHA-256 and compared in constant time."""
+
+    def __init__(self, sha256_digest: bytes):
+        self._digest = sha256_digest
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> AdminToken:
+        """From ADMIN_TOKEN_SHA256, else ADMIN_TOKEN; config.ConfigError when neither is usable."""
+        if cfg.get("ADMIN_TOKEN_SHA256"):
+            return cls(bytes.fromhex(cfg["ADMIN_TOKEN_SHA256"]))
+        token = cfg.get("ADMIN_TOKEN")
+        if not token:
+            raise config.ConfigError("ADMIN_TOKEN_SHA256 or ADMIN_TOKEN is required "
+                                     "(`mpesa-pipeline admin-token` makes one)")
+        if len(token) < ADMIN_TOKEN_MIN_CHARS:
+            raise config.ConfigError(f"ADMIN_TOKEN is too short (value hidden: it is a secret); use at least "
+                                     f"{ADMIN_TOKEN_MIN_CHARS} random characters")
+        return cls(hashlib.sha256(token.encode()).digest())
+
+    def matches(self, presented: str) -> bool:
+        # Hashing first makes the comparison independent of the presented length.
+        return hmac.compare_digest(hashlib.sha256(presented.encode(errors="replace")).digest(), self._digest)
+
+    def __repr__(self) -> str:
+        return "AdminToken(****)"

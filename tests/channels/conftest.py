@@ -1,0 +1,139 @@
+"""Fixtures for the channel tests: a key file per test, the onboarding operations, a running Daraja
+sandbox with a freshly registered app, and credentials made of random strings that are easy to
+search for in logs, responses and table bytes."""
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.channels.onboarding import Onboarding, daraja_credential_check
+from services.channels.vault import LocalKeyFileProvider, public_key_path
+from services.daraja.models import AppCredentials
+from tests.conftest import ROOT, free_port
+
+
+@dataclass(frozen=True)
+class Secrets:
+    consumer_key: str
+    consumer_secret: str
+    passkey: str
+
+    @property
+    def body(self) -> dict:
+        return {"consumerKey": self.consumer_key, "consumerSecret": self.consumer_secret, "passkey": self.passkey}
+
+    @property
+    def app(self) -> AppCredentials:
+        return AppCredentials(self.consumer_key, self.consumer_secret, self.passkey)
+
+    @property
+    def values(self) -> tuple[str, str, str]:
+        return self.consumer_key, self.consumer_secret, self.passkey
+
+
+def new_secrets() -> Secrets:
+    return Secrets("ck" + secrets.token_hex(12), "cs" + secrets.token_hex(12), secrets.token_hex(32))
+
+
+def assert_no_secret(text: str | bytes, *values: str) -> None:
+    """Fails naming which secret leaked (by position, never by value)."""
+    haystack = text if isinstance(text, bytes) else text.encode()
+    for position, value in enumerate(values):
+        for form in (value.encode(), value.encode().hex().encode()):
+            assert form not in haystack, f"secret #{position} appears in the scanned text"
+
+
+def paybill_body(channel_id: str, **extra) -> dict:
+    return {"channelId": channel_id, "displayName": "Duka La Mama", "shortcodeType": "paybill",
+            "businessShortcode": "174379", "environment": "sandbox", "consentReference": "AGR-2024-001",
+            "consentDate": "2024-05-01", **extra}
+
+
+@pytest.fixture
+def key_file(tmp_path) -> Path:
+    return tmp_path / "vault" / "kek.json"
+
+
+@pytest.fixture
+def provider(key_file) -> LocalKeyFileProvider:
+    return LocalKeyFileProvider.open(key_file, create=True)
+
+
+@pytest.fixture
+def creds() -> Secrets:
+    return new_secrets()
+
+
+@pytest.fixture(scope="session")
+def daraja_sandbox() -> str:
+    """A Daraja sandbox subprocess (`python -m services.daraja_sandbox`); its base URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "services.daraja_sandbox", "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(base_url)
+        yield base_url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _wait_healthy(base_url: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base_url + "/sandbox/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the Daraja sandbox did not start")
+
+
+@pytest.fixture
+def registered_app(daraja_sandbox, creds) -> Secrets:
+    """`creds` registered with the sandbox as a Daraja app (shortcode 174379 and its own passkey)."""
+    response = httpx.post(daraja_sandbox + "/sandbox/apps", json={
+        "consumer_key": creds.consumer_key, "consumer_secret": creds.consumer_secret})
+    assert response.status_code == 201, response.text
+    return creds
+
+
+@pytest.fixture
+def onboarding(pool, provider, key_file, daraja_sandbox) -> Onboarding:
+    return Onboarding(pool, public_key_file=public_key_path(key_file),
+                      credential_check=daraja_credential_check(daraja_sandbox))
+
+
+
+async def onboard(onboarding: Onboarding, channel_id: str, creds: Secrets, **extra) -> str:
+    """A channel with consent and its first credentials."""
+    await onboarding.create_channel(paybill_body(channel_id, **extra), "tests")
+    await onboarding.set_credentials(channel_id, creds.body, "tests")
+    return channel_id
+
+
+async def audit_of(pool, channel_id: str) -> list[tuple]:
+    """(action, version, actor, kek_id, detail) for a channel, oldest first."""
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT action, version, actor, kek_id, detail FROM credential_audit"
+                                 " WHERE channel_id = %s ORDER BY id", (channel_id,))
+        return await cur.fetchall()
+
+
+async def table_bytes(pool, table: str, column: str, value: str) -> bytes:
+    """Every byte PostgreSQL returns for the matching rows: the row as text and each bytea column raw."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(f"SELECT convert_to(t::text, 'UTF8'), t.* FROM {table} t WHERE {column} = %s",
+                                 (value,))
+        rows = await cur.fetchall()
+    assert rows, f"no {table} rows for {value}"
+    return b"".join(bytes(v) if isinstance(v, (bytes, memoryview)) else str(v).encode() for row in rows for v in row)
