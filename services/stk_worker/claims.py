@@ -16,13 +16,15 @@ class PushOutcome:
     attempts: int = 0
 
 
-async def claim(pool: AsyncConnectionPool, payment_id: str, channel_id: str) -> PushOutcome | None:
+async def claim(pool: AsyncConnectionPool, payment_id: str, channel_id: str, credential_version: int
+                ) -> PushOutcome | None:
     """None: the push is ours to make. Otherwise what an earlier attempt recorded; a claim that never
     finished (its worker died mid-call) comes back as 'unknown': it may have reached Daraja."""
     async with pool.connection() as conn:
         cur = await conn.execute(
-            "INSERT INTO stk_push_claims (payment_id, channel_id, status) VALUES (%s, %s, 'claimed')"
-            " ON CONFLICT (payment_id) DO NOTHING", (payment_id, channel_id))
+            "INSERT INTO stk_push_claims (payment_id, channel_id, status, credential_version)"
+            " VALUES (%s, %s, 'claimed', %s) ON CONFLICT (payment_id) DO NOTHING",
+            (payment_id, channel_id, credential_version))
         if cur.rowcount == 1:
             return None
         cur = await conn.execute(
@@ -47,3 +49,10 @@ async def finish(pool: AsyncConnectionPool, payment_id: str, outcome: PushOutcom
             " error_code = %s, error_message = %s, attempts = %s, finished_at = now() WHERE payment_id = %s",
             (outcome.status, outcome.merchant_request_id, outcome.checkout_request_id, outcome.error_code,
              outcome.error_message, outcome.attempts, payment_id))
+
+
+async def credential_version(pool: AsyncConnectionPool, payment_id: str) -> int | None:
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT credential_version FROM stk_push_claims WHERE payment_id = %s", (payment_id,))
+        row = await cur.fetchone()
+        return row[0] if row else None

@@ -12,8 +12,11 @@ class ShortcodeThrottle:
         self._tokens: dict[str, float] = {}
         self._updated: dict[str, float] = {}
         self._paused_until: dict[str, float] = {}
+        self._rates: dict[str, float] = {}
 
-    async def acquire(self, shortcode: str) -> None:
+    async def acquire(self, shortcode: str, rate_per_s: float | None = None) -> None:
+        """Waits for the shortcode's turn; a channel's own pushes-per-second limit wins if lower."""
+        self._rates[shortcode] = min(rate_per_s or self.rate, self.rate)
         while (wait := self._reserve(shortcode)) > 0:
             await asyncio.sleep(wait)
 
@@ -22,14 +25,15 @@ class ShortcodeThrottle:
         paused = self._paused_until.get(shortcode, 0) - now
         if paused > 0:
             return paused
+        rate = self._rates.get(shortcode, self.rate)
         tokens = min(self.burst, self._tokens.get(shortcode, self.burst)
-                     + (now - self._updated.get(shortcode, now)) * self.rate)
+                     + (now - self._updated.get(shortcode, now)) * rate)
         self._updated[shortcode] = now
         if tokens >= 1:
             self._tokens[shortcode] = tokens - 1
             return 0
         self._tokens[shortcode] = tokens
-        return (1 - tokens) / self.rate
+        return (1 - tokens) / rate
 
     def spike_arrested(self, shortcode: str) -> None:
         """Daraja said slow down: pause this shortcode and start again from an empty bucket."""

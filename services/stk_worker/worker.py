@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Protocol
 
 import psycopg
 from prometheus_client import Counter
@@ -15,9 +15,10 @@ from services.common.callback_token import callback_url
 from services.common.kafka import ConsumedEvent, EventProducer, PublishError, Transient, new_event_fields
 from services.common.topics import STK_PUSH_RESULT, STK_QUERY_RESULT
 from services.daraja.errors import DarajaError, ErrorKind
-from services.daraja.models import AppCredentials, QueryStatus, Shortcode, StkPushRequest
+from services.daraja.models import QueryStatus, StkPushRequest
 from services.ledger.facts import request_problem
 from services.stk_worker import claims
+from services.stk_worker.channels import ChannelAccess
 from services.stk_worker.claims import PushOutcome
 from services.stk_worker.throttle import ShortcodeThrottle
 
@@ -27,15 +28,10 @@ QUERIES = Counter("stk_queries_total", "STK query outcomes", ["status"])
 SPIKE_ARREST = "500.003.02"
 
 
-@dataclass(frozen=True)
-class ChannelAccess:
-    channel_id: str
-    active: bool
-    shortcode: Shortcode
-    app: AppCredentials
+class Channels(Protocol):
+    async def current(self, channel_id: str) -> ChannelAccess | None: ...
 
-
-ChannelLookup = Callable[[str], Awaitable[ChannelAccess | None]]
+    async def at_version(self, channel_id: str, version: int) -> ChannelAccess | None: ...
 
 
 def is_transient(exc: Exception) -> bool:
@@ -51,9 +47,9 @@ class PushSettings:
 
 
 class Pusher:
-    def __init__(self, pool, daraja, lookup: ChannelLookup, producer: EventProducer, throttle: ShortcodeThrottle,
+    def __init__(self, pool, daraja, channels: Channels, producer: EventProducer, throttle: ShortcodeThrottle,
                  settings: PushSettings):
-        self.pool, self.daraja, self.lookup, self.producer = pool, daraja, lookup, producer
+        self.pool, self.daraja, self.channels, self.producer = pool, daraja, channels, producer
         self.throttle, self.settings = throttle, settings
 
     async def handle(self, event: ConsumedEvent) -> None:
@@ -66,11 +62,11 @@ class Pusher:
         problem = request_problem(v)
         if problem:
             return PushOutcome("invalid", error_code="INVALID_REQUEST", error_message=problem)
-        channel = await self.lookup(v["channel_id"])
-        if channel is None or not channel.active:
-            state = "unknown" if channel is None else "suspended"
-            return PushOutcome("invalid", error_code=f"CHANNEL_{state.upper()}", error_message=f"channel is {state}")
-        earlier = await claims.claim(self.pool, v["payment_id"], v["channel_id"])
+        channel = await self.channels.current(v["channel_id"])
+        refusal = _channel_refusal(channel, v["amount"])
+        if refusal:
+            return refusal
+        earlier = await claims.claim(self.pool, v["payment_id"], v["channel_id"], channel.version)
         if earlier is not None:  # redelivered: report what happened, never push again
             return earlier
         outcome = await self._push(channel, v)
@@ -88,7 +84,7 @@ class Pusher:
             return PushOutcome("invalid", error_code="INVALID_REQUEST", error_message=str(exc))
         code = channel.shortcode.business_shortcode
         for attempt in range(1, self.settings.max_attempts + 1):
-            await self.throttle.acquire(code)
+            await self.throttle.acquire(code, channel.pushes_per_second)
             try:
                 accepted = await self.daraja.push(channel.app, channel.shortcode, request)
                 return PushOutcome("accepted", accepted.merchant_request_id, accepted.checkout_request_id,
@@ -113,12 +109,23 @@ class Pusher:
             "error_code": o.error_code, "error_message": o.error_message, "attempts": max(o.attempts, 1)})
 
 
+def _channel_refusal(channel: ChannelAccess | None, amount: int) -> PushOutcome | None:
+    if channel is None:
+        return PushOutcome("invalid", error_code="CHANNEL_UNKNOWN", error_message="no such channel with credentials")
+    if not channel.active:
+        return PushOutcome("invalid", error_code="CHANNEL_SUSPENDED", error_message="channel is not active")
+    if channel.max_amount is not None and amount > channel.max_amount:
+        return PushOutcome("invalid", error_code="AMOUNT_ABOVE_CHANNEL_LIMIT",
+                           error_message=f"amount is above the channel's limit of {channel.max_amount}")
+    return None
+
+
 class Querier:
     STATUS = {QueryStatus.FINAL_SUCCESS: "SUCCESS", QueryStatus.FINAL_FAILURE: "FAILED",
               QueryStatus.STILL_PROCESSING: "PROCESSING"}
 
-    def __init__(self, daraja, lookup: ChannelLookup, producer: EventProducer, throttle: ShortcodeThrottle):
-        self.daraja, self.lookup, self.producer, self.throttle = daraja, lookup, producer, throttle
+    def __init__(self, pool, daraja, channels: Channels, producer: EventProducer, throttle: ShortcodeThrottle):
+        self.pool, self.daraja, self.channels, self.producer, self.throttle = pool, daraja, channels, producer, throttle
 
     async def handle(self, event: ConsumedEvent) -> None:
         v = event.value
@@ -129,7 +136,9 @@ class Querier:
             "status": status, "result_code": code, "result_desc": desc, "attempt": v["attempt"]})
 
     async def _query(self, v: dict) -> tuple[str, str | None, str | None]:
-        channel = await self.lookup(v["channel_id"])
+        version = await claims.credential_version(self.pool, v["payment_id"])
+        channel = await (self.channels.at_version(v["channel_id"], version) if version
+                         else self.channels.current(v["channel_id"]))  # the app that made the push
         if channel is None or not v["checkout_request_id"]:
             return "ERROR", None, "nothing to query with" if channel else "unknown channel"
         await self.throttle.acquire(channel.shortcode.business_shortcode)

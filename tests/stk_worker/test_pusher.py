@@ -15,7 +15,8 @@ from services.daraja.client import DarajaClient
 from services.daraja.models import AppCredentials, Shortcode
 from services.daraja_sandbox.settings import DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
 from services.stk_worker.throttle import ShortcodeThrottle
-from services.stk_worker.worker import ChannelAccess, Pusher, PushSettings
+from services.stk_worker.channels import ChannelAccess
+from services.stk_worker.worker import Pusher, PushSettings
 from tests.conftest import ROOT, eventually, free_port
 from tests.platform.kafka_helpers import end_offsets, read_all, sample_request
 
@@ -40,14 +41,21 @@ def sandbox():
     proc.wait(10)
 
 
+class SandboxChannels:
+    """Every channel is the public sandbox app (174379), except ids starting 'gone' (unknown)."""
+
+    async def current(self, channel_id: str):
+        if channel_id.startswith("gone"):
+            return None
+        return ChannelAccess(channel_id, True, Shortcode("174379"),
+                             AppCredentials(DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY), 1, 5000)
+
+    async def at_version(self, channel_id: str, version: int):
+        return await self.current(channel_id)
+
+
 def pusher_for(sandbox: str, pool, producer) -> Pusher:
-    channel = ChannelAccess("any", True, Shortcode("174379"),
-                            AppCredentials(DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY))
-
-    async def lookup(channel_id: str):
-        return channel if not channel_id.startswith("gone") else None
-
-    return Pusher(pool, DarajaClient(sandbox), lookup, producer, ShortcodeThrottle(200, 50),
+    return Pusher(pool, DarajaClient(sandbox), SandboxChannels(), producer, ShortcodeThrottle(200, 50),
                   PushSettings("http://127.0.0.1:9", SECRET, backoff_s=0.01))
 
 
@@ -100,6 +108,7 @@ async def test_a_claim_left_by_a_dead_worker_is_never_pushed_again(sandbox, pool
     ({"amount": 0}, "INVALID_REQUEST"),
     ({"phone": "0712345678"}, "INVALID_REQUEST"),
     ({"channel_id": "gone-channel"}, "CHANNEL_UNKNOWN"),
+    ({"amount": 5001}, "AMOUNT_ABOVE_CHANNEL_LIMIT"),
 ])
 async def test_bad_requests_from_the_topic_are_never_pushed(sandbox, pool, producer, codec, kafka_bootstrap,
                                                            unique, change, code, mark):
