@@ -18,7 +18,8 @@ def callback_token(secret: bytes, channel_id: str, payment_id: str) -> str:
 
 def token_is_valid(secrets: list[bytes], channel_id: str, payment_id: str, token: str) -> bool:
     """Constant-time comparison against every accepted secret (current first, then previous)."""
-    results = [hmac.compare_digest(callback_token(s, channel_id, payment_id), token) for s in secrets]
+    given = token.encode("utf-8", "surrogateescape")  # bytes: compare_digest refuses non-ASCII str
+    results = [hmac.compare_digest(callback_token(s, channel_id, payment_id).encode(), given) for s in secrets]
     return any(results)
 
 

@@ -1,0 +1,71 @@
+"""The webhook gateway's configuration: environment variables, read once at start."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from services.common import config
+from services.common.callback_token import parse_secrets
+from services.webhook_consumer.sources import Network, parse_networks
+
+# The list circulated as Safaricom's published callback addresses (daraja.md §5, confidence medium:
+# not on the Daraja 3.0 pages themselves). Recommended WEBHOOK_ALLOWED_SOURCES in production; some
+# lists add 196.201.212.128 and 196.201.212.132. Sandbox callbacks were seen from 196.201.212.69.
+SAFARICOM_CALLBACK_SOURCES = ("196.201.214.200,196.201.214.206,196.201.213.114,196.201.214.207,196.201.214.208,"
+                              "196.201.213.44,196.201.212.127,196.201.212.138,196.201.212.129,196.201.212.136,"
+                              "196.201.212.74,196.201.212.69")
+
+MAX_BODY_BYTES = 64 * 1024
+
+HOST = config.Setting("WEBHOOK_HOST", str, "127.0.0.1", help="address to listen on")
+PORT = config.Setting("WEBHOOK_PORT", config.port, 8081, help="port to listen on")
+TOKEN_SECRETS = config.Setting(
+    "WEBHOOK_TOKEN_SECRETS", lambda raw: tuple(parse_secrets(raw)), secret=True,
+    help="HMAC secrets of the callback URL token, comma-separated, current first, each >= 32 characters")
+ALLOWED_SOURCES = config.Setting(
+    "WEBHOOK_ALLOWED_SOURCES", parse_networks, (),
+    help="client IPs/CIDRs allowed to post callbacks, comma-separated; empty allows all")
+TRUSTED_PROXIES = config.Setting(
+    "WEBHOOK_TRUSTED_PROXIES", parse_networks, (),
+    help="proxy IPs/CIDRs whose X-Forwarded-For is believed, comma-separated")
+RATE_PER_SOURCE = config.Setting("WEBHOOK_RATE_PER_SOURCE", config.positive_float, 100.0,
+                                 help="callbacks per second per client address (token bucket refill)")
+RATE_BURST = config.Setting("WEBHOOK_RATE_BURST", config.positive_int, 200,
+                            help="callbacks a client address may send at once (token bucket size)")
+
+
+def _milliseconds(low: int, high: int):
+    def parse(raw: str) -> int:
+        value = config.whole_number(raw)
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high} (milliseconds)")
+        return value
+    return parse
+
+
+# The ranges keep the delivery timeout above the linger, as librdkafka requires.
+KAFKA_TIMEOUT_MS = config.Setting("WEBHOOK_KAFKA_TIMEOUT_MS", _milliseconds(200, 300_000), 5000,
+                                  help="how long to wait for Kafka's ack before answering 503")
+KAFKA_LINGER_MS = config.Setting("WEBHOOK_KAFKA_LINGER_MS", _milliseconds(0, 100), 5,
+                                 help="how long the producer gathers callbacks into one batch (latency for CPU)")
+
+SETTINGS = [config.KAFKA_BOOTSTRAP, HOST, PORT, TOKEN_SECRETS, ALLOWED_SOURCES, TRUSTED_PROXIES, RATE_PER_SOURCE,
+            RATE_BURST, KAFKA_TIMEOUT_MS, KAFKA_LINGER_MS]
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    token_secrets: tuple[bytes, ...] = field(repr=False)
+    allowed_sources: tuple[Network, ...] = ()
+    trusted_proxies: tuple[Network, ...] = ()
+    rate_per_source_s: float = 100.0
+    rate_burst: int = 200
+    kafka_timeout_ms: int = 5000
+    kafka_linger_ms: int = 5
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> GatewaySettings:
+        return cls(token_secrets=cfg[TOKEN_SECRETS.env], allowed_sources=cfg[ALLOWED_SOURCES.env],
+                   trusted_proxies=cfg[TRUSTED_PROXIES.env], rate_per_source_s=cfg[RATE_PER_SOURCE.env],
+                   rate_burst=cfg[RATE_BURST.env], kafka_timeout_ms=cfg[KAFKA_TIMEOUT_MS.env],
+                   kafka_linger_ms=cfg[KAFKA_LINGER_MS.env])

@@ -1,0 +1,126 @@
+"""Who is calling, and how often: the client address behind trusted proxies, the source
+allow-list, and a token-bucket rate limit per source. Pure code: no I/O, time comes from a clock.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from typing import Callable
+
+Address = IPv4Address | IPv6Address
+Network = IPv4Network | IPv6Network
+
+
+def parse_networks(raw: str) -> tuple[Network, ...]:
+    """Comma-separated IP addresses and CIDR blocks; a bare address is a /32 (or /128).
+
+    Host bits set in a block (196.201.212.69/24) are refused rather than silently widened.
+    """
+    networks = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(ip_network(item, strict=True))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or CIDR block (host bits must be zero)") from None
+    return tuple(networks)
+
+
+@lru_cache(maxsize=4096)  # the same few peers and proxies, request after request
+def parse_address(text: str | None) -> Address | None:
+    """An IP address, IPv4-mapped IPv6 (::ffff:a.b.c.d) folded to IPv4; None when not an address."""
+    if not text:
+        return None
+    try:
+        address = ip_address(text.strip())
+    except ValueError:
+        return None
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _within(address: Address, networks: tuple[Network, ...]) -> bool:
+    return any(address in network for network in networks)
+
+
+@dataclass(frozen=True)
+class SourcePolicy:
+    """The allow-list and the proxies whose X-Forwarded-For we believe. Empty allow-list: allow all."""
+
+    allowed: tuple[Network, ...] = ()
+    trusted_proxies: tuple[Network, ...] = ()
+
+    def client_address(self, peer: str | None, forwarded_for: str | None) -> str:
+        """The address to judge the request by.
+
+        X-Forwarded-For is read only when the TCP peer is a trusted proxy. Each proxy appends the
+        address it saw, so the hops are walked from the right past trusted proxies; the first
+        untrusted hop is the client. Anything to its left was written by the client and is ignored.
+        A hop that is not an address ends the walk: the chain cannot be believed beyond it, so the
+        peer itself counts as the client.
+        """
+        peer_address = parse_address(peer)
+        if peer_address is None:
+            return peer or "unknown"
+        if not forwarded_for or not _within(peer_address, self.trusted_proxies):
+            return str(peer_address)
+        hop_address = peer_address
+        for hop in reversed(forwarded_for.split(",")):
+            hop_address = parse_address(hop)
+            if hop_address is None:
+                return str(peer_address)
+            if not _within(hop_address, self.trusted_proxies):
+                return str(hop_address)
+        return str(hop_address)  # every hop is a trusted proxy: the left-most is nearest the client
+
+    def allows(self, client: str) -> bool:
+        if not self.allowed:
+            return True
+        address = parse_address(client)
+        return address is not None and _within(address, self.allowed)
+
+
+class RateLimiter:
+    """A token bucket per source: `burst` requests at once, refilled at `rate_per_s`.
+
+    Memory is bounded by `sources_max`: the least recently seen source is forgotten first, which
+    at worst hands it a full bucket again.
+    """
+
+    def __init__(self, rate_per_s: float, burst: int, *, clock: Callable[[], float] = time.monotonic,
+                 sources_max: int = 100_000):
+        if rate_per_s <= 0 or burst < 1 or sources_max < 1:
+            raise ValueError("rate_per_s must be positive, burst and sources_max at least 1")
+        self.rate_per_s = rate_per_s
+        self.burst = float(burst)
+        self.sources_max = sources_max
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, when counted); oldest first
+
+    def take(self, source: str) -> float:
+        """Spends one token for `source`. Returns 0.0 when allowed, else the seconds until a token is due."""
+        now = self._clock()
+        tokens, counted_at = self._buckets.pop(source, (self.burst, now))
+        tokens = min(self.burst, tokens + max(0.0, now - counted_at) * self.rate_per_s)
+        wait_s = 0.0
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait_s = (1.0 - tokens) / self.rate_per_s
+        self._buckets[source] = (tokens, now)  # re-inserted: dict order is least recently seen first
+        if len(self._buckets) > self.sources_max:
+            del self._buckets[next(iter(self._buckets))]
+        return wait_s
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+def retry_after_header(wait_s: float) -> str:
+    """Retry-After in whole seconds, never 0 for a refused request."""
+    return str(max(1, math.ceil(wait_s)))
