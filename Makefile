@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 infra: install ## start Kafka and PostgreSQL on loopback (idempotent)
 	bash infra/up.sh
 
-run: infra ## the whole stack in the foreground; Ctrl-C stops everything
-	$(PY) -m services.cli migrate
-	exec $(PY) -m services.cli run
+run: install ## the whole stack in the foreground; Ctrl-C stops everything, Kafka and PostgreSQL too
+	bash infra/up.sh >/dev/null
+	trap 'bash infra/down.sh' EXIT; $(PY) -m services.cli run
 
 test: infra ## the whole suite against the real broker and database
 	$(PY) -m pytest $(PYTEST_ARGS)

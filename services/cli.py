@@ -9,9 +9,16 @@ from services.channels.cli import register as register_channels
 from services.common import config
 
 STACK = [
+    ("daraja-sandbox", "services.daraja_sandbox"),
     ("ledger", "services.ledger"),
+    ("stk-worker", "services.stk_worker"),
+    ("webhook-gateway", "services.webhook_consumer"),
     ("ingress", "services.ingress"),
+    ("onboarding-api", "services.channels"),
 ]
+
+
+INFRA_LOGS = [("kafka", ".local/kafka/kafka.log"), ("postgresql", ".local/pg/postgres.log")]
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
@@ -39,8 +46,15 @@ def cmd_audit_verify(_: argparse.Namespace) -> int:
 
 
 def cmd_run(_: argparse.Namespace) -> int:
+    from services.channels.settings import VAULT_KEY_FILE
+    from services.devstack import prepare
     from services.supervisor import supervise
-    return asyncio.run(supervise([(name, [sys.executable, "-m", module]) for name, module in STACK]))
+    cfg = config.load([config.DATABASE_URL, VAULT_KEY_FILE])
+    env, banner = prepare(cfg["DATABASE_URL"], cfg["VAULT_KEY_FILE"])
+    print(banner, flush=True)
+    logs = [(name, ["tail", "-n", "0", "-F", path]) for name, path in INFRA_LOGS]
+    services = [(name, [sys.executable, "-m", module]) for name, module in STACK]
+    return asyncio.run(supervise(logs + services, env))
 
 
 def build_parser() -> argparse.ArgumentParser:

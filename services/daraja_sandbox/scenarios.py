@@ -44,6 +44,8 @@ selector scenario                    what happens
 5005     slow_callback               success, callback after 5 s (override with callback_delay_ms)
 5006     operator_missing            ResultCode "SFC_IC0003" (a string, as Daraja sends it)
 5007     slow_response               success, the push is answered after 5 s (latency_ms)
+5008     contradicted_late_callback  the query says 1032; the callback (0 with receipt) comes
+                                     only after that answer: money moved after a "cancel"
 ======== =========================== ==========================================================
 
 Independently of the scenario, a push whose TransactionType/PartyB do not fit the shortcode
@@ -133,12 +135,14 @@ SCENARIOS: dict[str, Scenario] = {
     "query_contradicts": Scenario("query_contradicts", query_result_code=1032),
     "slow_callback": Scenario("slow_callback", callback_delay_ms=5000),
     "slow_response": Scenario("slow_response", latency_ms=5000),
+    "contradicted_late_callback": Scenario("contradicted_late_callback", callback="after_query",
+                                           query_result_code=1032),
 }
 SELECTORS: dict[int, str] = {
     0: "success",
     **{code: name for code, name in _FAILURE_NAMES.items() if isinstance(code, int)},
     5001: "no_callback", 5002: "duplicate_callback", 5003: "late_callback", 5004: "query_contradicts",
-    5005: "slow_callback", 5006: "operator_missing", 5007: "slow_response",
+    5005: "slow_callback", 5006: "operator_missing", 5007: "slow_response", 5008: "contradicted_late_callback",
 }
 
 

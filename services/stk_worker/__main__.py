@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import replace
 import socket
 
 from services.channels.credentials import CredentialStore
@@ -36,7 +37,7 @@ SETTINGS = [
                    help="public root of the webhook gateway, as Daraja must call it"),
     config.Setting("WEBHOOK_TOKEN_SECRETS", parse_secrets, secret=True,
                    help="callback URL token secrets, current first (shared with the webhook gateway)"),
-    config.Setting("STK_MAX_IN_FLIGHT", config.positive_int, 800, help="Daraja calls in flight at once"),
+    config.Setting("STK_MAX_IN_FLIGHT", config.positive_int, 400, help="Daraja calls in flight at once"),
     config.Setting("STK_RATE_PER_SHORTCODE", config.positive_float, 50.0, help="pushes+queries per second per shortcode"),
     config.Setting("STK_MAX_ATTEMPTS", config.positive_int, 4, help="tries of a push Daraja did not act on"),
 ]
@@ -53,8 +54,10 @@ async def main(cfg: dict, stop: asyncio.Event) -> None:
                             actor=f"stk-worker:{socket.gethostname()}:{os.getpid()}",
                             ttl_s=cfg["CHANNEL_CREDENTIALS_TTL_S"])
     channels = VaultChannels(store)
+    # Every call in flight needs its own connection, or it queues and times out as "retryable".
     daraja_settings = DarajaSettings.from_env()
-    daraja = DarajaClient.from_settings(daraja_settings)
+    daraja = DarajaClient.from_settings(replace(daraja_settings, max_connections=max(
+        daraja_settings.max_connections, cfg["STK_MAX_IN_FLIGHT"])))
     throttle = ShortcodeThrottle(cfg["STK_RATE_PER_SHORTCODE"], burst=max(int(cfg["STK_RATE_PER_SHORTCODE"]), 1))
     pusher = Pusher(pool, daraja, channels, producer, throttle,
                     PushSettings(cfg["CALLBACK_PUBLIC_BASE_URL"], cfg["WEBHOOK_TOKEN_SECRETS"][0],

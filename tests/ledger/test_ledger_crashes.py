@@ -55,10 +55,12 @@ def ledger(infra, group: str):
 async def test_a_ledger_killed_mid_stream_loses_nothing_and_applies_nothing_twice(infra, producer, pool, unique):
     channel, group = f"crash-{unique}", f"ledger-crash-{unique}"
     first = ledger(infra, group)
-    await publish_payments(producer, channel, unique)
-    await eventually(lambda: _at_least(pool, channel, 1), timeout=60, interval=0.01)
-    first.send_signal(signal.SIGKILL)
-    first.wait(10)
+    try:
+        await publish_payments(producer, channel, unique)
+        await eventually(lambda: _at_least(pool, channel, 1), timeout=60, interval=0.01)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
     done_before_restart = await settled_count(pool, channel)
 
     second = ledger(infra, group)

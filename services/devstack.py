@@ -1,0 +1,80 @@
+"""`make run` conveniences for a developer machine: local secrets and a demo channel.
+
+Only `mpesa-pipeline run` uses this. Secrets it creates live in .local/secrets/ (mode 0600); a
+production deployment passes its own through the environment instead.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from pathlib import Path
+
+from services.channels.onboarding import Conflict, Onboarding
+from services.channels.vault import LocalKeyFileProvider, public_key_path
+from services.common.db import migrate, open_pool
+from services.daraja_sandbox.settings import DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
+
+SECRETS = Path(".local/secrets")
+DEMO_CHANNEL = "demo"
+
+
+def local_secret(name: str, make=lambda: secrets.token_urlsafe(32)) -> str:
+    """Reads .local/secrets/<name>, creating it (0600) on first use."""
+    path = SECRETS / name
+    if not path.exists():
+        SECRETS.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(make())
+    return path.read_text().strip()
+
+
+def dev_environment() -> dict[str, str]:
+    """Secrets the services need, unless the environment already gives them."""
+    env = {"WEBHOOK_TOKEN_SECRETS": local_secret("webhook-token-secret"), "ADMIN_TOKEN": local_secret("admin-token")}
+    return {k: v for k, v in env.items() if not os.environ.get(k)}
+
+
+async def ensure_demo_channel(database_url: str, key_file: Path) -> str:
+    """A channel on the Daraja sandbox's demo app, and an API key for it (kept in .local/secrets)."""
+    migrate(database_url)
+    LocalKeyFileProvider.open(key_file, create=True)
+    pool = await open_pool(database_url, max_size=2)
+    try:
+        onboarding = Onboarding(pool, public_key_file=public_key_path(key_file))
+        try:
+            await onboarding.create_channel({
+                "channelId": DEMO_CHANNEL, "displayName": "Demo shop (Daraja sandbox)", "shortcodeType": "paybill",
+                "businessShortcode": "174379", "environment": "sandbox", "consentReference": "DEMO",
+                "consentDate": "2026-01-01"}, "make-run")
+            await onboarding.set_credentials(DEMO_CHANNEL, {
+                "consumerKey": DEMO_CONSUMER_KEY, "consumerSecret": DEMO_CONSUMER_SECRET,
+                "passkey": SANDBOX_PASSKEY}, "make-run")
+            await onboarding.resume(DEMO_CHANNEL, "make-run")
+        except Conflict:
+            pass  # made by an earlier run
+        if not (SECRETS / "demo-api-key").exists():
+            _, key = await onboarding.issue_api_key({"label": "make run demo", "channelIds": [DEMO_CHANNEL]},
+                                                    "make-run")
+            local_secret("demo-api-key", make=lambda: key)
+        return local_secret("demo-api-key")
+    finally:
+        await pool.close()
+
+
+def demo_banner(api_key: str) -> str:
+    return f"""
+  Demo channel '{DEMO_CHANNEL}' is ready on the Daraja sandbox. Try:
+
+  curl -s -XPOST localhost:8080/api/payments -H 'Content-Type: application/json' \\
+    -H 'Authorization: Bearer {api_key}' -H "Idempotency-Key: $(uuidgen || date +%s%N)" \\
+    -d '{{"channelId":"{DEMO_CHANNEL}","amount":10,"phone":"0712345678","accountReference":"INV42"}}'
+  curl -s localhost:8080/api/payments/<paymentId> -H 'Authorization: Bearer {api_key}'
+"""
+
+
+def prepare(database_url: str, key_file: Path) -> tuple[dict[str, str], str]:
+    env = dev_environment()
+    api_key = asyncio.run(ensure_demo_channel(database_url, key_file))
+    return env, demo_banner(api_key)

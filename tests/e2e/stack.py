@@ -1,0 +1,116 @@
+"""The whole pipeline as separate processes on loopback: Daraja sandbox, webhook gateway, STK worker,
+ledger and ingress, each with its own consumer groups starting at the topics' current end."""
+from __future__ import annotations
+
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from services.channels.onboarding import Onboarding
+from services.channels.vault import LocalKeyFileProvider, public_key_path
+from services.common.topics import CALLBACK_RAW, PAYMENT_REQUESTED, STK_PUSH_RESULT, STK_QUERY_REQUESTED, STK_QUERY_RESULT
+from services.daraja_sandbox.settings import DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
+from tests.conftest import ROOT, free_port, service_env, start_service
+from tests.platform.kafka_helpers import start_group_at_end
+
+
+@dataclass
+class Stack:
+    infra: dict
+    tmp: Path
+    unique: str
+    sandbox_args: list[str] = field(default_factory=list)
+    extra_env: dict = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.ports = {name: free_port() for name in ("sandbox", "gateway", "ingress", "ledger", "worker")}
+        self.key_file = self.tmp / "vault" / "kek.json"
+        LocalKeyFileProvider.open(self.key_file, create=True)
+        self.env = service_env(
+            self.infra, WEBHOOK_PORT=self.ports["gateway"], INGRESS_PORT=self.ports["ingress"],
+            LEDGER_METRICS_PORT=self.ports["ledger"], STK_WORKER_METRICS_PORT=self.ports["worker"],
+            LEDGER_GROUP_ID=f"ledger-{self.unique}", STK_WORKER_GROUP_ID=f"stk-{self.unique}",
+            DARAJA_BASE_URL=self.sandbox_url, CALLBACK_PUBLIC_BASE_URL=self.gateway_url,
+            WEBHOOK_TOKEN_SECRETS=secrets.token_hex(32), VAULT_KEY_FILE=str(self.key_file),
+            INGRESS_AUTH_CACHE_TTL_S="0.1", LEDGER_QUERY_AFTER_S="1", STK_MAX_ATTEMPTS="3",
+            DARAJA_READ_TIMEOUT_S="5", **self.extra_env)
+
+    sandbox_url = property(lambda self: f"http://127.0.0.1:{self.ports['sandbox']}")
+    gateway_url = property(lambda self: f"http://127.0.0.1:{self.ports['gateway']}")
+    ingress_url = property(lambda self: f"http://127.0.0.1:{self.ports['ingress']}")
+
+    def start(self) -> None:
+        bootstrap = self.infra["KAFKA_BOOTSTRAP_SERVERS"]
+        start_group_at_end(bootstrap, f"ledger-{self.unique}", [t.name for t in (
+            PAYMENT_REQUESTED, STK_PUSH_RESULT, CALLBACK_RAW, STK_QUERY_RESULT)])
+        start_group_at_end(bootstrap, f"stk-{self.unique}", [PAYMENT_REQUESTED.name])
+        start_group_at_end(bootstrap, f"stk-{self.unique}-queries", [STK_QUERY_REQUESTED.name])
+        self.procs["sandbox"] = subprocess.Popen(
+            [sys.executable, "-m", "services.daraja_sandbox", "--port", str(self.ports["sandbox"]),
+             "--callback-delay-ms", "300", *self.sandbox_args], cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for name, module in (("gateway", "services.webhook_consumer"), ("ledger", "services.ledger"),
+                             ("worker", "services.stk_worker"), ("ingress", "services.ingress")):
+            self.start_one(name, module)
+        for url in (f"{self.sandbox_url}/sandbox/health", f"{self.gateway_url}/healthz", f"{self.ingress_url}/healthz",
+                    f"http://127.0.0.1:{self.ports['ledger']}/healthz",
+                    f"http://127.0.0.1:{self.ports['worker']}/healthz"):
+            wait_for(url)
+
+    def start_one(self, name: str, module: str) -> None:
+        self.procs[name] = start_service(module, self.env)
+
+    def kill(self, name: str) -> None:
+        self.procs[name].send_signal(signal.SIGKILL)
+        self.procs[name].wait(10)
+
+    def stop(self) -> dict[str, str]:
+        outputs = {}
+        for name, proc in self.procs.items():
+            proc.terminate()
+        for name, proc in self.procs.items():
+            try:
+                out, _ = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, _ = proc.communicate()
+            outputs[name] = out or ""
+        return outputs
+
+    async def onboard(self, pool, channel_id: str) -> str:
+        """A channel on the sandbox's demo app (shortcode 174379); returns an API key for it."""
+        onboarding = Onboarding(pool, public_key_file=public_key_path(self.key_file))
+        await onboarding.create_channel({
+            "channelId": channel_id, "displayName": "E2E Duka", "shortcodeType": "paybill",
+            "businessShortcode": "174379", "environment": "sandbox", "consentReference": "AGR-E2E",
+            "consentDate": "2026-01-01"}, "tests")
+        await onboarding.set_credentials(channel_id, {"consumerKey": DEMO_CONSUMER_KEY,
+                                                      "consumerSecret": DEMO_CONSUMER_SECRET,
+                                                      "passkey": SANDBOX_PASSKEY}, "tests")
+        await onboarding.resume(channel_id, "tests")
+        _, api_key = await onboarding.issue_api_key({"label": "e2e", "channelIds": [channel_id]}, "tests")
+        return api_key
+
+
+def wait_for(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not become healthy")
+
+
+def new_reference() -> str:
+    return uuid.uuid4().hex[:12].upper()
