@@ -29,13 +29,13 @@ def cmd_migrate(_: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_audit_verify(_: argparse.Namespace) -> int:
+def cmd_audit_verify(args: argparse.Namespace) -> int:
     import psycopg
     from services.ledger.store import verify_audit
 
     async def verify() -> tuple[int, str | None]:
         async with await psycopg.AsyncConnection.connect(config.load([config.DATABASE_URL])["DATABASE_URL"]) as conn:
-            return await verify_audit(conn)
+            return await verify_audit(conn, args.from_seq)
 
     count, problem = asyncio.run(verify())
     if problem:
@@ -64,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run every service in the foreground (Ctrl-C stops all)").set_defaults(func=cmd_run)
     register_channels(sub)
     audit = sub.add_parser("audit", help="the ledger's hash-chained audit trail").add_subparsers(dest="audit", required=True)
-    audit.add_parser("verify", help="recompute the hash chain; exit 1 if any row was edited or removed"
-                     ).set_defaults(func=cmd_audit_verify)
+    verify = audit.add_parser("verify", help="recompute the hash chain; exit 1 if any row was edited or removed")
+    verify.add_argument("--from", dest="from_seq", type=int, default=1,
+                        help="start at this row, trusting the one before it (a checkpoint already verified)")
+    verify.set_defaults(func=cmd_audit_verify)
     return parser
 
 

@@ -35,9 +35,12 @@ def migrate(database_url: str, migrations_dir: Path = MIGRATIONS_DIR) -> list[st
     return applied_now
 
 
-async def open_pool(database_url: str, *, min_size: int = 1, max_size: int = 10) -> AsyncConnectionPool:
-    # check: a connection that died with a PostgreSQL restart is replaced, not handed out.
+async def open_pool(database_url: str, *, min_size: int = 1, max_size: int = 10,
+                    autocommit: bool = False) -> AsyncConnectionPool:
+    """autocommit saves the COMMIT round trip for single statements; transaction() still works.
+    A connection broken by a PostgreSQL restart fails its next query (callers treat that as
+    transient and retry) and the pool discards it on return."""
     pool = AsyncConnectionPool(database_url, min_size=min_size, max_size=max_size, open=False,
-                               check=AsyncConnectionPool.check_connection)
+                               kwargs={"autocommit": autocommit})
     await pool.open(wait=True, timeout=30)
     return pool

@@ -97,7 +97,7 @@ class FactBatch:
         self.history: list[tuple] = []
         self.audit: list[dict] = []
         self.outbox: list[tuple[str, bytes, bytes]] = []
-        self.to_park: list[tuple[str, str, str, bytes]] = []
+        self.to_park: dict[str, tuple[str, str, str, bytes]] = {}  # event_id -> row, parked in this batch
         self.unparked: list[str] = []
 
     async def prefetch(self, payment_ids: list[str], receipts: list[str] = ()) -> None:
@@ -118,8 +118,9 @@ class FactBatch:
         VERDICTS.labels(type(fact).__name__, decision.verdict.value).inc()
         self._audit(payment_id, event.value["event_id"], fact, decision, row)
         if decision.verdict is sm.Verdict.PARKED:
-            self.to_park.append((event.value["event_id"], payment_id, event.topic,
-                                 self.codec.encode(event.schema, event.value)))
+            event_id, payload = event.value["event_id"], self.codec.encode(event.schema, event.value)
+            self.to_park[event_id] = (event_id, payment_id, event.topic, payload)
+            self.parked.setdefault(payment_id, []).append((event_id, event.topic, payload))  # its payment may follow
         elif decision.verdict is sm.Verdict.APPLIED:
             self._persist(event.value, payment_id, row, decision)
             if isinstance(fact, sm.Requested):
@@ -164,7 +165,8 @@ class FactBatch:
 
     async def _unpark(self, payment_id: str) -> None:
         for event_id, topic, payload in self.parked.pop(payment_id, []):
-            self.unparked.append(event_id)
+            if self.to_park.pop(event_id, None) is None:  # parked by an earlier batch: delete the row
+                self.unparked.append(event_id)
             schema, value = self.codec.decode(payload)
             early = ConsumedEvent(topic, -1, -1, None, schema, value)
             _, fact = fact_of(early)
@@ -188,7 +190,7 @@ class FactBatch:
     async def flush(self) -> None:
         await store.upsert_payments(self.conn, [self.payments[pid] for pid in sorted(self.dirty)])
         await store.add_history(self.conn, self.history)
-        await store.park(self.conn, self.to_park)
+        await store.park(self.conn, list(self.to_park.values()))
         await store.unpark(self.conn, self.unparked)
         await store.append_audit(self.conn, self.audit)
         await store.enqueue(self.conn, self.outbox)

@@ -143,12 +143,19 @@ async def append_audit(conn: AsyncConnection, entries: list[dict[str, Any]]) -> 
                 " prev_hash, hash", rows)
 
 
-async def verify_audit(conn: AsyncConnection) -> tuple[int, str | None]:
-    """Recomputes the chain; returns (rows checked, the first problem or None)."""
+async def verify_audit(conn: AsyncConnection, from_seq: int = 1) -> tuple[int, str | None]:
+    """Recomputes the chain from row `from_seq` (1: all of it), trusting the row before it;
+    returns (rows checked, the first problem or None)."""
+    prev = GENESIS
+    if from_seq > 1:
+        before = await (await conn.execute("SELECT hash FROM audit_log WHERE seq = %s", (from_seq - 1,))).fetchone()
+        if before is None:
+            return 0, f"row {from_seq - 1} does not exist"
+        prev = before[0]
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute("SELECT seq, payment_id, event_id::text, fact, verdict, from_state, to_state, detail, at,"
-                      " prev_hash, hash FROM audit_log ORDER BY seq")
-    prev, expected_seq, count = GENESIS, 1, 0
+                      " prev_hash, hash FROM audit_log WHERE seq >= %s ORDER BY seq", (from_seq,))
+    expected_seq, count = from_seq, 0
     async for row in cur:
         count += 1
         if row["seq"] != expected_seq:

@@ -49,7 +49,7 @@ async def main(cfg: dict, stop: asyncio.Event) -> None:
     ensure_topics(bootstrap, ALL_TOPICS, cfg["KAFKA_TOPIC_PARTITIONS"])
     codec = Codec()
     producer = EventProducer(bootstrap, codec, client_id="stk-worker")
-    pool = await open_pool(cfg["DATABASE_URL"], max_size=10)
+    pool = await open_pool(cfg["DATABASE_URL"], min_size=4, max_size=20, autocommit=True)
     store = CredentialStore(pool, LocalKeyFileProvider.open(cfg["VAULT_KEY_FILE"], create=True),
                             actor=f"stk-worker:{socket.gethostname()}:{os.getpid()}",
                             ttl_s=cfg["CHANNEL_CREDENTIALS_TTL_S"])

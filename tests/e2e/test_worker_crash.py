@@ -38,6 +38,13 @@ async def test_a_worker_killed_mid_flight_never_pushes_twice(slow_daraja_stack, 
             sum(s["state"] == "Settled" for s in states) == await _accepted_total(stack, paid) else None
     await eventually(all_known, timeout=90, interval=0.5)
 
+    async def redelivered():  # the restarted worker took over the killed one's messages
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT count(*) FROM stk_push_claims WHERE channel_id = %s"
+                                     " AND status = 'claimed'", (channel[0],))
+            return (await cur.fetchone())[0] == 0
+    await eventually(redelivered, timeout=60, interval=0.5)
+
     async with pool.connection() as conn:
         claims = dict(await (await conn.execute("SELECT status, count(*) FROM stk_push_claims WHERE channel_id = %s"
                                                 " GROUP BY 1", (channel[0],))).fetchall())
