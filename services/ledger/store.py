@@ -17,14 +17,14 @@ COLUMNS = ("payment_id", "channel_id", "state", "amount", "phone", "account_refe
            "order_reference", "metadata", "merchant_request_id", "checkout_request_id", "mpesa_receipt",
            "transaction_time", "result_code", "result_desc", "requested_at", "push_unknown", "pending_since",
            "next_query_at", "query_attempts", "review_reason")
-TYPES = ("text", "text", "text", "bigint", "text", "text", "text", "text", "jsonb", "text", "text", "text",
-         "timestamptz", "text", "text", "timestamptz", "boolean", "timestamptz", "timestamptz", "int", "text")
-# One statement for the whole batch: a column of values per parameter, zipped back by unnest.
-_UPSERT = (f"INSERT INTO payments ({', '.join(COLUMNS)}) SELECT * FROM unnest("
-           + ", ".join(f"%s::{t}[]" for t in TYPES) + ")"
-           " ON CONFLICT (payment_id) DO UPDATE SET "
-           + ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS[2:] if c not in ("amount", "phone", "requested_at"))
-           + ", updated_at = now()")
+# Rows are COPYed into a per-connection staging table, then merged in one statement: much cheaper
+# per row than parameter arrays or executemany.
+_STAGE = ("CREATE TEMP TABLE IF NOT EXISTS payments_stage (LIKE payments INCLUDING DEFAULTS)"
+          " ON COMMIT DELETE ROWS")
+_MERGE = (f"INSERT INTO payments ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM payments_stage"
+          " ON CONFLICT (payment_id) DO UPDATE SET "
+          + ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS[2:] if c not in ("amount", "phone", "requested_at"))
+          + ", updated_at = now()")
 
 
 async def already_processed(conn: AsyncConnection, event_ids: list[str]) -> set[str]:
@@ -55,8 +55,10 @@ def new_payment_row(v: dict[str, Any]) -> dict[str, Any]:
 
 async def upsert_payments(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
     if rows:
-        columns = [[Jsonb(r[c]) if c == "metadata" else r[c] for r in rows] for c in COLUMNS]
-        await conn.execute(_UPSERT, columns)
+        await conn.execute(_STAGE)
+        await _copy(conn, "payments_stage", ", ".join(COLUMNS),
+                    [tuple(Jsonb(r[c]) if c == "metadata" else r[c] for c in COLUMNS) for r in rows])
+        await conn.execute(_MERGE)
 
 
 async def add_history(conn: AsyncConnection, rows: list[tuple]) -> None:

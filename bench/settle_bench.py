@@ -1,0 +1,153 @@
+"""Callback-to-Settled latency through the webhook gateway and the ledger (a benchmark, not a test).
+
+Starts `services.webhook_consumer` and `services.ledger` as subprocesses on loopback (consumer
+groups starting at the topics' end), puts --payments payments in Pending by producing their request
+and accepted push result, then posts their success callbacks to the gateway at --rate per second and
+measures, per payment, from sending the callback to its Settled event on the payment-status topic
+(what upstream and analytics see). Bounded by --payments and --timeout-s; loopback only.
+
+    .venv/bin/python bench/settle_bench.py [--payments 5000] [--rate 500]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from confluent_kafka import Consumer, TopicPartition  # noqa: E402
+
+from services.common.avro import Codec  # noqa: E402
+from services.common.callback_token import callback_url  # noqa: E402
+from services.common.db import migrate, open_pool  # noqa: E402
+from services.common.kafka import EventProducer, ensure_topics, new_event_fields  # noqa: E402
+from services.common.topics import (ALL_TOPICS, CALLBACK_RAW, PAYMENT_REQUESTED, PAYMENT_STATUS,  # noqa: E402
+                                    STK_PUSH_RESULT, STK_QUERY_RESULT)
+from tests.conftest import free_port  # noqa: E402
+from tests.e2e.stack import wait_for  # noqa: E402
+from tests.platform.kafka_helpers import end_offsets, start_group_at_end  # noqa: E402
+
+KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+DB = os.environ.get("DATABASE_URL", "postgresql://mpesa:mpesa@127.0.0.1:5433/mpesa")
+
+
+def callback_body(checkout: str, receipt: str) -> bytes:
+    return json.dumps({"Body": {"stkCallback": {
+        "MerchantRequestID": "m", "CheckoutRequestID": checkout, "ResultCode": 0,
+        "ResultDesc": "The service request is processed successfully.", "CallbackMetadata": {"Item": [
+            {"Name": "Amount", "Value": 10.0}, {"Name": "MpesaReceiptNumber", "Value": receipt},
+            {"Name": "Balance"}, {"Name": "TransactionDate", "Value": 20261127102115},
+            {"Name": "PhoneNumber", "Value": 254712345678}]}}}}).encode()
+
+
+class SettledWatcher(threading.Thread):
+    """Reads the status topic from a mark and notes when each payment's Settled event arrives."""
+
+    def __init__(self, channels: set[bytes], since: dict[int, int]):
+        super().__init__(daemon=True)
+        self.channels, self.since, self.settled_at, self.stop = channels, since, {}, threading.Event()
+        self.codec = Codec()
+
+    def run(self) -> None:
+        consumer = Consumer({"bootstrap.servers": KAFKA, "group.id": "settle-bench", "enable.auto.commit": False,
+                             "fetch.wait.max.ms": 5})
+        consumer.assign([TopicPartition(PAYMENT_STATUS.name, p, o) for p, o in self.since.items()])
+        while not self.stop.is_set():
+            for msg in consumer.consume(500, 0.05):
+                if msg.error() is None and msg.key() in self.channels:
+                    value = self.codec.decode(msg.value())[1]
+                    if value["status"] == "Settled":
+                        self.settled_at.setdefault(value["payment_id"], time.monotonic())
+        consumer.close()
+
+
+async def main(args) -> None:
+    run = uuid.uuid4().hex[:8]
+    channels = [f"sbench-{run}-{i}" for i in range(20)]
+    migrate(DB)
+    ensure_topics(KAFKA, ALL_TOPICS, 6)
+    secret = secrets.token_hex(32)
+    gateway_port, ledger_port = free_port(), free_port()
+    group = f"sbench-{run}"
+    start_group_at_end(KAFKA, group, [t.name for t in (PAYMENT_REQUESTED, STK_PUSH_RESULT, CALLBACK_RAW, STK_QUERY_RESULT)])
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": KAFKA, "DATABASE_URL": DB, "WEBHOOK_TOKEN_SECRETS": secret,
+           "WEBHOOK_PORT": str(gateway_port), "LEDGER_GROUP_ID": group, "LEDGER_METRICS_PORT": str(ledger_port),
+           "WEBHOOK_RATE_PER_SOURCE": "100000", "WEBHOOK_RATE_BURST": "100000", "LOG_LEVEL": "WARNING"}
+    procs = [subprocess.Popen([sys.executable, "-m", m], cwd=ROOT, env=env)
+             for m in ("services.webhook_consumer", "services.ledger")]
+    try:
+        wait_for(f"http://127.0.0.1:{gateway_port}/healthz")
+        wait_for(f"http://127.0.0.1:{ledger_port}/healthz")
+        payments = [(channels[i % len(channels)], str(uuid.uuid4()), f"ws_CO_{run}{i}", f"S{run[:4]}{i:05d}")
+                    for i in range(args.payments)]
+        producer = EventProducer(KAFKA, Codec(), client_id="sbench", linger_ms=20)
+        await asyncio.gather(*(producer.publish(t, v) for ch, pid, co, _ in payments for t, v in (
+            (PAYMENT_REQUESTED, {**new_event_fields(ch, pid), "amount": 10, "phone": "254712345678",
+                                 "account_reference": "SB", "description": None, "order_reference": None,
+                                 "idempotency_key": None, "metadata": {}, "source": "TOPIC"}),
+            (STK_PUSH_RESULT, {**new_event_fields(ch, pid), "outcome": "ACCEPTED", "merchant_request_id": "m",
+                               "checkout_request_id": co, "error_code": None, "error_message": None, "attempts": 1}))))
+        producer.close()
+        pool = await open_pool(DB, max_size=1)
+        deadline = time.monotonic() + args.timeout_s
+        while time.monotonic() < deadline:
+            async with pool.connection() as conn:
+                pending = (await (await conn.execute("SELECT count(*) FROM payments WHERE channel_id LIKE %s AND"
+                                                     " state = 'Pending'", (f"sbench-{run}-%",))).fetchone())[0]
+            if pending == args.payments:
+                break
+            await asyncio.sleep(0.2)
+        await pool.close()
+        print(f"{pending} payments Pending; posting callbacks at {args.rate}/s")
+
+        watcher = SettledWatcher({c.encode() for c in channels}, end_offsets(KAFKA, PAYMENT_STATUS.name))
+        watcher.start()
+        sent_at, failures = {}, 0
+        base = f"http://127.0.0.1:{gateway_port}"
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as http:
+            async def post(ch, pid, co, receipt):
+                nonlocal failures
+                url = callback_url(base, secret.encode(), ch, pid)
+                sent_at[pid] = time.monotonic()
+                async with http.post(url, data=callback_body(co, receipt),
+                                     headers={"Content-Type": "application/json"}) as answer:
+                    failures += answer.status != 200
+            started, tasks = time.monotonic(), []
+            for i, p in enumerate(payments):
+                await asyncio.sleep(max(0.0, started + i / args.rate - time.monotonic()))
+                tasks.append(asyncio.create_task(post(*p)))
+            await asyncio.gather(*tasks)
+        while len(watcher.settled_at) < args.payments and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        watcher.stop.set()
+        latencies = sorted(watcher.settled_at[pid] - sent_at[pid] for pid in watcher.settled_at if pid in sent_at)
+        q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0] * 99
+        print(f"callback -> Settled event: {len(latencies)}/{args.payments} settled, {failures} callbacks refused; "
+              f"p50 {q[49] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms at "
+              f"{args.rate}/s (target p99 < 250 ms at 500/s)")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--payments", type=int, default=5000)
+    parser.add_argument("--rate", type=float, default=500)
+    parser.add_argument("--timeout-s", type=float, default=120)
+    asyncio.run(main(parser.parse_args()))
