@@ -1,14 +1,32 @@
-"""Pure validation of a payment request body: a clean request, or errors by field."""
+"""Pure validation of a payment request: a clean request, or errors by field. No I/O here.
+
+Field rules come from Daraja (daraja.md §2): whole shillings, AccountReference ≤ 12 and
+TransactionDesc ≤ 13 characters of [A-Za-z0-9 -], payer MSISDN 2547XXXXXXXX or 2541XXXXXXXX.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 MAX_AMOUNT = 250_000  # KES per transaction (daraja.md §2, current FAQ); channels may lower it
-_PHONE_FORMS = re.compile(r"^(?:\+?254|0)?([17]\d{8})$")
+# After removing spaces, dashes, dots and parentheses: optional +254 / 254 / 00254 (then an optional
+# trunk 0, as in "+254 (0)712 345 678"), or a trunk 0 alone, then 7XXXXXXXX or 1XXXXXXXX.
+_PHONE_FORMS = re.compile(r"^(?:(?:\+|00)?2540?|0)?([17]\d{8})$")
+_PHONE_SEPARATORS = re.compile(r"[\s\-.()]")
 _REFERENCE = re.compile(r"^[A-Za-z0-9 -]+$")  # special characters make Daraja fail (daraja.md §2)
 _CHANNEL_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# Idempotency-Key: 1-255 visible ASCII characters. The IETF draft makes the value a structured-field
+# string ("..."), most APIs send it bare; both are accepted and mean the same key.
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+FIELDS = ("channelId", "amount", "phone", "accountReference", "description", "orderReference", "metadata")
+METADATA_ENTRIES_MAX = 20
+METADATA_KEY_LENGTH_MAX = 64
+METADATA_VALUE_LENGTH_MAX = 256
+ORDER_REFERENCE_LENGTH_MAX = 128
 
 
 @dataclass(frozen=True)
@@ -21,48 +39,92 @@ class PaymentRequest:
     order_reference: str | None
     metadata: dict[str, str] = field(default_factory=dict)
 
+    def digest(self) -> bytes:
+        """SHA-256 of the canonical form: what the payment means, not how the JSON was spelled.
+
+        Key order, whitespace and the phone's spelling (0712… vs 254712…) do not change it; any
+        difference in a value the payment carries does.
+        """
+        canonical = json.dumps(
+            [self.channel_id, self.amount, self.phone, self.account_reference, self.description,
+             self.order_reference, sorted(self.metadata.items())],
+            ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).digest()
+
 
 def normalise_phone(raw: str) -> str | None:
-    """Accepts 07XXXXXXXX, 01XXXXXXXX, 7XXXXXXXX, 2547..., +2547... (spaces and dashes allowed)."""
-    match = _PHONE_FORMS.match(re.sub(r"[\s-]", "", raw))
+    """07XXXXXXXX, 01XXXXXXXX, 7XXXXXXXX, 2547…, +2547…, 002547…, +254 (0)7… → 2547XXXXXXXX / 2541XXXXXXXX."""
+    if len(raw) > 32:
+        return None
+    match = _PHONE_FORMS.match(_PHONE_SEPARATORS.sub("", raw))
     return f"254{match.group(1)}" if match else None
 
 
 def validate_channel_id(value: Any) -> str | None:
+    if value is None:
+        return "is required"
     if not isinstance(value, str) or not _CHANNEL_ID.match(value):
-        return "must be 1-64 lower-case letters, digits, '-' or '_'"
+        return "must be 1-64 lower-case letters, digits, '-' or '_', starting with a letter or digit"
     return None
+
+
+def parse_idempotency_key(raw: str | None) -> tuple[str | None, str | None]:
+    """Returns (key, None) or (None, why it is not acceptable)."""
+    if raw is None or raw == "":
+        return None, ("is required: send a unique key per payment (e.g. a UUID) and reuse it on every retry "
+                      "of that payment")
+    if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+        raw = raw[1:-1]
+    if not _IDEMPOTENCY_KEY.match(raw):
+        return None, "must be 1-255 visible ASCII characters"
+    return raw, None
 
 
 def parse_payment_request(body: Any, max_amount: int = MAX_AMOUNT) -> tuple[PaymentRequest | None, dict[str, str]]:
     if not isinstance(body, dict):
         return None, {"body": "must be a JSON object"}
-    errors: dict[str, str] = {}
+    raw_phone = body.get("phone")
+    phone = normalise_phone(raw_phone) if isinstance(raw_phone, str) else None
     checks = {
         "channelId": validate_channel_id(body.get("channelId")),
         "amount": _amount_error(body.get("amount"), max_amount),
-        "phone": None if isinstance(body.get("phone"), str) and normalise_phone(body["phone"])
-        else "must be a Safaricom number such as 0712345678, 0112345678 or 254712345678",
+        "phone": _phone_error(raw_phone, phone),
         "accountReference": _text_error(body.get("accountReference"), 12, required=True),
         "description": _text_error(body.get("description"), 13, required=False),
         "orderReference": _order_reference_error(body.get("orderReference")),
         "metadata": _metadata_error(body.get("metadata")),
     }
+    # Unknown fields are refused rather than dropped: a misspelt "acountReference" must not turn
+    # into a payment without the reference the caller meant. Free data belongs in metadata.
+    for name in body:
+        if name not in FIELDS:
+            checks[str(name)[:64]] = "is not a field of a payment request (free data goes in metadata)"
     errors = {name: message for name, message in checks.items() if message}
     if errors:
         return None, errors
     return PaymentRequest(
-        channel_id=body["channelId"], amount=body["amount"], phone=normalise_phone(body["phone"]),
+        channel_id=body["channelId"], amount=body["amount"], phone=phone,
         account_reference=body["accountReference"], description=body.get("description"),
         order_reference=body.get("orderReference"), metadata=body.get("metadata") or {},
     ), {}
 
 
 def _amount_error(value: Any, max_amount: int) -> str | None:
+    if value is None:
+        return "is required"
+    # bool is an int in Python, and 100.0 is a float: both are refused, Daraja takes whole shillings.
     if isinstance(value, bool) or not isinstance(value, int):
-        return "must be a whole number of shillings (Daraja rejects decimals)"
+        return "must be a whole number of shillings written as a JSON integer (Daraja rejects decimals)"
     if not 1 <= value <= max_amount:
-        return f"must be between 1 and {max_amount}"
+        return f"must be between 1 and {max_amount} shillings"
+    return None
+
+
+def _phone_error(value: Any, normalised: str | None) -> str | None:
+    if value is None:
+        return "is required"
+    if normalised is None:
+        return "must be a Kenyan mobile number such as 0712345678, 0112345678, +254712345678 or 254712345678"
     return None
 
 
@@ -72,7 +134,7 @@ def _text_error(value: Any, max_len: int, *, required: bool) -> str | None:
     if not isinstance(value, str) or not value.strip():
         return "must be a non-empty string"
     if len(value) > max_len:
-        return f"must be at most {max_len} characters"
+        return f"must be at most {max_len} characters (it is shown to the customer)"
     if not _REFERENCE.match(value):
         return "may contain only letters, digits, spaces and '-'"
     return None
@@ -81,16 +143,31 @@ def _text_error(value: Any, max_len: int, *, required: bool) -> str | None:
 def _order_reference_error(value: Any) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not 1 <= len(value) <= 128:
-        return "must be a string of 1-128 characters"
+    if not isinstance(value, str) or not 1 <= len(value) <= ORDER_REFERENCE_LENGTH_MAX:
+        return f"must be a string of 1-{ORDER_REFERENCE_LENGTH_MAX} characters"
     return None
 
 
 def _metadata_error(value: Any) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, dict) or len(value) > 20:
-        return "must be an object of at most 20 string values"
-    if not all(isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 256 for k, v in value.items()):
-        return "keys must be strings of at most 64 characters and values strings of at most 256"
+    if not isinstance(value, dict) or len(value) > METADATA_ENTRIES_MAX:
+        return f"must be an object of at most {METADATA_ENTRIES_MAX} entries"
+    for key, item in value.items():
+        if not 1 <= len(key) <= METADATA_KEY_LENGTH_MAX:
+            return f"keys must be 1-{METADATA_KEY_LENGTH_MAX} characters"
+        if not isinstance(item, str) or len(item) > METADATA_VALUE_LENGTH_MAX:
+            return f"values must be strings of at most {METADATA_VALUE_LENGTH_MAX} characters (key {key[:64]!r})"
     return None
+
+
+def event_problem(v: dict) -> str | None:
+    """A payment-requested event (maybe produced straight to the topic, not by this API) gets the
+    same checks as an API request; returns the reason it is invalid, or None."""
+    _, errors = parse_payment_request({
+        "channelId": v["channel_id"], "amount": v["amount"], "phone": v["phone"],
+        "accountReference": v["account_reference"], "description": v["description"],
+        "orderReference": v["order_reference"], "metadata": v["metadata"]})
+    if v["phone"] and not errors and len(v["phone"]) != 12:
+        errors = {"phone": "must be normalised to 12 digits (2547XXXXXXXX or 2541XXXXXXXX)"}
+    return "invalid request: " + "; ".join(f"{k} {m}" for k, m in errors.items()) if errors else None

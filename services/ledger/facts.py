@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from services.common.kafka import ConsumedEvent
-from services.ingress.validation import parse_payment_request
+from services.ingress.validation import event_problem
 from services.ledger import state_machine as sm
 from services.ledger.callbacks import parse_callback
 
@@ -18,7 +18,7 @@ def fact_of(event: ConsumedEvent) -> tuple[str, sm.Fact]:
     if not payment_id:
         raise NotAFact(f"{event.schema} event without a payment id")
     if event.schema == "payment_requested":
-        return payment_id, sm.Requested(invalid_reason=request_problem(v))
+        return payment_id, sm.Requested(invalid_reason=event_problem(v))
     if event.schema == "stk_push_result":
         return payment_id, _push_fact(v)
     if event.schema == "callback_raw":
@@ -26,17 +26,6 @@ def fact_of(event: ConsumedEvent) -> tuple[str, sm.Fact]:
     if event.schema == "stk_query_result":
         return payment_id, sm.QueryAnswered(v["status"], v["checkout_request_id"], v["result_code"], v["result_desc"])
     raise NotAFact(f"the ledger does not consume {event.schema} events")
-
-
-def request_problem(v: dict) -> str | None:
-    """Requests produced straight to the topic get the same checks as the ingress API's."""
-    _, errors = parse_payment_request({
-        "channelId": v["channel_id"], "amount": v["amount"], "phone": v["phone"],
-        "accountReference": v["account_reference"], "description": v["description"],
-        "orderReference": v["order_reference"], "metadata": v["metadata"]})
-    if v["phone"] and not errors and len(v["phone"]) != 12:
-        errors = {"phone": "must be normalised to 12 digits (2547XXXXXXXX or 2541XXXXXXXX)"}
-    return "invalid request: " + "; ".join(f"{k} {m}" for k, m in errors.items()) if errors else None
 
 
 def _push_fact(v: dict) -> sm.Fact:

@@ -16,7 +16,7 @@ from services.common.kafka import ConsumedEvent, EventProducer, PublishError, Tr
 from services.common.topics import STK_PUSH_RESULT, STK_QUERY_RESULT
 from services.daraja.errors import DarajaError, ErrorKind
 from services.daraja.models import QueryStatus, StkPushRequest
-from services.ledger.facts import request_problem
+from services.ingress.validation import event_problem
 from services.stk_worker import claims
 from services.stk_worker.channels import ChannelAccess
 from services.stk_worker.claims import PushOutcome
@@ -59,7 +59,7 @@ class Pusher:
         await self._publish(v, outcome)
 
     async def _decide(self, v: dict) -> PushOutcome:
-        problem = request_problem(v)
+        problem = event_problem(v)
         if problem:
             return PushOutcome("invalid", error_code="INVALID_REQUEST", error_message=problem)
         channel = await self.channels.current(v["channel_id"])

@@ -59,7 +59,8 @@ async def test_a_paid_request_settles_with_its_receipt(stack, channel):
     shown = await final_state(stack, channel, payment_id)
     assert shown["state"] == "Settled", shown
     assert shown["mpesa"]["receiptNumber"] and shown["mpesa"]["checkoutRequestId"]
-    assert [h["state"] for h in shown["history"]] == ["Requested", "Pending", "Settled"]
+    # The callback may overtake the push result (another topic); Pending is then skipped.
+    assert [h["state"] for h in shown["history"]] in (["Requested", "Pending", "Settled"], ["Requested", "Settled"])
     assert pushes(stack, reference) == 1
 
 
@@ -76,7 +77,7 @@ async def test_a_duplicated_callback_changes_nothing(stack, channel):
     await asyncio.sleep(1)
     again = await state(stack, channel, payment_id)
     assert shown["state"] == again["state"] == "Settled"
-    assert [h["state"] for h in again["history"]] == ["Requested", "Pending", "Settled"]
+    assert again["history"] == shown["history"] and [h["state"] for h in again["history"]].count("Settled") == 1
 
 
 async def test_many_payments_each_pushed_exactly_once(stack, channel):

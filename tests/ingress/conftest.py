@@ -1,0 +1,140 @@
+"""Fixtures for the ingress tests: an ingress served in this process on the real broker and database,
+channels and API keys made through the channels repository, and a reader of the topic."""
+from __future__ import annotations
+
+import uuid
+from datetime import date
+from typing import Any, Callable
+
+import httpx
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from services.channels import repository as channels_repository
+from services.channels.apikeys import key_sha256, new_api_key
+from services.channels.model import Channel
+from services.common import config
+from services.common.avro import Codec
+from services.common.observability import serve
+from services.common.topics import PAYMENT_REQUESTED
+from services.ingress.app import create_app
+from services.ingress.bootstrap import SETTINGS, close_deps, open_deps
+from tests.conftest import free_port
+
+
+def ingress_config(infra: dict[str, str], **overrides: Any) -> dict[str, Any]:
+    cfg = config.load(SETTINGS, {**infra, "INGRESS_PORT": str(free_port())})
+    return {**cfg, **overrides}
+
+
+class RunningIngress:
+    def __init__(self, deps, runner, base_url: str):
+        self.deps, self.runner, self.base_url = deps, runner, base_url
+
+    def client(self, api_key: str | None = None) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        return httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=15)
+
+    async def stop(self, *, close_producer: bool = True) -> None:
+        await self.runner.cleanup()
+        await close_deps(self.deps, close_producer=close_producer)
+
+
+async def start_ingress(cfg: dict[str, Any], **deps_overrides: Any) -> RunningIngress:
+    deps = await open_deps(cfg, **deps_overrides)
+    runner = await serve(create_app(deps, max_body_bytes=cfg["INGRESS_MAX_BODY_BYTES"]), "127.0.0.1",
+                         cfg["INGRESS_PORT"])
+    return RunningIngress(deps, runner, f"http://127.0.0.1:{cfg['INGRESS_PORT']}")
+
+
+@pytest.fixture(scope="session")
+async def ingress(infra):
+    running = await start_ingress(ingress_config(infra))
+    yield running
+    await running.stop()
+
+
+async def make_channel(pool, channel_id: str, *, status: str = "active", max_amount: int | None = None) -> None:
+    consent = ("MSA-1", date(2025, 1, 6)) if status != "onboarding" else (None, None)
+    channel = Channel(channel_id=channel_id, display_name=f"Shop {channel_id}", shortcode_type="paybill",
+                      business_shortcode="174379", environment="sandbox", status=status,
+                      consent_reference=consent[0], consent_date=consent[1], max_amount=max_amount)
+    async with pool.connection() as conn:
+        assert await channels_repository.insert_channel(conn, channel)
+
+
+async def make_api_key(pool, *channel_ids: str) -> str:
+    key_id, key = new_api_key()
+    async with pool.connection() as conn:
+        await channels_repository.insert_api_key(conn, key_id, key_sha256(key), "ingress tests", list(channel_ids),
+                                                 "tests")
+    return key
+
+
+@pytest.fixture
+async def shop(pool, unique):
+    """An active channel of its own and an API key scoped to it: (channel id, key)."""
+    channel_id = f"shop-{unique}"
+    await make_channel(pool, channel_id)
+    return channel_id, await make_api_key(pool, channel_id)
+
+
+def payment_body(channel_id: str, **changes: Any) -> dict[str, Any]:
+    body = {"channelId": channel_id, "amount": 150, "phone": "0712 345 678", "accountReference": "INV-42",
+            "description": "Shoes", "orderReference": f"ord-{uuid.uuid4().hex[:8]}", "metadata": {"cart": "7"}}
+    body.update(changes)
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+def new_key() -> str:
+    return str(uuid.uuid4())
+
+
+class TopicWatch:
+    """Reads what was published to a topic after the watch began (never the topic's whole history)."""
+
+    def __init__(self, bootstrap: str, topic: str = PAYMENT_REQUESTED.name):
+        self.topic = topic
+        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"ingress-tests-{uuid.uuid4().hex}",
+                                   "enable.auto.commit": False, "isolation.level": "read_uncommitted"})
+        partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        self._start = {p: self._consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                       for p in partitions}
+        self._codec = Codec()
+
+    def events(self, predicate: Callable[[dict], bool]) -> list[tuple[bytes, dict]]:
+        """(key, decoded record) of every message since the start that satisfies predicate, in offset order."""
+        ends = {p: self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1]
+                for p in self._start}
+        wanted = {p for p in self._start if ends[p] > self._start[p]}
+        if not wanted:
+            return []
+        self._consumer.assign([TopicPartition(self.topic, p, self._start[p]) for p in wanted])
+        found = []
+        for _ in range(30):  # bounded: 30 polls of at most a second
+            for msg in self._consumer.consume(1000, 1.0):
+                if msg.error() is None and msg.offset() < ends[msg.partition()]:
+                    _, record = self._codec.decode(msg.value())
+                    if predicate(record):
+                        found.append((msg.key(), record))
+            positions = self._consumer.position([TopicPartition(self.topic, p) for p in wanted])
+            if all(tp.offset >= ends[tp.partition] for tp in positions):
+                break
+        else:
+            raise AssertionError(f"could not read {self.topic} up to {ends}")
+        self._consumer.unassign()
+        return found
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+@pytest.fixture
+def topic(kafka_bootstrap):
+    watch = TopicWatch(kafka_bootstrap)
+    yield watch
+    watch.close()
+
+
+def of_channel(channel_id: str) -> Callable[[dict], bool]:
+    return lambda record: record["channel_id"] == channel_id
