@@ -5,5 +5,7 @@ COPY pyproject.toml README.md ./
 COPY services ./services
 COPY schemas ./schemas
 COPY migrations ./migrations
-RUN pip install --no-cache-dir -e .
-USER nobody
+RUN pip install --no-cache-dir -e . \
+ && useradd --system --no-create-home app \
+ && mkdir /vault && chown app /vault && chmod 700 /vault
+USER app

@@ -71,6 +71,7 @@ async def test_a_ledger_killed_mid_stream_loses_nothing_and_applies_nothing_twic
     second = ledger(infra, group, new_group=False)
     try:
         await eventually(lambda: _at_least(pool, channel, PAYMENTS), timeout=90)
+        await eventually(lambda: all_facts_applied(pool, channel), timeout=60)
     finally:
         second.terminate()
         second.wait(30)
@@ -88,11 +89,23 @@ async def test_postgresql_restarted_mid_stream_loses_nothing(infra, producer, po
         await asyncio.sleep(2)
         subprocess.run(["bash", "infra/postgres.sh", "start"], cwd=ROOT, check=True, capture_output=True)
         await eventually(lambda: _at_least(pool, channel, PAYMENTS), timeout=120, interval=0.5)
+        await eventually(lambda: all_facts_applied(pool, channel), timeout=60, interval=0.5)
         assert service.poll() is None  # it rode out the outage instead of crashing
     finally:
         service.terminate()
         service.wait(30)
     await assert_each_fact_applied_once(pool, channel)
+
+
+async def all_facts_applied(pool, channel: str) -> bool:
+    """Settled is not the end: a push result on another topic may still be on its way."""
+    try:
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT count(DISTINCT a.event_id) FROM audit_log a JOIN payments p USING"
+                                     " (payment_id) WHERE p.channel_id = %s AND a.verdict <> 'parked'", (channel,))
+            return (await cur.fetchone())[0] >= 3 * PAYMENTS
+    except Exception:  # PostgreSQL is restarting
+        return False
 
 
 async def _at_least(pool, channel: str, n: int) -> bool:
