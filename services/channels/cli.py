@@ -285,24 +285,3 @@ async def _vault_rotate(path: Path, database_url: str, retire_old: bool) -> int:
                       "failed": [{"channelId": c, "version": v, "reason": r} for c, v, r in report.failed],
                       "versionsUnderKeysNotHeld": report.unheld, "retiredKeyIds": report.retired}, indent=2))
     return 0 if report.complete else 1
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Standalone use (`python -m services.channels.cli ...`), the same commands as mpesa-pipeline's."""
-    parser = argparse.ArgumentParser(prog="mpesa-pipeline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    register(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except config.ConfigError as exc:
-        print(f"mpesa-pipeline: configuration error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -48,25 +48,28 @@ def new_event_fields(channel_id: str, payment_id: str | None = None) -> dict[str
     return fields
 
 
-class EventProducer:
-    """Publishes Avro events keyed by channel id; `publish` returns only after the broker acked.
+def producer_config(bootstrap: str, client_id: str, delivery_timeout_ms: int, linger_ms: int) -> dict:
+    """Idempotent producer with acks=all, set explicitly so no library default decides durability;
+    delivery.timeout.ms bounds how long a caller waits before hearing that Kafka did not ack."""
+    return {
+        "bootstrap.servers": bootstrap,
+        "client.id": client_id,
+        "enable.idempotence": True,
+        "acks": "all",
+        "max.in.flight.requests.per.connection": 5,
+        "linger.ms": linger_ms,
+        "compression.type": "lz4",
+        "delivery.timeout.ms": delivery_timeout_ms,
+    }
 
-    Idempotent producer with acks=all, set explicitly so no library default decides durability.
-    """
+
+class EventProducer:
+    """Publishes Avro events keyed by channel id; `publish` returns only after the broker acked."""
 
     def __init__(self, bootstrap: str, codec: Codec, *, client_id: str, delivery_timeout_ms: int = 15000,
                  linger_ms: int = 2):
         self.codec = codec
-        self._producer = Producer({
-            "bootstrap.servers": bootstrap,
-            "client.id": client_id,
-            "enable.idempotence": True,
-            "acks": "all",
-            "max.in.flight.requests.per.connection": 5,
-            "linger.ms": linger_ms,
-            "compression.type": "lz4",
-            "delivery.timeout.ms": delivery_timeout_ms,
-        })
+        self._producer = Producer(producer_config(bootstrap, client_id, delivery_timeout_ms, linger_ms))
         self._closed = threading.Event()
         self._poller = threading.Thread(target=self._poll_forever, name=f"{client_id}-delivery", daemon=True)
         self._poller.start()

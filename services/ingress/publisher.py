@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from confluent_kafka import KafkaError, Message, Producer
 
 from services.common.avro import Codec
-from services.common.kafka import EVENTS_OUT, PUBLISH_FAILURES, PublishError
+from services.common.kafka import EVENTS_OUT, PUBLISH_FAILURES, PublishError, producer_config
 from services.common.topics import Topic
 
 
@@ -30,17 +30,7 @@ class LoopPolledProducer:
                  poll_interval_s: float = 0.0005):
         self.codec = codec
         self._poll_interval_s = poll_interval_s
-        self._producer = Producer({
-            "bootstrap.servers": bootstrap,
-            "client.id": client_id,
-            "enable.idempotence": True,
-            "acks": "all",
-            "max.in.flight.requests.per.connection": 5,
-            "linger.ms": linger_ms,
-            "compression.type": "lz4",
-            # Bounds how long a request waits for an acknowledgement before it is answered 503.
-            "delivery.timeout.ms": delivery_timeout_ms,
-        })
+        self._producer = Producer(producer_config(bootstrap, client_id, delivery_timeout_ms, linger_ms))
         self._outstanding = 0
         self._polling: asyncio.TimerHandle | None = None
         self._acknowledged: dict[str, Any] = {}  # topic -> its EVENTS_OUT child, bound once

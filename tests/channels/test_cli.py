@@ -23,7 +23,7 @@ def run(infra, tmp_path, daraja_sandbox):
         env.pop(name, None)
 
     def run(*args: str, stdin: str = "", extra_env: dict | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "services.channels.cli", *args], cwd=ROOT, input=stdin,
+        return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT, input=stdin,
                               capture_output=True, text=True, timeout=60, env={**env, **(extra_env or {})})
     run.key_file = tmp_path / "v" / "kek.json"
     return run
@@ -34,7 +34,7 @@ def run(infra, tmp_path, daraja_sandbox):
     (["channels", "set-credentials"], "--from-stdin"), (["channels", "create"], "--shortcode-type"),
 ])
 def test_every_command_has_help(args, expected):
-    result = subprocess.run([sys.executable, "-m", "services.channels.cli", *args, "--help"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "services.cli", *args, "--help"], cwd=ROOT,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and expected in result.stdout
 
@@ -111,7 +111,7 @@ def test_rotating_the_kek_from_the_command_line(run, unique):
 
 
 def test_admin_token_prints_a_token_and_its_hash():
-    result = subprocess.run([sys.executable, "-m", "services.channels.cli", "admin-token"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "services.cli", "admin-token"], cwd=ROOT,
                             capture_output=True, text=True, timeout=30)
     lines = dict(line.split("=", 1) for line in result.stdout.splitlines())
     assert hashlib.sha256(lines["ADMIN_TOKEN"].encode()).hexdigest() == lines["ADMIN_TOKEN_SHA256"]
