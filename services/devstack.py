@@ -36,7 +36,7 @@ def dev_environment() -> dict[str, str]:
     return {k: v for k, v in env.items() if not os.environ.get(k)}
 
 
-async def ensure_demo_channel(database_url: str, key_file: Path) -> str:
+async def ensure_demo_channel(database_url: str, key_file: Path) -> None:
     """A channel on the Daraja sandbox's demo app, and an API key for it (kept in .local/secrets)."""
     migrate(database_url)
     LocalKeyFileProvider.open(key_file, create=True)
@@ -58,23 +58,24 @@ async def ensure_demo_channel(database_url: str, key_file: Path) -> str:
             _, key = await onboarding.issue_api_key({"label": "make run demo", "channelIds": [DEMO_CHANNEL]},
                                                     "make-run")
             local_secret("demo-api-key", make=lambda: key)
-        return local_secret("demo-api-key")
     finally:
         await pool.close()
 
 
-def demo_banner(api_key: str) -> str:
+def demo_banner() -> str:
+    """How to try it; the key stays in its file (0600), never in the console log."""
     return f"""
   Demo channel '{DEMO_CHANNEL}' is ready on the Daraja sandbox. Try:
 
+  KEY=$(cat {SECRETS}/demo-api-key)
   curl -s -XPOST localhost:8080/api/payments -H 'Content-Type: application/json' \\
-    -H 'Authorization: Bearer {api_key}' -H "Idempotency-Key: $(uuidgen || date +%s%N)" \\
+    -H "Authorization: Bearer $KEY" -H "Idempotency-Key: $(uuidgen || date +%s%N)" \\
     -d '{{"channelId":"{DEMO_CHANNEL}","amount":10,"phone":"0712345678","accountReference":"INV42"}}'
-  curl -s localhost:8080/api/payments/<paymentId> -H 'Authorization: Bearer {api_key}'
+  curl -s localhost:8080/api/payments/<paymentId> -H "Authorization: Bearer $KEY"
 """
 
 
 def prepare(database_url: str, key_file: Path) -> tuple[dict[str, str], str]:
     env = dev_environment()
-    api_key = asyncio.run(ensure_demo_channel(database_url, key_file))
-    return env, demo_banner(api_key)
+    asyncio.run(ensure_demo_channel(database_url, key_file))
+    return env, demo_banner()
