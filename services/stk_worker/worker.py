@@ -11,6 +11,7 @@ from typing import Protocol
 import psycopg
 from prometheus_client import Counter
 
+from services.channels.vault import VaultError
 from services.common.callback_token import callback_url
 from services.common.kafka import ConsumedEvent, EventProducer, PublishError, Transient, new_event_fields
 from services.common.topics import STK_PUSH_RESULT, STK_QUERY_RESULT
@@ -62,7 +63,10 @@ class Pusher:
         problem = event_problem(v)
         if problem:
             return PushOutcome("invalid", error_code="INVALID_REQUEST", error_message=problem)
-        channel = await self.channels.current(v["channel_id"])
+        try:
+            channel = await self.channels.current(v["channel_id"])
+        except VaultError as exc:  # nothing was pushed: the payment fails instead of waiting forever
+            return PushOutcome("invalid", error_code="CREDENTIALS_UNREADABLE", error_message=str(exc))
         refusal = _channel_refusal(channel, v["amount"])
         if refusal:
             return refusal

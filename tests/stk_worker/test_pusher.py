@@ -15,6 +15,7 @@ from services.daraja.client import DarajaClient
 from services.daraja.models import AppCredentials, Shortcode
 from services.daraja_sandbox.settings import DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
 from services.stk_worker.throttle import ShortcodeThrottle
+from services.channels.vault import DecryptionFailed
 from services.stk_worker.channels import ChannelAccess
 from services.stk_worker.worker import Pusher, PushSettings
 from tests.conftest import ROOT, eventually, free_port
@@ -47,6 +48,8 @@ class SandboxChannels:
     async def current(self, channel_id: str):
         if channel_id.startswith("gone"):
             return None
+        if channel_id.startswith("locked"):
+            raise DecryptionFailed("credentials of channel 'locked' version 1 cannot be decrypted")
         return ChannelAccess(channel_id, True, Shortcode("174379"),
                              AppCredentials(DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY), 1, 5000)
 
@@ -108,6 +111,7 @@ async def test_a_claim_left_by_a_dead_worker_is_never_pushed_again(sandbox, pool
     ({"amount": 0}, "INVALID_REQUEST"),
     ({"phone": "0712345678"}, "INVALID_REQUEST"),
     ({"channel_id": "gone-channel"}, "CHANNEL_UNKNOWN"),
+    ({"channel_id": "locked-channel"}, "CREDENTIALS_UNREADABLE"),
     ({"amount": 5001}, "AMOUNT_ABOVE_CHANNEL_LIMIT"),
 ])
 async def test_bad_requests_from_the_topic_are_never_pushed(sandbox, pool, producer, codec, kafka_bootstrap,
