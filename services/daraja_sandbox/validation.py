@@ -54,7 +54,8 @@ class Rules:
     reject_localhost: bool
 
 
-def validate_push(body: dict, rules: Rules) -> PushFields | Failure:
+def _credential_fields(body: dict, rules: Rules) -> tuple[str, str, str] | Failure:
+    """BusinessShortCode, Password and Timestamp, checked in Daraja's order (push and query alike)."""
     shortcode = _digits(body.get("BusinessShortCode"))
     if shortcode is None or not _SHORTCODE.match(shortcode):
         return invalid_field("BusinessShortCode")
@@ -64,6 +65,14 @@ def validate_push(body: dict, rules: Rules) -> PushFields | Failure:
     timestamp = _digits(body.get("Timestamp"))
     if timestamp is None or not _timestamp_ok(timestamp, rules):
         return invalid_field("Timestamp")
+    return shortcode, password, timestamp
+
+
+def validate_push(body: dict, rules: Rules) -> PushFields | Failure:
+    credentials = _credential_fields(body, rules)
+    if not isinstance(credentials, tuple):
+        return credentials
+    shortcode, password, timestamp = credentials
     transaction_type = body.get("TransactionType")
     if transaction_type not in (PAYBILL_TRANSACTION, TILL_TRANSACTION):
         return invalid_field("TransactionType")
@@ -93,15 +102,10 @@ def validate_push(body: dict, rules: Rules) -> PushFields | Failure:
 
 
 def validate_query(body: dict, rules: Rules) -> QueryFields | Failure:
-    shortcode = _digits(body.get("BusinessShortCode"))
-    if shortcode is None or not _SHORTCODE.match(shortcode):
-        return invalid_field("BusinessShortCode")
-    password = body.get("Password")
-    if not isinstance(password, str) or not password:
-        return invalid_field("Password")
-    timestamp = _digits(body.get("Timestamp"))
-    if timestamp is None or not _timestamp_ok(timestamp, rules):
-        return invalid_field("Timestamp")
+    credentials = _credential_fields(body, rules)
+    if not isinstance(credentials, tuple):
+        return credentials
+    shortcode, password, timestamp = credentials
     checkout_request_id = body.get("CheckoutRequestID")
     if not isinstance(checkout_request_id, str) or not checkout_request_id.strip():
         return invalid_field("CheckoutRequestID")

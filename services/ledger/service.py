@@ -159,6 +159,8 @@ class FactBatch:
         now = datetime.now(timezone.utc)
         if d.new_state == "Pending" or d.changes.get("push_unknown"):
             return {"pending_since": now, "next_query_at": now + self.settings.first_query_after}
+        if d.new_state == "Requested":  # a push result may never come (its request dead-lettered): a deadline
+            return {"next_query_at": now + self.settings.review_after}
         if d.new_state in ("Settled", "Cancelled", "Failed", "Review"):
             return {"next_query_at": None}
         return {}

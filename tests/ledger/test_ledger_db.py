@@ -109,6 +109,24 @@ async def test_a_reused_receipt_goes_to_review(ledger, pool, unique):
     assert await state_of(pool, second) == ("Review", None)
 
 
+async def test_a_request_that_never_gets_a_push_result_goes_to_review_at_the_deadline(ledger, pool, codec, unique):
+    from services.ledger.reconciler import Reconciler
+    pid = str(uuid.uuid4())
+    await ledger.handle_batch([requested(f"ch-{unique}", pid)])
+    async with pool.connection() as conn:
+        deadline = (await (await conn.execute("SELECT next_query_at - requested_at FROM payments WHERE payment_id = %s",
+                                              (pid,))).fetchone())[0]
+        assert deadline.total_seconds() >= ledger.settings.review_after.total_seconds() - 5
+        # As if the deadline had passed (other open payments past their deadline are reviewed too, rightly).
+        await conn.execute("UPDATE payments SET requested_at = now() - interval '1 day', next_query_at = now()"
+                           " WHERE payment_id = %s", (pid,))
+        await conn.commit()
+    reconciler = Reconciler(pool, codec, ledger.settings)
+    while (await state_of(pool, pid))[0] != "Review" and await reconciler.tick():
+        pass
+    assert (await state_of(pool, pid))[0] == "Review"
+
+
 async def test_an_invalid_request_on_the_topic_ends_failed_never_pushed(ledger, pool, unique):
     pid = str(uuid.uuid4())
     await ledger.handle_batch([requested(f"ch-{unique}", pid, amount=-5, phone="12345")])
