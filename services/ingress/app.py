@@ -25,7 +25,7 @@ from services.common.observability import Health, add_ops_routes, http_metrics
 from services.common.problems import problem
 from services.ingress.access import ChannelDirectory, ChannelStatus, authenticate
 from services.ingress.payments import IdempotencyConflict, PaymentIntake, Unavailable
-from services.ingress.publisher import Publisher
+from services.common.kafka import Publisher
 from services.ingress.validation import (MAX_AMOUNT, parse_idempotency_key, parse_payment_request,
                                          validate_channel_id)
 from services.ingress.views import PaymentViews

@@ -8,12 +8,12 @@ from psycopg_pool import AsyncConnectionPool
 from services.channels.apikeys import ApiKeyAuthenticator
 from services.common import config
 from services.common.avro import Codec
+from services.common.kafka import EventProducer, Publisher
 from services.common.topics import PAYMENT_REQUESTED, Topic
 from services.ingress.access import ChannelDirectory
 from services.ingress.app import IngressDeps
 from services.ingress.idempotency import IdempotencyStore
 from services.ingress.payments import PaymentIntake
-from services.ingress.publisher import LoopPolledProducer, Publisher
 from services.ingress.views import PaymentViews
 
 SETTINGS = [
@@ -37,9 +37,9 @@ SETTINGS = [
 
 
 async def open_deps(cfg: dict[str, Any], *, producer: Publisher | None = None) -> IngressDeps:
-    producer = producer or LoopPolledProducer(cfg["KAFKA_BOOTSTRAP_SERVERS"], Codec(), client_id="ingress",
-                                              delivery_timeout_ms=cfg["INGRESS_KAFKA_TIMEOUT_MS"],
-                                              linger_ms=cfg["INGRESS_KAFKA_LINGER_MS"])
+    producer = producer or EventProducer(cfg["KAFKA_BOOTSTRAP_SERVERS"], Codec(), client_id="ingress",
+                                         delivery_timeout_ms=cfg["INGRESS_KAFKA_TIMEOUT_MS"],
+                                         linger_ms=cfg["INGRESS_KAFKA_LINGER_MS"])
     # Autocommit: every statement of the hot path is a transaction of its own, so BEGIN and COMMIT
     # would be two more round trips per batch for nothing.
     pool = AsyncConnectionPool(cfg["DATABASE_URL"], min_size=2, max_size=cfg["INGRESS_DB_POOL_SIZE"],

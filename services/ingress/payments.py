@@ -18,7 +18,7 @@ from psycopg_pool import PoolTimeout
 from services.common.kafka import PublishError
 from services.common.topics import PAYMENT_REQUESTED, Topic
 from services.ingress.idempotency import Claim, IdempotencyStore, Record, new_claim_ids
-from services.ingress.publisher import Publisher
+from services.common.kafka import Publisher
 from services.ingress.validation import PaymentRequest
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,6 @@ from services.common.avro import Codec
 from services.common.kafka import ConsumedEvent, new_event_fields
 from services.common.topics import STK_QUERY_REQUESTED
 from services.ledger import state_machine as sm
-from services.ledger import store
 from services.ledger.service import FactBatch, LedgerSettings
 
 log = logging.getLogger(__name__)
@@ -25,6 +24,11 @@ QUERIES = Counter("ledger_reconciliation_queries_total", "STK queries requested 
 def next_query_delay(attempt: int, settings: LedgerSettings) -> timedelta:
     """15 s, 30 s, 60 s ... capped: the query is rate-limited like everything else."""
     return min(timedelta(seconds=15 * 2 ** (attempt - 1)), settings.query_backoff_max)
+
+
+def _still_due(row: dict) -> bool:
+    return (row["state"] in ("Requested", "Pending") and row["next_query_at"] is not None
+            and row["next_query_at"] <= datetime.now(timezone.utc))
 
 
 class Reconciler:
@@ -50,16 +54,16 @@ class Reconciler:
         async with self.pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute("SELECT payment_id FROM payments WHERE state IN ('Requested', 'Pending')"
-                              " AND next_query_at <= now() ORDER BY next_query_at LIMIT %s FOR UPDATE SKIP LOCKED",
-                              (limit,))
+                              " AND next_query_at <= now() ORDER BY next_query_at LIMIT %s", (limit,))
             due = [r["payment_id"] for r in await cur.fetchall()]
             batch = FactBatch(conn, self.codec, self.settings)
-            await batch.prefetch(due)
+            await batch.prefetch(due)  # locks them: another ledger may have reconciled one meanwhile
             queries = []
             for payment_id in due:
-                queries += await self._reconcile(batch, batch.payments[payment_id])
+                if _still_due(row := batch.payments[payment_id]):
+                    queries += await self._reconcile(batch, row)
+            batch.outbox += queries
             await batch.flush()
-            await store.enqueue(conn, queries)
         return len(due)
 
     async def _reconcile(self, batch: FactBatch, row: dict) -> list:

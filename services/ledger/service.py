@@ -78,8 +78,8 @@ class Ledger:
             await batch.prefetch([payment_id for _, payment_id, _ in facts], _receipts(facts))
             for e, payment_id, fact in facts:
                 await batch.apply(e, payment_id, fact)
-            await batch.flush()
             await store.mark_processed(conn, [(e.value["event_id"], e.topic) for e in fresh])
+            await batch.flush()
         VERDICTS.labels("replay", "duplicate").inc(len(events) - len(fresh))
         return rejections
 
@@ -92,7 +92,7 @@ class FactBatch:
         self.conn, self.codec, self.settings = conn, codec, settings
         self.payments: dict[str, dict | None] = {}
         self.dirty: set[str] = set()
-        self.parked: dict[str, list[tuple[str, str, bytes]]] = {}
+        self.parked: dict[str, list[ConsumedEvent]] = {}  # payment_id -> its early facts, oldest first
         self.receipts: dict[str, str] = {}  # receipt -> the payment it proves
         self.history: list[tuple] = []
         self.audit: list[dict] = []
@@ -105,8 +105,13 @@ class FactBatch:
         ids = sorted(set(payment_ids))
         found = await store.lock_payments(self.conn, ids)
         self.payments.update({pid: found.get(pid) for pid in ids})
-        self.parked = await store.parked_for(self.conn, [pid for pid in ids if found.get(pid) is None])
+        parked = await store.parked_for(self.conn, [pid for pid in ids if found.get(pid) is None])
+        self.parked = {pid: [self._parked_event(*row) for row in rows] for pid, rows in parked.items()}
         self.receipts = await store.receipts_in_use(self.conn, list(receipts))
+
+    def _parked_event(self, event_id: str, topic: str, payload: bytes) -> ConsumedEvent:
+        schema, value = self.codec.decode(payload)
+        return ConsumedEvent(topic, -1, -1, None, schema, value, payload)
 
     def set(self, payment_id: str, changes: dict) -> None:
         self.payments[payment_id].update(changes)
@@ -118,9 +123,10 @@ class FactBatch:
         VERDICTS.labels(type(fact).__name__, decision.verdict.value).inc()
         self._audit(payment_id, event.value["event_id"], fact, decision, row)
         if decision.verdict is sm.Verdict.PARKED:
-            event_id, payload = event.value["event_id"], self.codec.encode(event.schema, event.value)
+            event_id = event.value["event_id"]
+            payload = event.raw if event.raw is not None else self.codec.encode(event.schema, event.value)
             self.to_park[event_id] = (event_id, payment_id, event.topic, payload)
-            self.parked.setdefault(payment_id, []).append((event_id, event.topic, payload))  # its payment may follow
+            self.parked.setdefault(payment_id, []).append(event)  # its payment may follow in this batch
         elif decision.verdict is sm.Verdict.APPLIED:
             self._persist(event.value, payment_id, row, decision)
             if isinstance(fact, sm.Requested):
@@ -166,11 +172,10 @@ class FactBatch:
         return {}
 
     async def _unpark(self, payment_id: str) -> None:
-        for event_id, topic, payload in self.parked.pop(payment_id, []):
+        for early in self.parked.pop(payment_id, []):
+            event_id = early.value["event_id"]
             if self.to_park.pop(event_id, None) is None:  # parked by an earlier batch: delete the row
                 self.unparked.append(event_id)
-            schema, value = self.codec.decode(payload)
-            early = ConsumedEvent(topic, -1, -1, None, schema, value)
             _, fact = fact_of(early)
             await self.apply(early, payment_id, fact)
 
@@ -194,8 +199,8 @@ class FactBatch:
         await store.add_history(self.conn, self.history)
         await store.park(self.conn, list(self.to_park.values()))
         await store.unpark(self.conn, self.unparked)
-        await store.append_audit(self.conn, self.audit)
         await store.enqueue(self.conn, self.outbox)
+        await store.append_audit(self.conn, self.audit)  # last: it holds the chain's lock until commit
 
 
 def _snapshot(row: dict | None) -> sm.Payment | None:

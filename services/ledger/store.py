@@ -11,6 +11,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 _AUDIT_LOCK = 7_262_022  # advisory lock: one appender of the hash chain at a time
+_PAYMENT_LOCKS = 7_262_023  # first key of the per-payment advisory locks (the two-key space is apart)
 GENESIS = "0" * 64
 
 COLUMNS = ("payment_id", "channel_id", "state", "amount", "phone", "account_reference", "description",
@@ -39,9 +40,15 @@ async def mark_processed(conn: AsyncConnection, events: list[tuple[str, str]]) -
 
 
 async def lock_payments(conn: AsyncConnection, payment_ids: list[str]) -> dict[str, dict]:
+    """Locks these payments until commit, whether they exist yet or not, and reads those that do.
+
+    A row lock cannot cover a payment another transaction is inserting: a fact parked for it
+    then would never be applied. Every writer of payments takes these advisory locks first, in
+    one order (so two batches cannot deadlock), which also makes row locks unnecessary."""
+    await conn.execute("SELECT pg_advisory_xact_lock(%s, h) FROM (SELECT DISTINCT hashtext(p) AS h"
+                       " FROM unnest(%s::text[]) AS p ORDER BY h) AS locks", (_PAYMENT_LOCKS, payment_ids))
     cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(f"SELECT {', '.join(COLUMNS)} FROM payments WHERE payment_id = ANY(%s) ORDER BY payment_id"
-                      " FOR UPDATE", (payment_ids,))
+    await cur.execute(f"SELECT {', '.join(COLUMNS)} FROM payments WHERE payment_id = ANY(%s)", (payment_ids,))
     return {row["payment_id"]: row for row in await cur.fetchall()}
 
 
@@ -79,7 +86,7 @@ async def parked_for(conn: AsyncConnection, payment_ids: list[str]) -> dict[str,
     if not payment_ids:
         return {}
     cur = await conn.execute("SELECT payment_id, event_id::text, topic, payload FROM parked_facts"
-                             " WHERE payment_id = ANY(%s) ORDER BY parked_at, event_id FOR UPDATE", (payment_ids,))
+                             " WHERE payment_id = ANY(%s) ORDER BY parked_at, event_id", (payment_ids,))
     parked: dict[str, list] = {}
     for payment_id, event_id, topic, payload in await cur.fetchall():
         parked.setdefault(payment_id, []).append((event_id, topic, bytes(payload)))
@@ -87,21 +94,13 @@ async def parked_for(conn: AsyncConnection, payment_ids: list[str]) -> dict[str,
 
 
 async def park(conn: AsyncConnection, rows: list[tuple[str, str, str, bytes]]) -> None:
-    """rows: (event_id, payment_id, topic, payload)."""
-    await _many(conn, "INSERT INTO parked_facts (event_id, payment_id, topic, payload) VALUES (%s, %s, %s, %s)"
-                      " ON CONFLICT DO NOTHING", rows)
+    """rows: (event_id, payment_id, topic, payload); an event is parked once (it is processed once)."""
+    await _copy(conn, "parked_facts", "event_id, payment_id, topic, payload", rows)
 
 
 async def unpark(conn: AsyncConnection, event_ids: list[str]) -> None:
     if event_ids:
         await conn.execute("DELETE FROM parked_facts WHERE event_id = ANY(%s::uuid[])", (event_ids,))
-
-
-async def _many(conn: AsyncConnection, sql: str, rows: list) -> None:
-    """executemany is pipelined by psycopg: one round trip for the lot."""
-    if rows:
-        async with conn.cursor() as cur:
-            await cur.executemany(sql, rows)
 
 
 async def _copy(conn: AsyncConnection, table: str, columns: str, rows: list[tuple]) -> None:

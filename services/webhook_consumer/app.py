@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -22,7 +22,7 @@ from prometheus_client import Counter
 
 from services.common.avro import Codec
 from services.common.callback_token import token_is_valid
-from services.common.kafka import EventProducer, PublishError, new_event_fields
+from services.common.kafka import EventProducer, Publisher, PublishError, new_event_fields
 from services.common.observability import Health, add_ops_routes, http_metrics
 from services.common.problems import problem
 from services.common.topics import CALLBACK_RAW, CALLBACK_REJECTED, Topic
@@ -53,10 +53,6 @@ for _reason in REFUSALS:
     REJECTED.labels(_reason)
 for _topic in (CALLBACK_RAW, CALLBACK_REJECTED):
     PUBLISH_FAILURES.labels(_topic.name)
-
-
-class Publisher(Protocol):
-    async def publish(self, topic: Topic, record: dict[str, Any]) -> None: ...
 
 
 @dataclass

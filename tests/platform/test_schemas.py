@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 import subprocess
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer
 from fastavro import parse_schema
 
-from services.common.avro import SCHEMA_DIR, Codec, DecodeError
+from services.common.avro import SCHEMA_DIR, DecodeError
 from services.common.kafka import EventProducer
 from services.common.topics import ALL_TOPICS, Topic
 from tests.schema_compat import backward_compatibility_errors

@@ -18,7 +18,7 @@ from services.stk_worker.throttle import ShortcodeThrottle
 from services.channels.vault import DecryptionFailed
 from services.stk_worker.channels import ChannelAccess
 from services.stk_worker.worker import Pusher, PushSettings
-from tests.conftest import ROOT, eventually, free_port
+from tests.conftest import ROOT, free_port
 from tests.platform.kafka_helpers import end_offsets, read_all, sample_request
 
 SECRET = b"x" * 32
