@@ -1,6 +1,7 @@
 """The ledger against the real PostgreSQL: exactly-once effect, early facts, audit chain, outbox."""
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -9,7 +10,8 @@ from services.common.kafka import ConsumedEvent, new_event_fields
 from services.common.topics import CALLBACK_RAW, PAYMENT_REQUESTED, PAYMENT_STATUS, STK_PUSH_RESULT
 from services.ledger import store
 from services.ledger.relay import OutboxRelay
-from services.ledger.service import Ledger
+from services.ledger.facts import fact_of
+from services.ledger.service import FactBatch, Ledger, LedgerSettings
 from tests.ledger.callbacks import success
 from tests.platform.kafka_helpers import end_offsets, read_all
 
@@ -85,6 +87,26 @@ async def test_early_facts_in_the_same_batch_as_their_payment_are_applied(ledger
     await ledger.handle_batch([callback(channel, pid, success(checkout, receipt=receipt(unique))),
                                accepted(channel, pid, checkout), requested(channel, pid)])
     assert await state_of(pool, pid) == ("Settled", receipt(unique))
+    async with pool.connection() as conn:
+        left = await (await conn.execute("SELECT count(*) FROM parked_facts WHERE payment_id = %s", (pid,))).fetchone()
+    assert left[0] == 0
+
+
+async def test_a_fact_for_a_payment_being_created_by_another_transaction_waits_for_it(ledger, pool, codec, unique):
+    """Two ledgers (or a rebalance) may hold the request's and the push result's partitions: the
+    push result must not be parked behind the back of the transaction creating its payment."""
+    channel, pid = f"ch-{unique}", str(uuid.uuid4())
+    async with pool.connection() as conn, conn.transaction():
+        creating = FactBatch(conn, codec, LedgerSettings())
+        await creating.prefetch([pid])
+        request = requested(channel, pid)
+        await creating.apply(request, pid, fact_of(request)[1])
+        await creating.flush()
+        other = asyncio.create_task(ledger.handle_batch([accepted(channel, pid, f"ws_CO_{unique}")]))
+        await asyncio.sleep(0.5)
+        assert not other.done()  # waits for the payment's lock, whether the row exists yet or not
+    assert await other == []
+    assert await state_of(pool, pid) == ("Pending", None)
     async with pool.connection() as conn:
         left = await (await conn.execute("SELECT count(*) FROM parked_facts WHERE payment_id = %s", (pid,))).fetchone()
     assert left[0] == 0
