@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -20,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from prometheus_client import REGISTRY  # noqa: E402
 
 from services.common.avro import Codec  # noqa: E402
 from services.common.db import migrate, open_pool  # noqa: E402
@@ -53,8 +56,12 @@ def events_for(run: str, i: int) -> list[tuple[str, dict]]:
     ]
 
 
-async def main(payments: int, timeout_s: float) -> None:
-    run = uuid.uuid4().hex[:8]
+def parked_count() -> float:
+    return sum(m.value for metric in REGISTRY.collect() if metric.name == "ledger_facts"
+               for m in metric.samples if m.name == "ledger_facts_total" and m.labels.get("verdict") == "parked")
+
+
+async def produce(run: str, payments: int) -> dict[str, Topic]:
     codec = Codec()
     migrate(DB)
     ensure_topics(KAFKA, ALL_TOPICS, 6)
@@ -63,45 +70,91 @@ async def main(payments: int, timeout_s: float) -> None:
     producer = EventProducer(KAFKA, codec, client_id="bench", linger_ms=20)
     started = time.perf_counter()
     await asyncio.gather(*(producer.publish(topics[s], v) for i in range(payments) for s, v in events_for(run, i)))
+    producer.close()
     print(f"produced {3 * payments} events in {time.perf_counter() - started:.1f}s")
+    return topics
 
+
+def ledger_process(run: str, topics: dict[str, Topic], in_flight: int, shared) -> None:
+    """One ledger instance (of --processes, all in one consumer group), as `python -m services.ledger` runs it."""
+    asyncio.run(run_ledger(run, topics, in_flight, shared))
+
+
+async def run_ledger(run: str, topics: dict[str, Topic], in_flight: int, shared) -> None:
+    applied, first, stop_flag, results = shared
+    codec = Codec()
+    producer = EventProducer(KAFKA, codec, client_id="bench-ledger")
     pool = await open_pool(DB, max_size=4)
     relay = OutboxRelay(pool, producer)
     ledger = Ledger(pool, codec, on_commit=relay.wake.set)
-    applied, first, cpu_first = 0, None, 0.0
+    cpu_first = None
 
     async def counting(events):
-        nonlocal applied, first, cpu_first
-        if first is None:
-            first, cpu_first = time.perf_counter(), time.process_time()
+        nonlocal cpu_first
+        if cpu_first is None:
+            cpu_first = time.process_time(), time.thread_time()
+            with first.get_lock():
+                first.value = first.value or time.time()
         rejections = await ledger.handle_batch(events)
-        applied += len(events)
+        with applied.get_lock():
+            applied.value += len(events)
         return rejections
 
     loop = ConsumerLoop(bootstrap=KAFKA, group_id=f"bench-{run}", topics=list(topics.values()), codec=codec,
-                        handler=counting, dead_letters=producer, max_batch=1000)
+                        handler=counting, dead_letters=producer, max_batch=1000, max_in_flight=in_flight)
     stop = asyncio.Event()
     tasks = [asyncio.create_task(loop.run(stop)), asyncio.create_task(relay.run(stop))]
-    deadline = time.perf_counter() + timeout_s
-    while applied < 3 * payments and time.perf_counter() < deadline:
+    while not stop_flag.is_set():
         await asyncio.sleep(0.05)
-    elapsed = time.perf_counter() - (first or time.perf_counter())
-    cpu = time.process_time() - cpu_first
+    cpu = (time.process_time() - cpu_first[0], time.thread_time() - cpu_first[1]) if cpu_first else (0.0, 0.0)
     stop.set()
     await asyncio.gather(*tasks)
-    async with pool.connection() as conn:
-        settled = (await (await conn.execute("SELECT count(*) FROM payments WHERE channel_id LIKE %s AND state = 'Settled'",
-                                             (f"bench-{run}-%",))).fetchone())[0]
     await pool.close()
     producer.close()
-    print(f"ledger: {applied} events in {elapsed:.2f}s = {applied / elapsed:,.0f} events/s; "
-          f"{settled}/{payments} payments Settled (target >= 5,000 events/s); "
-          f"ledger CPU {cpu / max(applied, 1) * 1e6:.0f} us/event")
+    results.put((*cpu, parked_count()))
+
+
+async def count_settled(run: str) -> int:
+    pool = await open_pool(DB, max_size=1)
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM payments WHERE channel_id LIKE %s AND state = 'Settled'",
+                                 (f"bench-{run}-%",))
+        settled = (await cur.fetchone())[0]
+    await pool.close()
+    return settled
+
+
+def main(payments: int, processes: int, in_flight: int, timeout_s: float) -> None:
+    run = uuid.uuid4().hex[:8]
+    topics = asyncio.run(produce(run, payments))
+    ctx = multiprocessing.get_context("spawn")
+    shared = (ctx.Value("q", 0), ctx.Value("d", 0.0), ctx.Event(), ctx.Queue())
+    ledgers = [ctx.Process(target=ledger_process, args=(run, topics, in_flight, shared)) for _ in range(processes)]
+    for p in ledgers:
+        p.start()
+    applied, first, stop_flag, results = shared
+    deadline = time.time() + timeout_s
+    while applied.value < 3 * payments and time.time() < deadline:
+        time.sleep(0.02)
+    elapsed = time.time() - (first.value or time.time())
+    stop_flag.set()
+    cpu = [results.get(timeout=60) for _ in ledgers]
+    for p in ledgers:
+        p.join()
+    settled = asyncio.run(count_settled(run))
+    done = applied.value
+    print(f"ledger ({processes} process(es), {in_flight} batch(es) in flight each): {done} events in {elapsed:.2f}s"
+          f" = {done / elapsed:,.0f} events/s; {settled}/{payments} payments Settled (target >= 5,000 events/s)")
+    print(f"  CPU per event: {sum(c[0] for c in cpu) / max(done, 1) * 1e6:.0f} us in the ledger processes"
+          f" ({sum(c[1] for c in cpu) / max(done, 1) * 1e6:.0f} on their event loops);"
+          f" {sum(c[2] for c in cpu):.0f} facts arrived before their payment")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--payments", type=int, default=5000)
+    parser.add_argument("--processes", type=int, default=1, help="ledger instances in the consumer group")
+    parser.add_argument("--in-flight", type=int, default=1, help="batches each ledger applies at once")
     parser.add_argument("--timeout-s", type=float, default=120)
     args = parser.parse_args()
-    asyncio.run(main(args.payments, args.timeout_s))
+    main(args.payments, args.processes, args.in_flight, args.timeout_s)

@@ -59,6 +59,7 @@ class SettledWatcher(threading.Thread):
     def __init__(self, channels: set[bytes], since: dict[int, int]):
         super().__init__(daemon=True)
         self.channels, self.since, self.settled_at, self.stop = channels, since, {}, threading.Event()
+        self.applied_at = {}  # payment -> when the ledger built its Settled event (before its commit)
         self.codec = Codec()
 
     def run(self) -> None:
@@ -70,8 +71,27 @@ class SettledWatcher(threading.Thread):
                 if msg.error() is None and msg.key() in self.channels:
                     value = self.codec.decode(msg.value())[1]
                     if value["status"] == "Settled":
-                        self.settled_at.setdefault(value["payment_id"], time.monotonic())
+                        self.settled_at.setdefault(value["payment_id"], time.time())
+                        self.applied_at.setdefault(value["payment_id"], value["occurred_at"].timestamp())
         consumer.close()
+
+
+async def batch_summary(http_port: int) -> str:
+    """Batches the ledger handled and their mean time, from its own /metrics."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{http_port}/metrics") as answer:
+            text = await answer.text()
+    values = {}
+    for line in text.splitlines():
+        for name in ("pipeline_batch_handle_seconds_count", "pipeline_batch_handle_seconds_sum"):
+            if line.startswith(name + "{"):
+                values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    count, total = values.get("pipeline_batch_handle_seconds_count", 0), values.get("pipeline_batch_handle_seconds_sum", 0)
+    return f"{count:.0f} batches, {total / max(count, 1) * 1000:.1f} ms each on average"
+
+
+def percentiles(values: list[float]) -> list[float]:
+    return statistics.quantiles(values, n=100) if len(values) > 1 else [0.0] * 99
 
 
 async def main(args) -> None:
@@ -121,7 +141,7 @@ async def main(args) -> None:
             async def post(ch, pid, co, receipt):
                 nonlocal failures
                 url = callback_url(base, secret.encode(), ch, pid)
-                sent_at[pid] = time.monotonic()
+                sent_at[pid] = time.time()
                 async with http.post(url, data=callback_body(co, receipt),
                                      headers={"Content-Type": "application/json"}) as answer:
                     failures += answer.status != 200
@@ -133,11 +153,17 @@ async def main(args) -> None:
         while len(watcher.settled_at) < args.payments and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         watcher.stop.set()
-        latencies = sorted(watcher.settled_at[pid] - sent_at[pid] for pid in watcher.settled_at if pid in sent_at)
-        q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0] * 99
+        done = [pid for pid in watcher.settled_at if pid in sent_at]
+        latencies = sorted(watcher.settled_at[pid] - sent_at[pid] for pid in done)
+        q = percentiles(latencies)
         print(f"callback -> Settled event: {len(latencies)}/{args.payments} settled, {failures} callbacks refused; "
               f"p50 {q[49] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms at "
               f"{args.rate}/s (target p99 < 250 ms at 500/s)")
+        applying = percentiles(sorted(watcher.applied_at[pid] - sent_at[pid] for pid in done))
+        publishing = percentiles(sorted(watcher.settled_at[pid] - watcher.applied_at[pid] for pid in done))
+        print(f"  ledger: {await batch_summary(http_port=ledger_port)}")
+        print(f"  of which: callback -> ledger applies it p50 {applying[49] * 1000:.0f} ms, p99 {applying[98] * 1000:.0f}"
+              f" ms; then -> Settled event read p50 {publishing[49] * 1000:.0f} ms, p99 {publishing[98] * 1000:.0f} ms")
     finally:
         for p in procs:
             p.terminate()

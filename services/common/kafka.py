@@ -318,7 +318,7 @@ class ConsumerLoop:
             await asyncio.gather(*(self._dead_letter(msg, error) for msg, error in undecodable))
             await self._handle_with_retry(events, messages, stop)
             self._mark_done(messages)
-            await self._commit()
+            self._commit_in_background()
         finally:
             self._slots.release()
 
@@ -381,6 +381,14 @@ class ConsumerLoop:
         offsets = self._committable()
         if offsets:
             await self._in_thread(self._consumer.commit, offsets=offsets, asynchronous=False)
+
+    def _commit_in_background(self) -> None:
+        # Handlers are idempotent, so a commit that is late (or lost in a crash) only means a
+        # redelivery: the next batch need not wait for the broker's answer. Queued on the consumer's
+        # thread, commits go out in order; close and revoke still commit synchronously.
+        offsets = self._committable()
+        if offsets:
+            self._thread.submit(self._consumer.commit, offsets=offsets, asynchronous=True)
 
     def _committable(self, only: set[tuple[str, int]] | None = None) -> list[TopicPartition]:
         with self._lock:

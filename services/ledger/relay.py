@@ -29,6 +29,7 @@ class OutboxRelay:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            self.wake.clear()  # before reading: a commit made while we publish wakes the next round
             try:
                 published = await self.publish_once()
             except (psycopg.OperationalError, PublishError) as exc:
@@ -39,7 +40,6 @@ class OutboxRelay:
                 await self._sleep_until_woken(stop)
 
     async def _sleep_until_woken(self, stop: asyncio.Event) -> None:
-        self.wake.clear()
         waiters = [asyncio.create_task(self.wake.wait()), asyncio.create_task(stop.wait())]
         await asyncio.wait(waiters, timeout=self.idle_poll_s, return_when=asyncio.FIRST_COMPLETED)
         for w in waiters:
@@ -54,6 +54,9 @@ class OutboxRelay:
                 # produce() runs in order inside gather, so per-key order is kept.
                 await asyncio.gather(*(self.producer.publish_raw(TOPICS[t], bytes(k), bytes(p)) for _, t, k, p in rows))
                 await conn.execute("DELETE FROM outbox WHERE id = ANY(%s)", ([r[0] for r in rows],))
-            backlog = await (await conn.execute("SELECT count(*) FROM outbox")).fetchone()
-        BACKLOG.set(max(backlog[0] - len(rows), 0))
+            # Counting is a scan of the table: only worth it when this round did not take everything.
+            backlog = 0
+            if len(rows) == self.batch:
+                backlog = (await (await conn.execute("SELECT count(*) FROM outbox")).fetchone())[0]
+        BACKLOG.set(backlog)
         return len(rows)

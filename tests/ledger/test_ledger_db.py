@@ -12,6 +12,7 @@ from services.ledger import store
 from services.ledger.relay import OutboxRelay
 from services.ledger.facts import fact_of
 from services.ledger.service import FactBatch, Ledger, LedgerSettings
+from tests.conftest import eventually
 from tests.ledger.callbacks import success
 from tests.platform.kafka_helpers import end_offsets, read_all
 
@@ -205,3 +206,25 @@ async def test_editing_an_audit_row_makes_verification_fail(ledger, pool, unique
             await conn.execute("UPDATE audit_log SET detail = %s WHERE seq = %s", (detail, seq))
             await conn.execute("ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_change")
         assert (await store.verify_audit(conn, from_seq=max(seq - 50, 1)))[1] is None
+
+
+async def test_a_commit_made_while_the_relay_publishes_wakes_its_next_round():
+    relay = OutboxRelay(pool=None, producer=None, idle_poll_s=30)
+    rounds = []
+
+    async def publish_once():
+        rounds.append(1)
+        if len(rounds) == 1:
+            relay.wake.set()  # a batch committed while this round was publishing
+        return 0
+
+    relay.publish_once = publish_once
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop))
+
+    async def second_round():
+        return len(rounds) >= 2
+
+    await eventually(second_round, timeout=2)  # not after the 30 s idle poll
+    stop.set()
+    await running
