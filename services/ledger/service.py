@@ -65,23 +65,23 @@ class Ledger:
             return [Rejection(event, exc)]
 
     async def _apply_in_one_transaction(self, events: list[ConsumedEvent]) -> list[Rejection]:
+        unique = _first_of_each(events)
+        rejections, facts = [], []
+        for e in unique:
+            try:
+                facts.append((e, *fact_of(e)))
+            except (NotAFact, CallbackParseError) as exc:
+                rejections.append(Rejection(e, exc))  # dead-lettered with its reason; payment untouched
         async with self.pool.connection() as conn, conn.transaction():
-            seen = await store.already_processed(conn, [e.value["event_id"] for e in events])
-            fresh = _first_of_each(e for e in events if e.value["event_id"] not in seen)
             batch = FactBatch(conn, self.codec, self.settings)
-            rejections, facts = [], []
-            for e in fresh:
-                try:
-                    facts.append((e, *fact_of(e)))
-                except (NotAFact, CallbackParseError) as exc:
-                    rejections.append(Rejection(e, exc))  # dead-lettered with its reason; payment untouched
-            await batch.prefetch([payment_id for _, payment_id, _ in facts], _receipts(facts))
+            fresh = await batch.prefetch([payment_id for _, payment_id, _ in facts], _receipts(facts),
+                                         events=[(e.value["event_id"], e.topic) for e in unique])
             for e, payment_id, fact in facts:
-                await batch.apply(e, payment_id, fact)
-            await store.mark_processed(conn, [(e.value["event_id"], e.topic) for e in fresh])
+                if e.value["event_id"] in fresh:
+                    await batch.apply(e, payment_id, fact)
             await batch.flush()
         VERDICTS.labels("replay", "duplicate").inc(len(events) - len(fresh))
-        return rejections
+        return [r for r in rejections if r.event.value["event_id"] in fresh]
 
 
 class FactBatch:
@@ -100,14 +100,16 @@ class FactBatch:
         self.to_park: dict[str, tuple[str, str, str, bytes]] = {}  # event_id -> row, parked in this batch
         self.unparked: list[str] = []
 
-    async def prefetch(self, payment_ids: list[str], receipts: list[str] = ()) -> None:
-        """Locks every payment of the batch in one round trip (in id order: no deadlocks)."""
-        ids = sorted(set(payment_ids))
-        found = await store.lock_payments(self.conn, ids)
-        self.payments.update({pid: found.get(pid) for pid in ids})
-        parked = await store.parked_for(self.conn, [pid for pid in ids if found.get(pid) is None])
-        self.parked = {pid: [self._parked_event(*row) for row in rows] for pid, rows in parked.items()}
-        self.receipts = await store.receipts_in_use(self.conn, list(receipts))
+    async def prefetch(self, payment_ids: list[str], receipts: list[str] = (),
+                       events: list[tuple[str, str]] = ()) -> set[str]:
+        """Locks and reads the batch's payments, and records its events (event_id, topic) as
+        processed; returns the ids of those that were not already."""
+        start = await store.open_batch(self.conn, list(events), payment_ids, list(receipts))
+        self.payments.update({pid: start.payments.get(pid) for pid in payment_ids})
+        self.parked = {pid: [self._parked_event(*row) for row in rows]
+                       for pid, rows in start.parked.items() if start.payments.get(pid) is None}
+        self.receipts = start.receipts
+        return start.fresh_events
 
     def _parked_event(self, event_id: str, topic: str, payload: bytes) -> ConsumedEvent:
         schema, value = self.codec.decode(payload)
@@ -195,10 +197,9 @@ class FactBatch:
         return PAYMENT_STATUS.name, row["channel_id"].encode(), self.codec.encode(PAYMENT_STATUS.schema, record)
 
     async def flush(self) -> None:
-        await store.upsert_payments(self.conn, [self.payments[pid] for pid in sorted(self.dirty)])
+        await store.write_payments(self.conn, [self.payments[pid] for pid in sorted(self.dirty)], self.unparked)
         await store.add_history(self.conn, self.history)
         await store.park(self.conn, list(self.to_park.values()))
-        await store.unpark(self.conn, self.unparked)
         await store.enqueue(self.conn, self.outbox)
         await store.append_audit(self.conn, self.audit)  # last: it holds the chain's lock until commit
 

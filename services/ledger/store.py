@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -28,28 +29,44 @@ _MERGE = (f"INSERT INTO payments ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMN
           + ", updated_at = now()")
 
 
-async def already_processed(conn: AsyncConnection, event_ids: list[str]) -> set[str]:
-    cur = await conn.execute("SELECT event_id::text FROM processed_events WHERE event_id = ANY(%s::uuid[])",
-                             (event_ids,))
-    return {row[0] for row in await cur.fetchall()}
+@dataclass
+class BatchStart:
+    fresh_events: set[str]  # ids of the events not processed before
+    payments: dict[str, dict]  # the payments that exist, locked
+    parked: dict[str, list[tuple[str, str, bytes]]]  # payment_id -> early facts [(event_id, topic, payload)]
+    receipts: dict[str, str]  # receipt -> the payment it already proves
 
 
-async def mark_processed(conn: AsyncConnection, events: list[tuple[str, str]]) -> None:
-    """events: (event_id, topic). The primary key makes a replay fail loudly instead of applying twice."""
-    await _copy(conn, "processed_events", "event_id, topic", events)
+async def open_batch(conn: AsyncConnection, events: list[tuple[str, str]], payment_ids: list[str],
+                     receipts: list[str]) -> BatchStart:
+    """What a batch needs before applying anything, in one pipelined round trip.
 
-
-async def lock_payments(conn: AsyncConnection, payment_ids: list[str]) -> dict[str, dict]:
-    """Locks these payments until commit, whether they exist yet or not, and reads those that do.
-
-    A row lock cannot cover a payment another transaction is inserting: a fact parked for it
-    then would never be applied. Every writer of payments takes these advisory locks first, in
-    one order (so two batches cannot deadlock), which also makes row locks unnecessary."""
-    await conn.execute("SELECT pg_advisory_xact_lock(%s, h) FROM (SELECT DISTINCT hashtext(p) AS h"
-                       " FROM unnest(%s::text[]) AS p ORDER BY h) AS locks", (_PAYMENT_LOCKS, payment_ids))
-    cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(f"SELECT {', '.join(COLUMNS)} FROM payments WHERE payment_id = ANY(%s)", (payment_ids,))
-    return {row["payment_id"]: row for row in await cur.fetchall()}
+    events: (event_id, topic). They are recorded as processed here, in the batch's transaction, and
+    the ones recorded before are left out: the primary key makes a replay a no-op, never a second
+    application. Then the payments are locked, whether they exist yet or not: a row lock cannot
+    cover a payment another transaction is inserting, and a fact parked for it then would never be
+    applied. Every writer of payments takes these advisory locks first, in one order (so two
+    batches cannot deadlock); each statement sees what was committed before the locks were granted.
+    """
+    ids = sorted(set(payment_ids))
+    async with conn.pipeline():
+        claimed = await conn.execute(
+            "INSERT INTO processed_events (event_id, topic) SELECT * FROM unnest(%s::uuid[], %s::text[])"
+            " ON CONFLICT DO NOTHING RETURNING event_id::text", ([e for e, _ in events], [t for _, t in events]))
+        await conn.execute("SELECT pg_advisory_xact_lock(%s, h) FROM (SELECT DISTINCT hashtext(p) AS h"
+                           " FROM unnest(%s::text[]) AS p ORDER BY h) AS locks", (_PAYMENT_LOCKS, ids))
+        payments = conn.cursor(row_factory=dict_row)
+        await payments.execute(f"SELECT {', '.join(COLUMNS)} FROM payments WHERE payment_id = ANY(%s)", (ids,))
+        parked = await conn.execute("SELECT payment_id, event_id::text, topic, payload FROM parked_facts"
+                                    " WHERE payment_id = ANY(%s) ORDER BY parked_at, event_id", (ids,))
+        in_use = await conn.execute("SELECT mpesa_receipt, payment_id FROM payments WHERE mpesa_receipt = ANY(%s)",
+                                    (list(receipts),))
+        await conn.execute(_STAGE)
+    early: dict[str, list] = {}
+    for payment_id, event_id, topic, payload in await parked.fetchall():
+        early.setdefault(payment_id, []).append((event_id, topic, bytes(payload)))
+    return BatchStart({r[0] for r in await claimed.fetchall()}, {r["payment_id"]: r for r in await payments.fetchall()},
+                      early, dict(await in_use.fetchall()))
 
 
 def new_payment_row(v: dict[str, Any]) -> dict[str, Any]:
@@ -60,12 +77,17 @@ def new_payment_row(v: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-async def upsert_payments(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+async def write_payments(conn: AsyncConnection, rows: list[dict[str, Any]], unparked: list[str]) -> None:
+    """Upserts the batch's changed payments (staged by open_batch's table) and deletes the parked
+    facts it applied."""
     if rows:
-        await conn.execute(_STAGE)
         await _copy(conn, "payments_stage", ", ".join(COLUMNS),
                     [tuple(Jsonb(r[c]) if c == "metadata" else r[c] for c in COLUMNS) for r in rows])
-        await conn.execute(_MERGE)
+    async with conn.pipeline():
+        if rows:
+            await conn.execute(_MERGE)
+        if unparked:
+            await conn.execute("DELETE FROM parked_facts WHERE event_id = ANY(%s::uuid[])", (unparked,))
 
 
 async def add_history(conn: AsyncConnection, rows: list[tuple]) -> None:
@@ -73,34 +95,9 @@ async def add_history(conn: AsyncConnection, rows: list[tuple]) -> None:
     await _copy(conn, "payment_history", "payment_id, state, previous, reason, event_id", rows)
 
 
-async def receipts_in_use(conn: AsyncConnection, receipts: list[str]) -> dict[str, str]:
-    if not receipts:
-        return {}
-    cur = await conn.execute("SELECT mpesa_receipt, payment_id FROM payments WHERE mpesa_receipt = ANY(%s)",
-                             (receipts,))
-    return dict(await cur.fetchall())
-
-
-async def parked_for(conn: AsyncConnection, payment_ids: list[str]) -> dict[str, list[tuple[str, str, bytes]]]:
-    """Early facts of these payments, oldest first: payment_id -> [(event_id, topic, payload)]."""
-    if not payment_ids:
-        return {}
-    cur = await conn.execute("SELECT payment_id, event_id::text, topic, payload FROM parked_facts"
-                             " WHERE payment_id = ANY(%s) ORDER BY parked_at, event_id", (payment_ids,))
-    parked: dict[str, list] = {}
-    for payment_id, event_id, topic, payload in await cur.fetchall():
-        parked.setdefault(payment_id, []).append((event_id, topic, bytes(payload)))
-    return parked
-
-
 async def park(conn: AsyncConnection, rows: list[tuple[str, str, str, bytes]]) -> None:
     """rows: (event_id, payment_id, topic, payload); an event is parked once (it is processed once)."""
     await _copy(conn, "parked_facts", "event_id, payment_id, topic, payload", rows)
-
-
-async def unpark(conn: AsyncConnection, event_ids: list[str]) -> None:
-    if event_ids:
-        await conn.execute("DELETE FROM parked_facts WHERE event_id = ANY(%s::uuid[])", (event_ids,))
 
 
 async def _copy(conn: AsyncConnection, table: str, columns: str, rows: list[tuple]) -> None:
@@ -127,8 +124,9 @@ async def append_audit(conn: AsyncConnection, entries: list[dict[str, Any]]) -> 
     """entries: dicts of payment_id, event_id, fact, verdict, from_state, to_state, detail."""
     if not entries:
         return
-    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_AUDIT_LOCK,))
-    cur = await conn.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+    async with conn.pipeline():  # the head is read after the lock is granted: it is the latest
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_AUDIT_LOCK,))
+        cur = await conn.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
     last = await cur.fetchone()
     seq, prev = (last[0], last[1]) if last else (0, GENESIS)
     at = datetime.now(timezone.utc)
