@@ -7,6 +7,7 @@ module is the project's one small interface to it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import random
@@ -14,7 +15,6 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Iterable, Protocol
@@ -212,7 +212,7 @@ def per_event(handle: Callable[[ConsumedEvent], Awaitable[None]], is_transient: 
 @dataclass
 class _PartitionProgress:
     """Offsets handed out in order; the committable position is the first one not yet done."""
-    pending: deque[int] = field(default_factory=deque)
+    pending: collections.deque[int] = field(default_factory=collections.deque)
     done: set[int] = field(default_factory=set)
     next_commit: int | None = None
 
@@ -356,9 +356,10 @@ class ConsumerLoop:
         await asyncio.gather(*(self._dead_letter(by_position[(r.event.topic, r.event.partition, r.event.offset)],
                                                  r.error) for r in rejections))
         rejected = {(r.event.topic, r.event.partition, r.event.offset) for r in rejections}
-        for e in events:
-            ok = (e.topic, e.partition, e.offset) not in rejected
-            EVENTS_IN.labels(e.topic, "ok" if ok else "dead_letter").inc()
+        outcomes = collections.Counter((e.topic, "dead_letter" if (e.topic, e.partition, e.offset) in rejected else "ok")
+                                       for e in events)
+        for (topic, result), n in outcomes.items():
+            EVENTS_IN.labels(topic, result).inc(n)
 
     async def _dead_letter(self, msg: Message, error: Exception) -> None:
         key = msg.key()

@@ -64,6 +64,7 @@ class Reconciler:
                     queries += await self._reconcile(batch, row)
             batch.outbox += queries
             await batch.flush()
+        batch.record_metrics()
         return len(due)
 
     async def _reconcile(self, batch: FactBatch, row: dict) -> list:

@@ -6,6 +6,7 @@ returns, so a redelivered event is a no-op and nothing is published before the c
 """
 from __future__ import annotations
 
+import collections
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -80,6 +81,7 @@ class Ledger:
                 if e.value["event_id"] in fresh:
                     await batch.apply(e, payment_id, fact)
             await batch.flush()
+        batch.record_metrics()
         VERDICTS.labels("replay", "duplicate").inc(len(events) - len(fresh))
         return [r for r in rejections if r.event.value["event_id"] in fresh]
 
@@ -99,6 +101,7 @@ class FactBatch:
         self.outbox: list[tuple[str, bytes, bytes]] = []
         self.to_park: dict[str, tuple[str, str, str, bytes]] = {}  # event_id -> row, parked in this batch
         self.unparked: list[str] = []
+        self.counts: collections.Counter = collections.Counter()  # (metric, labels) -> increments, recorded after commit
 
     async def prefetch(self, payment_ids: list[str], receipts: list[str] = (),
                        events: list[tuple[str, str]] = ()) -> set[str]:
@@ -122,7 +125,7 @@ class FactBatch:
     async def apply(self, event: ConsumedEvent, payment_id: str, fact: sm.Fact) -> None:
         row = self.payments.get(payment_id)
         decision = self._receipt_checked(payment_id, sm.decide(_snapshot(row), fact))
-        VERDICTS.labels(type(fact).__name__, decision.verdict.value).inc()
+        self.counts[(VERDICTS, type(fact).__name__, decision.verdict.value)] += 1
         self._audit(payment_id, event.value["event_id"], fact, decision, row)
         if decision.verdict is sm.Verdict.PARKED:
             event_id = event.value["event_id"]
@@ -141,7 +144,7 @@ class FactBatch:
             changes["state"] = d.new_state
         if d.alert:
             changes["review_reason"] = d.reason
-            ALERTS.labels(d.alert).inc()
+            self.counts[(ALERTS, d.alert)] += 1
             log.warning("payment sent to review: %s", d.reason, extra={"payment_id": payment_id})
         if row is None:
             self.payments[payment_id] = store.new_payment_row(v)
@@ -150,7 +153,7 @@ class FactBatch:
         if row.get("mpesa_receipt"):
             self.receipts[row["mpesa_receipt"]] = payment_id
         if d.new_state and d.new_state != previous:
-            TRANSITIONS.labels(d.new_state).inc()
+            self.counts[(TRANSITIONS, d.new_state)] += 1
             self.history.append((payment_id, d.new_state, previous, d.reason, v["event_id"]))
             self.outbox.append(self._status_event(row, previous, d.reason))
 
@@ -195,6 +198,11 @@ class FactBatch:
                   "result_code": row["result_code"], "reason": reason,
                   "metadata": {str(k): str(v) for k, v in (row["metadata"] or {}).items()}}
         return PAYMENT_STATUS.name, row["channel_id"].encode(), self.codec.encode(PAYMENT_STATUS.schema, record)
+
+    def record_metrics(self) -> None:
+        """Once committed: a batch that rolled back is applied again and must not count twice."""
+        for (metric, *labels), n in self.counts.items():
+            metric.labels(*labels).inc(n)
 
     async def flush(self) -> None:
         await store.write_payments(self.conn, [self.payments[pid] for pid in sorted(self.dirty)], self.unparked)

@@ -115,9 +115,11 @@ async def enqueue(conn: AsyncConnection, rows: list[tuple[str, bytes, bytes]]) -
 
 # --- Audit trail -----------------------------------------------------------------------------
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode  # built once: hot path
+
+
 def audit_hash(prev_hash: str, entry: dict[str, Any]) -> str:
-    canonical = json.dumps(entry, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
+    return hashlib.sha256((prev_hash + _CANONICAL(entry)).encode()).hexdigest()
 
 
 async def append_audit(conn: AsyncConnection, entries: list[dict[str, Any]]) -> None:
