@@ -86,7 +86,7 @@ async def run_ledger(run: str, topics: dict[str, Topic], in_flight: int, shared)
     producer = EventProducer(KAFKA, codec, client_id="bench-ledger")
     pool = await open_pool(DB, max_size=4)
     relay = OutboxRelay(pool, producer)
-    ledger = Ledger(pool, codec, on_commit=relay.wake.set)
+    ledger = Ledger(pool, codec, on_commit=relay.hand_over)
     cpu_first = None
 
     async def counting(events):

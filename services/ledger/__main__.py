@@ -39,12 +39,12 @@ async def main(cfg: dict, stop: asyncio.Event) -> None:
     producer = EventProducer(bootstrap, codec, client_id="ledger")
     pool = await open_pool(cfg["DATABASE_URL"], max_size=cfg["LEDGER_MAX_IN_FLIGHT"] + 2)  # + relay, reconciler
     relay = OutboxRelay(pool, producer)
-    ledger = Ledger(pool, codec, settings, on_commit=relay.wake.set)
+    ledger = Ledger(pool, codec, settings, on_commit=relay.hand_over)
     consumer = ConsumerLoop(bootstrap=bootstrap, group_id=cfg["LEDGER_GROUP_ID"], codec=codec,
                             topics=[PAYMENT_REQUESTED, STK_PUSH_RESULT, CALLBACK_RAW, STK_QUERY_RESULT],
                             handler=ledger.handle_batch, dead_letters=producer,
                             max_in_flight=cfg["LEDGER_MAX_IN_FLIGHT"])
-    reconciler = Reconciler(pool, codec, settings, on_commit=relay.wake.set)
+    reconciler = Reconciler(pool, codec, settings, on_commit=relay.hand_over)
     runner = await serve_ops(Health(), cfg["METRICS_HOST"], cfg["LEDGER_METRICS_PORT"])
     try:
         await asyncio.gather(consumer.run(stop), relay.run(stop), reconciler.run(stop))

@@ -32,7 +32,7 @@ def _still_due(row: dict) -> bool:
 
 
 class Reconciler:
-    def __init__(self, pool, codec: Codec, settings: LedgerSettings, on_commit=lambda: None,
+    def __init__(self, pool, codec: Codec, settings: LedgerSettings, on_commit=lambda rows: None,
                  interval_s: float = 1.0):
         self.pool, self.codec, self.settings = pool, codec, settings
         self.on_commit = on_commit
@@ -41,8 +41,7 @@ class Reconciler:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                if await self.tick():
-                    self.on_commit()
+                await self.tick()
             except psycopg.OperationalError as exc:
                 log.warning("reconciliation: %s; retrying", exc)
             try:
@@ -64,7 +63,7 @@ class Reconciler:
                     queries += await self._reconcile(batch, row)
             batch.outbox += queries
             await batch.flush()
-        batch.record_metrics()
+        batch.committed(self.on_commit)
         return len(due)
 
     async def _reconcile(self, batch: FactBatch, row: dict) -> list:

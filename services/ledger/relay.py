@@ -1,11 +1,16 @@
 """The outbox relay: publishes committed outbox rows to Kafka, then deletes them.
 
-At least once: a crash between the broker's ack and the delete republishes rows, which consumers
-deduplicate by event_id. Rows are locked with SKIP LOCKED so several ledgers can relay at once.
+Fast path: the ledger hands over each committed transaction's rows, which are published at once,
+in commit order, with no read back from the table. Backstop: a periodic scan publishes rows older
+than `stale_after_s` (left by a crash, a failed publish or a ledger that stopped), with SKIP LOCKED
+so several ledgers can scan at once. At least once: a crash between the broker's ack and the
+delete, or a backstop overtaking a slow fast path, republishes rows, which consumers deduplicate
+by event_id.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 
 import psycopg
@@ -15,48 +20,79 @@ from services.common.kafka import EventProducer, PublishError
 from services.common.topics import ALL_TOPICS
 
 log = logging.getLogger(__name__)
-BACKLOG = Gauge("ledger_outbox_backlog", "Outbox rows not yet published")
+LEFT_BEHIND = Gauge("ledger_outbox_left_behind", "Outbox rows the last backstop scan found unpublished (one batch at most)")
 TOPICS = {t.name: t for t in ALL_TOPICS}
+
+OutboxRow = tuple[int, str, bytes, bytes]  # id, topic, key, payload
 
 
 class OutboxRelay:
-    def __init__(self, pool, producer: EventProducer, batch: int = 500, idle_poll_s: float = 1.0):
+    def __init__(self, pool, producer: EventProducer, batch: int = 500, idle_poll_s: float = 1.0,
+                 stale_after_s: float = 5.0):
         self.pool = pool
         self.producer = producer
         self.batch = batch
         self.idle_poll_s = idle_poll_s
+        self.stale_after_s = stale_after_s
+        self.handed: collections.deque[list[OutboxRow]] = collections.deque()
         self.wake = asyncio.Event()
 
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            self.wake.clear()  # before reading: a commit made while we publish wakes the next round
-            try:
-                published = await self.publish_once()
-            except (psycopg.OperationalError, PublishError) as exc:
-                log.warning("outbox relay: %s; retrying", exc)
-                published = 0
-                await asyncio.sleep(1)
-            if published < self.batch:
-                await self._sleep_until_woken(stop)
+    def hand_over(self, rows: list[OutboxRow]) -> None:
+        """Called once the transaction that wrote these rows committed."""
+        if rows:
+            self.handed.append(rows)
+            self.wake.set()
 
-    async def _sleep_until_woken(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        next_scan = loop.time()
+        while not stop.is_set():
+            self.wake.clear()  # before looking: rows handed over while we publish wake the next round
+            try:
+                if self.handed:
+                    await self.publish(self.handed.popleft())
+                    continue
+                if loop.time() >= next_scan:
+                    if await self.publish_stale() < self.batch:
+                        next_scan = loop.time() + self.idle_poll_s
+                    continue
+            except (psycopg.OperationalError, PublishError) as exc:
+                log.warning("outbox relay: %s; the backstop will retry", exc)  # the rows stay in the table
+                await asyncio.sleep(1)
+                continue
+            await self._sleep_until_woken(stop, next_scan - loop.time())
+
+    async def _sleep_until_woken(self, stop: asyncio.Event, timeout: float) -> None:
         waiters = [asyncio.create_task(self.wake.wait()), asyncio.create_task(stop.wait())]
-        await asyncio.wait(waiters, timeout=self.idle_poll_s, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waiters, timeout=max(timeout, 0.0), return_when=asyncio.FIRST_COMPLETED)
         for w in waiters:
             w.cancel()
 
-    async def publish_once(self) -> int:
+    async def publish(self, rows: list[OutboxRow]) -> None:
+        await self._produce(rows)
         async with self.pool.connection() as conn, conn.transaction():
-            cur = await conn.execute("SELECT id, topic, key, payload FROM outbox ORDER BY id LIMIT %s"
-                                     " FOR UPDATE SKIP LOCKED", (self.batch,))
+            await _delete(conn, rows)
+
+    async def publish_stale(self) -> int:
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute("SELECT id, topic, key, payload FROM outbox"
+                                     " WHERE created_at < now() - make_interval(secs => %s)"
+                                     " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED", (self.stale_after_s, self.batch))
             rows = await cur.fetchall()
             if rows:
-                # produce() runs in order inside gather, so per-key order is kept.
-                await asyncio.gather(*(self.producer.publish_raw(TOPICS[t], bytes(k), bytes(p)) for _, t, k, p in rows))
-                await conn.execute("DELETE FROM outbox WHERE id = ANY(%s)", ([r[0] for r in rows],))
-            # Counting is a scan of the table: only worth it when this round did not take everything.
-            backlog = 0
-            if len(rows) == self.batch:
-                backlog = (await (await conn.execute("SELECT count(*) FROM outbox")).fetchone())[0]
-        BACKLOG.set(backlog)
+                log.info("outbox relay: publishing %d rows left behind", len(rows))
+                await self._produce(rows)
+                await _delete(conn, rows)
+        LEFT_BEHIND.set(len(rows))
         return len(rows)
+
+    async def _produce(self, rows: list[OutboxRow]) -> None:
+        # produce() runs in order inside gather, so per-key order is kept.
+        await asyncio.gather(*(self.producer.publish_raw(TOPICS[t], bytes(k), bytes(p)) for _, t, k, p in rows))
+
+
+async def _delete(conn, rows: list[OutboxRow]) -> None:
+    """The delete need not wait for the disk: if it is lost, the rows are published again."""
+    async with conn.pipeline():
+        await conn.execute("SET LOCAL synchronous_commit TO off")
+        await conn.execute("DELETE FROM outbox WHERE id = ANY(%s)", ([r[0] for r in rows],))

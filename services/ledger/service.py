@@ -10,6 +10,7 @@ import collections
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Callable
 
 import psycopg
 from prometheus_client import Counter
@@ -20,6 +21,7 @@ from services.common.kafka import ConsumedEvent, Rejection, Transient, new_event
 from services.common.topics import PAYMENT_STATUS
 from services.ledger import state_machine as sm
 from services.ledger import store
+from services.ledger.relay import OutboxRow
 from services.ledger.callbacks import CallbackParseError
 from services.ledger.facts import NotAFact, fact_of
 
@@ -39,11 +41,11 @@ class LedgerSettings:
 
 class Ledger:
     def __init__(self, pool: AsyncConnectionPool, codec: Codec, settings: LedgerSettings = LedgerSettings(),
-                 on_commit=lambda: None):
+                 on_commit: Callable[[list[OutboxRow]], None] = lambda rows: None):
         self.pool = pool
         self.codec = codec
         self.settings = settings
-        self.on_commit = on_commit  # wakes the outbox relay
+        self.on_commit = on_commit  # hands each committed transaction's outbox rows to the relay
 
     async def handle_batch(self, events: list[ConsumedEvent]) -> list[Rejection]:
         try:
@@ -56,7 +58,6 @@ class Ledger:
                     rejections += await self._apply_alone(e)
         except psycopg.OperationalError as exc:
             raise Transient(f"database unavailable: {exc}") from exc
-        self.on_commit()
         return rejections
 
     async def _apply_alone(self, event: ConsumedEvent) -> list[Rejection]:
@@ -81,7 +82,7 @@ class Ledger:
                 if e.value["event_id"] in fresh:
                     await batch.apply(e, payment_id, fact)
             await batch.flush()
-        batch.record_metrics()
+        batch.committed(self.on_commit)
         VERDICTS.labels("replay", "duplicate").inc(len(events) - len(fresh))
         return [r for r in rejections if r.event.value["event_id"] in fresh]
 
@@ -99,6 +100,7 @@ class FactBatch:
         self.history: list[tuple] = []
         self.audit: list[dict] = []
         self.outbox: list[tuple[str, bytes, bytes]] = []
+        self.outbox_rows: list[OutboxRow] = []  # the outbox as written, with ids
         self.to_park: dict[str, tuple[str, str, str, bytes]] = {}  # event_id -> row, parked in this batch
         self.unparked: list[str] = []
         self.counts: collections.Counter = collections.Counter()  # (metric, labels) -> increments, recorded after commit
@@ -199,16 +201,18 @@ class FactBatch:
                   "metadata": {str(k): str(v) for k, v in (row["metadata"] or {}).items()}}
         return PAYMENT_STATUS.name, row["channel_id"].encode(), self.codec.encode(PAYMENT_STATUS.schema, record)
 
-    def record_metrics(self) -> None:
-        """Once committed: a batch that rolled back is applied again and must not count twice."""
+    def committed(self, hand_over: Callable[[list[OutboxRow]], None]) -> None:
+        """After the commit: metrics are recorded (a batch that rolled back is applied again and must
+        not count twice) and the outbox rows go to the relay."""
         for (metric, *labels), n in self.counts.items():
             metric.labels(*labels).inc(n)
+        hand_over(self.outbox_rows)
 
     async def flush(self) -> None:
         await store.write_payments(self.conn, [self.payments[pid] for pid in sorted(self.dirty)], self.unparked)
         await store.add_history(self.conn, self.history)
         await store.park(self.conn, list(self.to_park.values()))
-        await store.enqueue(self.conn, self.outbox)
+        self.outbox_rows = await store.enqueue(self.conn, self.outbox)
         await store.append_audit(self.conn, self.audit)  # last: it holds the chain's lock until commit
 
 

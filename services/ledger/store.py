@@ -108,9 +108,15 @@ async def _copy(conn: AsyncConnection, table: str, columns: str, rows: list[tupl
                 await copy.write_row(row)
 
 
-async def enqueue(conn: AsyncConnection, rows: list[tuple[str, bytes, bytes]]) -> None:
-    """Outbox rows (topic, key, payload), published by the relay after this transaction commits."""
-    await _copy(conn, "outbox", "topic, key, payload", rows)
+async def enqueue(conn: AsyncConnection, rows: list[tuple[str, bytes, bytes]]) -> list[tuple[int, str, bytes, bytes]]:
+    """Outbox rows (topic, key, payload), published by the relay once this transaction committed;
+    returns them with their ids, in order."""
+    if not rows:
+        return []
+    cur = await conn.execute("INSERT INTO outbox (topic, key, payload) SELECT * FROM unnest(%s::text[], %b::bytea[],"
+                             " %b::bytea[]) RETURNING id", ([r[0] for r in rows], [r[1] for r in rows],
+                                                            [r[2] for r in rows]))
+    return [(row[0], *message) for row, message in zip(await cur.fetchall(), rows)]
 
 
 # --- Audit trail -----------------------------------------------------------------------------

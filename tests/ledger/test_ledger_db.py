@@ -175,8 +175,8 @@ async def test_status_events_are_published_after_commit_through_the_outbox(ledge
     channel, pid = f"ch-{unique}", str(uuid.uuid4())
     await ledger.handle_batch([requested(channel, pid), accepted(channel, pid, f"ws_CO_{unique}")])
     mark = end_offsets(kafka_bootstrap, PAYMENT_STATUS.name)
-    relay = OutboxRelay(pool, producer)
-    while await relay.publish_once():
+    relay = OutboxRelay(pool, producer, stale_after_s=0)  # the backstop: everything is old enough
+    while await relay.publish_stale():
         pass
     messages = read_all(kafka_bootstrap, PAYMENT_STATUS.name, lambda m: m.key() == channel.encode(), expected=2,
                         since=mark)
@@ -208,23 +208,50 @@ async def test_editing_an_audit_row_makes_verification_fail(ledger, pool, unique
         assert (await store.verify_audit(conn, from_seq=max(seq - 50, 1)))[1] is None
 
 
-async def test_a_commit_made_while_the_relay_publishes_wakes_its_next_round():
+async def test_rows_handed_over_while_the_relay_publishes_go_out_next_not_after_the_idle_poll():
     relay = OutboxRelay(pool=None, producer=None, idle_poll_s=30)
-    rounds = []
+    published = []
 
-    async def publish_once():
-        rounds.append(1)
-        if len(rounds) == 1:
-            relay.wake.set()  # a batch committed while this round was publishing
+    async def publish(rows):
+        published.append(rows)
+        if len(published) == 1:
+            relay.hand_over([(2, "t", b"k", b"v")])  # a transaction committed while this round published
+
+    async def publish_stale():
         return 0
 
-    relay.publish_once = publish_once
+    relay.publish, relay.publish_stale = publish, publish_stale
+    relay.hand_over([(1, "t", b"k", b"v")])
     stop = asyncio.Event()
     running = asyncio.create_task(relay.run(stop))
 
-    async def second_round():
-        return len(rounds) >= 2
+    async def both_published():
+        return len(published) == 2
 
-    await eventually(second_round, timeout=2)  # not after the 30 s idle poll
+    await eventually(both_published, timeout=2)  # not after the 30 s idle poll
     stop.set()
     await running
+    assert [rows[0][0] for rows in published] == [1, 2]  # in commit order
+
+
+async def test_committed_status_events_are_handed_to_the_relay_and_published_without_a_scan(
+        pool, codec, producer, kafka_bootstrap, unique):
+    relay = OutboxRelay(pool, producer, idle_poll_s=30, stale_after_s=30)  # the backstop stays out of it
+    ledger = Ledger(pool, codec, on_commit=relay.hand_over)
+    channel, pid = f"ch-{unique}", str(uuid.uuid4())
+    mark = end_offsets(kafka_bootstrap, PAYMENT_STATUS.name)
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop))
+    await ledger.handle_batch([requested(channel, pid), accepted(channel, pid, f"ws_CO_{unique}")])
+    messages = await asyncio.to_thread(read_all, kafka_bootstrap, PAYMENT_STATUS.name,
+                                       lambda m: m.key() == channel.encode(), expected=2, since=mark)
+
+    async def outbox_emptied():
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT count(*) FROM outbox WHERE key = %s", (channel.encode(),))
+            return (await cur.fetchone())[0] == 0
+
+    await eventually(outbox_emptied, timeout=5)
+    stop.set()
+    await running
+    assert [codec.decode(m.value())[1]["status"] for m in messages] == ["Requested", "Pending"]
