@@ -255,3 +255,13 @@ async def test_committed_status_events_are_handed_to_the_relay_and_published_wit
     stop.set()
     await running
     assert [codec.decode(m.value())[1]["status"] for m in messages] == ["Requested", "Pending"]
+
+
+async def test_one_event_the_database_refuses_is_rejected_alone_and_the_rest_of_its_batch_applies(ledger, pool, unique):
+    channel, pid, other = f"ch-{unique}", str(uuid.uuid4()), str(uuid.uuid4())
+    bad = requested(channel, other)
+    bad.value["event_id"] = "not-a-uuid"  # a producer's bug: the column is a uuid
+    rejections = await ledger.handle_batch([requested(channel, pid), bad, accepted(channel, pid, f"ws_CO_{unique}")])
+    assert [(r.event.value["payment_id"], type(r.error).__name__) for r in rejections] == [(other, "InvalidTextRepresentation")]
+    assert await state_of(pool, pid) == ("Pending", None)
+    assert await state_of(pool, other) is None
