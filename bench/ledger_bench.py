@@ -1,11 +1,19 @@
 """Ledger throughput: events applied per second through Kafka into PostgreSQL (a benchmark, not a test).
 
-Produces, on bench topics of its own, a payment request, an accepted push result and a success
-callback for each of --payments payments, then runs the real consumer loop + Ledger + outbox relay
-in this process with a fresh group, and reports events/s from the first batch to the last
-payment Settled. Loopback only; bounded by --payments and --timeout-s.
+Each of --payments payments has three events on bench topics of its own: its request, an accepted
+push result and a success callback. --processes ledgers (the real consumer loop, Ledger and outbox
+relay, as `python -m services.ledger` runs them) share a fresh consumer group. Two modes:
 
-    .venv/bin/python bench/ledger_bench.py [--payments 5000]
+  backlog (default): all events are produced first, then the ledgers catch up; events/s from the
+                     first batch to the last event applied. The three topics are read side by
+                     side, so most results and callbacks arrive before their request and wait.
+  --rate R:          R events/s are offered in the order they happen (a payment's push result
+                     1 s after its request, its callback 1 s after that); reports the rate applied
+                     while offering and how long the ledgers took to finish after the last event.
+
+Loopback only; bounded by --payments and --timeout-s.
+
+    .venv/bin/python bench/ledger_bench.py [--payments 10000] [--processes 1] [--rate 5000]
 """
 from __future__ import annotations
 
@@ -22,11 +30,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from confluent_kafka import Producer  # noqa: E402
 from prometheus_client import REGISTRY  # noqa: E402
 
 from services.common.avro import Codec  # noqa: E402
 from services.common.db import migrate, open_pool  # noqa: E402
-from services.common.kafka import ConsumerLoop, EventProducer, ensure_topics, new_event_fields  # noqa: E402
+from services.common.kafka import (ConsumerLoop, EventProducer, ensure_topics, new_event_fields,  # noqa: E402
+                                   producer_config)
 from services.common.topics import ALL_TOPICS, Topic  # noqa: E402
 from services.ledger.relay import OutboxRelay  # noqa: E402
 from services.ledger.service import Ledger  # noqa: E402
@@ -71,7 +81,8 @@ async def produce(run: str, payments: int) -> dict[str, Topic]:
     started = time.perf_counter()
     await asyncio.gather(*(producer.publish(topics[s], v) for i in range(payments) for s, v in events_for(run, i)))
     producer.close()
-    print(f"produced {3 * payments} events in {time.perf_counter() - started:.1f}s")
+    if payments:
+        print(f"produced {3 * payments} events in {time.perf_counter() - started:.1f}s")
     return topics
 
 
@@ -81,7 +92,7 @@ def ledger_process(run: str, topics: dict[str, Topic], in_flight: int, shared) -
 
 
 async def run_ledger(run: str, topics: dict[str, Topic], in_flight: int, shared) -> None:
-    applied, first, stop_flag, results = shared
+    applied, first, stop_flag, results, ready = shared
     codec = Codec()
     producer = EventProducer(KAFKA, codec, client_id="bench-ledger")
     pool = await open_pool(DB, max_size=4)
@@ -104,6 +115,10 @@ async def run_ledger(run: str, topics: dict[str, Topic], in_flight: int, shared)
                         handler=counting, dead_letters=producer, max_batch=1000, max_in_flight=in_flight)
     stop = asyncio.Event()
     tasks = [asyncio.create_task(loop.run(stop)), asyncio.create_task(relay.run(stop))]
+    while not loop.assigned:
+        await asyncio.sleep(0.05)
+    with ready.get_lock():
+        ready.value += 1
     while not stop_flag.is_set():
         await asyncio.sleep(0.05)
     cpu = (time.process_time() - cpu_first[0], time.thread_time() - cpu_first[1]) if cpu_first else (0.0, 0.0)
@@ -124,16 +139,38 @@ async def count_settled(run: str) -> int:
     return settled
 
 
-def main(payments: int, processes: int, in_flight: int, timeout_s: float) -> None:
+def offer_live(run: str, topics: dict[str, Topic], payments: int, rate: float, applied) -> tuple[float, int]:
+    """Produces the events at `rate` per second in the order they happen; returns (seconds, applied meanwhile)."""
+    codec, per_payment = Codec(), rate / 3
+    schedule = sorted(((i / per_payment + step, s, v) for i in range(payments)
+                       for step, (s, v) in enumerate(events_for(run, i))), key=lambda e: e[0])
+    encoded = [(t, topics[s].name, v["channel_id"].encode(), codec.encode(s, v)) for t, s, v in schedule]
+    producer = Producer(producer_config(KAFKA, "bench-live", 15000, 5))
+    started, applied_before = time.time(), applied.value
+    for t, topic, key, value in encoded:
+        if (delay := started + t - time.time()) > 0.001:
+            time.sleep(delay)
+        producer.produce(topic, key=key, value=value)
+        producer.poll(0)
+    producer.flush()
+    return time.time() - started, applied.value - applied_before
+
+
+def main(payments: int, processes: int, in_flight: int, rate: float, timeout_s: float) -> None:
     run = uuid.uuid4().hex[:8]
-    topics = asyncio.run(produce(run, payments))
+    topics = asyncio.run(produce(run, payments if not rate else 0))
     ctx = multiprocessing.get_context("spawn")
-    shared = (ctx.Value("q", 0), ctx.Value("d", 0.0), ctx.Event(), ctx.Queue())
+    shared = (ctx.Value("q", 0), ctx.Value("d", 0.0), ctx.Event(), ctx.Queue(), ctx.Value("i", 0))
     ledgers = [ctx.Process(target=ledger_process, args=(run, topics, in_flight, shared)) for _ in range(processes)]
     for p in ledgers:
         p.start()
-    applied, first, stop_flag, results = shared
+    applied, first, stop_flag, results, ready = shared
     deadline = time.time() + timeout_s
+    if rate:
+        while ready.value < processes and time.time() < deadline:
+            time.sleep(0.05)
+        offered_s, applied_meanwhile = offer_live(run, topics, payments, rate, applied)
+        offer_end = time.time()
     while applied.value < 3 * payments and time.time() < deadline:
         time.sleep(0.02)
     elapsed = time.time() - (first.value or time.time())
@@ -143,8 +180,14 @@ def main(payments: int, processes: int, in_flight: int, timeout_s: float) -> Non
         p.join()
     settled = asyncio.run(count_settled(run))
     done = applied.value
-    print(f"ledger ({processes} process(es), {in_flight} batch(es) in flight each): {done} events in {elapsed:.2f}s"
-          f" = {done / elapsed:,.0f} events/s; {settled}/{payments} payments Settled (target >= 5,000 events/s)")
+    shape = f"ledger ({processes} process(es), {in_flight} batch(es) in flight each)"
+    if rate:
+        print(f"{shape}: offered {rate:,.0f} events/s in order for {offered_s:.1f}s; applied "
+              f"{applied_meanwhile / offered_s:,.0f} events/s meanwhile; all {done} applied "
+              f"{elapsed - (offer_end - first.value):.2f}s after the last was produced; {settled}/{payments} Settled")
+    else:
+        print(f"{shape}: {done} events in {elapsed:.2f}s = {done / elapsed:,.0f} events/s; "
+              f"{settled}/{payments} payments Settled (target >= 5,000 events/s)")
     print(f"  CPU per event: {sum(c[0] for c in cpu) / max(done, 1) * 1e6:.0f} us in the ledger processes"
           f" ({sum(c[1] for c in cpu) / max(done, 1) * 1e6:.0f} on their event loops);"
           f" {sum(c[2] for c in cpu):.0f} facts arrived before their payment")
@@ -155,6 +198,7 @@ if __name__ == "__main__":
     parser.add_argument("--payments", type=int, default=5000)
     parser.add_argument("--processes", type=int, default=1, help="ledger instances in the consumer group")
     parser.add_argument("--in-flight", type=int, default=1, help="batches each ledger applies at once")
+    parser.add_argument("--rate", type=float, default=0, help="events/s offered in order (0: backlog mode)")
     parser.add_argument("--timeout-s", type=float, default=120)
     args = parser.parse_args()
-    main(args.payments, args.processes, args.in_flight, args.timeout_s)
+    main(args.payments, args.processes, args.in_flight, args.rate, args.timeout_s)
