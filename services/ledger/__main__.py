@@ -9,7 +9,7 @@ from services.common.avro import Codec
 from services.common.db import migrate, open_pool
 from services.common.kafka import ConsumerLoop, EventProducer, ensure_topics
 from services.common.observability import Health, serve_ops
-from services.common.runtime import run_service
+from services.common.runtime import quiet_garbage_collector, run_service
 from services.common.topics import ALL_TOPICS, CALLBACK_RAW, PAYMENT_REQUESTED, STK_PUSH_RESULT, STK_QUERY_RESULT
 from services.ledger.reconciler import Reconciler
 from services.ledger.relay import OutboxRelay
@@ -46,6 +46,7 @@ async def main(cfg: dict, stop: asyncio.Event) -> None:
                             max_in_flight=cfg["LEDGER_MAX_IN_FLIGHT"])
     reconciler = Reconciler(pool, codec, settings, on_commit=relay.hand_over)
     runner = await serve_ops(Health(), cfg["METRICS_HOST"], cfg["LEDGER_METRICS_PORT"])
+    quiet_garbage_collector()
     try:
         await asyncio.gather(consumer.run(stop), relay.run(stop), reconciler.run(stop))
     finally:

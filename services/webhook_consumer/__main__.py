@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 
 from services.common.observability import Health, serve
-from services.common.runtime import run_service
+from services.common.runtime import quiet_garbage_collector, run_service
 from services.webhook_consumer.app import GatewayDeps, create_app, gateway_producer
 from services.webhook_consumer.settings import SETTINGS, GatewaySettings
 
@@ -27,19 +26,6 @@ async def main(cfg: dict, stop: asyncio.Event) -> None:
     finally:
         await runner.cleanup()
         producer.close()
-
-
-def quiet_garbage_collector() -> None:
-    """Fewer and shorter collector pauses on the callback path.
-
-    A callback leaves little cyclic garbage, yet with the default thresholds the collector ran
-    every few dozen callbacks and its full passes walked every object made at start-up: pauses
-    of tens of milliseconds on the ack path (bench/gateway_bench.py). Start-up objects are frozen
-    out of collection and young collections happen less often.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 50, 100)
 
 
 if __name__ == "__main__":

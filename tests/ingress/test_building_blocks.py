@@ -1,20 +1,15 @@
-"""The hot path's building blocks on their own: the claim table, natural batching, the TTL cache and
-the loop-polled producer."""
+"""The hot path's building blocks on their own: the claim table, natural batching and the TTL cache."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from datetime import datetime, timezone
 
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from services.common.kafka import EventProducer, PublishError
-from services.common.topics import PAYMENT_REQUESTED
 from services.ingress.batching import Batcher
 from services.ingress.cache import TtlCache
 from services.ingress.idempotency import Claim, IdempotencyStore, new_claim_ids
-from tests.platform.kafka_helpers import sample_request
 
 
 @pytest.fixture
@@ -150,16 +145,3 @@ async def test_cache_does_not_keep_failures():
     with pytest.raises(ConnectionError):
         await cache.get("k", failing)
     assert await cache.get("k", working) == "up"
-
-
-async def test_producer_returns_after_the_ack_and_fails_without_a_broker(kafka_bootstrap, codec, unique):
-    good = EventProducer(kafka_bootstrap, codec, client_id="test", delivery_timeout_ms=10_000, linger_ms=1)
-    records = [sample_request(f"lp-{unique}", str(uuid.uuid4())) for _ in range(20)]
-    await asyncio.gather(*(good.publish(PAYMENT_REQUESTED, r) for r in records))
-    assert good._outstanding == 0 and good._polling is None  # nothing left to poll for
-    good.close()
-
-    broken = EventProducer("127.0.0.1:9", codec, client_id="test", delivery_timeout_ms=300, linger_ms=1)
-    with pytest.raises(PublishError):
-        await broken.publish(PAYMENT_REQUESTED, records[0])
-    broken.close(timeout=1)

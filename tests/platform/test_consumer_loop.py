@@ -1,12 +1,15 @@
-"""The consumer loop against the real broker: commit after handling, dead letters, retries."""
+"""The Kafka plumbing against the real broker: commit after handling, dead letters, retries, acked publishing."""
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import uuid
 
-from services.common.kafka import Transient, ensure_topics
-from services.common.topics import DEAD_LETTER, Topic
+import pytest
+
+from services.common.kafka import EventProducer, PublishError, Transient, ensure_topics
+from services.common.topics import DEAD_LETTER, PAYMENT_REQUESTED, Topic
 from tests.conftest import ROOT
 from tests.platform.kafka_helpers import end_offsets, read_all, recording_loop, run_until, sample_request
 
@@ -92,3 +95,16 @@ async def test_a_transient_failure_is_retried_not_dead_lettered(kafka_bootstrap,
     await run_until(loop, lambda: seen)
     assert len(attempts) == 3
     assert [e.value["event_id"] for e in seen] == [event["event_id"]]
+
+
+async def test_producer_returns_after_the_ack_and_fails_without_a_broker(kafka_bootstrap, codec, unique):
+    good = EventProducer(kafka_bootstrap, codec, client_id="test", delivery_timeout_ms=10_000, linger_ms=1)
+    records = [sample_request(f"lp-{unique}", str(uuid.uuid4())) for _ in range(20)]
+    await asyncio.gather(*(good.publish(PAYMENT_REQUESTED, r) for r in records))
+    assert good._outstanding == 0 and good._polling is None  # nothing left to poll for
+    good.close()
+
+    broken = EventProducer("127.0.0.1:9", codec, client_id="test", delivery_timeout_ms=300, linger_ms=1)
+    with pytest.raises(PublishError):
+        await broken.publish(PAYMENT_REQUESTED, records[0])
+    broken.close(timeout=1)
