@@ -112,7 +112,8 @@ async def run_ledger(run: str, topics: dict[str, Topic], in_flight: int, shared)
         return rejections
 
     loop = ConsumerLoop(bootstrap=KAFKA, group_id=f"bench-{run}", topics=list(topics.values()), codec=codec,
-                        handler=counting, dead_letters=producer, max_batch=1000, max_in_flight=in_flight)
+                        handler=counting, dead_letters=producer, max_batch=1000, max_in_flight=in_flight,
+                        overlap_only_when_behind=True)
     stop = asyncio.Event()
     tasks = [asyncio.create_task(loop.run(stop)), asyncio.create_task(relay.run(stop))]
     while not loop.assigned:
@@ -197,7 +198,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--payments", type=int, default=5000)
     parser.add_argument("--processes", type=int, default=1, help="ledger instances in the consumer group")
-    parser.add_argument("--in-flight", type=int, default=1, help="batches each ledger applies at once")
+    parser.add_argument("--in-flight", type=int, default=2, help="LEDGER_MAX_IN_FLIGHT of each ledger")
     parser.add_argument("--rate", type=float, default=0, help="events/s offered in order (0: backlog mode)")
     parser.add_argument("--timeout-s", type=float, default=120)
     args = parser.parse_args()

@@ -22,8 +22,8 @@ SETTINGS = [
     config.METRICS_HOST,
     config.Setting("LEDGER_GROUP_ID", str, "ledger", help="Kafka consumer group"),
     config.Setting("LEDGER_METRICS_PORT", config.port, 9102, help="port of /metrics and /healthz"),
-    config.Setting("LEDGER_MAX_IN_FLIGHT", config.positive_int, 1,
-                   help="batches applied at once (per-payment locks keep them apart)"),
+    config.Setting("LEDGER_MAX_IN_FLIGHT", config.positive_int, 2,
+                   help="batches applied at once while behind (per-payment locks keep them apart)"),
     config.Setting("LEDGER_QUERY_AFTER_S", config.positive_float, 90.0, help="Pending this long: start STK queries"),
     config.Setting("LEDGER_REVIEW_AFTER_S", config.positive_float, 900.0, help="no final answer by then: Review"),
 ]
@@ -43,7 +43,7 @@ async def main(cfg: dict, stop: asyncio.Event) -> None:
     consumer = ConsumerLoop(bootstrap=bootstrap, group_id=cfg["LEDGER_GROUP_ID"], codec=codec,
                             topics=[PAYMENT_REQUESTED, STK_PUSH_RESULT, CALLBACK_RAW, STK_QUERY_RESULT],
                             handler=ledger.handle_batch, dead_letters=producer,
-                            max_in_flight=cfg["LEDGER_MAX_IN_FLIGHT"])
+                            max_in_flight=cfg["LEDGER_MAX_IN_FLIGHT"], overlap_only_when_behind=True)
     reconciler = Reconciler(pool, codec, settings, on_commit=relay.hand_over)
     runner = await serve_ops(Health(), cfg["METRICS_HOST"], cfg["LEDGER_METRICS_PORT"])
     quiet_garbage_collector()

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from services.common.kafka import EventProducer, PublishError, Transient, ensure_topics
+from services.common.kafka import ConsumerLoop, EventProducer, PublishError, Transient, ensure_topics
 from services.common.topics import DEAD_LETTER, PAYMENT_REQUESTED, Topic
 from tests.conftest import ROOT
 from tests.platform.kafka_helpers import end_offsets, read_all, recording_loop, run_until, sample_request
@@ -108,3 +108,45 @@ async def test_producer_returns_after_the_ack_and_fails_without_a_broker(kafka_b
     with pytest.raises(PublishError):
         await broken.publish(PAYMENT_REQUESTED, records[0])
     broken.close(timeout=1)
+
+
+def overlap_tracking_loop(kafka_bootstrap, group, topic, codec, producer, seen, overlaps):
+    """A loop of two batches of at most 10 in flight that runs a batch beside another only when
+    behind; records how many batches were running whenever one started."""
+    running = 0
+
+    async def handler(events):
+        nonlocal running
+        running += 1
+        overlaps.append(running)
+        await asyncio.sleep(0.2)  # a batch's database work
+        seen.extend(events)
+        running -= 1
+        return []
+
+    return ConsumerLoop(bootstrap=kafka_bootstrap, group_id=group, topics=[topic], codec=codec, handler=handler,
+                        dead_letters=producer, max_batch=10, max_in_flight=2, overlap_only_when_behind=True,
+                        poll_timeout=0.1)
+
+
+async def test_batches_overlap_only_while_the_consumer_is_behind(kafka_bootstrap, codec, producer, unique):
+    topic = own_topic(kafka_bootstrap, unique)
+    backlog = [sample_request(f"ch-{unique}", str(uuid.uuid4())) for _ in range(60)]
+    await asyncio.gather(*(producer.publish(topic, e) for e in backlog))
+    seen, overlaps = [], []
+    loop = overlap_tracking_loop(kafka_bootstrap, f"g-{unique}", topic, codec, producer, seen, overlaps)
+    await run_until(loop, lambda: len(seen) == 60)
+    assert max(overlaps) == 2  # full batches: two at once
+
+    seen, overlaps = [], []
+    loop = overlap_tracking_loop(kafka_bootstrap, f"g-{unique}", topic, codec, producer, seen, overlaps)
+    stop = asyncio.Event()
+    running = asyncio.create_task(loop.run(stop))
+    for _ in range(6):  # one at a time: small batches
+        await producer.publish(topic, sample_request(f"ch-{unique}", str(uuid.uuid4())))
+        await asyncio.sleep(0.05)
+    while len(seen) < 6:
+        await asyncio.sleep(0.05)
+    stop.set()
+    await running
+    assert max(overlaps) == 1
