@@ -45,3 +45,9 @@ def test_failure_without_metadata_has_no_receipt():
 def test_unparseable_bodies_say_why(body, why):
     with pytest.raises(CallbackParseError, match=why):
         parse_callback(body)
+
+
+@pytest.mark.parametrize("date", [b"2026112710211", b"202611271021150", b"\"2026-11-27T10\"", b"20260230102115"])
+def test_a_transaction_date_not_exactly_yyyymmddhhmmss_is_refused(date):
+    with pytest.raises(CallbackParseError, match="TransactionDate"):
+        parse_callback(success("ws_CO_7").replace(b"20261127102115", date))
