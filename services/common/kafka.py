@@ -91,31 +91,46 @@ class EventProducer:
         await self.publish_raw(topic, record["channel_id"].encode(), self.codec.encode(topic.schema, record))
 
     async def publish_raw(self, topic: Topic, key: bytes | None, value: bytes) -> None:
+        await self.publish_many([(topic, key, value)])
+
+    async def publish_many(self, messages: list[tuple[Topic, bytes | None, bytes]]) -> None:
+        """Produces in order (so per-key order is kept) and returns once the broker acknowledged every
+        message, or raises PublishError if one was not: one future for the lot."""
+        if not messages:
+            return
         loop = asyncio.get_running_loop()
         acked = loop.create_future()
+        waiting, failed = len(messages), []
 
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:  # runs inside poll(), on the loop
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:  # runs inside poll(), on the loop
+            nonlocal waiting
             self._outstanding -= 1
-            _settle(acked, err)
+            waiting -= 1
+            if err is not None:
+                failed.append((msg.topic(), err))
+            if waiting == 0:
+                _settle(acked, failed[0][1] if failed else None)
 
-        while True:
-            try:
-                self._producer.produce(topic.name, key=key, value=value, on_delivery=on_delivery)
-                break
-            except BufferError:  # local queue full: serve deliveries to drain it
-                self._producer.poll(0)
-                await asyncio.sleep(0.005)
-        self._outstanding += 1
+        for topic, key, value in messages:
+            while True:
+                try:
+                    self._producer.produce(topic.name, key=key, value=value, on_delivery=on_delivery)
+                    break
+                except BufferError:  # local queue full: serve deliveries to drain it
+                    self._producer.poll(0)
+                    await asyncio.sleep(0.005)
+            self._outstanding += 1
         self._keep_polling(loop)
         try:
             await acked
-        except PublishError:
-            PUBLISH_FAILURES.labels(topic.name).inc()
-            raise
-        counter = self._acknowledged.get(topic.name)
-        if counter is None:
-            counter = self._acknowledged[topic.name] = EVENTS_OUT.labels(topic.name)
-        counter.inc()
+        finally:
+            for topic_name, n in collections.Counter(t for t, _ in failed).items():
+                PUBLISH_FAILURES.labels(topic_name).inc(n)
+        for topic_name, n in collections.Counter(topic.name for topic, _, _ in messages).items():
+            counter = self._acknowledged.get(topic_name)
+            if counter is None:
+                counter = self._acknowledged[topic_name] = EVENTS_OUT.labels(topic_name)
+            counter.inc(n)
 
     def _keep_polling(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._polling is None or self._polling_loop is not loop:  # a test may switch loops

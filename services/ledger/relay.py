@@ -87,8 +87,7 @@ class OutboxRelay:
         return len(rows)
 
     async def _produce(self, rows: list[OutboxRow]) -> None:
-        # produce() runs in order inside gather, so per-key order is kept.
-        await asyncio.gather(*(self.producer.publish_raw(TOPICS[t], bytes(k), bytes(p)) for _, t, k, p in rows))
+        await self.producer.publish_many([(TOPICS[t], bytes(k), bytes(p)) for _, t, k, p in rows])
 
 
 async def _delete(conn, rows: list[OutboxRow]) -> None:

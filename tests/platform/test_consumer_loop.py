@@ -150,3 +150,14 @@ async def test_batches_overlap_only_while_the_consumer_is_behind(kafka_bootstrap
     stop.set()
     await running
     assert max(overlaps) == 1
+
+
+async def test_a_batch_published_together_arrives_in_order(kafka_bootstrap, codec, unique):
+    topic = own_topic(kafka_bootstrap, unique)
+    producer = EventProducer(kafka_bootstrap, codec, client_id="test", linger_ms=1)
+    records = [sample_request(f"ch-{unique}", str(uuid.uuid4())) for _ in range(50)]
+    await producer.publish_many([(topic, r["channel_id"].encode(), codec.encode(topic.schema, r)) for r in records])
+    await producer.publish_many([])
+    producer.close()
+    messages = read_all(kafka_bootstrap, topic.name, lambda m: True, expected=50)
+    assert [codec.decode(m.value())[1]["event_id"] for m in messages] == [r["event_id"] for r in records]
