@@ -124,13 +124,13 @@ class EventProducer:
         try:
             await acked
         finally:
-            for topic_name, n in collections.Counter(t for t, _ in failed).items():
-                PUBLISH_FAILURES.labels(topic_name).inc(n)
-        for topic_name, n in collections.Counter(topic.name for topic, _, _ in messages).items():
-            counter = self._acknowledged.get(topic_name)
+            for topic_name, _ in failed:
+                PUBLISH_FAILURES.labels(topic_name).inc()
+        for topic, _, _ in messages:
+            counter = self._acknowledged.get(topic.name)
             if counter is None:
-                counter = self._acknowledged[topic_name] = EVENTS_OUT.labels(topic_name)
-            counter.inc(n)
+                counter = self._acknowledged[topic.name] = EVENTS_OUT.labels(topic.name)
+            counter.inc()
 
     def _keep_polling(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._polling is None or self._polling_loop is not loop:  # a test may switch loops
