@@ -39,7 +39,7 @@ from services.common.kafka import (ConsumerLoop, EventProducer, ensure_topics, n
                                    producer_config)
 from services.common.topics import ALL_TOPICS, Topic  # noqa: E402
 from services.ledger.relay import OutboxRelay  # noqa: E402
-from services.ledger.service import Ledger  # noqa: E402
+from services.ledger.service import OVERLAP_FROM, Ledger  # noqa: E402
 
 KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 DB = os.environ.get("DATABASE_URL", "postgresql://mpesa:mpesa@127.0.0.1:5433/mpesa")
@@ -113,7 +113,7 @@ async def run_ledger(run: str, topics: dict[str, Topic], in_flight: int, shared)
 
     loop = ConsumerLoop(bootstrap=KAFKA, group_id=f"bench-{run}", topics=list(topics.values()), codec=codec,
                         handler=counting, dead_letters=producer, max_batch=1000, max_in_flight=in_flight,
-                        overlap_only_when_behind=True)
+                        overlap_from=OVERLAP_FROM)
     stop = asyncio.Event()
     tasks = [asyncio.create_task(loop.run(stop)), asyncio.create_task(relay.run(stop))]
     while not loop.assigned:

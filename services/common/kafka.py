@@ -248,16 +248,16 @@ class ConsumerLoop:
     partition. Undecodable messages and rejections go to the dead-letter topic (after its ack)
     and count as handled. A handler exception is treated as transient: the batch is retried with
     back-off and nothing is committed meanwhile. Up to `max_in_flight` batches run at once; with
-    `overlap_only_when_behind`, a batch starts beside others only when it is full (the consumer is
-    behind): overlapping helps a backlog, while small batches are faster one after the other.
+    `overlap_from`, a batch smaller than that waits for the others (and takes what arrives meanwhile):
+    overlapping helps a consumer that is behind, while small batches are faster one after the other.
     """
 
     def __init__(self, *, bootstrap: str, group_id: str, topics: list[Topic], codec: Codec,
                  handler: BatchHandler, dead_letters: EventProducer, max_batch: int = 500,
-                 max_in_flight: int = 1, overlap_only_when_behind: bool = False, poll_timeout: float = 0.2,
+                 max_in_flight: int = 1, overlap_from: int = 1, poll_timeout: float = 0.2,
                  extra_config: dict | None = None):
         self.group_id = group_id
-        self.overlap_only_when_behind = overlap_only_when_behind
+        self.overlap_from = overlap_from
         self.topics = topics
         self.codec = codec
         self.handler = handler
@@ -297,7 +297,7 @@ class ConsumerLoop:
                 if not batch:
                     self._slots.release()
                     continue
-                if self.overlap_only_when_behind and tasks and len(batch) < self.max_batch:
+                if tasks and len(batch) < self.overlap_from:
                     await asyncio.wait(set(tasks))  # small batches go one after the other...
                     more = await self._in_thread(self._consumer.consume, self.max_batch - len(batch), 0)
                     batch += self._track([m for m in more if self._is_data(m)])  # ...with what came meanwhile

@@ -13,7 +13,7 @@ from services.common.runtime import quiet_garbage_collector, run_service
 from services.common.topics import ALL_TOPICS, CALLBACK_RAW, PAYMENT_REQUESTED, STK_PUSH_RESULT, STK_QUERY_RESULT
 from services.ledger.reconciler import Reconciler
 from services.ledger.relay import OutboxRelay
-from services.ledger.service import Ledger, LedgerSettings
+from services.ledger.service import OVERLAP_FROM, Ledger, LedgerSettings
 
 SETTINGS = [
     config.KAFKA_BOOTSTRAP,
@@ -43,7 +43,7 @@ async def main(cfg: dict, stop: asyncio.Event) -> None:
     consumer = ConsumerLoop(bootstrap=bootstrap, group_id=cfg["LEDGER_GROUP_ID"], codec=codec,
                             topics=[PAYMENT_REQUESTED, STK_PUSH_RESULT, CALLBACK_RAW, STK_QUERY_RESULT],
                             handler=ledger.handle_batch, dead_letters=producer,
-                            max_in_flight=cfg["LEDGER_MAX_IN_FLIGHT"], overlap_only_when_behind=True)
+                            max_in_flight=cfg["LEDGER_MAX_IN_FLIGHT"], overlap_from=OVERLAP_FROM)
     reconciler = Reconciler(pool, codec, settings, on_commit=relay.hand_over)
     runner = await serve_ops(Health(), cfg["METRICS_HOST"], cfg["LEDGER_METRICS_PORT"])
     quiet_garbage_collector()

@@ -32,6 +32,11 @@ VERDICTS = Counter("ledger_facts_total", "Facts by verdict", ["fact", "verdict"]
 ALERTS = Counter("ledger_contradictions_total", "Contradictions sent to Review (alert on any increase)", ["kind"])
 
 
+# A batch this big means the ledger is behind: the next one may be applied beside it. Smaller batches
+# (a ledger keeping up) go one after the other, which is faster for each (bench/settle_bench.py).
+OVERLAP_FROM = 100
+
+
 @dataclass(frozen=True)
 class LedgerSettings:
     first_query_after: timedelta = timedelta(seconds=90)   # Pending this long: start STK queries

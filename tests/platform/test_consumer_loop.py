@@ -111,8 +111,8 @@ async def test_producer_returns_after_the_ack_and_fails_without_a_broker(kafka_b
 
 
 def overlap_tracking_loop(kafka_bootstrap, group, topic, codec, producer, seen, overlaps):
-    """A loop of two batches of at most 10 in flight that runs a batch beside another only when
-    behind; records how many batches were running whenever one started."""
+    """A loop of two batches of at most 10 in flight that runs a batch beside another only when it
+    is full (the consumer is behind); records how many batches were running whenever one started."""
     running = 0
 
     async def handler(events):
@@ -125,7 +125,7 @@ def overlap_tracking_loop(kafka_bootstrap, group, topic, codec, producer, seen, 
         return []
 
     return ConsumerLoop(bootstrap=kafka_bootstrap, group_id=group, topics=[topic], codec=codec, handler=handler,
-                        dead_letters=producer, max_batch=10, max_in_flight=2, overlap_only_when_behind=True,
+                        dead_letters=producer, max_batch=10, max_in_flight=2, overlap_from=10,
                         poll_timeout=0.1)
 
 
