@@ -12,18 +12,12 @@ from typing import Any
 
 from services.daraja.errors import INVALID_TOKEN_CODES, DarajaError, ErrorKind
 from services.daraja.models import AccessToken, PushAccepted, QueryResult, QueryStatus
+from services.daraja.result_codes import FINAL_FAILURE_CODES
 
 DOCUMENTED_TOKEN_TTL_S = 3599  # daraja.md §1: expires_in is 3599 (often the string "3599")
 # Reasons are cut here only to bound memory; DarajaError.redacted() masks secrets and then shortens.
 REASON_CHARS_MAX = 2000
 
-# Final failure ResultCodes of the STK catalogue (daraja.md §3 "ResultCode catalogue"). 4999 is the
-# query's in-flight state, not a failure. Legacy G2 codes are deliberately absent.
-FINAL_FAILURE_CODES = frozenset({
-    "1", "2", "3", "4", "8", "17", "26", "1001", "1019", "1025", "1032", "1036", "1037",
-    "1101", "1102", "2001", "2028", "8006", "9999", "SFC_IC0003",
-})
-STILL_PROCESSING_CODE = "4999"
 # The query's "no answer yet" code (daraja.md §4): being processed, empty, or even "does not Exist".
 QUERY_PENDING_ERROR_CODE = "500.001.1001"
 

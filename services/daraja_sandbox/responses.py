@@ -45,7 +45,6 @@ QUERY_UNKNOWN_CHECKOUT = Failure(500, "500.001.1001", "The transaction does not 
 
 ACCEPTED_DESCRIPTION = "Success. Request accepted for processing"
 QUERY_ACCEPTED_DESCRIPTION = "The service request has been accepted successfully"
-STILL_PROCESSING_CODE = "4999"
 STILL_PROCESSING_DESC = "The transaction is still under processing"
 
 

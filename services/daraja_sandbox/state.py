@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, Mapping
 from zoneinfo import ZoneInfo
 
+from services.daraja.result_codes import STILL_PROCESSING_CODE
 from services.daraja_sandbox import responses
 from services.daraja_sandbox.callbacks import failure_callback, success_callback
 from services.daraja_sandbox.responses import Failure
@@ -307,7 +308,7 @@ class Sandbox:
             style = ("4999", "being_processed", "empty")[(txn.query_polls - 1) % 3]
         if style == "4999":
             return 200, responses.query_answer_body(txn.merchant_request_id, txn.checkout_request_id,
-                                                    responses.STILL_PROCESSING_CODE, responses.STILL_PROCESSING_DESC)
+                                                    STILL_PROCESSING_CODE, responses.STILL_PROCESSING_DESC)
         failure = responses.QUERY_BEING_PROCESSED if style == "being_processed" else responses.QUERY_PENDING_EMPTY
         # The 2018 pending answer carried the CheckoutRequestID as requestId (daraja.md §4).
         return self.error(failure, request_id=txn.checkout_request_id)

@@ -1,4 +1,4 @@
-"""Tolerant parsing of Daraja's STK callback body (daraja.md §3) and the ResultCode catalogue.
+"""Tolerant parsing of Daraja's STK callback body (daraja.md §3).
 
 Pure: bytes in, a ParsedCallback out, or CallbackParseError saying why.
 """
@@ -10,23 +10,9 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from zoneinfo import ZoneInfo
 
+from services.daraja.result_codes import SUCCESS
+
 NAIROBI = ZoneInfo("Africa/Nairobi")
-
-SUCCESS = "0"
-# Final failure codes and their meaning (daraja.md §3 catalogue). Anything else is not provable.
-FAILURE_MEANINGS = {
-    "1": "insufficient balance", "2": "amount below the minimum", "3": "amount above the maximum",
-    "4": "daily transfer limit exceeded", "8": "receiver's maximum balance exceeded",
-    "17": "rule limited: same amount to the same customer within 2 minutes", "26": "system busy",
-    "1001": "a transaction is already in process for the subscriber", "1019": "transaction expired",
-    "1025": "error sending the push request", "1032": "cancelled by the customer",
-    "1036": "prompt not delivered (SMSC ACK timeout)", "1037": "customer could not be reached or did not respond",
-    "1101": "prompt message prefix too long", "1102": "prompt message too long",
-    "2001": "wrong M-Pesa PIN", "2028": "not permitted for this shortcode (till/paybill mismatch)",
-    "8006": "customer's PIN is locked", "9999": "error sending the push request",
-    "SFC_IC0003": "the operator does not exist (till/paybill mismatch)",
-}
-
 
 class CallbackParseError(ValueError):
     pass

@@ -12,7 +12,8 @@ from decimal import Decimal
 from enum import Enum
 from typing import Callable, Union
 
-from services.ledger.callbacks import FAILURE_MEANINGS, ParsedCallback
+from services.daraja.result_codes import FAILURE_MEANINGS
+from services.ledger.callbacks import ParsedCallback
 
 
 class Verdict(str, Enum):

@@ -2,7 +2,8 @@
 import pytest
 
 from services.ledger import state_machine as sm
-from services.ledger.callbacks import FAILURE_MEANINGS, parse_callback
+from services.daraja.result_codes import FAILURE_MEANINGS
+from services.ledger.callbacks import parse_callback
 from tests.ledger.callbacks import failure, success
 
 PENDING = sm.Payment("Pending", 100, "254712345678", "ws_CO_1")
