@@ -1,11 +1,13 @@
 """The outbox relay: publishes committed outbox rows to Kafka, then deletes them.
 
 Fast path: the ledger hands over each committed transaction's rows, which are published at once,
-in commit order, with no read back from the table. Backstop: a periodic scan publishes rows older
-than `stale_after_s` (left by a crash, a failed publish or a ledger that stopped), with SKIP LOCKED
-so several ledgers can scan at once. At least once: a crash between the broker's ack and the
-delete, or a backstop overtaking a slow fast path, republishes rows, which consumers deduplicate
-by event_id.
+in commit order, with no read back from the table. Catching up: at start and after a failed
+publish, the relay first publishes everything in the table, in id order, and only then takes the
+fast path again, so a payment's status events never overtake each other. Backstop: a periodic scan
+publishes rows older than `stale_after_s` (left by a ledger that stopped), with SKIP LOCKED so
+several ledgers can scan at once. At least once: a crash between the broker's ack and the delete,
+or a scan overtaking another ledger's fast path, republishes rows, which consumers deduplicate by
+event_id.
 """
 from __future__ import annotations
 
@@ -45,10 +47,14 @@ class OutboxRelay:
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        next_scan = loop.time()
+        next_scan, catching_up = loop.time(), True
         while not stop.is_set():
             self.wake.clear()  # before looking: rows handed over while we publish wake the next round
             try:
+                if catching_up:
+                    self.handed.clear()  # their rows are in the table: the scan takes them, in order
+                    catching_up = await self.publish_stale(older_than_s=0) == self.batch
+                    continue
                 if self.handed:
                     await self.publish(self.handed.popleft())
                     continue
@@ -57,7 +63,8 @@ class OutboxRelay:
                         next_scan = loop.time() + self.idle_poll_s
                     continue
             except (psycopg.OperationalError, PublishError) as exc:
-                log.warning("outbox relay: %s; the backstop will retry", exc)  # the rows stay in the table
+                log.warning("outbox relay: %s; catching up from the table", exc)  # the rows stay there
+                catching_up = True
                 await asyncio.sleep(1)
                 continue
             await self._sleep_until_woken(stop, next_scan - loop.time())
@@ -73,14 +80,16 @@ class OutboxRelay:
         async with self.pool.connection() as conn, conn.transaction():
             await _delete(conn, rows)
 
-    async def publish_stale(self) -> int:
+    async def publish_stale(self, older_than_s: float | None = None) -> int:
+        """Publishes up to one batch of rows older than `older_than_s` (default: the backstop's age)."""
+        age = self.stale_after_s if older_than_s is None else older_than_s
         async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute("SELECT id, topic, key, payload FROM outbox"
-                                     " WHERE created_at < now() - make_interval(secs => %s)"
-                                     " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED", (self.stale_after_s, self.batch))
+                                     " WHERE created_at <= now() - make_interval(secs => %s)"
+                                     " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED", (age, self.batch))
             rows = await cur.fetchall()
             if rows:
-                log.info("outbox relay: publishing %d rows left behind", len(rows))
+                log.info("outbox relay: publishing %d rows from the table", len(rows))
                 await self._produce(rows)
                 await _delete(conn, rows)
         LEFT_BEHIND.set(len(rows))

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from services.common.kafka import ConsumedEvent, new_event_fields
+from services.common.kafka import ConsumedEvent, PublishError, new_event_fields
 from services.common.topics import CALLBACK_RAW, PAYMENT_REQUESTED, PAYMENT_STATUS, STK_PUSH_RESULT
 from services.ledger import store
 from services.ledger.relay import OutboxRelay
@@ -217,13 +217,21 @@ async def test_rows_handed_over_while_the_relay_publishes_go_out_next_not_after_
         if len(published) == 1:
             relay.hand_over([(2, "t", b"k", b"v")])  # a transaction committed while this round published
 
-    async def publish_stale():
+    scans = []
+
+    async def publish_stale(older_than_s=None):
+        scans.append(older_than_s)
         return 0
 
     relay.publish, relay.publish_stale = publish, publish_stale
-    relay.hand_over([(1, "t", b"k", b"v")])
     stop = asyncio.Event()
     running = asyncio.create_task(relay.run(stop))
+
+    async def caught_up():
+        return 0 in scans  # the scan of everything in the table, at start
+
+    await eventually(caught_up, timeout=2)
+    relay.hand_over([(1, "t", b"k", b"v")])
 
     async def both_published():
         return len(published) == 2
@@ -240,8 +248,20 @@ async def test_committed_status_events_are_handed_to_the_relay_and_published_wit
     ledger = Ledger(pool, codec, on_commit=relay.hand_over)
     channel, pid = f"ch-{unique}", str(uuid.uuid4())
     mark = end_offsets(kafka_bootstrap, PAYMENT_STATUS.name)
+    scans, scan = [], relay.publish_stale
+
+    async def counted_scan(older_than_s=None):
+        scans.append(await scan(older_than_s))
+        return scans[-1]
+
+    relay.publish_stale = counted_scan
     stop = asyncio.Event()
     running = asyncio.create_task(relay.run(stop))
+
+    async def caught_up():  # what the table held at start is out; from now on only the fast path is quick
+        return scans and scans[-1] < relay.batch
+
+    await eventually(caught_up, timeout=30)
     await ledger.handle_batch([requested(channel, pid), accepted(channel, pid, f"ws_CO_{unique}")])
     messages = await asyncio.to_thread(read_all, kafka_bootstrap, PAYMENT_STATUS.name,
                                        lambda m: m.key() == channel.encode(), expected=2, since=mark)
@@ -265,3 +285,48 @@ async def test_one_event_the_database_refuses_is_rejected_alone_and_the_rest_of_
     assert [(r.event.value["payment_id"], type(r.error).__name__) for r in rejections] == [(other, "InvalidTextRepresentation")]
     assert await state_of(pool, pid) == ("Pending", None)
     assert await state_of(pool, other) is None
+
+
+class FailingOnce:
+    """A producer whose first publish is not acknowledged; records what it publishes after that."""
+
+    def __init__(self):
+        self.calls, self.published = 0, []
+
+    async def publish_many(self, messages):
+        self.calls += 1
+        if self.calls == 1:
+            raise PublishError("broker down")
+        self.published += messages
+
+
+async def test_after_a_failed_publish_the_relay_catches_up_from_the_table_in_order_before_the_fast_path(pool, unique):
+    key = f"ch-{unique}".encode()
+    rows = [(PAYMENT_STATUS.name, key, f"{unique}-{n}".encode()) for n in range(3)]
+    producer = FailingOnce()
+    relay = OutboxRelay(pool, producer, idle_poll_s=30, stale_after_s=30)
+    async with pool.connection() as conn, conn.transaction():
+        first_two = await store.enqueue(conn, rows[:2])
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop))  # catching up from the table: fails once, then publishes
+
+    async def ours():
+        return [value for _, k, value in producer.published if k == key]
+
+    async def first_two_out():
+        return await ours() == [rows[0][2], rows[1][2]]
+
+    await eventually(first_two_out, timeout=10)
+    async with pool.connection() as conn, conn.transaction():
+        third = await store.enqueue(conn, rows[2:])
+    relay.hand_over(third)
+
+    async def all_out():
+        return await ours() == [r[2] for r in rows]
+
+    await eventually(all_out, timeout=5)  # the fast path: the backstop would wait 30 s
+    stop.set()
+    await running
+    async with pool.connection() as conn:
+        left = await (await conn.execute("SELECT count(*) FROM outbox WHERE key = %s", (key,))).fetchone()
+    assert left[0] == 0 and first_two[0][0] < first_two[1][0] < third[0][0]
