@@ -21,9 +21,9 @@ from services.common.kafka import ConsumedEvent, Rejection, Transient, new_event
 from services.common.topics import PAYMENT_STATUS
 from services.ledger import state_machine as sm
 from services.ledger import store
-from services.ledger.relay import OutboxRow
 from services.ledger.callbacks import CallbackParseError
 from services.ledger.facts import NotAFact, fact_of
+from services.ledger.relay import OutboxRow
 
 log = logging.getLogger(__name__)
 
