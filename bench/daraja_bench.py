@@ -43,6 +43,7 @@ from services.daraja.payloads import build_push_payload, nairobi_timestamp  # no
 from services.daraja_sandbox.rawhttp import HttpFailure, RawHttpClient, build_post  # noqa: E402
 from services.daraja_sandbox.settings import (DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY,  # noqa: E402
                                               SANDBOX_SHORTCODE)
+from tests.e2e.stack import wait_for  # noqa: E402
 
 APP = AppCredentials(DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY)
 SHORTCODE = Shortcode(SANDBOX_SHORTCODE)
@@ -117,19 +118,6 @@ def start_sandbox(port: int, cpu: int | None) -> subprocess.Popen:
                "--callback-concurrency", "64", "--log-level", "WARNING"]
     return subprocess.Popen(command, cwd=ROOT, preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None
                             else None)
-
-
-async def wait_ready(session: aiohttp.ClientSession, base: str, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            async with session.get(f"{base}/sandbox/health") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise RuntimeError("sandbox did not start")
 
 
 async def admin(session: aiohttp.ClientSession, base: str, method: str, path: str, body: dict | None = None) -> dict:
@@ -264,7 +252,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
     results = []
     try:
         async with aiohttp.ClientSession() as session:
-            await wait_ready(session, base)
+            wait_for(f"{base}/sandbox/health")
             pid = sandbox.pid if sandbox is not None else None
             if args.phase in ("both", "sandbox"):
                 await admin(session, base, "POST", "/sandbox/reset")

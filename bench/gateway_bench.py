@@ -44,6 +44,7 @@ from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 from services.common.callback_token import callback_url  # noqa: E402
 from services.common.kafka import ensure_topics  # noqa: E402
 from services.common.topics import ALL_TOPICS, CALLBACK_RAW  # noqa: E402
+from tests.e2e.stack import wait_for  # noqa: E402
 
 CHANNELS = 50
 BODY = ('{"Body":{"stkCallback":{"MerchantRequestID":"29115-34620561-1","CheckoutRequestID":"ws_CO_%s",'
@@ -107,19 +108,6 @@ def raw_topic_size(bootstrap: str) -> int:
 def build_callbacks(base: str, secret: str, count: int, run: str) -> list[tuple[str, bytes]]:
     return [(callback_url(base, secret.encode(), f"bench-{run}-{i % CHANNELS}", f"pay-{run}-{i}"),
              (BODY % f"{run}{i:08d}").encode()) for i in range(count)]
-
-
-async def wait_ready(session: aiohttp.ClientSession, base: str, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            async with session.get(f"{base}/healthz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise RuntimeError("gateway did not start")
 
 
 class AiohttpDriver:
@@ -249,7 +237,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
                 "linger_ms": args.linger_ms, "cpu_pressure_before": cpu_pressure()}]
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max(args.concurrency, 256))) as session:
-            await wait_ready(session, base)
+            wait_for(f"{base}/healthz")
             driver = AiohttpDriver(session) if args.driver == "aiohttp" else RawDriver("127.0.0.1", port)
             try:
                 await throughput_phase(driver, build_callbacks(base, secret, 1000, f"{run_id}w"), 16, args.timeout_s,
