@@ -88,10 +88,7 @@ class EventProducer:
         self._acknowledged: dict[str, Any] = {}  # topic -> its EVENTS_OUT child, bound once
 
     async def publish(self, topic: Topic, record: dict[str, Any]) -> None:
-        await self.publish_raw(topic, record["channel_id"].encode(), self.codec.encode(topic.schema, record))
-
-    async def publish_raw(self, topic: Topic, key: bytes | None, value: bytes) -> None:
-        await self.publish_many([(topic, key, value)])
+        await self.publish_many([(topic, record["channel_id"].encode(), self.codec.encode(topic.schema, record))])
 
     async def publish_many(self, messages: list[tuple[Topic, bytes | None, bytes]]) -> None:
         """Produces in order (so per-key order is kept) and returns once the broker acknowledged every

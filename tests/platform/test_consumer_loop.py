@@ -57,7 +57,7 @@ async def test_poison_messages_go_to_the_dead_letter_topic_and_the_consumer_cont
     refused = sample_request(channel, str(uuid.uuid4()))
     good = sample_request(channel, str(uuid.uuid4()))
     mark = end_offsets(kafka_bootstrap, DEAD_LETTER.name)
-    await producer.publish_raw(topic, channel.encode(), b"this is not avro")
+    await producer.publish_many([(topic, channel.encode(), b"this is not avro")])
     await producer.publish(topic, refused)
     await producer.publish(topic, good)
 
