@@ -9,8 +9,9 @@ callbacks (pre-built URLs and Daraja-sized bodies, 50 channels) over keep-alive 
   rate phase:       an open loop at --rate callbacks/s for --rate-seconds; latency is measured
                     from each callback's scheduled send time, so a stall counts against it.
 
-Also reports the gateway's and the driver's CPU use and the machine's CPU pressure (a busy or
-shared machine shows there first), and checks the raw topic grew by at least the accepted count.
+Also reports the gateway's and the driver's CPU use and, per phase, the CPU the hypervisor stole and
+the CPU pressure (a busy or shared machine shows there first), and checks the raw topic grew by at
+least the accepted count.
 Bounded by --callbacks, --rate-seconds and --timeout-s.
 
 The default driver writes pre-encoded HTTP/1.1 requests on plain asyncio streams: on a 2-core box
@@ -44,6 +45,7 @@ from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 from services.common.callback_token import callback_url  # noqa: E402
 from services.common.kafka import ensure_topics  # noqa: E402
 from services.common.topics import ALL_TOPICS, CALLBACK_RAW  # noqa: E402
+from bench.host import HostLoad, cpu_pressure  # noqa: E402
 from tests.e2e.stack import wait_for  # noqa: E402
 
 CHANNELS = 50
@@ -82,6 +84,7 @@ class CpuMeter:
         self.gateway_before, self.driver_before = cpu_seconds(gateway_pid), time.process_time()
         self.started = time.perf_counter()
         self._elapsed = 0.0
+        self.host = HostLoad()
 
     def elapsed(self) -> float:
         self._elapsed = time.perf_counter() - self.started
@@ -92,7 +95,7 @@ class CpuMeter:
         driver_s = time.process_time() - self.driver_before
         return {"gateway_cpu_percent": round(100 * gateway_s / self._elapsed),
                 "gateway_cpu_us_per_callback": round(1e6 * gateway_s / callbacks),
-                "driver_cpu_percent": round(100 * driver_s / self._elapsed)}
+                "driver_cpu_percent": round(100 * driver_s / self._elapsed), **self.host.figures()}
 
 
 def raw_topic_size(bootstrap: str) -> int:
@@ -234,7 +237,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
     base = f"http://127.0.0.1:{port}"
     gateway = start_gateway(port, bootstrap, secret, args.linger_ms, cpus[1] if pin else None)
     results = [{"phase": "setup", "driver": args.driver, "pinned": pin, "cpus": len(cpus),
-                "linger_ms": args.linger_ms, "cpu_pressure_before": cpu_pressure()}]
+                "linger_ms": args.linger_ms, "host_cpu_pressure_before": cpu_pressure()}]
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max(args.concurrency, 256))) as session:
             wait_for(f"{base}/healthz")
@@ -253,20 +256,11 @@ async def run(args: argparse.Namespace) -> list[dict]:
         accepted = sum(r["statuses"].get(200, 0) for r in results[1:])
         grown = raw_topic_size(bootstrap) - size_before
         results.append({"phase": "check", "accepted": accepted, "raw_topic_grew_by": grown,
-                        "every_accepted_callback_is_on_the_topic": grown >= accepted,
-                        "cpu_pressure_after": cpu_pressure()})
+                        "every_accepted_callback_is_on_the_topic": grown >= accepted})
     finally:
         gateway.terminate()
         gateway.wait(timeout=30)
     return results
-
-
-def cpu_pressure() -> str:
-    """Share of time some runnable task waited for a CPU (Linux PSI): high means a busy machine."""
-    try:
-        return Path("/proc/pressure/cpu").read_text().splitlines()[0].split()[1]
-    except OSError:
-        return "unknown"
 
 
 def main() -> None:

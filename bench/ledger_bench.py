@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from confluent_kafka import Producer  # noqa: E402
 from prometheus_client import REGISTRY  # noqa: E402
 
+from bench.host import HostLoad  # noqa: E402
 from services.common.avro import Codec  # noqa: E402
 from services.common.db import migrate, open_pool  # noqa: E402
 from services.common.kafka import (ConsumerLoop, EventProducer, ensure_topics, new_event_fields,  # noqa: E402
@@ -160,6 +161,7 @@ def offer_live(run: str, topics: dict[str, Topic], payments: int, rate: float, a
 def main(payments: int, processes: int, in_flight: int, rate: float, timeout_s: float) -> None:
     run = uuid.uuid4().hex[:8]
     topics = asyncio.run(produce(run, payments if not rate else 0))
+    host = HostLoad()
     ctx = multiprocessing.get_context("spawn")
     shared = (ctx.Value("q", 0), ctx.Value("d", 0.0), ctx.Event(), ctx.Queue(), ctx.Value("i", 0))
     ledgers = [ctx.Process(target=ledger_process, args=(run, topics, in_flight, shared)) for _ in range(processes)]
@@ -192,6 +194,7 @@ def main(payments: int, processes: int, in_flight: int, rate: float, timeout_s: 
     print(f"  CPU per event: {sum(c[0] for c in cpu) / max(done, 1) * 1e6:.0f} us in the ledger processes"
           f" ({sum(c[1] for c in cpu) / max(done, 1) * 1e6:.0f} on their event loops);"
           f" {sum(c[2] for c in cpu):.0f} facts arrived before their payment")
+    print(f"  {host.describe()}")
 
 
 if __name__ == "__main__":

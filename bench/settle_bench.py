@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 
+from bench.host import HostLoad  # noqa: E402
 from services.common.avro import Codec  # noqa: E402
 from services.common.callback_token import callback_url  # noqa: E402
 from services.common.db import migrate, open_pool  # noqa: E402
@@ -139,7 +140,7 @@ async def main(args) -> None:
                                                           end_offsets(KAFKA, PAYMENT_STATUS.name), stop_watching, from_watcher))
         watcher.start()
         from_watcher.get(timeout=60)  # its startup must not count as latency
-        sent_at, failures = {}, 0
+        sent_at, failures, host = {}, 0, HostLoad()
         base = f"http://127.0.0.1:{gateway_port}"
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as http:
             async def post(ch, pid, co, receipt):
@@ -177,6 +178,7 @@ async def main(args) -> None:
               f"{applying[49] * 1000:.0f}/{applying[98] * 1000:.0f}; -> committed and handed to Kafka by the relay "
               f"{relaying[49] * 1000:.0f}/{relaying[98] * 1000:.0f}; -> read from the status topic "
               f"{reading[49] * 1000:.0f}/{reading[98] * 1000:.0f}")
+        print(f"  {host.describe()}")
     finally:
         for p in procs:
             p.terminate()

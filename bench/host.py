@@ -1,0 +1,48 @@
+"""What the rest of the machine did during a benchmark.
+
+This development machine is a 2-vCPU KVM guest: its hypervisor takes CPU time away ("steal",
+/proc/stat) and other tasks queue for the two CPUs (pressure, /proc/pressure/cpu). The same code's
+figures swing with both, so every benchmark prints them beside its own.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) jiffies of all CPUs since boot; None where /proc/stat is not Linux's."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return None
+    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return ticks[7], sum(ticks)
+
+
+def cpu_pressure() -> str:
+    """Share of the last 10 s some runnable task waited for a CPU (Linux PSI): high means a busy machine."""
+    try:
+        return Path("/proc/pressure/cpu").read_text().splitlines()[0].split()[1]
+    except (OSError, IndexError):
+        return "unknown"
+
+
+class HostLoad:
+    """Steal since creation, and the pressure now: `figures()` at the end of a phase."""
+
+    def __init__(self) -> None:
+        self._start = _cpu_ticks()
+
+    def steal_percent(self) -> float | None:
+        end = _cpu_ticks()
+        if self._start is None or end is None or end[1] == self._start[1]:
+            return None
+        return round(100 * (end[0] - self._start[0]) / (end[1] - self._start[1]), 1)
+
+    def figures(self) -> dict:
+        return {"host_steal_percent": self.steal_percent(), "host_cpu_pressure": cpu_pressure()}
+
+    def describe(self) -> str:
+        steal = self.steal_percent()
+        return f"host: {'unknown' if steal is None else f'{steal}%'} CPU stolen by the hypervisor, " \
+               f"pressure {cpu_pressure()}"
