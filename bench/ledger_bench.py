@@ -36,6 +36,7 @@ from prometheus_client import REGISTRY  # noqa: E402
 from bench.host import HostLoad  # noqa: E402
 from services.common.avro import Codec  # noqa: E402
 from services.common.db import migrate, open_pool  # noqa: E402
+from services.common.ids import new_id  # noqa: E402
 from services.common.kafka import (ConsumerLoop, EventProducer, ensure_topics, new_event_fields,  # noqa: E402
                                    producer_config)
 from services.common.topics import ALL_TOPICS, Topic  # noqa: E402
@@ -47,7 +48,7 @@ DB = os.environ.get("DATABASE_URL", "postgresql://mpesa:mpesa@127.0.0.1:5433/mpe
 
 
 def events_for(run: str, i: int) -> list[tuple[str, dict]]:
-    channel, pid, checkout = f"bench-{run}-{i % 20}", str(uuid.uuid4()), f"ws_CO_{run}{i}"
+    channel, pid, checkout = f"bench-{run}-{i % 20}", new_id(), f"ws_CO_{run}{i}"
     body = {"Body": {"stkCallback": {"MerchantRequestID": "m", "CheckoutRequestID": checkout, "ResultCode": 0,
             "ResultDesc": "ok", "CallbackMetadata": {"Item": [
                 {"Name": "Amount", "Value": 10.0}, {"Name": "MpesaReceiptNumber", "Value": f"R{run[:5]}{i:05d}"},

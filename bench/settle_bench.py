@@ -34,6 +34,7 @@ from bench.host import HostLoad  # noqa: E402
 from services.common.avro import Codec  # noqa: E402
 from services.common.callback_token import callback_url  # noqa: E402
 from services.common.db import migrate, open_pool  # noqa: E402
+from services.common.ids import new_id  # noqa: E402
 from services.common.kafka import EventProducer, ensure_topics, new_event_fields  # noqa: E402
 from services.common.topics import (ALL_TOPICS, CALLBACK_RAW, PAYMENT_REQUESTED, PAYMENT_STATUS,  # noqa: E402
                                     STK_PUSH_RESULT, STK_QUERY_RESULT)
@@ -112,7 +113,7 @@ async def main(args) -> None:
     try:
         wait_for(f"http://127.0.0.1:{gateway_port}/healthz")
         wait_for(f"http://127.0.0.1:{ledger_port}/healthz")
-        payments = [(channels[i % len(channels)], str(uuid.uuid4()), f"ws_CO_{run}{i}", f"S{run[:4]}{i:05d}")
+        payments = [(channels[i % len(channels)], new_id(), f"ws_CO_{run}{i}", f"S{run[:4]}{i:05d}")
                     for i in range(args.payments)]
         producer = EventProducer(KAFKA, Codec(), client_id="sbench", linger_ms=20)
         await asyncio.gather(*(producer.publish(t, v) for ch, pid, co, _ in payments for t, v in (

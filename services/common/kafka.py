@@ -13,7 +13,6 @@ import logging
 import random
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,6 +23,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.avro import Codec, DecodeError
+from services.common.ids import new_id
 from services.common.topics import DEAD_LETTER, Topic
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class PublishError(Exception):
 
 def new_event_fields(channel_id: str, payment_id: str | None = None) -> dict[str, Any]:
     """The fields every event carries (design.md: event_id, occurred_at, channel_id, payment_id)."""
-    fields = {"event_id": str(uuid.uuid4()), "occurred_at": datetime.now(timezone.utc),
+    fields = {"event_id": new_id(), "occurred_at": datetime.now(timezone.utc),
               "channel_id": channel_id, "schema_version": 1}
     if payment_id is not None:
         fields["payment_id"] = payment_id

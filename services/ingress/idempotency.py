@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Sequence
@@ -75,12 +73,6 @@ SELECT payment_id, channel_id, amount, account_reference, order_reference, occur
        published_at IS NOT NULL AS published
 FROM ingress_requests WHERE payment_id = %s
 """
-
-
-def new_claim_ids() -> tuple[str, str]:
-    """A fresh (payment id, event id): random (version 4) UUIDs from one read of the system's CSPRNG."""
-    random = os.urandom(32)
-    return str(uuid.UUID(bytes=random[:16], version=4)), str(uuid.UUID(bytes=random[16:], version=4))
 
 
 class IdempotencyStore:

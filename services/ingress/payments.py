@@ -15,10 +15,10 @@ from prometheus_client import Counter
 from psycopg import Error as DatabaseError
 from psycopg_pool import PoolTimeout
 
-from services.common.kafka import PublishError
+from services.common.ids import new_id
+from services.common.kafka import Publisher, PublishError
 from services.common.topics import PAYMENT_REQUESTED, Topic
-from services.ingress.idempotency import Claim, IdempotencyStore, Record, new_claim_ids
-from services.common.kafka import Publisher
+from services.ingress.idempotency import Claim, IdempotencyStore, Record
 from services.ingress.validation import PaymentRequest
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class PaymentIntake:
 
     async def _submit(self, request: PaymentRequest, idempotency_key: str, api_key_id: str,
                       digest: bytes) -> Accepted:
-        payment_id, event_id = new_claim_ids()
+        payment_id, event_id = new_id(), new_id()
         # Avro carries milliseconds: truncate now so a re-published event is byte-identical.
         now = datetime.now(timezone.utc)
         occurred_at = now.replace(microsecond=now.microsecond // 1000 * 1000)

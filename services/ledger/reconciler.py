@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from datetime import datetime, timedelta, timezone
 
 import psycopg
@@ -12,6 +11,7 @@ from prometheus_client import Counter
 from psycopg.rows import dict_row
 
 from services.common.avro import Codec
+from services.common.ids import new_id
 from services.common.kafka import ConsumedEvent, new_event_fields
 from services.common.topics import STK_QUERY_REQUESTED
 from services.ledger import state_machine as sm
@@ -70,7 +70,7 @@ class Reconciler:
         now = datetime.now(timezone.utc)
         age = now - (row["pending_since"] or row["requested_at"])
         if age >= self.settings.review_after:
-            event = ConsumedEvent("reconciliation", -1, -1, None, "reconciliation", {"event_id": str(uuid.uuid4())})
+            event = ConsumedEvent("reconciliation", -1, -1, None, "reconciliation", {"event_id": new_id()})
             await batch.apply(event, row["payment_id"], sm.ReconciliationExpired(int(age.total_seconds())))
             return []
         if not row["checkout_request_id"]:  # nothing to query: only a callback can tell; wait to the deadline

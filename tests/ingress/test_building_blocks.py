@@ -7,9 +7,10 @@ from datetime import datetime, timezone
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from services.common.ids import new_id
 from services.ingress.batching import Batcher
 from services.ingress.cache import TtlCache
-from services.ingress.idempotency import Claim, IdempotencyStore, new_claim_ids
+from services.ingress.idempotency import Claim, IdempotencyStore
 
 
 @pytest.fixture
@@ -23,7 +24,7 @@ async def store(database_url):
 
 
 def claim(channel_id: str, key: str, digest: bytes = b"a" * 32) -> Claim:
-    payment_id, event_id = new_claim_ids()
+    payment_id, event_id = new_id(), new_id()
     return Claim(channel_id, key, digest, payment_id, event_id, datetime.now(timezone.utc).replace(microsecond=0),
                  "key-1", 5, "REF", None)
 

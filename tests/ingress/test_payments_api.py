@@ -52,7 +52,7 @@ async def test_accepted_payment_is_published_once_with_the_request_fields(ingres
     assert response.status_code == 202, response.text
     accepted = response.json()
     assert accepted["state"] == "Requested" and accepted["channelId"] == channel_id
-    assert uuid.UUID(accepted["paymentId"]).version == 4
+    assert uuid.UUID(accepted["paymentId"]).version == 7  # time-ordered: services/common/ids.py
     assert response.headers["Location"] == f"/api/payments/{accepted['paymentId']}"
     assert response.headers["Idempotent-Replayed"] == "false"
 
@@ -298,8 +298,8 @@ async def test_get_shows_the_ledgers_state_references_result_and_history(ingress
         response = await http.get(f"/api/payments/{payment_id}")
     payment = response.json()
     assert payment["state"] == "Settled"
-    assert payment["mpesa"] == {"merchantRequestId": "29115-1", "checkoutRequestId": f"ws_CO_{payment_id[:8]}",
-                                "receiptNumber": f"R{payment_id[:9].upper()}",
+    assert payment["mpesa"] == {"merchantRequestId": "29115-1", "checkoutRequestId": f"ws_CO_{payment_id[-8:]}",
+                                "receiptNumber": f"R{payment_id[-9:].upper()}",
                                 "transactionTime": "2025-01-06T07:21:15+00:00", "resultCode": "0",
                                 "resultDesc": "The service request is processed successfully."}
     assert [(h["state"], h["previous"]) for h in payment["history"]] == [
@@ -400,7 +400,7 @@ async def record_settled_payment(database_url: str, payment_id: str, channel_id:
             " ON CONFLICT (payment_id) DO UPDATE SET state = 'Settled', merchant_request_id = '29115-1',"
             " checkout_request_id = EXCLUDED.checkout_request_id, mpesa_receipt = EXCLUDED.mpesa_receipt,"
             " transaction_time = EXCLUDED.transaction_time, result_code = '0', result_desc = EXCLUDED.result_desc",
-            (payment_id, channel_id, f"ws_CO_{payment_id[:8]}", f"R{payment_id[:9].upper()}"))
+            (payment_id, channel_id, f"ws_CO_{payment_id[-8:]}", f"R{payment_id[-9:].upper()}"))
         await conn.execute("DELETE FROM payment_history WHERE payment_id = %s", (payment_id,))
         for state, previous in (("Requested", None), ("Pending", "Requested"), ("Settled", "Pending")):
             await conn.execute("INSERT INTO payment_history (payment_id, state, previous, reason, event_id)"
