@@ -33,7 +33,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -46,6 +45,7 @@ from services.common.callback_token import callback_url  # noqa: E402
 from services.common.kafka import ensure_topics  # noqa: E402
 from services.common.topics import ALL_TOPICS, CALLBACK_RAW  # noqa: E402
 from bench.host import HostLoad, cpu_pressure  # noqa: E402
+from bench.raw_http import HEADERS, RawDriver  # noqa: E402
 from tests.e2e.stack import wait_for  # noqa: E402
 
 CHANNELS = 50
@@ -53,7 +53,6 @@ BODY = ('{"Body":{"stkCallback":{"MerchantRequestID":"29115-34620561-1","Checkou
         '"ResultCode":0,"ResultDesc":"The service request is processed successfully.","CallbackMetadata":{"Item":['
         '{"Name":"Amount","Value":1.00},{"Name":"MpesaReceiptNumber","Value":"NLJ7RT61SV"},{"Name":"Balance"},'
         '{"Name":"TransactionDate","Value":20191219102115},{"Name":"PhoneNumber","Value":254708374149}]}}}}')
-HEADERS = {"Content-Type": "application/json;charset=UTF-8", "BusinessShortCode": "174379"}
 
 
 def free_port() -> int:
@@ -124,38 +123,6 @@ class AiohttpDriver:
 
     async def close(self) -> None:
         pass
-
-
-class RawDriver:
-    """Keep-alive HTTP/1.1 over plain asyncio streams with pre-encoded requests: a few tens of
-    microseconds per callback, so that on a small machine the driver does not starve the gateway."""
-
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self._open: list[asyncio.StreamWriter] = []
-
-    async def post(self, url: str, body: bytes) -> int:
-        path = urlsplit(url).path
-        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Length: {len(body)}\r\n"
-                + "".join(f"{k}: {v}\r\n" for k, v in HEADERS.items()) + "\r\n").encode()
-        reader, writer = self._idle.pop() if self._idle else await self._connect()
-        writer.write(head + body)
-        status_line, _, headers = (await reader.readuntil(b"\r\n\r\n")).partition(b"\r\n")
-        length = next(int(line.split(b":", 1)[1]) for line in headers.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:"))
-        await reader.readexactly(length)
-        self._idle.append((reader, writer))
-        return int(status_line.split(b" ", 2)[1])
-
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await asyncio.open_connection(self.host, self.port)
-        self._open.append(writer)
-        return reader, writer
-
-    async def close(self) -> None:
-        for writer in self._open:
-            writer.close()
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
