@@ -7,7 +7,7 @@ import logging
 from datetime import datetime, timedelta, timezone
 
 import psycopg
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 from psycopg.rows import dict_row
 
 from services.common.avro import Codec
@@ -19,6 +19,9 @@ from services.ledger.service import FactBatch, LedgerSettings
 
 log = logging.getLogger(__name__)
 QUERIES = Counter("ledger_reconciliation_queries_total", "STK queries requested by reconciliation")
+WAITING = Gauge("ledger_parked_facts", "Facts (push results, callbacks, query results) waiting for their payment")
+OLDEST_WAITING = Gauge("ledger_parked_fact_oldest_age_seconds",
+                       "How long the oldest parked fact has waited for its payment (alert past LEDGER_REVIEW_AFTER_S)")
 
 
 def next_query_delay(attempt: int, settings: LedgerSettings) -> timedelta:
@@ -51,6 +54,7 @@ class Reconciler:
 
     async def tick(self, limit: int = 200) -> int:
         async with self.pool.connection() as conn, conn.transaction():
+            await _measure_waiting_facts(conn)
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute("SELECT payment_id FROM payments WHERE state IN ('Requested', 'Pending')"
                               " AND next_query_at <= now() ORDER BY next_query_at LIMIT %s", (limit,))
@@ -84,3 +88,13 @@ class Reconciler:
                   "checkout_request_id": row["checkout_request_id"], "attempt": attempt,
                   "reason": "PUSH_OUTCOME_UNKNOWN" if row["push_unknown"] else "PENDING_TOO_LONG"}
         return [(STK_QUERY_REQUESTED.name, row["channel_id"].encode(), self.codec.encode(STK_QUERY_REQUESTED.schema, record))]
+
+
+async def _measure_waiting_facts(conn) -> None:
+    """A fact parked for long is for a payment that may never come (its request lost upstream, or
+    sent to another pipeline): a callback among them means money moved that no payment here shows.
+    Nothing can be applied without the payment, so it is surfaced for an operator."""
+    count, oldest_s = await (await conn.execute(
+        "SELECT count(*), coalesce(extract(epoch FROM now() - min(parked_at)), 0)::float8 FROM parked_facts")).fetchone()
+    WAITING.set(count)
+    OLDEST_WAITING.set(oldest_s)

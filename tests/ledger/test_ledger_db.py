@@ -150,6 +150,21 @@ async def test_a_request_that_never_gets_a_push_result_goes_to_review_at_the_dea
     assert (await state_of(pool, pid))[0] == "Review"
 
 
+async def test_a_fact_whose_payment_never_comes_is_surfaced_by_the_parked_fact_gauges(ledger, pool, codec, unique):
+    from services.ledger.reconciler import OLDEST_WAITING, WAITING, Reconciler
+    pid = str(uuid.uuid4())
+    await ledger.handle_batch([callback(f"ch-{unique}", pid, success(f"ws_CO_{unique}", receipt=receipt(unique)))])
+    async with pool.connection() as conn:  # as if it had waited an hour
+        await conn.execute("UPDATE parked_facts SET parked_at = now() - interval '1 hour' WHERE payment_id = %s", (pid,))
+    try:
+        await Reconciler(pool, codec, ledger.settings).tick()
+        assert WAITING._value.get() >= 1
+        assert OLDEST_WAITING._value.get() >= 3600
+    finally:
+        async with pool.connection() as conn:  # not left to mislead the gauges of other runs
+            await conn.execute("DELETE FROM parked_facts WHERE payment_id = %s", (pid,))
+
+
 async def test_an_invalid_request_on_the_topic_ends_failed_never_pushed(ledger, pool, unique):
     pid = str(uuid.uuid4())
     await ledger.handle_batch([requested(f"ch-{unique}", pid, amount=-5, phone="12345")])
