@@ -13,6 +13,7 @@ from services.common.runtime import quiet_garbage_collector, run_service
 from services.common.topics import ALL_TOPICS, CALLBACK_RAW, PAYMENT_REQUESTED, STK_PUSH_RESULT, STK_QUERY_RESULT
 from services.ledger.reconciler import Reconciler
 from services.ledger.relay import OutboxRelay
+from services.ledger.retention import Retention
 from services.ledger.service import OVERLAP_FROM, Ledger, LedgerSettings
 
 SETTINGS = [
@@ -26,6 +27,8 @@ SETTINGS = [
                    help="batches applied at once while behind (per-payment locks keep them apart)"),
     config.Setting("LEDGER_QUERY_AFTER_S", config.positive_float, 90.0, help="Pending this long: start STK queries"),
     config.Setting("LEDGER_REVIEW_AFTER_S", config.positive_float, 900.0, help="no final answer by then: Review"),
+    config.Setting("LEDGER_PROCESSED_RETENTION_DAYS", config.positive_float, 30.0,
+                   help="processed-event ids kept this long to drop redeliveries; above the topics' retention"),
 ]
 
 
@@ -37,7 +40,7 @@ async def main(cfg: dict, stop: asyncio.Event) -> None:
     settings = LedgerSettings(first_query_after=timedelta(seconds=cfg["LEDGER_QUERY_AFTER_S"]),
                               review_after=timedelta(seconds=cfg["LEDGER_REVIEW_AFTER_S"]))
     producer = EventProducer(bootstrap, codec, client_id="ledger")
-    pool = await open_pool(cfg["DATABASE_URL"], max_size=cfg["LEDGER_MAX_IN_FLIGHT"] + 2)  # + relay, reconciler
+    pool = await open_pool(cfg["DATABASE_URL"], max_size=cfg["LEDGER_MAX_IN_FLIGHT"] + 3)  # + the 3 background loops
     relay = OutboxRelay(pool, producer)
     ledger = Ledger(pool, codec, settings, on_commit=relay.hand_over)
     consumer = ConsumerLoop(bootstrap=bootstrap, group_id=cfg["LEDGER_GROUP_ID"], codec=codec,
@@ -45,10 +48,11 @@ async def main(cfg: dict, stop: asyncio.Event) -> None:
                             handler=ledger.handle_batch, dead_letters=producer,
                             max_in_flight=cfg["LEDGER_MAX_IN_FLIGHT"], overlap_from=OVERLAP_FROM)
     reconciler = Reconciler(pool, codec, settings, on_commit=relay.hand_over)
+    retention = Retention(pool, timedelta(days=cfg["LEDGER_PROCESSED_RETENTION_DAYS"]))
     runner = await serve_ops(Health(), cfg["METRICS_HOST"], cfg["LEDGER_METRICS_PORT"])
     quiet_garbage_collector()
     try:
-        await asyncio.gather(consumer.run(stop), relay.run(stop), reconciler.run(stop))
+        await asyncio.gather(consumer.run(stop), relay.run(stop), reconciler.run(stop), retention.run(stop))
     finally:
         await runner.cleanup()
         producer.close()

@@ -1,0 +1,53 @@
+"""Forgetting processed-event ids once their events can no longer be redelivered.
+
+processed_events gets a row per consumed event, so it grows with every payment. A row is only
+needed while Kafka may still deliver its event again, that is within the topics' retention; the
+setting must stay above it. Should an older event come back anyway (a consumer group reset to the
+beginning of a topic kept longer), the state machine still answers a repeated fact with
+"duplicate", so forgetting costs a second check, never a second effect.
+
+Ids of facts still parked are kept: a redelivered parked fact would otherwise be parked twice.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+
+import psycopg
+from prometheus_client import Counter
+
+log = logging.getLogger(__name__)
+FORGOTTEN = Counter("ledger_processed_events_forgotten_total", "Processed-event ids dropped after the retention")
+
+_FORGET = """
+DELETE FROM processed_events WHERE ctid = ANY(ARRAY(
+    SELECT e.ctid FROM processed_events e
+    WHERE e.processed_at < now() - %s
+      AND NOT EXISTS (SELECT 1 FROM parked_facts p WHERE p.event_id = e.event_id)
+    LIMIT %s))
+"""
+
+
+class Retention:
+    def __init__(self, pool, keep: timedelta, *, interval_s: float = 60.0, chunk: int = 5000):
+        self.pool, self.keep = pool, keep
+        self.interval_s, self.chunk = interval_s, chunk
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                while await self.forget_some() == self.chunk and not stop.is_set():
+                    pass  # a backlog (a first run, a long stop): in chunks, each its own short transaction
+            except psycopg.OperationalError as exc:
+                log.warning("processed-event retention: %s; retrying", exc)
+            try:
+                await asyncio.wait_for(stop.wait(), self.interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def forget_some(self) -> int:
+        async with self.pool.connection() as conn, conn.transaction():
+            forgotten = (await conn.execute(_FORGET, (self.keep, self.chunk))).rowcount
+        FORGOTTEN.inc(forgotten)
+        return forgotten
