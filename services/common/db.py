@@ -1,8 +1,10 @@
 """PostgreSQL: connection pools and the project's schema migrations (migrations/NNNN_*.sql)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
+from typing import Awaitable, Callable
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -44,3 +46,17 @@ async def open_pool(database_url: str, *, min_size: int = 1, max_size: int = 10,
                                kwargs={"autocommit": autocommit})
     await pool.open(wait=True, timeout=30)
     return pool
+
+
+async def every(interval_s: float, stop: asyncio.Event, step: Callable[[], Awaitable[object]], what: str) -> None:
+    """Runs step, then again interval_s later, until stop is set. PostgreSQL being unreachable is
+    logged and tried again at the next turn: the step's transaction rolled back, nothing half done."""
+    while not stop.is_set():
+        try:
+            await step()
+        except psycopg.OperationalError as exc:
+            log.warning("%s: %s; retrying", what, exc)
+        try:
+            await asyncio.wait_for(stop.wait(), interval_s)
+        except asyncio.TimeoutError:
+            pass

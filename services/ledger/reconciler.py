@@ -3,21 +3,19 @@ with back-off; after the deadline they go to Review rather than to a guess (dara
 from __future__ import annotations
 
 import asyncio
-import logging
 from datetime import datetime, timedelta, timezone
 
-import psycopg
 from prometheus_client import Counter, Gauge
 from psycopg.rows import dict_row
 
 from services.common.avro import Codec
+from services.common.db import every
 from services.common.ids import new_id
 from services.common.kafka import ConsumedEvent, new_event_fields
 from services.common.topics import STK_QUERY_REQUESTED
 from services.ledger import state_machine as sm
 from services.ledger.service import FactBatch, LedgerSettings
 
-log = logging.getLogger(__name__)
 QUERIES = Counter("ledger_reconciliation_queries_total", "STK queries requested by reconciliation")
 WAITING = Gauge("ledger_parked_facts", "Facts (push results, callbacks, query results) waiting for their payment")
 OLDEST_WAITING = Gauge("ledger_parked_fact_oldest_age_seconds",
@@ -42,15 +40,7 @@ class Reconciler:
         self.interval_s = interval_s
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.tick()
-            except psycopg.OperationalError as exc:
-                log.warning("reconciliation: %s; retrying", exc)
-            try:
-                await asyncio.wait_for(stop.wait(), self.interval_s)
-            except asyncio.TimeoutError:
-                pass
+        await every(self.interval_s, stop, self.tick, "reconciliation")
 
     async def tick(self, limit: int = 200) -> int:
         async with self.pool.connection() as conn, conn.transaction():

@@ -11,13 +11,12 @@ Ids of facts still parked are kept: a redelivered parked fact would otherwise be
 from __future__ import annotations
 
 import asyncio
-import logging
 from datetime import timedelta
 
-import psycopg
 from prometheus_client import Counter
 
-log = logging.getLogger(__name__)
+from services.common.db import every
+
 FORGOTTEN = Counter("ledger_processed_events_forgotten_total", "Processed-event ids dropped after the retention")
 
 _FORGET = """
@@ -35,16 +34,10 @@ class Retention:
         self.interval_s, self.chunk = interval_s, chunk
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                while await self.forget_some() == self.chunk and not stop.is_set():
-                    pass  # a backlog (a first run, a long stop): in chunks, each its own short transaction
-            except psycopg.OperationalError as exc:
-                log.warning("processed-event retention: %s; retrying", exc)
-            try:
-                await asyncio.wait_for(stop.wait(), self.interval_s)
-            except asyncio.TimeoutError:
-                pass
+        async def forget_all_due() -> None:
+            while await self.forget_some() == self.chunk and not stop.is_set():
+                pass  # a backlog (a first run, a long stop): in chunks, each its own short transaction
+        await every(self.interval_s, stop, forget_all_due, "processed-event retention")
 
     async def forget_some(self) -> int:
         async with self.pool.connection() as conn, conn.transaction():
