@@ -36,6 +36,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.host import HostLoad  # noqa: E402
 from services.daraja.client import DarajaClient, DarajaTimeouts  # noqa: E402
 from services.daraja.errors import DarajaError  # noqa: E402
 from services.daraja.models import AppCredentials, Shortcode, StkPushRequest  # noqa: E402
@@ -297,8 +298,10 @@ def main() -> None:
         parser.error(f"--pushes must be between 1 and {MAX_PUSHES}")
     if args.sandbox_url and not _is_loopback_url(args.sandbox_url):
         parser.error("--sandbox-url must point at a loopback address (this benchmark never leaves the machine)")
+    host = HostLoad()
     for line in asyncio.run(run(args)):
         print(json.dumps(line))
+    print(json.dumps({"phase": "host", **host.figures()}))
 
 
 if __name__ == "__main__":

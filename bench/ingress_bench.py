@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 import psycopg  # noqa: E402
 from confluent_kafka.admin import AdminClient  # noqa: E402
 
+from bench.host import HostLoad  # noqa: E402
 from services.channels import repository as channels_repository  # noqa: E402
 from services.channels.apikeys import key_id_of, key_sha256, new_api_key  # noqa: E402
 from services.channels.model import Channel  # noqa: E402
@@ -257,6 +258,7 @@ async def wait_healthy(port: int, proc: subprocess.Popen, timeout_s: float = 60)
 
 async def full_speed_phase(proc: subprocess.Popen, port: int, requests: Requests, args: argparse.Namespace) -> dict:
     cpu_before, busy_before, own_before = cpu_seconds(proc.pid), machine_busy_seconds(), time.process_time()
+    host = HostLoad()
     main_before = cpu_seconds(proc.pid, main_thread_only=True)
     fast = await full_speed(port, requests, args.connections, args.requests, args.duration_s)
     cpu, busy = cpu_seconds(proc.pid) - cpu_before, machine_busy_seconds() - busy_before
@@ -268,11 +270,13 @@ async def full_speed_phase(proc: subprocess.Popen, port: int, requests: Requests
           f"main thread {main / answered * 1e6:.0f} µs (so at most {answered / main:.0f}/s on a core of its own); "
           f"driver {own / answered * 1e6:.0f} µs per request; whole machine busy {busy / elapsed:.2f} of "
           f"{os.cpu_count()} cores")
+    print(f"            {host.describe()}")
     return fast
 
 
 async def fixed_rate_phase(proc: subprocess.Popen, port: int, requests: Requests, args: argparse.Namespace) -> dict:
     cpu_before, busy_before, started = cpu_seconds(proc.pid), machine_busy_seconds(), time.perf_counter()
+    host = HostLoad()
     main_before = cpu_seconds(proc.pid, main_thread_only=True)
     buckets_before = await server_latency_buckets(port)
     steady = await fixed_rate(port, requests, args.rate, args.rate_duration_s)
@@ -289,13 +293,12 @@ async def fixed_rate_phase(proc: subprocess.Popen, port: int, requests: Requests
     shares = ", ".join(f"{server_share_within(buckets_before, buckets_after, b):.1%} ≤ {b * 1000:.0f} ms"
                        for b in (0.005, 0.01, 0.02, 0.05))
     print(f"            as the ingress measured them: {shares}")
+    print(f"            {host.describe()}")
     return steady
 
 
 async def main(args: argparse.Namespace) -> int:
     cfg = config.load([config.KAFKA_BOOTSTRAP, config.DATABASE_URL])
-    # Other work on the machine takes CPU from the ingress, Kafka and PostgreSQL: say how much there was.
-    load_before = Path("/proc/loadavg").read_text().split()[0]
     migrate(cfg["DATABASE_URL"])
     run = uuid.uuid4().hex[:10]
     channel_id = f"bench-{run}"
@@ -319,7 +322,6 @@ async def main(args: argparse.Namespace) -> int:
         fast = await full_speed_phase(proc, port, requests, args)
         await asyncio.sleep(1)
         steady = await fixed_rate_phase(proc, port, requests, args)
-        print(f"            load average before the run {load_before}")
     finally:
         proc.terminate()
         proc.wait(timeout=60)

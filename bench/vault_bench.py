@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.host import HostLoad  # noqa: E402
 from services.channels.credentials import CredentialStore  # noqa: E402
 from services.channels.onboarding import Onboarding  # noqa: E402
 from services.channels.vault import LocalKeyFileProvider, public_key_path, seal, unseal  # noqa: E402
@@ -103,6 +104,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20_000)
     parser.add_argument("--cold", type=int, default=50, help="cold gets (each writes one audit row)")
     args = parser.parse_args()
+    host = HostLoad()
     app = AppCredentials("ck" + secrets.token_hex(12), "cs" + secrets.token_hex(12), secrets.token_hex(32))
     with tempfile.TemporaryDirectory() as directory:
         key_file = Path(directory) / "kek.json"
@@ -110,6 +112,7 @@ def main() -> None:
         in_memory(provider, app, args.iterations)
         asyncio.run(with_database(os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL), provider, key_file, app,
                                   args.iterations, args.cold))
+    print(host.describe())
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 
+from bench.host import HostLoad  # noqa: E402
 from services.common.avro import Codec  # noqa: E402
 from services.common.db import migrate, open_pool  # noqa: E402
 from services.common.kafka import EventProducer, ensure_topics, new_event_fields  # noqa: E402
@@ -64,6 +65,7 @@ def count_results(channel: bytes, since: dict[int, int], expected: int, timeout_
 
 
 async def main(args) -> None:
+    host = HostLoad()
     run = uuid.uuid4().hex[:8]
     channel_id = f"wbench-{run}"
     tmp = Path(tempfile.mkdtemp())
@@ -103,6 +105,7 @@ async def main(args) -> None:
         rate = seen / (last - first) if last > first else 0
         print(f"worker: {seen} push results in {last - first:.2f}s = {rate:,.0f} pushes/s at {args.latency_ms} ms "
               f"Daraja latency, {args.in_flight} in flight (target >= 500/s); sandbox stats: {accepted}")
+        print(f"  {host.describe()}")
     finally:
         worker.terminate()
         sandbox.terminate()
