@@ -8,9 +8,10 @@ in milliseconds and append at the right edge instead. On the ledger benchmark (3
 took the WAL per event from 2.5–6 KiB to about 2 KiB, and the full-page images from 1,400–21,000
 per run to at most 1,200.
 
-The other 74 bits stay random, and nothing relies on an id being secret: reading a payment needs
-the channel's API key and a callback needs its HMAC token. The creation time an id reveals is
-already in the events that carry it.
+The other 74 bits are random: uuid-utils starts each millisecond's ids from a random 42-bit
+counter, to keep them in order, and gives each at least 32 fresh random bits. Nothing relies on an
+id being secret: reading a payment needs the channel's API key and a callback needs its HMAC token.
+The creation time an id reveals is already in the events that carry it.
 """
 from __future__ import annotations
 
