@@ -302,6 +302,27 @@ async def test_one_event_the_database_refuses_is_rejected_alone_and_the_rest_of_
     assert await state_of(pool, other) is None
 
 
+async def test_a_refused_event_is_found_by_halving_the_batch_not_by_applying_it_event_by_event(ledger, pool, unique):
+    channel = f"ch-{unique}"
+    events = [requested(channel, str(uuid.uuid4())) for _ in range(64)]
+    events[37].value["event_id"] = "not-a-uuid"
+    transactions = 0
+    apply = ledger._apply_in_one_transaction
+
+    async def counted(batch):
+        nonlocal transactions
+        transactions += 1
+        return await apply(batch)
+
+    ledger._apply_in_one_transaction = counted
+    rejections = await ledger.handle_batch(events)
+    assert [r.event for r in rejections] == [events[37]]
+    assert transactions <= 1 + 2 * 6  # the whole batch, then two halves per level down to one event
+    async with pool.connection() as conn:
+        created = await (await conn.execute("SELECT count(*) FROM payments WHERE channel_id = %s", (channel,))).fetchone()
+    assert created[0] == 63
+
+
 class FailingOnce:
     """A producer whose first publish is not acknowledged; records what it publishes after that."""
 
