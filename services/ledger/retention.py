@@ -29,14 +29,16 @@ DELETE FROM processed_events WHERE ctid = ANY(ARRAY(
 
 
 class Retention:
-    def __init__(self, pool, keep: timedelta, *, interval_s: float = 60.0, chunk: int = 5000):
+    def __init__(self, pool, keep: timedelta, *, interval_s: float = 60.0, chunk: int = 5000, pause_s: float = 0.5):
         self.pool, self.keep = pool, keep
-        self.interval_s, self.chunk = interval_s, chunk
+        self.interval_s, self.chunk, self.pause_s = interval_s, chunk, pause_s
 
     async def run(self, stop: asyncio.Event) -> None:
         async def forget_all_due() -> None:
+            # A backlog (a first run, a long stop) goes in chunks, each its own short transaction,
+            # with a pause between them so that applying payments keeps the database first.
             while await self.forget_some() == self.chunk and not stop.is_set():
-                pass  # a backlog (a first run, a long stop): in chunks, each its own short transaction
+                await asyncio.sleep(self.pause_s)
         await every(self.interval_s, stop, forget_all_due, "processed-event retention")
 
     async def forget_some(self) -> int:

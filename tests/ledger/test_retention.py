@@ -1,10 +1,12 @@
 """Processed-event ids are forgotten after the retention, except those of facts still parked."""
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import timedelta
 
 from services.ledger.retention import Retention
+from tests.conftest import eventually
 
 
 async def test_old_processed_event_ids_are_forgotten_and_recent_or_parked_ones_kept(pool):
@@ -28,3 +30,21 @@ async def test_old_processed_event_ids_are_forgotten_and_recent_or_parked_ones_k
         async with pool.connection() as conn:
             await conn.execute("DELETE FROM parked_facts WHERE event_id = %s", (parked,))
             await conn.execute("DELETE FROM processed_events WHERE event_id = ANY(%s::uuid[])", ([parked, recent],))
+
+
+async def test_the_retention_loop_works_through_a_backlog_in_chunks_and_stops(pool):
+    old = [str(uuid.uuid4()) for _ in range(5)]
+    async with pool.connection() as conn:
+        await conn.execute("INSERT INTO processed_events (event_id, topic, processed_at)"
+                           " SELECT e, 't', now() - interval '40 days' FROM unnest(%s::uuid[]) AS e", (old,))
+    stop = asyncio.Event()
+    running = asyncio.create_task(Retention(pool, timedelta(days=30), chunk=2, pause_s=0.01).run(stop))
+
+    async def all_forgotten() -> bool:
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT count(*) FROM processed_events WHERE event_id = ANY(%s::uuid[])", (old,))
+            return (await cur.fetchone())[0] == 0
+
+    await eventually(all_forgotten, timeout=10)
+    stop.set()
+    await asyncio.wait_for(running, timeout=5)
