@@ -11,6 +11,7 @@ relay, as `python -m services.ledger` runs them) share a fresh consumer group. T
                      1 s after its request, its callback 1 s after that); reports the rate applied
                      while offering and how long the ledgers took to finish after the last event.
 
+Also reports the ledgers' CPU per event, the WAL PostgreSQL wrote meanwhile and the host's steal.
 Loopback only; bounded by --payments and --timeout-s.
 
     .venv/bin/python bench/ledger_bench.py [--payments 10000] [--processes 1] [--rate 5000]
@@ -30,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import psycopg  # noqa: E402
 from confluent_kafka import Producer  # noqa: E402
 from prometheus_client import REGISTRY  # noqa: E402
 
@@ -142,6 +144,13 @@ async def count_settled(run: str) -> int:
     return settled
 
 
+def wal_written() -> tuple[int, int]:
+    """(bytes, full-page images) PostgreSQL has written to its WAL (cluster-wide, since its stats reset)."""
+    with psycopg.connect(DB) as conn:
+        written, full_pages = conn.execute("SELECT wal_bytes, wal_fpi FROM pg_stat_wal").fetchone()
+    return int(written), full_pages
+
+
 def offer_live(run: str, topics: dict[str, Topic], payments: int, rate: float, applied) -> tuple[float, int]:
     """Produces the events at `rate` per second in the order they happen; returns (seconds, applied meanwhile)."""
     codec, per_payment = Codec(), rate / 3
@@ -162,7 +171,7 @@ def offer_live(run: str, topics: dict[str, Topic], payments: int, rate: float, a
 def main(payments: int, processes: int, in_flight: int, rate: float, timeout_s: float) -> None:
     run = uuid.uuid4().hex[:8]
     topics = asyncio.run(produce(run, payments if not rate else 0))
-    host = HostLoad()
+    host, wal_before = HostLoad(), wal_written()
     ctx = multiprocessing.get_context("spawn")
     shared = (ctx.Value("q", 0), ctx.Value("d", 0.0), ctx.Event(), ctx.Queue(), ctx.Value("i", 0))
     ledgers = [ctx.Process(target=ledger_process, args=(run, topics, in_flight, shared)) for _ in range(processes)]
@@ -183,6 +192,7 @@ def main(payments: int, processes: int, in_flight: int, rate: float, timeout_s: 
     for p in ledgers:
         p.join()
     settled = asyncio.run(count_settled(run))
+    wal = [after - before for after, before in zip(wal_written(), wal_before)]
     done = applied.value
     shape = f"ledger ({processes} process(es), {in_flight} batch(es) in flight each)"
     if rate:
@@ -195,6 +205,8 @@ def main(payments: int, processes: int, in_flight: int, rate: float, timeout_s: 
     print(f"  CPU per event: {sum(c[0] for c in cpu) / max(done, 1) * 1e6:.0f} us in the ledger processes"
           f" ({sum(c[1] for c in cpu) / max(done, 1) * 1e6:.0f} on their event loops);"
           f" {sum(c[2] for c in cpu):.0f} facts arrived before their payment")
+    print(f"  PostgreSQL WAL meanwhile: {wal[0] / max(done, 1) / 1024:.1f} KiB per event, {wal[1]} full-page images"
+          " (the whole cluster's, autovacuum and checkpoints included)")
     print(f"  {host.describe()}")
 
 
