@@ -159,19 +159,25 @@ async def verify_audit(conn: AsyncConnection, from_seq: int = 1) -> tuple[int, s
         if before is None:
             return 0, f"row {from_seq - 1} does not exist"
         prev = before[0]
-    cur = conn.cursor(row_factory=dict_row)
-    await cur.execute("SELECT seq, payment_id, event_id::text, fact, verdict, from_state, to_state, detail, at,"
-                      " prev_hash, hash FROM audit_log WHERE seq >= %s ORDER BY seq", (from_seq,))
-    expected_seq, count = from_seq, 0
-    async for row in cur:
-        count += 1
-        if row["seq"] != expected_seq:
-            return count, f"row {expected_seq} is missing (found {row['seq']})"
-        if row["prev_hash"] != prev:
-            return count, f"row {row['seq']}: prev_hash does not match row {row['seq'] - 1}"
-        entry = {k: row[k] for k in ("payment_id", "event_id", "fact", "verdict", "from_state", "to_state", "detail")}
-        entry.update(seq=row["seq"], at=row["at"].astimezone(timezone.utc).isoformat())
-        if audit_hash(prev, entry) != row["hash"]:
-            return count, f"row {row['seq']}: content does not match its hash (edited)"
-        prev, expected_seq = row["hash"], expected_seq + 1
+    # A server-side cursor read in slices: the trail grows without bound, the verifier's memory must not.
+    async with conn.cursor("verify_audit", row_factory=dict_row) as cur:
+        cur.itersize = 5000
+        await cur.execute("SELECT seq, payment_id, event_id::text, fact, verdict, from_state, to_state, detail, at,"
+                          " prev_hash, hash FROM audit_log WHERE seq >= %s ORDER BY seq", (from_seq,))
+        expected_seq, count = from_seq, 0
+        async for row in cur:
+            count += 1
+            if row["seq"] != expected_seq:
+                return count, f"row {expected_seq} is missing (found {row['seq']})"
+            if row["prev_hash"] != prev:
+                return count, f"row {row['seq']}: prev_hash does not match row {row['seq'] - 1}"
+            if audit_hash(prev, _audit_entry(row)) != row["hash"]:
+                return count, f"row {row['seq']}: content does not match its hash (edited)"
+            prev, expected_seq = row["hash"], expected_seq + 1
     return count, None
+
+
+def _audit_entry(row: dict) -> dict:
+    entry = {k: row[k] for k in ("payment_id", "event_id", "fact", "verdict", "from_state", "to_state", "detail")}
+    entry.update(seq=row["seq"], at=row["at"].astimezone(timezone.utc).isoformat())
+    return entry
