@@ -3,6 +3,7 @@ with back-off; after the deadline they go to Review rather than to a guess (dara
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import datetime, timedelta, timezone
 
 from prometheus_client import Counter, Gauge
@@ -20,6 +21,7 @@ QUERIES = Counter("ledger_reconciliation_queries_total", "STK queries requested 
 WAITING = Gauge("ledger_parked_facts", "Facts (push results, callbacks, query results) waiting for their payment")
 OLDEST_WAITING = Gauge("ledger_parked_fact_oldest_age_seconds",
                        "How long the oldest parked fact has waited for its payment (alert past LEDGER_REVIEW_AFTER_S)")
+MEASURE_WAITING_EVERY_S = 15.0  # the count scans parked_facts; alerts on it are about minutes, not ticks
 
 
 def next_query_delay(attempt: int, settings: LedgerSettings) -> timedelta:
@@ -38,13 +40,16 @@ class Reconciler:
         self.pool, self.codec, self.settings = pool, codec, settings
         self.on_commit = on_commit
         self.interval_s = interval_s
+        self._measure_at = 0.0  # monotonic time of the next parked-fact count (a scan of that table)
 
     async def run(self, stop: asyncio.Event) -> None:
         await every(self.interval_s, stop, self.tick, "reconciliation")
 
     async def tick(self, limit: int = 200) -> int:
         async with self.pool.connection() as conn, conn.transaction():
-            await _measure_waiting_facts(conn)
+            if time.monotonic() >= self._measure_at:
+                await _measure_waiting_facts(conn)
+                self._measure_at = time.monotonic() + MEASURE_WAITING_EVERY_S
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute("SELECT payment_id FROM payments WHERE state IN ('Requested', 'Pending')"
                               " AND next_query_at <= now() ORDER BY next_query_at LIMIT %s", (limit,))
