@@ -6,7 +6,8 @@ setting must stay above it. Should an older event come back anyway (a consumer g
 beginning of a topic kept longer), the state machine still answers a repeated fact with
 "duplicate", so forgetting costs a second check, never a second effect.
 
-Ids of facts still parked are kept: a redelivered parked fact would otherwise be parked twice.
+Ids of facts still parked are kept: redelivered, such a fact would collide with its own parked row
+and be dead-lettered.
 """
 from __future__ import annotations
 
