@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -86,9 +87,30 @@ def service_env(infra: dict[str, str], **extra: str) -> dict[str, str]:
     return {**env, **infra, "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in extra.items()}}
 
 
-def start_service(module: str, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+class ServiceProcess(subprocess.Popen):
+    """A service under test whose output is read as it comes. A pipe nobody reads fills at 64 KiB;
+    the service's next log line then blocks, and with it the service's event loop (seen: an STK
+    worker that logged errors for a polluted database stopped consuming mid-suite)."""
+
+    def __init__(self, module: str, env: dict[str, str]):
+        super().__init__([sys.executable, "-m", module], env=env, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=self._lines.extend, args=(self.stdout,), daemon=True)
+        self._reader.start()
+
+    def output(self) -> str:
+        """What the service wrote so far (all of it once it exited)."""
+        return "".join(self._lines)
+
+    def communicate(self, input=None, timeout=None) -> tuple[str, None]:
+        self.wait(timeout)
+        self._reader.join()
+        return self.output(), None
+
+
+def start_service(module: str, env: dict[str, str]) -> ServiceProcess:
+    return ServiceProcess(module, env)
 
 
 async def eventually(check, timeout: float = 20.0, interval: float = 0.1):

@@ -83,6 +83,7 @@ class Stack:
                 proc.kill()
                 out, _ = proc.communicate()
             outputs[name] = out or ""
+            (self.tmp / f"{name}.log").write_text(outputs[name])  # kept with pytest's last temp dirs
         return outputs
 
     async def onboard(self, pool, channel_id: str) -> str:

@@ -16,7 +16,7 @@ async def stack(infra, tmp_path_factory):
     s = Stack(infra, tmp_path_factory.mktemp("e2e"), uuid.uuid4().hex[:10])
     s.start()
     yield s
-    for name, output in s.stop().items():  # shown by pytest when a test of the module failed
+    for name, output in s.stop().items():  # also kept as <pytest tmp>/e2e*/<name>.log
         print(f"----- {name}\n" + "\n".join(line for line in output.splitlines()[-40:] if not line.startswith("%")))
 
 

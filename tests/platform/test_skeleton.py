@@ -39,7 +39,7 @@ async def test_post_then_get_shows_a_requested_payment(infra, pool, unique):
         for proc in (ingress, ledger):
             proc.terminate()
         for proc in (ingress, ledger):
-            assert proc.wait(timeout=30) == 0, proc.stdout.read()
+            assert proc.wait(timeout=30) == 0, proc.output()
 
 
 async def _healthy(http: httpx.AsyncClient) -> bool:
