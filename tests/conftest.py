@@ -89,8 +89,8 @@ def service_env(infra: dict[str, str], **extra: str) -> dict[str, str]:
 
 class ServiceProcess(subprocess.Popen):
     """A service under test whose output is read as it comes. A pipe nobody reads fills at 64 KiB;
-    the service's next log line then blocks, and with it the service's event loop (seen: an STK
-    worker that logged errors for a polluted database stopped consuming mid-suite)."""
+    the service's next log line then blocks, and with it the service's event loop. Most likely what
+    stopped an e2e STK worker mid-suite on a development database full of other channels' payments."""
 
     def __init__(self, module: str, env: dict[str, str]):
         super().__init__([sys.executable, "-m", module], env=env, cwd=ROOT,
