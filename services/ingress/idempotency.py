@@ -109,11 +109,12 @@ class IdempotencyStore:
 
     async def request(self, payment_id: str) -> dict | None:
         """The recorded request of a payment Kafka acknowledged (for reads before the ledger has it)."""
+        unmarked = payment_id in self._published_unmarked  # before the read: see _theirs
         async with self._pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(_REQUEST, (payment_id,))
             row = await cur.fetchone()
-        if row is None or not (row["published"] or payment_id in self._published_unmarked):
+        if row is None or not (row["published"] or unmarked):
             return None
         return row
 
@@ -133,18 +134,14 @@ class IdempotencyStore:
             # one key in the same batch both believe they won.
             won = {row[0] for row in await cur.fetchall()}
             lost = [c for c in claims if c.payment_id not in won]
-            existing = {}
+            existing, unmarked = {}, set()
             if lost:
+                unmarked = set(self._published_unmarked)  # before the read: see _theirs
                 cur = conn.cursor(row_factory=dict_row)
                 await cur.execute(_EXISTING, ([c.channel_id for c in lost], [c.idempotency_key for c in lost]))
                 existing = {(r["channel_id"], r["idempotency_key"]): r for r in await cur.fetchall()}
-        return [_ours(c) if c.payment_id in won else self._theirs(existing[(c.channel_id, c.idempotency_key)])
+        return [_ours(c) if c.payment_id in won else _theirs(existing[(c.channel_id, c.idempotency_key)], unmarked)
                 for c in claims]
-
-    def _theirs(self, row: dict) -> Record:
-        published = row["published"] or row["payment_id"] in self._published_unmarked
-        return Record(row["payment_id"], bytes(row["body_sha256"]), row["event_id"], row["occurred_at"],
-                      published=published, claimed=False)
 
     async def _mark_batch(self, payment_ids: Sequence[str]) -> list[None]:
         try:
@@ -185,3 +182,12 @@ class HeldConnection:
 
 def _ours(c: Claim) -> Record:
     return Record(c.payment_id, c.body_sha256, c.event_id, c.occurred_at, published=False, claimed=True)
+
+
+def _theirs(row: dict, unmarked: set[str]) -> Record:
+    """unmarked: the payments this process published whose mark was not yet written, as they were
+    before the row was read. Taken after the read, a mark committed meanwhile would be in neither
+    the row nor the set, and the replay would publish the event again."""
+    published = row["published"] or row["payment_id"] in unmarked
+    return Record(row["payment_id"], bytes(row["body_sha256"]), row["event_id"], row["occurred_at"],
+                  published=published, claimed=False)

@@ -57,6 +57,52 @@ async def test_a_later_claim_sees_the_first_ones_digest_and_publish_mark(store, 
     await fresh.close()
 
 
+async def test_a_replay_read_while_the_publish_mark_commits_still_sees_the_payment_published(store, unique):
+    first = await store.claim(claim(f"race-{unique}", "k"))
+    store._published_unmarked.add(first.payment_id)  # published; its mark not written yet
+
+    class MarkCommitsDuringTheRead:
+        """The claims connection, with the mark committing (and leaving the set) as the row is read."""
+
+        def __init__(self, conn):
+            self.conn = conn
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+        def cursor(self, *args, **kwargs):
+            return MarkAfterFetch(self.conn.cursor(*args, **kwargs))
+
+    class MarkAfterFetch:
+        def __init__(self, cur):
+            self.cur = cur
+
+        def __getattr__(self, name):
+            return getattr(self.cur, name)
+
+        async def fetchall(self):
+            rows = await self.cur.fetchall()
+            await store._mark_batch([first.payment_id])
+            return rows
+
+    held = store._claims_connection
+
+    class Held:
+        async def __aenter__(self):
+            return MarkCommitsDuringTheRead(await held.__aenter__())
+
+        async def __aexit__(self, *exc):
+            await held.__aexit__(*exc)
+
+        async def give_back(self):
+            await held.give_back()
+
+    store._claims_connection = Held()
+    replay = await store.claim(claim(f"race-{unique}", "k"))
+    assert replay.payment_id == first.payment_id and not store._published_unmarked
+    assert replay.published  # else the ingress would publish the event a second time
+
+
 async def test_an_unpublished_claim_is_not_readable(store, unique):
     record = await store.claim(claim(f"unread-{unique}", "k"))
     assert await store.request(record.payment_id) is None
