@@ -64,7 +64,7 @@ def free_port() -> int:
 def start_gateway(port: int, bootstrap: str, secret: str, linger_ms: int, cpu: int | None) -> subprocess.Popen:
     env = {**os.environ, "WEBHOOK_PORT": str(port), "WEBHOOK_TOKEN_SECRETS": secret,
            "WEBHOOK_KAFKA_LINGER_MS": str(linger_ms),
-           "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "WEBHOOK_ALLOWED_SOURCES": "", "WEBHOOK_TRUSTED_PROXIES": "",
+           "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "WEBHOOK_ALLOWED_SOURCES": "127.0.0.1", "WEBHOOK_TRUSTED_PROXIES": "",
            "WEBHOOK_RATE_PER_SOURCE": "1000000000", "WEBHOOK_RATE_BURST": "1000000000", "LOG_LEVEL": "WARNING"}
     return subprocess.Popen([sys.executable, "-m", "services.webhook_consumer"], cwd=ROOT, env=env,
                             preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None)

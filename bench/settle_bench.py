@@ -107,7 +107,8 @@ async def main(args) -> None:
     group = f"sbench-{run}"
     start_group_at_end(KAFKA, group, [t.name for t in (PAYMENT_REQUESTED, STK_PUSH_RESULT, CALLBACK_RAW, STK_QUERY_RESULT)])
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": KAFKA, "DATABASE_URL": DB, "WEBHOOK_TOKEN_SECRETS": secret,
-           "WEBHOOK_PORT": str(gateway_port), "LEDGER_GROUP_ID": group, "LEDGER_METRICS_PORT": str(ledger_port),
+           "WEBHOOK_PORT": str(gateway_port), "WEBHOOK_ALLOWED_SOURCES": "127.0.0.1", "LEDGER_GROUP_ID": group,
+           "LEDGER_METRICS_PORT": str(ledger_port),
            "WEBHOOK_RATE_PER_SOURCE": "100000", "WEBHOOK_RATE_BURST": "100000", "LOG_LEVEL": "WARNING"}
     procs = [subprocess.Popen([sys.executable, "-m", m], cwd=ROOT, env=env)
              for m in ("services.webhook_consumer", "services.ledger")]

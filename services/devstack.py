@@ -31,8 +31,9 @@ def local_secret(name: str, make=lambda: secrets.token_urlsafe(32)) -> str:
 
 
 def dev_environment() -> dict[str, str]:
-    """Secrets the services need, unless the environment already gives them."""
-    env = {"WEBHOOK_TOKEN_SECRETS": local_secret("webhook-token-secret"), "ADMIN_TOKEN": local_secret("admin-token")}
+    """Secrets the services need, and the sandbox environment, unless the environment already gives them."""
+    env = {"WEBHOOK_TOKEN_SECRETS": local_secret("webhook-token-secret"), "ADMIN_TOKEN": local_secret("admin-token"),
+           "MPESA_ENVIRONMENT": "sandbox"}
     return {k: v for k, v in env.items() if not os.environ.get(k)}
 
 

@@ -3,19 +3,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
+from services.common import config
 from services.common.observability import Health, serve
 from services.common.runtime import quiet_garbage_collector, run_service
 from services.webhook_consumer.app import GatewayDeps, create_app, gateway_producer
-from services.webhook_consumer.settings import SETTINGS, GatewaySettings
+from services.webhook_consumer.settings import (ALLOWED_SOURCES, ENVIRONMENT, OPEN_TO_ANY_SOURCE, SETTINGS,
+                                                GatewaySettings)
+from services.webhook_consumer.sources import ANY_SOURCE
 
 log = logging.getLogger("services.webhook_consumer")
 
 
 async def main(cfg: dict, stop: asyncio.Event) -> None:
-    settings = GatewaySettings.from_config(cfg)
-    if not settings.allowed_sources:
-        log.warning("WEBHOOK_ALLOWED_SOURCES is empty: callbacks are accepted from any address")
+    try:
+        settings = GatewaySettings.from_config(cfg)
+    except config.ConfigError as exc:  # a rule across variables: as plain as run_service's own errors
+        print(f"webhook-gateway: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if settings.allowed_sources == ANY_SOURCE:
+        how = (f"{ALLOWED_SOURCES.env}={OPEN_TO_ANY_SOURCE}" if cfg[ALLOWED_SOURCES.env]
+               else f"{ALLOWED_SOURCES.env} is unset and {ENVIRONMENT.env}={cfg[ENVIRONMENT.env]}")
+        log.warning("callbacks are accepted from any address (%s)", how)
     producer = gateway_producer(cfg["KAFKA_BOOTSTRAP_SERVERS"], settings)
     app = create_app(GatewayDeps(producer), settings, Health())
     quiet_garbage_collector()

@@ -1,9 +1,9 @@
 """The webhook gateway: checks a Daraja callback at the door and hands its bytes to Kafka.
 
 Checks run cheapest first and the rate limit before anything that writes: rate limit per source,
-source allow-list, URL token, body size. The body is never parsed or judged (daraja.md §8: no
-business logic before the ack); the ledger reads it. Daraja gets 200 only after Kafka acknowledged
-the raw event. A refused callback is counted and, unless it was rate limited, kept on the rejected
+source allow-list, URL token, body size, and last whether the body is a bounded JSON object
+(body.py). Its content is never judged (no business logic before the ack); the ledger reads it.
+Daraja gets 200 only after Kafka acknowledged the raw event. A refused callback is counted and, unless it was rate limited, kept on the rejected
 topic for forensics, token removed and body capped.
 """
 from __future__ import annotations
@@ -26,8 +26,9 @@ from services.common.kafka import EventProducer, Publisher, PublishError, new_ev
 from services.common.observability import Health, add_ops_routes, http_metrics
 from services.common.problems import problem
 from services.common.topics import CALLBACK_RAW, CALLBACK_REJECTED, Topic
+from services.webhook_consumer.body import is_bounded_json_object
 from services.webhook_consumer.settings import MAX_BODY_BYTES, GatewaySettings
-from services.webhook_consumer.sources import RateLimiter, SourcePolicy, retry_after_header
+from services.webhook_consumer.sources import RateLimiter, SourcePolicy, rate_limit_key, retry_after_header
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ REFUSALS = {
     "bad_token": (403, "Forbidden"),
     "source_not_allowed": (403, "Forbidden"),
     "too_large": (413, "Request too large"),
+    "malformed_body": (400, "Bad request"),  # not UTF-8 JSON, not an object, too deep, or NaN/Infinity
     "rate_limited": (429, "Too many requests"),
 }
 
@@ -109,6 +111,10 @@ class Gateway:
         body, complete = await read_capped(request, MAX_BODY_BYTES)
         if not complete:
             return await self._refuse(request, arrival, "too_large", body)
+        if not is_bounded_json_object(body):
+            # What no callback can be, kept off the raw topic: one such body must not reach a reader
+            # that might choke on it (a parser's recursion, a non-finite amount).
+            return await self._refuse(request, arrival, "malformed_body", body)
         return await self._publish(arrival, body)
 
     async def receive_tokenless(self, request: web.Request) -> web.Response:
@@ -128,7 +134,7 @@ class Gateway:
                        path, channel_id, payment_id, request.headers.get("Content-Type"))
 
     async def _screen(self, request: web.Request, arrival: Arrival) -> web.Response | None:
-        wait_s = self.limiter.take(arrival.source)
+        wait_s = self.limiter.take(rate_limit_key(arrival.source))
         if wait_s > 0:
             # Only counted: keeping what a flooder sends would let it make us write without bound.
             REJECTED.labels("rate_limited").inc()

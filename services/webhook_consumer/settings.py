@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 from services.common import config
 from services.common.callback_token import parse_secrets
-from services.webhook_consumer.sources import Network, parse_networks
+from services.webhook_consumer.sources import ANY_SOURCE, Network, parse_networks, parse_trusted_proxies
 
 # The list circulated as Safaricom's published callback addresses (daraja.md §5, confidence medium:
 # not on the Daraja 3.0 pages themselves). Recommended WEBHOOK_ALLOWED_SOURCES in production; some
@@ -16,18 +16,40 @@ SAFARICOM_CALLBACK_SOURCES = ("196.201.214.200,196.201.214.206,196.201.213.114,1
                               "196.201.212.74,196.201.212.69")
 
 MAX_BODY_BYTES = 64 * 1024
+ENVIRONMENTS = ("sandbox", "production")
+OPEN_TO_ANY_SOURCE = "any"
 
+
+def parse_allowed_sources(raw: str) -> tuple[Network, ...]:
+    """parse_networks, or ANY_SOURCE for the word `any`: the explicit way to accept every address.
+
+    (`any` rather than `*`: an unquoted * opens an alias in YAML, as in compose.yaml.)
+    """
+    if raw.strip().lower() == OPEN_TO_ANY_SOURCE:
+        return ANY_SOURCE
+    try:
+        return parse_networks(raw)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; write {OPEN_TO_ANY_SOURCE!r} alone to allow every source") from None
+
+
+# Production is the default so that an operator who forgets the variable gets the strict behaviour;
+# `make run`, the tests and the benchmarks say sandbox.
+ENVIRONMENT = config.Setting(
+    "MPESA_ENVIRONMENT", lambda raw: config.choice(raw.strip().lower(), *ENVIRONMENTS), "production",
+    help="sandbox or production; in production an unset WEBHOOK_ALLOWED_SOURCES refuses to start")
 HOST = config.Setting("WEBHOOK_HOST", str, "127.0.0.1", help="address to listen on")
 PORT = config.Setting("WEBHOOK_PORT", config.port, 8081, help="port to listen on")
 TOKEN_SECRETS = config.Setting(
     "WEBHOOK_TOKEN_SECRETS", lambda raw: tuple(parse_secrets(raw)), secret=True,
     help="HMAC secrets of the callback URL token, comma-separated, current first, each >= 32 characters")
 ALLOWED_SOURCES = config.Setting(
-    "WEBHOOK_ALLOWED_SOURCES", parse_networks, (),
-    help="client IPs/CIDRs allowed to post callbacks, comma-separated; empty allows all")
+    "WEBHOOK_ALLOWED_SOURCES", parse_allowed_sources, (),
+    help="client IPs/CIDRs allowed to post callbacks, comma-separated, or 'any'; "
+         "unset allows all in sandbox and refuses to start in production")
 TRUSTED_PROXIES = config.Setting(
-    "WEBHOOK_TRUSTED_PROXIES", parse_networks, (),
-    help="proxy IPs/CIDRs whose X-Forwarded-For is believed, comma-separated")
+    "WEBHOOK_TRUSTED_PROXIES", parse_trusted_proxies, (),
+    help="proxy IPs/CIDRs whose X-Forwarded-For is believed, comma-separated; at most /8 (IPv4), /28 (IPv6) wide")
 RATE_PER_SOURCE = config.Setting("WEBHOOK_RATE_PER_SOURCE", config.positive_float, 100.0,
                                  help="callbacks per second per client address (token bucket refill)")
 RATE_BURST = config.Setting("WEBHOOK_RATE_BURST", config.positive_int, 200,
@@ -49,14 +71,14 @@ KAFKA_TIMEOUT_MS = config.Setting("WEBHOOK_KAFKA_TIMEOUT_MS", _milliseconds(200,
 KAFKA_LINGER_MS = config.Setting("WEBHOOK_KAFKA_LINGER_MS", _milliseconds(0, 100), 5,
                                  help="how long the producer gathers callbacks into one batch (latency for CPU)")
 
-SETTINGS = [config.KAFKA_BOOTSTRAP, HOST, PORT, TOKEN_SECRETS, ALLOWED_SOURCES, TRUSTED_PROXIES, RATE_PER_SOURCE,
-            RATE_BURST, KAFKA_TIMEOUT_MS, KAFKA_LINGER_MS]
+SETTINGS = [config.KAFKA_BOOTSTRAP, ENVIRONMENT, HOST, PORT, TOKEN_SECRETS, ALLOWED_SOURCES, TRUSTED_PROXIES,
+            RATE_PER_SOURCE, RATE_BURST, KAFKA_TIMEOUT_MS, KAFKA_LINGER_MS]
 
 
 @dataclass(frozen=True)
 class GatewaySettings:
     token_secrets: tuple[bytes, ...] = field(repr=False)
-    allowed_sources: tuple[Network, ...] = ()
+    allowed_sources: tuple[Network, ...] = ()  # empty allows nobody; ANY_SOURCE allows all
     trusted_proxies: tuple[Network, ...] = ()
     rate_per_source_s: float = 100.0
     rate_burst: int = 200
@@ -65,7 +87,21 @@ class GatewaySettings:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> GatewaySettings:
-        return cls(token_secrets=cfg[TOKEN_SECRETS.env], allowed_sources=cfg[ALLOWED_SOURCES.env],
+        return cls(token_secrets=cfg[TOKEN_SECRETS.env], allowed_sources=effective_allowed_sources(cfg),
                    trusted_proxies=cfg[TRUSTED_PROXIES.env], rate_per_source_s=cfg[RATE_PER_SOURCE.env],
                    rate_burst=cfg[RATE_BURST.env], kafka_timeout_ms=cfg[KAFKA_TIMEOUT_MS.env],
                    kafka_linger_ms=cfg[KAFKA_LINGER_MS.env])
+
+
+def effective_allowed_sources(cfg: Mapping[str, Any]) -> tuple[Network, ...]:
+    """The allow-list to enforce. Unset means every source in the sandbox environment; in production
+    it is a configuration error, since Daraja signs nothing and the list is one of the few checks
+    left to a callback whose URL leaked."""
+    allowed = cfg[ALLOWED_SOURCES.env]
+    if allowed:
+        return allowed
+    if cfg[ENVIRONMENT.env] == "sandbox":
+        return ANY_SOURCE
+    raise config.ConfigError(
+        f"{ALLOWED_SOURCES.env} is required when {ENVIRONMENT.env}=production (the default): list Daraja's "
+        f"callback addresses, or write {OPEN_TO_ANY_SOURCE!r} to accept callbacks from anywhere")

@@ -40,7 +40,7 @@ class Stack:
             LEDGER_GROUP_ID=f"ledger-{self.unique}", STK_WORKER_GROUP_ID=f"stk-{self.unique}",
             DARAJA_BASE_URL=self.sandbox_url, CALLBACK_PUBLIC_BASE_URL=self.gateway_url,
             WEBHOOK_TOKEN_SECRETS=secrets.token_hex(32), VAULT_KEY_FILE=str(self.key_file),
-            INGRESS_AUTH_CACHE_TTL_S="0.1", LEDGER_QUERY_AFTER_S="1", STK_MAX_ATTEMPTS="3",
+            MPESA_ENVIRONMENT="sandbox", INGRESS_AUTH_CACHE_TTL_S="0.1", LEDGER_QUERY_AFTER_S="1", STK_MAX_ATTEMPTS="3",
             DARAJA_READ_TIMEOUT_S="5", **self.extra_env)
 
     sandbox_url = property(lambda self: f"http://127.0.0.1:{self.ports['sandbox']}")

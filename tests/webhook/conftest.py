@@ -18,6 +18,7 @@ from services.common.callback_token import callback_token
 from services.common.topics import Topic
 from services.webhook_consumer.app import GatewayDeps, create_app, gateway_producer
 from services.webhook_consumer.settings import GatewaySettings
+from services.webhook_consumer.sources import ANY_SOURCE
 
 SECRET = b"current-webhook-secret-0123456789abcdef"
 PREVIOUS_SECRET = b"previous-webhook-secret-0123456789abcdef"
@@ -73,7 +74,8 @@ async def start_gateway(gateway_kafka):
     """Starts in-process gateways on 127.0.0.1:0; settings are overrides of a permissive default."""
     runners: list[web.AppRunner] = []
     http = httpx.AsyncClient(timeout=15)
-    base_settings = GatewaySettings(token_secrets=(SECRET,), rate_per_source_s=10_000, rate_burst=10_000)
+    base_settings = GatewaySettings(token_secrets=(SECRET,), allowed_sources=ANY_SOURCE, rate_per_source_s=10_000,
+                                    rate_burst=10_000)
 
     async def start(*, producer=None, clock: Callable[[], float] | None = None, **overrides) -> RunningGateway:
         deps = GatewayDeps(producer or gateway_kafka)

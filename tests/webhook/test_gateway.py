@@ -71,12 +71,12 @@ async def test_a_valid_callback_is_published_byte_for_byte_and_answered_accepted
 
 
 @pytest.mark.parametrize("body, content_type", [
-    (b"\x00\xffthis is not json", "text/plain"),
-    (b"", None),
     (b'{"Body": {"stkCallback": {"ResultCode": "SFC_IC0003"}}}', "application/json"),
+    (b'{"unexpected": ["shape", 1, null]}', "text/plain"),
+    (b"\xef\xbb\xbf{}", None),
 ])
-async def test_the_body_is_not_judged_anything_with_a_valid_token_is_published(start_gateway, tail, unique,
-                                                                                 body, content_type):
+async def test_the_content_is_not_judged_any_json_object_with_a_valid_token_is_published(start_gateway, tail, unique,
+                                                                                         body, content_type):
     gateway, raw = await start_gateway(), tail(CALLBACK_RAW)
     channel = f"shop-{unique}"
     headers = {"Content-Type": content_type} if content_type else {}
@@ -87,6 +87,42 @@ async def test_the_body_is_not_judged_anything_with_a_valid_token_is_published(s
     [seen] = await raw.collect(channel, until=count(1))
     assert seen.record["body"] == body
     assert seen.record["content_type"] == content_type
+
+
+MALFORMED_BODIES = {
+    "not UTF-8": b'{"Body": {"stkCallback": {"ResultDesc": "\xff\xfe"}}}',
+    "UTF-16": '{"Body": {}}'.encode("utf-16"),
+    "not JSON": b"\x00\xffthis is not json",
+    "empty": b"",
+    "a JSON array": b'[{"Body": {"stkCallback": {"ResultCode": 0}}}]',
+    "a JSON string": b'"Body"',
+    "nested 33 deep": b'{"Body": ' + b"[" * 32 + b"]" * 32 + b"}",
+    "nested 100000 deep": b'{"Body": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "NaN": b'{"Body": {"stkCallback": {"CallbackMetadata": {"Item": [{"Name": "Amount", "Value": NaN}]}}}}',
+    "Infinity": b'{"Body": {"stkCallback": {"CallbackMetadata": {"Item": [{"Name": "Amount", "Value": Infinity}]}}}}',
+    "1e999": b'{"Body": {"stkCallback": {"CallbackMetadata": {"Item": [{"Name": "Amount", "Value": 1e999}]}}}}',
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_BODIES))
+async def test_a_body_that_is_not_a_bounded_json_object_is_refused_with_400_and_kept_for_forensics(
+        start_gateway, tail, unique, case):
+    gateway, raw, rejected = await start_gateway(), tail(CALLBACK_RAW), tail(CALLBACK_REJECTED)
+    channel, payment = f"shop-{unique}", f"pay-{unique}"
+    body = MALFORMED_BODIES[case][:MAX]  # the deepest case is cut to the size limit: still far too deep
+    refused_before = metric("webhook_callbacks_rejected_total", reason="malformed_body")
+
+    response = await gateway.callback(channel, payment, body)
+
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["title"] == "Bad request"
+    assert metric("webhook_callbacks_rejected_total", reason="malformed_body") == refused_before + 1
+    await assert_raw_topic_untouched(raw, gateway, channel)
+    [kept] = await rejected.collect(channel, until=count(1))
+    assert kept.record["rejection_reason"] == "malformed_body"
+    assert kept.record["body"] == body and kept.record["payment_id"] == payment
+    assert_token_free(kept, token(channel, payment))
 
 
 def _forgeries(channel: str, payment: str) -> dict[str, tuple[str, int, str]]:
@@ -199,7 +235,7 @@ async def test_a_body_over_64_kib_is_refused_with_413_and_kept_capped(start_gate
     gateway, raw, rejected = await start_gateway(), tail(CALLBACK_RAW), tail(CALLBACK_REJECTED)
     channel = f"shop-{unique}"
     refused_before = metric("webhook_callbacks_rejected_total", reason="too_large")
-    at_limit, over_limit = b"a" * MAX, b"b" * MAX + b"c" * 1000
+    at_limit, over_limit = b'{"a": "' + b"a" * (MAX - 9) + b'"}', b"b" * MAX + b"c" * 1000
 
     assert (await gateway.callback(channel, "at-limit", at_limit)).status_code == 200
     too_large = await gateway.callback(channel, "over-limit", over_limit)
@@ -259,6 +295,28 @@ async def test_a_source_over_its_rate_is_refused_with_429_and_only_counted(start
     # The forensic copy of the forgery arrives; the rate-limited ones were never written.
     kept = await rejected.collect(channel, until=has_payment("forged"))
     assert [s.record["rejection_reason"] for s in kept] == ["bad_token"]
+
+
+async def test_ipv6_sources_share_one_bucket_per_64(start_gateway, tail, unique):
+    clock = FrozenClock()
+    gateway = await start_gateway(rate_per_source_s=1.0, rate_burst=2, clock=clock,
+                                  trusted_proxies=parse_networks("127.0.0.1"))
+    raw = tail(CALLBACK_RAW)
+    channel = f"shop-{unique}"
+
+    async def from_address(payment: str, address: str) -> int:
+        return (await gateway.callback(channel, payment, headers={"X-Forwarded-For": address})).status_code
+
+    # One host rotating through the addresses of its /64 spends one bucket.
+    rotating = [await from_address(f"r{i}", f"2001:db8:1:2::{i + 1:x}") for i in range(2)]
+    rotating.append(await from_address("r-limited", "2001:db8:1:2:ffff:ffff:ffff:ffff"))
+    # The neighbouring /64 is someone else.
+    neighbour = await from_address("n0", "2001:db8:1:3::1")
+
+    assert rotating == [200, 200, 429] and neighbour == 200
+    seen = await raw.collect(channel, until=has_payment("n0"))
+    assert [s.record["payment_id"] for s in seen] == ["r0", "r1", "n0"]
+    assert seen[0].record["source_address"] == "2001:db8:1:2::1"  # the address itself is kept, not its /64
 
 
 async def test_when_kafka_does_not_acknowledge_the_answer_is_503_in_bounded_time(start_gateway, unique):

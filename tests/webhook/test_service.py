@@ -10,6 +10,7 @@ import pytest
 from services.common import config
 from services.common.topics import CALLBACK_RAW
 from services.webhook_consumer.settings import SETTINGS, GatewaySettings
+from services.webhook_consumer.sources import ANY_SOURCE, parse_networks
 from tests.conftest import ROOT, eventually, free_port, service_env, start_service
 from tests.webhook.conftest import ACCEPTED_BODY, DARAJA_CONTENT_TYPE, PREVIOUS_SECRET, SECRET, callback_path, count
 
@@ -18,7 +19,7 @@ SECRETS_ENV = f"{SECRET.decode()},{PREVIOUS_SECRET.decode()}"
 
 async def test_the_service_accepts_a_callback_refuses_a_forgery_and_stops_cleanly(infra, tail, unique):
     port = free_port()
-    env = service_env(infra, WEBHOOK_PORT=port, WEBHOOK_TOKEN_SECRETS=SECRETS_ENV,
+    env = service_env(infra, WEBHOOK_PORT=port, WEBHOOK_TOKEN_SECRETS=SECRETS_ENV, MPESA_ENVIRONMENT="production",
                       WEBHOOK_ALLOWED_SOURCES="127.0.0.1,196.201.212.69", WEBHOOK_KAFKA_TIMEOUT_MS=3000)
     raw = tail(CALLBACK_RAW)
     channel = f"shop-{unique}"
@@ -53,15 +54,80 @@ def test_the_service_refuses_to_start_without_token_secrets(infra):
     assert "WEBHOOK_TOKEN_SECRETS is required" in result.stderr
 
 
+def test_in_production_the_service_refuses_to_start_without_an_allow_list(infra):
+    env = service_env(infra, WEBHOOK_PORT=free_port(), WEBHOOK_TOKEN_SECRETS=SECRETS_ENV)
+    env.pop("MPESA_ENVIRONMENT", None)  # production is the default
+    result = subprocess.run([sys.executable, "-m", "services.webhook_consumer"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("webhook-gateway: configuration error: WEBHOOK_ALLOWED_SOURCES is required")
+    assert "MPESA_ENVIRONMENT=production" in line and SECRET.decode() not in result.stderr
+
+
+@pytest.mark.parametrize("extra, why", [
+    ({"MPESA_ENVIRONMENT": "production", "WEBHOOK_ALLOWED_SOURCES": "any"}, "WEBHOOK_ALLOWED_SOURCES=any"),
+    ({"MPESA_ENVIRONMENT": "sandbox"}, "WEBHOOK_ALLOWED_SOURCES is unset and MPESA_ENVIRONMENT=sandbox"),
+])
+async def test_a_gateway_open_to_any_source_says_so_when_it_starts(infra, unique, extra, why):
+    port = free_port()
+    gateway = start_service("services.webhook_consumer",
+                            service_env(infra, WEBHOOK_PORT=port, WEBHOOK_TOKEN_SECRETS=SECRETS_ENV, **extra))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            await eventually(lambda: _healthy(http))
+            accepted = await http.post(callback_path(f"shop-{unique}", "p1"), content=b"{}")
+        assert accepted.status_code == 200
+    finally:
+        gateway.terminate()
+        output = gateway.communicate(timeout=30)[0]
+    assert gateway.returncode == 0, output
+    assert f"callbacks are accepted from any address ({why})" in output
+
+
 class TestSettings:
     def test_defaults(self):
-        cfg = config.load(SETTINGS, {"WEBHOOK_TOKEN_SECRETS": SECRETS_ENV})
+        cfg = config.load(SETTINGS, {"WEBHOOK_TOKEN_SECRETS": SECRETS_ENV, "WEBHOOK_ALLOWED_SOURCES": "196.201.212.69"})
         settings = GatewaySettings.from_config(cfg)
+        assert cfg["MPESA_ENVIRONMENT"] == "production"
         assert (cfg["WEBHOOK_HOST"], cfg["WEBHOOK_PORT"]) == ("127.0.0.1", 8081)
         assert settings.token_secrets == (SECRET, PREVIOUS_SECRET)
-        assert settings.allowed_sources == () and settings.trusted_proxies == ()
+        assert settings.allowed_sources == parse_networks("196.201.212.69") and settings.trusted_proxies == ()
         assert settings.kafka_timeout_ms == 5000
         assert SECRET not in repr(settings).encode()
+
+    @pytest.mark.parametrize("environ", [{}, {"MPESA_ENVIRONMENT": "production"}, {"MPESA_ENVIRONMENT": "Production"},
+                                         {"WEBHOOK_ALLOWED_SOURCES": " , "}])
+    def test_in_production_an_empty_allow_list_is_refused(self, environ):
+        cfg = config.load(SETTINGS, {"WEBHOOK_TOKEN_SECRETS": SECRETS_ENV, **environ})
+        with pytest.raises(config.ConfigError, match=r"^WEBHOOK_ALLOWED_SOURCES is required when "
+                                                     r"MPESA_ENVIRONMENT=production .*'any'"):
+            GatewaySettings.from_config(cfg)
+
+    @pytest.mark.parametrize("environ", [{"MPESA_ENVIRONMENT": "sandbox"},
+                                         {"MPESA_ENVIRONMENT": "production", "WEBHOOK_ALLOWED_SOURCES": "any"},
+                                         {"WEBHOOK_ALLOWED_SOURCES": " ANY "}])
+    def test_any_source_is_allowed_in_sandbox_or_when_asked_for(self, environ):
+        cfg = config.load(SETTINGS, {"WEBHOOK_TOKEN_SECRETS": SECRETS_ENV, **environ})
+        assert GatewaySettings.from_config(cfg).allowed_sources == ANY_SOURCE
+
+    def test_a_listed_allow_list_is_kept_in_either_environment(self):
+        for environment in ("sandbox", "production"):
+            cfg = config.load(SETTINGS, {"WEBHOOK_TOKEN_SECRETS": SECRETS_ENV, "MPESA_ENVIRONMENT": environment,
+                                         "WEBHOOK_ALLOWED_SOURCES": "127.0.0.1"})
+            assert GatewaySettings.from_config(cfg).allowed_sources == parse_networks("127.0.0.1")
+
+    @pytest.mark.parametrize("environ, message", [
+        ({"MPESA_ENVIRONMENT": "staging"}, "MPESA_ENVIRONMENT='staging' is invalid: must be one of sandbox"),
+        ({"WEBHOOK_ALLOWED_SOURCES": "*"}, r"WEBHOOK_ALLOWED_SOURCES='\*' is invalid: .*write 'any' alone"),
+        ({"WEBHOOK_ALLOWED_SOURCES": "any,196.201.212.69"}, "WEBHOOK_ALLOWED_SOURCES='any,196.201.212.69' is invalid"),
+        ({"WEBHOOK_TRUSTED_PROXIES": "10.0.0.1,0.0.0.0/0"},
+         r"WEBHOOK_TRUSTED_PROXIES=.* 0\.0\.0\.0/0 is too wide to be trusted as a proxy \(IPv4 blocks must be /8"),
+        ({"WEBHOOK_TRUSTED_PROXIES": "::/0"}, r"::/0 is too wide .*IPv6 blocks must be /28 or narrower"),
+    ])
+    def test_bad_environment_allow_list_or_proxies_name_the_variable(self, environ, message):
+        with pytest.raises(config.ConfigError, match=message):
+            config.load(SETTINGS, {"WEBHOOK_TOKEN_SECRETS": SECRETS_ENV, **environ})
 
     def test_a_short_secret_is_refused_without_showing_it(self):
         with pytest.raises(config.ConfigError) as error:

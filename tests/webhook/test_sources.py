@@ -6,8 +6,8 @@ from ipaddress import ip_network
 import pytest
 
 from services.webhook_consumer.settings import SAFARICOM_CALLBACK_SOURCES
-from services.webhook_consumer.sources import (RateLimiter, SourcePolicy, parse_address, parse_networks,
-                                               retry_after_header)
+from services.webhook_consumer.sources import (ANY_SOURCE, RateLimiter, SourcePolicy, parse_address, parse_networks,
+                                               parse_trusted_proxies, rate_limit_key, retry_after_header)
 from tests.webhook.conftest import FrozenClock
 
 PROXY = "10.0.0.5"
@@ -84,10 +84,44 @@ class TestClientAddress:
         assert SourcePolicy(trusted_proxies=PROXIES).client_address(None, "196.201.212.69") == "unknown"
 
 
+class TestTrustedProxies:
+    @pytest.mark.parametrize("raw", ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "104.16.0.0/13", "10.0.0.5",
+                                     "2600:9000::/28", "2a06:98c0::/29", "2400:cb00::/32", "fd12:3456:789a::/48",
+                                     "::1"])
+    def test_one_operators_blocks_are_accepted(self, raw):
+        assert parse_trusted_proxies(raw) == parse_networks(raw)
+
+    @pytest.mark.parametrize("raw", ["0.0.0.0/0", "::/0", "0.0.0.0/1", "128.0.0.0/1", "10.0.0.0/7", "2000::/3",
+                                     "2600::/12", "fc00::/7", "2600:9000::/27"])
+    def test_blocks_wider_than_one_operator_are_refused(self, raw):
+        with pytest.raises(ValueError, match="too wide to be trusted as a proxy"):
+            parse_trusted_proxies(f"10.0.0.5,{raw}")
+
+
+class TestRateLimitKey:
+    def test_an_ipv4_address_is_its_own_source(self):
+        assert rate_limit_key("203.0.113.7") == "203.0.113.7"
+        assert rate_limit_key("203.0.113.8") != rate_limit_key("203.0.113.7")
+
+    def test_an_ipv6_address_counts_as_its_64(self):
+        assert rate_limit_key("2001:db8:1:2::1") == "2001:db8:1:2::/64"
+        assert rate_limit_key("2001:db8:1:2:ffff:ffff:ffff:ffff") == "2001:db8:1:2::/64"
+        assert rate_limit_key("2001:db8:1:3::1") == "2001:db8:1:3::/64"
+
+    def test_what_is_not_an_address_is_its_own_source(self):
+        assert rate_limit_key("unknown") == "unknown"
+
+
 class TestAllows:
-    def test_an_empty_allow_list_allows_everyone(self):
-        assert SourcePolicy().allows("203.0.113.7")
-        assert SourcePolicy().allows("unknown")
+    def test_an_empty_allow_list_allows_nobody(self):
+        assert not SourcePolicy().allows("203.0.113.7")
+        assert not SourcePolicy().allows("2001:db8::1")
+
+    def test_any_source_allows_every_address_of_both_families(self):
+        policy = SourcePolicy(allowed=ANY_SOURCE)
+        for client in ("203.0.113.7", "2001:db8::1", "::ffff:c4c9:d445", "127.0.0.1", "::1"):
+            assert policy.allows(client)
+        assert not policy.allows("unknown")
 
     def test_only_listed_addresses_and_blocks_are_allowed(self):
         policy = SourcePolicy(allowed=parse_networks(f"{SAFARICOM_CALLBACK_SOURCES},192.0.2.0/28"))
