@@ -22,6 +22,7 @@ import base64
 import ipaddress
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -42,8 +43,8 @@ from services.daraja.errors import DarajaError  # noqa: E402
 from services.daraja.models import AppCredentials, Shortcode, StkPushRequest  # noqa: E402
 from services.daraja.payloads import build_push_payload, nairobi_timestamp  # noqa: E402
 from services.daraja_sandbox.rawhttp import HttpFailure, RawHttpClient, build_post  # noqa: E402
-from services.daraja_sandbox.settings import (DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY,  # noqa: E402
-                                              SANDBOX_SHORTCODE)
+from services.daraja_sandbox.settings import (ADMIN_TOKEN_ENV, DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET,  # noqa: E402
+                                              SANDBOX_PASSKEY, SANDBOX_SHORTCODE)
 from tests.e2e.stack import wait_for  # noqa: E402
 
 APP = AppCredentials(DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY)
@@ -114,15 +115,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The sandbox's admin token: the one in the environment (for --sandbox-url), else one for the sandbox started here.
+ADMIN_TOKEN = os.environ.get(ADMIN_TOKEN_ENV) or secrets.token_urlsafe(32)
+
+
 def start_sandbox(port: int, cpu: int | None) -> subprocess.Popen:
     command = [sys.executable, "-m", "services.daraja_sandbox", "--port", str(port), "--callback-delay-ms", "0",
                "--callback-concurrency", "64", "--log-level", "WARNING"]
-    return subprocess.Popen(command, cwd=ROOT, preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, ADMIN_TOKEN_ENV: ADMIN_TOKEN}, preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None
                             else None)
 
 
 async def admin(session: aiohttp.ClientSession, base: str, method: str, path: str, body: dict | None = None) -> dict:
-    async with session.request(method, f"{base}{path}", json=body) as response:
+    async with session.request(method, f"{base}{path}", json=body,
+                               headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as response:
         response.raise_for_status()
         return await response.json()
 

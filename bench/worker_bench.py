@@ -73,11 +73,15 @@ async def main(args) -> None:
     migrate(DB)
     ensure_topics(KAFKA, ALL_TOPICS, 6)
     sandbox_port, metrics_port = free_port(), free_port()
+    admin_token = secrets.token_urlsafe(32)
+    admin = {"Authorization": f"Bearer {admin_token}"}  # what the sandbox's admin API needs
     sandbox = subprocess.Popen([sys.executable, "-m", "services.daraja_sandbox", "--port", str(sandbox_port),
                                 "--latency-ms", str(args.latency_ms), "--no-subscriber-lock"], cwd=ROOT,
+                               env={**os.environ, "DARAJA_SANDBOX_ADMIN_TOKEN": admin_token},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(f"http://127.0.0.1:{sandbox_port}/sandbox/health")
-    httpx.post(f"http://127.0.0.1:{sandbox_port}/sandbox/scenarios", json={"default": True, "scenario": "no_callback"})
+    httpx.post(f"http://127.0.0.1:{sandbox_port}/sandbox/scenarios", json={"default": True, "scenario": "no_callback"},
+               headers=admin).raise_for_status()
     from services.channels.vault import LocalKeyFileProvider
     LocalKeyFileProvider.open(key_file, create=True)
     await onboard(key_file, channel_id)
@@ -101,7 +105,7 @@ async def main(args) -> None:
         print(f"produced {args.payments} requests in {time.monotonic() - started:.1f}s")
         seen, first, last = await asyncio.to_thread(count_results, channel_id.encode(), mark, args.payments,
                                                     args.timeout_s)
-        accepted = httpx.get(f"http://127.0.0.1:{sandbox_port}/sandbox/stats").json()
+        accepted = httpx.get(f"http://127.0.0.1:{sandbox_port}/sandbox/stats", headers=admin).json()
         rate = seen / (last - first) if last > first else 0
         print(f"worker: {seen} push results in {last - first:.2f}s = {rate:,.0f} pushes/s at {args.latency_ms} ms "
               f"Daraja latency, {args.in_flight} in flight (target >= 500/s); sandbox stats: {accepted}")

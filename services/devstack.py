@@ -33,7 +33,7 @@ def local_secret(name: str, make=lambda: secrets.token_urlsafe(32)) -> str:
 def dev_environment() -> dict[str, str]:
     """Secrets the services need, and the sandbox environment, unless the environment already gives them."""
     env = {"WEBHOOK_TOKEN_SECRETS": local_secret("webhook-token-secret"), "ADMIN_TOKEN": local_secret("admin-token"),
-           "MPESA_ENVIRONMENT": "sandbox"}
+           "DARAJA_SANDBOX_ADMIN_TOKEN": local_secret("daraja-sandbox-admin-token"), "MPESA_ENVIRONMENT": "sandbox"}
     return {k: v for k, v in env.items() if not os.environ.get(k)}
 
 
@@ -73,6 +73,9 @@ def demo_banner() -> str:
     -H "Authorization: Bearer $KEY" -H "Idempotency-Key: $(uuidgen || date +%s%N)" \\
     -d '{{"channelId":"{DEMO_CHANNEL}","amount":10,"phone":"0712345678","accountReference":"INV42"}}'
   curl -s localhost:8080/api/payments/<paymentId> -H "Authorization: Bearer $KEY"
+
+  The sandbox's admin API (scenarios, push log) wants its own token:
+  curl -s localhost:8089/sandbox/pushes -H "Authorization: Bearer $(cat {SECRETS}/daraja-sandbox-admin-token)"
 """
 
 

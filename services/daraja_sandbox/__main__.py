@@ -1,6 +1,7 @@
 """Runs the Daraja sandbox: `python -m services.daraja_sandbox [--host H] [--port P] [...]`.
 
-The port comes from --port, else DARAJA_SANDBOX_PORT, else 8089.
+The port comes from --port, else DARAJA_SANDBOX_PORT, else 8089. The admin API's bearer token
+comes from DARAJA_SANDBOX_ADMIN_TOKEN; without it the admin API is closed.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from aiohttp import web
 
 from services.common.observability import setup_logging
 from services.daraja_sandbox.app import create_app
-from services.daraja_sandbox.settings import (DEFAULT_PORT, DEMO_CONSUMER_KEY, PENDING_QUERY_STYLES, SANDBOX_SHORTCODE,
-                                              AppConfig, SandboxSettings)
+from services.daraja_sandbox.settings import (ADMIN_TOKEN_ENV, DEFAULT_PORT, DEMO_CONSUMER_KEY, PENDING_QUERY_STYLES,
+                                              SANDBOX_SHORTCODE, AppConfig, SandboxSettings, admin_token_from)
 
 log = logging.getLogger("services.daraja_sandbox")
 
@@ -80,13 +81,19 @@ def _fewer_gc_pauses() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv, dict(os.environ))
+    environ = dict(os.environ)
+    args = parse_args(sys.argv[1:] if argv is None else argv, environ)
     setup_logging("daraja-sandbox", args.log_level.upper())
     try:
-        app = create_app(settings_from(args), load_apps(args.apps_file), demo_app=not args.no_demo_app)
+        admin_token = admin_token_from(environ)
+        app = create_app(settings_from(args), load_apps(args.apps_file), demo_app=not args.no_demo_app,
+                         admin_token=admin_token)
     except (ValueError, TypeError, OSError) as exc:
         print(f"daraja sandbox: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if admin_token is None:
+        log.warning("%s is unset: the admin API under /sandbox/ is closed (only /sandbox/health answers)",
+                    ADMIN_TOKEN_ENV)
     log.info("daraja sandbox on http://%s:%d (shortcode %s%s)", args.host, args.port, SANDBOX_SHORTCODE,
              "" if args.no_demo_app else f", demo app {DEMO_CONSUMER_KEY}")
     _fewer_gc_pauses()

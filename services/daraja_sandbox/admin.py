@@ -1,8 +1,12 @@
 """Admin API under /sandbox/: apps, settings, scenarios, injected faults, the push log and reset.
 
-Not part of Daraja. It has no authentication: bind the sandbox to loopback (the default).
+Not part of Daraja. Every route but /sandbox/health needs `Authorization: Bearer <token>`, the
+token given in DARAJA_SANDBOX_ADMIN_TOKEN; without one the admin API is closed. It can register
+apps, make every push fail and read the push log, so it is as sensitive as the callback URLs. The
+push log shows each CallBackURL with its last path segment and its query replaced by `<token>`:
+that is where a callback token lives, the pipeline's and most integrators' (daraja.md §5).
 
-  GET    /sandbox/health
+  GET    /sandbox/health                (no token: a liveness probe that says nothing else)
   GET    /sandbox/settings              PATCH /sandbox/settings {"latency_ms": 300, ...}
   GET    /sandbox/apps                  POST  /sandbox/apps {"consumer_key", "consumer_secret",
                                               "shortcode"?, "passkey"?, "shortcode_type"?, "till_number"?,
@@ -20,10 +24,13 @@ Not part of Daraja. It has no authentication: bind the sandbox to loopback (the 
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from dataclasses import asdict
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Awaitable, Callable
+from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
@@ -33,22 +40,64 @@ from services.daraja_sandbox.settings import AppConfig
 from services.daraja_sandbox.state import Fault
 
 
-def add_admin_routes(app: web.Application) -> None:
+TOKEN_PLACEHOLDER = "<token>"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def add_admin_routes(app: web.Application, admin_token: str | None) -> None:
+    guard = _bearer_guard(admin_token)
     router = app.router
     router.add_get("/sandbox/health", health)
-    router.add_get("/sandbox/settings", get_settings)
-    router.add_patch("/sandbox/settings", patch_settings)
-    router.add_get("/sandbox/apps", list_apps)
-    router.add_post("/sandbox/apps", add_app)
-    router.add_post("/sandbox/tokens/expire", expire_tokens)
-    router.add_get("/sandbox/scenarios", list_scenarios)
-    router.add_post("/sandbox/scenarios", set_scenario)
-    router.add_delete("/sandbox/scenarios", clear_scenarios)
-    router.add_get("/sandbox/pushes", list_pushes)
-    router.add_post("/sandbox/faults", add_fault)
-    router.add_delete("/sandbox/faults", clear_faults)
-    router.add_get("/sandbox/stats", stats)
-    router.add_post("/sandbox/reset", reset)
+    for method, path, handler in (
+            ("GET", "/sandbox/settings", get_settings), ("PATCH", "/sandbox/settings", patch_settings),
+            ("GET", "/sandbox/apps", list_apps), ("POST", "/sandbox/apps", add_app),
+            ("POST", "/sandbox/tokens/expire", expire_tokens),
+            ("GET", "/sandbox/scenarios", list_scenarios), ("POST", "/sandbox/scenarios", set_scenario),
+            ("DELETE", "/sandbox/scenarios", clear_scenarios),
+            ("GET", "/sandbox/pushes", list_pushes),
+            ("POST", "/sandbox/faults", add_fault), ("DELETE", "/sandbox/faults", clear_faults),
+            ("GET", "/sandbox/stats", stats), ("POST", "/sandbox/reset", reset)):
+        router.add_route(method, path, guard(handler))
+
+
+def _bearer_guard(admin_token: str | None) -> Callable[[Handler], Handler]:
+    """Wraps admin handlers so that they run only for the admin token. Digests are compared, in
+    constant time, so that neither the token's bytes nor its length show in the timing."""
+    expected = hashlib.sha256(admin_token.encode()).digest() if admin_token else None
+
+    def guard(handler: Handler) -> Handler:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+            digest = hashlib.sha256(presented.strip().encode("utf-8", "replace")).digest()
+            if expected is None or scheme.lower() != "bearer" or not hmac.compare_digest(digest, expected):
+                return _unauthorized(closed=expected is None)
+            return await handler(request)
+        return guarded
+    return guard
+
+
+def _unauthorized(closed: bool) -> web.Response:
+    message = ("the admin API is closed: start the sandbox with DARAJA_SANDBOX_ADMIN_TOKEN set" if closed
+               else "the admin API needs Authorization: Bearer <DARAJA_SANDBOX_ADMIN_TOKEN>")
+    return web.json_response({"error": message}, status=401,
+                             headers={"WWW-Authenticate": 'Bearer realm="daraja-sandbox-admin"'})
+
+
+def redact_callback_url(url: Any) -> str:
+    """`url` with its last non-empty path segment and its query replaced by <token>, and any user
+    info dropped: what a push log may show of a callback URL. Whatever is not a URL is hidden whole."""
+    if not isinstance(url, str):
+        return TOKEN_PLACEHOLDER
+    try:
+        parts = urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+    except ValueError:
+        return TOKEN_PLACEHOLDER
+    segments = parts.path.split("/")
+    last = max((i for i, segment in enumerate(segments) if segment), default=None)
+    if last is not None:
+        segments[last] = TOKEN_PLACEHOLDER
+    return urlunsplit((parts.scheme, host, "/".join(segments), TOKEN_PLACEHOLDER if parts.query else "", ""))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -144,7 +193,8 @@ async def list_pushes(request: web.Request) -> web.Response:
         pushes = request.app[SANDBOX].pushes_matching(request.query)
     except ValueError as exc:
         raise _bad_request(str(exc)) from None
-    rendered = [{**p, "receivedAt": datetime.fromtimestamp(p["receivedAt"], timezone.utc).isoformat()}
+    rendered = [{**p, "receivedAt": datetime.fromtimestamp(p["receivedAt"], timezone.utc).isoformat(),
+                 **({"CallBackURL": redact_callback_url(p["CallBackURL"])} if "CallBackURL" in p else {})}
                 for p in pushes]
     return web.json_response({"count": len(rendered), "pushes": rendered})
 
@@ -181,7 +231,7 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a deeply nested body
         raise _bad_request("body must be JSON") from None
     if not isinstance(value, dict):
         raise _bad_request("body must be a JSON object")

@@ -32,7 +32,8 @@ _JSON = "application/json"
 
 
 def create_app(settings: SandboxSettings = SandboxSettings(), apps: Iterable[AppConfig] = (), *,
-               demo_app: bool = True) -> web.Application:
+               demo_app: bool = True, admin_token: str | None = None) -> web.Application:
+    """The sandbox; its admin API answers only `Authorization: Bearer <admin_token>` (None: closed)."""
     configs = [AppConfig(DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET)] if demo_app else []
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[SANDBOX] = Sandbox(settings, [*configs, *apps])
@@ -40,7 +41,7 @@ def create_app(settings: SandboxSettings = SandboxSettings(), apps: Iterable[App
     app.router.add_route("*", TOKEN_PATH, oauth)
     app.router.add_route("*", PUSH_PATH, stk_push)
     app.router.add_route("*", QUERY_PATH, stk_query)
-    add_admin_routes(app)
+    add_admin_routes(app, admin_token)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 

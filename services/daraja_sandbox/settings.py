@@ -14,6 +14,20 @@ DEMO_CONSUMER_KEY = "sandbox-demo-consumer-key"
 DEMO_CONSUMER_SECRET = "sandbox-demo-consumer-secret"
 DEFAULT_PORT = 8089
 PENDING_QUERY_STYLES = ("4999", "being_processed", "empty", "mixed")
+# The admin API's bearer token comes from the environment only (never the command line, where `ps`
+# shows it). Unset, the admin API is closed.
+ADMIN_TOKEN_ENV = "DARAJA_SANDBOX_ADMIN_TOKEN"
+ADMIN_TOKEN_MIN_CHARS = 32
+
+
+def admin_token_from(environ: dict[str, str]) -> str | None:
+    """The admin token in `environ`, None when unset; ValueError (never quoting it) when too weak."""
+    token = environ.get(ADMIN_TOKEN_ENV) or None
+    if token is not None and (len(token) < ADMIN_TOKEN_MIN_CHARS or not token.isascii() or not token.isprintable()
+                              or token != token.strip() or " " in token):
+        raise ValueError(f"{ADMIN_TOKEN_ENV} must be at least {ADMIN_TOKEN_MIN_CHARS} printable ASCII characters "
+                         "without spaces (value hidden: it is a secret)")
+    return token
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ sandbox with a freshly registered app, and credentials made of random strings th
 search for in logs, responses and table bytes."""
 from __future__ import annotations
 
+import os
 import secrets
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from services.channels.onboarding import Onboarding, daraja_credential_check
 from services.channels.vault import LocalKeyFileProvider, public_key_path
 from services.daraja.models import AppCredentials
 from tests.conftest import ROOT, free_port
+
+SANDBOX_ADMIN_TOKEN = secrets.token_urlsafe(32)  # the sandbox's admin API (POST /sandbox/apps) needs it
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ def daraja_sandbox() -> str:
     """A Daraja sandbox subprocess (`python -m services.daraja_sandbox`); its base URL."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "services.daraja_sandbox", "--port", str(port)], cwd=ROOT,
+                            env={**os.environ, "DARAJA_SANDBOX_ADMIN_TOKEN": SANDBOX_ADMIN_TOKEN},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -102,7 +106,8 @@ def _wait_healthy(base_url: str) -> None:
 def registered_app(daraja_sandbox, creds) -> Secrets:
     """`creds` registered with the sandbox as a Daraja app (shortcode 174379 and its own passkey)."""
     response = httpx.post(daraja_sandbox + "/sandbox/apps", json={
-        "consumer_key": creds.consumer_key, "consumer_secret": creds.consumer_secret})
+        "consumer_key": creds.consumer_key, "consumer_secret": creds.consumer_secret},
+        headers={"Authorization": f"Bearer {SANDBOX_ADMIN_TOKEN}"})
     assert response.status_code == 201, response.text
     return creds
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import secrets
 import uuid
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ TILL_STORE, TILL_NUMBER = "600100", "600200"
 NO_PRODUCT_KEY, NO_PRODUCT_SECRET = "no-product-key", "no-product-secret"
 # Fast settings for tests: outcomes exist at once, callbacks go out at once.
 TEST_SETTINGS = SandboxSettings(callback_delay_ms=0, latency_ms=0, callback_timeout_s=5.0)
+ADMIN_TOKEN = secrets.token_urlsafe(32)
 
 
 @dataclass
@@ -92,7 +94,7 @@ async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
 async def sandbox_server():
     apps = [AppConfig(TILL_KEY, TILL_SECRET, TILL_STORE, TILL_PASSKEY, "till", TILL_NUMBER),
             AppConfig(NO_PRODUCT_KEY, NO_PRODUCT_SECRET, products_enabled=False)]
-    runner, base_url = await _serve(create_app(TEST_SETTINGS, apps))
+    runner, base_url = await _serve(create_app(TEST_SETTINGS, apps, admin_token=ADMIN_TOKEN))
     yield SandboxHandle(base_url, runner.app)
     await runner.cleanup()
 
@@ -124,6 +126,14 @@ async def client(sandbox: SandboxHandle):
 @pytest.fixture
 async def raw_http():
     async with httpx.AsyncClient(timeout=5, trust_env=False) as http:
+        yield http
+
+
+@pytest.fixture
+async def admin_http():
+    """A client of the sandbox's admin API: every request carries the admin token."""
+    async with httpx.AsyncClient(timeout=5, trust_env=False,
+                                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as http:
         yield http
 
 

@@ -2,6 +2,7 @@
 ledger and ingress, each with its own consumer groups starting at the topics' current end."""
 from __future__ import annotations
 
+import os
 import secrets
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import httpx
 from services.channels.onboarding import Onboarding
 from services.channels.vault import LocalKeyFileProvider, public_key_path
 from services.common.topics import CALLBACK_RAW, PAYMENT_REQUESTED, STK_PUSH_RESULT, STK_QUERY_REQUESTED, STK_QUERY_RESULT
-from services.daraja_sandbox.settings import DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
+from services.daraja_sandbox.settings import ADMIN_TOKEN_ENV, DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
 from tests.conftest import ROOT, free_port, service_env, start_service
 from tests.platform.kafka_helpers import start_group_at_end
 
@@ -29,6 +30,7 @@ class Stack:
     sandbox_args: list[str] = field(default_factory=list)
     extra_env: dict = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    sandbox_admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
 
     def __post_init__(self):
         self.ports = {name: free_port() for name in ("sandbox", "gateway", "ingress", "ledger", "worker")}
@@ -46,6 +48,8 @@ class Stack:
     sandbox_url = property(lambda self: f"http://127.0.0.1:{self.ports['sandbox']}")
     gateway_url = property(lambda self: f"http://127.0.0.1:{self.ports['gateway']}")
     ingress_url = property(lambda self: f"http://127.0.0.1:{self.ports['ingress']}")
+    # What a call to the sandbox's admin API (/sandbox/..., health aside) must carry.
+    sandbox_admin_headers = property(lambda self: {"Authorization": f"Bearer {self.sandbox_admin_token}"})
 
     def start(self) -> None:
         bootstrap = self.infra["KAFKA_BOOTSTRAP_SERVERS"]
@@ -56,6 +60,7 @@ class Stack:
         self.procs["sandbox"] = subprocess.Popen(
             [sys.executable, "-m", "services.daraja_sandbox", "--port", str(self.ports["sandbox"]),
              "--callback-delay-ms", "300", *self.sandbox_args], cwd=ROOT,
+            env={**os.environ, ADMIN_TOKEN_ENV: self.sandbox_admin_token},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for name, module in (("gateway", "services.webhook_consumer"), ("ledger", "services.ledger"),
                              ("worker", "services.stk_worker"), ("ingress", "services.ingress")):

@@ -52,7 +52,8 @@ async def final_state(stack, channel, payment_id, timeout=30) -> dict:
 
 
 def pushes(stack: Stack, reference: str) -> int:
-    return httpx.get(f"{stack.sandbox_url}/sandbox/pushes", params={"AccountReference": reference}).json()["count"]
+    return httpx.get(f"{stack.sandbox_url}/sandbox/pushes", params={"AccountReference": reference},
+                     headers=stack.sandbox_admin_headers).json()["count"]
 
 
 async def test_a_paid_request_settles_with_its_receipt(stack, channel):
@@ -89,13 +90,14 @@ async def test_many_payments_each_pushed_exactly_once(stack, channel):
 
 
 def sandbox_admin(stack: Stack, method: str, path: str, **body):
-    response = httpx.request(method, f"{stack.sandbox_url}/sandbox/{path}", json=body or None)
+    response = httpx.request(method, f"{stack.sandbox_url}/sandbox/{path}", json=body or None,
+                             headers=stack.sandbox_admin_headers)
     assert response.status_code < 300, response.text
     return response.json()
 
 
 def accepted_pushes(stack: Stack, reference: str) -> int:
-    return httpx.get(f"{stack.sandbox_url}/sandbox/pushes",
+    return httpx.get(f"{stack.sandbox_url}/sandbox/pushes", headers=stack.sandbox_admin_headers,
                      params={"AccountReference": reference, "status": "accepted"}).json()["count"]
 
 

@@ -60,13 +60,13 @@ async def test_a_worker_killed_mid_flight_never_pushes_twice(slow_daraja_stack, 
 
 
 async def _pushes_received(stack, n: int) -> bool:
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(headers=stack.sandbox_admin_headers) as http:
         stats = (await http.get(f"{stack.sandbox_url}/sandbox/pushes", params={"status": "accepted"})).json()
     return stats["count"] >= n
 
 
 async def _accepted(stack, reference: str) -> int:
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(headers=stack.sandbox_admin_headers) as http:
         answer = await http.get(f"{stack.sandbox_url}/sandbox/pushes",
                                 params={"AccountReference": reference, "status": "accepted"})
     return answer.json()["count"]

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 import subprocess
 import sys
 import uuid
@@ -22,13 +24,16 @@ from tests.conftest import ROOT, free_port
 from tests.platform.kafka_helpers import end_offsets, read_all, sample_request
 
 SECRET = b"x" * 32
+SANDBOX_ADMIN_TOKEN = secrets.token_urlsafe(32)
+SANDBOX_ADMIN = {"Authorization": f"Bearer {SANDBOX_ADMIN_TOKEN}"}  # the sandbox's push log needs it
 
 
 @pytest.fixture(scope="module")
 def sandbox():
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "services.daraja_sandbox", "--port", str(port),
-                             "--callback-delay-ms", "0", "--no-subscriber-lock"], cwd=ROOT)
+                             "--callback-delay-ms", "0", "--no-subscriber-lock"], cwd=ROOT,
+                            env={**os.environ, "DARAJA_SANDBOX_ADMIN_TOKEN": SANDBOX_ADMIN_TOKEN})
     base = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
@@ -67,7 +72,8 @@ def as_event(value: dict) -> ConsumedEvent:
 
 
 def pushes_for(sandbox: str, reference: str) -> list:
-    return httpx.get(f"{sandbox}/sandbox/pushes", params={"AccountReference": reference}).json()["pushes"]
+    return httpx.get(f"{sandbox}/sandbox/pushes", params={"AccountReference": reference},
+                     headers=SANDBOX_ADMIN).json()["pushes"]
 
 
 @pytest.fixture
