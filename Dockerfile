@@ -5,7 +5,10 @@ COPY pyproject.toml README.md ./
 COPY services ./services
 COPY schemas ./schemas
 COPY migrations ./migrations
+# `app` runs every service but the STK worker; `stk` runs the STK worker and alone owns /vault, the
+# private key-encryption key (compose.yaml). /vault-public receives its public half, for onboarding.
 RUN pip install --no-cache-dir -e . \
  && useradd --system --no-create-home app \
- && mkdir /vault && chown app /vault && chmod 700 /vault
+ && useradd --system --no-create-home stk \
+ && mkdir /vault /vault-public && chown stk /vault /vault-public && chmod 700 /vault && chmod 755 /vault-public
 USER app
