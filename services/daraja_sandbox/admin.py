@@ -4,7 +4,7 @@ Not part of Daraja. Every route but /sandbox/health needs `Authorization: Bearer
 token given in DARAJA_SANDBOX_ADMIN_TOKEN; without one the admin API is closed. It can register
 apps, make every push fail and read the push log, so it is as sensitive as the callback URLs. The
 push log shows each CallBackURL with its last path segment and its query replaced by `<token>`:
-that is where a callback token lives, the pipeline's and most integrators' (daraja.md §5).
+that is where a callback token lives, the pipeline's and most integrators' (docs/callback-edge.md).
 
   GET    /sandbox/health                (no token: a liveness probe that says nothing else)
   GET    /sandbox/settings              PATCH /sandbox/settings {"latency_ms": 300, ...}

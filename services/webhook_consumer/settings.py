@@ -8,8 +8,8 @@ from services.common import config
 from services.common.callback_token import parse_secrets
 from services.webhook_consumer.sources import ANY_SOURCE, Network, parse_networks, parse_trusted_proxies
 
-# The list circulated as Safaricom's published callback addresses (daraja.md §5, confidence medium:
-# not on the Daraja 3.0 pages themselves). Recommended WEBHOOK_ALLOWED_SOURCES in production; some
+# The list circulated as Safaricom's published callback addresses (docs/callback-edge.md; confidence
+# medium: not on the Daraja 3.0 pages themselves). Recommended WEBHOOK_ALLOWED_SOURCES in production; some
 # lists add 196.201.212.128 and 196.201.212.132. Sandbox callbacks were seen from 196.201.212.69.
 SAFARICOM_CALLBACK_SOURCES = ("196.201.214.200,196.201.214.206,196.201.213.114,196.201.214.207,196.201.214.208,"
                               "196.201.213.44,196.201.212.127,196.201.212.138,196.201.212.129,196.201.212.136,"
