@@ -25,6 +25,7 @@ from services.common.callback_token import token_is_valid
 from services.common.kafka import EventProducer, Publisher, PublishError, new_event_fields
 from services.common.observability import Health, add_ops_routes, http_metrics
 from services.common.problems import problem
+from services.common.text import untrusted
 from services.common.topics import CALLBACK_RAW, CALLBACK_REJECTED, Topic
 from services.webhook_consumer.body import is_bounded_json_object
 from services.webhook_consumer.settings import MAX_BODY_BYTES, GatewaySettings
@@ -147,7 +148,7 @@ class Gateway:
                       body: bytes | None = None) -> web.Response:
         REJECTED.labels(reason).inc()
         log.debug("callback refused: %s from %s", reason, arrival.source,
-                  extra={"channel_id": arrival.channel_id, "payment_id": arrival.payment_id})
+                  extra=_log_ids(arrival.channel_id, arrival.payment_id))
         if body is None:
             body, _ = await read_capped(request, MAX_BODY_BYTES)
         self._keep_for_forensics(arrival.record(body, reason))
@@ -170,7 +171,7 @@ class Gateway:
         except (PublishError, KafkaException, TimeoutError) as exc:
             PUBLISH_FAILURES.labels(topic.name).inc()
             log.error("callback not acknowledged by Kafka on %s: %s", topic.name, exc,
-                      extra={"channel_id": record["channel_id"], "payment_id": record["payment_id"]})
+                      extra=_log_ids(record["channel_id"], record["payment_id"]))
             return False
 
     def _keep_for_forensics(self, record: dict[str, Any]) -> None:
@@ -224,6 +225,11 @@ def _redacted_path(raw_path: str) -> tuple[str, str, str | None]:
     kept = segments[:2] + [TOKEN_PLACEHOLDER if s else "" for s in segments[2:]]
     path = "/".join([PREFIX, *kept])
     return path, (segments[0] if segments else ""), (segments[1] if len(segments) > 1 else None)
+
+
+def _log_ids(channel_id: str, payment_id: str | None) -> dict[str, str | None]:
+    """The ids of a request for a log line. A refused request's ids are whatever its path said."""
+    return {"channel_id": untrusted(channel_id), "payment_id": None if payment_id is None else untrusted(payment_id)}
 
 
 def _refusal(reason: str, headers: dict[str, str] | None = None) -> web.Response:

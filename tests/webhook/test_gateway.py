@@ -7,6 +7,7 @@ be read before it.
 """
 from __future__ import annotations
 
+import logging
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -366,3 +367,15 @@ async def test_ops_routes_serve_health_and_the_gateway_metrics_without_tokens(st
 ])
 def test_the_path_kept_of_a_tokenless_request_holds_nothing_past_channel_and_payment(raw_path, kept):
     assert _redacted_path(raw_path) == kept
+
+
+async def test_a_refused_request_logs_its_path_ids_only_as_safe_text(start_gateway, unique, caplog):
+    gateway = await start_gateway()
+    caplog.set_level(logging.DEBUG, logger="services.webhook_consumer.app")
+
+    response = await gateway.post(f"/api/webhooks/mpesa/shop-{unique}%0Aforged%20line%E2%80%AE/pay%1B[31m/{'A' * 32}")
+
+    assert response.status_code == 403
+    [refused] = [r for r in caplog.records if r.getMessage().startswith("callback refused")]
+    assert refused.channel_id == f"shop-{unique}\\u000aforged line\\u202e"
+    assert refused.payment_id == "pay\\u001b[31m"
