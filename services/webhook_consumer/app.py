@@ -3,8 +3,8 @@
 Checks run cheapest first and the rate limit before anything that writes: rate limit per source,
 source allow-list, URL token, body size, and last whether the body is a bounded JSON object
 (body.py). Its content is never judged (no business logic before the ack); the ledger reads it.
-Daraja gets 200 only after Kafka acknowledged the raw event. A refused callback is counted and, unless it was rate limited, kept on the rejected
-topic for forensics, token removed and body capped.
+Daraja gets 200 only after Kafka acknowledged the raw event. A refused callback is counted and,
+unless it was rate limited, kept on the rejected topic for forensics, token removed and body capped.
 """
 from __future__ import annotations
 
