@@ -79,6 +79,8 @@ class Codec:
 
         Raises DecodeError, and only DecodeError, for anything that is not exactly the encoding of
         one record of a known schema."""
+        if isinstance(data, (bytearray, memoryview)):  # e.g. a bytea column read back
+            data = bytes(data)
         if not isinstance(data, bytes) or len(data) < 10:
             raise DecodeError("message too short to be an Avro record")
         if len(data) > MESSAGE_BYTES_MAX:
