@@ -5,6 +5,14 @@ the upstream API keys. Without a bearer token the answer is 401 (with WWW-Authen
 token that is not the admin token, an upstream API key included, it is 403. /metrics and /healthz
 are open, as on every service.
 
+Failed logins (a wrong token) are limited per source address by a token bucket that only failures
+spend: past the budget every admin request from that address is answered 429 with Retry-After,
+before its token is even compared, so the limit cannot be used to tell a right guess from a wrong
+one. An address that never fails is never slowed.
+
+Every refusal of a body is a 400 (or 413/415) problem detail: nothing a client sends may make the
+API answer 500.
+
 No response carries a secret: credentials show as version and fingerprint, and an API key is shown
 once, in the answer that issues it.
 """
@@ -12,28 +20,40 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import Counter
 
-from services.channels.onboarding import Onboarding, OnboardingError
+from services.channels.onboarding import NotFound, Onboarding, OnboardingError
 from services.channels.settings import AdminToken
 from services.common.observability import Health, add_ops_routes, http_metrics
 from services.common.problems import problem
+from services.common.text import untrusted
+from services.webhook_consumer.sources import RateLimiter, retry_after_header
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024
+# Failed logins per source address: 10 at once, then one every 5 seconds (12 a minute).
+LOGIN_FAILURES_BURST = 10
+LOGIN_FAILURES_PER_S = 0.2
+_API_KEY_ID = re.compile(r"[0-9a-f]{12}")  # apikeys.new_api_key
 ONBOARDING = web.AppKey("onboarding", Onboarding)
 ADMIN_TOKEN = web.AppKey("admin_token", AdminToken)
+LOGIN_FAILURES = web.AppKey("login_failures", RateLimiter)
 AUTH_REFUSALS = Counter("admin_auth_refusals_total", "Admin API requests refused", ["reason"])
 
 
-def create_app(onboarding: Onboarding, admin_token: AdminToken, health: Health | None = None) -> web.Application:
+def create_app(onboarding: Onboarding, admin_token: AdminToken, health: Health | None = None, *,
+               login_failures: RateLimiter | None = None) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[http_metrics, require_admin, problems])
     app[ONBOARDING] = onboarding
     app[ADMIN_TOKEN] = admin_token
+    if login_failures is None:  # not `or`: a limiter that has seen no one yet has len() 0 and is falsy
+        login_failures = RateLimiter(LOGIN_FAILURES_PER_S, LOGIN_FAILURES_BURST)
+    app[LOGIN_FAILURES] = login_failures
     r = app.router
     r.add_get("/admin/channels", list_channels)
     r.add_post("/admin/channels", create_channel)
@@ -54,6 +74,12 @@ def create_app(onboarding: Onboarding, admin_token: AdminToken, health: Health |
 async def require_admin(request: web.Request, handler):
     if not request.path.startswith("/admin/"):
         return await handler(request)
+    source, failures = request.remote or "unknown", request.app[LOGIN_FAILURES]
+    wait_s = failures.wait_s(source)
+    if wait_s > 0:
+        AUTH_REFUSALS.labels("rate_limited").inc()  # counted only: logging each would let a flood write logs
+        return problem(429, "Too many failed logins", "too many wrong admin tokens from this address; wait and retry",
+                       headers={"Retry-After": retry_after_header(wait_s)})
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         AUTH_REFUSALS.labels("missing").inc()
@@ -61,7 +87,8 @@ async def require_admin(request: web.Request, handler):
                        headers={"WWW-Authenticate": 'Bearer realm="mpesa-admin"'})
     if not request.app[ADMIN_TOKEN].matches(token.strip()):
         AUTH_REFUSALS.labels("wrong").inc()
-        log.warning("admin request refused: the bearer token is not the admin token (from %s)", request.remote)
+        failures.take(source)
+        log.warning("admin request refused: the bearer token is not the admin token (from %s)", source)
         return problem(403, "Forbidden", "the bearer token presented is not the admin token")
     return await handler(request)
 
@@ -71,11 +98,12 @@ async def problems(request: web.Request, handler):
     try:
         return await handler(request)
     except OnboardingError as error:
-        return problem(error.status, error.title, error.detail, errors=error.errors or None)
+        # Details may quote a channel or key id taken from the path: cleaned like any foreign text.
+        return problem(error.status, error.title, untrusted(error.detail, 500), errors=error.errors or None)
     except web.HTTPException:
         raise
     except Exception:
-        log.exception("admin request failed: %s %s", request.method, request.path)
+        log.exception("admin request failed: %s %s", untrusted(request.method, 16), untrusted(request.path))
         return problem(500, "Internal server error", "the request failed; nothing secret was logged")
 
 
@@ -92,7 +120,7 @@ async def _json_body(request: web.Request) -> Any:
         raise _Problem(413, "Request too large", f"the body must be at most {MAX_BODY_BYTES} bytes") from None
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # bad UTF-8 is a ValueError; RecursionError: nested too deep
         raise _Problem(400, "Malformed JSON", "the body is not valid JSON") from None  # never echo: may hold secrets
 
 
@@ -157,5 +185,8 @@ async def issue_api_key(request: web.Request) -> web.Response:
 
 
 async def revoke_api_key(request: web.Request) -> web.Response:
-    view = await request.app[ONBOARDING].revoke_api_key(request.match_info["keyId"], _actor(request))
+    key_id = request.match_info["keyId"]
+    if not _API_KEY_ID.fullmatch(key_id):  # refused here: a NUL byte would make PostgreSQL fail the lookup
+        raise NotFound(f"no API key {key_id!r}")
+    view = await request.app[ONBOARDING].revoke_api_key(key_id, _actor(request))
     return web.json_response(view)

@@ -22,7 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.channels import repository as repo
 
-_KEY_FORMAT = re.compile(r"^mpk_([0-9a-f]{12})_[A-Za-z0-9_-]{43}$")
+_KEY_FORMAT = re.compile(r"mpk_([0-9a-f]{12})_[A-Za-z0-9_-]{43}")
 
 
 def new_api_key() -> tuple[str, str]:
@@ -36,7 +36,7 @@ def key_sha256(api_key: str) -> bytes:
 
 
 def key_id_of(api_key: str) -> str | None:
-    match = _KEY_FORMAT.match(api_key)
+    match = _KEY_FORMAT.fullmatch(api_key)
     return match.group(1) if match else None
 
 

@@ -10,12 +10,15 @@ from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any, Callable
 
+from services.common.text import untrusted
 from services.daraja.models import AMOUNT_MAX, AppCredentials, Shortcode
 
-CHANNEL_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")  # the ingress's rule (services/ingress/validation.py)
-_SHORTCODE = re.compile(r"^[0-9]{5,7}$")  # the Daraja client's rule for paybills, stores and tills
-_PRINTABLE = re.compile(r"^[^\x00-\x1f\x7f]+$")
-_SECRET_CHARACTERS = re.compile(r"^[\x21-\x7e]+$")  # visible ASCII: no spaces, no control characters
+CHANNEL_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # the ingress's rule (services/ingress/validation.py)
+_SHORTCODE = re.compile(r"[0-9]{5,7}")  # the Daraja client's rule for paybills, stores and tills
+# No control character (C0, DEL, C1), line separator or lone surrogate (UTF-8 cannot encode it, so
+# PostgreSQL could not store it).
+_PRINTABLE = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]+")
+_SECRET_CHARACTERS = re.compile(r"[\x21-\x7e]+")  # visible ASCII: no spaces, no control characters
 
 SHORTCODE_TYPES = ("paybill", "till")
 ENVIRONMENTS = ("sandbox", "production")
@@ -72,7 +75,7 @@ class ApiKeyRequest:
 # Parsers: each takes the submitted value and returns (clean value, error message or None).
 
 def _display_name(value: Any) -> tuple[Any, str | None]:
-    if not isinstance(value, str) or not value.strip() or not _PRINTABLE.match(value):
+    if not isinstance(value, str) or not value.strip() or not _PRINTABLE.fullmatch(value):
         return None, "must be a non-empty string without control characters"
     if len(value) > DISPLAY_NAME_MAX:
         return None, f"must be at most {DISPLAY_NAME_MAX} characters"
@@ -86,13 +89,13 @@ def _one_of(*options: str) -> Callable[[Any], tuple[Any, str | None]]:
 
 
 def _shortcode_digits(value: Any) -> tuple[Any, str | None]:
-    if not isinstance(value, str) or not _SHORTCODE.match(value):
+    if not isinstance(value, str) or not _SHORTCODE.fullmatch(value):
         return None, "must be a string of 5 to 7 digits"
     return value, None
 
 
 def _consent_reference(value: Any) -> tuple[Any, str | None]:
-    if not isinstance(value, str) or not value.strip() or not _PRINTABLE.match(value):
+    if not isinstance(value, str) or not value.strip() or not _PRINTABLE.fullmatch(value):
         return None, "must be a non-empty string without control characters"
     if len(value) > CONSENT_REFERENCE_MAX:
         return None, f"must be at most {CONSENT_REFERENCE_MAX} characters"
@@ -138,7 +141,7 @@ _STATUS_READ_ONLY = "is read-only: use suspend and resume"
 
 
 def channel_id_error(value: Any) -> str | None:
-    if not isinstance(value, str) or not CHANNEL_ID.match(value):
+    if not isinstance(value, str) or not CHANNEL_ID.fullmatch(value):
         return "must be 1-64 lower-case letters, digits, '-' or '_', starting with a letter or digit"
     return None
 
@@ -237,7 +240,7 @@ def parse_credentials(body: Any) -> tuple[CredentialsInput | None, Errors]:
 def _secret_error(value: Any) -> str | None:
     if value is None:
         return "is required"
-    if not isinstance(value, str) or not _SECRET_CHARACTERS.match(value):
+    if not isinstance(value, str) or not _SECRET_CHARACTERS.fullmatch(value):
         return "must be a non-empty string of visible characters without spaces"
     if len(value) > SECRET_LENGTH_MAX:
         return f"must be at most {SECRET_LENGTH_MAX} characters"
@@ -249,7 +252,7 @@ def parse_api_key_request(body: Any) -> tuple[ApiKeyRequest | None, Errors]:
         return None, {"body": "must be a JSON object"}
     errors = _unknown_fields(body, {"label", "channelIds"})
     label = body.get("label")
-    if not isinstance(label, str) or not label.strip() or not _PRINTABLE.match(label) or len(label) > LABEL_MAX:
+    if not isinstance(label, str) or not label.strip() or not _PRINTABLE.fullmatch(label) or len(label) > LABEL_MAX:
         errors["label"] = f"must be a non-empty string of at most {LABEL_MAX} characters"
     channel_ids = body.get("channelIds")
     if not isinstance(channel_ids, list) or not 1 <= len(channel_ids) <= API_KEY_CHANNELS_MAX:
@@ -286,4 +289,4 @@ def _parse_fields(present: dict[str, Any]) -> tuple[dict[str, Any], Errors]:
 
 
 def _unknown_fields(body: dict, known: set[str]) -> Errors:
-    return {str(name)[:64]: "is not a known field" for name in body if name not in known}
+    return {untrusted(name, 64): "is not a known field" for name in body if name not in known}

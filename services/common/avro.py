@@ -4,6 +4,23 @@ Spec (Avro 1.11, "Single object encoding"): marker C3 01, then the 8-byte little
 CRC-64-AVRO fingerprint of the writer schema's parsing canonical form, then the binary body.
 fastavro's fingerprint() already returns those 8 bytes in that order (verified against the
 spec's value for "int": 8f5c393f1ad57572).
+
+Whatever a producer sends, `decode` returns a record or raises DecodeError, and what it returns is
+exactly what `encode` would have written for that record. fastavro's `schemaless_reader` alone
+does not promise that (fastavro 1.13, fastavro/_read.pyx and the reader docs,
+https://fastavro.readthedocs.io/en/latest/reader.html#fastavro._read_py.schemaless_reader):
+- it reads one record and stops, leaving any trailing bytes unread and unreported;
+- it raises whatever the failing step raises (EOFError, IndexError, StopIteration from the Cython
+  read_long at end of input, UnicodeDecodeError, KeyError/IndexError for an enum or union index out
+  of range, OverflowError for a timestamp out of range...);
+- it accepts encodings no Avro writer produces: a varint padded with 0x80 bytes, a boolean byte other
+  than 0 or 1, a map split into several blocks or with a negative count and byte size;
+- it believes a block count: it loops `count` times, reading one item each time.
+So `decode` caps the message size first, maps every failure to DecodeError, and re-encodes the record
+and compares: trailing bytes and non-canonical encodings are refused. The loop on a block count is
+bounded because no item type of our schemas can be encoded in zero bytes (checked when a schema is
+loaded): each item consumes at least one byte, so a message of MESSAGE_BYTES_MAX bytes yields at most
+that many items, and a count of 2**62 ends at the end of the message with an error.
 """
 from __future__ import annotations
 
@@ -19,6 +36,9 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 SINGLE_OBJECT_MARKER = b"\xc3\x01"
 CONFLUENT_MAGIC = b"\x00"
+# Kafka's default message.max.bytes (1048588) rounded down: a larger message was not sent through a
+# default broker, so it is refused before any parsing.
+MESSAGE_BYTES_MAX = 1024 * 1024
 
 
 class DecodeError(ValueError):
@@ -34,6 +54,7 @@ class Schema:
 
 def load_schema(path: Path) -> Schema:
     parsed = parse_schema(json.loads(path.read_text()))
+    _refuse_zero_width_items(parsed, path.name)
     canonical = to_parsing_canonical_form(parsed)
     return Schema(path.name.split(".")[0], parsed, bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO")))
 
@@ -54,9 +75,16 @@ class Codec:
         return out.getvalue()
 
     def decode(self, data: bytes | None) -> tuple[str, dict[str, Any]]:
-        """Returns (schema name, record) read with the current version of the writer's schema."""
-        if not data or len(data) < 10:
+        """Returns (schema name, record) read with the current version of the writer's schema.
+
+        Raises DecodeError, and only DecodeError, for anything that is not exactly the encoding of
+        one record of a known schema."""
+        if isinstance(data, (bytearray, memoryview)):  # e.g. a bytea column read back
+            data = bytes(data)
+        if not isinstance(data, bytes) or len(data) < 10:
             raise DecodeError("message too short to be an Avro record")
+        if len(data) > MESSAGE_BYTES_MAX:
+            raise DecodeError(f"message of {len(data)} bytes is larger than {MESSAGE_BYTES_MAX}")
         if data[:1] == CONFLUENT_MAGIC:
             raise DecodeError("Confluent wire format needs a schema registry, none is configured")
         if data[:2] != SINGLE_OBJECT_MARKER:
@@ -65,8 +93,64 @@ class Codec:
         if writer is None:
             raise DecodeError(f"unknown schema fingerprint {data[2:10].hex()}")
         reader = self.current[writer.name]
+        body = data[10:]
         try:
-            record = schemaless_reader(io.BytesIO(data[10:]), writer.parsed, reader.parsed)
-        except Exception as exc:  # fastavro raises many types on corrupt bodies
+            record = schemaless_reader(io.BytesIO(body), writer.parsed, None)
+            canonical = _body(writer, record)
+            if canonical == body and reader is not writer:  # an older version: resolve to the current one
+                record = schemaless_reader(io.BytesIO(body), writer.parsed, reader.parsed)
+        except Exception as exc:  # fastavro raises many types on corrupt bodies (module docstring)
             raise DecodeError(f"corrupt {writer.name} body: {type(exc).__name__}") from exc
+        if canonical != body:
+            extra = len(body) - len(canonical)
+            raise DecodeError(f"{writer.name} body has {extra} bytes after the record" if body.startswith(canonical)
+                              else f"{writer.name} body is not in the canonical Avro encoding")
         return writer.name, record
+
+
+def _body(schema: Schema, record: dict[str, Any]) -> bytes:
+    out = io.BytesIO()
+    schemaless_writer(out, schema.parsed, record)
+    return out.getvalue()
+
+
+def _refuse_zero_width_items(schema: dict, where: str) -> None:
+    """Raises ValueError if an array's items can be encoded in zero bytes (null, an empty record, a
+    fixed of size 0): a hostile block count would then make the reader loop without consuming input.
+    A map's entries cannot: each has a key, whose length takes at least one byte."""
+    named = schema.get("__named_schemas", {})  # fastavro's parse_schema: name -> definition
+    for items in _array_items(schema, named, set()):
+        if _can_be_empty(items, named, set()):
+            raise ValueError(f"{where}: an array of items that take zero bytes cannot be read safely")
+
+
+def _array_items(schema: Any, named: dict, seen: set[str]):
+    if isinstance(schema, str):
+        if schema in named and schema not in seen:
+            seen.add(schema)
+            yield from _array_items(named[schema], named, seen)
+    elif isinstance(schema, list):
+        for branch in schema:
+            yield from _array_items(branch, named, seen)
+    elif schema["type"] == "array":
+        yield schema["items"]
+        yield from _array_items(schema["items"], named, seen)
+    elif schema["type"] == "map":
+        yield from _array_items(schema["values"], named, seen)
+    elif schema["type"] in ("record", "error"):
+        for f in schema["fields"]:
+            yield from _array_items(f["type"], named, seen)
+
+
+def _can_be_empty(schema: Any, named: dict, seen: set[str]) -> bool:
+    if isinstance(schema, str):
+        if schema in named and schema not in seen:
+            return _can_be_empty(named[schema], named, seen | {schema})
+        return schema == "null"
+    if isinstance(schema, list):  # a union writes its branch index: at least one byte
+        return False
+    if schema["type"] in ("record", "error"):
+        return all(_can_be_empty(f["type"], named, seen) for f in schema["fields"])
+    if schema["type"] == "fixed":
+        return schema["size"] == 0
+    return schema["type"] == "null"

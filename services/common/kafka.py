@@ -24,6 +24,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.avro import Codec, DecodeError
 from services.common.ids import new_id
+from services.common.text import untrusted
 from services.common.topics import DEAD_LETTER, Topic
 
 log = logging.getLogger(__name__)
@@ -383,12 +384,15 @@ class ConsumerLoop:
 
     async def _dead_letter(self, msg: Message, error: Exception) -> None:
         key = msg.key()
-        record = new_event_fields(key.decode("utf-8", "replace") if key else "")
+        # The key and the error's text may quote what a hostile producer wrote: cleaned and cut before
+        # they reach the dead-letter topic or a log line (the original bytes are kept as they were).
+        record = new_event_fields(untrusted(key.decode("utf-8", "replace")) if key else "")
+        reason = untrusted(str(error), 1000)
         record.update(payment_id=None, source_topic=msg.topic(), source_partition=msg.partition(),
                       source_offset=msg.offset(), consumer_group=self.group_id,
-                      error_type=type(error).__name__, error=str(error)[:1000],
+                      error_type=type(error).__name__, error=reason,
                       original_key=key, original_value=msg.value())
-        log.warning("dead-lettered %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), error)
+        log.warning("dead-lettered %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), reason)
         await self.dead_letters.publish(DEAD_LETTER, record)
 
     def _mark_done(self, messages: list[Message]) -> None:

@@ -7,22 +7,23 @@ and nothing else: control and format characters become a visible escape, and the
 """
 from __future__ import annotations
 
-import unicodedata
-
 UNTRUSTED_TEXT_MAX = 200  # characters of a foreign string kept in a reason, log line or event
 
 
 def untrusted(value: object, limit: int = UNTRUSTED_TEXT_MAX) -> str:
     """`value` as text of at most `limit` characters (plus an ellipsis when cut), with every
-    control (Cc), format (Cf: bidi overrides, zero-width), surrogate or unassigned character written
-    as \\uXXXX so that it cannot break a line, a terminal or a log parser."""
+    character that is not printable (str.isprintable: control (Cc), format (Cf: bidi overrides,
+    zero-width), surrogate, private-use, unassigned, line and paragraph separators, spaces other than
+    ' ') written as \\uXXXX (\\UXXXXXXXX above U+FFFF) so that it cannot break a line, a terminal or a
+    log parser. Escapes count towards `limit`, so a string of NULs cannot grow six-fold."""
     text = value if isinstance(value, str) else repr(value)
-    cut = len(text) > limit
-    text = text[:limit]
-    if not text.isprintable() or any(unicodedata.category(c) in _HIDDEN for c in text):
-        text = "".join(c if c.isprintable() and unicodedata.category(c) not in _HIDDEN else f"\\u{ord(c):04x}"
-                       for c in text)
-    return text + "…" if cut else text
-
-
-_HIDDEN = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+    if len(text) <= limit and text.isprintable():
+        return text
+    kept, length = [], 0
+    for c in text:
+        piece = c if c.isprintable() else (f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}")
+        if length + len(piece) > limit:
+            return "".join(kept) + "…"
+        kept.append(piece)
+        length += len(piece)
+    return "".join(kept)

@@ -20,10 +20,10 @@ DESCRIPTION_MAX = 13  # daraja.md §2 Fields: TransactionDesc max 13 characters
 AMOUNT_MAX = 250_000  # daraja.md §2 Fields: current FAQ ceiling per transaction, KES
 
 # 2547… and 2541… are both Safaricom lines (daraja.md §2 PartyA: 2541… numbers are real).
-_PHONE = re.compile(r"^254[17]\d{8}$")
-_SHORTCODE = re.compile(r"^\d{5,7}$")
+_PHONE = re.compile(r"254[17]\d{8}")
+_SHORTCODE = re.compile(r"\d{5,7}")
 # Special characters reportedly make Daraja fail (daraja.md §2, bnjunge #3): letters, digits, space, '-'.
-_PROMPT_TEXT = re.compile(r"^[A-Za-z0-9 -]*$")
+_PROMPT_TEXT = re.compile(r"[A-Za-z0-9 -]*")
 
 
 def fingerprint(secret: str) -> str:
@@ -75,10 +75,10 @@ class Shortcode:
     till_number: str | None = None
 
     def __post_init__(self) -> None:
-        if not _SHORTCODE.match(self.business_shortcode or ""):
+        if not _SHORTCODE.fullmatch(self.business_shortcode or ""):
             raise ValueError("business_shortcode must be 5-7 digits")
         if self.shortcode_type == "till":
-            if not _SHORTCODE.match(self.till_number or ""):
+            if not _SHORTCODE.fullmatch(self.till_number or ""):
                 raise ValueError("a till needs till_number (5-7 digits); business_shortcode is the store number")
         elif self.shortcode_type == "paybill":
             if self.till_number is not None:
@@ -111,7 +111,7 @@ class StkPushRequest:
             raise ValueError("amount must be a whole number of shillings")
         if not 1 <= self.amount <= AMOUNT_MAX:
             raise ValueError(f"amount must be between 1 and {AMOUNT_MAX}")
-        if not isinstance(self.phone, str) or not _PHONE.match(self.phone):
+        if not isinstance(self.phone, str) or not _PHONE.fullmatch(self.phone):
             raise ValueError("phone must be 12 digits starting 2547 or 2541")
         _check_prompt_text("account_reference", self.account_reference, ACCOUNT_REFERENCE_MAX)
         _check_prompt_text("description", self.description, DESCRIPTION_MAX)
@@ -135,7 +135,7 @@ def _check_prompt_text(name: str, value: object, limit: int) -> None:
         raise ValueError(f"{name} must be a non-empty string")
     if len(value) > limit:
         raise ValueError(f"{name} must be at most {limit} characters")
-    if not _PROMPT_TEXT.match(value):
+    if not _PROMPT_TEXT.fullmatch(value):
         raise ValueError(f"{name} may contain only letters, digits, spaces and '-'")
 
 

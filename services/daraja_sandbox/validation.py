@@ -17,8 +17,8 @@ from services.daraja_sandbox.scenarios import PAYBILL_TRANSACTION, TILL_TRANSACT
 # scheme://[userinfo@]host[:port][/path?query#fragment], no whitespace anywhere.
 _CALLBACK_URL = re.compile(
     r"(?i)https?://(?:[^\s/?#@]*@)?(?P<host>\[[0-9a-f:.]+\]|[^\s/?#:@\[\]]+)(?::(?P<port>\d{1,5}))?(?:[/?#]\S*)?\Z")
-_PHONE = re.compile(r"^254[17]\d{8}$")
-_SHORTCODE = re.compile(r"^\d{5,7}$")
+_PHONE = re.compile(r"254[17]\d{8}")
+_SHORTCODE = re.compile(r"\d{5,7}")
 ACCOUNT_REFERENCE_MAX = 12
 DESCRIPTION_MAX = 13
 
@@ -57,7 +57,7 @@ class Rules:
 def _credential_fields(body: dict, rules: Rules) -> tuple[str, str, str] | Failure:
     """BusinessShortCode, Password and Timestamp, checked in Daraja's order (push and query alike)."""
     shortcode = _digits(body.get("BusinessShortCode"))
-    if shortcode is None or not _SHORTCODE.match(shortcode):
+    if shortcode is None or not _SHORTCODE.fullmatch(shortcode):
         return invalid_field("BusinessShortCode")
     password = body.get("Password")
     if not isinstance(password, str) or not password:
@@ -80,13 +80,13 @@ def validate_push(body: dict, rules: Rules) -> PushFields | Failure:
     if amount is None or not 1 <= amount <= rules.max_amount:
         return invalid_field("Amount")
     party_a = _digits(body.get("PartyA"))
-    if party_a is None or not _PHONE.match(party_a):
+    if party_a is None or not _PHONE.fullmatch(party_a):
         return invalid_field("PartyA")
     party_b = _digits(body.get("PartyB"))
-    if party_b is None or not _SHORTCODE.match(party_b):
+    if party_b is None or not _SHORTCODE.fullmatch(party_b):
         return invalid_field("PartyB")
     phone = _digits(body.get("PhoneNumber"))
-    if phone is None or not _PHONE.match(phone):
+    if phone is None or not _PHONE.fullmatch(phone):
         return invalid_field("PhoneNumber")
     callback_url = body.get("CallBackURL")
     if not _callback_url_ok(callback_url, rules.reject_localhost):
@@ -148,7 +148,7 @@ def _timestamp_ok(timestamp: str, rules: Rules) -> bool:
 
 def _callback_url_ok(url: Any, reject_localhost: bool) -> bool:
     # One regex instead of urlsplit: this runs on every push (performance, see app.py).
-    match = _CALLBACK_URL.match(url) if isinstance(url, str) and len(url) <= 2048 else None
+    match = _CALLBACK_URL.fullmatch(url) if isinstance(url, str) and len(url) <= 2048 else None
     if match is None:
         return False  # includes stray spaces, rejected by Daraja (daraja.md §5)
     host, port = match.group("host").lower(), match.group("port")

@@ -23,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from services.channels.apikeys import ApiKey, ApiKeyAuthenticator
 from services.common.observability import Health, add_ops_routes, http_metrics
 from services.common.problems import problem
+from services.common.text import untrusted
 from services.ingress.access import ChannelDirectory, ChannelStatus, authenticate
 from services.ingress.payments import IdempotencyConflict, PaymentIntake, Unavailable
 from services.common.kafka import Publisher
@@ -142,7 +143,7 @@ async def get_payment(request: web.Request) -> web.Response:
     view = await deps.views.payment(payment_id) if _is_uuid(payment_id) else None
     # Another channel's payment is answered exactly like a missing one: its existence is not told.
     if view is None or not caller.allows(view["channelId"]):
-        return problem(404, "Payment not found", f"no payment {payment_id[:64]!r} for this API key",
+        return problem(404, "Payment not found", f"no payment {untrusted(payment_id, 64)!r} for this API key",
                        type_=PROBLEM + "payment-not-found")
     return web.json_response(view)
 
@@ -179,7 +180,7 @@ def _no_duplicate_names(pairs: list[tuple[str, object]]) -> dict:
     if len(result) != len(pairs):
         names = [name for name, _ in pairs]
         twice = sorted({n for n in names if names.count(n) > 1})
-        raise _DuplicateName(f"the body names {', '.join(repr(n[:64]) for n in twice)} more than once")
+        raise _DuplicateName(f"the body names {', '.join(repr(untrusted(n, 64)) for n in twice)} more than once")
     return result
 
 
@@ -230,10 +231,10 @@ async def problems_for_errors(request: web.Request, handler):
         return problem(exc.status, exc.reason, type_=PROBLEM + _slug(exc.status),
                        headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"})
     except (DatabaseError, PoolTimeout) as exc:
-        log.error("database unavailable: %s: %s", type(exc).__name__, exc)
+        log.error("database unavailable: %s: %s", type(exc).__name__, untrusted(str(exc)))
         return _unavailable("postgresql")
     except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %s", untrusted(request.method, 16), untrusted(request.path))
         return problem(500, "Internal error", "the request failed unexpectedly; it is safe to retry with the "
                        "same Idempotency-Key", type_=PROBLEM + "internal-error")
 

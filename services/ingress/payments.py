@@ -17,6 +17,7 @@ from psycopg_pool import PoolTimeout
 
 from services.common.ids import new_id
 from services.common.kafka import Publisher, PublishError
+from services.common.text import untrusted
 from services.common.topics import PAYMENT_REQUESTED, Topic
 from services.ingress.idempotency import Claim, IdempotencyStore, Record
 from services.ingress.validation import PaymentRequest
@@ -102,7 +103,7 @@ class PaymentIntake:
         try:
             record = await self._store.claim(claim)
         except (DatabaseError, PoolTimeout) as exc:
-            log.error("idempotency claim failed: %s", exc, extra={"channel_id": request.channel_id})
+            log.error("idempotency claim failed: %s", untrusted(str(exc)), extra={"channel_id": request.channel_id})
             UNAVAILABLE.labels("postgresql").inc()
             raise Unavailable("postgresql") from exc
         if record.body_sha256 != digest:

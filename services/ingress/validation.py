@@ -11,16 +11,24 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.common.text import untrusted
+
 MAX_AMOUNT = 250_000  # KES per transaction (daraja.md §2, current FAQ); channels may lower it
-# After removing spaces, dashes, dots and parentheses: optional +254 / 254 / 00254 (then an optional
-# trunk 0, as in "+254 (0)712 345 678"), or a trunk 0 alone, then 7XXXXXXXX or 1XXXXXXXX.
-_PHONE_FORMS = re.compile(r"^(?:(?:\+|00)?2540?|0)?([17]\d{8})$")
-_PHONE_SEPARATORS = re.compile(r"[\s\-.()]")
-_REFERENCE = re.compile(r"^[A-Za-z0-9 -]+$")  # special characters make Daraja fail (daraja.md §2)
-_CHANNEL_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# After removing spaces, dashes, dots and parentheses (other whitespace, a newline say, is refused):
+# optional +254 / 254 / 00254 (then an optional trunk 0, as in "+254 (0)712 345 678"), or a trunk 0
+# alone, then 7XXXXXXXX or 1XXXXXXXX.
+_PHONE_FORMS = re.compile(r"(?:(?:\+|00)?2540?|0)?([17]\d{8})")
+_PHONE_SEPARATORS = re.compile(r"[ \-.()]")
+_REFERENCE = re.compile(r"[A-Za-z0-9 -]+")  # special characters make Daraja fail (daraja.md §2)
+_CHANNEL_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 # Idempotency-Key: 1-255 visible ASCII characters. The IETF draft makes the value a structured-field
 # string ("..."), most APIs send it bare; both are accepted and mean the same key.
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+# Free text (order reference, metadata keys) is stored in PostgreSQL and put on Kafka: no control,
+# line-separator or surrogate characters (PostgreSQL refuses NUL, UTF-8 cannot encode a lone surrogate).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# Metadata values are free data and may span lines; only what cannot be stored is refused.
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 
 FIELDS = ("channelId", "amount", "phone", "accountReference", "description", "orderReference", "metadata")
 METADATA_ENTRIES_MAX = 20
@@ -56,14 +64,14 @@ def normalise_phone(raw: str) -> str | None:
     """07XXXXXXXX, 01XXXXXXXX, 7XXXXXXXX, 2547…, +2547…, 002547…, +254 (0)7… → 2547XXXXXXXX / 2541XXXXXXXX."""
     if len(raw) > 32:
         return None
-    match = _PHONE_FORMS.match(_PHONE_SEPARATORS.sub("", raw))
+    match = _PHONE_FORMS.fullmatch(_PHONE_SEPARATORS.sub("", raw))
     return f"254{match.group(1)}" if match else None
 
 
 def validate_channel_id(value: Any) -> str | None:
     if value is None:
         return "is required"
-    if not isinstance(value, str) or not _CHANNEL_ID.match(value):
+    if not isinstance(value, str) or not _CHANNEL_ID.fullmatch(value):
         return "must be 1-64 lower-case letters, digits, '-' or '_', starting with a letter or digit"
     return None
 
@@ -75,7 +83,7 @@ def parse_idempotency_key(raw: str | None) -> tuple[str | None, str | None]:
                       "of that payment")
     if len(raw) >= 2 and raw[0] == raw[-1] == '"':
         raw = raw[1:-1]
-    if not _IDEMPOTENCY_KEY.match(raw):
+    if not _IDEMPOTENCY_KEY.fullmatch(raw):
         return None, "must be 1-255 visible ASCII characters"
     return raw, None
 
@@ -98,7 +106,7 @@ def parse_payment_request(body: Any, max_amount: int = MAX_AMOUNT) -> tuple[Paym
     # into a payment without the reference the caller meant. Free data belongs in metadata.
     for name in body:
         if name not in FIELDS:
-            checks[str(name)[:64]] = "is not a field of a payment request (free data goes in metadata)"
+            checks[untrusted(name, 64)] = "is not a field of a payment request (free data goes in metadata)"
     errors = {name: message for name, message in checks.items() if message}
     if errors:
         return None, errors
@@ -135,7 +143,7 @@ def _text_error(value: Any, max_len: int, *, required: bool) -> str | None:
         return "must be a non-empty string"
     if len(value) > max_len:
         return f"must be at most {max_len} characters (it is shown to the customer)"
-    if not _REFERENCE.match(value):
+    if not _REFERENCE.fullmatch(value):
         return "may contain only letters, digits, spaces and '-'"
     return None
 
@@ -145,6 +153,8 @@ def _order_reference_error(value: Any) -> str | None:
         return None
     if not isinstance(value, str) or not 1 <= len(value) <= ORDER_REFERENCE_LENGTH_MAX:
         return f"must be a string of 1-{ORDER_REFERENCE_LENGTH_MAX} characters"
+    if _CONTROL.search(value):
+        return "must not contain control characters"
     return None
 
 
@@ -154,10 +164,11 @@ def _metadata_error(value: Any) -> str | None:
     if not isinstance(value, dict) or len(value) > METADATA_ENTRIES_MAX:
         return f"must be an object of at most {METADATA_ENTRIES_MAX} entries"
     for key, item in value.items():
-        if not 1 <= len(key) <= METADATA_KEY_LENGTH_MAX:
-            return f"keys must be 1-{METADATA_KEY_LENGTH_MAX} characters"
-        if not isinstance(item, str) or len(item) > METADATA_VALUE_LENGTH_MAX:
-            return f"values must be strings of at most {METADATA_VALUE_LENGTH_MAX} characters (key {key[:64]!r})"
+        if not 1 <= len(key) <= METADATA_KEY_LENGTH_MAX or _CONTROL.search(key):
+            return f"keys must be 1-{METADATA_KEY_LENGTH_MAX} characters without control characters"
+        if not isinstance(item, str) or len(item) > METADATA_VALUE_LENGTH_MAX or _UNSTORABLE.search(item):
+            return (f"values must be strings of at most {METADATA_VALUE_LENGTH_MAX} characters without NUL "
+                    f"(key {untrusted(key, 64)!r})")
     return None
 
 

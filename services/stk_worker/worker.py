@@ -14,6 +14,7 @@ from prometheus_client import Counter
 from services.channels.vault import VaultError
 from services.common.callback_token import callback_url
 from services.common.kafka import ConsumedEvent, EventProducer, PublishError, Transient, new_event_fields
+from services.common.text import untrusted
 from services.common.topics import STK_PUSH_RESULT, STK_QUERY_RESULT
 from services.daraja.errors import DarajaError, ErrorKind
 from services.daraja.models import QueryStatus, StkPushRequest
@@ -66,7 +67,7 @@ class Pusher:
         try:
             channel = await self.channels.current(v["channel_id"])
         except VaultError as exc:  # nothing was pushed: the payment fails instead of waiting forever
-            return PushOutcome("invalid", error_code="CREDENTIALS_UNREADABLE", error_message=str(exc))
+            return PushOutcome("invalid", error_code="CREDENTIALS_UNREADABLE", error_message=untrusted(str(exc)))
         refusal = _channel_refusal(channel, v["amount"])
         if refusal:
             return refusal
@@ -85,7 +86,7 @@ class Pusher:
                 callback_url=callback_url(self.settings.public_base_url, self.settings.token_secret,
                                           v["channel_id"], v["payment_id"]))
         except ValueError as exc:
-            return PushOutcome("invalid", error_code="INVALID_REQUEST", error_message=str(exc))
+            return PushOutcome("invalid", error_code="INVALID_REQUEST", error_message=untrusted(str(exc)))
         code = channel.shortcode.business_shortcode
         for attempt in range(1, self.settings.max_attempts + 1):
             await self.throttle.acquire(code, channel.pushes_per_second)
@@ -97,10 +98,11 @@ class Pusher:
                 if exc.error_code == SPIKE_ARREST:
                     self.throttle.spike_arrested(code)
                 if exc.kind is ErrorKind.OUTCOME_UNKNOWN:
-                    return PushOutcome("unknown", error_code=exc.error_code, error_message=str(exc), attempts=attempt)
+                    return PushOutcome("unknown", error_code=exc.error_code, error_message=untrusted(str(exc)),
+                                       attempts=attempt)
                 if exc.kind is ErrorKind.PERMANENT or attempt == self.settings.max_attempts:
                     return PushOutcome("refused", error_code=exc.error_code or exc.kind.value,
-                                       error_message=str(exc), attempts=attempt)
+                                       error_message=untrusted(str(exc)), attempts=attempt)
                 # Retryable: Daraja did not act on it, so sending it again cannot prompt twice.
                 await asyncio.sleep(exc.retry_after_s or self.settings.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
         raise AssertionError("unreachable")
@@ -151,5 +153,5 @@ class Querier:
         except DarajaError as exc:
             if exc.error_code == SPIKE_ARREST:
                 self.throttle.spike_arrested(channel.shortcode.business_shortcode)
-            return "ERROR", exc.error_code, str(exc)
+            return "ERROR", exc.error_code, untrusted(str(exc))
         return self.STATUS[result.status], result.result_code, result.result_desc

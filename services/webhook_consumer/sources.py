@@ -156,6 +156,12 @@ class RateLimiter:
             del self._buckets[next(iter(self._buckets))]
         return wait_s
 
+    def wait_s(self, source: str) -> float:
+        """The seconds until `source` has a token again (0.0 when it has one now); spends nothing."""
+        tokens, counted_at = self._buckets.get(source, (self.burst, self._clock()))
+        tokens = min(self.burst, tokens + max(0.0, self._clock() - counted_at) * self.rate_per_s)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate_per_s
+
     def __len__(self) -> int:
         return len(self._buckets)
 

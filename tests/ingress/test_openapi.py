@@ -123,7 +123,8 @@ def test_the_documented_request_schema_agrees_with_the_validator(document):
                                                                            "accountReference")}]:
         assert validator.is_valid(body) and parse_payment_request(body)[1] == {}
     for change in [{"amount": 0}, {"amount": "1"}, {"accountReference": "X" * 13}, {"description": "D" * 14},
-                   {"extra": 1}, {"metadata": {"k": 1}}, {"channelId": "Bad"}, {"accountReference": "A#1"}]:
+                   {"extra": 1}, {"metadata": {"k": 1}}, {"channelId": "Bad"}, {"accountReference": "A#1"},
+                   {"orderReference": "o-1\n"}, {"metadata": {"k\n": "v"}}, {"metadata": {"k": "\u0000"}}]:
         body = {**good, **change}
         assert not validator.is_valid(body) and parse_payment_request(body)[1], change
 
