@@ -417,7 +417,8 @@ class ConsumerLoop:
                 if stop.is_set():
                     raise
                 transient = isinstance(exc, Transient)
-                failures += not transient
+                if not transient:
+                    failures += 1
                 if failures >= attempts:
                     error = exc
                     break

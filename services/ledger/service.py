@@ -57,9 +57,13 @@ class Ledger:
 
     async def handle_batch(self, events: list[ConsumedEvent]) -> list[Rejection]:
         try:
-            return await self._apply_refusing_alone(events)
+            rejections = await self._apply_refusing_alone(events)
         except psycopg.Error as exc:  # the database's own trouble, not an event's: see _is_the_events_fault
-            raise Transient(f"database unavailable: {type(exc).__name__}: {untrusted(str(exc))}") from exc
+            raise Transient(f"database error no event caused: {type(exc).__name__}: {untrusted(str(exc))}") from exc
+        for r in rejections:
+            if not isinstance(r.error, (NotAFact, CallbackParseError)):  # those say why; the rest may be a bug
+                _log_poison(r.event, r.error)
+        return rejections
 
     async def _apply_refusing_alone(self, events: list[ConsumedEvent]) -> list[Rejection]:
         """An event that cannot be applied must not block the rest of its batch: the halves are
@@ -71,7 +75,6 @@ class Ledger:
             if isinstance(exc, Transient) or not _is_the_events_fault(exc):
                 raise
             if len(events) == 1:
-                _log_poison(events[0], exc)
                 return [Rejection(events[0], exc)]
         half = len(events) // 2
         return await self._apply_refusing_alone(events[:half]) + await self._apply_refusing_alone(events[half:])
@@ -83,8 +86,6 @@ class Ledger:
             try:
                 facts.append((e, *fact_of(e)))
             except Exception as exc:  # fact_of is pure: whatever it raises is this event's fault
-                if not isinstance(exc, (NotAFact, CallbackParseError)):
-                    _log_poison(e, exc)
                 rejections.append(Rejection(e, exc))  # dead-lettered with its reason; payment untouched
         async with self.pool.connection() as conn, conn.transaction():
             batch = FactBatch(conn, self.codec, self.settings)
