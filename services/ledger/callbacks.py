@@ -9,6 +9,7 @@ integers, an amount only as a plain decimal).
 """
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import re
@@ -82,18 +83,19 @@ def _bounded_json(body: bytes):
     try:
         # UTF-8 only (RFC 8259 §8.1), not json's guess among UTF-16/32: the nesting scan below reads
         # characters, and a byte of a UTF-16 character must not pass for a quote or a bracket.
-        text = bytes(body).decode("utf-8-sig")
+        text = bytes(body).removeprefix(codecs.BOM_UTF8).decode("utf-8")
     except UnicodeDecodeError:
         raise CallbackParseError("body is not UTF-8") from None
     if _nested_deeper_than(text, MAX_DEPTH):
         raise CallbackParseError(f"JSON nested deeper than {MAX_DEPTH} levels")
     try:
-        doc = json.loads(text, parse_constant=_refuse_constant, parse_int=_bounded_int, parse_float=_finite_float)
+        doc = _DECODER.decode(text)
     except CallbackParseError:
         raise
     except (ValueError, RecursionError):  # RecursionError: cannot happen below MAX_DEPTH, kept as a backstop
         raise CallbackParseError("body is not JSON") from None
-    if not _strings_are_storable(doc):
+    # A NUL or a surrogate can only come from a \u escape (raw control characters are not JSON).
+    if "\\u" in text and not _strings_are_storable(doc):
         raise CallbackParseError("body has a string PostgreSQL cannot store (NUL or a lone surrogate)")
     return doc
 
@@ -156,6 +158,9 @@ def _strings_are_storable(doc) -> bool:
     if isinstance(doc, list):
         return all(_strings_are_storable(v) for v in doc)
     return True
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_int=_bounded_int, parse_float=_finite_float)
 
 
 def _items_by_name(metadata) -> dict:
