@@ -185,10 +185,11 @@ class FactBatch:
         operator looking into that payment finds it in the payment's own audit trail, next to the
         facts it tried to contradict; the metric and the log line make it alertable."""
         self.counts[(CHANNEL_MISMATCHES, event.topic)] += 1
-        log.warning("%s event names channel %s, its payment is %s's: rejected", event.schema,
-                    untrusted(event.value["channel_id"], 64), row["channel_id"], extra={"payment_id": payment_id})
-        return sm.rejected(f"event for channel {untrusted(event.value['channel_id'], 64)}, but the payment "
-                           f"belongs to {row['channel_id']}")
+        # Both foreign: a request produced straight to the topic chose its payment's channel id too.
+        claimed, owner = untrusted(event.value["channel_id"], 64), untrusted(row["channel_id"], 64)
+        log.warning("%s event names channel %s, its payment is %s's: rejected", event.schema, claimed, owner,
+                    extra={"payment_id": payment_id})
+        return sm.rejected(f"event for channel {claimed}, but the payment belongs to {owner}")
 
     async def _record(self, event: ConsumedEvent, payment_id: str, fact: sm.Fact, decision: sm.Decision) -> None:
         row = self.payments.get(payment_id)
