@@ -174,6 +174,14 @@ def ensure_topics(bootstrap: str, topics: Iterable[Topic], partitions: int, time
                 raise
 
 
+def _where(exc: BaseException) -> str:
+    """file:line where an exception was raised: enough to find a bug without the traceback's text."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}" if tb else "?"
+
+
 def _record_lag(stats_json: str) -> None:
     """librdkafka's statistics carry consumer_lag per partition (-1 when unknown)."""
     for topic, t in json.loads(stats_json).get("topics", {}).items():
@@ -215,8 +223,10 @@ def per_event(handle: Callable[[ConsumedEvent], Awaitable[None]], is_transient: 
         results = await asyncio.gather(*(handle(e) for e in events), return_exceptions=True)
         failures = [(e, r) for e, r in zip(events, results) if isinstance(r, BaseException)]
         for _, error in failures:
-            if not isinstance(error, Exception) or is_transient(error):
+            if not isinstance(error, Exception) or isinstance(error, Transient):
                 raise error
+            if is_transient(error):  # as Transient, or the loop would count it against the poison budget
+                raise Transient(f"{type(error).__name__}: {untrusted(str(error))}") from error
         return [Rejection(e, error) for e, error in failures]
 
     return handle_batch
@@ -244,8 +254,12 @@ class ConsumerLoop:
 
     Offsets are committed only after the handler returned for every earlier message of the
     partition. Undecodable messages and rejections go to the dead-letter topic (after its ack)
-    and count as handled. A handler exception is treated as transient: the batch is retried with
-    back-off and nothing is committed meanwhile. Up to `max_in_flight` batches run at once; with
+    and count as handled. When the handler raises, the batch is retried with back-off and nothing is
+    committed meanwhile: without end for a Transient error (a dependency is down: nothing is wrong
+    with the events), `poison_budget` times in all for any other. A batch that used up its budget is
+    split to find the event(s) that make it fail, which are dead-lettered with the error; the others
+    are handled as usual, in order (see _handled). `stalled_for` says how long the oldest batch in hand
+    has been, for readiness. Up to `max_in_flight` batches run at once; with
     `overlap_from`, a batch smaller than that waits for the others (and takes what arrives meanwhile):
     overlapping helps a consumer that is behind, while small batches are faster one after the other.
     """
@@ -253,8 +267,15 @@ class ConsumerLoop:
     def __init__(self, *, bootstrap: str, group_id: str, topics: list[Topic], codec: Codec,
                  handler: BatchHandler, dead_letters: EventProducer, max_batch: int = 500,
                  max_in_flight: int = 1, overlap_from: int = 1, poll_timeout: float = 0.2,
-                 extra_config: dict | None = None):
+                 poison_budget: int = 5, extra_config: dict | None = None):
+        if poison_budget < 1:
+            raise ValueError("poison_budget must be at least 1")
         self.group_id = group_id
+        # Five tries take about 1.5 s of back-off: enough for a fault that was not marked Transient
+        # but passes (a connection reset mid-query), little next to a partition stalled for good.
+        self.poison_budget = poison_budget
+        self._in_hand: dict[int, float] = {}  # batch number -> when it was fetched (monotonic)
+        self._batches = 0
         self.overlap_from = overlap_from
         self.topics = topics
         self.codec = codec
@@ -333,14 +354,24 @@ class ConsumerLoop:
                 self._progress.setdefault((m.topic(), m.partition()), _PartitionProgress()).pending.append(m.offset())
         return messages
 
+    def stalled_for(self) -> float:
+        """Seconds the oldest batch in hand has been so (0 with none): grows while a batch is retried
+        because its handler keeps failing (a dependency down) or while a handler never returns."""
+        oldest = min(self._in_hand.values(), default=None)
+        return 0.0 if oldest is None else time.monotonic() - oldest
+
     async def _handle(self, messages: list[Message], stop: asyncio.Event) -> None:
+        self._batches += 1
+        number = self._batches
+        self._in_hand[number] = time.monotonic()
         try:
             events, undecodable = self._decode_all(messages)
-            await asyncio.gather(*(self._dead_letter(msg, error) for msg, error in undecodable))
+            await asyncio.gather(*(self._dead_letter(msg, error, stop) for msg, error in undecodable))
             await self._handle_with_retry(events, messages, stop)
             self._mark_done(messages)
             self._commit_in_background()
         finally:
+            del self._in_hand[number]
             self._slots.release()
 
     def _decode_all(self, messages: list[Message]) -> tuple[list[ConsumedEvent], list[tuple[Message, Exception]]]:
@@ -358,31 +389,61 @@ class ConsumerLoop:
         if not events:
             return
         by_position = {(m.topic(), m.partition(), m.offset()): m for m in messages}
-        delay = 0.1
-        while True:
-            started = time.perf_counter()
-            try:
-                rejections = await self.handler(events)
-                break
-            except Exception as exc:
-                if stop.is_set():
-                    raise
-                # Unexpected errors stall the partition rather than dead-letter money events.
-                log.log(logging.WARNING if isinstance(exc, Transient) else logging.ERROR,
-                        "batch of %d failed, retrying in %.1fs: %s: %s", len(events), delay,
-                        type(exc).__name__, exc, exc_info=not isinstance(exc, Transient))
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 10.0)
-        HANDLE_SECONDS.labels(self.group_id).observe(time.perf_counter() - started)
+        rejections = await self._handled(events, stop, self.poison_budget)
         await asyncio.gather(*(self._dead_letter(by_position[(r.event.topic, r.event.partition, r.event.offset)],
-                                                 r.error) for r in rejections))
+                                                 r.error, stop) for r in rejections))
         rejected = {(r.event.topic, r.event.partition, r.event.offset) for r in rejections}
         outcomes = collections.Counter((e.topic, "dead_letter" if (e.topic, e.partition, e.offset) in rejected else "ok")
                                        for e in events)
         for (topic, result), n in outcomes.items():
             EVENTS_IN.labels(topic, result).inc(n)
 
-    async def _dead_letter(self, msg: Message, error: Exception) -> None:
+    async def _handled(self, events: list[ConsumedEvent], stop: asyncio.Event, attempts: int) -> list[Rejection]:
+        """The handler's rejections of `events`, once it returned. A Transient failure is retried until
+        it passes, however long that takes: the events are fine, a dependency is not. Any other failure
+        is retried until `attempts` were made, then the batch is split in two and the halves are handled
+        in turn, so that the order is kept. A half gets one attempt (its batch failed already) and an
+        event alone the whole budget again, since dead-lettering is for good: an event still failing
+        alone after that is poison and is rejected with its last error, and k of them among n cost
+        about 2·budget·k + 2k·log2(n) attempts instead of stopping the partition."""
+        failures, delay = 0, 0.1
+        while True:
+            started = time.perf_counter()
+            try:
+                rejections = await self.handler(events)
+                HANDLE_SECONDS.labels(self.group_id).observe(time.perf_counter() - started)
+                return rejections
+            except Exception as exc:
+                if stop.is_set():
+                    raise
+                transient = isinstance(exc, Transient)
+                if not transient:
+                    failures += 1
+                if failures >= attempts:
+                    error = exc
+                    break
+                # The error's text may quote an event: made safe, and no traceback (it repeats the text).
+                log.log(logging.WARNING if transient else logging.ERROR,
+                        "batch of %d failed (%s), retrying in %.1fs: %s: %s (raised at %s)", len(events),
+                        "transient" if transient else f"{failures} of {attempts} tries", delay,
+                        type(exc).__name__, untrusted(str(exc)), _where(exc))
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 10.0)
+        if len(events) == 1:
+            e = events[0]
+            log.error("%s[%d]@%d failed %d times alone, dead-lettered: %s: %s (raised at %s)", e.topic, e.partition,
+                      e.offset, attempts, type(error).__name__, untrusted(str(error)), _where(error))
+            return [Rejection(e, error)]
+        log.error("batch of %d failed %d times (%s), split to find the event that fails", len(events), attempts,
+                  type(error).__name__)
+        half = len(events) // 2
+        first, second = events[:half], events[half:]
+        return (await self._handled(first, stop, self.poison_budget if len(first) == 1 else 1)
+                + await self._handled(second, stop, self.poison_budget if len(second) == 1 else 1))
+
+    async def _dead_letter(self, msg: Message, error: Exception, stop: asyncio.Event) -> None:
+        """Publishes the message with its error to the dead-letter topic, retrying until Kafka acks
+        (the message counts as handled only then, so it is never lost between the two topics)."""
         key = msg.key()
         # The key and the error's text may quote what a hostile producer wrote: cleaned and cut before
         # they reach the dead-letter topic or a log line (the original bytes are kept as they were).
@@ -392,8 +453,19 @@ class ConsumerLoop:
                       source_offset=msg.offset(), consumer_group=self.group_id,
                       error_type=type(error).__name__, error=reason,
                       original_key=key, original_value=msg.value())
-        log.warning("dead-lettered %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), reason)
-        await self.dead_letters.publish(DEAD_LETTER, record)
+        log.warning("dead-lettered %s[%d]@%d: %s: %s", msg.topic(), msg.partition(), msg.offset(),
+                    type(error).__name__, reason)
+        delay = 0.1
+        while True:
+            try:
+                await self.dead_letters.publish(DEAD_LETTER, record)
+                return
+            except PublishError as exc:
+                if stop.is_set():
+                    raise
+                log.warning("dead letter not acknowledged, retrying in %.1fs: %s", delay, exc)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 10.0)
 
     def _mark_done(self, messages: list[Message]) -> None:
         with self._lock:

@@ -74,6 +74,12 @@ class Health:
     def add(self, name: str, check: Callable[[], bool]) -> None:
         self._checks[name] = check
 
+    def add_progress(self, name: str, stalled_for: Callable[[], float], limit_s: float) -> None:
+        """Fails while `stalled_for()` (seconds without progress) is above `limit_s`: a consumer that
+        has held the same batch that long is stuck, retrying a dependency that stays down or an event
+        it cannot handle, and its partitions' later events wait behind it. 200 would hide that."""
+        self.add(name, lambda: stalled_for() <= limit_s)
+
     def failing(self) -> list[str]:
         return [name for name, check in self._checks.items() if not check()]
 

@@ -27,6 +27,8 @@ SETTINGS = [
                    help="batches applied at once while behind (per-payment locks keep them apart)"),
     config.Setting("LEDGER_QUERY_AFTER_S", config.positive_float, 90.0, help="Pending this long: start STK queries"),
     config.Setting("LEDGER_REVIEW_AFTER_S", config.positive_float, 900.0, help="no final answer by then: Review"),
+    config.Setting("LEDGER_STALLED_AFTER_S", config.positive_float, 60.0,
+                   help="/healthz fails once the consumer has held one batch this long (retrying it)"),
     config.Setting("LEDGER_PROCESSED_RETENTION_DAYS", config.positive_float, 30.0,
                    help="processed-event ids kept this long to drop redeliveries; above the topics' retention"),
 ]
@@ -49,7 +51,9 @@ async def main(cfg: dict, stop: asyncio.Event) -> None:
                             max_in_flight=cfg["LEDGER_MAX_IN_FLIGHT"], overlap_from=OVERLAP_FROM)
     reconciler = Reconciler(pool, codec, settings, on_commit=relay.hand_over)
     retention = Retention(pool, timedelta(days=cfg["LEDGER_PROCESSED_RETENTION_DAYS"]))
-    runner = await serve_ops(Health(), cfg["METRICS_HOST"], cfg["LEDGER_METRICS_PORT"])
+    health = Health()
+    health.add_progress("ledger_consumer", consumer.stalled_for, cfg["LEDGER_STALLED_AFTER_S"])
+    runner = await serve_ops(health, cfg["METRICS_HOST"], cfg["LEDGER_METRICS_PORT"])
     quiet_garbage_collector()
     try:
         await asyncio.gather(consumer.run(stop), relay.run(stop), reconciler.run(stop), retention.run(stop))

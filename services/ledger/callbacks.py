@@ -1,18 +1,35 @@
 """Tolerant parsing of Daraja's STK callback body (daraja.md §3).
 
-Pure: bytes in, a ParsedCallback out, or CallbackParseError saying why.
+Pure: bytes in, a ParsedCallback out, or CallbackParseError saying why. CallbackParseError is the
+only exception it raises: a body is hostile until proven (anyone who learns a callback URL can post
+one), and any other exception would stop the ledger's partition instead of dead-lettering the body.
+So a body is bounded before it is parsed: its size, its nesting (checked without recursion, since
+the JSON decoder recurses once per level), and its numbers (no NaN or Infinity, no thousand-digit
+integers, an amount only as a plain decimal).
 """
 from __future__ import annotations
 
+import codecs
 import json
+import math
+import re
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from zoneinfo import ZoneInfo
 
+from services.common.text import untrusted
 from services.daraja.result_codes import SUCCESS
 
 NAIROBI = ZoneInfo("Africa/Nairobi")
+
+MAX_BODY_BYTES = 64 * 1024  # the webhook gateway refuses bigger bodies; a producer to the topic may not
+MAX_DEPTH = 16  # a genuine callback nests 6 deep (Body.stkCallback.CallbackMetadata.Item[{...}])
+MAX_NUMBER_CHARS = 40  # an MSISDN has 12 digits, a TransactionDate 14: no genuine number comes near
+# An amount as a person writes it: digits, maybe a fraction. No exponent, no NaN/Infinity/sNaN (a
+# signalling NaN raises on the first comparison), no spaces.
+PLAIN_DECIMAL = re.compile(r"-?[0-9]{1,15}(?:\.[0-9]{1,15})?")
+
 
 class CallbackParseError(ValueError):
     pass
@@ -35,10 +52,7 @@ class ParsedCallback:
 
 
 def parse_callback(body: bytes) -> ParsedCallback:
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise CallbackParseError("body is not JSON") from None
+    doc = _bounded_json(body)
     stk = doc.get("Body", {}).get("stkCallback") if isinstance(doc, dict) and isinstance(doc.get("Body"), dict) else None
     if not isinstance(stk, dict):
         raise CallbackParseError("no Body.stkCallback object")
@@ -60,6 +74,95 @@ def parse_callback(body: bytes) -> ParsedCallback:
     )
 
 
+def _bounded_json(body: bytes):
+    """The body's JSON document, refused unless small, UTF-8, shallow and finite."""
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        raise CallbackParseError("body is not bytes")
+    if len(body) > MAX_BODY_BYTES:
+        raise CallbackParseError(f"body is larger than {MAX_BODY_BYTES // 1024} KiB")
+    try:
+        # UTF-8 only (RFC 8259 §8.1), not json's guess among UTF-16/32: the nesting scan below reads
+        # characters, and a byte of a UTF-16 character must not pass for a quote or a bracket.
+        text = bytes(body).removeprefix(codecs.BOM_UTF8).decode("utf-8")
+    except UnicodeDecodeError:
+        raise CallbackParseError("body is not UTF-8") from None
+    if _nested_deeper_than(text, MAX_DEPTH):
+        raise CallbackParseError(f"JSON nested deeper than {MAX_DEPTH} levels")
+    try:
+        doc = _DECODER.decode(text)
+    except CallbackParseError:
+        raise
+    except (ValueError, RecursionError):  # RecursionError: cannot happen below MAX_DEPTH, kept as a backstop
+        raise CallbackParseError("body is not JSON") from None
+    # A NUL or a surrogate can only come from a \u escape (raw control characters are not JSON).
+    if "\\u" in text and not _strings_are_storable(doc):
+        raise CallbackParseError("body has a string PostgreSQL cannot store (NUL or a lone surrogate)")
+    return doc
+
+
+def _nested_deeper_than(text: str, limit: int) -> bool:
+    """Whether arrays/objects nest deeper than `limit`, brackets inside strings not counted. One
+    pass, no recursion; a body with few brackets at all (every genuine one) is not scanned."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
+def _refuse_constant(name: str):
+    raise CallbackParseError(f"JSON constant {name} is not a number")
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits) > MAX_NUMBER_CHARS:
+        raise CallbackParseError(f"a number of {len(digits)} digits is too long")
+    return int(digits)
+
+
+def _finite_float(text: str) -> float:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise CallbackParseError(f"a number of {len(text)} characters is too long")
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 is valid JSON and becomes inf
+        raise CallbackParseError("a number is out of range")
+    return value
+
+
+def _strings_are_storable(doc) -> bool:
+    """No NUL (PostgreSQL text cannot hold one) and no lone surrogate (not encodable as UTF-8). The
+    document is at most MAX_DEPTH deep, so this walk is bounded too."""
+    if isinstance(doc, str):
+        try:
+            doc.encode("utf-8")  # json.loads turns "\\ud800" into a lone surrogate; UTF-8 has none
+        except UnicodeEncodeError:
+            return False
+        return "\x00" not in doc
+    if isinstance(doc, dict):
+        return all(_strings_are_storable(k) and _strings_are_storable(v) for k, v in doc.items())
+    if isinstance(doc, list):
+        return all(_strings_are_storable(v) for v in doc)
+    return True
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_int=_bounded_int, parse_float=_finite_float)
+
+
 def _items_by_name(metadata) -> dict:
     """Items are read by Name, never by position; an item without Value (Balance) is skipped."""
     if not isinstance(metadata, dict) or not isinstance(metadata.get("Item"), list):
@@ -75,10 +178,10 @@ def _str_or_none(value) -> str | None:
 def _decimal(value) -> Decimal | None:
     if value is None or isinstance(value, bool):
         return None
-    try:
-        return Decimal(str(value))  # via str: never compare floats (daraja.md §3)
-    except InvalidOperation:
-        raise CallbackParseError(f"Amount {value!r} is not a number") from None
+    text = str(value)  # via str: never compare floats (daraja.md §3)
+    if not isinstance(value, (int, float, str)) or not PLAIN_DECIMAL.fullmatch(text):
+        raise CallbackParseError(f"Amount {untrusted(text, 40)!r} is not a plain decimal number")
+    return Decimal(text)
 
 
 def _phone(value) -> str | None:
@@ -95,4 +198,4 @@ def _transaction_time(value) -> datetime | None:
         fields = (text[0:4], text[4:6], text[6:8], text[8:10], text[10:12], text[12:14])
         return datetime(*map(int, fields), tzinfo=NAIROBI)  # Nairobi local time; strptime costs 5x more
     except ValueError:
-        raise CallbackParseError(f"TransactionDate {text!r} is not YYYYMMDDHHmmss") from None
+        raise CallbackParseError(f"TransactionDate {untrusted(text, 40)!r} is not YYYYMMDDHHmmss") from None

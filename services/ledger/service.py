@@ -16,8 +16,9 @@ import psycopg
 from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
 
-from services.common.avro import Codec
+from services.common.avro import Codec, DecodeError
 from services.common.kafka import ConsumedEvent, Rejection, Transient, new_event_fields
+from services.common.text import untrusted
 from services.common.topics import PAYMENT_STATUS
 from services.ledger import state_machine as sm
 from services.ledger import store
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 TRANSITIONS = Counter("ledger_transitions_total", "Payment state transitions applied", ["to_state"])
 VERDICTS = Counter("ledger_facts_total", "Facts by verdict", ["fact", "verdict"])
 ALERTS = Counter("ledger_contradictions_total", "Contradictions sent to Review (alert on any increase)", ["kind"])
+CHANNEL_MISMATCHES = Counter("ledger_channel_mismatches_total",
+                             "Events naming another channel than their payment's, rejected (alert on any)", ["topic"])
 
 
 # A batch this big means the ledger is behind: the next one may be applied beside it. Smaller batches
@@ -54,17 +57,23 @@ class Ledger:
 
     async def handle_batch(self, events: list[ConsumedEvent]) -> list[Rejection]:
         try:
-            return await self._apply_refusing_alone(events)
-        except psycopg.OperationalError as exc:
-            raise Transient(f"database unavailable: {exc}") from exc
+            rejections = await self._apply_refusing_alone(events)
+        except psycopg.Error as exc:  # the database's own trouble, not an event's: see _is_the_events_fault
+            raise Transient(f"database error no event caused: {type(exc).__name__}: {untrusted(str(exc))}") from exc
+        for r in rejections:
+            if not isinstance(r.error, (NotAFact, CallbackParseError)):  # those say why; the rest may be a bug
+                _log_poison(r.event, r.error)
+        return rejections
 
     async def _apply_refusing_alone(self, events: list[ConsumedEvent]) -> list[Rejection]:
-        """An event the database refuses must not block the rest of its batch: the halves are
+        """An event that cannot be applied must not block the rest of its batch: the halves are
         applied in turn (keeping the order) until it stands alone, so k bad events among n cost
-        about 2k·log2(n) transactions, not n."""
+        about 2k·log2(n) transactions, not n. Alone, it is rejected (dead-lettered) with its error."""
         try:
             return await self._apply_in_one_transaction(events)
-        except (psycopg.IntegrityError, psycopg.DataError) as exc:
+        except Exception as exc:
+            if isinstance(exc, Transient) or not _is_the_events_fault(exc):
+                raise
             if len(events) == 1:
                 return [Rejection(events[0], exc)]
         half = len(events) // 2
@@ -76,7 +85,7 @@ class Ledger:
         for e in unique:
             try:
                 facts.append((e, *fact_of(e)))
-            except (NotAFact, CallbackParseError) as exc:
+            except Exception as exc:  # fact_of is pure: whatever it raises is this event's fault
                 rejections.append(Rejection(e, exc))  # dead-lettered with its reason; payment untouched
         async with self.pool.connection() as conn, conn.transaction():
             batch = FactBatch(conn, self.codec, self.settings)
@@ -86,9 +95,32 @@ class Ledger:
                 if e.value["event_id"] in fresh:
                     await batch.apply(e, payment_id, fact)
             await batch.flush()
-        batch.committed(self.on_commit)
+        try:
+            batch.committed(self.on_commit)
+        except Exception:  # never blamed on the events, which are applied: the relay's scan sends the outbox
+            log.exception("after-commit work failed")
         VERDICTS.labels("replay", "duplicate").inc(len(events) - len(fresh))
         return [r for r in rejections if r.event.value["event_id"] in fresh]
+
+
+def _is_the_events_fault(exc: Exception) -> bool:
+    """Whether an exception raised while applying a batch can be blamed on one of its events, which
+    is then isolated and dead-lettered. The database refusing a value (a constraint, a malformed
+    value) is; so is any other error of ours (TypeError, ArithmeticError...) raised by what an event
+    carries. Every other database error is not: the connection or the server is down, or our SQL,
+    schema or grants are wrong (a missing GRANT is a ProgrammingError). Each event would fail the
+    same way, and dead-lettering them all would turn a bad deploy into a pile of events to replay:
+    the consumer retries instead and readiness reports the stall."""
+    if isinstance(exc, psycopg.Error):
+        return isinstance(exc, (psycopg.IntegrityError, psycopg.DataError))
+    return True
+
+
+def _log_poison(event: ConsumedEvent, exc: Exception) -> None:
+    """The error's type and where the event sits; its text may quote the event, so it is made safe."""
+    log.error("event %s[%d]@%d cannot be applied, dead-lettered: %s: %s", event.topic, event.partition,
+              event.offset, type(exc).__name__, untrusted(str(exc)),
+              extra={"event_id": untrusted(event.value.get("event_id"), 64)})
 
 
 class FactBatch:
@@ -115,22 +147,52 @@ class FactBatch:
         processed; returns the ids of those that were not already."""
         start = await store.open_batch(self.conn, list(events), payment_ids, list(receipts))
         self.payments.update({pid: start.payments.get(pid) for pid in payment_ids})
-        self.parked = {pid: [self._parked_event(*row) for row in rows]
+        self.parked = {pid: self._parked_events(rows)
                        for pid, rows in start.parked.items() if start.payments.get(pid) is None}
         self.receipts = start.receipts
         return start.fresh_events
 
-    def _parked_event(self, event_id: str, topic: str, payload: bytes) -> ConsumedEvent:
-        schema, value = self.codec.decode(payload)
-        return ConsumedEvent(topic, -1, -1, None, schema, value, payload)
+    def _parked_events(self, rows: list[tuple[str, str, bytes]]) -> list[ConsumedEvent]:
+        events = []
+        for event_id, topic, payload in rows:
+            try:
+                schema, value = self.codec.decode(payload)
+            except DecodeError as exc:  # left parked and shown by the gauges (see _unpark)
+                log.error("parked fact %s cannot be decoded, left parked: %s", event_id, untrusted(str(exc)))
+                continue
+            events.append(ConsumedEvent(topic, -1, -1, None, schema, value, payload))
+        return events
 
     def set(self, payment_id: str, changes: dict) -> None:
         self.payments[payment_id].update(changes)
         self.dirty.add(payment_id)
 
     async def apply(self, event: ConsumedEvent, payment_id: str, fact: sm.Fact) -> None:
+        await self._record(event, payment_id, fact, self._decide(event, payment_id, fact))
+
+    def _decide(self, event: ConsumedEvent, payment_id: str, fact: sm.Fact) -> sm.Decision:
         row = self.payments.get(payment_id)
-        decision = self._receipt_checked(payment_id, sm.decide(_snapshot(row), fact))
+        claimed = event.value.get("channel_id")  # the reconciler's own facts name none
+        if row is not None and claimed is not None and claimed != row["channel_id"]:
+            return self._other_channel(event, payment_id, row)
+        return self._receipt_checked(payment_id, sm.decide(_snapshot(row), fact))
+
+    def _other_channel(self, event: ConsumedEvent, payment_id: str, row: dict) -> sm.Decision:
+        """An event that names another channel than its payment's changes nothing. It is rejected
+        here, with an audit entry on the payment, rather than dead-lettered: it is not unreadable
+        (replaying it would only be rejected again) but a sign of a misrouted or forged event
+        (a callback posted under channel A for channel B's payment, a producer's bug), and the
+        operator looking into that payment finds it in the payment's own audit trail, next to the
+        facts it tried to contradict; the metric and the log line make it alertable."""
+        self.counts[(CHANNEL_MISMATCHES, event.topic)] += 1
+        # Both foreign: a request produced straight to the topic chose its payment's channel id too.
+        claimed, owner = untrusted(event.value["channel_id"], 64), untrusted(row["channel_id"], 64)
+        log.warning("%s event names channel %s, its payment is %s's: rejected", event.schema, claimed, owner,
+                    extra={"payment_id": payment_id})
+        return sm.rejected(f"event for channel {claimed}, but the payment belongs to {owner}")
+
+    async def _record(self, event: ConsumedEvent, payment_id: str, fact: sm.Fact, decision: sm.Decision) -> None:
+        row = self.payments.get(payment_id)
         self.counts[(VERDICTS, type(fact).__name__, decision.verdict.value)] += 1
         self._audit(payment_id, event.value["event_id"], fact, decision, row)
         if decision.verdict is sm.Verdict.PARKED:
@@ -185,10 +247,19 @@ class FactBatch:
     async def _unpark(self, payment_id: str) -> None:
         for early in self.parked.pop(payment_id, []):
             event_id = early.value["event_id"]
+            try:
+                _, fact = fact_of(early)
+                decision = self._decide(early, payment_id, fact)
+            except Exception as exc:
+                # Read and parked by an earlier version, unreadable now: blaming the request being
+                # applied would dead-letter the payment itself. The fact stays parked, where the
+                # parked-fact gauges show it to an operator.
+                log.error("parked fact %s cannot be applied, left parked: %s", event_id, type(exc).__name__,
+                          extra={"payment_id": payment_id})
+                continue
             if self.to_park.pop(event_id, None) is None:  # parked by an earlier batch: delete the row
                 self.unparked.append(event_id)
-            _, fact = fact_of(early)
-            await self.apply(early, payment_id, fact)
+            await self._record(early, payment_id, fact, decision)
 
     def _audit(self, payment_id: str, event_id: str | None, fact: sm.Fact, d: sm.Decision, row: dict | None) -> None:
         before = row["state"] if row else None

@@ -40,6 +40,8 @@ SETTINGS = [
     config.Setting("STK_MAX_IN_FLIGHT", config.positive_int, 400, help="Daraja calls in flight at once"),
     config.Setting("STK_RATE_PER_SHORTCODE", config.positive_float, 50.0, help="pushes+queries per second per shortcode"),
     config.Setting("STK_MAX_ATTEMPTS", config.positive_int, 4, help="tries of a push Daraja did not act on"),
+    config.Setting("STK_WORKER_STALLED_AFTER_S", config.positive_float, 300.0,
+                   help="/healthz fails once a consumer has held one batch this long (retrying it)"),
 ]
 BATCH = 100
 
@@ -72,7 +74,10 @@ async def main(cfg: dict, stop: asyncio.Event) -> None:
                      topics=[STK_QUERY_REQUESTED], codec=codec, handler=per_event(querier.handle, is_transient),
                      dead_letters=producer, max_batch=BATCH, max_in_flight=2),
     ]
-    runner = await serve_ops(Health(), cfg["METRICS_HOST"], cfg["STK_WORKER_METRICS_PORT"])
+    health = Health()
+    for name, loop in zip(("stk_push_consumer", "stk_query_consumer"), loops):
+        health.add_progress(name, loop.stalled_for, cfg["STK_WORKER_STALLED_AFTER_S"])
+    runner = await serve_ops(health, cfg["METRICS_HOST"], cfg["STK_WORKER_METRICS_PORT"])
     try:
         await asyncio.gather(*(loop.run(stop) for loop in loops))
     finally:

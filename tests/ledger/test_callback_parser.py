@@ -51,3 +51,89 @@ def test_unparseable_bodies_say_why(body, why):
 def test_a_transaction_date_not_exactly_yyyymmddhhmmss_is_refused(date):
     with pytest.raises(CallbackParseError, match="TransactionDate"):
         parse_callback(success("ws_CO_7").replace(b"20261127102115", date))
+
+
+# --- Bounds: a body posted by whoever learned a callback URL must never raise anything else ------
+
+def with_amount(raw_json_value: bytes) -> bytes:
+    """A genuine success whose Amount is the given JSON text, as an attacker would write it."""
+    return success("ws_CO_8", amount=100).replace(b"100.0", raw_json_value, 1)
+
+
+def test_a_body_over_64_kib_is_refused_even_when_it_is_a_genuine_callback():
+    genuine = success("ws_CO_9")
+    assert parse_callback(genuine + b" " * (64 * 1024 - len(genuine))).receipt == "NLJ7RT61SV"  # at the bound
+    with pytest.raises(CallbackParseError, match="larger than 64 KiB"):
+        parse_callback(genuine + b" " * (64 * 1024 - len(genuine) + 1))
+
+
+@pytest.mark.parametrize("depth", [1000, 30000])  # the decoder recurses once per level: 1000 was a RecursionError
+def test_deeply_nested_json_is_refused_as_too_deep(depth):
+    body = b'{"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_10", "ResultCode": 0, "x": ' + \
+        b"[" * depth + b"]" * depth + b"}}}"
+    with pytest.raises(CallbackParseError, match="nested deeper than 16"):
+        parse_callback(body)
+
+
+def test_nesting_is_counted_outside_strings_only_and_up_to_the_bound():
+    doc = json.loads(success("ws_CO_11"))
+    doc["Body"]["stkCallback"]["ResultDesc"] = "[{" * 500  # brackets in a string are text
+    doc["Body"]["stkCallback"]["Extra"] = json.loads("[" * 13 + "]" * 13)  # 3 + 13 = 16 levels: allowed
+    assert parse_callback(json.dumps(doc).encode()).result_desc == "[{" * 500
+    doc["Body"]["stkCallback"]["Extra"] = [doc["Body"]["stkCallback"]["Extra"]]  # 17
+    with pytest.raises(CallbackParseError, match="nested deeper"):
+        parse_callback(json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize("amount", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_finite_json_constants_are_refused(amount):
+    with pytest.raises(CallbackParseError, match=f"constant {amount.decode()} is not a number"):
+        parse_callback(with_amount(amount))
+
+
+@pytest.mark.parametrize("amount, why", [
+    (b"1e999", "out of range"),  # valid JSON, a float('inf') once read
+    (b"1" * 41, "41 digits is too long"),
+    (b"1" * 5000, "5000 digits is too long"),  # above Python's int-from-text limit too
+    (b"0." + b"0" * 60 + b"1", "characters is too long"),
+])
+def test_huge_numbers_are_refused(amount, why):
+    with pytest.raises(CallbackParseError, match=why):
+        parse_callback(with_amount(amount))
+
+
+@pytest.mark.parametrize("amount", [b'"NaN"', b'"sNaN"', b'"Infinity"', b'"-inf"', b'"1e2"', b'" 100"', b'"0x64"',
+                                    b'"100.00\\n"', b'"\xd9\xa1\xd9\xa0\xd9\xa0"', b"1e16", b"[100]", b'{"v": 100}'])
+def test_an_amount_that_is_not_a_plain_decimal_is_refused(amount):
+    # Decimal("sNaN") used to pass, and raised InvalidOperation at the first comparison in the decision.
+    with pytest.raises(CallbackParseError, match="Amount .* is not a plain decimal number"):
+        parse_callback(with_amount(amount))
+
+
+@pytest.mark.parametrize("amount, expected", [(b"100.0", "100.0"), (b"100", "100"), (b'"100.00"', "100.00"),
+                                              (b"-5", "-5"), (b"0.5", "0.5")])
+def test_plain_decimal_amounts_read_as_before(amount, expected):
+    assert parse_callback(with_amount(amount)).amount == Decimal(expected)
+
+
+def test_the_reason_quoting_a_hostile_amount_is_made_safe():
+    with pytest.raises(CallbackParseError) as refused:
+        parse_callback(with_amount(b'"1\\n{\\"level\\":\\"info\\"}\\u001b[2J' + b"x" * 500 + b'"'))
+    reason = str(refused.value)
+    assert "\n" not in reason and "\x1b" not in reason and len(reason) < 120
+
+
+@pytest.mark.parametrize("body, why", [
+    ("\ufeff".encode() + success("ws_CO_12"), None),  # a UTF-8 byte order mark is read, as before
+    (success("ws_CO_12").decode().encode("utf-16"), "not UTF-8"),  # RFC 8259 §8.1: UTF-8 between systems
+    (b'{"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_\\u0000", "ResultCode": 0}}}', "NUL"),
+    (b'{"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_\\ud800", "ResultCode": 0}}}', "surrogate"),
+    (b"\xff\xfe\x00", "not UTF-8"),
+    ("not bytes", "not bytes"),
+])
+def test_text_that_could_not_be_stored_or_scanned_is_refused(body, why):
+    if why is None:
+        assert parse_callback(body).checkout_request_id == "ws_CO_12"
+    else:
+        with pytest.raises(CallbackParseError, match=why):
+            parse_callback(body)

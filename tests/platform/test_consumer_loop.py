@@ -161,3 +161,134 @@ async def test_a_batch_published_together_arrives_in_order(kafka_bootstrap, code
     producer.close()
     messages = read_all(kafka_bootstrap, topic.name, lambda m: True, expected=50)
     assert [codec.decode(m.value())[1]["event_id"] for m in messages] == [r["event_id"] for r in records]
+
+
+async def test_an_event_that_keeps_failing_is_dead_lettered_after_the_budget_and_the_rest_is_handled_in_order(
+        kafka_bootstrap, codec, producer, unique):
+    topic = own_topic(kafka_bootstrap, unique)
+    channel = f"ch-{unique}"  # one key: one partition, one order
+    events = [sample_request(channel, str(uuid.uuid4())) for _ in range(12)]
+    poison = events[7]
+    mark = end_offsets(kafka_bootstrap, DEAD_LETTER.name)
+    await producer.publish_many([(topic, channel.encode(), codec.encode(topic.schema, e)) for e in events])
+    seen, tries_alone = [], 0
+
+    async def all_or_nothing(batch):  # like a handler that applies a batch in one transaction
+        nonlocal tries_alone
+        if any(e.value["event_id"] == poison["event_id"] for e in batch):
+            tries_alone += len(batch) == 1
+            raise RuntimeError("unexpected\nfailure\x1b[2J")
+        seen.extend(batch)
+        return []
+
+    loop = ConsumerLoop(bootstrap=kafka_bootstrap, group_id=f"g-{unique}", topics=[topic], codec=codec,
+                        handler=all_or_nothing, dead_letters=producer, poll_timeout=0.1, poison_budget=3)
+    await run_until(loop, lambda: len(seen) == 11, timeout=60)
+
+    assert [e.value["event_id"] for e in seen] == [e["event_id"] for e in events if e is not poison]
+    assert tries_alone == 3  # the whole budget again before an event is given up for good
+    letters = read_all(kafka_bootstrap, DEAD_LETTER.name,
+                       lambda m: codec.decode(m.value())[1]["source_topic"] == topic.name, expected=1, since=mark)
+    records = [codec.decode(m.value())[1] for m in letters]
+    assert [(r["error_type"], r["error"], r["original_value"]) for r in records] == [
+        ("RuntimeError", "unexpected\\u000afailure\\u001b[2J", codec.encode(topic.schema, poison))]
+    again = []  # handled and dead-lettered count as done: committed, not delivered again
+    await producer.publish(topic, sample_request(channel, str(uuid.uuid4())))
+    await run_until(recording_loop(kafka_bootstrap, f"g-{unique}", topic, codec, producer, again), lambda: again)
+    assert len(again) == 1
+
+
+async def test_transient_failures_never_use_up_the_poison_budget(kafka_bootstrap, codec, producer, unique):
+    topic = own_topic(kafka_bootstrap, unique)
+    event = sample_request(f"ch-{unique}", str(uuid.uuid4()))
+    mark = end_offsets(kafka_bootstrap, DEAD_LETTER.name)
+    await producer.publish(topic, event)
+    attempts, seen = [], []
+
+    async def dependency_down_for_a_while(events):
+        attempts.append(len(events))
+        if len(attempts) <= 5:
+            raise Transient("database restarting")
+        seen.extend(events)
+        return []
+
+    loop = ConsumerLoop(bootstrap=kafka_bootstrap, group_id=f"g-{unique}", topics=[topic], codec=codec,
+                        handler=dependency_down_for_a_while, dead_letters=producer, poll_timeout=0.1,
+                        poison_budget=1)
+    await run_until(loop, lambda: seen, timeout=60)
+    assert len(attempts) == 6 and [e.value["event_id"] for e in seen] == [event["event_id"]]
+    assert read_all(kafka_bootstrap, DEAD_LETTER.name, lambda m: codec.decode(m.value())[1]["source_topic"] == topic.name,
+                    expected=1, since=mark, timeout_polls=4) == []
+
+
+async def test_per_event_reports_a_transient_error_as_transient_so_it_is_never_dead_lettered():
+    """The STK worker's adapter: a dependency error its is_transient recognises (Kafka, the database)
+    must reach the loop as Transient, or the poison budget would dead-letter a payment request."""
+    from services.common.kafka import ConsumedEvent, per_event
+
+    async def handle(event):
+        if event.offset == 1:
+            raise ConnectionResetError("database connection lost")
+        if event.offset == 2:
+            raise ValueError("not a payment")
+
+    handler = per_event(handle, is_transient=lambda exc: isinstance(exc, ConnectionResetError))
+    events = [ConsumedEvent("t", 0, n, None, "payment_requested", {}) for n in range(3)]
+    with pytest.raises(Transient, match="ConnectionResetError") as raised:
+        await handler(events)
+    assert isinstance(raised.value.__cause__, ConnectionResetError)
+    rejections = await handler([events[0], events[2]])
+    assert [(r.event.offset, type(r.error).__name__) for r in rejections] == [(2, "ValueError")]
+
+
+@pytest.mark.parametrize("stuck", ["retrying", "hanging"])
+async def test_readiness_fails_naming_a_consumer_that_holds_one_batch_too_long(kafka_bootstrap, codec, producer,
+                                                                                unique, stuck):
+    import httpx
+    from services.common.observability import Health, serve_ops
+    from tests.conftest import eventually, free_port
+
+    topic = own_topic(kafka_bootstrap, unique)
+    released, seen = asyncio.Event(), []
+
+    async def until_released(events):
+        if stuck == "hanging":
+            await released.wait()
+        elif not released.is_set():
+            raise Transient("database down")
+        seen.extend(events)
+        return []
+
+    loop = ConsumerLoop(bootstrap=kafka_bootstrap, group_id=f"g-{unique}", topics=[topic], codec=codec,
+                        handler=until_released, dead_letters=producer, poll_timeout=0.1)
+    health = Health()
+    health.add_progress("test_consumer", loop.stalled_for, limit_s=1.0)
+    port = free_port()
+    runner = await serve_ops(health, "127.0.0.1", port)
+    stop = asyncio.Event()
+    running = asyncio.create_task(loop.run(stop))
+
+    async def healthz():
+        async with httpx.AsyncClient() as http:
+            answer = await http.get(f"http://127.0.0.1:{port}/healthz")
+        return answer.status_code, answer.json()
+
+    try:
+        await asyncio.sleep(2)
+        assert await healthz() == (200, {"status": "ok", "failing": []})  # idle is not stalled
+        await producer.publish(topic, sample_request(f"ch-{unique}", str(uuid.uuid4())))
+        assert await eventually(lambda: _answer_is(healthz, 503), timeout=30) == (
+            503, {"status": "fail", "failing": ["test_consumer"]})
+        released.set()
+        await eventually(lambda: _answer_is(healthz, 200), timeout=30)
+        assert len(seen) == 1
+    finally:
+        released.set()
+        stop.set()
+        await asyncio.wait_for(running, 30)
+        await runner.cleanup()
+
+
+async def _answer_is(healthz, status):
+    answer = await healthz()
+    return answer if answer[0] == status else None
