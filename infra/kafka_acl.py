@@ -12,45 +12,26 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.common.topics import (CALLBACK_RAW, CALLBACK_REJECTED, DEAD_LETTER, PAYMENT_REQUESTED,  # noqa: E402
-                                    PAYMENT_STATUS, STK_PUSH_RESULT, STK_QUERY_REQUESTED, STK_QUERY_RESULT, Topic)
+from services.common.topics import ACCESS, Access  # noqa: E402
+
+# Who may do what is declared once, beside the topics (services.common.topics.ACCESS). Every topic a
+# principal touches it may also describe and create: services create missing topics at start, and
+# a topic that exists cannot be created twice, so Create gives nothing more.
+GRANTS: dict[str, Access] = ACCESS
 
 
-@dataclass(frozen=True)
-class Grants:
-    """Topics a principal reads and writes, and the prefix of its consumer groups. Every topic it
-    touches it may also describe and create (services create missing topics at start; a topic that
-    exists cannot be created twice, so Create gives nothing more)."""
-    reads: tuple[Topic, ...] = ()
-    writes: tuple[Topic, ...] = ()
-    group_prefix: str | None = None
-
-
-# README's topic table, checked against each service's code. Every consumer may write the
-# dead-letter topic (ConsumerLoop sets undecodable and rejected events aside there).
-GRANTS: dict[str, Grants] = {
-    "ingress": Grants(writes=(PAYMENT_REQUESTED,)),
-    "webhook-gateway": Grants(writes=(CALLBACK_RAW, CALLBACK_REJECTED)),
-    "stk-worker": Grants(reads=(PAYMENT_REQUESTED, STK_QUERY_REQUESTED),
-                         writes=(STK_PUSH_RESULT, STK_QUERY_RESULT, DEAD_LETTER), group_prefix="stk-worker"),
-    "ledger": Grants(reads=(PAYMENT_REQUESTED, STK_PUSH_RESULT, CALLBACK_RAW, STK_QUERY_RESULT),
-                     writes=(PAYMENT_STATUS, STK_QUERY_REQUESTED, DEAD_LETTER), group_prefix="ledger"),
-}
-
-
-def bindings(principal: str, grants: Grants) -> set:
+def bindings(principal: str, grants: Access) -> set:
     from confluent_kafka.admin import AclBinding, AclOperation, AclPermissionType, ResourcePatternType, ResourceType
 
     def allow(rtype, name, operation, pattern=ResourcePatternType.LITERAL):
         return AclBinding(rtype, name, pattern, f"User:{principal}", "*", operation, AclPermissionType.ALLOW)
 
     wanted = set()
-    for topic in {*grants.reads, *grants.writes}:
+    for topic in grants.topics:
         wanted |= {allow(ResourceType.TOPIC, topic.name, AclOperation.DESCRIBE),
                    allow(ResourceType.TOPIC, topic.name, AclOperation.CREATE)}
     wanted |= {allow(ResourceType.TOPIC, t.name, AclOperation.READ) for t in grants.reads}

@@ -21,3 +21,28 @@ DEAD_LETTER = Topic("mpesa.dead-letter.v1", "dead_letter")
 
 ALL_TOPICS = (PAYMENT_REQUESTED, STK_PUSH_RESULT, CALLBACK_RAW, CALLBACK_REJECTED, STK_QUERY_REQUESTED,
               STK_QUERY_RESULT, PAYMENT_STATUS, DEAD_LETTER)
+
+
+@dataclass(frozen=True)
+class Access:
+    """What one service's Kafka principal reads and writes, and the prefix of its consumer groups."""
+    reads: tuple[Topic, ...] = ()
+    writes: tuple[Topic, ...] = ()
+    group_prefix: str | None = None
+
+    @property
+    def topics(self) -> tuple[Topic, ...]:
+        return tuple(dict.fromkeys((*self.reads, *self.writes)))
+
+
+# README's topic table, per service principal. Every consumer writes the dead-letter topic
+# (ConsumerLoop sets events it cannot read or apply aside there). infra/kafka_acl.py turns this
+# into the broker's ACLs, and each service creates only these topics at start.
+ACCESS = {
+    "ingress": Access(writes=(PAYMENT_REQUESTED,)),
+    "webhook-gateway": Access(writes=(CALLBACK_RAW, CALLBACK_REJECTED)),
+    "stk-worker": Access(reads=(PAYMENT_REQUESTED, STK_QUERY_REQUESTED),
+                         writes=(STK_PUSH_RESULT, STK_QUERY_RESULT, DEAD_LETTER), group_prefix="stk-worker"),
+    "ledger": Access(reads=(PAYMENT_REQUESTED, STK_PUSH_RESULT, CALLBACK_RAW, STK_QUERY_RESULT),
+                     writes=(PAYMENT_STATUS, STK_QUERY_REQUESTED, DEAD_LETTER), group_prefix="ledger"),
+}

@@ -4,8 +4,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from services.common import config
+from services.common.kafka import ensure_topics
 from services.common.observability import Health, serve
 from services.common.runtime import quiet_garbage_collector, run_service
+from services.common.topics import ACCESS
 from services.webhook_consumer.app import GatewayDeps, create_app, gateway_producer
 from services.webhook_consumer.settings import SETTINGS, GatewaySettings
 
@@ -16,6 +19,8 @@ async def main(cfg: dict, stop: asyncio.Event) -> None:
     settings = GatewaySettings.from_config(cfg)
     if not settings.allowed_sources:
         log.warning("WEBHOOK_ALLOWED_SOURCES is empty: callbacks are accepted from any address")
+    # Its own topics, as every service creates the ones it uses (callback.rejected has no other writer).
+    ensure_topics(cfg["KAFKA_BOOTSTRAP_SERVERS"], ACCESS["webhook-gateway"].topics, cfg["KAFKA_TOPIC_PARTITIONS"])
     producer = gateway_producer(cfg["KAFKA_BOOTSTRAP_SERVERS"], settings)
     app = create_app(GatewayDeps(producer), settings, Health())
     quiet_garbage_collector()
@@ -29,4 +34,4 @@ async def main(cfg: dict, stop: asyncio.Event) -> None:
 
 
 if __name__ == "__main__":
-    run_service("webhook-gateway", SETTINGS, main)
+    run_service("webhook-gateway", [*SETTINGS, config.TOPIC_PARTITIONS], main)
