@@ -2,20 +2,22 @@
 (services.common.topics.ACCESS, applied by infra/kafka_acl.py), and nobody gets in without a login."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import uuid
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, ScramMechanism, UserScramCredentialDeletion
 
-from services.common.avro import Codec
 from services.common.config import ConfigError, kafka_client_config
-from services.common.kafka import client_config
-from services.common.topics import (ACCESS, CALLBACK_RAW, PAYMENT_REQUESTED, PAYMENT_STATUS, STK_PUSH_RESULT,
-                                    STK_QUERY_REQUESTED, STK_QUERY_RESULT, ALL_TOPICS)
-from tests.conftest import kafka_login
-from tests.platform.kafka_helpers import sample_request
+from services.common.kafka import ConsumerLoop, client_config, ensure_topics, per_event
+from services.common.topics import (ACCESS, ALL_TOPICS, CALLBACK_RAW, DEAD_LETTER, PAYMENT_REQUESTED, PAYMENT_STATUS,
+                                    STK_PUSH_RESULT, STK_QUERY_REQUESTED, STK_QUERY_RESULT, parse_upstream_producers,
+                                    upstream_requested_topic)
+from services.ingress.upstream import UpstreamReauthoriser, is_transient as upstream_is_transient
+from tests.conftest import ROOT, kafka_login
+from tests.platform.kafka_helpers import end_offsets, read_all, run_until, sample_request
 
 PIPELINE_TOPICS = sorted(t.name for t in ALL_TOPICS)
 
@@ -136,3 +138,82 @@ def test_bad_client_settings_are_refused_by_name(env, message):
     assert message in str(raised.value)
     if "KAFKA_CLIENT_SASL_PASSWORD" in env:
         assert "s3cret-value" not in str(raised.value).replace("/nonexistent/s3cret-value", "")
+
+
+# Upstream producers: a topic of their own, re-authorised per channel by the ingress.
+
+def load_kafka_acl():
+    spec = importlib.util.spec_from_file_location("kafka_acl", ROOT / "infra" / "kafka_acl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def upstream_principal(infra, unique, tmp_path):
+    """A principal made for the test the way infra/kafka_acl.py makes every upstream producer's."""
+    kafka_acl, principal = load_kafka_acl(), f"up-{unique}"
+    password = tmp_path / f"kafka-{principal}.password"
+    password.write_text(uuid.uuid4().hex)
+    admin = AdminClient(client_config({"bootstrap.servers": infra["KAFKA_BOOTSTRAP_SERVERS"]}))
+    kafka_acl.converge(admin, {principal: kafka_acl.upstream_access(principal)}, {principal: password.read_text()})
+    ensure_topics(infra["KAFKA_BOOTSTRAP_SERVERS"], [upstream_requested_topic(principal)], 1)
+    login = {"KAFKA_CLIENT_SASL_USERNAME": principal, "KAFKA_CLIENT_SASL_PASSWORD_FILE": str(password)}
+    yield principal, login
+    admin.alter_user_scram_credentials([UserScramCredentialDeletion(principal, ScramMechanism.SCRAM_SHA_512)])
+
+
+def produce_as(infra, login: dict[str, str], topic: str, value: bytes) -> KafkaError | None:
+    producer = Producer(client_config({"bootstrap.servers": infra["KAFKA_BOOTSTRAP_SERVERS"], "acks": "all",
+                                       "delivery.timeout.ms": 10_000}, {**os.environ, **login}))
+    errors = []
+    producer.produce(topic, key=b"k", value=value, on_delivery=lambda err, msg: errors.append(err))
+    producer.flush(15)
+    return errors[0]
+
+
+async def test_an_upstream_producer_reaches_payment_requested_only_for_its_channels(
+        infra, codec, producer, unique, upstream_principal):
+    principal, login = upstream_principal
+    own_topic = upstream_requested_topic(principal).name
+    mine, other = f"shop-{unique}", f"other-{unique}"
+    allowed, forbidden = sample_request(mine, str(uuid.uuid4())), sample_request(other, str(uuid.uuid4()))
+    requested_mark = end_offsets(infra["KAFKA_BOOTSTRAP_SERVERS"], PAYMENT_REQUESTED.name)
+    dead_mark = end_offsets(infra["KAFKA_BOOTSTRAP_SERVERS"], DEAD_LETTER.name)
+
+    # Only its own topic takes its writes: not payment.requested, not another producer's topic.
+    for topic in (PAYMENT_REQUESTED.name, upstream_requested_topic("someone-else").name):
+        err = produce_as(infra, login, topic, codec.encode(PAYMENT_REQUESTED.schema, allowed))
+        assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, (topic, err)
+    for request in ({**allowed, "source": "API"}, forbidden):  # it may claim to be the API; it is not
+        assert produce_as(infra, login, own_topic, codec.encode(PAYMENT_REQUESTED.schema, request)) is None
+
+    reauthoriser = UpstreamReauthoriser({principal: frozenset({mine})}, producer)
+    passed = []
+    loop = ConsumerLoop(bootstrap=infra["KAFKA_BOOTSTRAP_SERVERS"], group_id=f"ingress-upstream-{unique}",
+                        topics=reauthoriser.topics, codec=codec, dead_letters=producer, poll_timeout=0.1,
+                        handler=per_event(reauthoriser.handle, upstream_is_transient))
+    letters = []
+
+    def both_seen() -> bool:
+        passed[:] = read_all(infra["KAFKA_BOOTSTRAP_SERVERS"], PAYMENT_REQUESTED.name,
+                             lambda m: m.key() in (mine.encode(), other.encode()), 1, requested_mark, 1)
+        letters[:] = read_all(infra["KAFKA_BOOTSTRAP_SERVERS"], DEAD_LETTER.name,
+                              lambda m: codec.decode(m.value())[1]["source_topic"] == own_topic, 1, dead_mark, 1)
+        return bool(passed and letters)
+
+    await run_until(loop, both_seen, timeout=60)
+    assert [codec.decode(m.value())[1]["payment_id"] for m in passed] == [allowed["payment_id"]]
+    assert codec.decode(passed[0].value())[1]["source"] == "TOPIC"
+    [letter] = [codec.decode(m.value())[1] for m in letters]
+    assert letter["error_type"] == "NotAllowed" and other in letter["error"]
+
+
+def test_upstream_producers_are_parsed_strictly():
+    assert parse_upstream_producers(" shop-erp:shop-1, shop-2 ; partner:shop-3") == {
+        "shop-erp": frozenset({"shop-1", "shop-2"}), "partner": frozenset({"shop-3"})}
+    assert parse_upstream_producers("") == {}
+    for bad in ("shop-erp", "shop.erp:shop-1", "ledger:shop-1", "admin:shop-1", "a:shop-1;a:shop-2", "a:",
+                "a:Shop-1", "a:shop-1\n,shop-2\nx"):
+        with pytest.raises(ValueError):
+            parse_upstream_producers(bad)
