@@ -61,7 +61,8 @@ def apply(secrets_dir: Path) -> None:
     from services.common.config import kafka_client_config
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({**kafka_client_config(), "bootstrap.servers": os.environ["KAFKA_BOOTSTRAP_SERVERS"]})
+    admin = AdminClient({**kafka_client_config(), "bootstrap.servers": os.environ["KAFKA_BOOTSTRAP_SERVERS"],
+                         "log_level": 4})  # librdkafka notices on closing are noise here
     wanted = grants()
     added, removed, total = converge(admin, wanted, {p: (secrets_dir / f"kafka-{p}.password").read_text().strip()
                                                      for p in wanted})
