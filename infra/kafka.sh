@@ -77,7 +77,7 @@ client_env() {
 secret() {
   local f="$SECRETS/kafka-$1.password"
   if [[ ! -s $f ]]; then
-    (umask 077 && mkdir -p "$SECRETS" && openssl rand -hex 24 >"$f.tmp" && mv "$f.tmp" "$f")
+    (umask 077 && mkdir -p "$SECRETS" && od -An -N24 -tx1 /dev/urandom | tr -d ' \n' >"$f.tmp" && mv "$f.tmp" "$f")
   fi
   cat "$f"
 }
@@ -88,7 +88,6 @@ make_tls() {
   # Kept while the keystore still opens with the password on file (gone if .local/secrets was wiped).
   [[ -s $TLS/ca.crt ]] && openssl pkcs12 -in "$TLS/broker.p12" -passin "file:$SECRETS/kafka-keystore.password" \
     -noout 2>/dev/null && return
-  command -v openssl >/dev/null || die "openssl not found (apt-get install openssl)"
   log "kafka: creating a local CA and broker certificate in $TLS"
   rm -rf "$TLS.tmp"
   (
@@ -200,6 +199,7 @@ start() {
   port_open "$PORT" && die "port $PORT is taken by another process (set KAFKA_PORT)"
   port_open "$CPORT" && die "port $CPORT is taken by another process (set KAFKA_CONTROLLER_PORT)"
   command -v java >/dev/null || die "java not found (JDK 17+ needed)"
+  command -v openssl >/dev/null || die "openssl not found (apt-get install openssl): it makes the local CA"
   fetch_libs
   # The broker and admin SCRAM users are written into the storage at format time (the only way
   # in before the broker runs), from their password files: data without those files was formatted
