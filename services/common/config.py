@@ -140,11 +140,9 @@ LOG_LEVEL = Setting("LOG_LEVEL", lambda v: choice(v.upper(), "DEBUG", "INFO", "W
 # Kafka client settings (librdkafka's own names) pass through the environment as a family of
 # variables rather than one Setting each: any of librdkafka's properties can be set without a code
 # change (TLS, SASL, timeouts...). docs/kafka-security.md lists the ones the local broker needs.
+# Values are never printed: errors name the variable (and a file's path), never what it holds.
 KAFKA_CLIENT_PREFIX = "KAFKA_CLIENT_"
 FROM_FILE_SUFFIX = "_FILE"
-# Properties whose values are never printed (and which are best passed as a file: ..._FILE).
-SECRET_CLIENT_PROPERTIES = frozenset({"sasl.password", "ssl.key.password", "ssl.keystore.password", "ssl.key.pem",
-                                      "sasl.oauthbearer.client.secret"})
 
 
 def client_property(env_name: str) -> str:
@@ -187,8 +185,3 @@ def _read_value_file(name: str, path: str) -> str:
         raise ConfigError(f"{name}={path!r} must hold one non-empty line")
     return value
 
-
-def describe_client_config(values: Mapping[str, Any]) -> str:
-    """A client config fit for a log line: secrets masked, callbacks named only."""
-    return " ".join(f"{k}={'****' if k in SECRET_CLIENT_PROPERTIES or 'password' in k or 'secret' in k else v}"
-                    for k, v in sorted(values.items()) if not callable(v))
