@@ -11,7 +11,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ScramMechanism, UserScramCredentialDeletion
 
 from services.common.config import ConfigError, kafka_client_config
-from services.common.kafka import ConsumerLoop, client_config, ensure_topics, per_event
+from services.common.kafka import ConsumerLoop, EventProducer, client_config, ensure_topics, per_event
 from services.common.topics import (ACCESS, ALL_TOPICS, CALLBACK_RAW, DEAD_LETTER, PAYMENT_REQUESTED, PAYMENT_STATUS,
                                     STK_PUSH_RESULT, STK_QUERY_REQUESTED, STK_QUERY_RESULT, parse_upstream_producers,
                                     upstream_requested_topic)
@@ -173,7 +173,7 @@ def produce_as(infra, login: dict[str, str], topic: str, value: bytes) -> KafkaE
 
 
 async def test_an_upstream_producer_reaches_payment_requested_only_for_its_channels(
-        infra, codec, producer, unique, upstream_principal):
+        infra, codec, unique, upstream_principal, monkeypatch):
     principal, login = upstream_principal
     own_topic = upstream_requested_topic(principal).name
     mine, other = f"shop-{unique}", f"other-{unique}"
@@ -188,12 +188,15 @@ async def test_an_upstream_producer_reaches_payment_requested_only_for_its_chann
     for request in ({**allowed, "source": "API"}, forbidden):  # it may claim to be the API; it is not
         assert produce_as(infra, login, own_topic, codec.encode(PAYMENT_REQUESTED.schema, request)) is None
 
-    reauthoriser = UpstreamReauthoriser({principal: frozenset({mine})}, producer)
-    passed = []
-    loop = ConsumerLoop(bootstrap=infra["KAFKA_BOOTSTRAP_SERVERS"], group_id=f"ingress-upstream-{unique}",
-                        topics=reauthoriser.topics, codec=codec, dead_letters=producer, poll_timeout=0.1,
-                        handler=per_event(reauthoriser.handle, upstream_is_transient))
-    letters = []
+    with monkeypatch.context() as env:  # the re-authoriser's clients log in as the ingress, as in production
+        for name, value in kafka_login(infra, "ingress").items():
+            env.setenv(name, value)
+        as_ingress = EventProducer(infra["KAFKA_BOOTSTRAP_SERVERS"], codec, client_id="upstream-test")
+        reauthoriser = UpstreamReauthoriser({principal: frozenset({mine})}, as_ingress)
+        loop = ConsumerLoop(bootstrap=infra["KAFKA_BOOTSTRAP_SERVERS"], group_id=f"ingress-upstream-{unique}",
+                            topics=reauthoriser.topics, codec=codec, dead_letters=as_ingress, poll_timeout=0.1,
+                            handler=per_event(reauthoriser.handle, upstream_is_transient))
+    passed, letters = [], []
 
     def both_seen() -> bool:
         passed[:] = read_all(infra["KAFKA_BOOTSTRAP_SERVERS"], PAYMENT_REQUESTED.name,
@@ -202,7 +205,10 @@ async def test_an_upstream_producer_reaches_payment_requested_only_for_its_chann
                               lambda m: codec.decode(m.value())[1]["source_topic"] == own_topic, 1, dead_mark, 1)
         return bool(passed and letters)
 
-    await run_until(loop, both_seen, timeout=60)
+    try:
+        await run_until(loop, both_seen, timeout=60)
+    finally:
+        as_ingress.close()
     assert [codec.decode(m.value())[1]["payment_id"] for m in passed] == [allowed["payment_id"]]
     assert codec.decode(passed[0].value())[1]["source"] == "TOPIC"
     [letter] = [codec.decode(m.value())[1] for m in letters]
