@@ -8,7 +8,9 @@ import uuid
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
-from confluent_kafka.admin import AdminClient, ScramMechanism, UserScramCredentialDeletion
+from confluent_kafka.admin import (AclBinding, AclOperation, AclPermissionType, AdminClient, ResourcePatternType,
+                                   ResourceType, ScramCredentialInfo, ScramMechanism, UserScramCredentialDeletion,
+                                   UserScramCredentialUpsertion)
 
 from services.common.config import ConfigError, kafka_client_config
 from services.common.kafka import ConsumerLoop, EventProducer, client_config, ensure_topics, per_event
@@ -111,6 +113,26 @@ def test_a_client_without_a_valid_login_is_refused(infra):
     errors = refused({k: v for k, v in good.items() if k != "ssl.ca.location"})  # the system's CAs
     assert any(e.code() == KafkaError._SSL for e in errors), errors  # do not vouch for our broker
     AdminClient(good).list_topics(timeout=10)  # the same login with the local CA gets in
+
+
+def test_a_service_principal_cannot_grant_itself_more_or_delete_what_others_need(infra):
+    admin_as_ingress = AdminClient(client_config({"bootstrap.servers": infra["KAFKA_BOOTSTRAP_SERVERS"]},
+                                                 login_env(infra, "ingress")))
+    more = AclBinding(ResourceType.TOPIC, CALLBACK_RAW.name, ResourcePatternType.LITERAL, "User:ingress", "*",
+                      AclOperation.WRITE, AclPermissionType.ALLOW)
+    attempts = {
+        "create_acls": lambda: admin_as_ingress.create_acls([more], request_timeout=10)[more],
+        "alter_scram": lambda: admin_as_ingress.alter_user_scram_credentials([UserScramCredentialUpsertion(
+            "admin", ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 8192), b"taken-over")],
+            request_timeout=10)["admin"],
+        "delete_topic": lambda: admin_as_ingress.delete_topics([CALLBACK_RAW.name], request_timeout=10)[CALLBACK_RAW.name],
+    }
+    for name, attempt in attempts.items():
+        with pytest.raises(KafkaException) as refused_with:
+            attempt().result()
+        assert refused_with.value.args[0].code() in (KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+                                                     KafkaError.TOPIC_AUTHORIZATION_FAILED), (name, refused_with.value)
+    admin_as_ingress.list_topics(timeout=10)  # the login works: the refusals are the authorizer's
 
 
 # The environment's client settings (no broker needed).
