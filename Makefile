@@ -24,6 +24,7 @@ test: infra ## the whole suite against the real broker and database
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: infra ## benchmarks (throughput and latency figures; not tests)
+	set -a; eval "$$(bash infra/up.sh)"; set +a; \
 	for b in bench/*_bench.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 down: ## stop Kafka and PostgreSQL

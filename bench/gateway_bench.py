@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 
 from services.common.callback_token import callback_url  # noqa: E402
-from services.common.kafka import ensure_topics  # noqa: E402
+from services.common.kafka import client_config, ensure_topics  # noqa: E402
 from services.common.topics import ALL_TOPICS, CALLBACK_RAW  # noqa: E402
 from bench.host import HostLoad, cpu_pressure  # noqa: E402
 from bench.raw_http import HEADERS, RawDriver  # noqa: E402
@@ -98,7 +98,7 @@ class CpuMeter:
 
 
 def raw_topic_size(bootstrap: str) -> int:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex}"})
+    consumer = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex}"}))
     try:
         partitions = consumer.list_topics(CALLBACK_RAW.name, timeout=10).topics[CALLBACK_RAW.name].partitions
         return sum(consumer.get_watermark_offsets(TopicPartition(CALLBACK_RAW.name, p), timeout=10)[1]

@@ -52,7 +52,7 @@ from services.channels.apikeys import key_id_of, key_sha256, new_api_key  # noqa
 from services.channels.model import Channel  # noqa: E402
 from services.common import config  # noqa: E402
 from services.common.db import migrate  # noqa: E402
-from services.common.kafka import ensure_topics  # noqa: E402
+from services.common.kafka import client_config, ensure_topics  # noqa: E402
 from services.common.topics import PAYMENT_REQUESTED, Topic  # noqa: E402
 
 TARGET_ACCEPTED_PER_S = 3000
@@ -329,7 +329,7 @@ async def main(args: argparse.Namespace) -> int:
             conn.execute("DELETE FROM ingress_requests WHERE channel_id = %s", (channel_id,))
             conn.execute("DELETE FROM api_keys WHERE key_id = %s", (key_id_of(api_key),))
             conn.execute("DELETE FROM channels WHERE channel_id = %s", (channel_id,))
-        admin = AdminClient({"bootstrap.servers": cfg["KAFKA_BOOTSTRAP_SERVERS"]})
+        admin = AdminClient(client_config({"bootstrap.servers": cfg["KAFKA_BOOTSTRAP_SERVERS"]}))
         for deleted in admin.delete_topics([topic], operation_timeout=30).values():
             deleted.result(60)
     ok = fast["accepted_per_s"] >= TARGET_ACCEPTED_PER_S and steady["p99_ms"] < TARGET_P99_MS

@@ -36,7 +36,7 @@ from services.common.avro import Codec  # noqa: E402
 from services.common.callback_token import callback_url  # noqa: E402
 from services.common.db import migrate, open_pool  # noqa: E402
 from services.common.ids import new_id  # noqa: E402
-from services.common.kafka import EventProducer, ensure_topics, new_event_fields  # noqa: E402
+from services.common.kafka import EventProducer, client_config, ensure_topics, new_event_fields  # noqa: E402
 from services.common.topics import (ALL_TOPICS, CALLBACK_RAW, PAYMENT_REQUESTED, PAYMENT_STATUS,  # noqa: E402
                                     STK_PUSH_RESULT, STK_QUERY_RESULT)
 from tests.conftest import free_port  # noqa: E402
@@ -61,8 +61,8 @@ def watch_settled(channels: set[bytes], since: dict[int, int], stop, results) ->
     payment's Settled event is read from the status topic, with when the ledger built it and when
     the relay produced it, and sends {payment: (read, built, produced)} once stopped."""
     codec, seen = Codec(), {}
-    consumer = Consumer({"bootstrap.servers": KAFKA, "group.id": "settle-bench", "enable.auto.commit": False,
-                         "fetch.wait.max.ms": 5})
+    consumer = Consumer(client_config({"bootstrap.servers": KAFKA, "group.id": "settle-bench",
+                                       "enable.auto.commit": False, "fetch.wait.max.ms": 5}))
     consumer.assign([TopicPartition(PAYMENT_STATUS.name, p, o) for p, o in since.items()])
     consumer.consume(1, 1.0)  # connected and fetching: the driver may start
     results.put(0)

@@ -30,7 +30,7 @@ from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 from bench.host import HostLoad  # noqa: E402
 from services.common.avro import Codec  # noqa: E402
 from services.common.db import migrate, open_pool  # noqa: E402
-from services.common.kafka import EventProducer, ensure_topics, new_event_fields  # noqa: E402
+from services.common.kafka import EventProducer, client_config, ensure_topics, new_event_fields  # noqa: E402
 from services.common.topics import ALL_TOPICS, PAYMENT_REQUESTED, STK_PUSH_RESULT  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.e2e.stack import wait_for  # noqa: E402
@@ -50,7 +50,7 @@ async def onboard(key_file: Path, channel_id: str) -> None:
 
 
 def count_results(channel: bytes, since: dict[int, int], expected: int, timeout_s: float) -> tuple[int, float, float]:
-    consumer = Consumer({"bootstrap.servers": KAFKA, "group.id": "bench-reader", "enable.auto.commit": False})
+    consumer = Consumer(client_config({"bootstrap.servers": KAFKA, "group.id": "bench-reader", "enable.auto.commit": False}))
     consumer.assign([TopicPartition(STK_PUSH_RESULT.name, p, o) for p, o in since.items()])
     seen, first, last = 0, None, None
     deadline = time.monotonic() + timeout_s

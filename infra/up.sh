@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Start local PostgreSQL and Kafka. Stdout is only the env lines (works as a .env file or with eval);
 # progress goes to stderr.   Usage: infra/up.sh [> .env]
+# The Kafka lines log a client in as the admin principal (tests, tools); its password stays in its
+# file (KAFKA_CLIENT_SASL_PASSWORD_FILE). `infra/kafka.sh env <principal>` prints a service's lines.
 set -euo pipefail
 here="$(dirname "${BASH_SOURCE[0]}")"
 "$here/postgres.sh" start >&2
 "$here/kafka.sh" start >&2
-echo "KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:${KAFKA_PORT:-9092}"
+"$here/kafka.sh" env admin
 echo "DATABASE_URL=$("$here/postgres.sh" url)"

@@ -47,14 +47,14 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 def cmd_run(_: argparse.Namespace) -> int:
     from services.channels.settings import VAULT_KEY_FILE
-    from services.devstack import prepare
+    from services.devstack import kafka_logins, prepare
     from services.supervisor import supervise
     cfg = config.load([config.DATABASE_URL, VAULT_KEY_FILE])
     env, banner = prepare(cfg["DATABASE_URL"], cfg["VAULT_KEY_FILE"])
     print(banner, flush=True)
     logs = [(name, ["tail", "-n", "0", "-F", path]) for name, path in INFRA_LOGS]
     services = [(name, [sys.executable, "-m", module]) for name, module in STACK]
-    return asyncio.run(supervise(logs + services, env))
+    return asyncio.run(supervise(logs + services, env, kafka_logins([name for name, _ in STACK])))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,9 +13,11 @@ from pathlib import Path
 from services.channels.onboarding import Conflict, Onboarding
 from services.channels.vault import LocalKeyFileProvider, public_key_path
 from services.common.db import migrate, open_pool
+from services.common.topics import ACCESS
 from services.daraja_sandbox.settings import DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
 
 SECRETS = Path(".local/secrets")
+KAFKA_CA = Path(".local/kafka/tls/ca.crt")  # made by infra/kafka.sh, as are the principals' passwords
 DEMO_CHANNEL = "demo"
 
 
@@ -31,10 +33,25 @@ def local_secret(name: str, make=lambda: secrets.token_urlsafe(32)) -> str:
 
 
 def dev_environment() -> dict[str, str]:
-    """Secrets the services need, and the sandbox environment, unless the environment already gives them."""
+    """Secrets, the sandbox environment and the Kafka login (TLS, SCRAM) the services need, unless the
+    environment already gives them."""
     env = {"WEBHOOK_TOKEN_SECRETS": local_secret("webhook-token-secret"), "ADMIN_TOKEN": local_secret("admin-token"),
-           "DARAJA_SANDBOX_ADMIN_TOKEN": local_secret("daraja-sandbox-admin-token"), "MPESA_ENVIRONMENT": "sandbox"}
+           "DARAJA_SANDBOX_ADMIN_TOKEN": local_secret("daraja-sandbox-admin-token"), "MPESA_ENVIRONMENT": "sandbox",
+           "KAFKA_CLIENT_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_CLIENT_SASL_MECHANISM": "SCRAM-SHA-512",
+           "KAFKA_CLIENT_SSL_CA_LOCATION": str(KAFKA_CA.resolve())}
+    if os.environ.get("KAFKA_PORT"):  # infra/kafka.sh started the broker there
+        env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{os.environ['KAFKA_PORT']}"
     return {k: v for k, v in env.items() if not os.environ.get(k)}
+
+
+def kafka_logins(services: list[str]) -> dict[str, dict[str, str]]:
+    """Each service that has a Kafka principal logs in as it, with the password infra/kafka.sh made
+    for it; nobody gets another's, and none the admin's. An operator's own login in the environment wins."""
+    if os.environ.get("KAFKA_CLIENT_SASL_USERNAME"):
+        return {}
+    return {name: {"KAFKA_CLIENT_SASL_USERNAME": name,
+                   "KAFKA_CLIENT_SASL_PASSWORD_FILE": str((SECRETS / f"kafka-{name}.password").resolve())}
+            for name in services if name in ACCESS}
 
 
 async def ensure_demo_channel(database_url: str, key_file: Path) -> None:

@@ -16,11 +16,14 @@ async def _pipe(name: str, colour: str, stream: asyncio.StreamReader) -> None:
         sys.stdout.flush()
 
 
-async def supervise(services: list[tuple[str, list[str]]], env: dict[str, str] | None = None) -> int:
-    """Starts (name, argv) processes; when one exits or a signal comes, stops the rest."""
+async def supervise(services: list[tuple[str, list[str]]], env: dict[str, str] | None = None,
+                    own_env: dict[str, dict[str, str]] | None = None) -> int:
+    """Starts (name, argv) processes, each with `env` plus its own `own_env[name]` (its Kafka login);
+    when one exits or a signal comes, stops the rest."""
     procs = []
     for name, argv in services:
-        proc = await asyncio.create_subprocess_exec(*argv, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+        proc_env = {**os.environ, **(env or {}), **(own_env or {}).get(name, {}), "PYTHONUNBUFFERED": "1"}
+        proc = await asyncio.create_subprocess_exec(*argv, env=proc_env,
                                                     stdout=asyncio.subprocess.PIPE,
                                                     stderr=asyncio.subprocess.STDOUT)
         procs.append((name, proc))

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from services.common.avro import Codec
+from services.common.config import KAFKA_CLIENT_PREFIX
 from services.common.db import migrate, open_pool
 from services.common.kafka import EventProducer, ensure_topics
 from services.common.topics import ALL_TOPICS
@@ -25,17 +26,27 @@ ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS = 3
 
 
+ENDPOINTS = ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")
+
+
+def _wanted(name: str) -> bool:
+    return name in ENDPOINTS or name.startswith(KAFKA_CLIENT_PREFIX)
+
+
 def _start_local_infra() -> dict[str, str]:
     out = subprocess.run(["bash", str(ROOT / "infra" / "up.sh")], check=True, capture_output=True, text=True)
     env = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
-    return {k: v for k, v in env.items() if k in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")}
+    return {k: v for k, v in env.items() if _wanted(k)}
 
 
 @pytest.fixture(scope="session")
 def infra() -> dict[str, str]:
-    given = {k: os.environ[k] for k in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL") if os.environ.get(k)}
-    if len(given) < 2:
+    """Endpoints and the admin principal's Kafka login (TLS, SCRAM). In-process clients read the
+    KAFKA_CLIENT_* variables from the environment as services do, so they are exported here."""
+    given = {k: v for k, v in os.environ.items() if _wanted(k) and v}
+    if not all(k in given for k in ENDPOINTS):
         given = {**_start_local_infra(), **given}
+    os.environ.update({k: v for k, v in given.items() if k.startswith(KAFKA_CLIENT_PREFIX)})
     migrate(given["DATABASE_URL"])
     ensure_topics(given["KAFKA_BOOTSTRAP_SERVERS"], ALL_TOPICS, PARTITIONS)
     return given
@@ -80,6 +91,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def kafka_login(infra: dict[str, str], principal: str) -> dict[str, str]:
+    """The variables that make a service process log in to Kafka as `principal` instead of admin:
+    its password file sits beside the admin's (.local/secrets/kafka-<principal>.password)."""
+    secrets_dir = Path(infra["KAFKA_CLIENT_SASL_PASSWORD_FILE"]).parent
+    return {"KAFKA_CLIENT_SASL_USERNAME": principal,
+            "KAFKA_CLIENT_SASL_PASSWORD_FILE": str(secrets_dir / f"kafka-{principal}.password")}
 
 
 def service_env(infra: dict[str, str], **extra: str) -> dict[str, str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
@@ -134,3 +135,53 @@ DATABASE_URL = Setting("DATABASE_URL", postgres_url, "postgresql://mpesa:mpesa@1
 TOPIC_PARTITIONS = Setting("KAFKA_TOPIC_PARTITIONS", positive_int, 6, help="partitions per topic at creation")
 METRICS_HOST = Setting("METRICS_HOST", str, "127.0.0.1", help="address of /metrics and /healthz for workers")
 LOG_LEVEL = Setting("LOG_LEVEL", lambda v: choice(v.upper(), "DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
+
+
+# Kafka client settings (librdkafka's own names) pass through the environment as a family of
+# variables rather than one Setting each: any of librdkafka's properties can be set without a code
+# change (TLS, SASL, timeouts...). docs/kafka-security.md lists the ones the local broker needs.
+# Values are never printed: errors name the variable (and a file's path), never what it holds.
+KAFKA_CLIENT_PREFIX = "KAFKA_CLIENT_"
+FROM_FILE_SUFFIX = "_FILE"
+
+
+def client_property(env_name: str) -> str:
+    """KAFKA_CLIENT_SASL_USERNAME -> sasl.username (librdkafka's names are lower case with dots)."""
+    return env_name[len(KAFKA_CLIENT_PREFIX):].lower().replace("_", ".")
+
+
+def client_variable(prop: str) -> str:
+    return KAFKA_CLIENT_PREFIX + prop.upper().replace(".", "_")
+
+
+def kafka_client_config(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The librdkafka settings every Kafka client of a process shares, from KAFKA_CLIENT_<NAME>:
+    NAME is the property in capitals with underscores for dots (KAFKA_CLIENT_SECURITY_PROTOCOL=SASL_SSL
+    sets security.protocol). KAFKA_CLIENT_<NAME>_FILE reads the value from a file instead (one
+    trailing newline dropped), so a password need not sit in the environment; giving both is an
+    error. Empty variables count as unset, as everywhere else."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, str] = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(KAFKA_CLIENT_PREFIX) or raw == "":
+            continue
+        if name.endswith(FROM_FILE_SUFFIX):
+            direct = name[:-len(FROM_FILE_SUFFIX)]
+            if environ.get(direct):
+                raise ConfigError(f"{direct} and {name} are both set; give one")
+            values[client_property(direct)] = _read_value_file(name, raw)
+        else:
+            values[client_property(name)] = raw
+    return values
+
+
+def _read_value_file(name: str, path: str) -> str:
+    try:
+        value = Path(path).read_text()
+    except OSError as exc:  # the path is not a secret; the file's content never goes in a message
+        raise ConfigError(f"{name}={path!r} cannot be read: {exc.strerror}") from None
+    value = value[:-1] if value.endswith("\n") else value
+    if not value or "\n" in value:
+        raise ConfigError(f"{name}={path!r} must hold one non-empty line")
+    return value
+

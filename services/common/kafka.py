@@ -23,6 +23,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.avro import Codec, DecodeError
+from services.common.config import ConfigError, client_variable, kafka_client_config
 from services.common.ids import new_id
 from services.common.text import untrusted
 from services.common.topics import DEAD_LETTER, Topic
@@ -49,10 +50,21 @@ def new_event_fields(channel_id: str, payment_id: str | None = None) -> dict[str
     return fields
 
 
+def client_config(own: dict[str, Any], environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """A client's own settings plus the ones every client of the process shares (TLS, SASL login...,
+    from KAFKA_CLIENT_* variables: config.kafka_client_config). A setting the code decides itself
+    (acks, group.id, ...) cannot be overridden from the environment: that is refused, not ignored."""
+    shared = kafka_client_config(environ)
+    clash = sorted(shared.keys() & own.keys())
+    if clash:
+        raise ConfigError(f"{client_variable(clash[0])} cannot be set: the service decides {clash[0]} itself")
+    return {**shared, **own}
+
+
 def producer_config(bootstrap: str, client_id: str, delivery_timeout_ms: int, linger_ms: int) -> dict:
     """Idempotent producer with acks=all, set explicitly so no library default decides durability;
     delivery.timeout.ms bounds how long a caller waits before hearing that Kafka did not ack."""
-    return {
+    return client_config({
         "bootstrap.servers": bootstrap,
         "client.id": client_id,
         "enable.idempotence": True,
@@ -61,7 +73,7 @@ def producer_config(bootstrap: str, client_id: str, delivery_timeout_ms: int, li
         "linger.ms": linger_ms,
         "compression.type": "lz4",
         "delivery.timeout.ms": delivery_timeout_ms,
-    }
+    })
 
 
 class Publisher(Protocol):
@@ -160,7 +172,7 @@ def _settle(fut: asyncio.Future, err: KafkaError | None) -> None:
 
 def ensure_topics(bootstrap: str, topics: Iterable[Topic], partitions: int, timeout: float = 30.0) -> None:
     """Creates missing topics with the configured partition count; existing ones are left alone."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(client_config({"bootstrap.servers": bootstrap}))
     existing = admin.list_topics(timeout=timeout).topics
     missing = [NewTopic(t.name, num_partitions=partitions, replication_factor=1)
                for t in topics if t.name not in existing]
@@ -287,7 +299,7 @@ class ConsumerLoop:
         self._progress: dict[tuple[str, int], _PartitionProgress] = {}
         self._lock = threading.Lock()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{group_id}-consumer")
-        self._consumer = Consumer({
+        self._consumer = Consumer(client_config({
             "bootstrap.servers": bootstrap,
             "group.id": group_id,
             "enable.auto.commit": False,
@@ -300,7 +312,7 @@ class ConsumerLoop:
             "statistics.interval.ms": 5000,
             "stats_cb": _record_lag,
             **(extra_config or {}),
-        })
+        }))
         self.assigned = False
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -10,7 +10,7 @@ from services.common.db import migrate, open_pool
 from services.common.kafka import ConsumerLoop, EventProducer, ensure_topics
 from services.common.observability import Health, serve_ops
 from services.common.runtime import quiet_garbage_collector, run_service
-from services.common.topics import ALL_TOPICS, CALLBACK_RAW, PAYMENT_REQUESTED, STK_PUSH_RESULT, STK_QUERY_RESULT
+from services.common.topics import ACCESS, CALLBACK_RAW, PAYMENT_REQUESTED, STK_PUSH_RESULT, STK_QUERY_RESULT
 from services.ledger.reconciler import Reconciler
 from services.ledger.relay import OutboxRelay
 from services.ledger.retention import Retention
@@ -37,7 +37,7 @@ SETTINGS = [
 async def main(cfg: dict, stop: asyncio.Event) -> None:
     migrate(cfg["DATABASE_URL"])
     bootstrap = cfg["KAFKA_BOOTSTRAP_SERVERS"]
-    ensure_topics(bootstrap, ALL_TOPICS, cfg["KAFKA_TOPIC_PARTITIONS"])
+    ensure_topics(bootstrap, ACCESS["ledger"].topics, cfg["KAFKA_TOPIC_PARTITIONS"])  # the ones its ACLs allow
     codec = Codec()
     settings = LedgerSettings(first_query_after=timedelta(seconds=cfg["LEDGER_QUERY_AFTER_S"]),
                               review_after=timedelta(seconds=cfg["LEDGER_REVIEW_AFTER_S"]))

@@ -16,7 +16,7 @@ from services.common.db import open_pool
 from services.common.kafka import ConsumerLoop, EventProducer, ensure_topics, per_event
 from services.common.observability import Health, serve_ops
 from services.common.runtime import run_service
-from services.common.topics import ALL_TOPICS, PAYMENT_REQUESTED, STK_QUERY_REQUESTED
+from services.common.topics import ACCESS, PAYMENT_REQUESTED, STK_QUERY_REQUESTED
 from services.daraja.client import DarajaClient
 from services.daraja.settings import SETTINGS as DARAJA_SETTINGS, DarajaSettings
 from services.stk_worker.channels import VaultChannels
@@ -48,7 +48,7 @@ BATCH = 100
 
 async def main(cfg: dict, stop: asyncio.Event) -> None:
     bootstrap = cfg["KAFKA_BOOTSTRAP_SERVERS"]
-    ensure_topics(bootstrap, ALL_TOPICS, cfg["KAFKA_TOPIC_PARTITIONS"])
+    ensure_topics(bootstrap, ACCESS["stk-worker"].topics, cfg["KAFKA_TOPIC_PARTITIONS"])  # the ones its ACLs allow
     codec = Codec()
     producer = EventProducer(bootstrap, codec, client_id="stk-worker")
     pool = await open_pool(cfg["DATABASE_URL"], min_size=4, max_size=20, autocommit=True)

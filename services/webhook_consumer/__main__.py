@@ -6,8 +6,10 @@ import logging
 import sys
 
 from services.common import config
+from services.common.kafka import ensure_topics
 from services.common.observability import Health, serve
 from services.common.runtime import quiet_garbage_collector, run_service
+from services.common.topics import ACCESS
 from services.webhook_consumer.app import GatewayDeps, create_app, gateway_producer
 from services.webhook_consumer.settings import (ALLOWED_SOURCES, ENVIRONMENT, OPEN_TO_ANY_SOURCE, SETTINGS,
                                                 GatewaySettings)
@@ -26,6 +28,8 @@ async def main(cfg: dict, stop: asyncio.Event) -> None:
         how = (f"{ALLOWED_SOURCES.env}={OPEN_TO_ANY_SOURCE}" if cfg[ALLOWED_SOURCES.env]
                else f"{ALLOWED_SOURCES.env} is unset and {ENVIRONMENT.env}={cfg[ENVIRONMENT.env]}")
         log.warning("callbacks are accepted from any address (%s)", how)
+    # Its own topics, as every service creates the ones it uses (callback.rejected has no other writer).
+    ensure_topics(cfg["KAFKA_BOOTSTRAP_SERVERS"], ACCESS["webhook-gateway"].topics, cfg["KAFKA_TOPIC_PARTITIONS"])
     producer = gateway_producer(cfg["KAFKA_BOOTSTRAP_SERVERS"], settings)
     app = create_app(GatewayDeps(producer), settings, Health())
     quiet_garbage_collector()
@@ -39,4 +43,4 @@ async def main(cfg: dict, stop: asyncio.Event) -> None:
 
 
 if __name__ == "__main__":
-    run_service("webhook-gateway", SETTINGS, main)
+    run_service("webhook-gateway", [*SETTINGS, config.TOPIC_PARTITIONS], main)

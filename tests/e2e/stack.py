@@ -1,5 +1,6 @@
 """The whole pipeline as separate processes on loopback: Daraja sandbox, webhook gateway, STK worker,
-ledger and ingress, each with its own consumer groups starting at the topics' current end."""
+ledger and ingress, each with its own consumer groups starting at the topics' current end, and each
+logged in to Kafka as its own principal (so a topic outside a service's ACLs fails the test)."""
 from __future__ import annotations
 
 import os
@@ -18,8 +19,11 @@ from services.channels.onboarding import Onboarding
 from services.channels.vault import LocalKeyFileProvider, public_key_path
 from services.common.topics import CALLBACK_RAW, PAYMENT_REQUESTED, STK_PUSH_RESULT, STK_QUERY_REQUESTED, STK_QUERY_RESULT
 from services.daraja_sandbox.settings import ADMIN_TOKEN_ENV, DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
-from tests.conftest import ROOT, free_port, service_env, start_service
+from tests.conftest import ROOT, free_port, kafka_login, service_env, start_service
 from tests.platform.kafka_helpers import start_group_at_end
+
+
+PRINCIPALS = {"gateway": "webhook-gateway", "ledger": "ledger", "worker": "stk-worker", "ingress": "ingress"}
 
 
 @dataclass
@@ -39,7 +43,7 @@ class Stack:
         self.env = service_env(
             self.infra, WEBHOOK_PORT=self.ports["gateway"], INGRESS_PORT=self.ports["ingress"],
             LEDGER_METRICS_PORT=self.ports["ledger"], STK_WORKER_METRICS_PORT=self.ports["worker"],
-            LEDGER_GROUP_ID=f"ledger-{self.unique}", STK_WORKER_GROUP_ID=f"stk-{self.unique}",
+            LEDGER_GROUP_ID=f"ledger-{self.unique}", STK_WORKER_GROUP_ID=f"stk-worker-{self.unique}",
             DARAJA_BASE_URL=self.sandbox_url, CALLBACK_PUBLIC_BASE_URL=self.gateway_url,
             WEBHOOK_TOKEN_SECRETS=secrets.token_hex(32), VAULT_KEY_FILE=str(self.key_file),
             MPESA_ENVIRONMENT="sandbox", INGRESS_AUTH_CACHE_TTL_S="0.1", LEDGER_QUERY_AFTER_S="1", STK_MAX_ATTEMPTS="3",
@@ -55,8 +59,8 @@ class Stack:
         bootstrap = self.infra["KAFKA_BOOTSTRAP_SERVERS"]
         start_group_at_end(bootstrap, f"ledger-{self.unique}", [t.name for t in (
             PAYMENT_REQUESTED, STK_PUSH_RESULT, CALLBACK_RAW, STK_QUERY_RESULT)])
-        start_group_at_end(bootstrap, f"stk-{self.unique}", [PAYMENT_REQUESTED.name])
-        start_group_at_end(bootstrap, f"stk-{self.unique}-queries", [STK_QUERY_REQUESTED.name])
+        start_group_at_end(bootstrap, f"stk-worker-{self.unique}", [PAYMENT_REQUESTED.name])
+        start_group_at_end(bootstrap, f"stk-worker-{self.unique}-queries", [STK_QUERY_REQUESTED.name])
         self.procs["sandbox"] = subprocess.Popen(
             [sys.executable, "-m", "services.daraja_sandbox", "--port", str(self.ports["sandbox"]),
              "--callback-delay-ms", "300", *self.sandbox_args], cwd=ROOT,
@@ -71,7 +75,7 @@ class Stack:
             wait_for(url)
 
     def start_one(self, name: str, module: str) -> None:
-        self.procs[name] = start_service(module, self.env)
+        self.procs[name] = start_service(module, {**self.env, **kafka_login(self.infra, PRINCIPALS[name])})
 
     def kill(self, name: str) -> None:
         self.procs[name].send_signal(signal.SIGKILL)

@@ -15,6 +15,7 @@ from services.channels.apikeys import key_sha256, new_api_key
 from services.channels.model import Channel
 from services.common import config
 from services.common.avro import Codec
+from services.common.kafka import client_config
 from services.common.observability import serve
 from services.common.topics import PAYMENT_REQUESTED
 from services.ingress.app import create_app
@@ -95,8 +96,9 @@ class TopicWatch:
 
     def __init__(self, bootstrap: str, topic: str = PAYMENT_REQUESTED.name):
         self.topic = topic
-        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"ingress-tests-{uuid.uuid4().hex}",
-                                   "enable.auto.commit": False, "isolation.level": "read_uncommitted"})
+        self._consumer = Consumer(client_config({
+            "bootstrap.servers": bootstrap, "group.id": f"ingress-tests-{uuid.uuid4().hex}",
+            "enable.auto.commit": False, "isolation.level": "read_uncommitted"}))
         partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
         self._start = {p: self._consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
                        for p in partitions}

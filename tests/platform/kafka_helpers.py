@@ -7,7 +7,7 @@ from typing import Callable
 from confluent_kafka import Consumer, TopicPartition
 
 from services.common.avro import Codec
-from services.common.kafka import ConsumedEvent, ConsumerLoop, EventProducer, Rejection
+from services.common.kafka import ConsumedEvent, ConsumerLoop, EventProducer, Rejection, client_config
 from services.common.topics import Topic
 
 
@@ -54,7 +54,8 @@ def recording_loop(bootstrap: str, group: str, topic: Topic, codec: Codec, produ
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     """Where each partition ends now: read from here to see only what a test caused."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "offsets-probe", "enable.auto.commit": False})
+    consumer = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": "offsets-probe",
+                                        "enable.auto.commit": False}))
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
@@ -65,7 +66,7 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
 def start_group_at_end(bootstrap: str, group: str, topics: list[str]) -> None:
     """Commits the current end of every partition for a new group, so a service started with it
     handles only what a test publishes from now on (not every earlier test's events)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    consumer = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}))
     try:
         consumer.commit(offsets=[TopicPartition(t, p, end) for t in topics
                                  for p, end in end_offsets(bootstrap, t).items()], asynchronous=False)
@@ -76,7 +77,7 @@ def start_group_at_end(bootstrap: str, group: str, topics: list[str]) -> None:
 def read_all(bootstrap: str, topic: str, predicate, expected: int, since: dict[int, int] | None = None,
              timeout_polls: int = 60) -> list:
     """Messages of `topic` matching predicate, from `since` offsets (default: the beginning)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "reader", "enable.auto.commit": False})
+    consumer = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": "reader", "enable.auto.commit": False}))
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, (since or {}).get(p, -2)) for p in partitions])  # -2: beginning
     found = []

@@ -57,15 +57,15 @@ def test_samples_round_trip_through_the_broker(kafka_bootstrap, codec, unique):
             await p.publish(Topic(f"test.schemas.{unique}", name), load_sample(name))
 
     import asyncio
-    from services.common.kafka import ensure_topics
+    from services.common.kafka import client_config, ensure_topics
     topic = Topic(f"test.schemas.{unique}", "unused")
     ensure_topics(kafka_bootstrap, [topic], 1)
     producer = EventProducer(kafka_bootstrap, codec, client_id="schema-test")
     asyncio.run(produce_all(producer))
     producer.close()
 
-    consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"schemas-{unique}",
-                         "auto.offset.reset": "earliest"})
+    consumer = Consumer(client_config({"bootstrap.servers": kafka_bootstrap, "group.id": f"schemas-{unique}",
+                                       "auto.offset.reset": "earliest"}))
     consumer.subscribe([topic.name])
     received = {}
     for _ in range(100):

@@ -14,6 +14,7 @@ from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import REGISTRY
 
 from services.common.avro import Codec
+from services.common.kafka import client_config
 from services.common.callback_token import callback_token
 from services.common.topics import Topic
 from services.webhook_consumer.app import GatewayDeps, create_app, gateway_producer
@@ -105,8 +106,8 @@ class TopicTail:
 
     def __init__(self, bootstrap: str, topic: Topic, codec: Codec):
         self.topic, self.codec = topic, codec
-        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"tail-{uuid.uuid4().hex}",
-                                  "enable.auto.commit": False})
+        self.consumer = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": f"tail-{uuid.uuid4().hex}",
+                                                "enable.auto.commit": False}))
         partitions = self.consumer.list_topics(topic.name, timeout=10).topics[topic.name].partitions
         ends = [TopicPartition(topic.name, p) for p in partitions]
         for tp in ends:

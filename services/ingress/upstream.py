@@ -1,0 +1,52 @@
+"""Payment requests that upstream services produce to Kafka themselves, re-authorised per channel.
+
+Each upstream producer has a principal whose ACLs allow writing one topic only, its own
+(`mpesa.upstream.<principal>.payment-requested.v1`); Kafka does not tell a consumer who produced a
+message, so the topic is what names the producer. A request goes on to mpesa.payment.requested.v1
+only if its channel is one that producer may use (UPSTREAM_PRODUCERS); anything else is
+dead-lettered with the reason. So the ingress stays the only writer of payment.requested.
+"""
+from __future__ import annotations
+
+import logging
+
+from services.common.kafka import ConsumedEvent, Publisher, PublishError
+from services.common.text import untrusted
+from services.common.topics import PAYMENT_REQUESTED, Topic, upstream_requested_topic
+
+log = logging.getLogger(__name__)
+
+
+class NotAllowed(Exception):
+    """The producer of this event may not request payments for its channel (or sent something else)."""
+
+
+class UpstreamReauthoriser:
+    def __init__(self, producers: dict[str, frozenset[str]], publisher: Publisher):
+        self._channels_by_topic = {upstream_requested_topic(p).name: channels for p, channels in producers.items()}
+        self._publisher = publisher
+
+    @property
+    def topics(self) -> list[Topic]:
+        return [Topic(name, PAYMENT_REQUESTED.schema) for name in sorted(self._channels_by_topic)]
+
+    def check(self, event: ConsumedEvent) -> dict:
+        """The request to pass on, or NotAllowed naming why not."""
+        if event.schema != PAYMENT_REQUESTED.schema:
+            raise NotAllowed(f"{event.topic} carries only PaymentRequested records, not {untrusted(event.schema)}")
+        channel_id = event.value["channel_id"]
+        if channel_id not in self._channels_by_topic.get(event.topic, frozenset()):
+            raise NotAllowed(f"the producer of {event.topic} may not request payments for channel "
+                             f"{untrusted(channel_id)}")
+        # Passed on as a request from a topic whatever the producer claimed (the API's are the ingress's own).
+        return {**event.value, "source": "TOPIC"}
+
+    async def handle(self, event: ConsumedEvent) -> None:
+        request = self.check(event)
+        await self._publisher.publish(PAYMENT_REQUESTED, request)
+        log.info("upstream request passed on", extra={"channel_id": request["channel_id"],
+                                                      "payment_id": request["payment_id"]})
+
+
+def is_transient(error: Exception) -> bool:
+    return isinstance(error, PublishError)
