@@ -271,7 +271,7 @@ class FactBatch:
         """After the commit: metrics are recorded (a batch that rolled back is applied again and must
         not count twice) and the outbox rows go to the relay."""
         for (metric, *labels), n in self.counts.items():
-            metric.labels(*labels).inc(n)
+            (metric.labels(*labels) if labels else metric).inc(n)
         hand_over(self.outbox_rows)
 
     async def flush(self) -> None:
