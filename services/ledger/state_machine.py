@@ -281,6 +281,12 @@ def _after_settled(p: Payment, f: CallbackReceived) -> Decision:
     cb = f.callback
     if cb.succeeded and (cb.receipt, cb.checkout_request_id) == (p.mpesa_receipt, p.checkout_request_id):
         return duplicate()
+    if (cb.succeeded and p.mpesa_receipt is None and p.checkout_request_id == cb.checkout_request_id
+            and not _proof_problem(p, f)):
+        # Settled by an STK query, which gives no receipt: the callback that proves itself brings it.
+        return applied(None, f"receipt {cb.receipt} from the success callback of a payment the query settled",
+                       mpesa_receipt=cb.receipt, transaction_time=cb.transaction_time,
+                       phone_check=_phone_flag(p, cb))
     what = f"success with receipt {untrusted(cb.receipt)}" if cb.succeeded else f"failure {untrusted(cb.result_code)}"
     return contradiction("contradiction_after_settled", f"a callback ({what}, CheckoutRequestID "
                          f"{untrusted(cb.checkout_request_id)}) contradicts the settlement; the payment stays Settled")
