@@ -198,3 +198,20 @@ async def test_a_callback_for_a_payment_final_longer_than_the_ttl_is_refused_and
     assert count(REFUSED, "expired") == refused + 1 and count(ALERTS, "contradiction_after_settled") == alerts
     fact, verdict, detail = (await audit_verdicts(pool, pid))[-1]
     assert (fact, verdict) == ("CallbackReceived", "rejected") and "expired" in detail
+
+
+async def test_the_reconciler_asks_again_about_the_callbacks_checkout_id_while_the_query_says_processing(
+        ledger, pool, codec, unique):
+    from services.ledger.reconciler import Reconciler
+    channel, pid, checkout = f"ch-{unique}", str(uuid.uuid4()), f"ws_CO_{unique}"
+    await ledger.handle_batch([requested(channel, pid), push_unknown(channel, pid),
+                               callback(channel, pid, success(checkout, phone=OMIT, receipt=receipt(unique))),
+                               query_result(channel, pid, checkout, "PROCESSING", "4999")])
+    async with pool.connection() as conn:  # as if the back-off had passed (it comes first among those due)
+        await conn.execute("UPDATE payments SET next_query_at = now() - interval '1 day' WHERE payment_id = %s", (pid,))
+    await Reconciler(pool, codec, ledger.settings).tick()
+    asked = await outbox_for(pool, codec, channel, STK_QUERY_REQUESTED)
+    assert [(q["checkout_request_id"], q["reason"], q["attempt"]) for q in asked] == [
+        (checkout, "CONFIRM_CALLBACK", 1), (checkout, "CONFIRM_CALLBACK", 2)]
+    shown = await payment(pool, pid)
+    assert (shown["state"], shown["phone_check"], shown["checkout_request_id"]) == ("Requested", "unverifiable", None)
