@@ -17,7 +17,8 @@ from services.ledger import state_machine as sm
 from services.ledger.service import FactBatch, LedgerSettings, next_query_delay, query_request
 
 QUERIES = Counter("ledger_reconciliation_queries_total", "STK queries requested by reconciliation")
-WAITING = Gauge("ledger_parked_facts", "Facts (push results, callbacks, query results) waiting for their payment")
+WAITING = Gauge("ledger_parked_facts", "Facts (push results, callbacks, query results) waiting for their payment, "
+                "or callbacks waiting for their push result")
 OLDEST_WAITING = Gauge("ledger_parked_fact_oldest_age_seconds",
                        "How long the oldest parked fact has waited for its payment (alert past LEDGER_REVIEW_AFTER_S)")
 MEASURE_WAITING_EVERY_S = 15.0  # the count scans parked_facts; alerts on it are about minutes, not ticks
@@ -82,7 +83,8 @@ class Reconciler:
 
 async def _measure_waiting_facts(conn) -> None:
     """A fact parked for long is for a payment that may never come (its request lost upstream, or
-    sent to another pipeline): a callback among them means money moved that no payment here shows.
+    sent to another pipeline), or a callback whose push result never came: a callback among them
+    means money may have moved that no payment here shows.
     Nothing can be applied without the payment, so it is surfaced for an operator."""
     count, oldest_s = await (await conn.execute(
         "SELECT count(*), coalesce(extract(epoch FROM now() - min(parked_at)), 0)::float8 FROM parked_facts")).fetchone()
