@@ -186,7 +186,8 @@ def on_push_unknown(p: Payment, f: PushOutcomeUnknown) -> Decision:
 
 # --- Callbacks -------------------------------------------------------------------------------
 # Daraja signs nothing: anyone who learns a callback URL can post to it. A success moves money
-# only with all of its proof (_proof_problem); a callback never moves a final state.
+# only with all of its proof (_proof_problem). A callback never moves Settled; after Cancelled or
+# Failed only a proven success does, to Review (money moved).
 
 def on_callback(p: Payment, f: CallbackReceived) -> Decision:
     if p.callbacks_closed:
