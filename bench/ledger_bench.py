@@ -53,7 +53,7 @@ def events_for(run: str, i: int) -> list[tuple[str, dict]]:
     channel, pid, checkout = f"bench-{run}-{i % 20}", new_id(), f"ws_CO_{run}{i}"
     body = {"Body": {"stkCallback": {"MerchantRequestID": "m", "CheckoutRequestID": checkout, "ResultCode": 0,
             "ResultDesc": "ok", "CallbackMetadata": {"Item": [
-                {"Name": "Amount", "Value": 10.0}, {"Name": "MpesaReceiptNumber", "Value": f"R{run[:5]}{i:05d}"},
+                {"Name": "Amount", "Value": 10.0}, {"Name": "MpesaReceiptNumber", "Value": f"R{run[:4].upper()}{i:05d}"},
                 {"Name": "Balance"}, {"Name": "TransactionDate", "Value": 20261127102115},
                 {"Name": "PhoneNumber", "Value": 254712345678}]}}}}
     return [

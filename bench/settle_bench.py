@@ -115,7 +115,7 @@ async def main(args) -> None:
     try:
         wait_for(f"http://127.0.0.1:{gateway_port}/healthz")
         wait_for(f"http://127.0.0.1:{ledger_port}/healthz")
-        payments = [(channels[i % len(channels)], new_id(), f"ws_CO_{run}{i}", f"S{run[:4]}{i:05d}")
+        payments = [(channels[i % len(channels)], new_id(), f"ws_CO_{run}{i}", f"S{run[:4].upper()}{i:05d}")
                     for i in range(args.payments)]
         producer = EventProducer(KAFKA, Codec(), client_id="sbench", linger_ms=20)
         await asyncio.gather(*(producer.publish(t, v) for ch, pid, co, _ in payments for t, v in (

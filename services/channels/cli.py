@@ -24,12 +24,24 @@ from services.common import config
 
 CREDENTIAL_ENV = {"consumerKey": "MPESA_CONSUMER_KEY", "consumerSecret": "MPESA_CONSUMER_SECRET",
                   "passkey": "MPESA_PASSKEY"}
+
+
+def yes_no(value: str) -> bool:
+    """true/false for a boolean option (every success confirmed by an STK query before Settled)."""
+    if value.lower() in ("true", "yes", "on"):
+        return True
+    if value.lower() in ("false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError("must be true or false")
+
+
 _CHANNEL_OPTIONS = [  # (option, API field, type)
     ("--name", "displayName", str), ("--shortcode-type", "shortcodeType", str),
     ("--shortcode", "businessShortcode", str), ("--till-number", "tillNumber", str),
     ("--environment", "environment", str), ("--consent-reference", "consentReference", str),
     ("--consent-date", "consentDate", str), ("--max-amount", "maxAmount", int),
     ("--pushes-per-second", "pushesPerSecond", float),
+    ("--confirm-success-by-query", "confirmSuccessByQuery", yes_no),
 ]
 _CLEARABLE = {"till-number": ["tillNumber"], "consent": ["consentReference", "consentDate"],
               "max-amount": ["maxAmount"], "pushes-per-second": ["pushesPerSecond"]}

@@ -49,6 +49,7 @@ class Channel:
     consent_date: date | None = None
     max_amount: int | None = None  # KES per payment, below Daraja's own ceiling
     pushes_per_second: float | None = None
+    confirm_success_by_query: bool = False  # every success confirmed by an STK query before Settled
 
     @property
     def shortcode(self) -> Shortcode:
@@ -123,6 +124,10 @@ def _pushes_per_second(value: Any) -> tuple[Any, str | None]:
     return float(value), None
 
 
+def _boolean(value: Any) -> tuple[Any, str | None]:
+    return (value, None) if isinstance(value, bool) else (None, "must be true or false")
+
+
 # API field name -> (Channel attribute, parser).
 _FIELDS: dict[str, tuple[str, Callable[[Any], tuple[Any, str | None]]]] = {
     "displayName": ("display_name", _display_name),
@@ -134,6 +139,7 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], tuple[Any, str | None]]]] = {
     "consentDate": ("consent_date", _iso_date),
     "maxAmount": ("max_amount", _max_amount),
     "pushesPerSecond": ("pushes_per_second", _pushes_per_second),
+    "confirmSuccessByQuery": ("confirm_success_by_query", _boolean),
 }
 _REQUIRED_ON_CREATE = ("displayName", "shortcodeType", "businessShortcode", "environment")
 _REMOVABLE = ("tillNumber", "consentReference", "consentDate", "maxAmount", "pushesPerSecond")
@@ -273,6 +279,7 @@ def channel_view(channel: Channel) -> dict[str, Any]:
         "consentReference": channel.consent_reference,
         "consentDate": channel.consent_date.isoformat() if channel.consent_date else None,
         "maxAmount": channel.max_amount, "pushesPerSecond": channel.pushes_per_second,
+        "confirmSuccessByQuery": channel.confirm_success_by_query,
     }
 
 

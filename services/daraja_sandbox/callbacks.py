@@ -23,9 +23,13 @@ CALLBACK_CONTENT_TYPE = "application/json;charset=UTF-8"  # daraja.md §3, as re
 
 
 def success_callback(merchant_request_id: str, checkout_request_id: str, amount: int, receipt: str,
-                     transaction_date: str, phone: str, result_desc: str) -> bytes:
+                     transaction_date: str, phone: str, result_desc: str, masked_phone: bool = False) -> bytes:
+    """masked_phone: PhoneNumber as a masked string ("25470****149", the C2B confirmations' form)
+    instead of a number; the ledger must still settle it."""
     if not (transaction_date.isdigit() and phone.isdigit()) or isinstance(amount, bool) or not isinstance(amount, int):
         raise ValueError("transaction_date and phone must be digits and amount a whole number")
+    if masked_phone:
+        phone = json.dumps(phone[:5] + "****" + phone[-3:])
     return (
         '{"Body":{"stkCallback":{"MerchantRequestID":%s,"CheckoutRequestID":%s,"ResultCode":0,"ResultDesc":%s,'
         '"CallbackMetadata":{"Item":[{"Name":"Amount","Value":%d.00},{"Name":"MpesaReceiptNumber","Value":%s},'

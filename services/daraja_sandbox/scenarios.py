@@ -46,6 +46,8 @@ selector scenario                    what happens
 5007     slow_response               success, the push is answered after 5 s (latency_ms)
 5008     contradicted_late_callback  the query says 1032; the callback (0 with receipt) comes
                                      only after that answer: money moved after a "cancel"
+5009     masked_phone                success; the callback's PhoneNumber is masked, a string such
+                                     as "25470****149", the form Daraja's C2B confirmations use
 ======== =========================== ==========================================================
 
 Independently of the scenario, a push whose TransactionType/PartyB do not fit the shortcode
@@ -113,6 +115,7 @@ class Scenario:
     query_result_code: int | str | None = None  # set only to contradict the callback
     callback_delay_ms: int | None = None  # None: the sandbox-wide setting
     latency_ms: int | None = None  # extra wait before the push is answered; None: none
+    masked_phone: bool = False  # the success callback's PhoneNumber masked ("25470****149"), as a string
 
     @property
     def answered_query_code(self) -> int | str:
@@ -137,12 +140,14 @@ SCENARIOS: dict[str, Scenario] = {
     "slow_response": Scenario("slow_response", latency_ms=5000),
     "contradicted_late_callback": Scenario("contradicted_late_callback", callback="after_query",
                                            query_result_code=1032),
+    "masked_phone": Scenario("masked_phone", masked_phone=True),
 }
 SELECTORS: dict[int, str] = {
     0: "success",
     **{code: name for code, name in _FAILURE_NAMES.items() if isinstance(code, int)},
     5001: "no_callback", 5002: "duplicate_callback", 5003: "late_callback", 5004: "query_contradicts",
     5005: "slow_callback", 5006: "operator_missing", 5007: "slow_response", 5008: "contradicted_late_callback",
+    5009: "masked_phone",
 }
 
 

@@ -349,7 +349,7 @@ class Sandbox:
         if scenario.result_code != 0:
             return failure_callback(merchant_request_id, checkout_request_id, scenario.result_code, text)
         return success_callback(merchant_request_id, checkout_request_id, push.amount, self._receipt(paid_at),
-                                _compact_time(paid_at), push.phone, text)
+                                _compact_time(paid_at), push.phone, text, masked_phone=scenario.masked_phone)
 
     def _remember(self, txn: Transaction) -> None:
         self.transactions[txn.checkout_request_id] = txn

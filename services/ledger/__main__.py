@@ -29,6 +29,10 @@ SETTINGS = [
     config.Setting("LEDGER_REVIEW_AFTER_S", config.positive_float, 900.0, help="no final answer by then: Review"),
     config.Setting("LEDGER_STALLED_AFTER_S", config.positive_float, 60.0,
                    help="/healthz fails once the consumer has held one batch this long (retrying it)"),
+    config.Setting("LEDGER_CALLBACK_TTL_AFTER_FINAL_S", config.positive_float, 86400.0,
+                   help="callbacks for a payment final longer than this are refused (its URL has expired)"),
+    config.Setting("LEDGER_CHANNEL_CACHE_TTL_S", config.positive_float, 5.0,
+                   help="how long a channel's confirm-by-query setting is cached"),
     config.Setting("LEDGER_PROCESSED_RETENTION_DAYS", config.positive_float, 30.0,
                    help="processed-event ids kept this long to drop redeliveries; above the topics' retention"),
 ]
@@ -40,7 +44,9 @@ async def main(cfg: dict, stop: asyncio.Event) -> None:
     ensure_topics(bootstrap, ACCESS["ledger"].topics, cfg["KAFKA_TOPIC_PARTITIONS"])  # the ones its ACLs allow
     codec = Codec()
     settings = LedgerSettings(first_query_after=timedelta(seconds=cfg["LEDGER_QUERY_AFTER_S"]),
-                              review_after=timedelta(seconds=cfg["LEDGER_REVIEW_AFTER_S"]))
+                              review_after=timedelta(seconds=cfg["LEDGER_REVIEW_AFTER_S"]),
+                              callback_ttl_after_final=timedelta(seconds=cfg["LEDGER_CALLBACK_TTL_AFTER_FINAL_S"]),
+                              channel_cache_ttl_s=cfg["LEDGER_CHANNEL_CACHE_TTL_S"])
     producer = EventProducer(bootstrap, codec, client_id="ledger")
     pool = await open_pool(cfg["DATABASE_URL"], max_size=cfg["LEDGER_MAX_IN_FLIGHT"] + 3)  # + the 3 background loops
     relay = OutboxRelay(pool, producer)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 from prometheus_client import Counter, Gauge
 from psycopg.rows import dict_row
@@ -12,21 +12,16 @@ from psycopg.rows import dict_row
 from services.common.avro import Codec
 from services.common.db import every
 from services.common.ids import new_id
-from services.common.kafka import ConsumedEvent, new_event_fields
-from services.common.topics import STK_QUERY_REQUESTED
+from services.common.kafka import ConsumedEvent
 from services.ledger import state_machine as sm
-from services.ledger.service import FactBatch, LedgerSettings
+from services.ledger.service import FactBatch, LedgerSettings, next_query_delay, query_request
 
 QUERIES = Counter("ledger_reconciliation_queries_total", "STK queries requested by reconciliation")
-WAITING = Gauge("ledger_parked_facts", "Facts (push results, callbacks, query results) waiting for their payment")
+WAITING = Gauge("ledger_parked_facts", "Facts (push results, callbacks, query results) waiting for their payment, "
+                "or callbacks waiting for their push result")
 OLDEST_WAITING = Gauge("ledger_parked_fact_oldest_age_seconds",
                        "How long the oldest parked fact has waited for its payment (alert past LEDGER_REVIEW_AFTER_S)")
 MEASURE_WAITING_EVERY_S = 15.0  # the count scans parked_facts; alerts on it are about minutes, not ticks
-
-
-def next_query_delay(attempt: int, settings: LedgerSettings) -> timedelta:
-    """15 s, 30 s, 60 s ... capped: the query is rate-limited like everything else."""
-    return min(timedelta(seconds=15 * 2 ** (attempt - 1)), settings.query_backoff_max)
 
 
 def _still_due(row: dict) -> bool:
@@ -72,22 +67,24 @@ class Reconciler:
             event = ConsumedEvent("reconciliation", -1, -1, None, "reconciliation", {"event_id": new_id()})
             await batch.apply(event, row["payment_id"], sm.ReconciliationExpired(int(age.total_seconds())))
             return []
-        if not row["checkout_request_id"]:  # nothing to query: only a callback can tell; wait to the deadline
+        # A success awaiting confirmation names the CheckoutRequestID to ask about when the push's is unknown.
+        checkout = row["checkout_request_id"] or row["candidate_checkout_request_id"]
+        if not checkout:  # nothing to query: only a callback can tell; wait to the deadline
             batch.set(row["payment_id"], {"next_query_at": now + self.settings.review_after - age})
             return []
         attempt = row["query_attempts"] + 1
         batch.set(row["payment_id"], {"query_attempts": attempt,
                                       "next_query_at": now + next_query_delay(attempt, self.settings)})
         QUERIES.inc()
-        record = {**new_event_fields(row["channel_id"], row["payment_id"]),
-                  "checkout_request_id": row["checkout_request_id"], "attempt": attempt,
-                  "reason": "PUSH_OUTCOME_UNKNOWN" if row["push_unknown"] else "PENDING_TOO_LONG"}
-        return [(STK_QUERY_REQUESTED.name, row["channel_id"].encode(), self.codec.encode(STK_QUERY_REQUESTED.schema, record))]
+        reason = ("CONFIRM_CALLBACK" if row["candidate_receipt"] else
+                  "PUSH_OUTCOME_UNKNOWN" if row["push_unknown"] else "PENDING_TOO_LONG")
+        return [query_request(self.codec, row, checkout, attempt, reason)]
 
 
 async def _measure_waiting_facts(conn) -> None:
     """A fact parked for long is for a payment that may never come (its request lost upstream, or
-    sent to another pipeline): a callback among them means money moved that no payment here shows.
+    sent to another pipeline), or a callback whose push result never came: a callback among them
+    means money may have moved that no payment here shows.
     Nothing can be applied without the payment, so it is surfaced for an operator."""
     count, oldest_s = await (await conn.execute(
         "SELECT count(*), coalesce(extract(epoch FROM now() - min(parked_at)), 0)::float8 FROM parked_facts")).fetchone()

@@ -2,18 +2,22 @@
 
 `decide(payment, fact)` says what a fact does to a payment: APPLIED (maybe with a new state),
 DUPLICATE (a repeat, a no-op), PARKED (it arrived before its payment: keep it for later) or
-REJECTED (it cannot apply; says why). A contradiction never vanishes: it moves the payment to
-Review with an alert label.
+REJECTED (it cannot apply; says why). A contradiction never vanishes: it moves an open payment
+to Review with an alert label; on a final payment it is recorded and alerted, and the state stays.
+A success callback proves itself before it settles anything (docs/callback-proof.md).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from decimal import Decimal
+from datetime import datetime
 from enum import Enum
 from typing import Callable, Union
 
 from services.daraja.result_codes import FAILURE_MEANINGS
+from services.common.text import untrusted
 from services.ledger.callbacks import ParsedCallback
+from services.ledger.phones import PhoneCheck, check_phone
 
 
 class Verdict(str, Enum):
@@ -31,6 +35,12 @@ class Payment:
     checkout_request_id: str | None = None
     mpesa_receipt: str | None = None
     result_code: str | None = None
+    push_unknown: bool = False
+    candidate_receipt: str | None = None              # a proven success awaiting its STK query
+    candidate_checkout_request_id: str | None = None
+    candidate_transaction_time: datetime | None = None
+    confirm_by_query: bool = False  # the channel wants every success confirmed by an STK query
+    callbacks_closed: bool = False  # final for longer than the callback TTL: its URL has expired
 
 
 # Facts: what the other services report.
@@ -59,6 +69,8 @@ class PushOutcomeUnknown:
 @dataclass(frozen=True)
 class CallbackReceived:
     callback: ParsedCallback
+    receipt_owner: str | None = None   # another payment this receipt already proves (the ledger looks it up)
+    checkout_owner: str | None = None  # another payment whose push has this CheckoutRequestID
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,8 @@ class Decision:
     changes: dict = field(default_factory=dict)  # payment columns to set
     reason: str | None = None
     alert: str | None = None              # a contradiction worth paging someone about
+    query: str | None = None              # a CheckoutRequestID to confirm by an STK query at once
+    refusal: str | None = None            # why a fact was refused, as a metric label
 
 
 def applied(new_state=None, reason=None, **changes) -> Decision:
@@ -99,12 +113,28 @@ def review(alert: str, reason: str, **changes) -> Decision:
     return Decision(Verdict.APPLIED, "Review", changes, reason, alert)
 
 
-def rejected(reason: str) -> Decision:
-    return Decision(Verdict.REJECTED, reason=reason)
+def rejected(reason: str, refusal: str | None = None) -> Decision:
+    return Decision(Verdict.REJECTED, reason=reason, refusal=refusal)
+
+
+def contradiction(alert: str, reason: str) -> Decision:
+    """Recorded on the payment and alerted; the state does not move (a final state stays final)."""
+    return Decision(Verdict.APPLIED, None, {"contradiction": reason}, reason, alert)
+
+
+def confirming(checkout_request_id: str, reason: str, **changes) -> Decision:
+    """The success is kept as a candidate while an STK query confirms it."""
+    return Decision(Verdict.APPLIED, None, changes, reason, query=checkout_request_id)
 
 
 PARK = Decision(Verdict.PARKED, reason="the payment is not known yet; kept until it is")
+WAIT_FOR_PUSH = Decision(Verdict.PARKED, reason="the push result has not arrived: the callback's CheckoutRequestID "
+                                                "cannot be checked yet; kept until it arrives")
 OPEN = ("Requested", "Pending")
+# M-Pesa receipts are 10 upper-case letters and digits (docs/callback-proof.md).
+RECEIPT = re.compile(r"[A-Z0-9]{10}")
+CANDIDATE_CLEARED = {"candidate_receipt": None, "candidate_checkout_request_id": None,
+                     "candidate_transaction_time": None}
 
 
 # --- Requested -------------------------------------------------------------------------------
@@ -123,6 +153,9 @@ def on_push_accepted(p: Payment, f: PushAccepted) -> Decision:
     if p.checkout_request_id not in (None, f.checkout_request_id):
         return review("second_push", f"a second push was accepted ({f.checkout_request_id}) "
                                      f"besides {p.checkout_request_id}")
+    if p.candidate_checkout_request_id not in (None, f.checkout_request_id):
+        return review("callback_mismatch", f"the push was accepted as {f.checkout_request_id}, but the success "
+                                           f"awaiting confirmation named {p.candidate_checkout_request_id}")
     ids = {"merchant_request_id": f.merchant_request_id, "checkout_request_id": f.checkout_request_id}
     if p.state == "Requested":
         return applied("Pending", "Daraja accepted the push", **ids)
@@ -134,6 +167,9 @@ def on_push_accepted(p: Payment, f: PushAccepted) -> Decision:
 
 
 def on_push_refused(p: Payment, f: PushRefused) -> Decision:
+    if p.state == "Requested" and p.candidate_receipt:
+        return review("push_refused_after_success", f"Daraja refused the push ({f.code}), but a success callback "
+                                                    f"(receipt {p.candidate_receipt}) awaits confirmation")
     if p.state == "Requested":
         return applied("Failed", f"Daraja refused the push: {f.message}".strip(), result_code=f.code,
                        result_desc=f.message)
@@ -149,46 +185,125 @@ def on_push_unknown(p: Payment, f: PushOutcomeUnknown) -> Decision:
 
 
 # --- Callbacks -------------------------------------------------------------------------------
+# Daraja signs nothing: anyone who learns a callback URL can post to it. A success moves money
+# only with all of its proof (_proof_problem). A callback never moves Settled; after Cancelled or
+# Failed only a proven success does, to Review (money moved).
 
 def on_callback(p: Payment, f: CallbackReceived) -> Decision:
-    cb = f.callback
-    if p.checkout_request_id not in (None, cb.checkout_request_id):
-        return review("callback_mismatch", f"callback for CheckoutRequestID {cb.checkout_request_id}, "
-                                           f"payment has {p.checkout_request_id}")
+    if p.callbacks_closed:
+        return rejected(f"callback for a payment {p.state} for longer than the callback TTL: its URL has expired",
+                        refusal="expired")
+    if p.state == "Requested" and p.checkout_request_id is None and not p.push_unknown:
+        return WAIT_FOR_PUSH
     if p.state in OPEN:
-        return _callback_outcome(p, cb)
-    if cb.succeeded:
-        if p.state == "Settled" and p.mpesa_receipt in (None, cb.receipt):
-            return duplicate()
-        return review("success_after_final", f"success callback (receipt {cb.receipt}) for a payment "
-                                             f"already {p.state}: money moved", mpesa_receipt_seen=cb.receipt)
-    if p.state in ("Cancelled", "Failed"):
-        return duplicate()
-    if p.state == "Review":
-        return duplicate("payment is under review")
-    return review("failure_after_success", f"failure callback {cb.result_code} for a payment already Settled")
+        if p.candidate_receipt is not None:
+            return _while_confirming(p, f)
+        return _success(p, f) if f.callback.succeeded else _open_failure(p, f)
+    if p.state == "Settled":
+        return _after_settled(p, f)
+    return _after_unpaid_final(p, f)  # Cancelled or Failed; Review is handled by decide()
 
 
-def _callback_outcome(p: Payment, cb: ParsedCallback) -> Decision:
-    ids = {"checkout_request_id": cb.checkout_request_id, "merchant_request_id": cb.merchant_request_id}
-    if cb.succeeded:
-        mismatch = _cross_check(p, cb)
-        if mismatch:
-            return review("callback_mismatch", mismatch, **ids)
-        return applied("Settled", cb.result_desc or "paid", mpesa_receipt=cb.receipt,
-                       transaction_time=cb.transaction_time, result_code=cb.result_code,
-                       result_desc=cb.result_desc, **ids)
-    return _failure(cb.result_code, cb.result_desc, "callback", ids)
+def _success(p: Payment, f: CallbackReceived) -> Decision:
+    cb = f.callback
+    problem = _proof_problem(p, f)
+    if problem:
+        kind, why = problem
+        return review(kind, f"success callback not proven: {why}", phone_check=_phone_flag(p, cb))
+    phone = check_phone(p.phone, cb.phone)
+    reasons = []
+    if p.checkout_request_id is None:
+        reasons.append("the push outcome is unknown, so its CheckoutRequestID is confirmed by an STK query")
+    if phone is PhoneCheck.UNVERIFIABLE:
+        reasons.append("the callback's phone number cannot be compared")
+    if p.confirm_by_query:
+        reasons.append("the channel confirms every success by an STK query")
+    if reasons:
+        return confirming(cb.checkout_request_id, "success callback awaiting STK query: " + "; ".join(reasons),
+                          candidate_receipt=cb.receipt, candidate_checkout_request_id=cb.checkout_request_id,
+                          candidate_transaction_time=cb.transaction_time, phone_check=phone.value,
+                          merchant_request_id=cb.merchant_request_id)
+    return applied("Settled", untrusted(cb.result_desc) or "paid", mpesa_receipt=cb.receipt,
+                   transaction_time=cb.transaction_time, result_code=cb.result_code,
+                   result_desc=untrusted(cb.result_desc), phone_check=phone.value,
+                   checkout_request_id=cb.checkout_request_id, merchant_request_id=cb.merchant_request_id)
 
 
-def _cross_check(p: Payment, cb: ParsedCallback) -> str | None:
-    if not cb.receipt:
-        return "success callback without a receipt number"
-    if cb.amount is not None and cb.amount != Decimal(p.amount):
-        return f"callback amount {cb.amount} differs from the payment's {p.amount}"
-    if cb.phone is not None and cb.phone != p.phone:
-        return "callback phone number differs from the payment's"
+def _proof_problem(p: Payment, f: CallbackReceived) -> tuple[str, str] | None:
+    """(alert kind, why) when a success callback lacks part of its proof; None when all of it holds:
+    the accepted push's CheckoutRequestID, the exact amount, an unused receipt of M-Pesa's form and a
+    phone number that does not differ from the payment's."""
+    cb = f.callback
+    if p.checkout_request_id is not None and cb.checkout_request_id != p.checkout_request_id:
+        return "callback_mismatch", (f"CheckoutRequestID {untrusted(cb.checkout_request_id)} is not the accepted "
+                                     f"push's {p.checkout_request_id}")
+    if f.checkout_owner is not None:
+        return "callback_mismatch", f"CheckoutRequestID {untrusted(cb.checkout_request_id)} belongs to payment {f.checkout_owner}"
+    if cb.amount is None:
+        return "amount_mismatch", "no amount"
+    if not cb.amount.is_finite() or cb.amount != p.amount:
+        return "amount_mismatch", f"amount {untrusted(str(cb.amount), 40)} differs from the payment's {p.amount}"
+    if cb.receipt is None or not RECEIPT.fullmatch(cb.receipt):
+        return "receipt_malformed", "no receipt number of M-Pesa's form (10 upper-case letters and digits)"
+    if f.receipt_owner is not None:
+        return "receipt_reused", f"receipt {cb.receipt} already proves payment {f.receipt_owner}"
+    if check_phone(p.phone, cb.phone) is PhoneCheck.MISMATCH:
+        return "phone_mismatch", "the phone number differs from the payment's"
     return None
+
+
+def _phone_flag(p: Payment, cb: ParsedCallback) -> str:
+    return check_phone(p.phone, cb.phone).value  # a flag only: the callback's number is never stored
+
+
+def _open_failure(p: Payment, f: CallbackReceived) -> Decision:
+    cb = f.callback
+    if p.checkout_request_id is not None and cb.checkout_request_id != p.checkout_request_id:
+        return review("callback_mismatch", f"callback for CheckoutRequestID {untrusted(cb.checkout_request_id)}, "
+                                           f"payment has {p.checkout_request_id}")
+    if f.checkout_owner is not None:
+        return review("callback_mismatch", f"callback's CheckoutRequestID {untrusted(cb.checkout_request_id)} "
+                                           f"belongs to payment {f.checkout_owner}")
+    ids = {"checkout_request_id": cb.checkout_request_id, "merchant_request_id": cb.merchant_request_id}
+    return _failure(cb.result_code, untrusted(cb.result_desc), "callback", ids)
+
+
+def _while_confirming(p: Payment, f: CallbackReceived) -> Decision:
+    cb = f.callback
+    if cb.succeeded and (cb.receipt, cb.checkout_request_id) == (p.candidate_receipt,
+                                                                 p.candidate_checkout_request_id):
+        return duplicate("this success already awaits its STK query")
+    what = f"success with receipt {untrusted(cb.receipt)}" if cb.succeeded else f"failure {untrusted(cb.result_code)}"
+    return review("callback_contradicts", f"a callback ({what}) contradicts the success (receipt "
+                                          f"{p.candidate_receipt}) awaiting its STK query")
+
+
+def _after_settled(p: Payment, f: CallbackReceived) -> Decision:
+    cb = f.callback
+    if cb.succeeded and (cb.receipt, cb.checkout_request_id) == (p.mpesa_receipt, p.checkout_request_id):
+        return duplicate()
+    if (cb.succeeded and p.mpesa_receipt is None and p.checkout_request_id == cb.checkout_request_id
+            and not _proof_problem(p, f)):
+        # Settled by an STK query, which gives no receipt: the callback that proves itself brings it.
+        return applied(None, f"receipt {cb.receipt} from the success callback of a payment the query settled",
+                       mpesa_receipt=cb.receipt, transaction_time=cb.transaction_time,
+                       phone_check=_phone_flag(p, cb))
+    what = f"success with receipt {untrusted(cb.receipt)}" if cb.succeeded else f"failure {untrusted(cb.result_code)}"
+    return contradiction("contradiction_after_settled", f"a callback ({what}, CheckoutRequestID "
+                         f"{untrusted(cb.checkout_request_id)}) contradicts the settlement; the payment stays Settled")
+
+
+def _after_unpaid_final(p: Payment, f: CallbackReceived) -> Decision:
+    cb = f.callback
+    if not cb.succeeded:
+        return duplicate()
+    problem = _proof_problem(p, f)
+    if problem:
+        kind, why = problem
+        return contradiction(kind, f"success callback for a payment already {p.state}, not proven ({why}); "
+                                   f"the payment stays {p.state}")
+    return review("success_after_final", f"success callback (receipt {cb.receipt}) for a payment already "
+                                         f"{p.state}: money moved", late_receipt=cb.receipt)
 
 
 def _failure(code: str, desc: str | None, source: str, ids: dict) -> Decision:
@@ -202,18 +317,36 @@ def _failure(code: str, desc: str | None, source: str, ids: dict) -> Decision:
 # --- STK query answers -----------------------------------------------------------------------
 
 def on_query(p: Payment, f: QueryAnswered) -> Decision:
+    asked = p.checkout_request_id or p.candidate_checkout_request_id
+    if f.checkout_request_id and asked and f.checkout_request_id != asked:
+        return rejected(f"query answer for CheckoutRequestID {f.checkout_request_id}, the payment's is {asked}")
     if f.status in ("PROCESSING", "ERROR"):
         return applied(None, f"query: {f.status.lower()} ({f.result_code})")
     ids = {"checkout_request_id": f.checkout_request_id} if f.checkout_request_id else {}
+    if p.state in OPEN and p.candidate_receipt:
+        return _confirmation(p, f)
     if p.state in OPEN:
         if f.status == "SUCCESS":
             return applied("Settled", "confirmed by STK query (the query gives no receipt number)",
                            result_code="0", result_desc=f.result_desc, **ids)
         return _failure(f.result_code or "", f.result_desc, "query", ids)
-    agrees = (f.status == "SUCCESS") == (p.state == "Settled")
-    if agrees or p.state == "Review":
+    if (f.status == "SUCCESS") == (p.state == "Settled"):
         return duplicate()
+    if p.state == "Settled":
+        return contradiction("query_contradicts", f"STK query says {f.status} {f.result_code} for a payment "
+                                                  f"Settled; the payment stays Settled")
     return review("query_contradicts", f"query says {f.status} {f.result_code} but the payment is {p.state}")
+
+
+def _confirmation(p: Payment, f: QueryAnswered) -> Decision:
+    """The answer to the query that confirms a success callback: the authenticated channel decides."""
+    if f.status == "SUCCESS":
+        return applied("Settled", f"success callback confirmed by STK query (receipt {p.candidate_receipt})",
+                       mpesa_receipt=p.candidate_receipt, checkout_request_id=p.candidate_checkout_request_id,
+                       transaction_time=p.candidate_transaction_time, result_code="0",
+                       result_desc=f.result_desc, **CANDIDATE_CLEARED)
+    return review("query_contradicts", f"STK query says {f.status} {f.result_code}, contradicting the success "
+                                       f"callback (receipt {p.candidate_receipt})")
 
 
 # --- Reconciliation --------------------------------------------------------------------------

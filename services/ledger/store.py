@@ -18,7 +18,11 @@ GENESIS = "0" * 64
 COLUMNS = ("payment_id", "channel_id", "state", "amount", "phone", "account_reference", "description",
            "order_reference", "metadata", "merchant_request_id", "checkout_request_id", "mpesa_receipt",
            "transaction_time", "result_code", "result_desc", "requested_at", "push_unknown", "pending_since",
-           "next_query_at", "query_attempts", "review_reason")
+           "next_query_at", "query_attempts", "review_reason", "final_at", "phone_check", "candidate_receipt",
+           "candidate_checkout_request_id", "candidate_transaction_time", "late_receipt", "contradiction")
+# Where a payment keeps a receipt or a CheckoutRequestID: one proves one payment, whichever column.
+RECEIPT_COLUMNS = ("mpesa_receipt", "candidate_receipt", "late_receipt")
+CHECKOUT_COLUMNS = ("checkout_request_id", "candidate_checkout_request_id")
 # Rows are COPYed into a per-connection staging table, then merged in one statement: much cheaper
 # per row than parameter arrays or executemany.
 _STAGE = ("CREATE TEMP TABLE IF NOT EXISTS payments_stage (LIKE payments INCLUDING DEFAULTS)"
@@ -35,10 +39,11 @@ class BatchStart:
     payments: dict[str, dict]  # the payments that exist, locked
     parked: dict[str, list[tuple[str, str, bytes]]]  # payment_id -> early facts [(event_id, topic, payload)]
     receipts: dict[str, str]  # receipt -> the payment it already proves
+    checkouts: dict[str, str]  # CheckoutRequestID -> the payment whose push it is
 
 
 async def open_batch(conn: AsyncConnection, events: list[tuple[str, str]], payment_ids: list[str],
-                     receipts: list[str]) -> BatchStart:
+                     receipts: list[str], checkout_ids: list[str] = ()) -> BatchStart:
     """What a batch needs before applying anything, in one pipelined round trip.
 
     events: (event_id, topic). They are recorded as processed here, in the batch's transaction, and
@@ -59,14 +64,29 @@ async def open_batch(conn: AsyncConnection, events: list[tuple[str, str]], payme
         await payments.execute(f"SELECT {', '.join(COLUMNS)} FROM payments WHERE payment_id = ANY(%s)", (ids,))
         parked = await conn.execute("SELECT payment_id, event_id::text, topic, payload FROM parked_facts"
                                     " WHERE payment_id = ANY(%s) ORDER BY parked_at, event_id", (ids,))
-        in_use = await conn.execute("SELECT mpesa_receipt, payment_id FROM payments WHERE mpesa_receipt = ANY(%s)",
-                                    (list(receipts),))
+        in_use = await conn.execute(_owners_query(RECEIPT_COLUMNS), (list(receipts),) * len(RECEIPT_COLUMNS))
+        pushes = await conn.execute(_owners_query(CHECKOUT_COLUMNS), (list(checkout_ids),) * len(CHECKOUT_COLUMNS))
         await conn.execute(_STAGE)
     early: dict[str, list] = {}
     for payment_id, event_id, topic, payload in await parked.fetchall():
         early.setdefault(payment_id, []).append((event_id, topic, bytes(payload)))
     return BatchStart({r[0] for r in await claimed.fetchall()}, {r["payment_id"]: r for r in await payments.fetchall()},
-                      early, dict(await in_use.fetchall()))
+                      early, dict(await in_use.fetchall()), dict(await pushes.fetchall()))
+
+
+def _owners_query(columns: tuple[str, ...]) -> str:
+    """(value, payment_id) of the payments holding any of the values in any of these columns (each
+    column has its own index, so a UNION of index scans)."""
+    return " UNION ".join(f"SELECT {c}, payment_id FROM payments WHERE {c} = ANY(%s)" for c in columns)
+
+
+async def owners(conn: AsyncConnection, receipts: list[str], checkout_ids: list[str]) -> tuple[dict, dict]:
+    """Which payments hold these receipts and CheckoutRequestIDs, for facts that were not in the
+    batch's first read (facts un-parked from an earlier batch)."""
+    async with conn.pipeline():
+        in_use = await conn.execute(_owners_query(RECEIPT_COLUMNS), (receipts,) * len(RECEIPT_COLUMNS))
+        pushes = await conn.execute(_owners_query(CHECKOUT_COLUMNS), (checkout_ids,) * len(CHECKOUT_COLUMNS))
+    return dict(await in_use.fetchall()), dict(await pushes.fetchall())
 
 
 def new_payment_row(v: dict[str, Any]) -> dict[str, Any]:

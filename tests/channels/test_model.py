@@ -6,7 +6,7 @@ from datetime import date
 
 import pytest
 
-from services.channels.model import (ACTIVE, Channel, activation_errors, parse_api_key_request,
+from services.channels.model import (ACTIVE, Channel, activation_errors, channel_view, parse_api_key_request,
                                      parse_channel_changes, parse_credentials, parse_new_channel)
 from tests.channels.conftest import paybill_body
 
@@ -51,6 +51,8 @@ def test_consent_may_come_later():
     ({"maxAmount": 250_001}, "maxAmount"),
     ({"maxAmount": 10.5}, "maxAmount"),
     ({"pushesPerSecond": 0}, "pushesPerSecond"),
+    ({"confirmSuccessByQuery": "yes"}, "confirmSuccessByQuery"),
+    ({"confirmSuccessByQuery": 1}, "confirmSuccessByQuery"),
     ({"status": "active"}, "status"),
     ({"colour": "green"}, "colour"),
 ])
@@ -124,3 +126,11 @@ def test_api_key_requests_name_their_bad_fields():
     assert set(errors) == {"label", "channelIds"}
     _, errors = parse_api_key_request({"label": "x", "channelIds": []})
     assert set(errors) == {"channelIds"}
+
+
+def test_query_confirmation_is_off_unless_asked_and_cannot_be_removed():
+    assert _channel().confirm_success_by_query is False
+    on, errors = parse_channel_changes(_channel(), {"confirmSuccessByQuery": True}, TODAY)
+    assert errors == {} and on.confirm_success_by_query is True and channel_view(on)["confirmSuccessByQuery"] is True
+    _, errors = parse_channel_changes(on, {"confirmSuccessByQuery": None}, TODAY)
+    assert "confirmSuccessByQuery" in errors

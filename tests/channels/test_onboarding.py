@@ -18,10 +18,14 @@ async def test_a_created_channel_is_listed_and_shown(onboarding, unique):
     created = await onboarding.create_channel(paybill_body(channel_id, maxAmount=7000), "tests")
     assert created.view()["status"] == "onboarding" and created.view()["credentials"] is None
     assert (await onboarding.channel(channel_id)).view()["maxAmount"] == 7000
+    assert created.view()["confirmSuccessByQuery"] is False
+    changed = await onboarding.update_channel(channel_id, {"confirmSuccessByQuery": True}, "tests")
+    assert (await onboarding.channel(channel_id)).view()["confirmSuccessByQuery"] is True is changed.view()[
+        "confirmSuccessByQuery"]
     assert channel_id in [r.channel.channel_id for r in await onboarding.channels()]
     with pytest.raises(Conflict, match="already exists"):
         await onboarding.create_channel(paybill_body(channel_id), "tests")
-    assert [row[0] for row in await audit_of(onboarding._pool, channel_id)] == ["channel_created"]
+    assert [row[0] for row in await audit_of(onboarding._pool, channel_id)] == ["channel_created", "channel_updated"]
 
 
 async def test_bad_input_is_refused_by_field_and_nothing_is_written(onboarding, pool, unique):

@@ -38,6 +38,13 @@ def test_success_callback_is_byte_for_byte_the_captured_one():
     assert built == CAPTURED_SUCCESS
 
 
+def test_a_masked_phone_is_sent_as_a_string_keeping_the_first_five_and_last_three_digits():
+    built = success_callback("11225-96181251-1", "ws_CO_1", 1, "QKH94M1Z11", "20221117155748", "254708374149",
+                             "The service request is processed successfully.", masked_phone=True)
+    items = {i["Name"]: i.get("Value") for i in json.loads(built)["Body"]["stkCallback"]["CallbackMetadata"]["Item"]}
+    assert items["PhoneNumber"] == "25470****149" and items["Amount"] == 1.0
+
+
 def test_failure_callbacks_are_byte_for_byte_the_captured_ones():
     assert failure_callback("68441-128341933-1", "ws_CO_17112022155511840796440427", 1032,
                             "Request cancelled by user") == CAPTURED_CANCEL

@@ -77,9 +77,12 @@ async def test_a_callback_before_its_payment_waits_and_then_settles(ledger, pool
     assert await ledger.handle_batch([callback(channel, pid, success(f"ws_CO_{unique}", receipt=receipt(unique)))]) == []
     assert await state_of(pool, pid) is None
     await ledger.handle_batch([requested(channel, pid)])
-    assert await state_of(pool, pid) == ("Settled", receipt(unique))
+    assert await state_of(pool, pid) == ("Requested", None)  # a success waits for its push result too
     await ledger.handle_batch([accepted(channel, pid, f"ws_CO_{unique}")])
     assert await state_of(pool, pid) == ("Settled", receipt(unique))
+    async with pool.connection() as conn:
+        left = await (await conn.execute("SELECT count(*) FROM parked_facts WHERE payment_id = %s", (pid,))).fetchone()
+    assert left[0] == 0
 
 
 async def test_early_facts_in_the_same_batch_as_their_payment_are_applied(ledger, pool, unique):
@@ -126,6 +129,7 @@ async def test_unparseable_callback_is_rejected_and_leaves_the_payment_untouched
 async def test_a_reused_receipt_goes_to_review(ledger, pool, unique):
     channel, first, second = f"ch-{unique}", str(uuid.uuid4()), str(uuid.uuid4())
     await ledger.handle_batch([requested(channel, first), requested(channel, second),
+                               accepted(channel, first, "ws_CO_a" + unique), accepted(channel, second, "ws_CO_b" + unique),
                                callback(channel, first, success("ws_CO_a" + unique, receipt=receipt(unique)))])
     await ledger.handle_batch([callback(channel, second, success("ws_CO_b" + unique, receipt=receipt(unique)))])
     assert await state_of(pool, first) == ("Settled", receipt(unique))

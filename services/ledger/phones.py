@@ -1,0 +1,52 @@
+"""Comparing the PhoneNumber of a success callback with the payment's number (pure).
+
+Daraja has sent this item as a JSON integer (2547XXXXXXXX), as a string, masked the way its C2B
+confirmations are (`25470****149`, `2547******49`), and 11 digits long (docs/callback-proof.md).
+A genuine success must not be refused for its format, so the digits that are visible are
+compared position by position with the payment's number; what cannot be compared at all is
+neither a match nor a contradiction, and the caller confirms the payment another way.
+"""
+from __future__ import annotations
+
+import re
+from enum import Enum
+
+MASK = "*"
+_SHAPE = re.compile(r"^[0-9*]+$")
+
+
+class PhoneCheck(str, Enum):
+    MATCH = "match"                # every visible digit is the payment's
+    MISMATCH = "mismatch"          # a visible digit differs: a contradiction
+    UNVERIFIABLE = "unverifiable"  # absent, malformed or fully masked: nothing to compare
+
+
+def check_phone(payment_phone: str, seen: object) -> PhoneCheck:
+    """payment_phone: the payment's normalised number, 2547XXXXXXXX or 2541XXXXXXXX (12 digits).
+    seen: the callback's PhoneNumber as parsed (a str, or None when the item is absent)."""
+    if seen is None or isinstance(seen, bool):
+        return PhoneCheck.UNVERIFIABLE
+    text = str(seen).strip().removeprefix("+")
+    if not _SHAPE.match(text):
+        return PhoneCheck.UNVERIFIABLE  # letters, spaces, decimals: not a number Daraja sends
+    expected = _aligned(payment_phone, text)
+    if expected is None:
+        return PhoneCheck.UNVERIFIABLE  # 11 digits, 13 digits...: no position can be trusted
+    subscriber = [(c, e) for c, e in zip(text[-9:], expected[-9:]) if c != MASK]
+    if not subscriber:
+        return PhoneCheck.UNVERIFIABLE  # only the country code (or nothing) is visible
+    visible = [(c, e) for c, e in zip(text, expected) if c != MASK]
+    return PhoneCheck.MATCH if all(c == e for c, e in visible) else PhoneCheck.MISMATCH
+
+
+def _aligned(payment_phone: str, text: str) -> str | None:
+    """The payment's number written the way `text` is: international (12), local with a leading
+    0 (10) or bare subscriber number (9 characters); None for any other length."""
+    subscriber = payment_phone[3:]
+    if len(text) == 12:
+        return payment_phone  # another country code is a visible difference: a mismatch
+    if len(text) == 10 and text[0] in ("0", MASK):
+        return "0" + subscriber
+    if len(text) == 9 and text[0] != "0":
+        return subscriber
+    return None
