@@ -103,5 +103,6 @@ async def test_with_query_confirmation_on_a_success_the_query_contradicts_goes_t
 
 
 async def _delivered(stack: Stack, checkout_request_id: str):
-    pushes = httpx.get(f"{stack.sandbox_url}/sandbox/pushes", params={"CheckoutRequestID": checkout_request_id}).json()
+    pushes = httpx.get(f"{stack.sandbox_url}/sandbox/pushes", params={"CheckoutRequestID": checkout_request_id},
+                       headers=stack.sandbox_admin_headers).json()
     return pushes["count"] == 1 and pushes["pushes"][0]["callbacks"]
