@@ -16,11 +16,12 @@ async def _pipe(name: str, colour: str, stream: asyncio.StreamReader) -> None:
         sys.stdout.flush()
 
 
-async def supervise(services: list[tuple[str, list[str]]], env: dict[str, str] | None = None) -> int:
-    """Starts (name, argv) processes; when one exits or a signal comes, stops the rest."""
+async def supervise(services: list[tuple], env: dict[str, str] | None = None) -> int:
+    """Starts (name, argv[, own env]) processes; when one exits or a signal comes, stops the rest."""
     procs = []
-    for name, argv in services:
-        proc = await asyncio.create_subprocess_exec(*argv, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+    for name, argv, *own in services:
+        proc = await asyncio.create_subprocess_exec(*argv, env={**os.environ, **(env or {}), **(own[0] if own else {}),
+                                                                "PYTHONUNBUFFERED": "1"},
                                                     stdout=asyncio.subprocess.PIPE,
                                                     stderr=asyncio.subprocess.STDOUT)
         procs.append((name, proc))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.common.db import migrate
+from services.common.db import require_schema
 from services.common.kafka import ensure_topics
 from services.common.observability import Health, serve
 from services.common.runtime import quiet_garbage_collector, run_service
@@ -13,7 +13,7 @@ from services.ingress.bootstrap import SETTINGS, close_deps, open_deps
 
 
 async def main(cfg: dict, stop: asyncio.Event) -> None:
-    migrate(cfg["DATABASE_URL"])
+    require_schema(cfg["DATABASE_URL"])
     topics = [*ALL_TOPICS, Topic(cfg["INGRESS_REQUESTED_TOPIC"], PAYMENT_REQUESTED.schema)]
     ensure_topics(cfg["KAFKA_BOOTSTRAP_SERVERS"], topics, cfg["KAFKA_TOPIC_PARTITIONS"])
     deps = await open_deps(cfg)
