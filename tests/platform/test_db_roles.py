@@ -234,6 +234,21 @@ async def test_the_anchoring_job_refuses_to_sign_a_chain_that_does_not_verify(le
             await anchors.anchor_head(conn, anchor_key)
 
 
+async def test_the_anchoring_job_refuses_to_go_on_from_an_anchor_whose_row_was_rewritten(ledger_pool, auditor_pool,
+                                                                                      pool, codec, unique,
+                                                                                      anchor_key):
+    payment_id = await _audited_payment(ledger_pool, codec, unique)
+    anchor = await anchors.Anchorer(auditor_pool, anchor_key, 60).anchor_once()
+    await _audited_payment(ledger_pool, codec, unique)  # the head moves on
+    async with pool.connection() as conn, conn.transaction(force_rollback=True):
+        seq = (await _rows_of(conn, payment_id))[0]
+        await conn.execute("ALTER TABLE audit_log DISABLE TRIGGER USER")
+        await conn.execute("UPDATE audit_log SET detail = 'nothing happened' WHERE seq = %s", (seq,))
+        await _recompute_chain_from(conn, seq)  # a consistent chain, but not the one anchored
+        with pytest.raises(anchors.ChainBroken, match=f"row {anchor.audit_seq} no longer has the hash anchored"):
+            await anchors.anchor_head(conn, anchor_key)
+
+
 def test_only_the_auditor_writes_anchors_and_nobody_changes_them(infra):
     with connect(infra, "auditor") as auditor, connect(infra, "ledger") as ledger:
         row = "(1, repeat('0', 64), now(), repeat('0', 16), decode(repeat('00', 64), 'hex'))"
