@@ -22,23 +22,28 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 from psycopg import AsyncConnection
 
 from services.common import config
 from services.common.db import every, open_pool, require_schema
+from services.common.observability import Health, serve_ops
 from services.common.runtime import StartupRefused, run_service
 from services.ledger.store import verify_audit
 
 log = logging.getLogger(__name__)
 
-ANCHORS = Counter("audit_anchors_total", "Audit chain heads anchored, by result", ["result"])
+ANCHORS = Counter("audit_anchors_total", "Anchoring steps by result: anchored, or chain_broken (nothing signed)",
+                  ["result"])
+CHECKED = Gauge("audit_anchor_checked_timestamp_seconds",
+                "When the chain was last found intact up to its head (and anchored, if it had grown)")
 
 KEY_FILE = config.Setting("AUDIT_ANCHOR_KEY_FILE", Path, Path(".local/audit/anchor-key.pem"),
                           help="Ed25519 private key that signs anchors (0600); only where the anchoring job runs")
 PUBLIC_KEY_FILE = config.Setting("AUDIT_ANCHOR_PUBLIC_KEY_FILE", Path, Path(".local/audit/anchor-key.pub.pem"),
                                  help="public keys that `audit verify` accepts for anchors (PEM, one or more)")
-SETTINGS = [config.database_url("auditor"), KEY_FILE,
+SETTINGS = [config.database_url("auditor"), KEY_FILE, config.METRICS_HOST,
+            config.Setting("AUDIT_ANCHOR_METRICS_PORT", config.port, 9104, help="port of /metrics and /healthz"),
             config.Setting("AUDIT_ANCHOR_INTERVAL_S", config.positive_float, 60.0,
                            help="how often the chain's head is anchored (rows after the newest anchor are "
                                 "protected by their hashes only)")]
@@ -217,6 +222,7 @@ class Anchorer:
             ANCHORS.labels("chain_broken").inc()
             log.error("audit chain does not verify, nothing anchored: %s", exc)
             return None
+        CHECKED.set_to_current_time()
         if anchor is not None:
             ANCHORS.labels("anchored").inc()
             # The log is a copy of every anchor outside the database.
@@ -229,11 +235,13 @@ async def main(cfg: dict, stop: asyncio.Event) -> None:
     key = load_signing_key(cfg["AUDIT_ANCHOR_KEY_FILE"])
     require_schema(cfg["DATABASE_URL"])
     pool = await open_pool(cfg["DATABASE_URL"], max_size=1)
+    runner = await serve_ops(Health(), cfg["METRICS_HOST"], cfg["AUDIT_ANCHOR_METRICS_PORT"])
     log.info("anchoring the audit chain every %.0f s with key %s", cfg["AUDIT_ANCHOR_INTERVAL_S"],
              key_id(key.public_key()))
     try:
         await Anchorer(pool, key, cfg["AUDIT_ANCHOR_INTERVAL_S"]).run(stop)
     finally:
+        await runner.cleanup()
         await pool.close()
 
 

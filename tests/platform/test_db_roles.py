@@ -11,6 +11,7 @@ import subprocess
 import sys
 import uuid
 
+import httpx
 import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -19,7 +20,7 @@ from psycopg.rows import dict_row
 from services.common.db import SchemaNotReady, require_schema
 from services.ledger import anchors, store
 from services.ledger.service import Ledger
-from tests.conftest import ANCHOR_KEY_FILE, ROOT, database_url_of, eventually, start_service, service_env
+from tests.conftest import ANCHOR_KEY_FILE, ROOT, database_url_of, eventually, free_port, service_env, start_service
 from tests.ledger.test_ledger_db import requested
 
 SERVICE_ROLES = ("ingress", "stk_worker", "ledger", "onboarding", "auditor")
@@ -265,19 +266,22 @@ async def test_the_anchoring_service_anchors_the_head_and_audit_verify_reports_i
     await _audited_payment(ledger_pool, codec, unique)
     async with pool.connection() as conn:
         head = (await (await conn.execute("SELECT max(seq) FROM audit_log")).fetchone())[0]
-    service = start_service("services.ledger.anchors", service_env(infra, AUDIT_ANCHOR_INTERVAL_S="0.2",
-                                                                   AUDIT_ANCHOR_KEY_FILE=str(ANCHOR_KEY_FILE)))
+    port = free_port()
+    service = start_service("services.ledger.anchors", service_env(
+        infra, AUDIT_ANCHOR_INTERVAL_S="0.2", AUDIT_ANCHOR_KEY_FILE=str(ANCHOR_KEY_FILE), AUDIT_ANCHOR_METRICS_PORT=port))
     try:
         async def anchored():
             async with pool.connection() as conn:
                 cur = await conn.execute("SELECT 1 FROM audit_anchors WHERE audit_seq >= %s", (head,))
                 return await cur.fetchone()
         await eventually(anchored, timeout=30)
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert 'audit_anchors_total{result="anchored"}' in metrics and "audit_anchor_checked_timestamp_seconds" in metrics
     finally:
         service.terminate()
         output, _ = service.communicate(timeout=30)
     assert service.returncode == 0, output
-    assert f"anchored audit row" in output and "schema's owner" not in output
+    assert "anchored audit row" in output and "schema's owner" not in output
 
     result = subprocess.run([sys.executable, "-m", "services.cli", "audit", "verify", "--from", str(max(head - 100, 1))],
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
