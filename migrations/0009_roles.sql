@@ -78,6 +78,9 @@ GRANT SELECT ON audit_log TO mpesa_auditor;
 GRANT SELECT, INSERT ON audit_anchors TO mpesa_auditor;
 GRANT USAGE ON SEQUENCE audit_anchors_id_seq TO mpesa_auditor;
 
+-- The ledger may append: a row below 1 would sit outside every verification (they walk up from 1).
+ALTER TABLE audit_log ADD CONSTRAINT audit_log_seq_positive CHECK (seq >= 1);
+
 -- Append-only, for the owner too unless it first drops or disables the trigger (an ALTER that only
 -- the owner can make). Row triggers do not fire on TRUNCATE: a statement trigger covers it.
 CREATE FUNCTION refuse_audit_change() RETURNS trigger LANGUAGE plpgsql AS $$

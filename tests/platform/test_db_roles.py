@@ -117,6 +117,13 @@ def test_the_ingress_role_cannot_touch_the_ledgers_tables_or_the_sealed_credenti
             assert outcome.startswith("InsufficientPrivilege"), f"{statement}: {outcome}"
 
 
+def test_the_ledger_role_cannot_hide_an_audit_row_below_the_start_of_the_chain(infra):
+    with connect(infra, "ledger") as conn:
+        outcome = refused(conn, "INSERT INTO audit_log (seq, payment_id, fact, verdict, at, prev_hash, hash)"
+                                " VALUES (0, 'p', 'f', 'v', now(), 'h', 'h')")
+    assert outcome.startswith("CheckViolation") and "audit_log_seq_positive" in outcome, outcome
+
+
 def test_a_service_refuses_to_start_on_a_schema_behind_its_code_with_one_line(infra, tmp_path):
     # require_schema compares with this code's migrations: one more file than the database has.
     ahead = tmp_path / "migrations"
