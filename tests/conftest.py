@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
 from services.common.avro import Codec
 from services.common.db import migrate, open_pool
@@ -75,7 +76,11 @@ def database_url_of(infra: dict[str, str], role: str) -> str:
 
 
 async def _role_pool(infra, role: str):
-    p = await open_pool(database_url_of(infra, role), max_size=4)
+    # Checked before each use: a test restarts PostgreSQL (tests/ledger/test_ledger_crashes.py), and a
+    # pool made before it would otherwise hand the next test a dead connection.
+    p = AsyncConnectionPool(database_url_of(infra, role), min_size=1, max_size=4, open=False,
+                            check=AsyncConnectionPool.check_connection)
+    await p.open(wait=True, timeout=30)
     yield p
     await p.close()
 

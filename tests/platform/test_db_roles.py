@@ -88,7 +88,7 @@ def test_no_service_role_can_truncate_delete_update_or_alter_an_audit_table(infr
 # A row of each, so that a row trigger has something to fire on.
 SAMPLE_ROWS = {
     "audit_log": "INSERT INTO audit_log (seq, payment_id, fact, verdict, at, prev_hash, hash)"
-                 " VALUES (-1, 'p', 'f', 'v', now(), 'h', 'h')",
+                 " VALUES (9000000000000000000, 'p', 'f', 'v', now(), 'h', 'h')",
     "audit_anchors": "INSERT INTO audit_anchors (audit_seq, audit_hash, anchored_at, key_id, signature)"
                      " VALUES (1, repeat('0', 64), now(), repeat('0', 16), decode(repeat('00', 64), 'hex'))",
     "credential_audit": "INSERT INTO credential_audit (actor, action) VALUES ('tests', 'kek_rotated')",
