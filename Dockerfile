@@ -11,4 +11,6 @@ RUN pip install --no-cache-dir -e . \
  && useradd --system --no-create-home app \
  && useradd --system --no-create-home stk \
  && mkdir /vault /vault-public && chown stk /vault /vault-public && chmod 700 /vault && chmod 755 /vault-public
+# The audit anchor key's volume: only the audit-anchor service mounts it (compose.yaml).
+RUN mkdir /audit && chown app /audit && chmod 700 /audit
 USER app

@@ -3,6 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Local database passwords (infra/postgres.sh); URLs carry none.
+export PGPASSFILE ?= $(CURDIR)/.local/secrets/pgpass
 
 .PHONY: install run test bench down infra clean
 
@@ -17,7 +19,7 @@ infra: install ## start Kafka and PostgreSQL on loopback (idempotent)
 	bash infra/up.sh
 
 run: install ## the whole stack in the foreground; Ctrl-C stops everything, Kafka and PostgreSQL too
-	bash infra/up.sh >/dev/null
+	set -a; source <(bash infra/up.sh); set +a; \
 	trap 'bash infra/down.sh' EXIT; $(PY) -m services.cli run
 
 test: infra ## the whole suite against the real broker and database

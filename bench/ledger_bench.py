@@ -46,7 +46,7 @@ from services.ledger.relay import OutboxRelay  # noqa: E402
 from services.ledger.service import OVERLAP_FROM, Ledger  # noqa: E402
 
 KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
-DB = os.environ.get("DATABASE_URL", "postgresql://mpesa:mpesa@127.0.0.1:5433/mpesa")
+DB = os.environ.get("DATABASE_URL", "postgresql://mpesa@127.0.0.1:5433/mpesa")  # password: PGPASSFILE
 
 
 def events_for(run: str, i: int) -> list[tuple[str, dict]]:

@@ -44,7 +44,7 @@ from tests.e2e.stack import wait_for  # noqa: E402
 from tests.platform.kafka_helpers import end_offsets, start_group_at_end  # noqa: E402
 
 KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
-DB = os.environ.get("DATABASE_URL", "postgresql://mpesa:mpesa@127.0.0.1:5433/mpesa")
+DB = os.environ.get("DATABASE_URL", "postgresql://mpesa@127.0.0.1:5433/mpesa")  # password: PGPASSFILE
 
 
 def callback_body(checkout: str, receipt: str) -> bytes:

@@ -32,7 +32,7 @@ from services.channels.vault import LocalKeyFileProvider, public_key_path, seal,
 from services.common.db import migrate, open_pool  # noqa: E402
 from services.daraja.models import AppCredentials  # noqa: E402
 
-DEFAULT_DATABASE_URL = "postgresql://mpesa:mpesa@127.0.0.1:5433/mpesa"
+DEFAULT_DATABASE_URL = "postgresql://mpesa@127.0.0.1:5433/mpesa"  # password: PGPASSFILE
 
 
 class SteppingClock:

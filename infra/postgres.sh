@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # Private PostgreSQL cluster for local runs: own data dir, port and socket; no Docker.
-# Usage: infra/postgres.sh start|stop|status      Env: PGPORT (5433)
+# Usage: infra/postgres.sh start|stop|status|url [ROLE]      Env: PGPORT (5433)
+# Roles (docs/database-roles.md): `mpesa` owns the schema and runs the migrations; each service logs
+# in as its own role, a member of a NOLOGIN group role that migrations/0009_roles.sql grants to.
+# Passwords are generated into .local/secrets/pgpass (0600, libpq's password file): URLs carry none.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 umask 022   # the postgres user must be able to traverse the folders we create
 
 PGPORT="${PGPORT:-5433}"
-URL="postgresql://mpesa:mpesa@127.0.0.1:${PGPORT}/mpesa"
+url() { echo "postgresql://${1:-mpesa}@127.0.0.1:${PGPORT}/mpesa"; }
+PASSFILE="$LOCAL/secrets/pgpass"
+# login role -> the group role holding its grants. `mpesa` (the owner) is in no group.
+declare -A GROUP_OF=([ingress]=mpesa_ingress [stk_worker]=mpesa_stk_worker [ledger]=mpesa_ledger
+                     [onboarding]=mpesa_onboarding [auditor]=mpesa_auditor)
 PGLINK="$LOCAL/pg"   # a real folder, or a symlink to /var/tmp when postgres can't reach the clone
 
 # PostgreSQL refuses to run as root, so as root we run it as the 'postgres' system user.
@@ -99,12 +106,37 @@ wait_ready() {
   done
 }
 
-# Role and database are created if missing, on every start (cheap, idempotent).
+# A role's password from the password file, generated (base64url: nothing to escape) on first use.
+password_of() {
+  local role=$1 pw
+  pw="$(awk -F: -v r="$role" '$4 == r { print $5; exit }' "$PASSFILE" 2>/dev/null || true)"
+  if [[ -z $pw ]]; then
+    pw="$(head -c 24 /dev/urandom | base64 | tr '+/' '-_')"
+    (umask 077; mkdir -p "$(dirname "$PASSFILE")"; echo "*:*:*:$role:$pw" >>"$PASSFILE")
+  fi
+  printf '%s' "$pw"
+}
+
+# Roles and database are created if missing and passwords set from the file, on every start
+# (cheap, idempotent). Passwords travel on psql's stdin, never its command line.
 ensure_db() {
-  as_pg "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$RUN" -p "$PGPORT" -U "$SUPER" -d postgres <<'SQL'
-SELECT 'CREATE ROLE mpesa LOGIN PASSWORD ''mpesa''' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'mpesa')\gexec
+  local role sql
+  sql="SET client_min_messages = warning;
+SELECT 'CREATE ROLE mpesa LOGIN' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'mpesa')\gexec
+\set pw '$(password_of mpesa)'
+ALTER ROLE mpesa LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB PASSWORD :'pw';
 SELECT 'CREATE DATABASE mpesa OWNER mpesa' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'mpesa')\gexec
-SQL
+"
+  for role in "${!GROUP_OF[@]}"; do
+    sql+="SELECT 'CREATE ROLE ${GROUP_OF[$role]} NOLOGIN' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '${GROUP_OF[$role]}')\gexec
+SELECT 'CREATE ROLE $role LOGIN' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$role')\gexec
+\set pw '$(password_of "$role")'
+ALTER ROLE $role LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB INHERIT PASSWORD :'pw';
+GRANT ${GROUP_OF[$role]} TO $role;
+"
+  done
+  as_pg "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$RUN" -p "$PGPORT" -U "$SUPER" -d postgres <<<"$sql" >/dev/null
+  chmod 600 "$PASSFILE"
 }
 
 start() {
@@ -139,7 +171,7 @@ status() {
   BIN="$(find_bin)" || { echo "postgres: stopped (not installed)"; return 1; }
   [[ -e $PGLINK ]] && setup_home
   if running && as_pg "$BIN/pg_isready" -q -h 127.0.0.1 -p "$PGPORT" -t 2; then
-    echo "postgres: running (pid $(head -n1 "$DATA/postmaster.pid")) on 127.0.0.1:$PGPORT  $URL"
+    echo "postgres: running (pid $(head -n1 "$DATA/postmaster.pid")) on 127.0.0.1:$PGPORT  $(url)"
   else echo "postgres: stopped"; return 1; fi
 }
 
@@ -147,6 +179,7 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  url) echo "$URL" ;;
-  *) echo "usage: $0 start|stop|status|url" >&2; exit 2 ;;
+  url) url "${2:-}" ;;
+  passfile) echo "$PASSFILE" ;;
+  *) echo "usage: $0 start|stop|status|url [ROLE]|passfile" >&2; exit 2 ;;
 esac

@@ -8,4 +8,7 @@ here="$(dirname "${BASH_SOURCE[0]}")"
 "$here/postgres.sh" start >&2
 "$here/kafka.sh" start >&2
 "$here/kafka.sh" env admin
+# The migration role's URL; each service's is the same with its own role (infra/postgres.sh url ROLE).
+# No password in it: libpq reads it from PGPASSFILE.
 echo "DATABASE_URL=$("$here/postgres.sh" url)"
+echo "PGPASSFILE=$("$here/postgres.sh" passfile)"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from services.channels.cli import register as register_channels
@@ -15,6 +16,7 @@ STACK = [
     ("webhook-gateway", "services.webhook_consumer"),
     ("ingress", "services.ingress"),
     ("onboarding-api", "services.channels"),
+    ("audit-anchor", "services.ledger.anchors"),
 ]
 
 
@@ -22,52 +24,94 @@ INFRA_LOGS = [("kafka", ".local/kafka/kafka.log"), ("postgresql", ".local/pg/pos
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
+    import psycopg
     from services.common.db import migrate
     cfg = config.load([config.DATABASE_URL])
-    applied = migrate(cfg["DATABASE_URL"])
+    try:
+        applied = migrate(cfg["DATABASE_URL"])
+    except psycopg.Error as exc:  # e.g. a service's role, which may not create tables
+        print(f"mpesa-pipeline migrate: {str(exc).strip().splitlines()[0]} (migrations run as the schema's owner)",
+              file=sys.stderr)
+        return 1
     print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
     return 0
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     import psycopg
+    from services.ledger.anchors import PUBLIC_KEY_FILE, load_public_keys, verify_anchors
     from services.ledger.store import verify_audit
+    cfg = config.load([config.database_url("auditor"), PUBLIC_KEY_FILE])
+    path = cfg["AUDIT_ANCHOR_PUBLIC_KEY_FILE"]
+    keys = load_public_keys(path) if path.exists() else {}
 
-    async def verify() -> tuple[int, str | None]:
-        async with await psycopg.AsyncConnection.connect(config.load([config.DATABASE_URL])["DATABASE_URL"]) as conn:
-            return await verify_audit(conn, args.from_seq)
+    async def verify():
+        async with await psycopg.AsyncConnection.connect(cfg["DATABASE_URL"]) as conn:
+            # One snapshot: the rows walked and the anchors checked are the same trail.
+            await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+            async with conn.transaction():
+                count, problem = await verify_audit(conn, args.from_seq)
+                return count, problem, None if problem else await verify_anchors(conn, keys)
 
-    count, problem = asyncio.run(verify())
+    count, problem, anchors = asyncio.run(verify())
+    problem = problem or anchors.problem
+    if problem and not keys and not path.exists():
+        problem += f" (no public key file at {path}: set AUDIT_ANCHOR_PUBLIC_KEY_FILE)"
     if problem:
         print(f"audit trail BROKEN after {count} rows: {problem}")
         return 1
-    print(f"audit trail intact: {count} rows verified")
+    newest = anchors.newest
+    print(f"audit trail intact: {count} rows verified; " + (
+        f"{anchors.checked} anchors verified, the newest at row {newest.audit_seq} ({newest.anchored_at.isoformat()})"
+        if newest else "no anchor yet"))
+    return 0
+
+
+def cmd_anchor_key(_: argparse.Namespace) -> int:
+    from services.ledger.anchors import KEY_FILE, create_key, public_key_path
+    path = config.load([KEY_FILE])["AUDIT_ANCHOR_KEY_FILE"]
+    if not create_key(path):
+        print(f"mpesa-pipeline audit anchor-key: {path} exists; a key is never overwritten", file=sys.stderr)
+        return 1
+    print(f"made {path} (private, 0600: only where the anchoring job runs) and {public_key_path(path)} "
+          "(public: where `audit verify` runs)")
     return 0
 
 
 def cmd_run(_: argparse.Namespace) -> int:
     from services.channels.settings import VAULT_KEY_FILE
-    from services.devstack import kafka_logins, prepare
+    from services.devstack import kafka_logins, prepare, service_database_urls
     from services.supervisor import supervise
     cfg = config.load([config.DATABASE_URL, VAULT_KEY_FILE])
     env, banner = prepare(cfg["DATABASE_URL"], cfg["VAULT_KEY_FILE"])
     print(banner, flush=True)
+    # Migrated as the schema's owner (prepare); each service logs in as its own role and none
+    # inherits the owner's URL.
+    os.environ.pop("DATABASE_URL", None)
+    urls = service_database_urls(cfg["DATABASE_URL"])
     logs = [(name, ["tail", "-n", "0", "-F", path]) for name, path in INFRA_LOGS]
+    logins = kafka_logins([name for name, _ in STACK])
+    own_env = {name: {**logins.get(name, {}), **({"DATABASE_URL": urls[name]} if name in urls else {})}
+               for name, _ in STACK}
     services = [(name, [sys.executable, "-m", module]) for name, module in STACK]
-    return asyncio.run(supervise(logs + services, env, kafka_logins([name for name, _ in STACK])))
+    return asyncio.run(supervise(logs + services, env, own_env))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpesa-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+    sub.add_parser("migrate", help="apply database migrations (as the schema's owner: DATABASE_URL)"
+                   ).set_defaults(func=cmd_migrate)
     sub.add_parser("run", help="run every service in the foreground (Ctrl-C stops all)").set_defaults(func=cmd_run)
     register_channels(sub)
     audit = sub.add_parser("audit", help="the ledger's hash-chained audit trail").add_subparsers(dest="audit", required=True)
-    verify = audit.add_parser("verify", help="recompute the hash chain; exit 1 if any row was edited or removed")
+    verify = audit.add_parser("verify", help="recompute the hash chain and check its signed anchors; exit 1 if "
+                              "any row was edited or removed")
     verify.add_argument("--from", dest="from_seq", type=int, default=1,
                         help="start at this row, trusting the one before it (a checkpoint already verified)")
     verify.set_defaults(func=cmd_audit_verify)
+    audit.add_parser("anchor-key", help="make the Ed25519 key pair that signs the chain's anchors "
+                     "(AUDIT_ANCHOR_KEY_FILE)").set_defaults(func=cmd_anchor_key)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""`make run` conveniences for a developer machine: local secrets and a demo channel.
+"""`make run` conveniences for a developer machine: migrations, local secrets, the audit anchor key
+and a demo channel.
 
 Only `mpesa-pipeline run` uses this. Secrets it creates live in .local/secrets/ (mode 0600); a
 production deployment passes its own through the environment instead.
@@ -9,16 +10,33 @@ import asyncio
 import os
 import secrets
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from services.channels.onboarding import Conflict, Onboarding
 from services.channels.vault import LocalKeyFileProvider, public_key_path
+from services.common import config
 from services.common.db import migrate, open_pool
 from services.common.topics import ACCESS
+from services.ledger.anchors import KEY_FILE as ANCHOR_KEY_FILE, create_key
 from services.daraja_sandbox.settings import DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
 
 SECRETS = Path(".local/secrets")
 KAFKA_CA = Path(".local/kafka/tls/ca.crt")  # made by infra/kafka.sh, as are the principals' passwords
 DEMO_CHANNEL = "demo"
+# The login role of each service of `mpesa-pipeline run` (made by infra/postgres.sh).
+SERVICE_ROLES = {"ledger": "ledger", "stk-worker": "stk_worker", "ingress": "ingress", "onboarding-api": "onboarding",
+                 "audit-anchor": "auditor"}
+
+
+def role_url(database_url: str, role: str) -> str:
+    """The same database as `role`; no password in it (libpq takes it from PGPASSFILE)."""
+    parts = urlsplit(database_url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{role}@{host}"))
+
+
+def service_database_urls(database_url: str) -> dict[str, str]:
+    return {service: role_url(database_url, role) for service, role in SERVICE_ROLES.items()}
 
 
 def local_secret(name: str, make=lambda: secrets.token_urlsafe(32)) -> str:
@@ -56,7 +74,6 @@ def kafka_logins(services: list[str]) -> dict[str, dict[str, str]]:
 
 async def ensure_demo_channel(database_url: str, key_file: Path) -> None:
     """A channel on the Daraja sandbox's demo app, and an API key for it (kept in .local/secrets)."""
-    migrate(database_url)
     LocalKeyFileProvider.open(key_file, create=True)
     pool = await open_pool(database_url, max_size=2)
     try:
@@ -97,6 +114,9 @@ def demo_banner() -> str:
 
 
 def prepare(database_url: str, key_file: Path) -> tuple[dict[str, str], str]:
+    """database_url: the migration role's; the demo channel is made as the onboarding role."""
     env = dev_environment()
-    asyncio.run(ensure_demo_channel(database_url, key_file))
+    migrate(database_url)
+    create_key(config.load([ANCHOR_KEY_FILE])["AUDIT_ANCHOR_KEY_FILE"])  # no-op once it exists
+    asyncio.run(ensure_demo_channel(role_url(database_url, SERVICE_ROLES["onboarding-api"]), key_file))
     return env, demo_banner()

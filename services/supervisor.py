@@ -18,7 +18,7 @@ async def _pipe(name: str, colour: str, stream: asyncio.StreamReader) -> None:
 
 async def supervise(services: list[tuple[str, list[str]]], env: dict[str, str] | None = None,
                     own_env: dict[str, dict[str, str]] | None = None) -> int:
-    """Starts (name, argv) processes, each with `env` plus its own `own_env[name]` (its Kafka login);
+    """Starts (name, argv) processes, each with `env` plus its own `own_env[name]` (its Kafka login, its database role);
     when one exits or a signal comes, stops the rest."""
     procs = []
     for name, argv in services:

@@ -1,7 +1,10 @@
 """Shared fixtures: a real Kafka broker and a real PostgreSQL.
 
-Endpoints come from KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL when set; otherwise the project's own
-scripts (infra/up.sh) start local ones, which is idempotent and fast when they already run.
+Endpoints come from KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL (the migration role's) when set; otherwise
+the project's own scripts (infra/up.sh) start local ones, which is idempotent and fast when they
+already run. The migrations run as that role; each service and each service's building blocks run
+as the service's own role (infra/postgres.sh's login roles, passwords from PGPASSFILE), as in
+`make run`. `pool` is the migration role's, for setting up and inspecting.
 """
 from __future__ import annotations
 
@@ -15,12 +18,17 @@ import uuid
 from pathlib import Path
 
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
 from services.common.avro import Codec
 from services.common.config import KAFKA_CLIENT_PREFIX
 from services.common.db import migrate, open_pool
+from services.devstack import role_url
 from services.common.kafka import EventProducer, ensure_topics
 from services.common.topics import ALL_TOPICS
+from services.ledger.anchors import create_key
+
+ANCHOR_KEY_FILE = Path(__file__).resolve().parents[1] / ".local" / "audit" / "anchor-key.pem"
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS = 3
@@ -36,7 +44,15 @@ def _wanted(name: str) -> bool:
 def _start_local_infra() -> dict[str, str]:
     out = subprocess.run(["bash", str(ROOT / "infra" / "up.sh")], check=True, capture_output=True, text=True)
     env = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    if env.get("PGPASSFILE"):  # this process and every service it starts log in with it
+        os.environ.setdefault("PGPASSFILE", env["PGPASSFILE"])
     return {k: v for k, v in env.items() if _wanted(k)}
+
+
+_MIGRATION_URLS: set[str] = set()  # the tests' DATABASE_URL, once the infra fixture ran
+# The login role each service runs as (infra/postgres.sh), by module.
+SERVICE_ROLES = {"services.ingress": "ingress", "services.ledger": "ledger", "services.stk_worker": "stk_worker",
+                 "services.channels": "onboarding", "services.ledger.anchors": "auditor"}
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +64,9 @@ def infra() -> dict[str, str]:
         given = {**_start_local_infra(), **given}
     os.environ.update({k: v for k, v in given.items() if k.startswith(KAFKA_CLIENT_PREFIX)})
     migrate(given["DATABASE_URL"])
+    _MIGRATION_URLS.add(given["DATABASE_URL"])
+    ANCHOR_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
+    create_key(ANCHOR_KEY_FILE)  # the same key as `make run`'s: both anchor the same local database
     ensure_topics(given["KAFKA_BOOTSTRAP_SERVERS"], ALL_TOPICS, PARTITIONS)
     return given
 
@@ -60,6 +79,51 @@ def kafka_bootstrap(infra) -> str:
 @pytest.fixture(scope="session")
 def database_url(infra) -> str:
     return infra["DATABASE_URL"]
+
+
+def database_url_of(infra: dict[str, str], role: str) -> str:
+    """The URL of a service's login role on the tests' database."""
+    return role_url(infra["DATABASE_URL"], role)
+
+
+async def _role_pool(infra, role: str):
+    # Checked before each use: a test restarts PostgreSQL (tests/ledger/test_ledger_crashes.py), and a
+    # pool made before it would otherwise hand the next test a dead connection.
+    p = AsyncConnectionPool(database_url_of(infra, role), min_size=1, max_size=4, open=False,
+                            check=AsyncConnectionPool.check_connection)
+    await p.open(wait=True, timeout=30)
+    yield p
+    await p.close()
+
+
+@pytest.fixture(scope="session")
+async def ledger_pool(infra):
+    async for p in _role_pool(infra, "ledger"):
+        yield p
+
+
+@pytest.fixture(scope="session")
+async def ingress_pool(infra):
+    async for p in _role_pool(infra, "ingress"):
+        yield p
+
+
+@pytest.fixture(scope="session")
+async def stk_worker_pool(infra):
+    async for p in _role_pool(infra, "stk_worker"):
+        yield p
+
+
+@pytest.fixture(scope="session")
+async def onboarding_pool(infra):
+    async for p in _role_pool(infra, "onboarding"):
+        yield p
+
+
+@pytest.fixture(scope="session")
+async def auditor_pool(infra):
+    async for p in _role_pool(infra, "auditor"):
+        yield p
 
 
 @pytest.fixture(scope="session")
@@ -129,6 +193,10 @@ class ServiceProcess(subprocess.Popen):
 
 
 def start_service(module: str, env: dict[str, str]) -> ServiceProcess:
+    """A service logs in as its own role, unless the test chose another URL than the tests' own."""
+    url = env.get("DATABASE_URL")
+    if module in SERVICE_ROLES and url is not None and url in _MIGRATION_URLS:
+        env = {**env, "DATABASE_URL": role_url(url, SERVICE_ROLES[module])}
     return ServiceProcess(module, env)
 
 

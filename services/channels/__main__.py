@@ -12,7 +12,7 @@ from services.channels import settings as s
 from services.channels.api import create_app
 from services.channels.onboarding import Onboarding, daraja_credential_check
 from services.common import config
-from services.common.db import open_pool
+from services.common.db import open_pool, require_schema
 from services.common.observability import Health, serve
 from services.common.runtime import run_service
 from services.daraja.client import DarajaTimeouts
@@ -20,7 +20,7 @@ from services.daraja.settings import SETTINGS as DARAJA_SETTINGS
 
 log = logging.getLogger("services.channels")
 
-SETTINGS = [config.DATABASE_URL, s.ADMIN_HOST, s.ADMIN_PORT, s.ADMIN_TOKEN, s.ADMIN_TOKEN_SHA256,
+SETTINGS = [config.database_url("onboarding"), s.ADMIN_HOST, s.ADMIN_PORT, s.ADMIN_TOKEN, s.ADMIN_TOKEN_SHA256,
             s.VAULT_PUBLIC_KEY_FILE, *DARAJA_SETTINGS]
 
 
@@ -35,6 +35,7 @@ async def main(cfg: dict, stop: asyncio.Event) -> None:
                     "has run where the STK worker runs", cfg["VAULT_PUBLIC_KEY_FILE"])
     check = daraja_credential_check(cfg["DARAJA_BASE_URL"], DarajaTimeouts(connect_s=cfg["DARAJA_CONNECT_TIMEOUT_S"],
                                                                            read_s=cfg["DARAJA_READ_TIMEOUT_S"]))
+    require_schema(cfg["DATABASE_URL"])
     pool = await open_pool(cfg["DATABASE_URL"], max_size=5)
     onboarding = Onboarding(pool, public_key_file=cfg["VAULT_PUBLIC_KEY_FILE"], credential_check=check)
     runner = await serve(create_app(onboarding, admin_token, Health()), cfg["ADMIN_HOST"], cfg["ADMIN_PORT"])

@@ -22,6 +22,8 @@ from typing import Any, Awaitable, Callable
 from services.channels import settings as s
 from services.common import config
 
+_DATABASE_URL = config.database_url("onboarding")  # operators onboard as the onboarding role
+
 CREDENTIAL_ENV = {"consumerKey": "MPESA_CONSUMER_KEY", "consumerSecret": "MPESA_CONSUMER_SECRET",
                   "passkey": "MPESA_PASSKEY"}
 
@@ -185,7 +187,7 @@ def _onboarding_command(operation: Callable[..., Awaitable[Any]]) -> Callable[[a
     """Wraps an Onboarding call: config, a pool, errors as one clear message and exit status 1."""
     def command(args: argparse.Namespace) -> int:
         from services.daraja.settings import SETTINGS as DARAJA_SETTINGS
-        cfg = config.load([config.DATABASE_URL, s.VAULT_PUBLIC_KEY_FILE, *DARAJA_SETTINGS])
+        cfg = config.load([_DATABASE_URL, s.VAULT_PUBLIC_KEY_FILE, *DARAJA_SETTINGS])
         return asyncio.run(_run_onboarding(cfg, operation, args))
     return command
 
@@ -249,7 +251,7 @@ def cmd_vault_init(args: argparse.Namespace) -> int:
 
 
 def cmd_vault_status(args: argparse.Namespace) -> int:
-    return asyncio.run(_vault_status(_key_file(args), config.load([config.DATABASE_URL])["DATABASE_URL"]))
+    return asyncio.run(_vault_status(_key_file(args), config.load([_DATABASE_URL])["DATABASE_URL"]))
 
 
 async def _vault_status(path: Path, database_url: str) -> int:
@@ -275,7 +277,7 @@ async def _vault_status(path: Path, database_url: str) -> int:
 
 
 def cmd_vault_rotate(args: argparse.Namespace) -> int:
-    return asyncio.run(_vault_rotate(_key_file(args), config.load([config.DATABASE_URL])["DATABASE_URL"],
+    return asyncio.run(_vault_rotate(_key_file(args), config.load([_DATABASE_URL])["DATABASE_URL"],
                                      args.retire_old))
 
 

@@ -50,7 +50,9 @@ _RECORD_QUERY = (
     " c.created_at, c.updated_at,"
     " cc.version, cc.fingerprint, cc.app_key_id, cc.key_id, cc.validated_at, cc.created_at AS credentials_created_at,"
     " cc.created_by AS credentials_created_by"
-    " FROM channels c LEFT JOIN LATERAL (SELECT * FROM channel_credentials WHERE channel_id = c.channel_id"
+    # Named columns, never the sealed ones: the ingress may read only these (migrations/0009_roles.sql).
+    " FROM channels c LEFT JOIN LATERAL (SELECT version, fingerprint, app_key_id, key_id, validated_at, created_at,"
+    " created_by FROM channel_credentials WHERE channel_id = c.channel_id"
     " ORDER BY version DESC LIMIT 1) cc ON true")
 
 

@@ -130,8 +130,16 @@ def choice(raw: str, *options: str) -> str:
 
 # Settings several services share, declared once.
 KAFKA_BOOTSTRAP = Setting("KAFKA_BOOTSTRAP_SERVERS", host_ports, "127.0.0.1:9092", help="Kafka brokers")
-DATABASE_URL = Setting("DATABASE_URL", postgres_url, "postgresql://mpesa:mpesa@127.0.0.1:5433/mpesa",
-                       secret=False, help="PostgreSQL connection URL; its password is masked")
+
+
+def database_url(role: str) -> Setting:
+    """DATABASE_URL of a process logging in as `role` (infra/postgres.sh's login roles; the password
+    comes from the URL or libpq's PGPASSFILE)."""
+    return Setting("DATABASE_URL", postgres_url, f"postgresql://{role}@127.0.0.1:5433/mpesa", secret=False,
+                   help=f"PostgreSQL connection URL, as the {role} role; its password is masked")
+
+
+DATABASE_URL = database_url("mpesa")  # the schema's owner: migrations
 TOPIC_PARTITIONS = Setting("KAFKA_TOPIC_PARTITIONS", positive_int, 6, help="partitions per topic at creation")
 METRICS_HOST = Setting("METRICS_HOST", str, "127.0.0.1", help="address of /metrics and /healthz for workers")
 LOG_LEVEL = Setting("LOG_LEVEL", lambda v: choice(v.upper(), "DEBUG", "INFO", "WARNING", "ERROR"), "INFO")

@@ -1,4 +1,9 @@
-"""PostgreSQL: connection pools and the project's schema migrations (migrations/NNNN_*.sql)."""
+"""PostgreSQL: connection pools and the project's schema migrations (migrations/NNNN_*.sql).
+
+Migrations are applied by the schema's owner (`mpesa-pipeline migrate`), never by a service: a
+service logs in as a role that can neither create nor alter tables (docs/database-roles.md) and
+only checks at start that the schema is at the version its code needs.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -9,10 +14,16 @@ from typing import Awaitable, Callable
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from services.common.runtime import StartupRefused
+
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 _MIGRATION_LOCK = 7_262_021  # advisory lock id: one migrator at a time across services
 
 log = logging.getLogger(__name__)
+
+
+class SchemaNotReady(StartupRefused):
+    """The database cannot serve this code yet; the message says why and what to run."""
 
 
 def migrate(database_url: str, migrations_dir: Path = MIGRATIONS_DIR) -> list[str]:
@@ -35,6 +46,38 @@ def migrate(database_url: str, migrations_dir: Path = MIGRATIONS_DIR) -> list[st
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
     return applied_now
+
+
+def pending_migrations(conn: psycopg.Connection, migrations_dir: Path = MIGRATIONS_DIR) -> list[str]:
+    """Names of this code's migrations not applied to the database yet (all of them on an empty one)."""
+    try:
+        with conn.transaction():
+            done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
+    except psycopg.errors.UndefinedTable:
+        done = set()
+    return [path.name for path in sorted(migrations_dir.glob("*.sql")) if path.name not in done]
+
+
+def require_schema(database_url: str, migrations_dir: Path = MIGRATIONS_DIR) -> None:
+    """Raises SchemaNotReady unless every migration this code ships was applied. A schema further
+    ahead is fine: migrations only add what older code does not read. Warns when the service logs
+    in as the schema's owner, which can rewrite the audit trail."""
+    try:
+        with psycopg.connect(database_url, autocommit=True, connect_timeout=10) as conn:
+            missing = pending_migrations(conn, migrations_dir)
+            owner = conn.execute("SELECT pg_has_role(current_user, tableowner, 'MEMBER') FROM pg_tables"
+                                 " WHERE schemaname = current_schema() AND tablename = 'schema_migrations'").fetchone()
+    except psycopg.OperationalError as exc:
+        raise SchemaNotReady(f"cannot reach PostgreSQL: {str(exc).strip().splitlines()[0]}") from None
+    except psycopg.errors.InsufficientPrivilege:
+        raise SchemaNotReady("this role may not read schema_migrations: run `mpesa-pipeline migrate` "
+                             "(as the migration role) to apply migrations/0009_roles.sql") from None
+    if missing:
+        raise SchemaNotReady(f"the database schema lacks {len(missing)} migration(s) this code needs "
+                             f"(first: {missing[0]}): run `mpesa-pipeline migrate` as the migration role")
+    if owner and owner[0]:
+        log.warning("DATABASE_URL logs in as the schema's owner, which may alter and truncate every table; "
+                    "give this service its own role (docs/database-roles.md)")
 
 
 async def open_pool(database_url: str, *, min_size: int = 1, max_size: int = 10,

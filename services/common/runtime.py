@@ -11,6 +11,10 @@ from services.common import config
 from services.common.observability import setup_logging
 
 
+class StartupRefused(Exception):
+    """The service cannot start (e.g. the database schema is behind); the message is the one line to print."""
+
+
 def run_service(name: str, settings: list[config.Setting],
                 main: Callable[[dict[str, Any], asyncio.Event], Awaitable[None]]) -> None:
     """Loads config (one clear line and exit 2 on error), then runs main(cfg, stop) until stopped."""
@@ -20,7 +24,11 @@ def run_service(name: str, settings: list[config.Setting],
         print(f"{name}: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     setup_logging(name, cfg["LOG_LEVEL"])
-    asyncio.run(_main_until_signalled(cfg, main))
+    try:
+        asyncio.run(_main_until_signalled(cfg, main))
+    except StartupRefused as exc:
+        print(f"{name}: cannot start: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 async def _main_until_signalled(cfg, main) -> None:

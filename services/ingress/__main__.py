@@ -6,7 +6,7 @@ import asyncio
 
 from services.common import config
 from services.common.avro import Codec
-from services.common.db import migrate
+from services.common.db import require_schema
 from services.common.kafka import ConsumerLoop, ensure_topics, per_event
 from services.common.observability import Health, serve
 from services.common.runtime import quiet_garbage_collector, run_service
@@ -23,7 +23,7 @@ UPSTREAM_GROUP_ID = config.Setting("INGRESS_UPSTREAM_GROUP_ID", str, "ingress-up
 
 
 async def main(cfg: dict, stop: asyncio.Event) -> None:
-    migrate(cfg["DATABASE_URL"])
+    require_schema(cfg["DATABASE_URL"])
     deps = await open_deps(cfg)
     upstream = UpstreamReauthoriser(cfg["UPSTREAM_PRODUCERS"], deps.producer)
     # The ones its ACLs allow (a benchmark's own requested topic needs a principal that may create it).

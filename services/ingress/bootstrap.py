@@ -18,7 +18,7 @@ from services.ingress.views import PaymentViews
 
 SETTINGS = [
     config.KAFKA_BOOTSTRAP,
-    config.DATABASE_URL,
+    config.database_url("ingress"),
     config.TOPIC_PARTITIONS,
     config.Setting("INGRESS_HOST", str, "127.0.0.1", help="address to listen on"),
     config.Setting("INGRESS_PORT", config.port, 8080, help="port to listen on"),

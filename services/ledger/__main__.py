@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from services.common import config
 from services.common.avro import Codec
-from services.common.db import migrate, open_pool
+from services.common.db import open_pool, require_schema
 from services.common.kafka import ConsumerLoop, EventProducer, ensure_topics
 from services.common.observability import Health, serve_ops
 from services.common.runtime import quiet_garbage_collector, run_service
@@ -18,7 +18,7 @@ from services.ledger.service import OVERLAP_FROM, Ledger, LedgerSettings
 
 SETTINGS = [
     config.KAFKA_BOOTSTRAP,
-    config.DATABASE_URL,
+    config.database_url("ledger"),
     config.TOPIC_PARTITIONS,
     config.METRICS_HOST,
     config.Setting("LEDGER_GROUP_ID", str, "ledger", help="Kafka consumer group"),
@@ -39,7 +39,7 @@ SETTINGS = [
 
 
 async def main(cfg: dict, stop: asyncio.Event) -> None:
-    migrate(cfg["DATABASE_URL"])
+    require_schema(cfg["DATABASE_URL"])
     bootstrap = cfg["KAFKA_BOOTSTRAP_SERVERS"]
     ensure_topics(bootstrap, ACCESS["ledger"].topics, cfg["KAFKA_TOPIC_PARTITIONS"])  # the ones its ACLs allow
     codec = Codec()

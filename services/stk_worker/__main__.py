@@ -12,7 +12,7 @@ from services.channels.vault import LocalKeyFileProvider
 from services.common import config
 from services.common.avro import Codec
 from services.common.callback_token import parse_secrets
-from services.common.db import open_pool
+from services.common.db import open_pool, require_schema
 from services.common.kafka import ConsumerLoop, EventProducer, ensure_topics, per_event
 from services.common.observability import Health, serve_ops
 from services.common.runtime import run_service
@@ -25,7 +25,7 @@ from services.stk_worker.worker import Pusher, PushSettings, Querier, is_transie
 
 SETTINGS = [
     config.KAFKA_BOOTSTRAP,
-    config.DATABASE_URL,
+    config.database_url("stk_worker"),
     config.TOPIC_PARTITIONS,
     config.METRICS_HOST,
     VAULT_KEY_FILE,
@@ -47,6 +47,7 @@ BATCH = 100
 
 
 async def main(cfg: dict, stop: asyncio.Event) -> None:
+    require_schema(cfg["DATABASE_URL"])
     bootstrap = cfg["KAFKA_BOOTSTRAP_SERVERS"]
     ensure_topics(bootstrap, ACCESS["stk-worker"].topics, cfg["KAFKA_TOPIC_PARTITIONS"])  # the ones its ACLs allow
     codec = Codec()

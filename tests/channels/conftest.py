@@ -113,8 +113,8 @@ def registered_app(daraja_sandbox, creds) -> Secrets:
 
 
 @pytest.fixture
-def onboarding(pool, provider, key_file, daraja_sandbox) -> Onboarding:
-    return Onboarding(pool, public_key_file=public_key_path(key_file),
+def onboarding(onboarding_pool, provider, key_file, daraja_sandbox) -> Onboarding:
+    return Onboarding(onboarding_pool, public_key_file=public_key_path(key_file),
                       credential_check=daraja_credential_check(daraja_sandbox))
 
 

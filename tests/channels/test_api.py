@@ -127,8 +127,8 @@ async def test_daraja_refusing_the_credentials_is_a_clear_422(client, creds, uni
     assert_no_secret(await response.text(), *creds.values)
 
 
-async def test_no_secret_appears_in_responses_logs_errors_or_metrics(client, onboarding, pool, provider,
-                                                                     registered_app, unique, caplog):
+async def test_no_secret_appears_in_responses_logs_errors_or_metrics(client, onboarding, pool, stk_worker_pool,
+                                                                     provider, registered_app, unique, caplog):
     """The whole life of a channel, with every log record and response kept and searched for the
     secrets: the Daraja credentials (both versions), the admin token and the upstream API key."""
     caplog.set_level(logging.DEBUG)
@@ -156,14 +156,14 @@ async def test_no_secret_appears_in_responses_logs_errors_or_metrics(client, onb
     await call("GET", "/admin/api-keys", 200)
     await call("POST", f"/admin/api-keys/{issued['keyId']}/revoke", 200)
 
-    store = CredentialStore(pool, provider)
+    store = CredentialStore(stk_worker_pool, provider)
     assert (await store.get_version(channel_id, 1)).app == registered_app.app
     texts.append(repr(await store.get(channel_id)) + str(await store.get(channel_id)))
     async with pool.connection() as conn:
         await conn.execute("UPDATE channel_credentials SET ciphertext = set_byte(ciphertext, 0,"
                            " get_byte(ciphertext, 0) # 1) WHERE channel_id = %s AND version = 2", (channel_id,))
     with pytest.raises(DecryptionFailed) as failed:
-        await CredentialStore(pool, provider).get(channel_id)
+        await CredentialStore(stk_worker_pool, provider).get(channel_id)
     texts.append(str(failed.value))
 
     formatter = JsonFormatter("tests")

@@ -29,36 +29,36 @@ async def _issued(onboarding, unique) -> tuple[str, str, str]:
     return channel_id, view["keyId"], api_key
 
 
-async def test_a_good_key_is_scoped_to_its_channels(onboarding, pool, unique):
+async def test_a_good_key_is_scoped_to_its_channels(onboarding, pool, ingress_pool, unique):
     channel_id, key_id, api_key = await _issued(onboarding, unique)
-    found = await ApiKeyAuthenticator(pool).authenticate(api_key)
+    found = await ApiKeyAuthenticator(ingress_pool).authenticate(api_key)
     assert (found.key_id, found.label) == (key_id, "web shop")
     assert found.allows(channel_id) and not found.allows(f"other-{unique}")
 
 
-async def test_wrong_malformed_and_missing_keys_are_refused(onboarding, pool, unique):
+async def test_wrong_malformed_and_missing_keys_are_refused(onboarding, pool, ingress_pool, unique):
     _, key_id, api_key = await _issued(onboarding, unique)
-    authenticator = ApiKeyAuthenticator(pool)
+    authenticator = ApiKeyAuthenticator(ingress_pool)
     forged = f"mpk_{key_id}_" + ("A" if api_key[-1] != "A" else "B") * 43  # right id, wrong secret
     for presented in (forged, api_key[:-1], "", None, "Bearer " + api_key, api_key.upper()):
         assert await authenticator.authenticate(presented) is None
 
 
-async def test_a_revoked_key_stops_working_within_the_cache_ttl(onboarding, pool, unique):
+async def test_a_revoked_key_stops_working_within_the_cache_ttl(onboarding, pool, ingress_pool, unique):
     _, key_id, api_key = await _issued(onboarding, unique)
     clock = FakeClock()
-    authenticator = ApiKeyAuthenticator(pool, ttl_s=30, clock=clock)
+    authenticator = ApiKeyAuthenticator(ingress_pool, ttl_s=30, clock=clock)
     assert await authenticator.authenticate(api_key) is not None
     await onboarding.revoke_api_key(key_id, "tests")
     assert await authenticator.authenticate(api_key) is not None  # cached answer, at most ttl_s old
     clock.now += 31
     assert await authenticator.authenticate(api_key) is None
-    assert await ApiKeyAuthenticator(pool).authenticate(api_key) is None
+    assert await ApiKeyAuthenticator(ingress_pool).authenticate(api_key) is None
 
 
-async def test_the_cache_is_bounded(onboarding, pool, unique):
+async def test_the_cache_is_bounded(onboarding, pool, ingress_pool, unique):
     _, _, api_key = await _issued(onboarding, unique)
-    authenticator = ApiKeyAuthenticator(pool, entries_max=3)
+    authenticator = ApiKeyAuthenticator(ingress_pool, entries_max=3)
     for _ in range(5):
         _, other = new_api_key()
         await authenticator.authenticate(other)

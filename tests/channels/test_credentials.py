@@ -21,9 +21,10 @@ class FakeClock:
         return self.now
 
 
-async def test_the_worker_decrypts_once_and_serves_the_rest_from_memory(onboarding, pool, provider, creds, unique):
+async def test_the_worker_decrypts_once_and_serves_the_rest_from_memory(onboarding, pool, stk_worker_pool, provider,
+                                                                        creds, unique):
     channel_id = await onboard(onboarding, f"shop-{unique}", creds)
-    store = CredentialStore(pool, provider, actor="stk-worker-test")
+    store = CredentialStore(stk_worker_pool, provider, actor="stk-worker-test")
     results = await asyncio.gather(*(store.get(channel_id) for _ in range(50)))  # cold cache, concurrent
     results += [await store.get(channel_id) for _ in range(50)]
     assert {(r.version, r.app) for r in results} == {(1, creds.app)}
@@ -32,11 +33,11 @@ async def test_the_worker_decrypts_once_and_serves_the_rest_from_memory(onboardi
     assert [(row[1], row[2], row[3]) for row in decrypted] == [(1, "stk-worker-test", provider.key_id)]
 
 
-async def test_a_rotation_is_seen_after_the_ttl_and_the_old_version_stays_readable(onboarding, pool, provider,
-                                                                                    creds, unique):
+async def test_a_rotation_is_seen_after_the_ttl_and_the_old_version_stays_readable(onboarding, pool, stk_worker_pool,
+                                                                                   provider, creds, unique):
     channel_id = await onboard(onboarding, f"shop-{unique}", creds)
     clock = FakeClock()
-    store = CredentialStore(pool, provider, ttl_s=30, clock=clock)
+    store = CredentialStore(stk_worker_pool, provider, ttl_s=30, clock=clock)
     assert (await store.get(channel_id)).version == 1
     newer = new_secrets()
     await onboarding.rotate_credentials(channel_id, newer.body, "tests")
@@ -46,13 +47,13 @@ async def test_a_rotation_is_seen_after_the_ttl_and_the_old_version_stays_readab
     assert (current.version, current.app) == (2, newer.app)
     assert (await store.get_version(channel_id, 1)).app == creds.app  # in-flight work
     assert store.decryptions == 2
-    assert (await CredentialStore(pool, provider).get_version(channel_id, 1)).app == creds.app
+    assert (await CredentialStore(stk_worker_pool, provider).get_version(channel_id, 1)).app == creds.app
 
 
-async def test_invalidate_and_suspension_are_seen_at_once(onboarding, pool, provider, creds, unique):
+async def test_invalidate_and_suspension_are_seen_at_once(onboarding, pool, stk_worker_pool, provider, creds, unique):
     channel_id = await onboard(onboarding, f"shop-{unique}", creds)
     await onboarding.resume(channel_id, "tests")
-    store = CredentialStore(pool, provider, ttl_s=3600)
+    store = CredentialStore(stk_worker_pool, provider, ttl_s=3600)
     assert (await store.get(channel_id)).can_push
     await onboarding.suspend(channel_id, "tests")
     store.invalidate(channel_id)
@@ -61,12 +62,13 @@ async def test_invalidate_and_suspension_are_seen_at_once(onboarding, pool, prov
     assert store.decryptions == 1  # a re-read of the channel is not a decryption
 
 
-async def test_a_tampered_row_fails_clearly_and_the_failure_is_audited(onboarding, pool, provider, creds, unique):
+async def test_a_tampered_row_fails_clearly_and_the_failure_is_audited(onboarding, pool, stk_worker_pool, provider,
+                                                                       creds, unique):
     channel_id = await onboard(onboarding, f"shop-{unique}", creds)
     async with pool.connection() as conn:
         await conn.execute("UPDATE channel_credentials SET ciphertext = set_byte(ciphertext, 2,"
                            " get_byte(ciphertext, 2) # 1) WHERE channel_id = %s", (channel_id,))
-    store = CredentialStore(pool, provider)
+    store = CredentialStore(stk_worker_pool, provider)
     for _ in range(3):  # three payments meet the broken row; one audit entry per TTL, not per payment
         with pytest.raises(DecryptionFailed) as failed:
             await store.get(channel_id)
@@ -76,7 +78,8 @@ async def test_a_tampered_row_fails_clearly_and_the_failure_is_audited(onboardin
     assert len(failures) == 1 and "altered" in failures[0][4]
 
 
-async def test_a_row_copied_to_another_channel_fails_to_decrypt(onboarding, pool, provider, creds, unique):
+async def test_a_row_copied_to_another_channel_fails_to_decrypt(onboarding, pool, stk_worker_pool, provider, creds,
+                                                                unique):
     victim = await onboard(onboarding, f"victim-{unique}", creds)
     thief = await onboard(onboarding, f"thief-{unique}", new_secrets())
     async with pool.connection() as conn:
@@ -85,19 +88,19 @@ async def test_a_row_copied_to_another_channel_fails_to_decrypt(onboarding, pool
             " app_key_id, created_by) SELECT %s, 2, key_id, wrapped_key, nonce, ciphertext, fingerprint, app_key_id,"
             " 'attacker' FROM channel_credentials WHERE channel_id = %s AND version = 1", (thief, victim))
     with pytest.raises(DecryptionFailed, match=f"channel '{thief}' version 2"):
-        await CredentialStore(pool, provider).get(thief)
+        await CredentialStore(stk_worker_pool, provider).get(thief)
 
 
-async def test_a_wrong_key_file_fails_clearly(onboarding, pool, provider, creds, unique, tmp_path):
+async def test_a_wrong_key_file_fails_clearly(onboarding, pool, stk_worker_pool, provider, creds, unique, tmp_path):
     channel_id = await onboard(onboarding, f"shop-{unique}", creds)
     stranger = LocalKeyFileProvider.open(tmp_path / "elsewhere" / "kek.json", create=True)
     with pytest.raises(KeyNotHeld) as failed:
-        await CredentialStore(pool, stranger).get(channel_id)
+        await CredentialStore(stk_worker_pool, stranger).get(channel_id)
     assert provider.key_id in str(failed.value) and "wrong or outdated key file" in str(failed.value)
 
 
-async def test_unknown_channels_and_versions_are_reported(onboarding, pool, provider, creds, unique):
-    store = CredentialStore(pool, provider)
+async def test_unknown_channels_and_versions_are_reported(onboarding, pool, stk_worker_pool, provider, creds, unique):
+    store = CredentialStore(stk_worker_pool, provider)
     with pytest.raises(CredentialsUnavailable, match="no channel"):
         await store.get(f"ghost-{unique}")
     channel_id = await onboard(onboarding, f"shop-{unique}", creds)
@@ -105,21 +108,23 @@ async def test_unknown_channels_and_versions_are_reported(onboarding, pool, prov
         await store.get_version(channel_id, 9)
 
 
-async def test_kek_rotation_rewraps_every_version_and_everything_stays_readable(onboarding, pool, provider,
-                                                                                 key_file, creds, unique):
+async def test_kek_rotation_rewraps_every_version_and_everything_stays_readable(onboarding, pool, stk_worker_pool,
+                                                                                onboarding_pool, provider, key_file,
+                                                                                creds, unique):
     first = await onboard(onboarding, f"one-{unique}", creds)
     second_v1, second_v2 = new_secrets(), new_secrets()
     second = await onboard(onboarding, f"two-{unique}", second_v1)
     await onboarding.rotate_credentials(second, second_v2.body, "tests")
-    running = CredentialStore(pool, LocalKeyFileProvider.open(key_file))  # a worker started before the rotation
+    # a worker started before the rotation
+    running = CredentialStore(stk_worker_pool, LocalKeyFileProvider.open(key_file))
     old_key = provider.key_id
 
-    report = await rotate_kek(pool, LocalKeyFileProvider.open(key_file), "ops", retire_old=True)
+    report = await rotate_kek(onboarding_pool, LocalKeyFileProvider.open(key_file), "ops", retire_old=True)
 
     assert sorted(report.rewrapped) == [(first, 1), (second, 1), (second, 2)]
     assert report.failed == [] and report.retired == [old_key]
     assert LocalKeyFileProvider.open(key_file).key_ids == (report.active_key_id,)
-    for store in (running, CredentialStore(pool, LocalKeyFileProvider.open(key_file))):
+    for store in (running, CredentialStore(stk_worker_pool, LocalKeyFileProvider.open(key_file))):
         assert (await store.get(first)).app == creds.app
         assert (await store.get_version(second, 1)).app == second_v1.app
         assert (await store.get(second)).app == second_v2.app
@@ -131,8 +136,9 @@ async def test_kek_rotation_rewraps_every_version_and_everything_stays_readable(
     assert (await onboarding.channel(third)).credentials.kek_id == report.active_key_id
 
 
-async def test_kek_rotation_reports_a_row_it_cannot_unwrap_and_keeps_the_old_key(onboarding, pool, provider,
-                                                                                  key_file, creds, unique):
+async def test_kek_rotation_reports_a_row_it_cannot_unwrap_and_keeps_the_old_key(onboarding, pool, stk_worker_pool,
+                                                                                 onboarding_pool, provider, key_file,
+                                                                                 creds, unique):
     good = await onboard(onboarding, f"good-{unique}", creds)
     bad = await onboard(onboarding, f"bad-{unique}", new_secrets())
     async with pool.connection() as conn:
@@ -140,12 +146,12 @@ async def test_kek_rotation_reports_a_row_it_cannot_unwrap_and_keeps_the_old_key
                            " get_byte(wrapped_key, 40) # 1) WHERE channel_id = %s", (bad,))
     old_key = provider.key_id
 
-    report = await rotate_kek(pool, LocalKeyFileProvider.open(key_file), "ops", retire_old=True)
+    report = await rotate_kek(onboarding_pool, LocalKeyFileProvider.open(key_file), "ops", retire_old=True)
 
     assert report.rewrapped == [(good, 1)] and [(c, v) for c, v, _ in report.failed] == [(bad, 1)]
     assert not report.complete and report.retired == []
     assert old_key in LocalKeyFileProvider.open(key_file).key_ids
-    assert (await CredentialStore(pool, LocalKeyFileProvider.open(key_file)).get(good)).app == creds.app
+    assert (await CredentialStore(stk_worker_pool, LocalKeyFileProvider.open(key_file)).get(good)).app == creds.app
     assert [row[0] for row in await audit_of(pool, bad)][-1] == "credentials_rewrap_failed"
 
 

@@ -13,7 +13,7 @@ from tests.channels.conftest import (assert_no_secret, audit_of, new_secrets, on
 from tests.conftest import free_port
 
 
-async def test_a_created_channel_is_listed_and_shown(onboarding, unique):
+async def test_a_created_channel_is_listed_and_shown(onboarding, pool, unique):
     channel_id = f"shop-{unique}"
     created = await onboarding.create_channel(paybill_body(channel_id, maxAmount=7000), "tests")
     assert created.view()["status"] == "onboarding" and created.view()["credentials"] is None
@@ -25,7 +25,7 @@ async def test_a_created_channel_is_listed_and_shown(onboarding, unique):
     assert channel_id in [r.channel.channel_id for r in await onboarding.channels()]
     with pytest.raises(Conflict, match="already exists"):
         await onboarding.create_channel(paybill_body(channel_id), "tests")
-    assert [row[0] for row in await audit_of(onboarding._pool, channel_id)] == ["channel_created", "channel_updated"]
+    assert [row[0] for row in await audit_of(pool, channel_id)] == ["channel_created", "channel_updated"]
 
 
 async def test_bad_input_is_refused_by_field_and_nothing_is_written(onboarding, pool, unique):
@@ -53,7 +53,7 @@ async def test_a_refused_update_leaves_the_channel_as_it_was(onboarding, unique)
     assert changed.channel.shortcode.party_b == "5123456"
 
 
-async def test_activation_needs_consent_and_credentials(onboarding, creds, unique):
+async def test_activation_needs_consent_and_credentials(onboarding, pool, creds, unique):
     channel_id = f"shop-{unique}"
     body = {k: v for k, v in paybill_body(channel_id).items() if not k.startswith("consent")}
     await onboarding.create_channel(body, "tests")
@@ -70,7 +70,7 @@ async def test_activation_needs_consent_and_credentials(onboarding, creds, uniqu
     with pytest.raises(InvalidInput, match="invalid") as refused:
         await onboarding.update_channel(channel_id, {"consentReference": None, "consentDate": None}, "tests")
     assert "consentReference" in refused.value.errors
-    actions = [row[0] for row in await audit_of(onboarding._pool, channel_id)]
+    actions = [row[0] for row in await audit_of(pool, channel_id)]
     assert actions == ["channel_created", "channel_updated", "credentials_set", "channel_activated",
                        "channel_suspended", "channel_activated"]
 
@@ -108,8 +108,8 @@ async def test_bad_credentials_input_is_refused_by_field(onboarding, pool, uniqu
     assert (await onboarding.channel(channel_id)).credentials is None
 
 
-async def test_without_the_vault_public_key_nothing_is_stored(pool, creds, unique, tmp_path):
-    onboarding = Onboarding(pool, public_key_file=tmp_path / "absent.pub.json")
+async def test_without_the_vault_public_key_nothing_is_stored(onboarding_pool, creds, unique, tmp_path):
+    onboarding = Onboarding(onboarding_pool, public_key_file=tmp_path / "absent.pub.json")
     channel_id = f"shop-{unique}"
     await onboarding.create_channel(paybill_body(channel_id), "tests")
     with pytest.raises(DependencyUnavailable, match="no vault public key at .*vault init"):
@@ -136,8 +136,8 @@ async def test_credentials_daraja_accepts_are_stored_as_validated(onboarding, po
     assert [row[0] for row in await audit_of(pool, channel_id)][-2:] == ["credentials_validated", "credentials_set"]
 
 
-async def test_an_unreachable_daraja_is_not_a_refusal(pool, provider, key_file, creds, unique):
-    onboarding = Onboarding(pool, public_key_file=public_key_path(key_file),
+async def test_an_unreachable_daraja_is_not_a_refusal(onboarding_pool, provider, key_file, creds, unique):
+    onboarding = Onboarding(onboarding_pool, public_key_file=public_key_path(key_file),
                             credential_check=daraja_credential_check(f"http://127.0.0.1:{free_port()}"))
     channel_id = f"shop-{unique}"
     await onboarding.create_channel(paybill_body(channel_id), "tests")
@@ -158,14 +158,14 @@ async def test_the_database_refuses_what_the_model_refuses(database_url, unique,
                      f" {values})", (f"db-{unique}",))
 
 
-async def test_the_audit_trail_cannot_be_edited_or_deleted(onboarding, database_url, unique):
+async def test_the_audit_trail_cannot_be_edited_or_deleted(onboarding, pool, database_url, unique):
     channel_id = f"shop-{unique}"
     await onboarding.create_channel(paybill_body(channel_id), "tests")
     for statement in ("UPDATE credential_audit SET actor = 'someone else' WHERE channel_id = %s",
                       "DELETE FROM credential_audit WHERE channel_id = %s"):
         with psycopg.connect(database_url) as conn, pytest.raises(psycopg.errors.RaiseException, match="append-only"):
             conn.execute(statement, (channel_id,))
-    assert [row[2] for row in await audit_of(onboarding._pool, channel_id)] == ["tests"]
+    assert [row[2] for row in await audit_of(pool, channel_id)] == ["tests"]
 
 
 async def test_api_keys_are_stored_hashed_and_scoped_to_existing_channels(onboarding, pool, unique):

@@ -75,6 +75,7 @@ class Stack:
             wait_for(url)
 
     def start_one(self, name: str, module: str) -> None:
+        # start_service swaps the tests' DATABASE_URL (the migration role's) for the service's own role.
         self.procs[name] = start_service(module, {**self.env, **kafka_login(self.infra, PRINCIPALS[name])})
 
     def kill(self, name: str) -> None:

@@ -20,11 +20,12 @@ from services.common.observability import serve
 from services.common.topics import PAYMENT_REQUESTED
 from services.ingress.app import create_app
 from services.ingress.bootstrap import SETTINGS, close_deps, open_deps
-from tests.conftest import free_port
+from tests.conftest import database_url_of, free_port
 
 
 def ingress_config(infra: dict[str, str], **overrides: Any) -> dict[str, Any]:
-    cfg = config.load(SETTINGS, {**infra, "INGRESS_PORT": str(free_port())})
+    cfg = config.load(SETTINGS, {**infra, "DATABASE_URL": database_url_of(infra, "ingress"),
+                                 "INGRESS_PORT": str(free_port())})
     return {**cfg, **overrides}
 
 

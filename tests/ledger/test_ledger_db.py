@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 
 import pytest
@@ -12,7 +13,7 @@ from services.ledger import store
 from services.ledger.relay import OutboxRelay
 from services.ledger.facts import fact_of
 from services.ledger.service import FactBatch, Ledger, LedgerSettings
-from tests.conftest import eventually
+from tests.conftest import database_url_of, eventually
 from tests.ledger.callbacks import success
 from tests.platform.kafka_helpers import end_offsets, read_all
 
@@ -53,8 +54,8 @@ async def state_of(pool, payment_id):
 
 
 @pytest.fixture
-def ledger(pool, codec):
-    return Ledger(pool, codec)
+def ledger(ledger_pool, codec):
+    return Ledger(ledger_pool, codec)
 
 
 async def test_request_push_callback_settles_and_redelivery_changes_nothing(ledger, pool, unique):
@@ -136,7 +137,8 @@ async def test_a_reused_receipt_goes_to_review(ledger, pool, unique):
     assert await state_of(pool, second) == ("Review", None)
 
 
-async def test_a_request_that_never_gets_a_push_result_goes_to_review_at_the_deadline(ledger, pool, codec, unique):
+async def test_a_request_that_never_gets_a_push_result_goes_to_review_at_the_deadline(ledger, pool, ledger_pool, codec,
+                                                                                     unique):
     from services.ledger.reconciler import Reconciler
     pid = str(uuid.uuid4())
     await ledger.handle_batch([requested(f"ch-{unique}", pid)])
@@ -148,20 +150,21 @@ async def test_a_request_that_never_gets_a_push_result_goes_to_review_at_the_dea
         await conn.execute("UPDATE payments SET requested_at = now() - interval '1 day', next_query_at = now()"
                            " WHERE payment_id = %s", (pid,))
         await conn.commit()
-    reconciler = Reconciler(pool, codec, ledger.settings)
+    reconciler = Reconciler(ledger_pool, codec, ledger.settings)
     while (await state_of(pool, pid))[0] != "Review" and await reconciler.tick():
         pass
     assert (await state_of(pool, pid))[0] == "Review"
 
 
-async def test_a_fact_whose_payment_never_comes_is_surfaced_by_the_parked_fact_gauges(ledger, pool, codec, unique):
+async def test_a_fact_whose_payment_never_comes_is_surfaced_by_the_parked_fact_gauges(ledger, pool, ledger_pool, codec,
+                                                                                      unique):
     from services.ledger.reconciler import OLDEST_WAITING, WAITING, Reconciler
     pid = str(uuid.uuid4())
     await ledger.handle_batch([callback(f"ch-{unique}", pid, success(f"ws_CO_{unique}", receipt=receipt(unique)))])
     async with pool.connection() as conn:  # as if it had waited an hour
         await conn.execute("UPDATE parked_facts SET parked_at = now() - interval '1 hour' WHERE payment_id = %s", (pid,))
     try:
-        await Reconciler(pool, codec, ledger.settings).tick()
+        await Reconciler(ledger_pool, codec, ledger.settings).tick()
         assert WAITING._value.get() >= 1
         assert OLDEST_WAITING._value.get() >= 3600
     finally:
@@ -175,7 +178,7 @@ async def test_an_invalid_request_on_the_topic_ends_failed_never_pushed(ledger, 
     assert (await state_of(pool, pid))[0] == "Failed"
 
 
-async def test_the_audit_verify_command_reports_an_intact_chain(ledger, pool, database_url, unique):
+async def test_the_audit_verify_command_reports_an_intact_chain(ledger, pool, infra, unique):
     import subprocess
     import sys
     from tests.conftest import ROOT
@@ -184,17 +187,19 @@ async def test_the_audit_verify_command_reports_an_intact_chain(ledger, pool, da
         last = (await (await conn.execute("SELECT max(seq) FROM audit_log")).fetchone())[0]
     result = subprocess.run([sys.executable, "-m", "services.cli", "audit", "verify", "--from", str(max(last - 100, 1))],
                             cwd=ROOT,
-                            capture_output=True, text=True, env={"DATABASE_URL": database_url, "PATH": "/usr/bin"},
+                            capture_output=True, text=True, env={
+                                "DATABASE_URL": database_url_of(infra, "auditor"), "PATH": "/usr/bin",
+                                "PGPASSFILE": os.environ.get("PGPASSFILE", "")},
                             timeout=300)
     assert result.returncode == 0 and result.stdout.startswith("audit trail intact"), result.stdout + result.stderr
 
 
-async def test_status_events_are_published_after_commit_through_the_outbox(ledger, pool, producer, codec,
+async def test_status_events_are_published_after_commit_through_the_outbox(ledger, ledger_pool, producer, codec,
                                                                          kafka_bootstrap, unique):
     channel, pid = f"ch-{unique}", str(uuid.uuid4())
     await ledger.handle_batch([requested(channel, pid), accepted(channel, pid, f"ws_CO_{unique}")])
     mark = end_offsets(kafka_bootstrap, PAYMENT_STATUS.name)
-    relay = OutboxRelay(pool, producer, stale_after_s=0)  # the backstop: everything is old enough
+    relay = OutboxRelay(ledger_pool, producer, stale_after_s=0)  # the backstop: everything is old enough
     while await relay.publish_stale():
         pass
     messages = read_all(kafka_bootstrap, PAYMENT_STATUS.name, lambda m: m.key() == channel.encode(), expected=2,
@@ -262,9 +267,9 @@ async def test_rows_handed_over_while_the_relay_publishes_go_out_next_not_after_
 
 
 async def test_committed_status_events_are_handed_to_the_relay_and_published_without_a_scan(
-        pool, codec, producer, kafka_bootstrap, unique):
-    relay = OutboxRelay(pool, producer, idle_poll_s=30, stale_after_s=30)  # the backstop stays out of it
-    ledger = Ledger(pool, codec, on_commit=relay.hand_over)
+        pool, ledger_pool, codec, producer, kafka_bootstrap, unique):
+    relay = OutboxRelay(ledger_pool, producer, idle_poll_s=30, stale_after_s=30)  # the backstop stays out of it
+    ledger = Ledger(ledger_pool, codec, on_commit=relay.hand_over)
     channel, pid = f"ch-{unique}", str(uuid.uuid4())
     mark = end_offsets(kafka_bootstrap, PAYMENT_STATUS.name)
     scans, scan = [], relay.publish_stale
@@ -340,7 +345,9 @@ class FailingOnce:
         self.published += messages
 
 
-async def test_after_a_failed_publish_the_relay_catches_up_from_the_table_in_order_before_the_fast_path(pool, unique):
+async def test_after_a_failed_publish_the_relay_catches_up_from_the_table_in_order_before_the_fast_path(ledger_pool,
+                                                                                                      unique):
+    pool = ledger_pool  # the relay's and the ledger's own statements, as the ledger's role
     key = f"ch-{unique}".encode()
     rows = [(PAYMENT_STATUS.name, key, f"{unique}-{n}".encode()) for n in range(3)]
     producer = FailingOnce()
