@@ -5,7 +5,9 @@ variable that is missing or bad. `describe` prints the result with secrets maske
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -61,10 +63,10 @@ def mask_url(value: str) -> str:
 # Parsers: each raises ValueError with a message fit to follow the variable's name.
 
 def whole_number(raw: str) -> int:
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError("must be a whole number") from None
+    # Plain ASCII digits only: int() also takes "1_000", " 7 " and other scripts' digits ("٥").
+    if not re.fullmatch(r"-?[0-9]+", raw):
+        raise ValueError("must be a whole number")
+    return int(raw)
 
 
 def port(raw: str) -> int:
@@ -86,7 +88,7 @@ def positive_float(raw: str) -> float:
         value = float(raw)
     except ValueError:
         raise ValueError("must be a number") from None
-    if value <= 0:
+    if not math.isfinite(value) or value <= 0:  # float() takes "nan" and "inf": neither is a duration
         raise ValueError("must be a positive number")
     return value
 

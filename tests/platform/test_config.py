@@ -36,3 +36,19 @@ def test_secrets_never_show_in_errors_or_descriptions():
     values = config.load([secret, db], {"ADMIN_TOKEN": "12345", "DATABASE_URL": "postgresql://u:pa55@h/db"})
     shown = config.describe([secret, db], values)
     assert "12345" not in shown and "pa55" not in shown and "postgresql://u:****@h/db" in shown
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "0", "-1", "ten"])
+def test_a_duration_must_be_a_finite_positive_number(raw):
+    with pytest.raises(ValueError):
+        config.positive_float(raw)
+
+
+@pytest.mark.parametrize("raw", ["1_000", " 7", "7 ", "٥", "7\n", "+7", ""])
+def test_a_whole_number_is_plain_ascii_digits(raw):
+    with pytest.raises(ValueError):
+        config.whole_number(raw)
+
+
+def test_plain_numbers_still_read():
+    assert (config.whole_number("8080"), config.whole_number("-3"), config.positive_float("0.5")) == (8080, -3, 0.5)
