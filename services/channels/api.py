@@ -31,7 +31,7 @@ from services.channels.settings import AdminToken
 from services.common.observability import Health, add_ops_routes, http_metrics
 from services.common.problems import problem
 from services.common.text import untrusted
-from services.webhook_consumer.sources import RateLimiter, retry_after_header
+from services.common.ratelimit import RateLimiter, retry_after_header
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from datetime import datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
+from services.common.json_bounds import nesting_exceeds
 from services.common.text import untrusted
 from services.daraja.result_codes import SUCCESS
 
@@ -81,12 +82,13 @@ def _bounded_json(body: bytes):
     if len(body) > MAX_BODY_BYTES:
         raise CallbackParseError(f"body is larger than {MAX_BODY_BYTES // 1024} KiB")
     try:
-        # UTF-8 only (RFC 8259 §8.1), not json's guess among UTF-16/32: the nesting scan below reads
-        # characters, and a byte of a UTF-16 character must not pass for a quote or a bracket.
-        text = bytes(body).removeprefix(codecs.BOM_UTF8).decode("utf-8")
+        # UTF-8 only (RFC 8259 §8.1), not json's guess among UTF-16/32: the nesting scan reads bytes,
+        # and a byte of a UTF-16 character could pass for a quote or a bracket.
+        utf8 = bytes(body).removeprefix(codecs.BOM_UTF8)
+        text = utf8.decode("utf-8")
     except UnicodeDecodeError:
         raise CallbackParseError("body is not UTF-8") from None
-    if _nested_deeper_than(text, MAX_DEPTH):
+    if nesting_exceeds(utf8, MAX_DEPTH):
         raise CallbackParseError(f"JSON nested deeper than {MAX_DEPTH} levels")
     try:
         doc = _DECODER.decode(text)
@@ -98,31 +100,6 @@ def _bounded_json(body: bytes):
     if "\\u" in text and not _strings_are_storable(doc):
         raise CallbackParseError("body has a string PostgreSQL cannot store (NUL or a lone surrogate)")
     return doc
-
-
-def _nested_deeper_than(text: str, limit: int) -> bool:
-    """Whether arrays/objects nest deeper than `limit`, brackets inside strings not counted. One
-    pass, no recursion; a body with few brackets at all (every genuine one) is not scanned."""
-    if text.count("[") + text.count("{") <= limit:
-        return False
-    depth, in_string, escaped = 0, False, False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif char in "]}":
-            depth -= 1
-    return False
 
 
 def _refuse_constant(name: str):

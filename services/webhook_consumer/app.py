@@ -29,7 +29,8 @@ from services.common.text import untrusted
 from services.common.topics import CALLBACK_RAW, CALLBACK_REJECTED, Topic
 from services.webhook_consumer.body import is_bounded_json_object
 from services.webhook_consumer.settings import MAX_BODY_BYTES, GatewaySettings
-from services.webhook_consumer.sources import RateLimiter, SourcePolicy, rate_limit_key, retry_after_header
+from services.common.ratelimit import RateLimiter, retry_after_header
+from services.webhook_consumer.sources import SourcePolicy, rate_limit_key
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from services.channels.api import LOGIN_FAILURES_BURST, LOGIN_FAILURES_PER_S, create_app
 from services.channels.settings import AdminToken
-from services.webhook_consumer.sources import RateLimiter
+from services.common.ratelimit import RateLimiter
 from tests.channels.conftest import paybill_body
 
 ADMIN_TOKEN = secrets.token_urlsafe(32)

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.webhook_consumer.body import MAX_NESTING_DEPTH, is_bounded_json_object, nesting_exceeds
+from services.common.json_bounds import nesting_exceeds
+from services.webhook_consumer.body import MAX_NESTING_DEPTH, is_bounded_json_object
 
 DARAJA_SUCCESS = (b'{"Body":{"stkCallback":{"MerchantRequestID":"29115-34620561-1","CheckoutRequestID":'
                   b'"ws_CO_191220191020363925","ResultCode":0,"ResultDesc":"The service request is processed '

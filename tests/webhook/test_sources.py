@@ -6,8 +6,9 @@ from ipaddress import ip_network
 import pytest
 
 from services.webhook_consumer.settings import SAFARICOM_CALLBACK_SOURCES
-from services.webhook_consumer.sources import (ANY_SOURCE, RateLimiter, SourcePolicy, parse_address, parse_networks,
-                                               parse_trusted_proxies, rate_limit_key, retry_after_header)
+from services.common.ratelimit import RateLimiter, retry_after_header
+from services.webhook_consumer.sources import (ANY_SOURCE, SourcePolicy, parse_address, parse_networks,
+                                               parse_trusted_proxies, rate_limit_key)
 from tests.webhook.conftest import FrozenClock
 
 PROXY = "10.0.0.5"
