@@ -1,0 +1,101 @@
+"""Hostile orders: the facts of one payment, delivered in any order, split into any batches, with
+redeliveries, must end where the canonical order ends, each fact decided (audited as applied,
+duplicate or rejected) exactly once and no parked row left behind."""
+from __future__ import annotations
+
+import uuid
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from services.ledger.service import Ledger
+from tests.ledger.callbacks import failure, success
+from tests.ledger.test_callback_proof_db import confirming_channel, push_unknown, query_result
+from tests.ledger.test_ledger_db import accepted, callback, requested
+
+
+def _ids():
+    u = uuid.uuid4().hex
+    return f"ch-{u[:12]}", str(uuid.uuid4()), f"ws_CO_{u}", u[:10].upper()
+
+
+# name -> (build(channel, pid, checkout, receipt) -> facts in canonical order, facts that must come last,
+#          expected (state, receipt or None), confirm-by-query channel)
+SCENARIOS = {
+    "accepted_success": (lambda ch, p, co, r: [requested(ch, p), accepted(ch, p, co),
+                                                callback(ch, p, success(co, receipt=r))], 0, ("Settled", True), False),
+    "accepted_failure": (lambda ch, p, co, r: [requested(ch, p), accepted(ch, p, co),
+                                                callback(ch, p, failure(co, 1032))], 0, ("Cancelled", False), False),
+    "unknown_success_query": (lambda ch, p, co, r: [requested(ch, p), push_unknown(ch, p),
+                                                     callback(ch, p, success(co, receipt=r)),
+                                                     query_result(ch, p, co, "SUCCESS", "0")], 1, ("Settled", True),
+                              False),
+    "confirming_channel": (lambda ch, p, co, r: [requested(ch, p), accepted(ch, p, co),
+                                                  callback(ch, p, success(co, receipt=r)),
+                                                  query_result(ch, p, co, "SUCCESS", "0")], 1, ("Settled", True), True),
+}
+
+
+async def _deliver(ledger, batches):
+    for batch in batches:
+        assert await ledger.handle_batch(batch) == []
+
+
+async def _facts_of(pool, pid):
+    async with pool.connection() as conn:
+        state = await (await conn.execute("SELECT state, mpesa_receipt IS NOT NULL FROM payments WHERE payment_id = %s",
+                                          (pid,))).fetchone()
+        audit = await (await conn.execute("SELECT event_id::text, verdict FROM audit_log WHERE payment_id = %s"
+                                          " ORDER BY seq", (pid,))).fetchall()
+        parked = (await (await conn.execute("SELECT count(*) FROM parked_facts WHERE payment_id = %s",
+                                            (pid,))).fetchone())[0]
+        history = await (await conn.execute("SELECT state FROM payment_history WHERE payment_id = %s ORDER BY id",
+                                            (pid,))).fetchall()
+    return state, audit, parked, [h[0] for h in history]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+async def test_any_order_and_batching_of_one_payments_facts_ends_as_the_canonical_order(ledger_pool, pool, codec, data):
+    name = data.draw(st.sampled_from(sorted(SCENARIOS)), label="scenario")
+    build, last, expected, confirming = SCENARIOS[name]
+    channel, pid, checkout, receipt = _ids()
+    if confirming:
+        await confirming_channel(pool, channel)
+    facts = build(channel, pid, checkout, receipt)
+    head, tail = facts[:len(facts) - last], facts[len(facts) - last:]
+    order = data.draw(st.permutations(head), label="order") + tail
+    redelivered = data.draw(st.lists(st.sampled_from(facts), max_size=3), label="redelivered")
+    for e in redelivered:  # a redelivery comes at or after its first delivery
+        order.insert(data.draw(st.integers(order.index(e), len(order)), label="at"), e)
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(order) - 1), max_size=len(order) - 1), label="cuts"))
+    batches = [order[a:b] for a, b in zip([0, *cuts], [*cuts, len(order)])]
+    await _deliver(Ledger(ledger_pool, codec), batches)
+    state, audit, parked, history = await _facts_of(pool, pid)
+    assert tuple(state) == expected
+    assert parked == 0
+    decided = [event_id for event_id, verdict in audit if verdict != "parked"]
+    assert sorted(decided) == sorted(e.value["event_id"] for e in facts)  # each fact decided exactly once
+    assert len(history) == len(set(history)) and history[-1] == expected[0]
+
+
+async def test_a_parked_push_result_the_database_refuses_does_not_dead_letter_its_payments_request(
+        ledger_pool, pool, codec):
+    """Payment A's push outcome is unknown; a callback posted to A's URL names CheckoutRequestID X
+    and cancels A with X. X is payment B's (B's push result overtook B's request and waits parked).
+    When B's request comes, the parked push result is applied beside it and the unique index on
+    checkout_request_id refuses the batch: the request, which did nothing wrong, must not be the
+    one dead-lettered."""
+    ledger = Ledger(ledger_pool, codec)
+    channel, a, checkout, _ = _ids()
+    b = str(uuid.uuid4())
+    await _deliver(ledger, [[requested(channel, a), push_unknown(channel, a)], [accepted(channel, b, checkout)],
+                            [callback(channel, a, failure(checkout, 1032))]])
+    request_b = requested(channel, b)
+    rejections = await ledger.handle_batch([request_b])
+    assert [r.event for r in rejections] == []
+    state, audit, parked, _ = await _facts_of(pool, b)
+    assert tuple(state) == ("Review", False) and parked == 0  # B exists, and the contradiction is visible
+    async with pool.connection() as conn:
+        reason, = await (await conn.execute("SELECT review_reason FROM payments WHERE payment_id = %s",
+                                            (b,))).fetchone()
+    assert a in reason
