@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 import psycopg
+import psycopg.errors
 from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
 
@@ -126,7 +127,8 @@ def _is_the_events_fault(exc: Exception) -> bool:
     same way, and dead-lettering them all would turn a bad deploy into a pile of events to replay:
     the consumer retries instead and readiness reports the stall."""
     if isinstance(exc, psycopg.Error):
-        return isinstance(exc, (psycopg.IntegrityError, psycopg.DataError))
+        # ProgramLimitExceeded: a value too big for an index entry or a row, which an event carried.
+        return isinstance(exc, (psycopg.IntegrityError, psycopg.DataError, psycopg.errors.ProgramLimitExceeded))
     return True
 
 

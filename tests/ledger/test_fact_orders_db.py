@@ -3,11 +3,15 @@ redeliveries, must end where the canonical order ends, each fact decided (audite
 duplicate or rejected) exactly once and no parked row left behind."""
 from __future__ import annotations
 
+import base64
+import os
 import uuid
 
+import psycopg.errors
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from services.ledger.service import Ledger
+from services.ledger.service import Ledger, _is_the_events_fault
 from tests.ledger.callbacks import failure, success
 from tests.ledger.test_callback_proof_db import confirming_channel, push_unknown, query_result
 from tests.ledger.test_ledger_db import accepted, callback, requested
@@ -99,3 +103,28 @@ async def test_a_parked_push_result_the_database_refuses_does_not_dead_letter_it
         reason, = await (await conn.execute("SELECT review_reason FROM payments WHERE payment_id = %s",
                                             (b,))).fetchone()
     assert a in reason
+
+
+@pytest.mark.parametrize("body", [lambda co, r: success(co, receipt=r), lambda co, r: failure(co, 1032)],
+                         ids=["success", "failure"])
+async def test_a_callback_naming_a_checkout_id_too_big_for_its_index_is_dead_lettered_not_retried_forever(
+        ledger_pool, pool, codec, body):
+    """After an unknown push outcome, a callback's CheckoutRequestID is stored (as the candidate, or
+    as the payment's). One of a few KiB of incompressible text fits in a callback body but not in a
+    btree index entry: PostgreSQL refuses the row with ProgramLimitExceeded. That is the event's
+    fault, so it must be dead-lettered; raised as Transient, the consumer retries the batch forever
+    and the ledger's partition stalls for every channel on it."""
+    ledger = Ledger(ledger_pool, codec)
+    channel, pid, _, receipt = _ids()
+    await _deliver(ledger, [[requested(channel, pid), push_unknown(channel, pid)]])
+    huge = "ws_CO_" + base64.b64encode(os.urandom(4500)).decode()
+    hostile = callback(channel, pid, body(huge, receipt))
+    rejections = await ledger.handle_batch([hostile])
+    assert [r.event for r in rejections] == [hostile]
+    state, _, _, _ = await _facts_of(pool, pid)
+    assert tuple(state) == ("Requested", False)
+
+
+def test_a_value_too_big_for_the_database_is_blamed_on_its_event_not_retried_as_an_outage():
+    assert _is_the_events_fault(psycopg.errors.ProgramLimitExceeded("index row size 6024 exceeds btree maximum"))
+    assert not _is_the_events_fault(psycopg.errors.InsufficientPrivilege("permission denied"))
