@@ -128,3 +128,22 @@ async def test_a_callback_naming_a_checkout_id_too_big_for_its_index_is_dead_let
 def test_a_value_too_big_for_the_database_is_blamed_on_its_event_not_retried_as_an_outage():
     assert _is_the_events_fault(psycopg.errors.ProgramLimitExceeded("index row size 6024 exceeds btree maximum"))
     assert not _is_the_events_fault(psycopg.errors.InsufficientPrivilege("permission denied"))
+
+
+@pytest.mark.xfail(strict=True, reason="a failure callback after an unknown push outcome is final at once, with any "
+                                       "CheckoutRequestID: no query confirms it, unlike a success")
+async def test_a_forged_failure_after_an_unknown_push_outcome_does_not_hide_the_genuine_payment(
+        ledger_pool, pool, codec):
+    """The push outcome is unknown, so no push result names the accepted CheckoutRequestID. Whoever
+    holds the payment's callback URL posts a failure naming a made-up id: the payment is Cancelled
+    and keeps the made-up id. The payer's genuine success (its proof complete) then fails the id
+    check against the made-up one: only a contradiction, the payment stays Cancelled, and the
+    merchant was told Cancelled for a payment that was paid. A success in the same position waits
+    for an STK query (docs/callback-proof.md); the failure should not be believed on less."""
+    ledger = Ledger(ledger_pool, codec)
+    channel, pid, checkout, receipt = _ids()
+    await _deliver(ledger, [[requested(channel, pid), push_unknown(channel, pid)],
+                            [callback(channel, pid, failure("ws_CO_made_up_by_a_forger", 1032))],
+                            [callback(channel, pid, success(checkout, receipt=receipt))]])
+    state, _, _, _ = await _facts_of(pool, pid)
+    assert state[0] != "Cancelled"  # Settled once a query confirms it, or Review: money moved
