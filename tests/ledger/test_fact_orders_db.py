@@ -143,7 +143,26 @@ async def test_a_forged_failure_after_an_unknown_push_outcome_does_not_hide_the_
     ledger = Ledger(ledger_pool, codec)
     channel, pid, checkout, receipt = _ids()
     await _deliver(ledger, [[requested(channel, pid), push_unknown(channel, pid)],
-                            [callback(channel, pid, failure("ws_CO_made_up_by_a_forger", 1032))],
+                            [callback(channel, pid, failure(checkout + "forged", 1032))],
                             [callback(channel, pid, success(checkout, receipt=receipt))]])
     state, _, _, _ = await _facts_of(pool, pid)
     assert state[0] != "Cancelled"  # Settled once a query confirms it, or Review: money moved
+
+
+async def test_a_second_accepted_push_after_settled_is_recorded_and_the_payment_stays_settled(
+        ledger_pool, pool, codec):
+    """A worker that re-pushed after a crash (docs: a second push, a second CheckoutRequestID) reports
+    it after the first push's success settled the payment. A final state stays final: the second
+    push is a contradiction recorded on the payment, not a move of Settled to Review (a status event
+    telling the merchant a paid order is in doubt)."""
+    ledger = Ledger(ledger_pool, codec)
+    channel, pid, checkout, receipt = _ids()
+    await _deliver(ledger, [[requested(channel, pid), accepted(channel, pid, checkout),
+                             callback(channel, pid, success(checkout, receipt=receipt))],
+                            [accepted(channel, pid, checkout + "2")]])
+    state, _, _, history = await _facts_of(pool, pid)
+    assert tuple(state) == ("Settled", True) and history == ["Requested", "Pending", "Settled"]
+    async with pool.connection() as conn:
+        contradiction, = await (await conn.execute("SELECT contradiction FROM payments WHERE payment_id = %s",
+                                                   (pid,))).fetchone()
+    assert "second push" in contradiction
