@@ -9,12 +9,20 @@ dead-lettered with the reason. So the ingress stays the only writer of payment.r
 from __future__ import annotations
 
 import logging
+import re
+import uuid
 
 from services.common.kafka import ConsumedEvent, Publisher, PublishError
 from services.common.text import untrusted
 from services.common.topics import PAYMENT_REQUESTED, Topic, upstream_requested_topic
 
 log = logging.getLogger(__name__)
+
+# The producer chooses the ids. The payment id becomes a path segment of the callback URL and a key of
+# several indexes (a few KiB of it would not fit one: the STK worker would retry its claim forever),
+# so it is kept to URL-safe characters and a bounded length; the event id is stored as a uuid by the
+# ledger, which would dead-letter the request after the STK worker had pushed it.
+PAYMENT_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._~-]{0,63}")
 
 
 class NotAllowed(Exception):
@@ -38,6 +46,13 @@ class UpstreamReauthoriser:
         if channel_id not in self._channels_by_topic.get(event.topic, frozenset()):
             raise NotAllowed(f"the producer of {event.topic} may not request payments for channel "
                              f"{untrusted(channel_id)}")
+        if not PAYMENT_ID.fullmatch(event.value["payment_id"]):
+            raise NotAllowed(f"payment_id {untrusted(event.value['payment_id'], 80)!r} is not 1 to 64 URL-safe "
+                             "characters (letters, digits, - _ . ~)")
+        try:
+            uuid.UUID(event.value["event_id"])
+        except ValueError:
+            raise NotAllowed(f"event_id {untrusted(event.value['event_id'], 80)!r} is not a UUID") from None
         # Passed on as a request from a topic whatever the producer claimed (the API's are the ingress's own).
         return {**event.value, "source": "TOPIC"}
 
