@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import re
-import uuid
 
+from services.common.ids import new_id
 from services.common.kafka import ConsumedEvent, Publisher, PublishError
 from services.common.text import untrusted
 from services.common.topics import PAYMENT_REQUESTED, Topic, upstream_requested_topic
@@ -20,8 +20,7 @@ log = logging.getLogger(__name__)
 
 # The producer chooses the ids. The payment id becomes a path segment of the callback URL and a key of
 # several indexes (a few KiB of it would not fit one: the STK worker would retry its claim forever),
-# so it is kept to URL-safe characters and a bounded length; the event id is stored as a uuid by the
-# ledger, which would dead-letter the request after the STK worker had pushed it.
+# so it is kept to URL-safe characters and a bounded length.
 PAYMENT_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._~-]{0,63}")
 
 
@@ -49,12 +48,10 @@ class UpstreamReauthoriser:
         if not PAYMENT_ID.fullmatch(event.value["payment_id"]):
             raise NotAllowed(f"payment_id {untrusted(event.value['payment_id'], 80)!r} is not 1 to 64 URL-safe "
                              "characters (letters, digits, - _ . ~)")
-        try:
-            uuid.UUID(event.value["event_id"])
-        except ValueError:
-            raise NotAllowed(f"event_id {untrusted(event.value['event_id'], 80)!r} is not a UUID") from None
-        # Passed on as a request from a topic whatever the producer claimed (the API's are the ingress's own).
-        return {**event.value, "source": "TOPIC"}
+        # Passed on as a request from a topic whatever the producer claimed (the API's are the ingress's own),
+        # under an event id of ours: the ledger applies an event id once, so a producer reusing one (its
+        # own, or a guessable one) would have a pushed payment dropped as a replay.
+        return {**event.value, "event_id": new_id(), "source": "TOPIC"}
 
     async def handle(self, event: ConsumedEvent) -> None:
         request = self.check(event)
