@@ -166,3 +166,21 @@ async def test_a_second_accepted_push_after_settled_is_recorded_and_the_payment_
         contradiction, = await (await conn.execute("SELECT contradiction FROM payments WHERE payment_id = %s",
                                                    (pid,))).fetchone()
     assert "second push" in contradiction
+
+
+async def test_a_parked_fact_that_cannot_be_applied_any_more_stays_parked_and_blocks_nothing(
+        ledger_pool, pool, codec):
+    """Rows parked by an earlier version: one that no longer decodes, one whose callback the parser
+    now refuses. The push result that un-parks them is applied; both rows stay, for the gauges and an
+    operator, and neither is deleted as if it had been applied."""
+    ledger = Ledger(ledger_pool, codec)
+    channel, pid, checkout, receipt = _ids()
+    await _deliver(ledger, [[requested(channel, pid)]])
+    refused = callback(channel, pid, b'{"Body": {"stkCallback": {"CheckoutRequestID": "' + b"x" * 200 + b'"}}}')
+    async with pool.connection() as conn:
+        for payload in (b"\xc3\x01 not avro at all", codec.encode("callback_raw", refused.value)):
+            await conn.execute("INSERT INTO parked_facts (event_id, payment_id, topic, payload) VALUES (%s, %s, %s, %s)",
+                               (str(uuid.uuid4()), pid, refused.topic, payload))
+    await _deliver(ledger, [[accepted(channel, pid, checkout)], [callback(channel, pid, success(checkout, receipt=receipt))]])
+    state, _, parked, _ = await _facts_of(pool, pid)
+    assert tuple(state) == ("Settled", True) and parked == 2
