@@ -4,6 +4,7 @@ duplicate or rejected) exactly once and no parked row left behind."""
 from __future__ import annotations
 
 import base64
+import collections
 import os
 import uuid
 
@@ -184,3 +185,42 @@ async def test_a_parked_fact_that_cannot_be_applied_any_more_stays_parked_and_bl
     await _deliver(ledger, [[accepted(channel, pid, checkout)], [callback(channel, pid, success(checkout, receipt=receipt))]])
     state, _, parked, _ = await _facts_of(pool, pid)
     assert tuple(state) == ("Settled", True) and parked == 2
+
+
+def _menu(ch, p, co, r):
+    """Facts that may all arrive for one payment, genuine and hostile: name -> event."""
+    return {"requested": requested(ch, p), "accepted": accepted(ch, p, co), "accepted_again": accepted(ch, p, co),
+            "second_push": accepted(ch, p, co + "b"), "unknown": push_unknown(ch, p),
+            "success": callback(ch, p, success(co, receipt=r)),
+            "success_other_push": callback(ch, p, success(co + "b", receipt=r)),
+            "success_wrong_amount": callback(ch, p, success(co, amount=99, receipt=r)),
+            "failure": callback(ch, p, failure(co, 1032)),
+            "query_success": query_result(ch, p, co, "SUCCESS", "0"),
+            "query_failed": query_result(ch, p, co, "FAILED", "1032")}
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+async def test_whatever_facts_arrive_in_whatever_order_settled_stays_and_each_fact_is_decided_once(
+        ledger_pool, pool, codec, data):
+    channel, pid, checkout, receipt = _ids()
+    menu = _menu(channel, pid, checkout, receipt)
+    names = data.draw(st.lists(st.sampled_from(sorted(menu)), min_size=1, max_size=7), label="facts")
+    order = [menu[n] for n in names]  # a name twice: a redelivery of the same event
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(len(order) - 1, 1)), max_size=len(order) - 1), label="cuts"))
+    batches = [b for b in (order[a:b] for a, b in zip([0, *cuts], [*cuts, len(order)])) if b]
+    ledger = Ledger(ledger_pool, codec)
+    for batch in batches:
+        await ledger.handle_batch(batch)  # a query for an unknown payment is rejected: no rejection here is lost
+    state, audit, parked, history = await _facts_of(pool, pid)
+    if "Settled" in history:
+        assert history[history.index("Settled"):] == ["Settled"], history  # a final state stays final
+        proven = {"success", "query_success"} & set(names) or {"second_push", "success_other_push"} <= set(names)
+        assert proven, names  # settled only on a success of a push it names, or the query's word
+    assert all(a != b for a, b in zip(history, history[1:])), history
+    decided = collections.Counter(event_id for event_id, verdict in audit if verdict != "parked")
+    assert all(n == 1 for n in decided.values()), decided  # no fact decided twice
+    sent = {menu[n].value["event_id"] for n in names}
+    undecided = sent - set(decided)
+    assert parked == len(undecided - {menu["query_success"].value["event_id"],
+                                      menu["query_failed"].value["event_id"]}), (names, parked)
