@@ -224,3 +224,20 @@ async def test_whatever_facts_arrive_in_whatever_order_settled_stays_and_each_fa
     undecided = sent - set(decided)
     assert parked == len(undecided - {menu["query_success"].value["event_id"],
                                       menu["query_failed"].value["event_id"]}), (names, parked)
+
+
+async def test_a_batch_bisected_after_a_bad_event_applies_the_facts_it_unparked_once(ledger_pool, pool, codec):
+    """The first try un-parks the callback and settles the payment, then a bad event fails the
+    transaction. The halves are retried from the database, not from the first try's memory: the
+    callback is un-parked again, applied once, its row deleted once."""
+    ledger = Ledger(ledger_pool, codec)
+    channel, pid, checkout, receipt = _ids()
+    early = callback(channel, pid, success(checkout, receipt=receipt))
+    await _deliver(ledger, [[early], [requested(channel, pid)]])
+    bad = requested(channel, str(uuid.uuid4()))
+    bad.value["event_id"] = "not-a-uuid"
+    rejections = await ledger.handle_batch([accepted(channel, pid, checkout), bad, requested(channel, str(uuid.uuid4()))])
+    assert [r.event for r in rejections] == [bad]
+    state, audit, parked, history = await _facts_of(pool, pid)
+    assert tuple(state) == ("Settled", True) and parked == 0 and history == ["Requested", "Pending", "Settled"]
+    assert [v for e, v in audit if e == early.value["event_id"]] == ["parked", "parked", "applied"]
