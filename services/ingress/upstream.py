@@ -9,12 +9,19 @@ dead-lettered with the reason. So the ingress stays the only writer of payment.r
 from __future__ import annotations
 
 import logging
+import re
 
+from services.common.ids import new_id
 from services.common.kafka import ConsumedEvent, Publisher, PublishError
 from services.common.text import untrusted
 from services.common.topics import PAYMENT_REQUESTED, Topic, upstream_requested_topic
 
 log = logging.getLogger(__name__)
+
+# The producer chooses the ids. The payment id becomes a path segment of the callback URL and a key of
+# several indexes (a few KiB of it would not fit one: the STK worker would retry its claim forever),
+# so it is kept to URL-safe characters and a bounded length.
+PAYMENT_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._~-]{0,63}")
 
 
 class NotAllowed(Exception):
@@ -38,8 +45,13 @@ class UpstreamReauthoriser:
         if channel_id not in self._channels_by_topic.get(event.topic, frozenset()):
             raise NotAllowed(f"the producer of {event.topic} may not request payments for channel "
                              f"{untrusted(channel_id)}")
-        # Passed on as a request from a topic whatever the producer claimed (the API's are the ingress's own).
-        return {**event.value, "source": "TOPIC"}
+        if not PAYMENT_ID.fullmatch(event.value["payment_id"]):
+            raise NotAllowed(f"payment_id {untrusted(event.value['payment_id'], 80)!r} is not 1 to 64 URL-safe "
+                             "characters (letters, digits, - _ . ~)")
+        # Passed on as a request from a topic whatever the producer claimed (the API's are the ingress's own),
+        # under an event id of ours: the ledger applies an event id once, so a producer reusing one (its
+        # own, or a guessable one) would have a pushed payment dropped as a replay.
+        return {**event.value, "event_id": new_id(), "source": "TOPIC"}
 
     async def handle(self, event: ConsumedEvent) -> None:
         request = self.check(event)

@@ -27,6 +27,10 @@ NAIROBI = ZoneInfo("Africa/Nairobi")
 MAX_BODY_BYTES = 64 * 1024  # the webhook gateway refuses bigger bodies; a producer to the topic may not
 MAX_DEPTH = 16  # a genuine callback nests 6 deep (Body.stkCallback.CallbackMetadata.Item[{...}])
 MAX_NUMBER_CHARS = 40  # an MSISDN has 12 digits, a TransactionDate 14: no genuine number comes near
+# Daraja's ids are about 30 characters (ws_CO_191220191020363925). The ledger stores and indexes a
+# callback's CheckoutRequestID (after an unknown push outcome): a few KiB would not fit an index entry,
+# and PostgreSQL's refusal of it is no reason to hold up everything behind it.
+MAX_CHECKOUT_ID_CHARS = 100
 # An amount as a person writes it: digits, maybe a fraction. No exponent, no NaN/Infinity/sNaN (a
 # signalling NaN raises on the first comparison), no spaces.
 PLAIN_DECIMAL = re.compile(r"-?[0-9]{1,15}(?:\.[0-9]{1,15})?")
@@ -60,6 +64,8 @@ def parse_callback(body: bytes) -> ParsedCallback:
     checkout_id, code = stk.get("CheckoutRequestID"), stk.get("ResultCode")
     if not isinstance(checkout_id, str) or not checkout_id:
         raise CallbackParseError("CheckoutRequestID missing")
+    if len(checkout_id) > MAX_CHECKOUT_ID_CHARS:
+        raise CallbackParseError(f"CheckoutRequestID longer than {MAX_CHECKOUT_ID_CHARS} characters")
     if isinstance(code, bool) or not isinstance(code, (int, str)) or str(code).strip() == "":
         raise CallbackParseError("ResultCode missing")  # int in real callbacks, "SFC_IC0003" a string
     items = _items_by_name(stk.get("CallbackMetadata"))

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 import psycopg
+import psycopg.errors
 from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
 
@@ -126,7 +127,8 @@ def _is_the_events_fault(exc: Exception) -> bool:
     same way, and dead-lettering them all would turn a bad deploy into a pile of events to replay:
     the consumer retries instead and readiness reports the stall."""
     if isinstance(exc, psycopg.Error):
-        return isinstance(exc, (psycopg.IntegrityError, psycopg.DataError))
+        # ProgramLimitExceeded: a value too big for an index entry or a row, which an event carried.
+        return isinstance(exc, (psycopg.IntegrityError, psycopg.DataError, psycopg.errors.ProgramLimitExceeded))
     return True
 
 
@@ -196,7 +198,10 @@ class FactBatch:
             return fact, self._other_channel(event, payment_id, row)
         if isinstance(fact, sm.CallbackReceived):
             fact = await self._with_owners(payment_id, fact)
-        return fact, self._receipt_checked(payment_id, sm.decide(await self._snapshot(row, fact), fact))
+        elif isinstance(fact, sm.PushAccepted):
+            await self._read_owners([], [fact.checkout_request_id])
+        decision = self._receipt_checked(payment_id, sm.decide(await self._snapshot(row, fact), fact))
+        return fact, self._checkout_checked(payment_id, row, decision)
 
     def _other_channel(self, event: ConsumedEvent, payment_id: str, row: dict) -> sm.Decision:
         """An event that names another channel than its payment's changes nothing. It is rejected
@@ -229,18 +234,22 @@ class FactBatch:
     async def _with_owners(self, payment_id: str, fact: sm.CallbackReceived) -> sm.CallbackReceived:
         """The callback with the other payments its receipt and CheckoutRequestID already belong to."""
         cb = fact.callback
-        receipts = [cb.receipt] if cb.receipt and cb.receipt not in self.receipts_read else []
-        checkouts = [cb.checkout_request_id] if cb.checkout_request_id not in self.checkouts_read else []
+        await self._read_owners([cb.receipt] if cb.receipt else [], [cb.checkout_request_id])
+        receipt_owner = self.receipts.get(cb.receipt) if cb.receipt else None
+        checkout_owner = self.checkouts.get(cb.checkout_request_id)
+        return dataclasses.replace(fact, receipt_owner=receipt_owner if receipt_owner != payment_id else None,
+                                   checkout_owner=checkout_owner if checkout_owner != payment_id else None)
+
+    async def _read_owners(self, receipts: list[str], checkouts: list[str]) -> None:
+        """Reads who holds these receipts and CheckoutRequestIDs unless the batch read them already."""
+        receipts = [r for r in receipts if r not in self.receipts_read]
+        checkouts = [c for c in checkouts if c not in self.checkouts_read]
         if receipts or checkouts:  # a fact un-parked from an earlier batch: not in the batch's first read
             held, pushed = await store.owners(self.conn, receipts, checkouts)
             self.receipts = {**held, **self.receipts}  # this batch's own changes win
             self.checkouts = {**pushed, **self.checkouts}
             self.receipts_read.update(receipts)
             self.checkouts_read.update(checkouts)
-        receipt_owner = self.receipts.get(cb.receipt) if cb.receipt else None
-        checkout_owner = self.checkouts.get(cb.checkout_request_id)
-        return dataclasses.replace(fact, receipt_owner=receipt_owner if receipt_owner != payment_id else None,
-                                   checkout_owner=checkout_owner if checkout_owner != payment_id else None)
 
     async def _snapshot(self, row: dict | None, fact: sm.Fact) -> sm.Payment | None:
         if row is None:
@@ -298,6 +307,21 @@ class FactBatch:
             return d
         changes = {k: v for k, v in d.changes.items() if k not in ("mpesa_receipt", *sm.CANDIDATE_CLEARED)}
         return sm.review("receipt_reused", f"receipt {receipt} already proves payment {other}", **changes)
+
+    def _checkout_checked(self, payment_id: str, row: dict | None, d: sm.Decision) -> sm.Decision:
+        """One CheckoutRequestID is one push. An accepted push whose id another payment holds already
+        (a callback for a payment whose push outcome was unknown named it) is a contradiction: written,
+        it would break the unique index and dead-letter whichever event applied it, even an innocent
+        one that un-parked it. A final payment stays final."""
+        checkout = d.changes.get("checkout_request_id")
+        other = self.checkouts.get(checkout) if checkout else None
+        if other is None or other == payment_id:
+            return d
+        reason = f"CheckoutRequestID {untrusted(checkout)} already belongs to payment {other}"
+        if row is not None and row["state"] in FINAL_STATES:
+            return sm.contradiction("checkout_reused", f"{reason}; the payment stays {row['state']}")
+        changes = {k: v for k, v in d.changes.items() if k not in ("checkout_request_id", "merchant_request_id")}
+        return sm.review("checkout_reused", reason, **changes)
 
     def _reconciliation_changes(self, d: sm.Decision) -> dict:
         now = datetime.now(timezone.utc)
@@ -364,7 +388,8 @@ def _receipts(facts) -> list[str]:
 
 
 def _checkout_ids(facts) -> list[str]:
-    return [f.callback.checkout_request_id for _, _, f in facts if isinstance(f, sm.CallbackReceived)]
+    return [f.callback.checkout_request_id if isinstance(f, sm.CallbackReceived) else f.checkout_request_id
+            for _, _, f in facts if isinstance(f, (sm.CallbackReceived, sm.PushAccepted))]
 
 
 def query_request(codec: Codec, row: dict, checkout_request_id: str, attempt: int, reason: str) -> tuple[str, bytes, bytes]:

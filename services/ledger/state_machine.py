@@ -151,8 +151,10 @@ def on_requested(p: Payment | None, f: Requested) -> Decision:
 
 def on_push_accepted(p: Payment, f: PushAccepted) -> Decision:
     if p.checkout_request_id not in (None, f.checkout_request_id):
-        return review("second_push", f"a second push was accepted ({f.checkout_request_id}) "
-                                     f"besides {p.checkout_request_id}")
+        why = f"a second push was accepted ({f.checkout_request_id}) besides {p.checkout_request_id}"
+        if p.state == "Settled":  # a final state stays final: recorded and alerted, not moved back
+            return contradiction("second_push", f"{why}; the payment stays Settled")
+        return review("second_push", why)
     if p.candidate_checkout_request_id not in (None, f.checkout_request_id):
         return review("callback_mismatch", f"the push was accepted as {f.checkout_request_id}, but the success "
                                            f"awaiting confirmation named {p.candidate_checkout_request_id}")
