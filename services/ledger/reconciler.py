@@ -67,7 +67,7 @@ class Reconciler:
             event = ConsumedEvent("reconciliation", -1, -1, None, "reconciliation", {"event_id": new_id()})
             await batch.apply(event, row["payment_id"], sm.ReconciliationExpired(int(age.total_seconds())))
             return []
-        # A success awaiting confirmation names the CheckoutRequestID to ask about when the push's is unknown.
+        # A callback awaiting confirmation names the CheckoutRequestID to ask about when the push's is unknown.
         checkout = row["checkout_request_id"] or row["candidate_checkout_request_id"]
         if not checkout:  # nothing to query: only a callback can tell; wait to the deadline
             batch.set(row["payment_id"], {"next_query_at": now + self.settings.review_after - age})
@@ -76,7 +76,7 @@ class Reconciler:
         batch.set(row["payment_id"], {"query_attempts": attempt,
                                       "next_query_at": now + next_query_delay(attempt, self.settings)})
         QUERIES.inc()
-        reason = ("CONFIRM_CALLBACK" if row["candidate_receipt"] else
+        reason = ("CONFIRM_CALLBACK" if row["candidate_checkout_request_id"] else
                   "PUSH_OUTCOME_UNKNOWN" if row["push_unknown"] else "PENDING_TOO_LONG")
         return [query_request(self.codec, row, checkout, attempt, reason)]
 

@@ -261,6 +261,7 @@ class FactBatch:
         return sm.Payment(row["state"], row["amount"], row["phone"], row["checkout_request_id"], row["mpesa_receipt"],
                           row["result_code"], row["push_unknown"], row["candidate_receipt"],
                           row["candidate_checkout_request_id"], row["candidate_transaction_time"],
+                          row["candidate_result_code"],
                           confirm_by_query=bool(confirm),
                           callbacks_closed=final_for is not None and final_for > self.settings.callback_ttl_after_final)
 

@@ -39,6 +39,7 @@ class Payment:
     candidate_receipt: str | None = None              # a proven success awaiting its STK query
     candidate_checkout_request_id: str | None = None
     candidate_transaction_time: datetime | None = None
+    candidate_result_code: str | None = None          # or a failure, after an unknown push, awaiting its query
     confirm_by_query: bool = False  # the channel wants every success confirmed by an STK query
     callbacks_closed: bool = False  # final for longer than the callback TTL: its URL has expired
 
@@ -123,7 +124,7 @@ def contradiction(alert: str, reason: str) -> Decision:
 
 
 def confirming(checkout_request_id: str, reason: str, **changes) -> Decision:
-    """The success is kept as a candidate while an STK query confirms it."""
+    """The callback is kept as a candidate while an STK query confirms it."""
     return Decision(Verdict.APPLIED, None, changes, reason, query=checkout_request_id)
 
 
@@ -134,7 +135,7 @@ OPEN = ("Requested", "Pending")
 # M-Pesa receipts are 10 upper-case letters and digits (docs/callback-proof.md).
 RECEIPT = re.compile(r"[A-Z0-9]{10}")
 CANDIDATE_CLEARED = {"candidate_receipt": None, "candidate_checkout_request_id": None,
-                     "candidate_transaction_time": None}
+                     "candidate_transaction_time": None, "candidate_result_code": None}
 
 
 # --- Requested -------------------------------------------------------------------------------
@@ -156,7 +157,7 @@ def on_push_accepted(p: Payment, f: PushAccepted) -> Decision:
             return contradiction("second_push", f"{why}; the payment stays Settled")
         return review("second_push", why)
     if p.candidate_checkout_request_id not in (None, f.checkout_request_id):
-        return review("callback_mismatch", f"the push was accepted as {f.checkout_request_id}, but the success "
+        return review("callback_mismatch", f"the push was accepted as {f.checkout_request_id}, but the callback "
                                            f"awaiting confirmation named {p.candidate_checkout_request_id}")
     ids = {"merchant_request_id": f.merchant_request_id, "checkout_request_id": f.checkout_request_id}
     if p.state == "Requested":
@@ -198,7 +199,7 @@ def on_callback(p: Payment, f: CallbackReceived) -> Decision:
     if p.state == "Requested" and p.checkout_request_id is None and not p.push_unknown:
         return WAIT_FOR_PUSH
     if p.state in OPEN:
-        if p.candidate_receipt is not None:
+        if p.candidate_checkout_request_id is not None:
             return _while_confirming(p, f)
         return _success(p, f) if f.callback.succeeded else _open_failure(p, f)
     if p.state == "Settled":
@@ -266,18 +267,30 @@ def _open_failure(p: Payment, f: CallbackReceived) -> Decision:
     if f.checkout_owner is not None:
         return review("callback_mismatch", f"callback's CheckoutRequestID {untrusted(cb.checkout_request_id)} "
                                            f"belongs to payment {f.checkout_owner}")
+    if p.checkout_request_id is None:
+        # The push outcome is unknown: nothing proves this CheckoutRequestID is the payment's push. A
+        # failure believed at once would let anyone holding the URL cancel the payment under a made-up
+        # id, and the payer's genuine success would then fail the id check against it.
+        return confirming(cb.checkout_request_id, "failure callback awaiting STK query: the push outcome is "
+                          "unknown, so its CheckoutRequestID is confirmed by an STK query",
+                          candidate_checkout_request_id=cb.checkout_request_id,
+                          candidate_result_code=untrusted(cb.result_code, 64),
+                          merchant_request_id=cb.merchant_request_id)
     ids = {"checkout_request_id": cb.checkout_request_id, "merchant_request_id": cb.merchant_request_id}
     return _failure(cb.result_code, untrusted(cb.result_desc), "callback", ids)
 
 
 def _while_confirming(p: Payment, f: CallbackReceived) -> Decision:
     cb = f.callback
-    if cb.succeeded and (cb.receipt, cb.checkout_request_id) == (p.candidate_receipt,
-                                                                 p.candidate_checkout_request_id):
+    same_id = cb.checkout_request_id == p.candidate_checkout_request_id
+    if same_id and cb.succeeded and cb.receipt == p.candidate_receipt:
         return duplicate("this success already awaits its STK query")
+    if same_id and not cb.succeeded and cb.result_code == p.candidate_result_code:
+        return duplicate("this failure already awaits its STK query")
     what = f"success with receipt {untrusted(cb.receipt)}" if cb.succeeded else f"failure {untrusted(cb.result_code)}"
-    return review("callback_contradicts", f"a callback ({what}) contradicts the success (receipt "
-                                          f"{p.candidate_receipt}) awaiting its STK query")
+    awaiting = (f"the success (receipt {p.candidate_receipt})" if p.candidate_receipt
+                else f"the failure {p.candidate_result_code}")
+    return review("callback_contradicts", f"a callback ({what}) contradicts {awaiting} awaiting its STK query")
 
 
 def _after_settled(p: Payment, f: CallbackReceived) -> Decision:
@@ -327,6 +340,8 @@ def on_query(p: Payment, f: QueryAnswered) -> Decision:
     ids = {"checkout_request_id": f.checkout_request_id} if f.checkout_request_id else {}
     if p.state in OPEN and p.candidate_receipt:
         return _confirmation(p, f)
+    if p.state in OPEN and p.candidate_result_code:
+        return _failure_confirmation(p, f)
     if p.state in OPEN:
         if f.status == "SUCCESS":
             return applied("Settled", "confirmed by STK query (the query gives no receipt number)",
@@ -349,6 +364,17 @@ def _confirmation(p: Payment, f: QueryAnswered) -> Decision:
                        result_desc=f.result_desc, **CANDIDATE_CLEARED)
     return review("query_contradicts", f"STK query says {f.status} {f.result_code}, contradicting the success "
                                        f"callback (receipt {p.candidate_receipt})")
+
+
+def _failure_confirmation(p: Payment, f: QueryAnswered) -> Decision:
+    """The answer to the query that confirms a failure callback after an unknown push outcome. A
+    success here does not settle: the id came from an unproven callback, and a query only tells that
+    some push under that id succeeded, not that it was this payment's (docs/callback-proof.md)."""
+    ids = {"checkout_request_id": p.candidate_checkout_request_id, **CANDIDATE_CLEARED}
+    if f.status == "SUCCESS":
+        return review("query_contradicts", f"STK query says SUCCESS for the CheckoutRequestID of the failure "
+                                           f"callback {p.candidate_result_code}")
+    return _failure(f.result_code or p.candidate_result_code or "", f.result_desc, "query", ids)
 
 
 # --- Reconciliation --------------------------------------------------------------------------

@@ -19,7 +19,8 @@ COLUMNS = ("payment_id", "channel_id", "state", "amount", "phone", "account_refe
            "order_reference", "metadata", "merchant_request_id", "checkout_request_id", "mpesa_receipt",
            "transaction_time", "result_code", "result_desc", "requested_at", "push_unknown", "pending_since",
            "next_query_at", "query_attempts", "review_reason", "final_at", "phone_check", "candidate_receipt",
-           "candidate_checkout_request_id", "candidate_transaction_time", "late_receipt", "contradiction")
+           "candidate_checkout_request_id", "candidate_transaction_time", "late_receipt", "contradiction",
+           "candidate_result_code")
 # Where a payment keeps a receipt or a CheckoutRequestID: one proves one payment, whichever column.
 RECEIPT_COLUMNS = ("mpesa_receipt", "candidate_receipt", "late_receipt")
 CHECKOUT_COLUMNS = ("checkout_request_id", "candidate_checkout_request_id")

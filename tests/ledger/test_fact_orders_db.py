@@ -131,8 +131,6 @@ def test_a_value_too_big_for_the_database_is_blamed_on_its_event_not_retried_as_
     assert not _is_the_events_fault(psycopg.errors.InsufficientPrivilege("permission denied"))
 
 
-@pytest.mark.xfail(strict=True, reason="a failure callback after an unknown push outcome is final at once, with any "
-                                       "CheckoutRequestID: no query confirms it, unlike a success")
 async def test_a_forged_failure_after_an_unknown_push_outcome_does_not_hide_the_genuine_payment(
         ledger_pool, pool, codec):
     """The push outcome is unknown, so no push result names the accepted CheckoutRequestID. Whoever

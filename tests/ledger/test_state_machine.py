@@ -224,6 +224,26 @@ def test_a_success_after_an_unknown_push_outcome_is_confirmed_by_a_query_for_its
     assert (refused.new_state, refused.alert) == ("Review", "push_refused_after_success")
 
 
+def test_a_failure_after_an_unknown_push_outcome_waits_for_a_query_for_its_checkout_id():
+    """Nothing proves a failure's CheckoutRequestID when the push outcome is unknown: believed at once,
+    anyone holding the URL could cancel the payment under a made-up id."""
+    unknown = sm.Payment("Requested", 100, "254712345678", push_unknown=True)
+    d = sm.decide(unknown, callback(failure("ws_CO_7", 1032)))
+    assert (d.verdict, d.new_state, d.query) == (sm.Verdict.APPLIED, None, "ws_CO_7")
+    assert (d.changes["candidate_checkout_request_id"], d.changes["candidate_result_code"]) == ("ws_CO_7", "1032")
+    waiting = replace(unknown, candidate_checkout_request_id="ws_CO_7", candidate_result_code="1032")
+    assert sm.decide(waiting, callback(failure("ws_CO_7", 1032))).verdict is sm.Verdict.DUPLICATE
+    assert sm.decide(waiting, sm.QueryAnswered("FAILED", "ws_CO_8", "1032", "x")).verdict is sm.Verdict.REJECTED
+    cancelled = sm.decide(waiting, sm.QueryAnswered("FAILED", "ws_CO_7", "1032", "cancelled"))
+    assert (cancelled.new_state, cancelled.changes["checkout_request_id"], cancelled.changes["candidate_result_code"]
+            ) == ("Cancelled", "ws_CO_7", None)
+    # A query only says that some push under that id succeeded: not that it was this payment's.
+    contradicted = sm.decide(waiting, sm.QueryAnswered("SUCCESS", "ws_CO_7", "0", "ok"))
+    assert (contradicted.new_state, contradicted.alert) == ("Review", "query_contradicts")
+    genuine = sm.decide(waiting, callback(success("ws_CO_1")))
+    assert (genuine.new_state, genuine.alert) == ("Review", "callback_contradicts")
+
+
 def test_a_contradicting_callback_after_settled_is_recorded_and_alerted_but_does_not_move_it():
     settled = sm.Payment("Settled", 100, "254712345678", "ws_CO_1", "NLJ7RT61SV", "0")
     for body in (failure("ws_CO_1", 1032), success("ws_CO_1", receipt="QKH94M1Z11"), success("ws_CO_9"),
