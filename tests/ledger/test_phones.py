@@ -25,6 +25,9 @@ MATCH, MISMATCH, UNVERIFIABLE = PhoneCheck.MATCH, PhoneCheck.MISMATCH, PhoneChec
     ("254708374149", "", UNVERIFIABLE),
     ("254708374149", "************", UNVERIFIABLE),
     ("254708374149", "254*********", UNVERIFIABLE),  # only the country code visible
+    ("254708374149", "**********49", UNVERIFIABLE),  # two subscriber digits: one forger in a hundred matches
+    ("254708374149", "2547*******9", UNVERIFIABLE),
+    ("254708374149", "**********48", MISMATCH),      # too few to match, enough to differ
     ("254708374149", "25470837414", UNVERIFIABLE),   # 11 digits, as in a published 2019 sample
     ("254708374149", "2547083741490", UNVERIFIABLE),
     ("254708374149", "254708374149.0", UNVERIFIABLE),

@@ -175,14 +175,14 @@ def test_the_amount_is_compared_as_a_decimal(amount):
 
 
 @pytest.mark.parametrize("phone", [254712345678, "254712345678", "+254712345678", "0712345678", "712345678",
-                                   "25471****678", "2547******78", "254712****78", "**********78"])
+                                   "25471****678", "2547******78", "254712****78"])
 def test_a_genuine_success_with_a_masked_or_reformatted_phone_settles(phone):
     d = decide_success(phone=phone)
     assert (d.new_state, d.changes["phone_check"]) == ("Settled", "match")
 
 
-@pytest.mark.parametrize("phone", [OMIT, "", "************", "254*********", "25471234567", "2547123456789",
-                                   254712345678.0, "2547 1234 5678", "unknown", True])
+@pytest.mark.parametrize("phone", [OMIT, "", "************", "254*********", "**********78",
+                                   "25471234567", "2547123456789", 254712345678.0, "2547 1234 5678", "unknown", True])
 def test_a_phone_that_cannot_be_compared_is_flagged_and_confirmed_by_query_not_settled(phone):
     d = decide_success(phone=phone)
     assert (d.verdict, d.new_state, d.query) == (sm.Verdict.APPLIED, None, "ws_CO_1")
