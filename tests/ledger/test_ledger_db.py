@@ -377,3 +377,35 @@ async def test_after_a_failed_publish_the_relay_catches_up_from_the_table_in_ord
     async with pool.connection() as conn:
         left = await (await conn.execute("SELECT count(*) FROM outbox WHERE key = %s", (key,))).fetchone()
     assert left[0] == 0 and first_two[0][0] < first_two[1][0] < third[0][0]
+
+
+async def test_a_payment_the_reconciler_cannot_reconcile_is_set_aside_and_the_others_go_on(
+        ledger, pool, ledger_pool, codec, unique, monkeypatch):
+    """One payment whose reconciliation raises (a bug, a row an older version wrote) used to roll back
+    every payment of the tick, first in line forever, and the error stopped the ledger: every() lets
+    only a database outage pass."""
+    from services.ledger.reconciler import SET_ASIDE, Reconciler
+    bad, good = str(uuid.uuid4()), str(uuid.uuid4())
+    await ledger.handle_batch([requested(f"ch-{unique}", bad), requested(f"ch-{unique}", good)])
+    async with pool.connection() as conn:  # both past their deadline, the bad one first in line
+        await conn.execute("UPDATE payments SET requested_at = now() - interval '1 day', next_query_at = now()"
+                           " - CASE WHEN payment_id = %s THEN interval '2 days' ELSE interval '1 day' END"
+                           " WHERE payment_id = ANY(%s)", (bad, [bad, good]))
+    reconciler = Reconciler(ledger_pool, codec, ledger.settings)
+    reconcile = reconciler._reconcile
+
+    async def failing_for_bad(batch, row):
+        if row["payment_id"] == bad:
+            raise RuntimeError("cannot reconcile this one")
+        return await reconcile(batch, row)
+
+    monkeypatch.setattr(reconciler, "_reconcile", failing_for_bad)
+    set_aside_before = SET_ASIDE._value.get()
+    while (await state_of(pool, good))[0] != "Review" and await reconciler.tick():
+        pass
+    assert (await state_of(pool, good))[0] == "Review"
+    assert (await state_of(pool, bad))[0] == "Requested"
+    async with pool.connection() as conn:
+        later, = await (await conn.execute("SELECT next_query_at > now() FROM payments WHERE payment_id = %s",
+                                           (bad,))).fetchone()
+    assert later and SET_ASIDE._value.get() > set_aside_before
