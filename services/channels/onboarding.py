@@ -67,7 +67,7 @@ def daraja_credential_check(base_url: str, timeouts: DarajaTimeouts = DarajaTime
     """Checks credentials by asking Daraja for an OAuth token.
 
     A client per check, closed at once: the onboarding side keeps no credentials or tokens in memory.
-    Note that a new token may invalidate the app's previous one (daraja.md §1); the STK worker's
+    Note that a new token may invalidate the app's previous one (docs/daraja.md §1); the STK worker's
     client refreshes once when that happens.
     """
     async def check(app: AppCredentials) -> None:

@@ -1,6 +1,6 @@
-"""The unguessable token in each CallBackURL, bound to channel and payment (design.md, Security).
+"""The unguessable token in each CallBackURL, bound to channel and payment (docs/design.md, Security).
 
-Daraja does not sign callbacks (daraja.md §5), so the URL itself is the credential: an HMAC of the
+Daraja does not sign callbacks (docs/daraja.md §5), so the URL itself is the credential: an HMAC of the
 channel and payment ids under a secret only we hold. Several secrets may be accepted at once so the
 secret can be rotated while pushes made under the previous one still await their callbacks.
 """
@@ -24,7 +24,7 @@ def token_is_valid(secrets: list[bytes], channel_id: str, payment_id: str, token
 
 
 def callback_url(public_base: str, secret: bytes, channel_id: str, payment_id: str) -> str:
-    # Path segments, not a query string: Daraja delivers the path intact (daraja.md §5).
+    # Path segments, not a query string: Daraja delivers the path intact (docs/daraja.md §5).
     return f"{public_base}/api/webhooks/mpesa/{channel_id}/{payment_id}/{callback_token(secret, channel_id, payment_id)}"
 
 

@@ -1,7 +1,7 @@
 """Kafka plumbing: an acknowledged producer, topic creation, and a consumer loop that commits
 only what was fully handled and dead-letters what it cannot read or handle.
 
-confluent-kafka is used directly (its asyncio producer is experimental, kafka-local.md); this
+confluent-kafka is used directly (its asyncio producer is experimental: docs/design.md, "Kafka client"); this
 module is the project's one small interface to it.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ class PublishError(Exception):
 
 
 def new_event_fields(channel_id: str, payment_id: str | None = None) -> dict[str, Any]:
-    """The fields every event carries (design.md: event_id, occurred_at, channel_id, payment_id)."""
+    """The fields every event carries (docs/design.md: event_id, occurred_at, channel_id, payment_id)."""
     fields = {"event_id": new_id(), "occurred_at": datetime.now(timezone.utc),
               "channel_id": channel_id, "schema_version": 1}
     if payment_id is not None:

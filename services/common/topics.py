@@ -1,4 +1,4 @@
-"""The topics of the pipeline and the one record type each carries (design.md, "The flow")."""
+"""The topics of the pipeline and the one record type each carries (docs/design.md, "The flow")."""
 from __future__ import annotations
 
 import re

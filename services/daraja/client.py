@@ -1,7 +1,7 @@
 """Async Daraja client: OAuth with one shared token per app, STK push and STK query over httpx.
 
 The client never retries on its own except once, after Daraja refuses a token (404.001.03): a
-fresh token is fetched and the call repeated (daraja.md §1). Everything else surfaces as a
+fresh token is fetched and the call repeated (docs/daraja.md §1). Everything else surfaces as a
 DarajaError whose `kind` tells the caller whether to back off and retry, give up, or reconcile.
 """
 from __future__ import annotations
@@ -113,7 +113,7 @@ class DarajaClient:
     async def fetch_token(self, app: AppCredentials) -> AccessToken:
         """Asks Daraja for a new token now (e.g. to validate credentials at onboarding) and caches it.
 
-        Note: each new token may invalidate the app's previous one (daraja.md §1), which is why
+        Note: each new token may invalidate the app's previous one (docs/daraja.md §1), which is why
         everything else goes through the shared cache.
         """
         async with self._lock_for(app):
@@ -146,7 +146,7 @@ class DarajaClient:
             if not error.is_invalid_token:
                 raise
             # Another process may have minted a newer token for this app, which invalidates ours
-            # (daraja.md §1). Refresh once and repeat: the refused call reached no customer.
+            # (docs/daraja.md §1). Refresh once and repeat: the refused call reached no customer.
             log.info("daraja refused the token of app %s; refreshing once", app.key_id,
                      extra={"error_code": error.error_code})
         token = await self._replace_refused_token(app, token)

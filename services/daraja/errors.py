@@ -10,11 +10,11 @@ class ErrorKind(enum.Enum):
     # Sending it again unchanged will fail again: fix the input or the credentials.
     PERMANENT = "permanent"
     # The request may have reached Daraja and been acted on. For a push this means a prompt may
-    # be on the phone: reconcile (query, callback), never push again blindly (design.md).
+    # be on the phone: reconcile (query, callback), never push again blindly (docs/design.md).
     OUTCOME_UNKNOWN = "outcome_unknown"
 
 
-# Daraja codes meaning "this bearer token is not (or no longer) valid" (daraja.md §2 table).
+# Daraja codes meaning "this bearer token is not (or no longer) valid" (docs/daraja.md §2 table).
 INVALID_TOKEN_CODES = frozenset({"404.001.03", "400.003.01"})
 
 

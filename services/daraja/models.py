@@ -15,14 +15,14 @@ from urllib.parse import urlsplit
 
 PAYBILL_TRANSACTION = "CustomerPayBillOnline"
 TILL_TRANSACTION = "CustomerBuyGoodsOnline"
-ACCOUNT_REFERENCE_MAX = 12  # daraja.md §2 Fields: AccountReference max 12 characters
-DESCRIPTION_MAX = 13  # daraja.md §2 Fields: TransactionDesc max 13 characters
-AMOUNT_MAX = 250_000  # daraja.md §2 Fields: current FAQ ceiling per transaction, KES
+ACCOUNT_REFERENCE_MAX = 12  # docs/daraja.md §2 Fields: AccountReference max 12 characters
+DESCRIPTION_MAX = 13  # docs/daraja.md §2 Fields: TransactionDesc max 13 characters
+AMOUNT_MAX = 250_000  # docs/daraja.md §2 Fields: current FAQ ceiling per transaction, KES
 
-# 2547… and 2541… are both Safaricom lines (daraja.md §2 PartyA: 2541… numbers are real).
+# 2547… and 2541… are both Safaricom lines (docs/daraja.md §2 PartyA: 2541… numbers are real).
 _PHONE = re.compile(r"254[17]\d{8}")
 _SHORTCODE = re.compile(r"\d{5,7}")
-# Special characters reportedly make Daraja fail (daraja.md §2, bnjunge #3): letters, digits, space, '-'.
+# Special characters reportedly make Daraja fail (docs/daraja.md §2, bnjunge #3): letters, digits, space, '-'.
 _PROMPT_TEXT = re.compile(r"[A-Za-z0-9 -]*")
 
 
@@ -63,7 +63,7 @@ class AppCredentials:
 
 @dataclass(frozen=True)
 class Shortcode:
-    """Where the money goes. Daraja's Till rules (daraja.md §2 "Till vs Paybill"):
+    """Where the money goes. Daraja's Till rules (docs/daraja.md §2 "Till vs Paybill"):
 
     paybill: BusinessShortCode = PartyB = paybill number, TransactionType CustomerPayBillOnline.
     till:    BusinessShortCode = store/head-office number used at Go-Live, PartyB = till number,
@@ -106,7 +106,7 @@ class StkPushRequest:
     callback_url: str
 
     def __post_init__(self) -> None:
-        # bool is an int in Python; decimals are refused by Daraja (daraja.md §2 Amount).
+        # bool is an int in Python; decimals are refused by Daraja (docs/daraja.md §2 Amount).
         if isinstance(self.amount, bool) or not isinstance(self.amount, int):
             raise ValueError("amount must be a whole number of shillings")
         if not 1 <= self.amount <= AMOUNT_MAX:
@@ -167,7 +167,7 @@ class QueryResult:
 
     STILL_PROCESSING covers every answer that is not a final verdict: 4999, 500.001.1001 with
     "being processed", an empty or "does not Exist" message, and result codes this client does
-    not know (daraja.md §4: treat them as still-unknown, never as failed).
+    not know (docs/daraja.md §4: treat them as still-unknown, never as failed).
     """
 
     status: QueryStatus

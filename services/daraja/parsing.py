@@ -2,7 +2,7 @@
 
 Nothing here assumes a well-formed body: answers may be non-JSON, JSON that is not an object,
 Apigee/SOAP faults without `errorCode`, empty messages, or codes sent as strings or integers
-(daraja.md §2 "Synchronous error response", §4).
+(docs/daraja.md §2 "Synchronous error response", §4).
 """
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from services.daraja.errors import INVALID_TOKEN_CODES, DarajaError, ErrorKind
 from services.daraja.models import AccessToken, PushAccepted, QueryResult, QueryStatus
 from services.daraja.result_codes import FINAL_FAILURE_CODES
 
-DOCUMENTED_TOKEN_TTL_S = 3599  # daraja.md §1: expires_in is 3599 (often the string "3599")
+DOCUMENTED_TOKEN_TTL_S = 3599  # docs/daraja.md §1: expires_in is 3599 (often the string "3599")
 # Reasons are cut here only to bound memory; DarajaError.redacted() masks secrets and then shortens.
 REASON_CHARS_MAX = 2000
 
-# The query's "no answer yet" code (daraja.md §4): being processed, empty, or even "does not Exist".
+# The query's "no answer yet" code (docs/daraja.md §4): being processed, empty, or even "does not Exist".
 QUERY_PENDING_ERROR_CODE = "500.001.1001"
 
 _PERMANENT_CODES = frozenset({
@@ -26,10 +26,10 @@ _PERMANENT_CODES = frozenset({
     "404.001.01", "404.003.01", "404.001.04", "405.001", "500.002.1001",
 }) | INVALID_TOKEN_CODES  # a token still refused after the client's one refresh is a credentials problem
 _RETRYABLE_CODES = frozenset({"500.003.01", "500.003.1001", "500.003.02", "500.003.03"})
-# 500.001.1001 is one code for many things; its message decides (daraja.md §2 table).
+# 500.001.1001 is one code for many things; its message decides (docs/daraja.md §2 table).
 _LOCKED_SUBSCRIBER = "unable to lock subscriber"
 _PERMANENT_1001_MESSAGES = ("wrong credentials", "merchant does not exist")
-LOCKED_SUBSCRIBER_WAIT_S = 60.0  # daraja.md §2: wait at least a minute
+LOCKED_SUBSCRIBER_WAIT_S = 60.0  # docs/daraja.md §2: wait at least a minute
 _GATEWAY_THROTTLE = re.compile(r"spike|quota|ratelimit|rate limit|too many", re.IGNORECASE)
 
 
@@ -71,7 +71,7 @@ def parse_query_response(status: int, body: bytes) -> QueryResult:
     if error_code is not None:
         message = _error_message(obj)
         if error_code == QUERY_PENDING_ERROR_CODE and not _is_permanent_1001(message):
-            # daraja.md §4: seen with HTTP 500 and HTTP 200, with "being processed", an empty
+            # docs/daraja.md §4: seen with HTTP 500 and HTTP 200, with "being processed", an empty
             # message, and "does not Exist" for payments that later succeeded.
             return QueryResult(QueryStatus.STILL_PROCESSING, None, message,
                                checkout_request_id=text(obj.get("requestId")) or None)
@@ -93,7 +93,7 @@ def query_status(result_code: str) -> QueryStatus:
         return QueryStatus.FINAL_SUCCESS
     if result_code.upper() in FINAL_FAILURE_CODES:
         return QueryStatus.FINAL_FAILURE
-    # 4999 and codes outside the catalogue: not a verdict (daraja.md §4 reconciliation pattern).
+    # 4999 and codes outside the catalogue: not a verdict (docs/daraja.md §4 reconciliation pattern).
     return QueryStatus.STILL_PROCESSING
 
 
@@ -125,7 +125,7 @@ def _kind_for_code(error_code: str, message: str) -> tuple[ErrorKind, float | No
         return ErrorKind.PERMANENT, None
     if error_code in _RETRYABLE_CODES:
         return ErrorKind.RETRYABLE, None
-    # Unknown code: its first segment is the HTTP class Daraja meant (daraja.md §2).
+    # Unknown code: its first segment is the HTTP class Daraja meant (docs/daraja.md §2).
     return (ErrorKind.RETRYABLE, None) if error_code.startswith(("5", "429")) else (ErrorKind.PERMANENT, None)
 
 
@@ -137,7 +137,7 @@ def _classify_other(operation: str, status: int, obj: dict | None, body: bytes) 
 
 def _kind_for_status(operation: str, status: int, fault: str | None) -> ErrorKind:
     if status in (403, 429) or (fault and _GATEWAY_THROTTLE.search(fault)):
-        # Throttles and WAF blocks (daraja.md §6: Incapsula 403 on bursts) reject before the backend.
+        # Throttles and WAF blocks (docs/daraja.md §6: Incapsula 403 on bursts) reject before the backend.
         return ErrorKind.RETRYABLE
     may_have_acted = _is_success(status) or status >= 500 or status == 408
     if may_have_acted:
@@ -204,7 +204,7 @@ def _is_success(status: int) -> bool:
 
 def _expires_in_s(value: Any) -> int:
     try:
-        seconds = int(str(value).strip())  # "3599" or 3599 (daraja.md §1)
+        seconds = int(str(value).strip())  # "3599" or 3599 (docs/daraja.md §1)
     except ValueError:
         return DOCUMENTED_TOKEN_TTL_S
     return seconds if seconds > 0 else DOCUMENTED_TOKEN_TTL_S

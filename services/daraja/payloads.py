@@ -13,7 +13,7 @@ NAIROBI = ZoneInfo("Africa/Nairobi")
 def nairobi_timestamp(now: datetime) -> str:
     """YYYYMMDDHHmmss on a 24-hour clock in Nairobi time, whatever the server's zone.
 
-    daraja.md §2 Timestamp: servers in other zones get "Invalid Timestamp"; Safaricom's own PHP
+    docs/daraja.md §2 Timestamp: servers in other zones get "Invalid Timestamp"; Safaricom's own PHP
     SDK uses a 12-hour clock, a known-bad pattern.
     """
     if now.tzinfo is None:
@@ -22,13 +22,13 @@ def nairobi_timestamp(now: datetime) -> str:
 
 
 def stk_password(business_shortcode: str, passkey: str, timestamp: str) -> str:
-    """base64(shortcode + passkey + timestamp), plain concatenation (daraja.md §2 Password)."""
+    """base64(shortcode + passkey + timestamp), plain concatenation (docs/daraja.md §2 Password)."""
     return base64.b64encode(f"{business_shortcode}{passkey}{timestamp}".encode()).decode("ascii")
 
 
 def build_push_payload(shortcode: Shortcode, request: StkPushRequest, passkey: str, timestamp: str) -> dict:
     # Types follow Safaricom's documented example: BusinessShortCode a number, the parties strings
-    # (daraja.md §2 Fields). Amount is a whole number: decimals are refused.
+    # (docs/daraja.md §2 Fields). Amount is a whole number: decimals are refused.
     return {
         "BusinessShortCode": int(shortcode.business_shortcode),
         "Password": stk_password(shortcode.business_shortcode, passkey, timestamp),
@@ -45,7 +45,7 @@ def build_push_payload(shortcode: Shortcode, request: StkPushRequest, passkey: s
 
 
 def build_query_payload(shortcode: Shortcode, checkout_request_id: str, passkey: str, timestamp: str) -> dict:
-    """The query needs its own fresh timestamp and password (daraja.md §4)."""
+    """The query needs its own fresh timestamp and password (docs/daraja.md §4)."""
     return {
         "BusinessShortCode": shortcode.business_shortcode,
         "Password": stk_password(shortcode.business_shortcode, passkey, timestamp),

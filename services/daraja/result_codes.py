@@ -1,4 +1,4 @@
-"""Daraja's STK ResultCodes (daraja.md §3, "ResultCode catalogue"): the one list the client, the
+"""Daraja's STK ResultCodes (docs/daraja.md §3, "ResultCode catalogue"): the one list the client, the
 ledger and the sandbox's tests share. Pure data."""
 from __future__ import annotations
 

@@ -137,7 +137,7 @@ def _gatekeeper(request: web.Request, sandbox: Sandbox, body: Any) -> Failure | 
     if isinstance(app, Failure):
         return app
     if request.content_type != _JSON:
-        # A missing or wrong Content-Type is a documented cause of this answer (daraja.md §2).
+        # A missing or wrong Content-Type is a documented cause of this answer (docs/daraja.md §2).
         return responses.invalid_field("BusinessShortCode")
     return None if isinstance(body, dict) else responses.INVALID_PAYLOAD
 

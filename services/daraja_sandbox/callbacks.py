@@ -1,10 +1,10 @@
 """STK callbacks: pure builders of Daraja's exact bytes, and the sender that delivers them.
 
-The layout is the one real sandbox callbacks have on the wire (daraja.md §3; captured samples in
+The layout is the one real sandbox callbacks have on the wire (docs/daraja.md §3; captured samples in
 PatrickNthiwa/Daraja_mpesa_api_C2B CallBackResponse.txt and Deval123/nkap): compact JSON, the
 amount with two decimals (`1.00`), a `Balance` item without `Value`, TransactionDate and
 PhoneNumber as JSON numbers, and ResultCode an integer except the string "SFC_IC0003".
-Delivery is one attempt, no retry, as Daraja does (daraja.md §5 "Retries").
+Delivery is one attempt, no retry, as Daraja does (docs/daraja.md §5 "Retries").
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import aiohttp
 from services.daraja_sandbox.rawhttp import HttpFailure, RawHttpClient, build_post
 log = logging.getLogger(__name__)
 
-CALLBACK_CONTENT_TYPE = "application/json;charset=UTF-8"  # daraja.md §3, as received from Daraja
+CALLBACK_CONTENT_TYPE = "application/json;charset=UTF-8"  # docs/daraja.md §3, as received from Daraja
 
 
 def success_callback(merchant_request_id: str, checkout_request_id: str, amount: int, receipt: str,
@@ -41,7 +41,7 @@ def success_callback(merchant_request_id: str, checkout_request_id: str, amount:
 
 def failure_callback(merchant_request_id: str, checkout_request_id: str, result_code: int | str,
                      result_desc: str) -> bytes:
-    # No CallbackMetadata on failures (daraja.md §3 "Shape").
+    # No CallbackMetadata on failures (docs/daraja.md §3 "Shape").
     return json.dumps({"Body": {"stkCallback": {
         "MerchantRequestID": merchant_request_id,
         "CheckoutRequestID": checkout_request_id,
@@ -135,5 +135,5 @@ class CallbackSender:
                 await response.read()
                 return response.status
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
-            # The receiver's problem, not ours: Daraja does not retry either (daraja.md §5).
+            # The receiver's problem, not ours: Daraja does not retry either (docs/daraja.md §5).
             return type(exc).__name__

@@ -1,4 +1,4 @@
-"""Pure builders of the sandbox's synchronous answers, in the byte layouts documented in daraja.md.
+"""Pure builders of the sandbox's synchronous answers, in the byte layouts documented in docs/daraja.md.
 
 Error envelope (§2): {"requestId": "...", "errorCode": "NNN.NNN.NN", "errorMessage": "..."}
 Push acknowledgement (§2), token (§1): JSON with ", " / ": " separators as printed there.
@@ -20,7 +20,7 @@ class Failure:
 
 
 def invalid_field(name: str) -> Failure:
-    # daraja.md §2: "Bad Request - Invalid <Field>" for each payload field.
+    # docs/daraja.md §2: "Bad Request - Invalid <Field>" for each payload field.
     return Failure(400, "400.002.02", f"Bad Request - Invalid {name}")
 
 
@@ -38,7 +38,7 @@ MERCHANT_MISSING = Failure(500, "500.001.1001", "Merchant does not exist")
 SUBSCRIBER_LOCKED = Failure(500, "500.001.1001",
                             "Unable to lock subscriber, a transaction is already in process for the current subscriber")
 SPIKE_ARREST = Failure(500, "500.003.02", "Error Occurred: Spike Arrest Violation")
-# The query's "no answer yet" forms (daraja.md §4).
+# The query's "no answer yet" forms (docs/daraja.md §4).
 QUERY_BEING_PROCESSED = Failure(500, "500.001.1001", "The transaction is being processed")
 QUERY_PENDING_EMPTY = Failure(500, "500.001.1001", "")
 QUERY_UNKNOWN_CHECKOUT = Failure(500, "500.001.1001", "The transaction does not Exist")
@@ -54,12 +54,12 @@ def error_body(request_id: str, failure: Failure) -> bytes:
 
 
 def token_body(access_token: str, expires_in_s: int) -> bytes:
-    # expires_in as a JSON string, as in the v2 documentation and most SDK fixtures (daraja.md §1).
+    # expires_in as a JSON string, as in the v2 documentation and most SDK fixtures (docs/daraja.md §1).
     return json.dumps({"access_token": access_token, "expires_in": str(expires_in_s)}).encode()
 
 
 def push_accepted_body(merchant_request_id: str, checkout_request_id: str) -> bytes:
-    # ResponseCode is the string "0" (daraja.md §2 "Synchronous success response").
+    # ResponseCode is the string "0" (docs/daraja.md §2 "Synchronous success response").
     return json.dumps({
         "MerchantRequestID": merchant_request_id,
         "CheckoutRequestID": checkout_request_id,
@@ -71,7 +71,7 @@ def push_accepted_body(merchant_request_id: str, checkout_request_id: str) -> by
 
 def query_answer_body(merchant_request_id: str, checkout_request_id: str, result_code: int | str,
                       result_desc: str) -> bytes:
-    # ResultCode is a string in query answers, unlike callbacks (daraja.md §4).
+    # ResultCode is a string in query answers, unlike callbacks (docs/daraja.md §4).
     return json.dumps({
         "ResponseCode": "0",
         "ResponseDescription": QUERY_ACCEPTED_DESCRIPTION,

@@ -11,7 +11,7 @@ match wins, by:
 Built-in table. A *selector* is read from the phone number or the amount:
 phone ``25470000SSSS`` gives selector SSSS, an amount ``9SSSS`` (90000-99999) gives selector SSSS.
 Phone 254708374149, the public sandbox's test MSISDN, always times out (1037) as on the real
-sandbox (daraja.md §6). Selectors not listed fall through to the default.
+sandbox (docs/daraja.md §6). Selectors not listed fall through to the default.
 
 ======== =========================== ==========================================================
 selector scenario                    what happens
@@ -51,7 +51,7 @@ selector scenario                    what happens
 ======== =========================== ==========================================================
 
 Independently of the scenario, a push whose TransactionType/PartyB do not fit the shortcode
-(daraja.md §2 "Till vs Paybill") fails in the callback: a till store pushed as a paybill gets
+(docs/daraja.md §2 "Till vs Paybill") fails in the callback: a till store pushed as a paybill gets
 "SFC_IC0003", any other mismatch gets 2028.
 """
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _same(text: str) -> ResultText:
 
 
 SUCCESS_DESC = "The service request is processed successfully."
-# daraja.md §3 "ResultCode catalogue". The prose varies by channel and era; where the callback and
+# docs/daraja.md §3 "ResultCode catalogue". The prose varies by channel and era; where the callback and
 # the query were observed to say different things for one code, both are kept.
 RESULT_CATALOGUE: dict[int | str, ResultText] = {
     0: _same(SUCCESS_DESC),

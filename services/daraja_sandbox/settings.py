@@ -6,7 +6,7 @@ import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-# The public sandbox shortcode and its published passkey (daraja.md §6 "Sandbox facts").
+# The public sandbox shortcode and its published passkey (docs/daraja.md §6 "Sandbox facts").
 SANDBOX_SHORTCODE = "174379"
 SANDBOX_PASSKEY = "bfb279f9aa9bdbcf158e97dd71a467cd2e0c893059b10f78e6b72ada1ed2c919"
 # An app present unless --no-default-app, so `make run` works without registering one.
@@ -74,9 +74,9 @@ class SandboxSettings:
     rate_limit_per_s: float = 0.0  # push + query requests per second; 0 = unlimited
     rate_limit_burst: int = 0  # 0 = a tenth of a second's worth, at least 1
     subscriber_lock: bool = True  # one open prompt per phone (500.001.1001 Unable to lock subscriber)
-    reject_localhost: bool = False  # real Daraja refuses "localhost" callback hosts (daraja.md §5)
+    reject_localhost: bool = False  # real Daraja refuses "localhost" callback hosts (docs/daraja.md §5)
     token_ttl_s: int = 3599
-    invalidate_previous_tokens: bool = True  # each new token kills the app's previous one (daraja.md §1)
+    invalidate_previous_tokens: bool = True  # each new token kills the app's previous one (docs/daraja.md §1)
     pending_query_style: str = "mixed"  # 4999 | being_processed | empty | mixed (rotates)
     timestamp_tolerance_s: int = 900  # how far Timestamp may be from Nairobi time
     max_amount: int = 250_000

@@ -97,7 +97,7 @@ class Fault:
 
 
 class RateLimiter:
-    """Token bucket standing in for Apigee's spike arrest (daraja.md §6)."""
+    """Token bucket standing in for Apigee's spike arrest (docs/daraja.md §6)."""
 
     def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float]):
         self._rate = rate_per_s
@@ -304,13 +304,13 @@ class Sandbox:
 
     def _pending_answer(self, txn: Transaction) -> tuple[int, bytes]:
         style = self.settings.pending_query_style
-        if style == "mixed":  # the sandbox alternates between these for one payment (daraja.md §4)
+        if style == "mixed":  # the sandbox alternates between these for one payment (docs/daraja.md §4)
             style = ("4999", "being_processed", "empty")[(txn.query_polls - 1) % 3]
         if style == "4999":
             return 200, responses.query_answer_body(txn.merchant_request_id, txn.checkout_request_id,
                                                     STILL_PROCESSING_CODE, responses.STILL_PROCESSING_DESC)
         failure = responses.QUERY_BEING_PROCESSED if style == "being_processed" else responses.QUERY_PENDING_EMPTY
-        # The 2018 pending answer carried the CheckoutRequestID as requestId (daraja.md §4).
+        # The 2018 pending answer carried the CheckoutRequestID as requestId (docs/daraja.md §4).
         return self.error(failure, request_id=txn.checkout_request_id)
 
     # --- helpers ---------------------------------------------------------------------------
@@ -328,7 +328,7 @@ class Sandbox:
         return f"{self._rng.randrange(1000, 99999)}-{self._sequence}-1"
 
     def _checkout_request_id(self, wall: datetime, phone: str) -> str:
-        # ws_CO_ + DDMMYYYYHHMMSS + milliseconds + MSISDN without 254, Nairobi time (daraja.md §2).
+        # ws_CO_ + DDMMYYYYHHMMSS + milliseconds + MSISDN without 254, Nairobi time (docs/daraja.md §2).
         stamp = f"{wall.day:02d}{wall.month:02d}{wall.year:04d}{wall.hour:02d}{wall.minute:02d}{wall.second:02d}"
         millis = wall.microsecond // 1000
         for step in range(1000):

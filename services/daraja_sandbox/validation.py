@@ -1,4 +1,4 @@
-"""Pure field checks of STK push and query bodies, answering the way Daraja does (daraja.md §2).
+"""Pure field checks of STK push and query bodies, answering the way Daraja does (docs/daraja.md §2).
 
 Each check returns the first failing field as a `Failure`, or the cleaned-up fields.
 """
@@ -94,7 +94,7 @@ def validate_push(body: dict, rules: Rules) -> PushFields | Failure:
     reference = body.get("AccountReference")
     if not isinstance(reference, str) or not reference.strip() or len(reference) > ACCOUNT_REFERENCE_MAX:
         return invalid_field("AccountReference")
-    description = body.get("TransactionDesc") or ""  # the one optional field (daraja.md §2)
+    description = body.get("TransactionDesc") or ""  # the one optional field (docs/daraja.md §2)
     if not isinstance(description, str) or len(description) > DESCRIPTION_MAX:
         return invalid_field("TransactionDesc")
     return PushFields(shortcode, password, timestamp, transaction_type, amount, party_a, party_b, phone,
@@ -129,7 +129,7 @@ def _digits(value: Any) -> str | None:
 
 
 def _whole_amount(value: Any) -> int | None:
-    # Decimals are refused even when whole ("1.00", 1.0): daraja.md §2 Amount.
+    # Decimals are refused even when whole ("1.00", 1.0): docs/daraja.md §2 Amount.
     digits = _digits(value)
     return int(digits) if digits is not None else None
 
@@ -142,7 +142,7 @@ def _timestamp_ok(timestamp: str, rules: Rules) -> bool:
                         int(timestamp[8:10]), int(timestamp[10:12]), int(timestamp[12:14]))
     except ValueError:
         return False
-    # A timestamp in the server's own zone (UTC, three hours off) is the classic failure (daraja.md §2).
+    # A timestamp in the server's own zone (UTC, three hours off) is the classic failure (docs/daraja.md §2).
     return abs((sent - rules.now_nairobi).total_seconds()) <= rules.timestamp_tolerance_s
 
 
@@ -150,9 +150,9 @@ def _callback_url_ok(url: Any, reject_localhost: bool) -> bool:
     # One regex instead of urlsplit: this runs on every push (performance, see app.py).
     match = _CALLBACK_URL.fullmatch(url) if isinstance(url, str) and len(url) <= 2048 else None
     if match is None:
-        return False  # includes stray spaces, rejected by Daraja (daraja.md §5)
+        return False  # includes stray spaces, rejected by Daraja (docs/daraja.md §5)
     host, port = match.group("host").lower(), match.group("port")
     if port is not None and not 0 < int(port) < 65536:
         return False
-    # Real Daraja rejects localhost (daraja.md §5); off by default so loopback tests get callbacks.
+    # Real Daraja rejects localhost (docs/daraja.md §5); off by default so loopback tests get callbacks.
     return not (reject_localhost and (host == "localhost" or host.endswith(".localhost")))

@@ -1,6 +1,6 @@
 """Pure validation of a payment request: a clean request, or errors by field. No I/O here.
 
-Field rules come from Daraja (daraja.md §2): whole shillings, AccountReference ≤ 12 and
+Field rules come from Daraja (docs/daraja.md §2): whole shillings, AccountReference ≤ 12 and
 TransactionDesc ≤ 13 characters of [A-Za-z0-9 -], payer MSISDN 2547XXXXXXXX or 2541XXXXXXXX.
 """
 from __future__ import annotations
@@ -13,13 +13,13 @@ from typing import Any
 
 from services.common.text import untrusted
 
-MAX_AMOUNT = 250_000  # KES per transaction (daraja.md §2, current FAQ); channels may lower it
+MAX_AMOUNT = 250_000  # KES per transaction (docs/daraja.md §2, current FAQ); channels may lower it
 # After removing spaces, dashes, dots and parentheses (other whitespace, a newline say, is refused):
 # optional +254 / 254 / 00254 (then an optional trunk 0, as in "+254 (0)712 345 678"), or a trunk 0
 # alone, then 7XXXXXXXX or 1XXXXXXXX.
 _PHONE_FORMS = re.compile(r"(?:(?:\+|00)?2540?|0)?([17]\d{8})")
 _PHONE_SEPARATORS = re.compile(r"[ \-.()]")
-_REFERENCE = re.compile(r"[A-Za-z0-9 -]+")  # special characters make Daraja fail (daraja.md §2)
+_REFERENCE = re.compile(r"[A-Za-z0-9 -]+")  # special characters make Daraja fail (docs/daraja.md §2)
 _CHANNEL_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 # Idempotency-Key: 1-255 visible ASCII characters. The IETF draft makes the value a structured-field
 # string ("..."), most APIs send it bare; both are accepted and mean the same key.

@@ -1,4 +1,4 @@
-"""Tolerant parsing of Daraja's STK callback body (daraja.md §3).
+"""Tolerant parsing of Daraja's STK callback body (docs/daraja.md §3).
 
 Pure: bytes in, a ParsedCallback out, or CallbackParseError saying why. CallbackParseError is the
 only exception it raises: a body is hostile until proven (anyone who learns a callback URL can post
@@ -161,7 +161,7 @@ def _str_or_none(value) -> str | None:
 def _decimal(value) -> Decimal | None:
     if value is None or isinstance(value, bool):
         return None
-    text = str(value)  # via str: never compare floats (daraja.md §3)
+    text = str(value)  # via str: never compare floats (docs/daraja.md §3)
     if not isinstance(value, (int, float, str)) or not PLAIN_DECIMAL.fullmatch(text):
         raise CallbackParseError(f"Amount {untrusted(text, 40)!r} is not a plain decimal number")
     return Decimal(text)

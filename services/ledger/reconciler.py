@@ -1,5 +1,5 @@
 """Reconciliation: payments Pending too long (or whose push outcome is unknown) get STK queries
-with back-off; after the deadline they go to Review rather than to a guess (daraja.md §4)."""
+with back-off; after the deadline they go to Review rather than to a guess (docs/daraja.md §4)."""
 from __future__ import annotations
 
 import asyncio

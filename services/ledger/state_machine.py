@@ -1,4 +1,4 @@
-"""The payment state machine: pure, table-driven, no I/O (design.md, "Payment states").
+"""The payment state machine: pure, table-driven, no I/O (docs/design.md, "Payment states").
 
 `decide(payment, fact)` says what a fact does to a payment: APPLIED (maybe with a new state),
 DUPLICATE (a repeat, a no-op), PARKED (it arrived before its payment: keep it for later) or

@@ -1,5 +1,5 @@
 """Per-shortcode pacing: a token bucket that keeps us under Daraja's limits and slows down on
-spike arrest (500.003.02, daraja.md §6)."""
+spike arrest (500.003.02, docs/daraja.md §6)."""
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,4 @@
-"""Contract tests: the Daraja client against the sandbox, one case of daraja.md at a time.
+"""Contract tests: the Daraja client against the sandbox, one case of docs/daraja.md at a time.
 
 Each test drives the real client over HTTP against the in-process sandbox and checks both what the
 client returned or raised and what the sandbox saw (pushes recorded, tokens issued, callbacks sent).
@@ -101,7 +101,7 @@ async def test_token_invalidated_by_a_newer_token_for_the_same_app(client, sandb
     url = receiver.new_url()
     await client.push(app_credentials, paybill, push_request(url))
     other_process = DarajaClient(sandbox.base_url)
-    await other_process.fetch_token(app_credentials)  # daraja.md §1: invalidates our cached token
+    await other_process.fetch_token(app_credentials)  # docs/daraja.md §1: invalidates our cached token
     await other_process.aclose()
     before = tokens_issued(sandbox)
     results = await asyncio.gather(*(client.push(app_credentials, paybill, push_request(url, reference="AFTER"))
@@ -150,7 +150,7 @@ async def test_unknown_shortcode_is_permanent_merchant_does_not_exist(client, re
 
 
 async def test_clock_three_hours_off_gets_invalid_timestamp(sandbox, receiver, app_credentials, paybill):
-    # The classic bug: a UTC server formatting its own clock (daraja.md §2 Timestamp).
+    # The classic bug: a UTC server formatting its own clock (docs/daraja.md §2 Timestamp).
     utc_as_if_nairobi = lambda: datetime.now(timezone.utc) - timedelta(hours=3)  # noqa: E731
     client = DarajaClient(sandbox.base_url, wall_clock=utc_as_if_nairobi)
     try:

@@ -10,7 +10,7 @@ from services.daraja.models import (AppCredentials, Shortcode, StkPushRequest, s
 from services.daraja.payloads import build_push_payload, build_query_payload, nairobi_timestamp, stk_password
 from services.daraja_sandbox.settings import SANDBOX_PASSKEY
 
-# Safaricom's documented sample password: 174379 + sandbox passkey + 20160216165627 (daraja.md §2).
+# Safaricom's documented sample password: 174379 + sandbox passkey + 20160216165627 (docs/daraja.md §2).
 DOC_SAMPLE_PASSWORD = ("MTc0Mzc5YmZiMjc5ZjlhYTliZGJjZjE1OGU5N2RkNzFhNDY3Y2QyZTBjODkzMDU5YjEwZjc4ZTZiNzJh"
                        "ZGExZWQyYzkxOTIwMTYwMjE2MTY1NjI3")
 CALLBACK = "https://gateway.example.com/callbacks/stk/ch1/pay1/s3cr3t-path-token"

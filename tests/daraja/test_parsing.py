@@ -1,4 +1,4 @@
-"""Pure parsing of Daraja answers: every body shape daraja.md reports, and the classification of
+"""Pure parsing of Daraja answers: every body shape docs/daraja.md reports, and the classification of
 each failure as retryable, permanent or outcome-unknown."""
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_token_expiry_as_string_number_or_nonsense(expires_in, seconds):
     (400, error_body("400.008.01", "Invalid Authentication passed"), PERMANENT),
     (400, error_body("400.008.02", "Invalid grant type passed"), PERMANENT),
     (400, b"", PERMANENT),  # bad credentials sometimes come back with no body at all
-    (403, b"<html>Incapsula incident</html>", RETRYABLE),  # WAF burst block (daraja.md §6)
+    (403, b"<html>Incapsula incident</html>", RETRYABLE),  # WAF burst block (docs/daraja.md §6)
     (200, body({"token_type": "bearer"}), RETRYABLE),
     (503, b"Service Unavailable", RETRYABLE),
 ])
@@ -137,7 +137,7 @@ def test_long_bodies_are_bounded_and_shortened_once_secrets_are_masked():
     ("0", QueryStatus.FINAL_SUCCESS), (0, QueryStatus.FINAL_SUCCESS),
     ("1032", QueryStatus.FINAL_FAILURE), (1032, QueryStatus.FINAL_FAILURE), ("1037", QueryStatus.FINAL_FAILURE),
     ("SFC_IC0003", QueryStatus.FINAL_FAILURE), ("4999", QueryStatus.STILL_PROCESSING),
-    ("7777", QueryStatus.STILL_PROCESSING),  # unknown code: not a verdict (daraja.md §4)
+    ("7777", QueryStatus.STILL_PROCESSING),  # unknown code: not a verdict (docs/daraja.md §4)
 ])
 def test_query_result_codes(result_code, status):
     result = parse_query_response(200, body({

@@ -162,7 +162,7 @@ async def test_receiver_answering_500_gets_no_retry(sandbox, client, app_credent
         await asyncio.sleep(0.3)
     finally:
         await runner.cleanup()
-    assert len(hits) == 1  # daraja.md §5: a 500 answer was not followed by a redelivery
+    assert len(hits) == 1  # docs/daraja.md §5: a 500 answer was not followed by a redelivery
     assert sandbox.state.transactions[accepted.checkout_request_id].deliveries == [500]
 
 

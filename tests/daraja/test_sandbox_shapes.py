@@ -1,5 +1,5 @@
 """The sandbox speaks Daraja's bytes: callbacks, error envelopes, acknowledgements, query answers
-and tokens compared byte for byte with the documented and captured samples (daraja.md §1-§4), then
+and tokens compared byte for byte with the documented and captured samples (docs/daraja.md §1-§4), then
 the same shapes checked on the wire."""
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_sfc_ic0003_is_sent_as_a_string():
 
 
 def test_error_envelope_matches_the_documented_layout():
-    # daraja.md §2: {"requestId": "...", "errorCode": "NNN.NNN.NN", "errorMessage": "..."}
+    # docs/daraja.md §2: {"requestId": "...", "errorCode": "NNN.NNN.NN", "errorMessage": "..."}
     assert error_body("b4f2-4bdd-9a99-80eb681f6c623612441", INVALID_TOKEN) == \
         b'{"requestId": "b4f2-4bdd-9a99-80eb681f6c623612441", "errorCode": "404.001.03", ' \
         b'"errorMessage": "Invalid Access Token"}'
@@ -94,7 +94,7 @@ async def test_callback_on_the_wire(client, receiver, app_credentials, paybill):
     before = datetime.now(NAIROBI).replace(tzinfo=None, microsecond=0)
     accepted = await client.push(app_credentials, paybill, push_request(url, phone=phone, amount=42))
     [callback] = await receiver.wait_for(url)
-    assert callback.path.endswith("/extra-segment?token=abc")  # path and query delivered intact (daraja.md §5)
+    assert callback.path.endswith("/extra-segment?token=abc")  # path and query delivered intact (docs/daraja.md §5)
     assert callback.headers["Content-Type"] == CALLBACK_CONTENT_TYPE == "application/json;charset=UTF-8"
     assert callback.headers["BusinessShortCode"] == "174379"
     receipt = re.search(rb'"MpesaReceiptNumber","Value":"([A-Z0-9]{10})"', callback.body).group(1).decode()
@@ -109,7 +109,7 @@ async def test_callback_on_the_wire(client, receiver, app_credentials, paybill):
 async def test_identifiers_have_daraja_shapes(client, receiver, app_credentials, paybill):
     phone = new_phone()
     accepted = await client.push(app_credentials, paybill, push_request(receiver.new_url(), phone=phone))
-    # ws_CO_ + DDMMYYYYHHMMSS (Nairobi) + milliseconds + MSISDN without 254 (daraja.md §2, observed)
+    # ws_CO_ + DDMMYYYYHHMMSS (Nairobi) + milliseconds + MSISDN without 254 (docs/daraja.md §2, observed)
     match = re.fullmatch(r"ws_CO_(\d{14})\d{3}(\d{9})", accepted.checkout_request_id)
     assert match and match.group(2) == phone[3:]
     stamped = datetime.strptime(match.group(1), "%d%m%Y%H%M%S")

@@ -1,4 +1,4 @@
-"""Callback bodies in Daraja's shapes (daraja.md §3), for ledger tests."""
+"""Callback bodies in Daraja's shapes (docs/daraja.md §3), for ledger tests."""
 import json
 
 OMIT = object()  # leaves an item out of the body

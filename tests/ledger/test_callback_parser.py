@@ -1,4 +1,4 @@
-"""The tolerant callback parser against Daraja's real shapes and quirks (daraja.md §3)."""
+"""The tolerant callback parser against Daraja's real shapes and quirks (docs/daraja.md §3)."""
 import json
 from datetime import datetime
 from decimal import Decimal

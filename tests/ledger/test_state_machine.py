@@ -1,4 +1,4 @@
-"""The pure state machine: every callback case of daraja.md, duplicates, early facts, contradictions,
+"""The pure state machine: every callback case of docs/daraja.md, duplicates, early facts, contradictions,
 and what a success callback must prove before it settles anything."""
 import json
 import re
