@@ -96,34 +96,20 @@ async def _role_pool(infra, role: str):
     await p.close()
 
 
-@pytest.fixture(scope="session")
-async def ledger_pool(infra):
-    async for p in _role_pool(infra, "ledger"):
-        yield p
+def _role_pool_fixture(role: str):
+    """A session-wide pool logged in as a service's own role: `<role>_pool`."""
+    @pytest.fixture(scope="session", name=f"{role}_pool")
+    async def role_pool(infra):
+        async for p in _role_pool(infra, role):
+            yield p
+    return role_pool
 
 
-@pytest.fixture(scope="session")
-async def ingress_pool(infra):
-    async for p in _role_pool(infra, "ingress"):
-        yield p
-
-
-@pytest.fixture(scope="session")
-async def stk_worker_pool(infra):
-    async for p in _role_pool(infra, "stk_worker"):
-        yield p
-
-
-@pytest.fixture(scope="session")
-async def onboarding_pool(infra):
-    async for p in _role_pool(infra, "onboarding"):
-        yield p
-
-
-@pytest.fixture(scope="session")
-async def auditor_pool(infra):
-    async for p in _role_pool(infra, "auditor"):
-        yield p
+ledger_pool = _role_pool_fixture("ledger")
+ingress_pool = _role_pool_fixture("ingress")
+stk_worker_pool = _role_pool_fixture("stk_worker")
+onboarding_pool = _role_pool_fixture("onboarding")
+auditor_pool = _role_pool_fixture("auditor")
 
 
 @pytest.fixture(scope="session")

@@ -111,6 +111,18 @@ class Stack:
         return api_key
 
 
+def running(infra: dict, tmp: Path):
+    """A started stack for a module's fixture (`yield from running(...)`); at the end its services
+    are stopped and the last lines of each log printed (the whole logs stay in `tmp`)."""
+    s = Stack(infra, tmp, uuid.uuid4().hex[:10])
+    s.start()
+    try:
+        yield s
+    finally:
+        for name, output in s.stop().items():
+            print(f"----- {name}\n" + "\n".join(line for line in output.splitlines()[-40:] if not line.startswith("%")))
+
+
 def wait_for(url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -6,7 +6,6 @@ contradicts goes to Review."""
 from __future__ import annotations
 
 import re
-import uuid
 
 import httpx
 import pytest
@@ -15,17 +14,13 @@ from services.channels.onboarding import Onboarding
 from services.channels.vault import public_key_path
 from services.common.callback_token import callback_url, parse_secrets
 from tests.conftest import eventually
-from tests.e2e.stack import Stack
+from tests.e2e.stack import Stack, running
 from tests.e2e.test_pipeline import _in_state, final_state, pay, sandbox_admin, state
 
 
 @pytest.fixture(scope="module")
-async def stack(infra, tmp_path_factory):
-    s = Stack(infra, tmp_path_factory.mktemp("e2e-proof"), uuid.uuid4().hex[:10])
-    s.start()
-    yield s
-    for name, output in s.stop().items():  # also kept as <pytest tmp>/e2e-proof*/<name>.log
-        print(f"----- {name}\n" + "\n".join(line for line in output.splitlines()[-40:] if not line.startswith("%")))
+def stack(infra, tmp_path_factory):
+    yield from running(infra, tmp_path_factory.mktemp("e2e-proof"))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 
 import httpx
 import pytest
@@ -15,7 +14,7 @@ from services.common.callback_token import callback_url
 from services.common.kafka import new_event_fields
 from services.common.topics import CALLBACK_RAW, DEAD_LETTER
 from tests.conftest import eventually
-from tests.e2e.stack import Stack
+from tests.e2e.stack import Stack, running
 from tests.e2e.test_pipeline import _in_state, final_state, pay, sandbox_admin, state
 from tests.platform.kafka_helpers import end_offsets, read_all
 
@@ -23,12 +22,8 @@ DEEP = b"[" * 30_000 + b"]" * 30_000  # 60,000 bytes: under the gateway's 64 KiB
 
 
 @pytest.fixture(scope="module")
-async def stack(infra, tmp_path_factory):
-    s = Stack(infra, tmp_path_factory.mktemp("e2e-hostile"), uuid.uuid4().hex[:10])
-    s.start()
-    yield s
-    for name, output in s.stop().items():  # also kept as <pytest tmp>/e2e-hostile*/<name>.log
-        print(f"----- {name}\n" + "\n".join(line for line in output.splitlines()[-40:] if not line.startswith("%")))
+def stack(infra, tmp_path_factory):
+    yield from running(infra, tmp_path_factory.mktemp("e2e-hostile"))
 
 
 def success_with_amount(checkout_id: str, amount: bytes) -> bytes:

@@ -8,16 +8,12 @@ import httpx
 import pytest
 
 from tests.conftest import eventually
-from tests.e2e.stack import Stack, new_reference
+from tests.e2e.stack import Stack, new_reference, running
 
 
 @pytest.fixture(scope="module")
-async def stack(infra, tmp_path_factory):
-    s = Stack(infra, tmp_path_factory.mktemp("e2e"), uuid.uuid4().hex[:10])
-    s.start()
-    yield s
-    for name, output in s.stop().items():  # also kept as <pytest tmp>/e2e*/<name>.log
-        print(f"----- {name}\n" + "\n".join(line for line in output.splitlines()[-40:] if not line.startswith("%")))
+def stack(infra, tmp_path_factory):
+    yield from running(infra, tmp_path_factory.mktemp("e2e"))
 
 
 @pytest.fixture(scope="module")

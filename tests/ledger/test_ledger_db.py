@@ -46,6 +46,18 @@ def callback(channel, payment_id, body):
         "body": body, "rejection_reason": None})
 
 
+def count_transactions(ledger: Ledger) -> list:
+    """Makes the ledger note each transaction it opens for a batch; returns the list it appends to."""
+    opened, apply = [], ledger._apply_in_one_transaction
+
+    async def counted(batch):
+        opened.append(len(batch))
+        return await apply(batch)
+
+    ledger._apply_in_one_transaction = counted
+    return opened
+
+
 async def state_of(pool, payment_id):
     async with pool.connection() as conn:
         row = await (await conn.execute("SELECT state, mpesa_receipt FROM payments WHERE payment_id = %s",
@@ -315,18 +327,10 @@ async def test_a_refused_event_is_found_by_halving_the_batch_not_by_applying_it_
     channel = f"ch-{unique}"
     events = [requested(channel, str(uuid.uuid4())) for _ in range(64)]
     events[37].value["event_id"] = "not-a-uuid"
-    transactions = 0
-    apply = ledger._apply_in_one_transaction
-
-    async def counted(batch):
-        nonlocal transactions
-        transactions += 1
-        return await apply(batch)
-
-    ledger._apply_in_one_transaction = counted
+    transactions = count_transactions(ledger)
     rejections = await ledger.handle_batch(events)
     assert [r.event for r in rejections] == [events[37]]
-    assert transactions <= 1 + 2 * 6  # the whole batch, then two halves per level down to one event
+    assert len(transactions) <= 1 + 2 * 6  # the whole batch, then two halves per level down to one event
     async with pool.connection() as conn:
         created = await (await conn.execute("SELECT count(*) FROM payments WHERE channel_id = %s", (channel,))).fetchone()
     assert created[0] == 63
