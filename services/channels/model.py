@@ -11,9 +11,9 @@ from datetime import date
 from typing import Any, Callable
 
 from services.common.text import untrusted
-from services.daraja.models import AMOUNT_MAX, AppCredentials, Shortcode
+from services.common.payment import AMOUNT_MAX, CHANNEL_ID
+from services.daraja.models import AppCredentials, Shortcode
 
-CHANNEL_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # the ingress's rule (services/ingress/validation.py)
 _SHORTCODE = re.compile(r"[0-9]{5,7}")  # the Daraja client's rule for paybills, stores and tills
 # No control character (C0, DEL, C1), line separator or lone surrogate (UTF-8 cannot encode it, so
 # PostgreSQL could not store it).

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import base64
 from datetime import datetime
-from zoneinfo import ZoneInfo
 
 from services.daraja.models import Shortcode, StkPushRequest
-
-NAIROBI = ZoneInfo("Africa/Nairobi")
+from services.common.payment import NAIROBI
 
 
 def nairobi_timestamp(now: datetime) -> str:

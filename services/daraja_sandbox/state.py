@@ -13,7 +13,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, Mapping
-from zoneinfo import ZoneInfo
 
 from services.daraja.result_codes import STILL_PROCESSING_CODE
 from services.daraja_sandbox import responses
@@ -23,8 +22,8 @@ from services.daraja_sandbox.scenarios import (RESULT_CATALOGUE, Overrides, Scen
                                                misconfiguration_result, with_result)
 from services.daraja_sandbox.settings import (SANDBOX_PASSKEY, SANDBOX_SHORTCODE, AppConfig, SandboxSettings)
 from services.daraja_sandbox.validation import PushFields, QueryFields, Rules, password_matches
+from services.common.payment import NAIROBI
 
-NAIROBI = ZoneInfo("Africa/Nairobi")
 _TOKEN_ALPHABET = string.ascii_letters + string.digits
 _DAY_DIGITS = "0123456789ABCDEFGHIJKLMNOPQRSTUV"
 _RECEIPT_ALPHABET = string.ascii_uppercase + string.digits

@@ -27,8 +27,8 @@ from services.common.text import untrusted
 from services.ingress.access import ChannelDirectory, ChannelStatus, authenticate
 from services.ingress.payments import IdempotencyConflict, PaymentIntake, Unavailable
 from services.common.kafka import Publisher
-from services.ingress.validation import (MAX_AMOUNT, parse_idempotency_key, parse_payment_request,
-                                         validate_channel_id)
+from services.common.payment import AMOUNT_MAX, parse_payment_request, validate_channel_id
+from services.ingress.validation import parse_idempotency_key
 from services.ingress.views import PaymentViews
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ async def create_payment(request: web.Request) -> web.Response:
     channel, refused = await _channel_for(deps, caller, channel_id)
     if refused is not None:
         return refused
-    payment, errors = parse_payment_request(body, min(channel.max_amount or MAX_AMOUNT, MAX_AMOUNT))
+    payment, errors = parse_payment_request(body, min(channel.max_amount or AMOUNT_MAX, AMOUNT_MAX))
     if errors:
         return _invalid(errors)
     try:

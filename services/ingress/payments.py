@@ -20,7 +20,7 @@ from services.common.kafka import Publisher, PublishError
 from services.common.text import untrusted
 from services.common.topics import PAYMENT_REQUESTED, Topic
 from services.ingress.idempotency import Claim, IdempotencyStore, Record
-from services.ingress.validation import PaymentRequest
+from services.common.payment import PaymentRequest
 
 log = logging.getLogger(__name__)
 

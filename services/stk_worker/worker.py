@@ -13,12 +13,12 @@ from prometheus_client import Counter
 
 from services.channels.vault import VaultError
 from services.common.callback_token import callback_url
+from services.common.payment import event_problem
 from services.common.kafka import ConsumedEvent, EventProducer, PublishError, Transient, new_event_fields
 from services.common.text import untrusted
 from services.common.topics import STK_PUSH_RESULT, STK_QUERY_RESULT
 from services.daraja.errors import DarajaError, ErrorKind
 from services.daraja.models import QueryStatus, StkPushRequest
-from services.ingress.validation import event_problem
 from services.stk_worker import claims
 from services.stk_worker.channels import ChannelAccess
 from services.stk_worker.claims import PushOutcome

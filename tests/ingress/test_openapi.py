@@ -113,7 +113,7 @@ async def test_the_served_document_is_the_file(ingress, document):
 
 def test_the_documented_request_schema_agrees_with_the_validator(document):
     """The request schema is documentation, not the validator; spot-check that they agree."""
-    from services.ingress.validation import parse_payment_request
+    from services.common.payment import parse_payment_request
     schema = {"$ref": f"{DOCUMENT_URI}#/components/schemas/PaymentRequest"}
     registry = Registry().with_resource(DOCUMENT_URI, Resource(document, DRAFT202012))
     validator = Draft202012Validator(schema, registry=registry)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.ingress.validation import (MAX_AMOUNT, normalise_phone, parse_idempotency_key,
-                                         parse_payment_request, validate_channel_id)
+from services.common.payment import AMOUNT_MAX as MAX_AMOUNT, normalise_phone, parse_payment_request, validate_channel_id
+from services.ingress.validation import parse_idempotency_key
 
 
 def body(**changes):

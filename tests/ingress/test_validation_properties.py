@@ -7,10 +7,11 @@ import re
 
 from hypothesis import given, settings, strategies as st
 
-from services.ingress.validation import (FIELDS, MAX_AMOUNT, METADATA_ENTRIES_MAX, METADATA_KEY_LENGTH_MAX,
-                                         METADATA_VALUE_LENGTH_MAX, ORDER_REFERENCE_LENGTH_MAX, PaymentRequest,
-                                         event_problem, normalise_phone, parse_idempotency_key,
-                                         parse_payment_request)
+from services.common.payment import (AMOUNT_MAX as MAX_AMOUNT, FIELDS, METADATA_ENTRIES_MAX,
+                                     METADATA_KEY_LENGTH_MAX, METADATA_VALUE_LENGTH_MAX,
+                                     ORDER_REFERENCE_LENGTH_MAX, PaymentRequest, event_problem,
+                                     normalise_phone, parse_payment_request)
+from services.ingress.validation import parse_idempotency_key
 
 BUDGET = settings(max_examples=400, deadline=None, derandomize=True)
 any_text = st.text(st.characters(exclude_categories=()), max_size=40)  # controls and lone surrogates included

@@ -10,7 +10,8 @@ import pytest
 from services.channels.apikeys import key_id_of, new_api_key
 from services.channels.model import parse_api_key_request, parse_credentials, parse_new_channel
 from services.daraja.models import Shortcode, StkPushRequest
-from services.ingress.validation import normalise_phone, parse_idempotency_key, parse_payment_request
+from services.common.payment import normalise_phone, parse_payment_request
+from services.ingress.validation import parse_idempotency_key
 
 PAYMENT = {"channelId": "shop-1", "amount": 100, "phone": "0712345678", "accountReference": "INV-1",
            "description": "Shoes", "orderReference": "order-17", "metadata": {"till": "3"}}
