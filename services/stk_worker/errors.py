@@ -24,9 +24,10 @@ class AnswerNotRecorded(Transient):
 
 def database_unavailable(exc: BaseException) -> bool:
     """PostgreSQL cannot serve us now (down, restarting, connection closed, pool exhausted,
-    statement cancelled): trying the same statement later will work. A statement PostgreSQL can
-    never run (ProgramLimitExceeded, also an OperationalError) is not worth retrying."""
-    if isinstance(exc, psycopg.errors.ProgramLimitExceeded):
+    statement cancelled): trying the same statement later will work. A statement beyond one of
+    PostgreSQL's limits (SQLSTATE class 54: too complex, too many columns or arguments) fails again
+    however often it is tried, though psycopg makes it an OperationalError too."""
+    if isinstance(exc, psycopg.Error) and (exc.sqlstate or "").startswith("54"):
         return False
     return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
 

@@ -373,7 +373,9 @@ class TestQuerier:
 @pytest.mark.parametrize("error, transient", [
     (psycopg.OperationalError("server closed the connection"), True),
     (psycopg.InterfaceError("the connection is closed"), True),
-    (psycopg.errors.ProgramLimitExceeded("statement too complex"), False),
+    (psycopg.errors.lookup("54000")("program limit exceeded"), False),
+    (psycopg.errors.lookup("54001")("statement too complex"), False),
+    (psycopg.errors.lookup("57P01")("terminating connection due to administrator command"), True),
     (PublishError("not acknowledged"), True),
     (Interrupted("stopping"), True),
     (KeyError("amount"), False),
