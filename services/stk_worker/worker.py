@@ -24,7 +24,6 @@ from services.daraja.models import QueryStatus, StkPushRequest
 from services.stk_worker.channels import ChannelAccess
 from services.stk_worker.claims import ClaimStatus, HeldBy, PushOutcome
 from services.stk_worker.errors import AnswerNotRecorded, Interrupted, OwnerBusy, database_unavailable
-from services.stk_worker.errors import is_transient as is_transient
 from services.stk_worker.ports import Channels, Claims, Clock, Daraja, SystemClock
 from services.stk_worker.throttle import ShortcodeThrottle
 
@@ -32,6 +31,8 @@ log = logging.getLogger(__name__)
 PUSHES = Counter("stk_pushes_total", "STK push outcomes", ["outcome"])
 QUERIES = Counter("stk_queries_total", "STK query outcomes", ["status"])
 SPIKE_ARREST = "500.003.02"
+QUERY_STATUS = {QueryStatus.FINAL_SUCCESS: "SUCCESS", QueryStatus.FINAL_FAILURE: "FAILED",
+                QueryStatus.STILL_PROCESSING: "PROCESSING"}
 RESULT_OUTCOME = {ClaimStatus.ACCEPTED: "ACCEPTED", ClaimStatus.REFUSED: "REFUSED",
                   ClaimStatus.UNKNOWN: "OUTCOME_UNKNOWN", ClaimStatus.INVALID: "INVALID"}
 
@@ -264,9 +265,6 @@ def _channel_refusal(channel: ChannelAccess, amount: int) -> PushOutcome | None:
 class Querier:
     """Answers the ledger's STK query requests with the app that made the push."""
 
-    STATUS = {QueryStatus.FINAL_SUCCESS: "SUCCESS", QueryStatus.FINAL_FAILURE: "FAILED",
-              QueryStatus.STILL_PROCESSING: "PROCESSING"}
-
     def __init__(self, claims: Claims, daraja: Daraja, channels: Channels, publisher: Publisher,
                  throttle: ShortcodeThrottle, *, clock: Clock | None = None, stop: asyncio.Event | None = None):
         self.claims, self.daraja, self.channels, self.publisher = claims, daraja, channels, publisher
@@ -297,4 +295,4 @@ class Querier:
             if exc.error_code == SPIKE_ARREST:
                 self.throttle.spike_arrested(code)
             return "ERROR", exc.error_code, untrusted(str(exc))
-        return self.STATUS[result.status], result.result_code, result.result_desc
+        return QUERY_STATUS[result.status], result.result_code, result.result_desc
