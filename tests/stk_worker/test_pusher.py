@@ -21,14 +21,14 @@ from services.common.topics import PAYMENT_REQUESTED, STK_PUSH_RESULT, Topic
 from services.daraja.client import DarajaClient
 from services.daraja.models import AppCredentials, PushAccepted, Shortcode, StkPushRequest
 from services.daraja_sandbox.settings import DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
-from services.stk_worker.bootstrap import SETTINGS, WorkerSettings, build
+from services.stk_worker.bootstrap import SETTINGS, Worker, WorkerSettings, build
 from services.stk_worker.claims import PostgresClaims
 from services.stk_worker.errors import is_transient
 from services.stk_worker.throttle import ShortcodeThrottle
 from services.channels.vault import DecryptionFailed
 from services.stk_worker.channels import ChannelAccess
 from services.stk_worker.worker import Pusher, PushSettings
-from tests.conftest import ROOT, database_url_of, free_port
+from tests.conftest import ROOT, database_url_of, eventually, free_port
 from tests.platform.kafka_helpers import end_offsets, read_all, sample_request
 
 SECRET = b"x" * 32
@@ -73,13 +73,16 @@ class SandboxChannels:
 WORKER_SETTINGS = config.load_into(WorkerSettings, SETTINGS, {"WEBHOOK_TOKEN_SECRETS": SECRET.decode()})
 
 
-async def pusher_for(sandbox: str, pool, producer, *, daraja=None, claims=None) -> Pusher:
-    """A Pusher built as `python -m services.stk_worker` builds it, on the sandbox and the test's pool."""
-    worker = await build(WORKER_SETTINGS, claims=claims or PostgresClaims(pool, f"test-{uuid.uuid4().hex[:8]}"),
-                         daraja=daraja or DarajaClient(sandbox), channels=SandboxChannels(), publisher=producer,
-                         throttle=ShortcodeThrottle(200, 50),
-                         push_settings=PushSettings("http://127.0.0.1:9", SECRET, backoff_s=0.01))
-    return worker.pusher
+async def worker_for(sandbox: str, pool, producer, *, daraja=None, **push) -> Worker:
+    """The worker built as `python -m services.stk_worker` builds it, on the sandbox and the test's pool."""
+    return await build(WORKER_SETTINGS, claims=PostgresClaims(pool, f"test-{uuid.uuid4().hex[:8]}"),
+                       daraja=daraja or DarajaClient(sandbox), channels=SandboxChannels(), publisher=producer,
+                       throttle=ShortcodeThrottle(200, 50),
+                       push_settings=PushSettings("http://127.0.0.1:9", SECRET, backoff_s=0.01, **push))
+
+
+async def pusher_for(sandbox: str, pool, producer, *, daraja=None) -> Pusher:
+    return (await worker_for(sandbox, pool, producer, daraja=daraja)).pusher
 
 
 def as_event(value: dict) -> ConsumedEvent:
@@ -283,3 +286,55 @@ async def test_a_batch_retried_by_the_same_process_reports_its_answers_not_unkno
         results = results_for(kafka_bootstrap, codec, r["payment_id"], expected=1, since=mark)
         assert {(x["outcome"], x["checkout_request_id"]) for x in results} == {("ACCEPTED", push["CheckoutRequestID"])}
         assert (await claim_row(pool)(r["payment_id"]))[:2] == ("accepted", push["CheckoutRequestID"])
+
+
+class Slow:
+    """The sandbox's Daraja, answering a push only after `delay_s`."""
+
+    def __init__(self, sandbox: str, delay_s: float):
+        self.client, self.delay_s = DarajaClient(sandbox), delay_s
+
+    async def push(self, app: AppCredentials, shortcode: Shortcode, request: StkPushRequest) -> PushAccepted:
+        await asyncio.sleep(self.delay_s)
+        return await self.client.push(app, shortcode, request)
+
+    async def query(self, app, shortcode, checkout_request_id):
+        return await self.client.query(app, shortcode, checkout_request_id)
+
+
+async def test_a_push_in_flight_at_another_live_worker_is_reported_not_marked_unknown(sandbox, pool, producer, codec,
+                                                                                     kafka_bootstrap, unique, mark):
+    """A rebalance hands the event to worker B while worker A's push is in flight (Daraja answers A
+    after 3 s): B waits while A's heartbeat moves and reports A's answer; one push, nothing unknown."""
+    request = {**sample_request(f"ch-{unique}", str(uuid.uuid4())), "account_reference": unique[:12].upper()}
+    a = await worker_for(sandbox, pool, producer, daraja=Slow(sandbox, 3.0))
+    b = await worker_for(sandbox, pool, producer, owner_silent_s=1.0, owner_poll_s=0.1)
+    a_done = asyncio.Event()
+    heartbeat = asyncio.create_task(a.beat_until(a_done, interval_s=0.2))
+    try:
+        a_push = asyncio.create_task(a.pusher.handle(as_event(request)))
+        await eventually(lambda: claim_row(pool)(request["payment_id"]))  # A claimed it and is calling Daraja
+        await b.pusher.handle(as_event(request))
+        await a_push
+    finally:
+        a_done.set()
+        await heartbeat
+    [push] = pushes_for(sandbox, unique[:12].upper())
+    results = results_for(kafka_bootstrap, codec, request["payment_id"], expected=2, since=mark)
+    assert [(r["outcome"], r["checkout_request_id"]) for r in results] == [("ACCEPTED", push["CheckoutRequestID"])] * 2
+
+
+async def test_a_claim_whose_worker_stopped_beating_is_an_unknown_outcome(sandbox, pool, producer, codec,
+                                                                         kafka_bootstrap, unique, mark):
+    """A worker claimed a payment and died (its heartbeat row stays, unmoving): the next worker waits
+    until it has seen the heartbeat stand still, then reports the push as unknown and never pushes."""
+    request = {**sample_request(f"ch-{unique}", str(uuid.uuid4())), "account_reference": unique[:12].upper()}
+    dead = PostgresClaims(pool, f"dead-{unique}")
+    await dead.beat()
+    assert await dead.claim(request["payment_id"], request["channel_id"], 1) is None
+    pusher = (await worker_for(sandbox, pool, producer, owner_silent_s=1.0, owner_poll_s=0.1)).pusher
+    await pusher.handle(as_event(request))
+    assert pushes_for(sandbox, unique[:12].upper()) == []
+    [result] = results_for(kafka_bootstrap, codec, request["payment_id"], expected=1, since=mark)
+    assert result["outcome"] == "OUTCOME_UNKNOWN"
+    assert (await claim_row(pool)(request["payment_id"]))[0] == "unknown"
