@@ -193,7 +193,7 @@ async def test_a_channel_suspended_later_is_refused_once_the_cache_expires(infra
     channel_id = f"later-{unique}"
     await make_channel(pool, channel_id)
     api_key = await make_api_key(pool, channel_id)
-    running = await start_ingress(ingress_config(infra, INGRESS_AUTH_CACHE_TTL_S=0.5))
+    running = await start_ingress(ingress_config(infra, ingress_auth_cache_ttl_s=0.5))
     try:
         async with running.client(api_key) as http:
             assert (await post(http, payment_body(channel_id), new_key())).status_code == 202
@@ -338,8 +338,8 @@ async def test_kafka_down_is_503_and_a_retry_publishes_the_same_payment(infra, i
     # An ingress whose broker does not exist answers 503; the same request sent again once Kafka is
     # back (here: to the ingress that has a broker) publishes the event fixed by the first claim.
     channel_id, api_key = shop
-    broken = await start_ingress(ingress_config(infra, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9",
-                                                INGRESS_KAFKA_TIMEOUT_MS=1000))
+    broken = await start_ingress(ingress_config(infra, kafka_bootstrap_servers="127.0.0.1:9",
+                                                ingress_kafka_timeout_ms=1000))
     key, body = new_key(), payment_body(channel_id)
     try:
         async with broken.client(api_key) as http:
@@ -367,8 +367,8 @@ async def test_kafka_down_is_503_and_a_retry_publishes_the_same_payment(infra, i
 
 async def test_a_payment_whose_publish_failed_cannot_be_read(infra, shop, database_url):
     channel_id, api_key = shop
-    broken = await start_ingress(ingress_config(infra, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9",
-                                                INGRESS_KAFKA_TIMEOUT_MS=500))
+    broken = await start_ingress(ingress_config(infra, kafka_bootstrap_servers="127.0.0.1:9",
+                                                ingress_kafka_timeout_ms=500))
     key = new_key()
     try:
         async with broken.client(api_key) as http:
