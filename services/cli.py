@@ -30,7 +30,8 @@ INFRA_LOGS = [("kafka", ".local/kafka/kafka.log"), ("postgresql", ".local/pg/pos
 MIGRATE_SETTINGS = [config.DATABASE_URL]  # the schema's owner
 AUDIT_VERIFY_SETTINGS = [config.database_url("auditor"), PUBLIC_KEY_FILE]
 ANCHOR_KEY_SETTINGS = [KEY_FILE]
-RUN_SETTINGS = [config.DATABASE_URL, VAULT_KEY_FILE, KEY_FILE]  # the owner's URL: `run` migrates, then hands each its role
+# `run` migrates as the owner (DATABASE_URL), then hands each service a URL of its own role.
+RUN_SETTINGS = [config.DATABASE_URL, VAULT_KEY_FILE, KEY_FILE]
 
 
 @dataclass(frozen=True)

@@ -184,7 +184,7 @@ class Sandbox:
         return app
 
     def issue_token(self, app: App) -> str:
-        token = "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(28))  # 28 chars as observed (§1)
+        token = "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(28))  # 28 chars as observed (docs/daraja.md §1)
         if self.settings.invalidate_previous_tokens and app.token is not None:
             self._tokens.pop(app.token, None)
         self._tokens[token] = (app.config.consumer_key, self.clock() + self.settings.token_ttl_s)
