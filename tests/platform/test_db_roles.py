@@ -174,7 +174,9 @@ async def _rows_of(conn, payment_id: str) -> list[int]:
 
 async def _recompute_chain_from(conn, seq: int) -> None:
     """What an attacker with the owner's rights does after editing row `seq`: every later hash anew."""
-    prev = (await (await conn.execute("SELECT hash FROM audit_log WHERE seq = %s", (seq - 1,))).fetchone())[0]
+    # The edited row still holds the hash it was chained to (the genesis value when it is the first row:
+    # the test must not rely on other tests having written rows before its own).
+    prev = (await (await conn.execute("SELECT prev_hash FROM audit_log WHERE seq = %s", (seq,))).fetchone())[0]
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute("SELECT seq, payment_id, event_id::text, fact, verdict, from_state, to_state, detail, at"
                       " FROM audit_log WHERE seq >= %s ORDER BY seq", (seq,))
