@@ -174,18 +174,23 @@ async def test_a_key_for_another_channel_is_403_and_publishes_nothing(ingress, s
         await only_event_is_the_sentinel(http, topic, channel_id)
 
 
-async def test_unknown_suspended_and_onboarding_channels_are_refused_each_in_its_own_way(ingress, pool, unique,
+async def test_unknown_suspended_and_onboarding_channels_are_refused_each_in_its_own_way(infra, pool, unique,
                                                                                         topic):
     suspended, onboarding, absent = f"susp-{unique}", f"onb-{unique}", f"absent-{unique}"
     await make_channel(pool, suspended, status="suspended")
     await make_channel(pool, onboarding, status="onboarding")
     # A key scoped to a channel that does not exist (API keys carry no foreign key to channels).
     api_key = await make_api_key(pool, suspended, onboarding, absent)
-    async with ingress.client(api_key) as http:
-        assert_problem(await post(http, payment_body(absent), new_key()), 422, "unknown-channel", "channelId")
-        assert_problem(await post(http, payment_body(suspended), new_key()), 403, "channel-suspended", "channelId")
-        assert_problem(await post(http, payment_body(onboarding), new_key()), 403, "channel-not-active", "channelId")
-    await asyncio.sleep(0.5)  # nothing is published after the answer, but give a stray event time to land
+    running = await start_ingress(ingress_config(infra))  # its own, so that stopping it proves nothing is pending
+    try:
+        async with running.client(api_key) as http:
+            assert_problem(await post(http, payment_body(absent), new_key()), 422, "unknown-channel", "channelId")
+            assert_problem(await post(http, payment_body(suspended), new_key()), 403, "channel-suspended",
+                           "channelId")
+            assert_problem(await post(http, payment_body(onboarding), new_key()), 403, "channel-not-active",
+                           "channelId")
+    finally:
+        await running.stop()  # drains its batches and flushes its producer: whatever it would publish has landed
     assert topic.events(lambda e: e["channel_id"] in (suspended, onboarding, absent)) == []
 
 
