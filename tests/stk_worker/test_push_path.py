@@ -215,6 +215,16 @@ class TestDarajasAnswerIsNeverForgotten:
         assert (again["outcome"], again["checkout_request_id"]) == ("ACCEPTED", "ws_CO_6")
         assert len(r.daraja.pushes) == 1
 
+    async def test_a_claim_that_cannot_be_taken_pushes_nothing_and_is_retried(self):
+        r = await rig(accepted(1))
+        r.claims.down = True
+        request = a_request()
+        with pytest.raises(psycopg.OperationalError) as raised:
+            await r.push(request)
+        assert is_transient(raised.value) and r.daraja.pushes == []
+        r.claims.down = False
+        assert (await r.push(request))["outcome"] == "ACCEPTED" and len(r.daraja.pushes) == 1
+
     async def test_its_own_claim_left_before_pushing_is_pushed_by_the_same_process(self):
         # The claim's INSERT committed but its answer was lost with the connection: nothing was sent.
         r = await rig(accepted(8))
