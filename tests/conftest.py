@@ -55,10 +55,26 @@ SERVICE_ROLES = {"services.ingress": "ingress", "services.ledger": "ledger", "se
                  "services.channels": "onboarding", "services.ledger.anchors": "auditor"}
 
 
+# Every fixture that reaches the broker or the database depends on `infra`, so a test needs them exactly
+# when `infra` is in its fixture closure. Those are marked `integration`; `make check` runs the rest
+# (`-m "not integration"`) with CHECK_ONLY set, and then `infra` refuses to start anything.
+INFRA_FIXTURE = "infra"
+CHECK_ONLY = "CHECK_ONLY"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if INFRA_FIXTURE in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def infra() -> dict[str, str]:
     """Endpoints and the admin principal's Kafka login (TLS, SCRAM). In-process clients read the
     KAFKA_CLIENT_* variables from the environment as services do, so they are exported here."""
+    if os.environ.get(CHECK_ONLY):
+        pytest.fail(f"this test needs Kafka/PostgreSQL but was not marked integration ({CHECK_ONLY} is set): "
+                    f"request the `{INFRA_FIXTURE}` fixture as a parameter instead of dynamically", pytrace=False)
     given = {k: v for k, v in os.environ.items() if _wanted(k) and v}
     if not all(k in given for k in ENDPOINTS):
         given = {**_start_local_infra(), **given}
