@@ -43,8 +43,13 @@ from services.daraja.errors import DarajaError  # noqa: E402
 from services.daraja.models import AppCredentials, Shortcode, StkPushRequest  # noqa: E402
 from services.daraja.payloads import build_push_payload, nairobi_timestamp  # noqa: E402
 from services.daraja_sandbox.rawhttp import HttpFailure, RawHttpClient, build_post  # noqa: E402
-from services.daraja_sandbox.settings import (ADMIN_TOKEN_ENV, DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET,  # noqa: E402
-                                              SANDBOX_PASSKEY, SANDBOX_SHORTCODE)
+from services.daraja_sandbox.settings import (  # noqa: E402
+    ADMIN_TOKEN_ENV,
+    DEMO_CONSUMER_KEY,
+    DEMO_CONSUMER_SECRET,
+    SANDBOX_PASSKEY,
+    SANDBOX_SHORTCODE,
+)
 from tests.e2e.stack import wait_for  # noqa: E402
 
 APP = AppCredentials(DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY)
@@ -122,8 +127,8 @@ ADMIN_TOKEN = os.environ.get(ADMIN_TOKEN_ENV) or secrets.token_urlsafe(32)
 def start_sandbox(port: int, cpu: int | None) -> subprocess.Popen:
     command = [sys.executable, "-m", "services.daraja_sandbox", "--port", str(port), "--callback-delay-ms", "0",
                "--callback-concurrency", "64", "--log-level", "WARNING"]
-    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, ADMIN_TOKEN_ENV: ADMIN_TOKEN}, preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None
-                            else None)
+    pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, ADMIN_TOKEN_ENV: ADMIN_TOKEN}, preexec_fn=pin)
 
 
 async def admin(session: aiohttp.ClientSession, base: str, method: str, path: str, body: dict | None = None) -> dict:
@@ -211,7 +216,7 @@ async def _token(session: aiohttp.ClientSession, base: str) -> str:
 async def _bounded(work, timeout_s: float) -> None:
     try:
         await asyncio.wait_for(work, timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         print(f"phase stopped after {timeout_s} s", file=sys.stderr)  # figures show what was done
 
 

@@ -122,7 +122,7 @@ class Connection(asyncio.Protocol):
         self.sent_at = 0.0
 
     @classmethod
-    async def open(cls, port: int, on_answer) -> "Connection":
+    async def open(cls, port: int, on_answer) -> Connection:
         _, conn = await asyncio.get_running_loop().create_connection(lambda: cls(on_answer), "127.0.0.1", port)
         conn.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn

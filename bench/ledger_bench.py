@@ -39,8 +39,7 @@ from bench.host import HostLoad  # noqa: E402
 from services.common.avro import Codec  # noqa: E402
 from services.common.db import migrate, open_pool  # noqa: E402
 from services.common.ids import new_id  # noqa: E402
-from services.common.kafka import (ConsumerLoop, EventProducer, ensure_topics, new_event_fields,  # noqa: E402
-                                   producer_config)
+from services.common.kafka import ConsumerLoop, EventProducer, ensure_topics, new_event_fields, producer_config  # noqa: E402
 from services.common.topics import ALL_TOPICS, Topic  # noqa: E402
 from services.ledger.relay import OutboxRelay  # noqa: E402
 from services.ledger.service import OVERLAP_FROM, Ledger  # noqa: E402
@@ -53,7 +52,8 @@ def events_for(run: str, i: int) -> list[tuple[str, dict]]:
     channel, pid, checkout = f"bench-{run}-{i % 20}", new_id(), f"ws_CO_{run}{i}"
     body = {"Body": {"stkCallback": {"MerchantRequestID": "m", "CheckoutRequestID": checkout, "ResultCode": 0,
             "ResultDesc": "ok", "CallbackMetadata": {"Item": [
-                {"Name": "Amount", "Value": 10.0}, {"Name": "MpesaReceiptNumber", "Value": f"R{run[:4].upper()}{i:05d}"},
+                {"Name": "Amount", "Value": 10.0},
+                {"Name": "MpesaReceiptNumber", "Value": f"R{run[:4].upper()}{i:05d}"},
                 {"Name": "Balance"}, {"Name": "TransactionDate", "Value": 20261127102115},
                 {"Name": "PhoneNumber", "Value": 254712345678}]}}}}
     return [
@@ -192,7 +192,7 @@ def main(payments: int, processes: int, in_flight: int, rate: float, timeout_s: 
     for p in ledgers:
         p.join()
     settled = asyncio.run(count_settled(run))
-    wal = [after - before for after, before in zip(wal_written(), wal_before)]
+    wal = [after - before for after, before in zip(wal_written(), wal_before, strict=True)]
     done = applied.value
     shape = f"ledger ({processes} process(es), {in_flight} batch(es) in flight each)"
     if rate:

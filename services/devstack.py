@@ -17,8 +17,8 @@ from services.channels.vault import LocalKeyFileProvider, public_key_path
 from services.common import config
 from services.common.db import migrate, open_pool
 from services.common.topics import ACCESS
-from services.ledger.anchors import KEY_FILE as ANCHOR_KEY_FILE, create_key
 from services.daraja_sandbox.settings import DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
+from services.ledger.anchors import KEY_FILE as ANCHOR_KEY_FILE, create_key
 
 SECRETS = Path(".local/secrets")
 KAFKA_CA = Path(".local/kafka/tls/ca.crt")  # made by infra/kafka.sh, as are the principals' passwords

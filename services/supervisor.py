@@ -41,7 +41,7 @@ async def supervise(services: list[tuple[str, list[str]]], env: dict[str, str] |
             proc.terminate()
     try:
         await asyncio.wait_for(asyncio.gather(*waits), timeout=20)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         for _, proc in procs:
             if proc.returncode is None:
                 proc.kill()

@@ -23,9 +23,9 @@ from psycopg_pool import AsyncConnectionPool
 from services.common.avro import Codec
 from services.common.config import KAFKA_CLIENT_PREFIX
 from services.common.db import migrate, open_pool
-from services.devstack import role_url
 from services.common.kafka import EventProducer, ensure_topics
 from services.common.topics import ALL_TOPICS
+from services.devstack import role_url
 from services.ledger.anchors import create_key
 
 ANCHOR_KEY_FILE = Path(__file__).resolve().parents[1] / ".local" / "audit" / "anchor-key.pem"

@@ -15,8 +15,8 @@ import re
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from psycopg_pool import AsyncConnectionPool
 

@@ -16,8 +16,9 @@ import os
 import secrets
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from services.channels import settings as s
 from services.common import config

@@ -12,8 +12,8 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool

@@ -6,12 +6,13 @@ names exactly what the caller sent. Messages never repeat a submitted value: it 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import date
-from typing import Any, Callable
+from typing import Any
 
-from services.common.text import untrusted
 from services.common.payment import AMOUNT_MAX, CHANNEL_ID
+from services.common.text import untrusted
 from services.daraja.models import AppCredentials, Shortcode
 
 _SHORTCODE = re.compile(r"[0-9]{5,7}")  # the Daraja client's rule for paybills, stores and tills

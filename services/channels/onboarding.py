@@ -7,16 +7,25 @@ side of the system can write credentials but never read them back.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
 from services.channels import apikeys, repository as repo
-from services.channels.model import (ACTIVE, SUSPENDED, Errors, activation_errors, channel_id_error,
-                                     parse_api_key_request, parse_channel_changes, parse_credentials,
-                                     parse_new_channel)
+from services.channels.model import (
+    ACTIVE,
+    SUSPENDED,
+    Errors,
+    activation_errors,
+    channel_id_error,
+    parse_api_key_request,
+    parse_channel_changes,
+    parse_credentials,
+    parse_new_channel,
+)
 from services.channels.repository import ChannelRecord
 from services.channels.vault import KeyFileError, PublicKeyWrapper, fingerprint, seal
 from services.daraja.client import DarajaClient, DarajaTimeouts

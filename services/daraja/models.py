@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
-from services.common.payment import (ACCOUNT_REFERENCE_MAX, AMOUNT_MAX, DESCRIPTION_MAX, PHONE as _PHONE,
-                                     mask_phone)
+from services.common.payment import ACCOUNT_REFERENCE_MAX, AMOUNT_MAX, DESCRIPTION_MAX, PHONE as _PHONE, mask_phone
 
 PAYBILL_TRANSACTION = "CustomerPayBillOnline"
 TILL_TRANSACTION = "CustomerBuyGoodsOnline"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import base64
 from datetime import datetime
 
-from services.daraja.models import Shortcode, StkPushRequest
 from services.common.payment import NAIROBI
+from services.daraja.models import Shortcode, StkPushRequest
 
 
 def nairobi_timestamp(now: datetime) -> str:

@@ -21,13 +21,13 @@ from psycopg import Error as DatabaseError
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from services.channels.apikeys import ApiKey, ApiKeyAuthenticator
+from services.common.kafka import Publisher
 from services.common.observability import Health, add_ops_routes, http_metrics
+from services.common.payment import AMOUNT_MAX, parse_payment_request, validate_channel_id
 from services.common.problems import problem
 from services.common.text import untrusted
 from services.ingress.access import ChannelDirectory, ChannelStatus, authenticate
 from services.ingress.payments import IdempotencyConflict, PaymentIntake, Unavailable
-from services.common.kafka import Publisher
-from services.common.payment import AMOUNT_MAX, parse_payment_request, validate_channel_id
 from services.ingress.validation import parse_idempotency_key
 from services.ingress.views import PaymentViews
 

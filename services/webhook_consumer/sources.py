@@ -1,5 +1,6 @@
 """Who is calling, and how often: the client address behind trusted proxies, the source
-allow-list, and the key a source is rate-limited by (the bucket itself: services/common/ratelimit.py). Pure code: no I/O, time comes from a clock.
+allow-list, and the key a source is rate-limited by (the bucket itself: services/common/ratelimit.py).
+Pure code: no I/O, time comes from a clock.
 
 A source is one IPv4 address, or one IPv6 /64: a single host or customer is handed a whole /64
 (RFC 6177, RFC 4291 §2.5.1) and can pick any address in it, so per-address buckets would let it

@@ -17,7 +17,8 @@ from tests.conftest import ROOT, database_url_of
 
 @pytest.fixture
 def run(infra, tmp_path, daraja_sandbox):
-    env = {**os.environ, "DATABASE_URL": database_url_of(infra, "onboarding"), "VAULT_KEY_FILE": str(tmp_path / "v" / "kek.json"),
+    env = {**os.environ, "DATABASE_URL": database_url_of(infra, "onboarding"),
+           "VAULT_KEY_FILE": str(tmp_path / "v" / "kek.json"),
            "VAULT_PUBLIC_KEY_FILE": str(tmp_path / "v" / "kek.pub.json"), "DARAJA_BASE_URL": daraja_sandbox}
     for name in ("MPESA_CONSUMER_KEY", "MPESA_CONSUMER_SECRET", "MPESA_PASSKEY"):
         env.pop(name, None)

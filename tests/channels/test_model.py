@@ -6,8 +6,16 @@ from datetime import date
 
 import pytest
 
-from services.channels.model import (ACTIVE, Channel, activation_errors, channel_view, parse_api_key_request,
-                                     parse_channel_changes, parse_credentials, parse_new_channel)
+from services.channels.model import (
+    ACTIVE,
+    Channel,
+    activation_errors,
+    channel_view,
+    parse_api_key_request,
+    parse_channel_changes,
+    parse_credentials,
+    parse_new_channel,
+)
 from tests.channels.conftest import paybill_body
 
 TODAY = date(2025, 1, 15)

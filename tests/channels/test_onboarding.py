@@ -5,11 +5,17 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from services.channels.onboarding import (Conflict, CredentialsRefused, DependencyUnavailable, InvalidInput,
-                                          NotFound, Onboarding, daraja_credential_check)
+from services.channels.onboarding import (
+    Conflict,
+    CredentialsRefused,
+    DependencyUnavailable,
+    InvalidInput,
+    NotFound,
+    Onboarding,
+    daraja_credential_check,
+)
 from services.channels.vault import public_key_path
-from tests.channels.conftest import (assert_no_secret, audit_of, new_secrets, onboard, paybill_body,
-                                     table_bytes)
+from tests.channels.conftest import assert_no_secret, audit_of, new_secrets, onboard, paybill_body, table_bytes
 from tests.conftest import free_port
 
 

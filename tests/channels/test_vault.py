@@ -9,8 +9,18 @@ from dataclasses import replace
 
 import pytest
 
-from services.channels.vault import (DecryptionFailed, KeyFileError, KeyNotHeld, LocalKeyFileProvider,
-                                     PublicKeyWrapper, fingerprint, public_key_path, rewrap, seal, unseal)
+from services.channels.vault import (
+    DecryptionFailed,
+    KeyFileError,
+    KeyNotHeld,
+    LocalKeyFileProvider,
+    PublicKeyWrapper,
+    fingerprint,
+    public_key_path,
+    rewrap,
+    seal,
+    unseal,
+)
 from tests.channels.conftest import Secrets, assert_no_secret, new_secrets
 
 

@@ -9,8 +9,13 @@ import pytest
 
 from services.daraja.payloads import stk_password
 from services.daraja_sandbox import responses
-from services.daraja_sandbox.scenarios import (SCENARIOS, Overrides, choose_scenario, misconfiguration_result,
-                                               named_scenario)
+from services.daraja_sandbox.scenarios import (
+    SCENARIOS,
+    Overrides,
+    choose_scenario,
+    misconfiguration_result,
+    named_scenario,
+)
 from services.daraja_sandbox.settings import SANDBOX_PASSKEY, AppConfig, SandboxSettings
 from services.daraja_sandbox.state import Fault, RateLimiter, Sandbox, Transaction
 from services.daraja_sandbox.validation import PushFields, Rules, validate_push, validate_query

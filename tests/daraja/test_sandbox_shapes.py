@@ -9,8 +9,15 @@ from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from services.daraja_sandbox.callbacks import CALLBACK_CONTENT_TYPE, failure_callback, success_callback
-from services.daraja_sandbox.responses import (INVALID_TOKEN, Failure, error_body, invalid_field, push_accepted_body,
-                                               query_answer_body, token_body)
+from services.daraja_sandbox.responses import (
+    INVALID_TOKEN,
+    Failure,
+    error_body,
+    invalid_field,
+    push_accepted_body,
+    query_answer_body,
+    token_body,
+)
 from tests.daraja.conftest import new_phone, push_request
 
 NAIROBI = ZoneInfo("Africa/Nairobi")
@@ -67,10 +74,10 @@ def test_error_envelope_matches_the_documented_layout():
 
 
 def test_push_acknowledgement_matches_the_documented_sample():
-    documented = ('{"MerchantRequestID": "2654-4b64-97ff-b827b542881d3130", "CheckoutRequestID": '
-                  '"ws_CO_1007202409152617172396192", "ResponseCode": "0", "ResponseDescription": '
-                  '"Success. Request accepted for processing", "CustomerMessage": '
-                  '"Success. Request accepted for processing"}').encode()
+    documented = (b'{"MerchantRequestID": "2654-4b64-97ff-b827b542881d3130", "CheckoutRequestID": '
+                  b'"ws_CO_1007202409152617172396192", "ResponseCode": "0", "ResponseDescription": '
+                  b'"Success. Request accepted for processing", "CustomerMessage": '
+                  b'"Success. Request accepted for processing"}')
     assert push_accepted_body("2654-4b64-97ff-b827b542881d3130", "ws_CO_1007202409152617172396192") == documented
 
 

@@ -3,8 +3,9 @@ channels and API keys made through the channels repository, and a reader of the 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import date
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import pytest

@@ -15,8 +15,16 @@ import psycopg
 
 from services.channels import repository as channels_repository
 from tests.conftest import eventually
-from tests.ingress.conftest import (TopicWatch, ingress_config, make_api_key, make_channel, new_key, of_channel,
-                                    payment_body, start_ingress)
+from tests.ingress.conftest import (
+    TopicWatch,
+    ingress_config,
+    make_api_key,
+    make_channel,
+    new_key,
+    of_channel,
+    payment_body,
+    start_ingress,
+)
 
 
 async def post(http, body, key: str | None = None, **headers):

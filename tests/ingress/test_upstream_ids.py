@@ -8,8 +8,8 @@ import uuid
 import pytest
 
 from services.common.kafka import ConsumedEvent, new_event_fields
-from services.ingress.upstream import NotAllowed, UpstreamReauthoriser
 from services.common.topics import upstream_requested_topic
+from services.ingress.upstream import NotAllowed, UpstreamReauthoriser
 
 
 def _request(**ids) -> ConsumedEvent:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.payment import AMOUNT_MAX as MAX_AMOUNT, normalise_phone, parse_payment_request, validate_channel_id
+from services.common.payment import (
+    AMOUNT_MAX as MAX_AMOUNT,
+    normalise_phone,
+    parse_payment_request,
+    validate_channel_id,
+)
 from services.ingress.validation import parse_idempotency_key
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from collections.abc import Callable
 
 from confluent_kafka import Consumer, TopicPartition
 
@@ -77,7 +77,8 @@ def start_group_at_end(bootstrap: str, group: str, topics: list[str]) -> None:
 def read_all(bootstrap: str, topic: str, predicate, expected: int, since: dict[int, int] | None = None,
              timeout_polls: int = 60) -> list:
     """Messages of `topic` matching predicate, from `since` offsets (default: the beginning)."""
-    consumer = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": "reader", "enable.auto.commit": False}))
+    consumer = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": "reader",
+                                       "enable.auto.commit": False}))
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, (since or {}).get(p, -2)) for p in partitions])  # -2: beginning
     found = []

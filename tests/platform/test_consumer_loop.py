@@ -62,7 +62,8 @@ async def test_poison_messages_go_to_the_dead_letter_topic_and_the_consumer_cont
     await producer.publish(topic, good)
 
     seen = []
-    fail = lambda e: ValueError("amount exceeds the channel limit") if e.value["event_id"] == refused["event_id"] else None  # noqa: E731
+    def fail(e):
+        return ValueError("amount exceeds the channel limit") if e.value["event_id"] == refused["event_id"] else None
     await run_until(recording_loop(kafka_bootstrap, f"g-{unique}", topic, codec, producer, seen, fail),
                     lambda: any(e.value["event_id"] == good["event_id"] for e in seen))
 
@@ -217,7 +218,8 @@ async def test_transient_failures_never_use_up_the_poison_budget(kafka_bootstrap
                         poison_budget=1)
     await run_until(loop, lambda: seen, timeout=60)
     assert len(attempts) == 6 and [e.value["event_id"] for e in seen] == [event["event_id"]]
-    assert read_all(kafka_bootstrap, DEAD_LETTER.name, lambda m: codec.decode(m.value())[1]["source_topic"] == topic.name,
+    assert read_all(kafka_bootstrap, DEAD_LETTER.name,
+                    lambda m: codec.decode(m.value())[1]["source_topic"] == topic.name,
                     expected=1, since=mark, timeout_polls=4) == []
 
 
@@ -245,6 +247,7 @@ async def test_per_event_reports_a_transient_error_as_transient_so_it_is_never_d
 async def test_readiness_fails_naming_a_consumer_that_holds_one_batch_too_long(kafka_bootstrap, codec, producer,
                                                                                 unique, stuck):
     import httpx
+
     from services.common.observability import Health, serve_ops
     from tests.conftest import eventually, free_port
 

@@ -83,7 +83,8 @@ def test_each_role_holds_exactly_the_grants_its_service_needs(infra, database_ur
 @pytest.mark.parametrize("table", AUDIT_TABLES)
 def test_no_service_role_can_truncate_delete_update_or_alter_an_audit_table(infra, role, table):
     with connect(infra, role) as conn:
-        for statement in (f"TRUNCATE {table}", f"DELETE FROM {table}", f"UPDATE {table} SET {TIME_COLUMN.get(table, 'at')} = now()",
+        for statement in (f"TRUNCATE {table}", f"DELETE FROM {table}",
+                          f"UPDATE {table} SET {TIME_COLUMN.get(table, 'at')} = now()",
                           f"ALTER TABLE {table} DISABLE TRIGGER ALL", f"DROP TABLE {table}"):
             outcome = refused(conn, statement)
             assert outcome.startswith("InsufficientPrivilege"), f"{role}: {statement}: {outcome}"
@@ -279,7 +280,8 @@ async def test_the_anchoring_service_anchors_the_head_and_audit_verify_reports_i
         head = (await (await conn.execute("SELECT max(seq) FROM audit_log")).fetchone())[0]
     port = free_port()
     service = start_service("services.ledger.anchors", service_env(
-        infra, AUDIT_ANCHOR_INTERVAL_S="0.2", AUDIT_ANCHOR_KEY_FILE=str(ANCHOR_KEY_FILE), AUDIT_ANCHOR_METRICS_PORT=port))
+        infra, AUDIT_ANCHOR_INTERVAL_S="0.2", AUDIT_ANCHOR_KEY_FILE=str(ANCHOR_KEY_FILE),
+        AUDIT_ANCHOR_METRICS_PORT=str(port)))
     try:
         async def anchored():
             async with pool.connection() as conn:
@@ -287,15 +289,16 @@ async def test_the_anchoring_service_anchors_the_head_and_audit_verify_reports_i
                 return await cur.fetchone()
         await eventually(anchored, timeout=30)
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-        assert 'audit_anchors_total{result="anchored"}' in metrics and "audit_anchor_checked_timestamp_seconds" in metrics
+        assert 'audit_anchors_total{result="anchored"}' in metrics
+        assert "audit_anchor_checked_timestamp_seconds" in metrics
     finally:
         service.terminate()
         output, _ = service.communicate(timeout=30)
     assert service.returncode == 0, output
     assert "anchored audit row" in output and "schema's owner" not in output
 
-    result = subprocess.run([sys.executable, "-m", "services.cli", "audit", "verify", "--from", str(max(head - 100, 1))],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+    verify = [sys.executable, "-m", "services.cli", "audit", "verify", "--from", str(max(head - 100, 1))]
+    result = subprocess.run(verify, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={"PATH": "/usr/bin", "PGPASSFILE": os.environ.get("PGPASSFILE", ""),
                                  "DATABASE_URL": database_url_of(infra, "auditor")})
     assert result.returncode == 0, result.stdout + result.stderr

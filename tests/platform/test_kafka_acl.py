@@ -8,15 +8,34 @@ import uuid
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
-from confluent_kafka.admin import (AclBinding, AclOperation, AclPermissionType, AdminClient, ResourcePatternType,
-                                   ResourceType, ScramCredentialInfo, ScramMechanism, UserScramCredentialDeletion,
-                                   UserScramCredentialUpsertion)
+from confluent_kafka.admin import (
+    AclBinding,
+    AclOperation,
+    AclPermissionType,
+    AdminClient,
+    ResourcePatternType,
+    ResourceType,
+    ScramCredentialInfo,
+    ScramMechanism,
+    UserScramCredentialDeletion,
+    UserScramCredentialUpsertion,
+)
 
 from services.common.config import ConfigError, kafka_client_config
 from services.common.kafka import ConsumerLoop, EventProducer, client_config, ensure_topics, per_event
-from services.common.topics import (ACCESS, ALL_TOPICS, CALLBACK_RAW, DEAD_LETTER, PAYMENT_REQUESTED, PAYMENT_STATUS,
-                                    STK_PUSH_RESULT, STK_QUERY_REQUESTED, STK_QUERY_RESULT, parse_upstream_producers,
-                                    upstream_requested_topic)
+from services.common.topics import (
+    ACCESS,
+    ALL_TOPICS,
+    CALLBACK_RAW,
+    DEAD_LETTER,
+    PAYMENT_REQUESTED,
+    PAYMENT_STATUS,
+    STK_PUSH_RESULT,
+    STK_QUERY_REQUESTED,
+    STK_QUERY_RESULT,
+    parse_upstream_producers,
+    upstream_requested_topic,
+)
 from services.ingress.upstream import UpstreamReauthoriser, is_transient as upstream_is_transient
 from tests.conftest import ROOT, kafka_login
 from tests.platform.kafka_helpers import end_offsets, read_all, run_until, sample_request
@@ -70,7 +89,8 @@ def test_a_service_principal_cannot_write_a_topic_outside_its_acls(infra, princi
 
 
 def test_only_the_gateway_writes_callbacks_and_only_the_ingress_writes_payment_requests(infra, codec, unique):
-    writers = {topic: sorted(p for p, a in ACCESS.items() if topic in a.writes) for topic in (CALLBACK_RAW, PAYMENT_REQUESTED)}
+    writers = {topic: sorted(p for p, a in ACCESS.items() if topic in a.writes)
+               for topic in (CALLBACK_RAW, PAYMENT_REQUESTED)}
     assert writers == {CALLBACK_RAW: ["webhook-gateway"], PAYMENT_REQUESTED: ["ingress"]}
     assert produce_one(infra, "ingress", CALLBACK_RAW.name).code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
     # ...while its own topic takes its events: the refusals above are the ACLs, not a broken login.
@@ -125,7 +145,8 @@ def test_a_service_principal_cannot_grant_itself_more_or_delete_what_others_need
         "alter_scram": lambda: admin_as_ingress.alter_user_scram_credentials([UserScramCredentialUpsertion(
             "admin", ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 8192), b"taken-over")],
             request_timeout=10)["admin"],
-        "delete_topic": lambda: admin_as_ingress.delete_topics([CALLBACK_RAW.name], request_timeout=10)[CALLBACK_RAW.name],
+        "delete_topic":
+            lambda: admin_as_ingress.delete_topics([CALLBACK_RAW.name], request_timeout=10)[CALLBACK_RAW.name],
     }
     for name, attempt in attempts.items():
         with pytest.raises(KafkaException) as refused_with:

@@ -9,8 +9,8 @@ import pytest
 
 from services.channels.apikeys import key_id_of, new_api_key
 from services.channels.model import parse_api_key_request, parse_credentials, parse_new_channel
-from services.daraja.models import Shortcode, StkPushRequest
 from services.common.payment import normalise_phone, parse_payment_request
+from services.daraja.models import Shortcode, StkPushRequest
 from services.ingress.validation import parse_idempotency_key
 
 PAYMENT = {"channelId": "shop-1", "amount": 100, "phone": "0712345678", "accountReference": "INV-1",

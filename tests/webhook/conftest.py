@@ -4,8 +4,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import httpx
 import pytest
@@ -14,8 +14,8 @@ from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import REGISTRY
 
 from services.common.avro import Codec
-from services.common.kafka import client_config
 from services.common.callback_token import callback_token
+from services.common.kafka import client_config
 from services.common.topics import Topic
 from services.webhook_consumer.app import GatewayDeps, create_app, gateway_producer
 from services.webhook_consumer.settings import GatewaySettings
