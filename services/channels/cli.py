@@ -38,7 +38,7 @@ def yes_no(value: str) -> bool:
     raise argparse.ArgumentTypeError("must be true or false")
 
 
-_CHANNEL_OPTIONS = [  # (option, API field, type)
+_CHANNEL_OPTIONS: list[tuple[str, str, Callable[[str], Any]]] = [  # (option, API field, type)
     ("--name", "displayName", str), ("--shortcode-type", "shortcodeType", str),
     ("--shortcode", "businessShortcode", str), ("--till-number", "tillNumber", str),
     ("--environment", "environment", str), ("--consent-reference", "consentReference", str),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -93,7 +93,7 @@ class Batcher(Generic[Item, Result]):
                     future.set_result(result)
 
 
-def _fail(batch: list[tuple[object, asyncio.Future | None]], exc: BaseException) -> None:
+def _fail(batch: Sequence[tuple[object, asyncio.Future[Any] | None]], exc: BaseException) -> None:
     for _, future in batch:
         if future is not None and not future.done():
             future.set_exception(exc)

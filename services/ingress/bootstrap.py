@@ -8,10 +8,10 @@ from psycopg_pool import AsyncConnectionPool
 from services.channels.apikeys import ApiKeyAuthenticator
 from services.common import config
 from services.common.avro import Codec
-from services.common.kafka import EventProducer, Publisher
+from services.common.kafka import EventProducer
 from services.common.topics import PAYMENT_REQUESTED, Topic
 from services.ingress.access import ChannelDirectory
-from services.ingress.app import IngressDeps
+from services.ingress.app import IngressDeps, OwnPublisher
 from services.ingress.idempotency import IdempotencyStore
 from services.ingress.payments import PaymentIntake
 from services.ingress.views import PaymentViews
@@ -36,7 +36,7 @@ SETTINGS = [
 ]
 
 
-async def open_deps(cfg: dict[str, Any], *, producer: Publisher | None = None) -> IngressDeps:
+async def open_deps(cfg: dict[str, Any], *, producer: OwnPublisher | None = None) -> IngressDeps:
     producer = producer or EventProducer(cfg["KAFKA_BOOTSTRAP_SERVERS"], Codec(), client_id="ingress",
                                          delivery_timeout_ms=cfg["INGRESS_KAFKA_TIMEOUT_MS"],
                                          linger_ms=cfg["INGRESS_KAFKA_LINGER_MS"])
