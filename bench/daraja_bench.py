@@ -88,10 +88,11 @@ class SinkProtocol(asyncio.Protocol):
     def __init__(self, sink: Sink):
         self._sink = sink
         self._buffer = bytearray()
-        self._transport: asyncio.Transport | None = None
+        self._transport: asyncio.Transport  # set by connection_made, before any data_received
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
+        assert isinstance(transport, asyncio.Transport), "a TCP connection"
+        self._transport = transport
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -145,9 +146,11 @@ async def sandbox_phase(base: str, sink_url: str, sink: Sink, pushes: int, concu
         token = await _token(session, base)
     timestamp = nairobi_timestamp(datetime.now(timezone.utc))
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    requests = [build_post(f"{base}/mpesa/stkpush/v1/processrequest", headers, json.dumps(build_push_payload(
+    built = [build_post(f"{base}/mpesa/stkpush/v1/processrequest", headers, json.dumps(build_push_payload(
         SHORTCODE, StkPushRequest(1, str(first_phone + i), "BENCH", "bench", f"{sink_url}/{i}"),
         SANDBOX_PASSKEY, timestamp)).encode()) for i in range(pushes)]
+    requests = [r for r in built if r is not None]
+    assert len(requests) == pushes, f"the raw driver cannot post to {base}"
     driver = RawHttpClient(timeout_s=30)
     next_index, accepted, failed = 0, 0, 0
 
@@ -178,7 +181,8 @@ async def client_phase(base: str, sink_url: str, sink: Sink, pushes: int, concur
     """The Daraja client with `concurrency` pushes in flight against a sandbox answering after latency_ms."""
     client = DarajaClient(base, max_connections=concurrency, timeouts=DarajaTimeouts(read_s=30, pool_s=60))
     requests = [StkPushRequest(1, str(first_phone + i), "BENCH", "bench", f"{sink_url}/{i}") for i in range(pushes)]
-    next_index, accepted, failed, errors = 0, 0, 0, {}
+    next_index, accepted, failed = 0, 0, 0
+    errors: dict[str, int] = {}
 
     async def worker() -> None:
         nonlocal next_index, accepted, failed

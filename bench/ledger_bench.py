@@ -139,7 +139,8 @@ async def count_settled(run: str) -> int:
     async with pool.connection() as conn:
         cur = await conn.execute("SELECT count(*) FROM payments WHERE channel_id LIKE %s AND state = 'Settled'",
                                  (f"bench-{run}-%",))
-        settled = (await cur.fetchone())[0]
+        row = await cur.fetchone()
+        settled = row[0] if row else 0
     await pool.close()
     return settled
 
@@ -147,7 +148,9 @@ async def count_settled(run: str) -> int:
 def wal_written() -> tuple[int, int]:
     """(bytes, full-page images) PostgreSQL has written to its WAL (cluster-wide, since its stats reset)."""
     with psycopg.connect(DB) as conn:
-        written, full_pages = conn.execute("SELECT wal_bytes, wal_fpi FROM pg_stat_wal").fetchone()
+        row = conn.execute("SELECT wal_bytes, wal_fpi FROM pg_stat_wal").fetchone()
+    assert row is not None, "pg_stat_wal has one row"
+    written, full_pages = row
     return int(written), full_pages
 
 
@@ -179,6 +182,7 @@ def main(payments: int, processes: int, in_flight: int, rate: float, timeout_s: 
         p.start()
     applied, first, stop_flag, results, ready = shared
     deadline = time.time() + timeout_s
+    offered_s, applied_meanwhile, offer_end = 0.0, 0, 0.0
     if rate:
         while ready.value < processes and time.time() < deadline:
             time.sleep(0.05)

@@ -91,7 +91,7 @@ async def batch_summary(http_port: int) -> str:
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://127.0.0.1:{http_port}/metrics") as answer:
             text = await answer.text()
-    values = {}
+    values: dict[str, float] = {}
     for line in text.splitlines():
         for name in ("pipeline_batch_handle_seconds_count", "pipeline_batch_handle_seconds_sum"):
             if line.startswith(name + "{"):
@@ -136,10 +136,12 @@ async def main(args) -> None:
         producer.close()
         pool = await open_pool(DB, max_size=1)
         deadline = time.monotonic() + args.timeout_s
+        pending = 0
         while time.monotonic() < deadline:
             async with pool.connection() as conn:
-                pending = (await (await conn.execute("SELECT count(*) FROM payments WHERE channel_id LIKE %s AND"
-                                                     " state = 'Pending'", (f"sbench-{run}-%",))).fetchone())[0]
+                row = await (await conn.execute("SELECT count(*) FROM payments WHERE channel_id LIKE %s AND"
+                                                " state = 'Pending'", (f"sbench-{run}-%",))).fetchone()
+                pending = row[0] if row else 0
             if pending == args.payments:
                 break
             await asyncio.sleep(0.2)
@@ -193,10 +195,10 @@ async def main(args) -> None:
               f"{reading[49] * 1000:.0f}/{reading[98] * 1000:.0f}")
         print(f"  {host.describe()}")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(30)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
 
 
 if __name__ == "__main__":
