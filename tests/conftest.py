@@ -167,7 +167,7 @@ def kafka_login(infra: dict[str, str], principal: str) -> dict[str, str]:
             "KAFKA_CLIENT_SASL_PASSWORD_FILE": str(secrets_dir / f"kafka-{principal}.password")}
 
 
-def service_env(infra: dict[str, str], **extra: str) -> dict[str, str]:
+def service_env(infra: dict[str, str], **extra: object) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INGRESS_", "LEDGER_", "STK_", "WEBHOOK_"))}
     return {**env, **infra, "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in extra.items()}}
 

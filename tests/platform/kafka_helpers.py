@@ -18,7 +18,7 @@ def sample_request(channel_id: str, payment_id: str) -> dict:
             "idempotency_key": None, "metadata": {}, "source": "TOPIC"}
 
 
-async def run_until(loop: ConsumerLoop, done: Callable[[], bool], timeout: float = 30.0) -> None:
+async def run_until(loop: ConsumerLoop, done: Callable[[], object], timeout: float = 30.0) -> None:
     """Runs a consumer loop until done() holds (or fails at the deadline), then stops it gracefully."""
     stop = asyncio.Event()
     task = asyncio.create_task(loop.run(stop))

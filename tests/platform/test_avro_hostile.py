@@ -174,6 +174,7 @@ def codec_of(schema: dict) -> Codec:
     """A codec whose only schema is `schema`, under the name "m"."""
     codec = Codec.__new__(Codec)
     parsed = parse_schema(schema)
+    assert isinstance(parsed, dict)
     loaded = Schema("m", parsed, bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO")))
     codec.current, codec._writers = {"m": loaded}, {loaded.fingerprint: loaded}
     return codec

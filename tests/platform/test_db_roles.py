@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
 
 from services.common.db import SchemaNotReady, require_schema
 from services.ledger import anchors, store
@@ -58,22 +59,28 @@ def refused(conn: psycopg.Connection, statement: str) -> str:
     return "ACCEPTED"
 
 
+def _one(conn: psycopg.Connection, query: str, params: tuple[object, ...]) -> object:
+    row = conn.execute(query, params).fetchone()
+    assert row is not None
+    return row[0]
+
+
 def test_each_role_holds_exactly_the_grants_its_service_needs(infra, database_url):
     with psycopg.connect(database_url) as conn:
         tables = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
-        held = {role: {} for role in SERVICE_ROLES}
+        held: dict[str, dict[str, str]] = {role: {} for role in SERVICE_ROLES}
         for role in SERVICE_ROLES:
             for table in tables:
-                granted = [p for p in PRIVILEGES if conn.execute("SELECT has_table_privilege(%s, %s, %s)",
-                                                                 (role, table, p)).fetchone()[0]]
+                granted = [p for p in PRIVILEGES if _one(conn, "SELECT has_table_privilege(%s, %s, %s)",
+                                                                 (role, table, p))]
                 if granted:
                     held[role][table] = " ".join(granted)
         # The ingress sees a channel's credential version, never the sealed secret.
-        columns = {c: conn.execute("SELECT has_column_privilege('ingress', 'channel_credentials', %s, 'SELECT')",
-                                   (c,)).fetchone()[0] for c in ("version", "fingerprint", "ciphertext", "wrapped_key")}
+        columns = {c: _one(conn, "SELECT has_column_privilege('ingress', 'channel_credentials', %s, 'SELECT')",
+                           (c,)) for c in ("version", "fingerprint", "ciphertext", "wrapped_key")}
         # The ledger reads one policy of a channel (confirm every success by query), nothing else of it.
-        ledger_reads = {c: conn.execute("SELECT has_column_privilege('ledger', 'channels', %s, 'SELECT')",
-                                        (c,)).fetchone()[0] for c in ("confirm_success_by_query", "business_shortcode")}
+        ledger_reads = {c: _one(conn, "SELECT has_column_privilege('ledger', 'channels', %s, 'SELECT')",
+                                (c,)) for c in ("confirm_success_by_query", "business_shortcode")}
     assert held == GRANTS
     assert ledger_reads == {"confirm_success_by_query": True, "business_shortcode": False}
     assert columns == {"version": True, "fingerprint": True, "ciphertext": False, "wrapped_key": False}
@@ -194,7 +201,7 @@ async def _verify(conn, public_keys, from_seq: int):
 async def test_an_anchored_trail_rewritten_even_with_every_hash_recomputed_fails_verification(
         ledger_pool, auditor_pool, pool, codec, unique, anchor_key, public_keys, attack):
     payment_id = await _audited_payment(ledger_pool, codec, unique)
-    anchor = await anchors.Anchorer(auditor_pool, anchor_key, 60).anchor_once()
+    anchor = await _anchor(auditor_pool, anchor_key)
     assert anchor is not None
     async with pool.connection() as conn:
         seq = (await _rows_of(conn, payment_id))[0]
@@ -219,10 +226,16 @@ async def test_an_anchored_trail_rewritten_even_with_every_hash_recomputed_fails
         assert problem is None and report.problem is None
 
 
+async def _anchor(pool: AsyncConnectionPool, key: Ed25519PrivateKey) -> anchors.Anchor:
+    anchor = await anchors.Anchorer(pool, key, 60).anchor_once()
+    assert anchor is not None, "the audit head was anchored"
+    return anchor
+
+
 async def test_a_forged_anchor_or_one_by_an_unknown_key_fails_verification(ledger_pool, auditor_pool, pool, codec,
                                                                           unique, anchor_key, public_keys):
     await _audited_payment(ledger_pool, codec, unique)
-    anchor = await anchors.Anchorer(auditor_pool, anchor_key, 60).anchor_once()
+    anchor = await _anchor(auditor_pool, anchor_key)
     stranger = anchors.sign(Ed25519PrivateKey.generate(), anchor.audit_seq, anchor.audit_hash,
                             anchor.anchored_at)
     forged = anchors.Anchor(anchor.audit_seq, "0" * 64, anchor.anchored_at, anchor.key_id, anchor.signature)
@@ -251,7 +264,7 @@ async def test_the_anchoring_job_refuses_to_go_on_from_an_anchor_whose_row_was_r
                                                                                       pool, codec, unique,
                                                                                       anchor_key):
     payment_id = await _audited_payment(ledger_pool, codec, unique)
-    anchor = await anchors.Anchorer(auditor_pool, anchor_key, 60).anchor_once()
+    anchor = await _anchor(auditor_pool, anchor_key)
     await _audited_payment(ledger_pool, codec, unique)  # the head moves on
     async with pool.connection() as conn, conn.transaction(force_rollback=True):
         seq = (await _rows_of(conn, payment_id))[0]
