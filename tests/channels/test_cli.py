@@ -26,7 +26,6 @@ def run(infra, tmp_path, daraja_sandbox):
     def run(*args: str, stdin: str = "", extra_env: dict | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT, input=stdin,
                               capture_output=True, text=True, timeout=60, env={**env, **(extra_env or {})})
-    run.key_file = tmp_path / "v" / "kek.json"
     return run
 
 
@@ -40,10 +39,10 @@ def test_every_command_has_help(args, expected):
     assert result.returncode == 0 and expected in result.stdout
 
 
-def test_a_channel_from_creation_to_activation(run, unique):
+def test_a_channel_from_creation_to_activation(run, unique, tmp_path):
     channel_id, first, second = f"cli-{unique}", new_secrets(), new_secrets()
     assert run("vault", "init").returncode == 0
-    assert stat.S_IMODE(run.key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "v" / "kek.json").stat().st_mode) == 0o600  # the fixture's VAULT_KEY_FILE
     created = run("channels", "create", channel_id, "--name", "Duka", "--shortcode-type", "till", "--shortcode",
                   "174379", "--till-number", "5123456", "--environment", "sandbox")
     assert created.returncode == 0, created.stderr

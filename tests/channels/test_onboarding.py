@@ -2,6 +2,8 @@
 left unchanged), the consent and credential rules of activation, and the audit trail."""
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg
 import pytest
 
@@ -36,9 +38,10 @@ async def test_a_created_channel_is_listed_and_shown(onboarding, pool, unique):
 
 async def test_bad_input_is_refused_by_field_and_nothing_is_written(onboarding, pool, unique):
     channel_id = f"shop-{unique}"
-    for change, field in [({"shortcodeType": "agent"}, "shortcodeType"), ({"shortcodeType": "till"}, "tillNumber"),
-                          ({"businessShortcode": "12ab5"}, "businessShortcode"),
-                          ({"consentDate": None}, "consentDate")]:
+    refusals: list[tuple[dict[str, Any], str]] = [
+        ({"shortcodeType": "agent"}, "shortcodeType"), ({"shortcodeType": "till"}, "tillNumber"),
+        ({"businessShortcode": "12ab5"}, "businessShortcode"), ({"consentDate": None}, "consentDate")]
+    for change, field in refusals:
         with pytest.raises(InvalidInput) as refused:
             await onboarding.create_channel(paybill_body(channel_id, **change), "tests")
         assert field in refused.value.errors

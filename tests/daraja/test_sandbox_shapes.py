@@ -104,8 +104,10 @@ async def test_callback_on_the_wire(client, receiver, app_credentials, paybill):
     assert callback.path.endswith("/extra-segment?token=abc")  # path and query delivered intact (docs/daraja.md §5)
     assert callback.headers["Content-Type"] == CALLBACK_CONTENT_TYPE == "application/json;charset=UTF-8"
     assert callback.headers["BusinessShortCode"] == "174379"
-    receipt = re.search(rb'"MpesaReceiptNumber","Value":"([A-Z0-9]{10})"', callback.body).group(1).decode()
-    date = re.search(rb'"TransactionDate","Value":(\d{14})', callback.body).group(1).decode()
+    receipt_found = re.search(rb'"MpesaReceiptNumber","Value":"([A-Z0-9]{10})"', callback.body)
+    date_found = re.search(rb'"TransactionDate","Value":(\d{14})', callback.body)
+    assert receipt_found is not None and date_found is not None
+    receipt, date = receipt_found.group(1).decode(), date_found.group(1).decode()
     assert callback.body == success_callback(accepted.merchant_request_id, accepted.checkout_request_id, 42, receipt,
                                              date, phone, "The service request is processed successfully.")
     assert b'{"Name":"Amount","Value":42.00}' in callback.body and b'{"Name":"Balance"}' in callback.body

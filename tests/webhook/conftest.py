@@ -128,8 +128,10 @@ class TopicTail:
             if time.monotonic() > ends_at:
                 raise AssertionError(f"{self.topic.name}: condition not met within {timeout}s; saw {mine!r}")
             for msg in self.consumer.consume(100, 0.2):
+                value = msg.value()
                 if msg.error() is None:
-                    self.seen.append(Seen(msg.key(), msg.value(), self.codec.decode(msg.value())[1]))
+                    assert value is not None, f"{self.topic.name}: a message without a value"
+                    self.seen.append(Seen(msg.key(), value, self.codec.decode(value)[1]))
 
     def close(self) -> None:
         self.consumer.close()
