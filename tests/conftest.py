@@ -62,6 +62,7 @@ INFRA_FIXTURE = "infra"
 CHECK_ONLY = "CHECK_ONLY"
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if INFRA_FIXTURE in getattr(item, "fixturenames", ()):
@@ -74,7 +75,7 @@ def infra() -> dict[str, str]:
     KAFKA_CLIENT_* variables from the environment as services do, so they are exported here."""
     if os.environ.get(CHECK_ONLY):
         pytest.fail(f"this test needs Kafka/PostgreSQL but was not marked integration ({CHECK_ONLY} is set): "
-                    f"request the `{INFRA_FIXTURE}` fixture as a parameter instead of dynamically", pytrace=False)
+                    "name the fixture it needs as a parameter, not through request.getfixturevalue()", pytrace=False)
     given = {k: v for k, v in os.environ.items() if _wanted(k) and v}
     if not all(k in given for k in ENDPOINTS):
         given = {**_start_local_infra(), **given}

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from services.common.avro import Codec
 from services.common.kafka import ConsumedEvent, ConsumerLoop, EventProducer, Rejection, client_config
@@ -58,9 +59,26 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
                                         "enable.auto.commit": False}))
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+        return {p: _high_watermark(consumer, TopicPartition(topic, p)) for p in partitions}
     finally:
         consumer.close()
+
+
+# Right after a topic is created (a fresh broker: the first test of a run) its partitions may not have a
+# leader yet; the broker says so and is asked again, for at most this long.
+_LEADERLESS = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE)
+LEADER_WAIT_S = 30.0
+
+
+def _high_watermark(consumer: Consumer, partition: TopicPartition) -> int:
+    deadline = time.monotonic() + LEADER_WAIT_S
+    while True:
+        try:
+            return consumer.get_watermark_offsets(partition, timeout=10)[1]
+        except KafkaException as exc:
+            if exc.args[0].code() not in _LEADERLESS or time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
 
 
 def start_group_at_end(bootstrap: str, group: str, topics: list[str]) -> None:
