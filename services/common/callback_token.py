@@ -1,4 +1,4 @@
-"""The unguessable token in each CallBackURL, bound to channel and payment (docs/design.md, Security).
+"""The unguessable token in each CallBackURL, bound to channel and payment (docs/design.md, "Security").
 
 Daraja does not sign callbacks (docs/daraja.md §5), so the URL itself is the credential: an HMAC of the
 channel and payment ids under a secret only we hold. Several secrets may be accepted at once so the

@@ -17,7 +17,7 @@ from services.daraja_sandbox.scenarios import (
     named_scenario,
 )
 from services.daraja_sandbox.settings import SANDBOX_PASSKEY, AppConfig, SandboxSettings
-from services.daraja_sandbox.state import Fault, RateLimiter, Sandbox, ShortcodeAccount, Transaction
+from services.daraja_sandbox.state import Fault, Sandbox, ShortcodeAccount, Transaction
 from services.daraja_sandbox.validation import PushFields, QueryFields, Rules, validate_push, validate_query
 
 NAIROBI = ZoneInfo("Africa/Nairobi")
@@ -205,13 +205,22 @@ def test_query_is_pending_until_the_outcome_time_then_final():
     assert (status, final) == (200, txn) and b'"ResultCode":"0"' in body
 
 
-def test_rate_limiter_allows_a_burst_then_the_rate():
-    clock = FakeClock()
-    limiter = RateLimiter(10, 2, clock)
-    assert [limiter.allow() for _ in range(3)] == [True, True, False]
+def test_spike_arrest_allows_a_burst_then_the_rate():
+    sandbox, clock = make_sandbox(rate_limit_per_s=10, rate_limit_burst=2)
+    assert [sandbox.allow_request() for _ in range(3)] == [True, True, False]
     clock.now += 0.11  # one more request's worth at 10 per second
-    assert [limiter.allow(), limiter.allow()] == [True, False]
-    assert all(RateLimiter(0, 0, clock).allow() for _ in range(100))  # 0 = off
+    assert [sandbox.allow_request(), sandbox.allow_request()] == [True, False]
+    unlimited, _ = make_sandbox(rate_limit_per_s=0, rate_limit_burst=0)  # 0 = off
+    assert all(unlimited.allow_request() for _ in range(100))
+
+
+def test_spike_arrest_starts_afresh_with_new_settings():
+    sandbox, _ = make_sandbox(rate_limit_per_s=10, rate_limit_burst=1)
+    assert [sandbox.allow_request() for _ in range(2)] == [True, False]
+    sandbox.update_settings({"rate_limit_burst": 3})
+    assert [sandbox.allow_request() for _ in range(4)] == [True, True, True, False]
+    sandbox.update_settings({"rate_limit_per_s": 0})
+    assert all(sandbox.allow_request() for _ in range(100))
 
 
 def test_push_log_filters_and_refuses_unknown_filters():

@@ -23,8 +23,8 @@ from tests.daraja.conftest import new_phone, push_request
 NAIROBI = ZoneInfo("Africa/Nairobi")
 
 # Real sandbox callbacks as captured by an integrator in 2022 (PatrickNthiwa/Daraja_mpesa_api_C2B,
-# CallBackResponse.txt) and in 2026 (Deval123/nkap docs/providers/m-pesa.md): compact JSON, "1.00",
-# Balance without Value.
+# CallBackResponse.txt) and in 2026 (https://github.com/Deval123/nkap/blob/main/docs/providers/m-pesa.md):
+# compact JSON, "1.00", Balance without Value.
 CAPTURED_SUCCESS = (
     b'{"Body":{"stkCallback":{"MerchantRequestID":"11225-96181251-1","CheckoutRequestID":'
     b'"ws_CO_17112022155730304796440427","ResultCode":0,"ResultDesc":"The service request is processed '

@@ -172,8 +172,8 @@ async def test_every_documented_answer_matches_the_document(infra, ingress, pool
         contract.check("post", payments, await http.post(payments, json=body, headers={"Idempotency-Key": key}))
         contract.check("get", payment, await http.get(f"/api/payments/{payment_id}"))  # 401
 
-    broken = await start_ingress(ingress_config(infra, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9",
-                                                INGRESS_KAFKA_TIMEOUT_MS=500))
+    broken = await start_ingress(ingress_config(infra, kafka_bootstrap_servers="127.0.0.1:9",
+                                                ingress_kafka_timeout_ms=500))
     try:
         async with broken.client(api_key) as http:
             contract.check("post", payments, await http.post(payments, json=payment_body(active),

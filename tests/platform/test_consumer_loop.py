@@ -10,7 +10,7 @@ import pytest
 
 from services.common.kafka import ConsumedEvent, ConsumerLoop, EventProducer, PublishError, Transient, ensure_topics
 from services.common.topics import DEAD_LETTER, PAYMENT_REQUESTED, Topic
-from tests.conftest import ROOT
+from tests.conftest import ROOT, eventually
 from tests.platform.kafka_helpers import end_offsets, read_all, recording_loop, run_until, sample_request
 
 
@@ -148,8 +148,7 @@ async def test_batches_overlap_only_while_the_consumer_is_behind(kafka_bootstrap
     for _ in range(6):  # one at a time: small batches
         await producer.publish(topic, sample_request(f"ch-{unique}", str(uuid.uuid4())))
         await asyncio.sleep(0.05)
-    while len(seen) < 6:
-        await asyncio.sleep(0.05)
+    await eventually(lambda: _at_least(seen, 6))
     stop.set()
     await running
     assert max(overlaps) == 1
@@ -252,7 +251,7 @@ async def test_readiness_fails_naming_a_consumer_that_holds_one_batch_too_long(k
     import httpx
 
     from services.common.observability import Health, serve_ops
-    from tests.conftest import eventually, free_port
+    from tests.conftest import free_port
 
     topic = own_topic(kafka_bootstrap, unique)
     released, seen = asyncio.Event(), []
@@ -293,6 +292,10 @@ async def test_readiness_fails_naming_a_consumer_that_holds_one_batch_too_long(k
         stop.set()
         await asyncio.wait_for(running, 30)
         await runner.cleanup()
+
+
+async def _at_least(items: list, count: int) -> bool:
+    return len(items) >= count
 
 
 async def _answer_is(healthz, status):

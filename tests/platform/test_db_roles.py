@@ -182,7 +182,9 @@ async def _rows_of(conn, payment_id: str) -> list[int]:
 
 async def _recompute_chain_from(conn, seq: int) -> None:
     """What an attacker with the owner's rights does after editing row `seq`: every later hash anew."""
-    prev = (await (await conn.execute("SELECT hash FROM audit_log WHERE seq = %s", (seq - 1,))).fetchone())[0]
+    # The edited row still holds the hash it was chained to (the genesis value when it is the first row:
+    # the test must not rely on other tests having written rows before its own).
+    prev = (await (await conn.execute("SELECT prev_hash FROM audit_log WHERE seq = %s", (seq,))).fetchone())[0]
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute("SELECT seq, payment_id, event_id::text, fact, verdict, from_state, to_state, detail, at"
                       " FROM audit_log WHERE seq >= %s ORDER BY seq", (seq,))
@@ -288,9 +290,9 @@ def test_only_the_auditor_writes_anchors_and_nobody_changes_them(infra):
 
 async def test_the_anchoring_service_anchors_the_head_and_audit_verify_reports_it(infra, pool, ledger_pool, codec,
                                                                                 unique):
-    await _audited_payment(ledger_pool, codec, unique)
-    async with pool.connection() as conn:
-        head = (await (await conn.execute("SELECT max(seq) FROM audit_log")).fetchone())[0]
+    payment_id = await _audited_payment(ledger_pool, codec, unique)
+    async with pool.connection() as conn:  # its own newest row, whatever other tests append meanwhile
+        head = max(await _rows_of(conn, payment_id))
     port = free_port()
     service = start_service("services.ledger.anchors", service_env(
         infra, AUDIT_ANCHOR_INTERVAL_S="0.2", AUDIT_ANCHOR_KEY_FILE=str(ANCHOR_KEY_FILE),
