@@ -313,7 +313,7 @@ async def test_the_anchoring_service_anchors_the_head_and_audit_verify_reports_i
     assert "anchored audit row" in output and "schema's owner" not in output
 
     verify = [sys.executable, "-m", "services.cli", "audit", "verify", "--from", str(max(head - 100, 1))]
-    result = subprocess.run(verify, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    result = subprocess.run(verify, cwd=ROOT, capture_output=True, text=True, timeout=120,
                             env={"PATH": "/usr/bin", "PGPASSFILE": os.environ.get("PGPASSFILE", ""),
                                  "DATABASE_URL": database_url_of(infra, "auditor")})
     assert result.returncode == 0, result.stdout + result.stderr
