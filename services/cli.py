@@ -59,6 +59,7 @@ class RunSettings:
 
 def cmd_migrate(_: argparse.Namespace) -> int:
     import psycopg
+
     from services.common.db import migrate
     cfg = config.load_into(MigrateSettings, MIGRATE_SETTINGS)
     try:
@@ -73,6 +74,7 @@ def cmd_migrate(_: argparse.Namespace) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     import psycopg
+
     from services.ledger.anchors import load_public_keys, verify_anchors
     from services.ledger.store import verify_audit
     cfg = config.load_into(AuditVerifySettings, AUDIT_VERIFY_SETTINGS)
@@ -137,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                    ).set_defaults(func=cmd_migrate)
     sub.add_parser("run", help="run every service in the foreground (Ctrl-C stops all)").set_defaults(func=cmd_run)
     register_channels(sub)
-    audit = sub.add_parser("audit", help="the ledger's hash-chained audit trail").add_subparsers(dest="audit", required=True)
+    audit = sub.add_parser("audit", help="the ledger's hash-chained audit trail").add_subparsers(dest="audit",
+                                                                                                 required=True)
     verify = audit.add_parser("verify", help="recompute the hash chain and check its signed anchors; exit 1 if "
                               "any row was edited or removed")
     verify.add_argument("--from", dest="from_seq", type=int, default=1,

@@ -16,8 +16,8 @@ from services.channels.onboarding import Conflict, Onboarding
 from services.channels.vault import LocalKeyFileProvider, public_key_path
 from services.common.db import migrate, open_pool
 from services.common.topics import ACCESS
-from services.ledger.anchors import create_key
 from services.daraja_sandbox.settings import DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
+from services.ledger.anchors import create_key
 
 SECRETS = Path(".local/secrets")
 KAFKA_CA = Path(".local/kafka/tls/ca.crt")  # made by infra/kafka.sh, as are the principals' passwords

@@ -16,9 +16,10 @@ import os
 import secrets
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from services.channels import settings as s
 from services.common import config
@@ -47,7 +48,7 @@ def yes_no(value: str) -> bool:
     raise argparse.ArgumentTypeError("must be true or false")
 
 
-_CHANNEL_OPTIONS = [  # (option, API field, type)
+_CHANNEL_OPTIONS: list[tuple[str, str, Callable[[str], Any]]] = [  # (option, API field, type)
     ("--name", "displayName", str), ("--shortcode-type", "shortcodeType", str),
     ("--shortcode", "businessShortcode", str), ("--till-number", "tillNumber", str),
     ("--environment", "environment", str), ("--consent-reference", "consentReference", str),

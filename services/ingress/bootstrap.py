@@ -8,10 +8,10 @@ from psycopg_pool import AsyncConnectionPool
 from services.channels.apikeys import ApiKeyAuthenticator
 from services.common import config
 from services.common.avro import Codec
-from services.common.kafka import EventProducer, Publisher
+from services.common.kafka import EventProducer
 from services.common.topics import PAYMENT_REQUESTED, Topic, parse_upstream_producers
 from services.ingress.access import ChannelDirectory
-from services.ingress.app import IngressDeps
+from services.ingress.app import IngressDeps, OwnPublisher
 from services.ingress.idempotency import IdempotencyStore
 from services.ingress.payments import PaymentIntake
 from services.ingress.views import PaymentViews
@@ -64,7 +64,7 @@ class IngressSettings:
         return Topic(self.ingress_requested_topic, PAYMENT_REQUESTED.schema)
 
 
-async def open_deps(cfg: IngressSettings, *, producer: Publisher | None = None) -> IngressDeps:
+async def open_deps(cfg: IngressSettings, *, producer: OwnPublisher | None = None) -> IngressDeps:
     producer = producer or EventProducer(cfg.kafka_bootstrap_servers, Codec(), client_id="ingress",
                                          delivery_timeout_ms=cfg.ingress_kafka_timeout_ms,
                                          linger_ms=cfg.ingress_kafka_linger_ms)

@@ -9,11 +9,16 @@ import pytest
 
 from services.daraja.payloads import stk_password
 from services.daraja_sandbox import responses
-from services.daraja_sandbox.scenarios import (SCENARIOS, Overrides, choose_scenario, misconfiguration_result,
-                                               named_scenario)
+from services.daraja_sandbox.scenarios import (
+    SCENARIOS,
+    Overrides,
+    choose_scenario,
+    misconfiguration_result,
+    named_scenario,
+)
 from services.daraja_sandbox.settings import SANDBOX_PASSKEY, AppConfig, SandboxSettings
-from services.daraja_sandbox.state import Fault, Sandbox, Transaction
-from services.daraja_sandbox.validation import PushFields, Rules, validate_push, validate_query
+from services.daraja_sandbox.state import Fault, Sandbox, ShortcodeAccount, Transaction
+from services.daraja_sandbox.validation import PushFields, QueryFields, Rules, validate_push, validate_query
 
 NAIROBI = ZoneInfo("Africa/Nairobi")
 NOW = datetime(2026, 9, 18, 15, 30, 0)  # Nairobi wall clock
@@ -68,7 +73,8 @@ def test_localhost_callbacks_refused_only_when_configured():
 def test_query_fields():
     body = {"BusinessShortCode": "174379", "Password": "x", "Timestamp": "20260918153000", "CheckoutRequestID": " "}
     assert validate_query(body, RULES) == responses.invalid_field("CheckoutRequestID")
-    assert validate_query({**body, "CheckoutRequestID": "ws_CO_1"}, RULES).checkout_request_id == "ws_CO_1"
+    query = validate_query({**body, "CheckoutRequestID": "ws_CO_1"}, RULES)
+    assert isinstance(query, QueryFields) and query.checkout_request_id == "ws_CO_1"
 
 
 def test_scenario_choice_order():
@@ -161,6 +167,7 @@ def accept(sandbox: Sandbox, phone: str = "254712345678") -> Transaction:
     fields = validate_push(push_body(PhoneNumber=phone, PartyA=phone), RULES)
     account = sandbox.merchant_for("174379", stk_password("174379", SANDBOX_PASSKEY, "20260918153000"),
                                    "20260918153000")
+    assert isinstance(fields, PushFields) and isinstance(account, ShortcodeAccount)
     return sandbox.accept_push(fields, account)
 
 
@@ -190,6 +197,7 @@ def test_query_is_pending_until_the_outcome_time_then_final():
     txn = accept(sandbox)
     query = validate_query({"BusinessShortCode": "174379", "Password": "x", "Timestamp": "20260918153000",
                             "CheckoutRequestID": txn.checkout_request_id}, RULES)
+    assert isinstance(query, QueryFields)
     status, body, final = sandbox.query_answer(query)
     assert (status, final) == (200, None) and b'"ResultCode":"4999"' in body
     clock.now += 10

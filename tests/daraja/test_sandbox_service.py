@@ -20,8 +20,7 @@ from services.daraja.models import AppCredentials, QueryStatus, Shortcode
 from services.daraja_sandbox.__main__ import load_apps, parse_args, settings_from
 from services.daraja_sandbox.admin import redact_callback_url
 from services.daraja_sandbox.app import create_app
-from services.daraja_sandbox.settings import (DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY,
-                                              environment_from)
+from services.daraja_sandbox.settings import DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY, environment_from
 from tests.conftest import eventually
 from tests.daraja.conftest import ADMIN_TOKEN, TEST_SETTINGS, _serve, new_phone, push_request
 

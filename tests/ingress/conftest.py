@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Callable
 from datetime import date
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -106,7 +107,7 @@ class TopicWatch:
                        for p in partitions}
         self._codec = Codec()
 
-    def events(self, predicate: Callable[[dict], bool]) -> list[tuple[bytes, dict]]:
+    def events(self, predicate: Callable[[dict[str, Any]], bool]) -> list[tuple[bytes | None, dict[str, Any]]]:
         """(key, decoded record) of every message since the start that satisfies predicate, in offset order."""
         ends = {p: self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1]
                 for p in self._start}
@@ -117,7 +118,8 @@ class TopicWatch:
         found = []
         for _ in range(30):  # bounded: 30 polls of at most a second
             for msg in self._consumer.consume(1000, 1.0):
-                if msg.error() is None and msg.offset() < ends[msg.partition()]:
+                offset, partition = msg.offset(), msg.partition()
+                if msg.error() is None and offset is not None and partition is not None and offset < ends[partition]:
                     _, record = self._codec.decode(msg.value())
                     if predicate(record):
                         found.append((msg.key(), record))

@@ -15,8 +15,16 @@ import psycopg
 
 from services.channels import repository as channels_repository
 from tests.conftest import eventually
-from tests.ingress.conftest import (TopicWatch, ingress_config, make_api_key, make_channel, new_key, of_channel,
-                                    payment_body, start_ingress)
+from tests.ingress.conftest import (
+    TopicWatch,
+    ingress_config,
+    make_api_key,
+    make_channel,
+    new_key,
+    of_channel,
+    payment_body,
+    start_ingress,
+)
 
 
 async def post(http, body, key: str | None = None, **headers):
@@ -59,7 +67,7 @@ async def test_accepted_payment_is_published_once_with_the_request_fields(ingres
     [(kafka_key, event)] = topic.events(of_channel(channel_id))
     assert kafka_key == channel_id.encode()
     assert event["payment_id"] == accepted["paymentId"]
-    assert uuid.UUID(event["event_id"])
+    assert uuid.UUID(event["event_id"]).version == 7
     assert (event["amount"], event["phone"], event["account_reference"]) == (150, "254712345678", "INV-42")
     assert (event["description"], event["order_reference"]) == ("Shoes", "ord-77")
     assert event["metadata"] == {"cart": "7", "customer": "c-9"}

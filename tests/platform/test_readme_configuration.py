@@ -11,13 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from services import cli
-from services.channels import cli as channels_cli
-from services.channels import settings as channels_settings
+from services.channels import cli as channels_cli, settings as channels_settings
 from services.common import config
 from services.daraja_sandbox import settings as sandbox_settings
 from services.ingress import bootstrap as ingress
-from services.ledger import __main__ as ledger
-from services.ledger import anchors
+from services.ledger import __main__ as ledger, anchors
 from services.stk_worker import __main__ as stk_worker
 from services.webhook_consumer import settings as gateway
 
@@ -58,7 +56,7 @@ def table_rows() -> dict[str, tuple[str, str]]:
         names = [n.strip().strip("`") for n in cells[0].split(" / ")]
         defaults = cells[1].split(" / ") if len(names) > 1 else [cells[1]]
         assert len(defaults) == len(names), f"the row of {cells[0]} needs one default per variable"
-        for name, default in zip(names, defaults):
+        for name, default in zip(names, defaults, strict=True):
             assert name not in rows, f"{name} has two rows"
             rows[name] = (default.strip(), cells[2])
     return rows
