@@ -18,9 +18,17 @@ from aiohttp import web
 from services.common import config
 from services.common.observability import setup_logging
 from services.daraja_sandbox.app import create_app
-from services.daraja_sandbox.settings import (ADMIN_TOKEN_ENV, DEFAULT_PORT, DEMO_CONSUMER_KEY, PENDING_QUERY_STYLES,
-                                              SANDBOX_SHORTCODE, AppConfig, SandboxEnvironment, SandboxSettings,
-                                              environment_from)
+from services.daraja_sandbox.settings import (
+    ADMIN_TOKEN_ENV,
+    DEFAULT_PORT,
+    DEMO_CONSUMER_KEY,
+    PENDING_QUERY_STYLES,
+    SANDBOX_SHORTCODE,
+    AppConfig,
+    SandboxEnvironment,
+    SandboxSettings,
+    environment_from,
+)
 
 log = logging.getLogger("services.daraja_sandbox")
 

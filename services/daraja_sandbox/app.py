@@ -9,7 +9,8 @@ import asyncio
 import base64
 import binascii
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from aiohttp import web
 

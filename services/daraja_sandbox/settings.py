@@ -3,8 +3,9 @@ through `PATCH /sandbox/settings`."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any
 
 from services.common import config
 

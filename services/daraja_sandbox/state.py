@@ -10,20 +10,27 @@ import secrets
 import string
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
+from services.common.payment import NAIROBI
+from services.common.ratelimit import RateLimiter
 from services.daraja.result_codes import STILL_PROCESSING_CODE
 from services.daraja_sandbox import responses
 from services.daraja_sandbox.callbacks import failure_callback, success_callback
 from services.daraja_sandbox.responses import Failure
-from services.daraja_sandbox.scenarios import (RESULT_CATALOGUE, Overrides, Scenario, choose_scenario,
-                                               misconfiguration_result, with_result)
-from services.daraja_sandbox.settings import (SANDBOX_PASSKEY, SANDBOX_SHORTCODE, AppConfig, SandboxSettings)
+from services.daraja_sandbox.scenarios import (
+    RESULT_CATALOGUE,
+    Overrides,
+    Scenario,
+    choose_scenario,
+    misconfiguration_result,
+    with_result,
+)
+from services.daraja_sandbox.settings import SANDBOX_PASSKEY, SANDBOX_SHORTCODE, AppConfig, SandboxSettings
 from services.daraja_sandbox.validation import PushFields, QueryFields, Rules, password_matches
-from services.common.payment import NAIROBI
-from services.common.ratelimit import RateLimiter
 
 _TOKEN_ALPHABET = string.ascii_letters + string.digits
 _DAY_DIGITS = "0123456789ABCDEFGHIJKLMNOPQRSTUV"

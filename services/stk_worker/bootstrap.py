@@ -7,9 +7,9 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
 
 from services.channels.credentials import CredentialStore
 from services.channels.settings import CREDENTIALS_TTL_S, VAULT_KEY_FILE
@@ -95,7 +95,7 @@ class Worker:
         while not done.is_set():
             try:
                 await asyncio.wait_for(done.wait(), interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             try:
                 await self.claims.beat()

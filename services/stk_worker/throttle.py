@@ -4,7 +4,7 @@ when Daraja answers spike arrest (500.003.02, docs/daraja.md §6). Pure: the cal
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from services.common.ratelimit import RateLimiter
 

@@ -8,8 +8,9 @@ import asyncio
 import functools
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from prometheus_client import Counter
 

@@ -11,8 +11,14 @@ from services.common.observability import Health, serve
 from services.common.runtime import quiet_garbage_collector, run_service
 from services.common.topics import ACCESS
 from services.webhook_consumer.app import GatewayDeps, create_app, gateway_producer
-from services.webhook_consumer.settings import (ALLOWED_SOURCES, ENVIRONMENT, OPEN_TO_ANY_SOURCE, SETTINGS,
-                                                GatewaySettings, WebhookSettings)
+from services.webhook_consumer.settings import (
+    ALLOWED_SOURCES,
+    ENVIRONMENT,
+    OPEN_TO_ANY_SOURCE,
+    SETTINGS,
+    GatewaySettings,
+    WebhookSettings,
+)
 from services.webhook_consumer.sources import ANY_SOURCE
 
 log = logging.getLogger("services.webhook_consumer")

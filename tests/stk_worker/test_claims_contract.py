@@ -3,7 +3,7 @@ PostgreSQL's claims keep, or the fast tests prove nothing."""
 from __future__ import annotations
 
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 

@@ -21,8 +21,16 @@ from services.stk_worker.errors import AnswerNotRecorded, Interrupted, OwnerBusy
 from services.stk_worker.throttle import ShortcodeThrottle
 from services.stk_worker.worker import SPIKE_ARREST, OwnerWatch, PushSettings
 from tests.platform.kafka_helpers import sample_request
-from tests.stk_worker.fakes import (ClaimRow, FakeChannels, FakeClaims, FakeClock, RecordingPublisher,
-                                    ScriptedDaraja, accepted, daraja_error)
+from tests.stk_worker.fakes import (
+    ClaimRow,
+    FakeChannels,
+    FakeClaims,
+    FakeClock,
+    RecordingPublisher,
+    ScriptedDaraja,
+    accepted,
+    daraja_error,
+)
 
 WORKER_SETTINGS = config.load_into(WorkerSettings, SETTINGS, {"WEBHOOK_TOKEN_SECRETS": "s" * 32})
 RETRYABLE, PERMANENT, UNKNOWN = ErrorKind.RETRYABLE, ErrorKind.PERMANENT, ErrorKind.OUTCOME_UNKNOWN

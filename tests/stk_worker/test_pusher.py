@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from services.channels.vault import DecryptionFailed
 from services.common import config
 from services.common.db import open_pool
 from services.common.kafka import ConsumedEvent, PublishError, Transient, per_event
@@ -22,11 +23,10 @@ from services.daraja.client import DarajaClient
 from services.daraja.models import AppCredentials, PushAccepted, Shortcode, StkPushRequest
 from services.daraja_sandbox.settings import DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
 from services.stk_worker.bootstrap import SETTINGS, Worker, WorkerSettings, build
+from services.stk_worker.channels import ChannelAccess
 from services.stk_worker.claims import PostgresClaims
 from services.stk_worker.errors import is_transient
 from services.stk_worker.throttle import ShortcodeThrottle
-from services.channels.vault import DecryptionFailed
-from services.stk_worker.channels import ChannelAccess
 from services.stk_worker.worker import Pusher, PushSettings
 from tests.conftest import ROOT, database_url_of, eventually, free_port
 from tests.platform.kafka_helpers import end_offsets, read_all, sample_request
