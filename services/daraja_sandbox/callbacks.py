@@ -131,6 +131,7 @@ class CallbackSender:
                 return await self._raw.post(*plain)
             except HttpFailure as exc:
                 return str(exc)
+        assert self._session is not None, "post() before start()"
         try:
             async with self._session.post(job.url, data=job.body, headers=headers) as response:
                 await response.read()

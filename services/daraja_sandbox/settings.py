@@ -114,7 +114,8 @@ class SandboxSettings:
                 raise ValueError(f"{name} is not a setting that can be changed at run time")
             if not _same_type(current[name], value):
                 raise ValueError(f"{name} must be of type {type(current[name]).__name__}")
-        new = replace(self, **{k: float(v) if isinstance(current[k], float) else v for k, v in changes.items()})
+        typed: dict[str, Any] = {k: float(v) if isinstance(current[k], float) else v for k, v in changes.items()}
+        new = replace(self, **typed)
         new.check()
         return new
 

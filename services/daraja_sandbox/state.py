@@ -155,6 +155,7 @@ class Sandbox:
         self.apps[config.consumer_key] = App(config, previous.token if previous else None,
                                              previous.tokens_issued if previous else 0)
         if config.shortcode is not None:
+            assert config.passkey is not None  # AppConfig.check: a shortcode comes with its passkey
             self.shortcodes[config.shortcode] = ShortcodeAccount(
                 config.shortcode, config.passkey, config.shortcode_type, config.till_number)
 

@@ -32,7 +32,7 @@ async def main(settings: WorkerSettings, stop: asyncio.Event) -> None:
                      dead_letters=producer, max_batch=BATCH, max_in_flight=2),
     ]
     health = Health()
-    for name, loop in zip(("stk_push_consumer", "stk_query_consumer"), loops):
+    for name, loop in zip(("stk_push_consumer", "stk_query_consumer"), loops, strict=True):
         health.add_progress(name, loop.stalled_for, settings.stk_worker_stalled_after_s)
     runner = await serve_ops(health, settings.metrics_host, settings.stk_worker_metrics_port)
     consumed = asyncio.Event()

@@ -77,7 +77,8 @@ class FakeClaims:
         row = self.rows[payment_id]
         if row.status is ClaimStatus.CLAIMED and row.owner == owner:
             row.status = ClaimStatus.UNKNOWN
-            row.outcome = PushOutcome(ClaimStatus.UNKNOWN, error_message="the worker stopped while the push was in flight")
+            row.outcome = PushOutcome(ClaimStatus.UNKNOWN,
+                                      error_message="the worker stopped while the push was in flight")
         return row.outcome if row.status not in (ClaimStatus.CLAIMED, ClaimStatus.RELEASED) else None
 
     async def beat(self) -> None:
@@ -179,4 +180,6 @@ class FakeChannels:
 
     async def at_version(self, channel_id: str, version: int) -> ChannelAccess | None:
         channel = self.channels.get(channel_id)
-        return channel if channel is None or channel.version == version else dataclasses.replace(channel, version=version)
+        if channel is None or channel.version == version:
+            return channel
+        return dataclasses.replace(channel, version=version)

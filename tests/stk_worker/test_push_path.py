@@ -79,7 +79,8 @@ class TestPush:
         result = await r.push(request)
         assert (result["outcome"], result["checkout_request_id"], result["attempts"]) == ("ACCEPTED", "ws_CO_1", 1)
         row = r.claims.rows[request["payment_id"]]
-        assert row.status is ClaimStatus.ACCEPTED and row.outcome.checkout_request_id == "ws_CO_1"
+        assert row.status is ClaimStatus.ACCEPTED and row.outcome is not None
+        assert row.outcome.checkout_request_id == "ws_CO_1"
         assert len(r.daraja.pushes) == 1
 
     async def test_a_retryable_answer_is_pushed_again_after_a_back_off(self):
@@ -195,7 +196,8 @@ class TestDarajasAnswerIsNeverForgotten:
         result = await r.push(request)
         assert (result["outcome"], result["checkout_request_id"]) == ("ACCEPTED", "ws_CO_4")
         assert r.claims.finish_calls == 6 and len(r.daraja.pushes) == 1
-        assert r.claims.rows[request["payment_id"]].outcome.checkout_request_id == "ws_CO_4"
+        outcome = r.claims.rows[request["payment_id"]].outcome
+        assert outcome is not None and outcome.checkout_request_id == "ws_CO_4"
 
     async def test_the_answer_is_held_through_a_long_database_outage(self):
         r = await rig(accepted(5))
@@ -214,9 +216,9 @@ class TestDarajasAnswerIsNeverForgotten:
         publish = r.publisher.publish
 
         async def refused_once(topic, record):
-            r.publisher.publish = publish
+            r.publisher.publish = publish  # type: ignore[method-assign]  # the test scripts what this step does
             raise PublishError("not acknowledged")
-        r.publisher.publish = refused_once
+        r.publisher.publish = refused_once  # type: ignore[method-assign]  # the test scripts what this step does
         with pytest.raises(PublishError):
             await r.push(request)
         again = await r.push(request)  # the batch's retry
@@ -255,9 +257,10 @@ class TestDarajasAnswerIsNeverForgotten:
             await other.beat()
             if polls == 40:  # 20 s: longer than owner_silent_s, but it beats
                 from services.stk_worker.claims import PushOutcome
-                await other.finish(request["payment_id"], PushOutcome(ClaimStatus.ACCEPTED, "mr-b", "ws_CO_b", attempts=1))
+                answer = PushOutcome(ClaimStatus.ACCEPTED, "mr-b", "ws_CO_b", attempts=1)
+                await other.finish(request["payment_id"], answer)
             r.clock.now += seconds
-        r.clock.sleep = other_keeps_working
+        r.clock.sleep = other_keeps_working  # type: ignore[method-assign]  # the test scripts what this step does
         result = await r.push(request)
         assert (result["outcome"], result["checkout_request_id"]) == ("ACCEPTED", "ws_CO_b")
         assert r.daraja.pushes == []
@@ -288,7 +291,7 @@ class TestDarajasAnswerIsNeverForgotten:
         async def other_beats(seconds: float) -> None:
             await other.beat()
             r.clock.now += seconds
-        r.clock.sleep = other_beats
+        r.clock.sleep = other_beats  # type: ignore[method-assign]  # the test scripts what this step does
         await other.beat()
         with pytest.raises(OwnerBusy) as raised:
             await r.push(request)
@@ -312,7 +315,7 @@ class TestStopping:
         async def stopped_during_the_wait(seconds: float) -> None:
             r.stop.set()
             await asyncio.Event().wait()  # never ends by itself
-        r.clock.sleep = stopped_during_the_wait
+        r.clock.sleep = stopped_during_the_wait  # type: ignore[method-assign]  # the test scripts what this step does
         with pytest.raises(Interrupted) as raised:
             await asyncio.wait_for(r.push(request), 5)
         assert isinstance(raised.value, Transient)
@@ -338,7 +341,8 @@ class TestStopping:
         request = a_request()
         result = await r.push(request)
         assert result["outcome"] == "ACCEPTED"
-        assert r.claims.rows[request["payment_id"]].outcome.checkout_request_id == "ws_CO_3"
+        outcome = r.claims.rows[request["payment_id"]].outcome
+        assert outcome is not None and outcome.checkout_request_id == "ws_CO_3"
 
     async def test_an_answer_that_cannot_be_recorded_by_the_stop_s_deadline_is_never_pushed_again_here(self):
         r = await rig(accepted(4), stop_grace_s=20.0)

@@ -230,7 +230,8 @@ async def test_daraja_s_answer_is_recorded_when_its_connections_are_terminated(s
     """Every connection of the worker's pool is terminated (pg_terminate_backend) after Daraja
     answered: the recording fails on a closed connection, is tried again and lands."""
     request = {**sample_request(f"ch-{unique}", str(uuid.uuid4())), "account_reference": unique[:12].upper()}
-    worker_pool, terminated = await doomed_pool(infra, f"doomed-{unique}"), []
+    worker_pool = await doomed_pool(infra, f"doomed-{unique}")
+    terminated: list[int] = []
     try:
         pusher = await pusher_for(sandbox, worker_pool, producer,
                                   daraja=AfterTheAnswer(sandbox, terminator(infra, f"doomed-{unique}", terminated)))
@@ -264,7 +265,8 @@ async def test_a_batch_retried_by_the_same_process_reports_its_answers_not_unkno
     by the retry, used to be marked unknown)."""
     requests = [{**sample_request(f"ch-{unique}", str(uuid.uuid4())), "account_reference": f"{unique[:10]}{i}".upper()}
                 for i in range(3)]
-    worker_pool, terminated = await doomed_pool(infra, f"doomed-{unique}"), []
+    worker_pool = await doomed_pool(infra, f"doomed-{unique}")
+    terminated: list[int] = []
     terminate = terminator(infra, f"doomed-{unique}", terminated)
 
     async def terminate_once() -> None:

@@ -11,12 +11,13 @@ import httpx
 from services.common.kafka import new_event_fields
 from services.common.topics import PAYMENT_REQUESTED, STK_QUERY_REQUESTED
 from services.daraja_sandbox.settings import ADMIN_TOKEN_ENV
-from tests.conftest import ROOT, eventually
+from tests.conftest import ROOT, ServiceProcess, eventually
 from tests.e2e.stack import Stack, wait_for
 from tests.platform.kafka_helpers import start_group_at_end
 
 
-async def test_sigterm_releases_a_push_waiting_for_a_locked_subscriber(infra, tmp_path, pool, onboarding_pool, producer):
+async def test_sigterm_releases_a_push_waiting_for_a_locked_subscriber(infra, tmp_path, pool, onboarding_pool,
+                                                                       producer):
     """Two payments to one phone: the first prompt locks the subscriber (its callback is two minutes
     away), so Daraja refuses the second push and asks for a minute's wait. SIGTERM during that wait
     stops the worker at once; the waiting push is released for the next owner, the first one stays
@@ -64,6 +65,7 @@ async def test_sigterm_releases_a_push_waiting_for_a_locked_subscriber(infra, tm
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
-        if "worker" in stack.procs:
-            (tmp_path / "worker.log").write_text(stack.procs["worker"].output())
+        worker = stack.procs.get("worker")
+        if isinstance(worker, ServiceProcess):
+            (tmp_path / "worker.log").write_text(worker.output())
         sandbox.wait(10)
