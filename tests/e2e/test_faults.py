@@ -25,8 +25,11 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from services.common.avro import Codec
+from services.common.topics import STK_PUSH_RESULT
 from tests.conftest import ROOT, eventually, free_port, kafka_login, start_service
 from tests.e2e.stack import Stack, new_reference
+from tests.platform.kafka_helpers import end_offsets, read_all
 
 PAYMENTS = 300
 RATE_PER_S = 20
@@ -42,8 +45,8 @@ def stack(infra, tmp_path_factory):
               sandbox_args=["--latency-ms", str(int(LATENCY_S * 1000))],
               # A payment whose push never reached Daraja goes to Review within the test's time.
               extra_env={"LEDGER_REVIEW_AFTER_S": "60"})
-    s.start()
     try:
+        s.start()  # inside: a service that did not come up is stopped with the others
         yield s
     finally:
         for name, output in s.stop().items():
@@ -58,7 +61,7 @@ async def test_payments_through_a_database_restart_a_worker_kill_and_two_rebalan
         (4, faults.second_worker_leaves)])
     assert "assigned [('mpesa.payment.requested.v1'" in stack.procs["worker2"].output()  # it took a share
     assert outcome.pushed_twice == []  # never a second prompt
-    assert outcome.lost_answers == [], (f"{len(outcome.lost_answers)} claims outcome unknown though Daraja "
+    assert outcome.lost_answers == [], (f"{len(outcome.lost_answers)} payments reported outcome unknown though Daraja "
                                         f"answered them: {faults.when(outcome.lost_answers)}")
     assert outcome.wrong_claims == {}
     assert outcome.wrong_states == {}, f"{len(outcome.wrong_states)} payments not in the state the sandbox's " \
@@ -130,6 +133,8 @@ async def pay_through(stack: Stack, pool, faults: Faults,
         answer = await http.post(f"{stack.sandbox_url}/sandbox/scenarios",
                                  json={"amount": CANCELLED_AMOUNT, "scenario": "cancelled"})
         assert answer.status_code < 300, answer.text
+    bootstrap = stack.infra["KAFKA_BOOTSTRAP_SERVERS"]
+    mark = await asyncio.to_thread(end_offsets, bootstrap, STK_PUSH_RESULT.name)
     sending = asyncio.create_task(_send_payments(stack, channel_id, api_key))
     for delay_s, fault in schedule:
         await asyncio.sleep(delay_s)
@@ -138,26 +143,37 @@ async def pay_through(stack: Stack, pool, faults: Faults,
 
     states = await eventually(lambda: _all_final(pool, channel_id, len(paid)), timeout=120, interval=1)
     claims = await _claims(pool, channel_id)
+    # A claim's row may be overwritten later by the worker that still held the push: the results
+    # published tell every outcome that was reported.
+    results = collections.defaultdict(list)
+    for r in await asyncio.to_thread(_push_results, bootstrap, channel_id, mark):
+        results[r["payment_id"]].append(r)
     accepted = collections.defaultdict(list)
     for p in await _sandbox_pushes(stack):
         if p["status"] == "accepted" and p["AccountReference"] in paid.values():
             accepted[p["AccountReference"]].append(p)
 
-    unknown = [pid for pid, c in claims.items() if c["status"] == "unknown"]
-    lost = [accepted[ref][0] for pid, ref in paid.items() if claims.get(pid, {}).get("status") == "unknown"
-            and accepted[ref] and not faults.in_flight_at_the_kill(accepted[ref][0])]
+    unknown = [pid for pid in paid if claims.get(pid, {}).get("status") == "unknown"
+               or any(r["outcome"] == "OUTCOME_UNKNOWN" for r in results[pid])]
+    lost = [accepted[paid[pid]][0] for pid in unknown
+            if accepted[paid[pid]] and not faults.in_flight_at_the_kill(accepted[paid[pid]][0])]
     wrong_claims = {pid: (claims[pid]["checkout_request_id"], accepted[ref][0]["CheckoutRequestID"])
                     for pid, ref in paid.items() if accepted[ref] and claims[pid]["status"] == "accepted"
                     and claims[pid]["checkout_request_id"] != accepted[ref][0]["CheckoutRequestID"]}
+    wrong_claims.update({pid: (r["checkout_request_id"], accepted[ref][0]["CheckoutRequestID"])
+                         for pid, ref in paid.items() if accepted[ref] for r in results[pid]
+                         if r["outcome"] == "ACCEPTED" and r["checkout_request_id"] != accepted[ref][0]["CheckoutRequestID"]})
     # Pushed: the state the sandbox's outcome calls for (its query can confirm it, so never Review).
     # Never pushed (claimed when its worker was killed, before the request left): Review.
     wrong_states = {pid: (states[pid], [p["ResultCode"] for p in accepted[ref]]) for pid, ref in paid.items()
                     if states[pid] != (EXPECTED[accepted[ref][0]["ResultCode"]] if accepted[ref] else "Review")}
     reviews = sum(s == "Review" for s in states.values())
+    reported_twice = sum(len(rs) > 1 for rs in results.values())
     near = collections.Counter(w.split("'")[1] for w in faults.when([accepted[paid[pid]][0] for pid in unknown
                                                                      if accepted[paid[pid]]], limit=None))
-    print(f"{len(paid)} payments, {sum(map(len, accepted.values()))} pushes accepted; claims outcome unknown: "
-          f"{len(unknown)} (Daraja's answer lost: {len(lost)}; nearest fault: {dict(near)}); in Review: {reviews}")
+    print(f"{len(paid)} payments, {sum(map(len, accepted.values()))} pushes accepted; outcome unknown (claim or push result): "
+          f"{len(unknown)} (Daraja's answer lost: {len(lost)}; nearest fault: {dict(near)}); in Review: {reviews}; "
+          f"push results published more than once: {reported_twice}")
     return Outcome([ref for ref in paid.values() if len(accepted[ref]) > 1], lost, wrong_claims, wrong_states)
 
 
@@ -214,6 +230,13 @@ async def _rows(pool, query: str, *args: object) -> list[dict]:
         except psycopg.OperationalError:
             await asyncio.sleep(0.5)
     raise AssertionError("the database did not come back")
+
+
+def _push_results(bootstrap: str, channel_id: str, since: dict[int, int]) -> list[dict]:
+    codec = Codec()
+    messages = read_all(bootstrap, STK_PUSH_RESULT.name, lambda m: m.key() == channel_id.encode(),
+                        expected=10**9, since=since, timeout_polls=8)  # all there is: it reads until idle
+    return [codec.decode(m.value())[1] for m in messages]
 
 
 async def _sandbox_pushes(stack: Stack) -> list[dict]:
