@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, Iterable, Protocol
+from typing import Any, Awaitable, Callable, Iterable, Protocol, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -263,7 +263,7 @@ def per_event(handle: Callable[[ConsumedEvent], Awaitable[None]], is_transient: 
                 succeeded.add(_position(e))
         _raise_unless_rejections(failures, is_transient)
         succeeded.difference_update(_position(e) for e in events)
-        return [Rejection(e, error) for e, error in failures]
+        return [Rejection(e, error) for e, error in failures if isinstance(error, Exception)]
 
     return handle_batch
 
@@ -286,6 +286,11 @@ def _raise_unless_rejections(failures: list[tuple[ConsumedEvent, BaseException]]
             unexpected = error
     if unexpected is not None:
         raise unexpected
+
+
+def _partition_of(message: Message) -> tuple[str, int]:
+    """A data message's topic and partition (the client types them optional for its error events)."""
+    return cast(str, message.topic()), cast(int, message.partition())
 
 
 @dataclass
@@ -394,7 +399,7 @@ class ConsumerLoop:
                     batch += [m for m in more if self._is_data(m)]  # ...with what came meanwhile
                 # Tracked only now, with no consumer call (which may revoke) since the messages of
                 # partitions revoked meanwhile were dropped: a revocation waits for every tracked one.
-                batch = [m for m in batch if (m.topic(), m.partition()) not in self._revoked_in_fetch]
+                batch = [m for m in batch if _partition_of(m) not in self._revoked_in_fetch]
                 if not batch:
                     self._slots.release()
                     continue
@@ -433,9 +438,9 @@ class ConsumerLoop:
         owners = {}
         with self._lock:
             for m in messages:
-                tp = (m.topic(), m.partition())
+                tp = _partition_of(m)
                 progress = owners[tp] = self._progress.setdefault(tp, _PartitionProgress())
-                progress.pending.append(m.offset())
+                progress.pending.append(cast(int, m.offset()))
             self._running[id(owners)] = set(owners)
         return owners
 
@@ -464,11 +469,13 @@ class ConsumerLoop:
             self._slots.release()
 
     def _decode_all(self, messages: list[Message]) -> tuple[list[ConsumedEvent], list[tuple[Message, Exception]]]:
-        events, undecodable = [], []
+        events: list[ConsumedEvent] = []
+        undecodable: list[tuple[Message, Exception]] = []
         for m in messages:
             try:
                 schema, value = self.codec.decode(m.value())
-                events.append(ConsumedEvent(m.topic(), m.partition(), m.offset(), m.key(), schema, value, m.value()))
+                events.append(ConsumedEvent(*_partition_of(m), cast(int, m.offset()), m.key(), schema, value,
+                                            m.value()))
             except DecodeError as exc:
                 undecodable.append((m, exc))
         return events, undecodable
@@ -560,9 +567,9 @@ class ConsumerLoop:
     def _mark_done(self, messages: list[Message], owners: dict[tuple[str, int], _PartitionProgress]) -> None:
         with self._done_changed:
             for m in messages:
-                tp = (m.topic(), m.partition())
+                tp = _partition_of(m)
                 if self._progress.get(tp) is owners[tp]:  # else revoked meanwhile: its new owner redoes it
-                    owners[tp].done.add(m.offset())
+                    owners[tp].done.add(cast(int, m.offset()))
 
     async def _commit(self) -> None:
         offsets = self._committable()
