@@ -1,19 +1,23 @@
 """Configuration from environment variables, checked once at start.
 
 A service declares its settings; `load` reads them all and raises ConfigError naming the first
-variable that is missing or bad. `describe` prints the result with secrets masked.
+variable that is missing or bad, and `load_into` returns them as the service's own frozen, typed
+settings class (field `database_url` holds DATABASE_URL). `describe` prints them with secrets masked.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 _MISSING = object()
+T = TypeVar("T")
 
 
 class ConfigError(Exception):
@@ -46,6 +50,26 @@ def load(settings: list[Setting], environ: Mapping[str, str] | None = None) -> d
                 raise ConfigError(f"{s.env} is invalid (value hidden: it is a secret)") from None
             raise ConfigError(f"{s.env}={raw!r} is invalid: {exc}") from None
     return values
+
+
+def field_name(setting: Setting) -> str:
+    """The settings-class field that holds a variable: KAFKA_BOOTSTRAP_SERVERS -> kafka_bootstrap_servers."""
+    return setting.env.lower()
+
+
+def load_into(cls: type[T], settings: list[Setting], environ: Mapping[str, str] | None = None) -> T:
+    """The settings as an instance of `cls`, a frozen dataclass with one field per setting. A field
+    without a setting, or a setting without a field, is a programming error raised here, at start,
+    so the class and the list (which the README's table documents) cannot drift apart."""
+    if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+        raise TypeError(f"{cls.__name__} must be a frozen dataclass")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    declared = {field_name(s) for s in settings}
+    if fields != declared:
+        raise TypeError(f"{cls.__name__} and its settings differ: fields without a setting "
+                        f"{sorted(fields - declared)}, settings without a field {sorted(declared - fields)}")
+    values = load(settings, environ)
+    return cls(**{field_name(s): values[s.env] for s in settings})
 
 
 def describe(settings: list[Setting], values: Mapping[str, Any]) -> str:

@@ -5,7 +5,8 @@ import asyncio
 import gc
 import signal
 import sys
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from services.common import config
 from services.common.observability import setup_logging
@@ -15,15 +16,18 @@ class StartupRefused(Exception):
     """The service cannot start (e.g. the database schema is behind); the message is the one line to print."""
 
 
-def run_service(name: str, settings: list[config.Setting],
-                main: Callable[[dict[str, Any], asyncio.Event], Awaitable[None]]) -> None:
-    """Loads config (one clear line and exit 2 on error), then runs main(cfg, stop) until stopped."""
+def run_service(name: str, settings: list[config.Setting], main: Callable[[Any, asyncio.Event], Awaitable[None]],
+                settings_type: type | None = None) -> None:
+    """Loads config (one clear line and exit 2 on error), then runs main(cfg, stop) until stopped.
+    With `settings_type` (a frozen dataclass, see config.load_into) main gets an instance of it;
+    without, a dict keyed by variable name."""
     try:
-        cfg = config.load([*settings, config.LOG_LEVEL])
+        log_level = config.load([config.LOG_LEVEL])["LOG_LEVEL"]
+        cfg = config.load_into(settings_type, settings) if settings_type else config.load(settings)
     except config.ConfigError as exc:
         print(f"{name}: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    setup_logging(name, cfg["LOG_LEVEL"])
+    setup_logging(name, log_level)
     try:
         asyncio.run(_main_until_signalled(cfg, main))
     except StartupRefused as exc:

@@ -13,14 +13,10 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
+from services.common.payment import ACCOUNT_REFERENCE_MAX, AMOUNT_MAX, DESCRIPTION_MAX, PHONE as _PHONE, mask_phone
+
 PAYBILL_TRANSACTION = "CustomerPayBillOnline"
 TILL_TRANSACTION = "CustomerBuyGoodsOnline"
-ACCOUNT_REFERENCE_MAX = 12  # docs/daraja.md §2 Fields: AccountReference max 12 characters
-DESCRIPTION_MAX = 13  # docs/daraja.md §2 Fields: TransactionDesc max 13 characters
-AMOUNT_MAX = 250_000  # docs/daraja.md §2 Fields: current FAQ ceiling per transaction, KES
-
-# 2547… and 2541… are both Safaricom lines (docs/daraja.md §2 PartyA: 2541… numbers are real).
-_PHONE = re.compile(r"254[17]\d{8}")
 _SHORTCODE = re.compile(r"\d{5,7}")
 # Special characters reportedly make Daraja fail (docs/daraja.md §2, bnjunge #3): letters, digits, space, '-'.
 _PROMPT_TEXT = re.compile(r"[A-Za-z0-9 -]*")
@@ -29,10 +25,6 @@ _PROMPT_TEXT = re.compile(r"[A-Za-z0-9 -]*")
 def fingerprint(secret: str) -> str:
     """A short stable id for a secret value, fit for logs and metrics (sha256 prefix)."""
     return hashlib.sha256(secret.encode()).hexdigest()[:8]
-
-
-def mask_phone(phone: str) -> str:
-    return phone[:4] + "****" + phone[-3:] if len(phone) > 7 else "****"
 
 
 @dataclass(frozen=True, repr=False)
@@ -61,6 +53,9 @@ class AppCredentials:
     __str__ = __repr__
 
 
+ShortcodeType = Literal["paybill", "till"]
+
+
 @dataclass(frozen=True)
 class Shortcode:
     """Where the money goes. Daraja's Till rules (docs/daraja.md §2 "Till vs Paybill"):
@@ -71,7 +66,7 @@ class Shortcode:
     """
 
     business_shortcode: str
-    shortcode_type: Literal["paybill", "till"] = "paybill"
+    shortcode_type: ShortcodeType = "paybill"
     till_number: str | None = None
 
     def __post_init__(self) -> None:
@@ -88,7 +83,10 @@ class Shortcode:
 
     @property
     def party_b(self) -> str:
-        return self.till_number if self.shortcode_type == "till" else self.business_shortcode
+        if self.shortcode_type == "till":
+            assert self.till_number is not None, "a till has its number (__post_init__)"
+            return self.till_number
+        return self.business_shortcode
 
     @property
     def transaction_type(self) -> str:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from services.common.kafka import ConsumedEvent
-from services.ingress.validation import event_problem
+from services.common.payment import event_problem
 from services.ledger import state_machine as sm
 from services.ledger.callbacks import parse_callback
 

@@ -19,6 +19,7 @@ from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
 
 from services.common.avro import Codec, DecodeError
+from services.common.payment import mask_phone
 from services.common.kafka import ConsumedEvent, Rejection, Transient, new_event_fields
 from services.common.text import untrusted
 from services.common.topics import PAYMENT_STATUS, STK_QUERY_REQUESTED
@@ -398,11 +399,6 @@ def query_request(codec: Codec, row: dict, checkout_request_id: str, attempt: in
     record = {**new_event_fields(row["channel_id"], row["payment_id"]), "checkout_request_id": checkout_request_id,
               "attempt": attempt, "reason": reason}
     return STK_QUERY_REQUESTED.name, row["channel_id"].encode(), codec.encode(STK_QUERY_REQUESTED.schema, record)
-
-
-def mask_phone(phone: str) -> str:
-    """Analytics read the status topic: keep the operator prefix and last two digits only."""
-    return phone[:4] + "*" * max(len(phone) - 6, 0) + phone[-2:] if len(phone) > 6 else "*" * len(phone)
 
 
 def _first_of_each(events) -> list[ConsumedEvent]:

@@ -1,0 +1,207 @@
+"""The payment contract every service shares: what a valid payment request is, its limits, the
+phone's one stored form and its one masked form, Kenya's time zone, and the payment states. Pure:
+no I/O.
+
+Field rules come from Daraja (docs/daraja.md §2): whole shillings, AccountReference ≤ 12 and
+TransactionDesc ≤ 13 characters of [A-Za-z0-9 -], payer MSISDN 2547XXXXXXXX or 2541XXXXXXXX.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from services.common.text import untrusted
+
+NAIROBI = ZoneInfo("Africa/Nairobi")  # Daraja's timestamps are Kenyan wall-clock time (docs/daraja.md §2)
+
+
+class PaymentState(enum.StrEnum):
+    """A payment's state, as the ledger keeps it (docs/design.md, "Payment states"). The values are
+    what PostgreSQL stores and the status topic carries: a CHECK constraint holds the same list."""
+
+    REQUESTED = "Requested"  # asked for; the push result is not in yet
+    PENDING = "Pending"      # Daraja accepted the push: the customer is being prompted
+    SETTLED = "Settled"      # paid, with its M-Pesa receipt
+    CANCELLED = "Cancelled"  # the customer declined, or the prompt timed out
+    FAILED = "Failed"        # never pushed, or refused by Daraja
+    REVIEW = "Review"        # doubtful: an operator decides
+
+
+OPEN_STATES = frozenset({PaymentState.REQUESTED, PaymentState.PENDING})
+FINAL_STATES = frozenset({PaymentState.SETTLED, PaymentState.CANCELLED, PaymentState.FAILED})
+
+
+def mask_phone(phone: str) -> str:
+    """The one masked form of a payer's number, for logs, reprs and analytics: the country code and
+    the last three digits ("254******678"), which cannot be traced back to one payer."""
+    if len(phone) < 9:
+        return "*" * len(phone)
+    return phone[:3] + "*" * (len(phone) - 6) + phone[-3:]
+
+
+AMOUNT_MAX = 250_000  # KES per transaction (docs/daraja.md §2, current FAQ); channels may lower it
+ACCOUNT_REFERENCE_MAX = 12  # characters, shown to the customer (docs/daraja.md §2)
+DESCRIPTION_MAX = 13  # TransactionDesc, characters (docs/daraja.md §2)
+# After removing spaces, dashes, dots and parentheses (other whitespace, a newline say, is refused):
+# optional +254 / 254 / 00254 (then an optional trunk 0, as in "+254 (0)712 345 678"), or a trunk 0
+# alone, then 7XXXXXXXX or 1XXXXXXXX.
+_PHONE_FORMS = re.compile(r"(?:(?:\+|00)?2540?|0)?([17]\d{8})")
+_PHONE_SEPARATORS = re.compile(r"[ \-.()]")
+_REFERENCE = re.compile(r"[A-Za-z0-9 -]+")  # special characters make Daraja fail (docs/daraja.md §2)
+CHANNEL_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+# Free text (order reference, metadata keys) is stored in PostgreSQL and put on Kafka: no control,
+# line-separator or surrogate characters (PostgreSQL refuses NUL, UTF-8 cannot encode a lone surrogate).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# Metadata values are free data and may span lines; only what cannot be stored is refused.
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+FIELDS = ("channelId", "amount", "phone", "accountReference", "description", "orderReference", "metadata")
+METADATA_ENTRIES_MAX = 20
+METADATA_KEY_LENGTH_MAX = 64
+METADATA_VALUE_LENGTH_MAX = 256
+ORDER_REFERENCE_LENGTH_MAX = 128
+
+
+@dataclass(frozen=True)
+class PaymentRequest:
+    channel_id: str
+    amount: int
+    phone: str
+    account_reference: str
+    description: str | None
+    order_reference: str | None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def digest(self) -> bytes:
+        """SHA-256 of the canonical form: what the payment means, not how the JSON was spelled.
+
+        Key order, whitespace and the phone's spelling (0712… vs 254712…) do not change it; any
+        difference in a value the payment carries does.
+        """
+        canonical = json.dumps(
+            [self.channel_id, self.amount, self.phone, self.account_reference, self.description,
+             self.order_reference, sorted(self.metadata.items())],
+            ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).digest()
+
+
+# 2547… and 2541… are both Safaricom lines (docs/daraja.md §2 PartyA: 2541… numbers are real).
+PHONE = re.compile(r"254[17][0-9]{8}")  # the one stored and sent form
+
+
+def normalise_phone(raw: str) -> str | None:
+    """07XXXXXXXX, 01XXXXXXXX, 7XXXXXXXX, 2547…, +2547…, 002547…, +254 (0)7… → 2547XXXXXXXX / 2541XXXXXXXX."""
+    if len(raw) > 32:
+        return None
+    match = _PHONE_FORMS.fullmatch(_PHONE_SEPARATORS.sub("", raw))
+    return f"254{match.group(1)}" if match else None
+
+
+def validate_channel_id(value: Any) -> str | None:
+    if value is None:
+        return "is required"
+    if not isinstance(value, str) or not CHANNEL_ID.fullmatch(value):
+        return "must be 1-64 lower-case letters, digits, '-' or '_', starting with a letter or digit"
+    return None
+
+
+def parse_payment_request(body: Any, max_amount: int = AMOUNT_MAX) -> tuple[PaymentRequest | None, dict[str, str]]:
+    if not isinstance(body, dict):
+        return None, {"body": "must be a JSON object"}
+    raw_phone = body.get("phone")
+    phone = normalise_phone(raw_phone) if isinstance(raw_phone, str) else None
+    checks = {
+        "channelId": validate_channel_id(body.get("channelId")),
+        "amount": _amount_error(body.get("amount"), max_amount),
+        "phone": _phone_error(raw_phone, phone),
+        "accountReference": _text_error(body.get("accountReference"), ACCOUNT_REFERENCE_MAX, required=True),
+        "description": _text_error(body.get("description"), DESCRIPTION_MAX, required=False),
+        "orderReference": _order_reference_error(body.get("orderReference")),
+        "metadata": _metadata_error(body.get("metadata")),
+    }
+    # Unknown fields are refused rather than dropped: a misspelt "acountReference" must not turn
+    # into a payment without the reference the caller meant. Free data belongs in metadata.
+    for name in body:
+        if name not in FIELDS:
+            checks[untrusted(name, 64)] = "is not a field of a payment request (free data goes in metadata)"
+    errors = {name: message for name, message in checks.items() if message}
+    if errors:
+        return None, errors
+    assert phone is not None, "a phone that did not normalise has an error"
+    return PaymentRequest(
+        channel_id=body["channelId"], amount=body["amount"], phone=phone,
+        account_reference=body["accountReference"], description=body.get("description"),
+        order_reference=body.get("orderReference"), metadata=body.get("metadata") or {},
+    ), {}
+
+
+def _amount_error(value: Any, max_amount: int) -> str | None:
+    if value is None:
+        return "is required"
+    # bool is an int in Python, and 100.0 is a float: both are refused, Daraja takes whole shillings.
+    if isinstance(value, bool) or not isinstance(value, int):
+        return "must be a whole number of shillings written as a JSON integer (Daraja rejects decimals)"
+    if not 1 <= value <= max_amount:
+        return f"must be between 1 and {max_amount} shillings"
+    return None
+
+
+def _phone_error(value: Any, normalised: str | None) -> str | None:
+    if value is None:
+        return "is required"
+    if normalised is None:
+        return "must be a Kenyan mobile number such as 0712345678, 0112345678, +254712345678 or 254712345678"
+    return None
+
+
+def _text_error(value: Any, max_len: int, *, required: bool) -> str | None:
+    if value is None:
+        return "is required" if required else None
+    if not isinstance(value, str) or not value.strip():
+        return "must be a non-empty string"
+    if len(value) > max_len:
+        return f"must be at most {max_len} characters (it is shown to the customer)"
+    if not _REFERENCE.fullmatch(value):
+        return "may contain only letters, digits, spaces and '-'"
+    return None
+
+
+def _order_reference_error(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= ORDER_REFERENCE_LENGTH_MAX:
+        return f"must be a string of 1-{ORDER_REFERENCE_LENGTH_MAX} characters"
+    if _CONTROL.search(value):
+        return "must not contain control characters"
+    return None
+
+
+def _metadata_error(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > METADATA_ENTRIES_MAX:
+        return f"must be an object of at most {METADATA_ENTRIES_MAX} entries"
+    for key, item in value.items():
+        if not 1 <= len(key) <= METADATA_KEY_LENGTH_MAX or _CONTROL.search(key):
+            return f"keys must be 1-{METADATA_KEY_LENGTH_MAX} characters without control characters"
+        if not isinstance(item, str) or len(item) > METADATA_VALUE_LENGTH_MAX or _UNSTORABLE.search(item):
+            return (f"values must be strings of at most {METADATA_VALUE_LENGTH_MAX} characters without NUL "
+                    f"(key {untrusted(key, 64)!r})")
+    return None
+
+
+def event_problem(v: dict[str, Any]) -> str | None:
+    """A payment-requested event (maybe produced straight to the topic, not by this API) gets the
+    same checks as an API request; returns the reason it is invalid, or None."""
+    _, errors = parse_payment_request({
+        "channelId": v["channel_id"], "amount": v["amount"], "phone": v["phone"],
+        "accountReference": v["account_reference"], "description": v["description"],
+        "orderReference": v["order_reference"], "metadata": v["metadata"]})
+    if v["phone"] and not errors and not PHONE.fullmatch(v["phone"]):
+        errors = {"phone": "must be normalised to 12 digits (2547XXXXXXXX or 2541XXXXXXXX)"}
+    return "invalid request: " + "; ".join(f"{k} {m}" for k, m in errors.items()) if errors else None
