@@ -13,10 +13,11 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, Iterable, Protocol, cast
+from typing import Any, Protocol, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -184,7 +185,7 @@ def ensure_topics(bootstrap: str, topics: Iterable[Topic], partitions: int, time
                for t in topics if t.name not in existing]
     if not missing:
         return
-    for name, future in admin.create_topics(missing, operation_timeout=timeout).items():
+    for _name, future in admin.create_topics(missing, operation_timeout=timeout).items():
         try:
             future.result()
         except KafkaException as exc:
@@ -257,8 +258,8 @@ def per_event(handle: Callable[[ConsumedEvent], Awaitable[None]], is_transient: 
     async def handle_batch(events: list[ConsumedEvent]) -> list[Rejection]:
         todo = [e for e in events if _position(e) not in succeeded]
         results = await asyncio.gather(*(handle(e) for e in todo), return_exceptions=True)
-        failures = [(e, r) for e, r in zip(todo, results) if isinstance(r, BaseException)]
-        for e, r in zip(todo, results):
+        failures = [(e, r) for e, r in zip(todo, results, strict=True) if isinstance(r, BaseException)]
+        for e, r in zip(todo, results, strict=True):
             if not isinstance(r, BaseException):
                 succeeded.add(_position(e))
         _raise_unless_rejections(failures, is_transient)
@@ -489,8 +490,8 @@ class ConsumerLoop:
         await asyncio.gather(*(self._dead_letter(by_position[(r.event.topic, r.event.partition, r.event.offset)],
                                                  r.error, stop) for r in rejections))
         rejected = {(r.event.topic, r.event.partition, r.event.offset) for r in rejections}
-        outcomes = collections.Counter((e.topic, "dead_letter" if (e.topic, e.partition, e.offset) in rejected else "ok")
-                                       for e in events)
+        outcomes = collections.Counter(
+            (e.topic, "dead_letter" if (e.topic, e.partition, e.offset) in rejected else "ok") for e in events)
         for (topic, result), n in outcomes.items():
             EVENTS_IN.labels(topic, result).inc(n)
 
@@ -502,6 +503,27 @@ class ConsumerLoop:
         event alone the whole budget again, since dead-lettering is for good: an event still failing
         alone after that is poison and is rejected with its last error, and k of them among n cost
         about 2·budget·k + 2k·log2(n) attempts instead of stopping the partition."""
+        outcome = await self._tried(events, stop, attempts)
+        if not isinstance(outcome, Exception):
+            return outcome
+        error = outcome
+        if len(events) == 1:
+            e = events[0]
+            UNEXPECTED_ERRORS.labels(self.group_id, type(error).__name__).inc()
+            log.error("%s[%d]@%d failed %d times alone, dead-lettered: %s: %s (raised at %s)", e.topic, e.partition,
+                      e.offset, attempts, type(error).__name__, untrusted(str(error)), _where(error))
+            return [Rejection(e, error)]
+        log.error("batch of %d failed %d times (%s), split to find the event that fails", len(events), attempts,
+                  type(error).__name__)
+        half = len(events) // 2
+        first, second = events[:half], events[half:]
+        return (await self._handled(first, stop, self.poison_budget if len(first) == 1 else 1)
+                + await self._handled(second, stop, self.poison_budget if len(second) == 1 else 1))
+
+    async def _tried(self, events: list[ConsumedEvent], stop: asyncio.Event, attempts: int
+                     ) -> list[Rejection] | Exception:
+        """The handler's rejections once it returned, or its last error after `attempts` failures that
+        were not Transient (a Transient one is retried for as long as it takes)."""
         failures, delay = 0, 0.1
         while True:
             started = time.perf_counter()
@@ -516,8 +538,7 @@ class ConsumerLoop:
                 if not transient:
                     failures += 1
                 if failures >= attempts:
-                    error = exc
-                    break
+                    return exc
                 # The error's text may quote an event: made safe, and no traceback (it repeats the text).
                 log.log(logging.WARNING if transient else logging.ERROR,
                         "batch of %d failed (%s), retrying in %.1fs: %s: %s (raised at %s)", len(events),
@@ -525,18 +546,6 @@ class ConsumerLoop:
                         type(exc).__name__, untrusted(str(exc)), _where(exc))
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 10.0)
-        if len(events) == 1:
-            e = events[0]
-            UNEXPECTED_ERRORS.labels(self.group_id, type(error).__name__).inc()
-            log.error("%s[%d]@%d failed %d times alone, dead-lettered: %s: %s (raised at %s)", e.topic, e.partition,
-                      e.offset, attempts, type(error).__name__, untrusted(str(error)), _where(error))
-            return [Rejection(e, error)]
-        log.error("batch of %d failed %d times (%s), split to find the event that fails", len(events), attempts,
-                  type(error).__name__)
-        half = len(events) // 2
-        first, second = events[:half], events[half:]
-        return (await self._handled(first, stop, self.poison_budget if len(first) == 1 else 1)
-                + await self._handled(second, stop, self.poison_budget if len(second) == 1 else 1))
 
     async def _dead_letter(self, msg: Message, error: Exception, stop: asyncio.Event) -> None:
         """Publishes the message with its error to the dead-letter topic, retrying until Kafka acks

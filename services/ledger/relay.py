@@ -33,7 +33,8 @@ from services.common.kafka import EventProducer, PublishError
 from services.common.topics import ALL_TOPICS
 
 log = logging.getLogger(__name__)
-LEFT_BEHIND = Gauge("ledger_outbox_left_behind", "Outbox rows the last backstop scan found unpublished (one batch at most)")
+LEFT_BEHIND = Gauge("ledger_outbox_left_behind",
+                    "Outbox rows the last backstop scan found unpublished (one batch at most)")
 TOPICS = {t.name: t for t in ALL_TOPICS}
 
 OutboxRow = tuple[int, str, bytes, bytes]  # id, topic, key, payload

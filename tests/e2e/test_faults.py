@@ -16,9 +16,9 @@ import os
 import subprocess
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Awaitable, Callable
 
 import httpx
 import psycopg
@@ -27,7 +27,7 @@ from psycopg.rows import dict_row
 
 from services.common.avro import Codec
 from services.common.topics import STK_PUSH_RESULT
-from tests.conftest import ROOT, eventually, free_port, kafka_login, start_service
+from tests.conftest import ROOT, ServiceProcess, eventually, free_port, kafka_login, start_service
 from tests.e2e.stack import Stack, new_reference
 from tests.platform.kafka_helpers import end_offsets, read_all
 
@@ -72,7 +72,9 @@ class Faults:
     """The faults of the day, each noting when it landed (wall-clock time, like the sandbox's push log)."""
 
     def __init__(self, stack: Stack):
-        self.stack, self.landed, self._second = stack, {}, None
+        self.stack = stack
+        self.landed: dict[str, float] = {}
+        self._second: ServiceProcess | None = None
 
     async def second_worker_joins(self) -> None:
         self._second = start_service("services.stk_worker", {
@@ -83,6 +85,7 @@ class Faults:
 
     async def second_worker_leaves(self) -> None:
         self.landed["second worker left"] = time.time()
+        assert self._second is not None, "the second worker leaves after it joined"
         self._second.terminate()  # leaves the group: its partitions move back
         await asyncio.to_thread(self._second.wait, 60)
 
@@ -157,12 +160,11 @@ async def pay_through(stack: Stack, pool, faults: Faults,
                or any(r["outcome"] == "OUTCOME_UNKNOWN" for r in results[pid])]
     lost = [accepted[paid[pid]][0] for pid in unknown
             if accepted[paid[pid]] and not faults.in_flight_at_the_kill(accepted[paid[pid]][0])]
-    wrong_claims = {pid: (claims[pid]["checkout_request_id"], accepted[ref][0]["CheckoutRequestID"])
-                    for pid, ref in paid.items() if accepted[ref] and claims[pid]["status"] == "accepted"
-                    and claims[pid]["checkout_request_id"] != accepted[ref][0]["CheckoutRequestID"]}
-    wrong_claims.update({pid: (r["checkout_request_id"], accepted[ref][0]["CheckoutRequestID"])
-                         for pid, ref in paid.items() if accepted[ref] for r in results[pid]
-                         if r["outcome"] == "ACCEPTED" and r["checkout_request_id"] != accepted[ref][0]["CheckoutRequestID"]})
+    answered = {ref: pushes[0]["CheckoutRequestID"] for ref, pushes in accepted.items() if pushes}
+    recorded = [(pid, claims[pid]["checkout_request_id"]) for pid in paid if claims[pid]["status"] == "accepted"]
+    recorded += [(pid, r["checkout_request_id"]) for pid in paid for r in results[pid] if r["outcome"] == "ACCEPTED"]
+    wrong_claims = {pid: (checkout_id, answered.get(paid[pid])) for pid, checkout_id in recorded
+                    if checkout_id != answered.get(paid[pid])}
     # Pushed: the state the sandbox's outcome calls for (its query can confirm it, so never Review).
     # Never pushed (claimed when its worker was killed, before the request left): Review.
     wrong_states = {pid: (states[pid], [p["ResultCode"] for p in accepted[ref]]) for pid, ref in paid.items()
@@ -171,7 +173,8 @@ async def pay_through(stack: Stack, pool, faults: Faults,
     reported_twice = sum(len(rs) > 1 for rs in results.values())
     near = collections.Counter(w.split("'")[1] for w in faults.when([accepted[paid[pid]][0] for pid in unknown
                                                                      if accepted[paid[pid]]], limit=None))
-    print(f"{len(paid)} payments, {sum(map(len, accepted.values()))} pushes accepted; outcome unknown (claim or push result): "
+    print(f"{len(paid)} payments, {sum(map(len, accepted.values()))} pushes accepted; "
+          f"outcome unknown (claim or push result): "
           f"{len(unknown)} (Daraja's answer lost: {len(lost)}; nearest fault: {dict(near)}); in Review: {reviews}; "
           f"push results published more than once: {reported_twice}")
     return Outcome([ref for ref in paid.values() if len(accepted[ref]) > 1], lost, wrong_claims, wrong_states)

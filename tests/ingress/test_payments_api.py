@@ -347,7 +347,7 @@ async def test_get_is_scoped_to_the_keys_channels(ingress, shop, pool, unique):
         assert (await http.get(f"/api/payments/{payment_id}")).status_code == 200
 
 
-async def test_kafka_down_is_503_and_a_retry_publishes_the_same_payment_unreplayed(infra, ingress, shop, topic, database_url):
+async def test_kafka_down_is_503_and_a_retry_publishes_the_same_payment(infra, ingress, shop, topic, database_url):
     # An ingress whose broker does not exist answers 503; the same request sent again once Kafka is
     # back (here: to the ingress that has a broker) publishes the event fixed by the first claim.
     channel_id, api_key = shop

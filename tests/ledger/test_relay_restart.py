@@ -6,10 +6,11 @@ import asyncio
 import collections
 import signal
 import uuid
+from typing import cast
 
 from services.common.kafka import EventProducer
 from services.common.topics import PAYMENT_STATUS
-from services.ledger.relay import OutboxRelay
+from services.ledger.relay import OutboxRelay, OutboxRow
 from services.ledger.service import Ledger
 from tests.conftest import eventually
 from tests.ledger.test_ledger_crashes import _at_least, ledger, publish_payments
@@ -34,14 +35,14 @@ class DiesAfterItsFirstAck:
 async def test_a_relay_that_dies_after_an_ack_republishes_at_most_one_lot(ledger_pool, pool, codec, producer,
                                                                           kafka_bootstrap, unique):
     channel = f"relay-{unique}"
-    handed = []
+    handed: list[OutboxRow] = []
     ledger_ = Ledger(ledger_pool, codec, on_commit=handed.extend)
     await ledger_.handle_batch([requested(channel, str(uuid.uuid4())) for _ in range(300)])  # one transaction
     assert len(handed) == 300
     mark = end_offsets(kafka_bootstrap, PAYMENT_STATUS.name)
 
     dying = DiesAfterItsFirstAck(producer)
-    first = asyncio.create_task(OutboxRelay(ledger_pool, dying).publish(handed))  # the fast path
+    first = asyncio.create_task(OutboxRelay(ledger_pool, cast(EventProducer, dying)).publish(handed))  # fast path
     await asyncio.wait_for(dying.acked.wait(), 30)
     first.cancel()  # the process is gone: its acknowledged rows are still in the table
 

@@ -275,6 +275,7 @@ async def test_per_event_raises_an_unexpected_error_for_the_poison_budget_and_re
 async def test_an_unexpected_error_in_a_per_event_handler_is_dead_lettered_after_the_budget_and_counted(
         kafka_bootstrap, codec, producer, unique):
     from prometheus_client import REGISTRY
+
     from services.common.kafka import per_event
 
     topic = own_topic(kafka_bootstrap, unique)
@@ -283,7 +284,8 @@ async def test_an_unexpected_error_in_a_per_event_handler_is_dead_lettered_after
     bug = events[2]
     mark = end_offsets(kafka_bootstrap, DEAD_LETTER.name)
     await producer.publish_many([(topic, channel.encode(), codec.encode(topic.schema, e)) for e in events])
-    tries, seen = collections.Counter(), []
+    tries: collections.Counter[str] = collections.Counter()
+    seen: list[str] = []
 
     async def handle(event):
         tries[event.value["event_id"]] += 1
@@ -337,7 +339,7 @@ async def test_a_rebalance_lets_the_batches_in_hand_finish_and_commits_them_befo
         with first._lock:
             in_hand_when_revoked.append(first._in_hand_of({(p.topic, p.partition) for p in partitions}))
         on_revoke(consumer, partitions)
-    first._on_revoke = recording_revoke
+    first._on_revoke = recording_revoke  # type: ignore[method-assign]  # before run() subscribes with it
     stop_first, stop_second = asyncio.Event(), asyncio.Event()
     running_first = asyncio.create_task(first.run(stop_first))
     try:
