@@ -238,7 +238,6 @@ class EventRejected(Exception):
 
 
 BatchHandler = Callable[[list[ConsumedEvent]], Awaitable[list[Rejection]]]
-Position = tuple[str, int, int]  # topic, partition, offset
 
 
 def per_event(handle: Callable[[ConsumedEvent], Awaitable[None]], is_transient: Callable[[Exception], bool]
@@ -253,24 +252,23 @@ def per_event(handle: Callable[[ConsumedEvent], Awaitable[None]], is_transient: 
       pipeline_unexpected_errors_total.
     An event that succeeded is not handled again when its batch is retried (or split) for another
     event's failure: only the failed ones are."""
-    succeeded: set[Position] = set()  # of batches that failed, until their retry returns
+    # The events of batches that failed, by identity (the loop retries and splits the same objects;
+    # a position need not be unique where events are made up), held until a call covering them returns.
+    succeeded: dict[int, ConsumedEvent] = {}
 
     async def handle_batch(events: list[ConsumedEvent]) -> list[Rejection]:
-        todo = [e for e in events if _position(e) not in succeeded]
+        todo = [e for e in events if succeeded.get(id(e)) is not e]
         results = await asyncio.gather(*(handle(e) for e in todo), return_exceptions=True)
         failures = [(e, r) for e, r in zip(todo, results, strict=True) if isinstance(r, BaseException)]
         for e, r in zip(todo, results, strict=True):
             if not isinstance(r, BaseException):
-                succeeded.add(_position(e))
+                succeeded[id(e)] = e
         _raise_unless_rejections(failures, is_transient)
-        succeeded.difference_update(_position(e) for e in events)
+        for e in events:
+            succeeded.pop(id(e), None)
         return [Rejection(e, error) for e, error in failures if isinstance(error, Exception)]
 
     return handle_batch
-
-
-def _position(event: ConsumedEvent) -> Position:
-    return event.topic, event.partition, event.offset
 
 
 def _raise_unless_rejections(failures: list[tuple[ConsumedEvent, BaseException]],
