@@ -365,6 +365,49 @@ async def test_a_rebalance_lets_the_batches_in_hand_finish_and_commits_them_befo
     assert sum(len(by) for by in handled.values()) == len(events)
 
 
+async def test_a_batch_that_never_finishes_holds_a_rebalance_up_only_until_the_revoke_timeout(
+        kafka_bootstrap, codec, producer, unique):
+    """A hung handler must not keep a partition from its new owner: the revocation gives up after
+    revoke_timeout_s, counts it, and the new owner handles the event again (at least once)."""
+    from prometheus_client import REGISTRY
+
+    topic = own_topic(kafka_bootstrap, unique)
+    events = [sample_request(f"ch-{unique}-{n}", str(uuid.uuid4())) for n in range(8)]  # keys on both partitions
+    for e in events:
+        await producer.publish(topic, e)
+    hung, released, seen = [], asyncio.Event(), []
+
+    async def hangs(batch):
+        hung.extend(batch)
+        await released.wait()  # until the end of the test
+        return []
+
+    async def records(batch):
+        seen.extend(batch)
+        return []
+
+    first = ConsumerLoop(bootstrap=kafka_bootstrap, group_id=f"g-{unique}", topics=[topic], codec=codec,
+                         handler=hangs, dead_letters=producer, poll_timeout=0.1, max_batch=100, max_in_flight=3,
+                         revoke_timeout_s=2)
+    second = ConsumerLoop(bootstrap=kafka_bootstrap, group_id=f"g-{unique}", topics=[topic], codec=codec,
+                          handler=records, dead_letters=producer, poll_timeout=0.1)
+    stop_first = asyncio.Event()
+    running_first = asyncio.create_task(first.run(stop_first))
+    try:
+        await eventually(lambda: _true(len(hung) == len(events)), timeout=30, interval=0.05)
+        # The moved partition's events, hung in the first consumer, all handled by the second.
+        await run_until(second, lambda: bool(seen) and len(seen) == sum(e.partition == seen[0].partition
+                                                                         for e in hung), timeout=60)
+    finally:
+        released.set()
+        stop_first.set()
+        await asyncio.wait_for(running_first, 30)
+    moved = {e.partition for e in seen}
+    assert len(moved) == 1 and {e.value["event_id"] for e in seen} == {
+        e.value["event_id"] for e in hung if e.partition in moved}
+    assert REGISTRY.get_sample_value("pipeline_revoke_timeouts_total", {"group": f"g-{unique}"}) == 1
+
+
 async def _true(value) -> bool:
     return bool(value)
 
