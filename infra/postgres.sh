@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Private PostgreSQL cluster for local runs: own data dir, port and socket; no Docker.
-# Usage: infra/postgres.sh start|stop|status|url [ROLE]      Env: PGPORT (5433)
+# Usage: infra/postgres.sh start|stop|status|url [ROLE]      Env: PGPORT (5433), PG_STOP_MODE (fast)
 # Roles (docs/database-roles.md): `mpesa` owns the schema and runs the migrations; each service logs
 # in as its own role, a member of a NOLOGIN group role that migrations/0009_roles.sql grants to.
 # Passwords are generated into .local/secrets/pgpass (0600, libpq's password file): URLs carry none.
@@ -163,7 +163,10 @@ stop() {
   lock "$LOCAL/.pg.lock"
   BIN="$(find_bin)" || { log "postgres: not installed"; return; }
   [[ -e $PGLINK ]] && setup_home
-  if running; then as_pg "$BIN/pg_ctl" stop -D "$DATA" -m fast -w -t 60 -s; log "postgres: stopped"
+  # PG_STOP_MODE=immediate stops as a crash would (no checkpoint; recovery at the next start).
+  local mode="${PG_STOP_MODE:-fast}"
+  [[ $mode == fast || $mode == smart || $mode == immediate ]] || die "PG_STOP_MODE must be fast, smart or immediate"
+  if running; then as_pg "$BIN/pg_ctl" stop -D "$DATA" -m "$mode" -w -t 60 -s; log "postgres: stopped ($mode)"
   else log "postgres: not running"; fi
 }
 

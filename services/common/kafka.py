@@ -13,10 +13,11 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, Iterable, Protocol
+from typing import Any, Protocol, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -35,6 +36,12 @@ PUBLISH_FAILURES = Counter("pipeline_publish_failures_total", "Events Kafka did 
 EVENTS_IN = Counter("pipeline_events_consumed_total", "Events handled by a consumer", ["topic", "result"])
 HANDLE_SECONDS = Histogram("pipeline_batch_handle_seconds", "Time to handle one consumed batch", ["group"])
 CONSUMER_LAG = Gauge("pipeline_consumer_lag", "Messages behind the end of the partition", ["topic", "partition"])
+UNEXPECTED_ERRORS = Counter(
+    "pipeline_unexpected_errors_total", "Events dead-lettered because an unexpected error (most likely a bug) "
+    "outlived the poison budget: alert on any increase (docs/errors.md)", ["group", "error_type"])
+REVOKE_TIMEOUTS = Counter(
+    "pipeline_revoke_timeouts_total", "Rebalances that gave partitions up before the batches in hand for them "
+    "finished (their new owner handles those events again)", ["group"])
 
 
 class PublishError(Exception):
@@ -178,7 +185,7 @@ def ensure_topics(bootstrap: str, topics: Iterable[Topic], partitions: int, time
                for t in topics if t.name not in existing]
     if not missing:
         return
-    for name, future in admin.create_topics(missing, operation_timeout=timeout).items():
+    for _name, future in admin.create_topics(missing, operation_timeout=timeout).items():
         try:
             future.result()
         except KafkaException as exc:
@@ -221,7 +228,13 @@ class Rejection:
 
 
 class Transient(Exception):
-    """A failure worth retrying (a dependency is down); the batch is retried, not dead-lettered."""
+    """Infrastructure trouble (a dependency is down): the batch is retried for as long as it takes,
+    never dead-lettered, and the stall shows on /healthz (docs/errors.md)."""
+
+
+class EventRejected(Exception):
+    """The event's own fault, declared by the handler that raises it (it names a channel its producer
+    may not use, it can never be applied...): the event is dead-lettered at once with this reason."""
 
 
 BatchHandler = Callable[[list[ConsumedEvent]], Awaitable[list[Rejection]]]
@@ -229,19 +242,54 @@ BatchHandler = Callable[[list[ConsumedEvent]], Awaitable[list[Rejection]]]
 
 def per_event(handle: Callable[[ConsumedEvent], Awaitable[None]], is_transient: Callable[[Exception], bool]
               ) -> BatchHandler:
-    """Adapts a one-event handler: runs a batch concurrently; permanent failures become rejections."""
+    """Adapts a one-event handler to a batch handler (runs the batch concurrently) under the one policy
+    of docs/errors.md:
+    - `EventRejected` (the event's fault): the event becomes a rejection, dead-lettered at once;
+    - `Transient`, or what `is_transient` recognises (a dependency down): the batch raises Transient
+      and is retried without end, visible on /healthz;
+    - anything else (most likely a bug): the batch raises it, so the loop retries it against its poison
+      budget, splits it and dead-letters the event that still fails alone, counted in
+      pipeline_unexpected_errors_total.
+    An event that succeeded is not handled again when its batch is retried (or split) for another
+    event's failure: only the failed ones are."""
+    # The events of batches that failed, by identity (the loop retries and splits the same objects;
+    # a position need not be unique where events are made up), held until a call covering them returns.
+    succeeded: dict[int, ConsumedEvent] = {}
 
     async def handle_batch(events: list[ConsumedEvent]) -> list[Rejection]:
-        results = await asyncio.gather(*(handle(e) for e in events), return_exceptions=True)
-        failures = [(e, r) for e, r in zip(events, results) if isinstance(r, BaseException)]
-        for _, error in failures:
-            if not isinstance(error, Exception) or isinstance(error, Transient):
-                raise error
-            if is_transient(error):  # as Transient, or the loop would count it against the poison budget
-                raise Transient(f"{type(error).__name__}: {untrusted(str(error))}") from error
-        return [Rejection(e, error) for e, error in failures]
+        todo = [e for e in events if succeeded.get(id(e)) is not e]
+        results = await asyncio.gather(*(handle(e) for e in todo), return_exceptions=True)
+        failures = [(e, r) for e, r in zip(todo, results, strict=True) if isinstance(r, BaseException)]
+        for e, r in zip(todo, results, strict=True):
+            if not isinstance(r, BaseException):
+                succeeded[id(e)] = e
+        _raise_unless_rejections(failures, is_transient)
+        for e in events:
+            succeeded.pop(id(e), None)
+        return [Rejection(e, error) for e, error in failures if isinstance(error, Exception)]
 
     return handle_batch
+
+
+def _raise_unless_rejections(failures: list[tuple[ConsumedEvent, BaseException]],
+                             is_transient: Callable[[Exception], bool]) -> None:
+    """Raises what makes the batch be retried: a transient failure first (it costs no poison budget,
+    and the bug, if there is one, still shows once the dependency is back), else an unexpected one."""
+    unexpected = None
+    for _, error in failures:
+        if not isinstance(error, Exception) or isinstance(error, Transient):
+            raise error
+        if is_transient(error):  # as Transient, or the loop would count it against the poison budget
+            raise Transient(f"{type(error).__name__}: {untrusted(str(error))}") from error
+        if not isinstance(error, EventRejected) and unexpected is None:
+            unexpected = error
+    if unexpected is not None:
+        raise unexpected
+
+
+def _partition_of(message: Message) -> tuple[str, int]:
+    """A data message's topic and partition (the client types them optional for its error events)."""
+    return cast(str, message.topic()), cast(int, message.partition())
 
 
 @dataclass
@@ -251,8 +299,10 @@ class _PartitionProgress:
     done: set[int] = field(default_factory=set)
     next_commit: int | None = None
 
-    def committable(self) -> int | None:
-        advanced = False
+    def committable(self, even_if_committed: bool = False) -> int | None:
+        """The position to commit if it advanced since the last call (or at all, `even_if_committed`:
+        a commit queued in the background may not have reached the broker yet)."""
+        advanced = even_if_committed
         while self.pending and self.pending[0] in self.done:
             offset = self.pending.popleft()
             self.done.discard(offset)
@@ -265,21 +315,30 @@ class ConsumerLoop:
     """Consumes topics in batches and hands each decoded batch to `handler`.
 
     Offsets are committed only after the handler returned for every earlier message of the
-    partition. Undecodable messages and rejections go to the dead-letter topic (after its ack)
-    and count as handled. When the handler raises, the batch is retried with back-off and nothing is
-    committed meanwhile: without end for a Transient error (a dependency is down: nothing is wrong
-    with the events), `poison_budget` times in all for any other. A batch that used up its budget is
-    split to find the event(s) that make it fail, which are dead-lettered with the error; the others
-    are handled as usual, in order (see _handled). `stalled_for` says how long the oldest batch in hand
-    has been, for readiness. Up to `max_in_flight` batches run at once; with
-    `overlap_from`, a batch smaller than that waits for the others (and takes what arrives meanwhile):
-    overlapping helps a consumer that is behind, while small batches are faster one after the other.
+    partition. Errors follow the one policy of docs/errors.md: undecodable messages and the handler's
+    rejections (the event's own fault) go to the dead-letter topic (after its ack) and count as
+    handled. When the handler raises, the batch is retried with back-off and nothing is committed
+    meanwhile: without end for a Transient error (a dependency is down: nothing is wrong with the
+    events), `poison_budget` times in all for any other (unexpected: most likely a bug). A batch that
+    used up its budget is split to find the event(s) that make it fail, which are dead-lettered with the
+    error and counted in pipeline_unexpected_errors_total; the others are handled as usual, in order
+    (see _handled). `stalled_for` says how long the oldest batch in hand has been, for readiness.
+
+    Up to `max_in_flight` batches run at once; with `overlap_from`, a batch smaller than that waits for
+    the others (and takes what arrives meanwhile): overlapping helps a consumer that is behind, while
+    small batches are faster one after the other.
+
+    Rebalances: partitions revoked from this consumer are given up only once the batches in hand for
+    them finished and their offsets are committed, for up to `revoke_timeout_s`: the new owner starts
+    after them instead of handling them a second time beside us (for the STK worker, a push in flight
+    would otherwise come back to its new owner as an outcome unknown). Partitions *lost* (the session
+    expired: another consumer may own them already) are dropped at once, with no wait and no commit.
     """
 
     def __init__(self, *, bootstrap: str, group_id: str, topics: list[Topic], codec: Codec,
                  handler: BatchHandler, dead_letters: EventProducer, max_batch: int = 500,
                  max_in_flight: int = 1, overlap_from: int = 1, poll_timeout: float = 0.2,
-                 poison_budget: int = 5, extra_config: dict | None = None):
+                 poison_budget: int = 5, revoke_timeout_s: float = 30.0, extra_config: dict | None = None):
         if poison_budget < 1:
             raise ValueError("poison_budget must be at least 1")
         self.group_id = group_id
@@ -298,6 +357,14 @@ class ConsumerLoop:
         self._slots = asyncio.Semaphore(max_in_flight)
         self._progress: dict[tuple[str, int], _PartitionProgress] = {}
         self._lock = threading.Lock()
+        self._done_changed = threading.Condition(self._lock)  # a revocation waits on it for batches in hand
+        self._running: dict[int, set[tuple[str, int]]] = {}  # batch's id -> its partitions, until it ends
+        # Bounded well below max.poll.interval.ms (300 s): a consumer that blocks in a rebalance
+        # callback longer is thrown out of the group, and its partitions are lost, not handed over.
+        self.revoke_timeout_s = revoke_timeout_s
+        # Partitions revoked during the current fetch (written on the consumer thread, read on the
+        # loop's after the fetch returned): messages of theirs taken before the revocation are dropped.
+        self._revoked_in_fetch: set[tuple[str, int]] = set()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{group_id}-consumer")
         self._consumer = Consumer(client_config({
             "bootstrap.servers": bootstrap,
@@ -318,21 +385,25 @@ class ConsumerLoop:
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         await self._in_thread(self._consumer.subscribe, [t.name for t in self.topics],
-                              on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke)
+                              on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
         tasks: set[asyncio.Task] = set()
         try:
             while not stop.is_set():
                 await self._slots.acquire()
-                messages = await self._in_thread(self._fetch)
-                batch = self._track([m for m in messages if self._is_data(m)])
+                self._revoked_in_fetch.clear()
+                batch = [m for m in await self._in_thread(self._fetch) if self._is_data(m)]
+                if tasks and batch and len(batch) < self.overlap_from:
+                    await asyncio.wait(set(tasks))  # small batches go one after the other...
+                    more = await self._in_thread(self._consumer.consume, self.max_batch - len(batch), 0)
+                    batch += [m for m in more if self._is_data(m)]  # ...with what came meanwhile
+                # Tracked only now, with no consumer call (which may revoke) since the messages of
+                # partitions revoked meanwhile were dropped: a revocation waits for every tracked one.
+                batch = [m for m in batch if _partition_of(m) not in self._revoked_in_fetch]
                 if not batch:
                     self._slots.release()
                     continue
-                if tasks and len(batch) < self.overlap_from:
-                    await asyncio.wait(set(tasks))  # small batches go one after the other...
-                    more = await self._in_thread(self._consumer.consume, self.max_batch - len(batch), 0)
-                    batch += self._track([m for m in more if self._is_data(m)])  # ...with what came meanwhile
-                task = loop.create_task(self._handle(batch, stop))
+                owners = self._track(batch)
+                task = loop.create_task(self._handle(batch, owners, stop))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
@@ -360,11 +431,17 @@ class ConsumerLoop:
             log.warning("consumer error: %s", err.str())
         return False
 
-    def _track(self, messages: list[Message]) -> list[Message]:
+    def _track(self, messages: list[Message]) -> dict[tuple[str, int], _PartitionProgress]:
+        """Hands the messages' offsets out; returns the progress of each partition they belong to, so
+        that a batch finishing after its partition was revoked (and perhaps assigned again) marks nothing."""
+        owners = {}
         with self._lock:
             for m in messages:
-                self._progress.setdefault((m.topic(), m.partition()), _PartitionProgress()).pending.append(m.offset())
-        return messages
+                tp = _partition_of(m)
+                progress = owners[tp] = self._progress.setdefault(tp, _PartitionProgress())
+                progress.pending.append(cast(int, m.offset()))
+            self._running[id(owners)] = set(owners)
+        return owners
 
     def stalled_for(self) -> float:
         """Seconds the oldest batch in hand has been so (0 with none): grows while a batch is retried
@@ -372,7 +449,8 @@ class ConsumerLoop:
         oldest = min(self._in_hand.values(), default=None)
         return 0.0 if oldest is None else time.monotonic() - oldest
 
-    async def _handle(self, messages: list[Message], stop: asyncio.Event) -> None:
+    async def _handle(self, messages: list[Message], owners: dict[tuple[str, int], _PartitionProgress],
+                      stop: asyncio.Event) -> None:
         self._batches += 1
         number = self._batches
         self._in_hand[number] = time.monotonic()
@@ -380,18 +458,23 @@ class ConsumerLoop:
             events, undecodable = self._decode_all(messages)
             await asyncio.gather(*(self._dead_letter(msg, error, stop) for msg, error in undecodable))
             await self._handle_with_retry(events, messages, stop)
-            self._mark_done(messages)
+            self._mark_done(messages, owners)
             self._commit_in_background()
         finally:
             del self._in_hand[number]
+            with self._done_changed:  # done, or given up (stopping): a revocation waits no more for it
+                del self._running[id(owners)]
+                self._done_changed.notify_all()
             self._slots.release()
 
     def _decode_all(self, messages: list[Message]) -> tuple[list[ConsumedEvent], list[tuple[Message, Exception]]]:
-        events, undecodable = [], []
+        events: list[ConsumedEvent] = []
+        undecodable: list[tuple[Message, Exception]] = []
         for m in messages:
             try:
                 schema, value = self.codec.decode(m.value())
-                events.append(ConsumedEvent(m.topic(), m.partition(), m.offset(), m.key(), schema, value, m.value()))
+                events.append(ConsumedEvent(*_partition_of(m), cast(int, m.offset()), m.key(), schema, value,
+                                            m.value()))
             except DecodeError as exc:
                 undecodable.append((m, exc))
         return events, undecodable
@@ -405,8 +488,8 @@ class ConsumerLoop:
         await asyncio.gather(*(self._dead_letter(by_position[(r.event.topic, r.event.partition, r.event.offset)],
                                                  r.error, stop) for r in rejections))
         rejected = {(r.event.topic, r.event.partition, r.event.offset) for r in rejections}
-        outcomes = collections.Counter((e.topic, "dead_letter" if (e.topic, e.partition, e.offset) in rejected else "ok")
-                                       for e in events)
+        outcomes = collections.Counter(
+            (e.topic, "dead_letter" if (e.topic, e.partition, e.offset) in rejected else "ok") for e in events)
         for (topic, result), n in outcomes.items():
             EVENTS_IN.labels(topic, result).inc(n)
 
@@ -418,6 +501,27 @@ class ConsumerLoop:
         event alone the whole budget again, since dead-lettering is for good: an event still failing
         alone after that is poison and is rejected with its last error, and k of them among n cost
         about 2·budget·k + 2k·log2(n) attempts instead of stopping the partition."""
+        outcome = await self._tried(events, stop, attempts)
+        if not isinstance(outcome, Exception):
+            return outcome
+        error = outcome
+        if len(events) == 1:
+            e = events[0]
+            UNEXPECTED_ERRORS.labels(self.group_id, type(error).__name__).inc()
+            log.error("%s[%d]@%d failed %d times alone, dead-lettered: %s: %s (raised at %s)", e.topic, e.partition,
+                      e.offset, attempts, type(error).__name__, untrusted(str(error)), _where(error))
+            return [Rejection(e, error)]
+        log.error("batch of %d failed %d times (%s), split to find the event that fails", len(events), attempts,
+                  type(error).__name__)
+        half = len(events) // 2
+        first, second = events[:half], events[half:]
+        return (await self._handled(first, stop, self.poison_budget if len(first) == 1 else 1)
+                + await self._handled(second, stop, self.poison_budget if len(second) == 1 else 1))
+
+    async def _tried(self, events: list[ConsumedEvent], stop: asyncio.Event, attempts: int
+                     ) -> list[Rejection] | Exception:
+        """The handler's rejections once it returned, or its last error after `attempts` failures that
+        were not Transient (a Transient one is retried for as long as it takes)."""
         failures, delay = 0, 0.1
         while True:
             started = time.perf_counter()
@@ -432,8 +536,7 @@ class ConsumerLoop:
                 if not transient:
                     failures += 1
                 if failures >= attempts:
-                    error = exc
-                    break
+                    return exc
                 # The error's text may quote an event: made safe, and no traceback (it repeats the text).
                 log.log(logging.WARNING if transient else logging.ERROR,
                         "batch of %d failed (%s), retrying in %.1fs: %s: %s (raised at %s)", len(events),
@@ -441,17 +544,6 @@ class ConsumerLoop:
                         type(exc).__name__, untrusted(str(exc)), _where(exc))
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 10.0)
-        if len(events) == 1:
-            e = events[0]
-            log.error("%s[%d]@%d failed %d times alone, dead-lettered: %s: %s (raised at %s)", e.topic, e.partition,
-                      e.offset, attempts, type(error).__name__, untrusted(str(error)), _where(error))
-            return [Rejection(e, error)]
-        log.error("batch of %d failed %d times (%s), split to find the event that fails", len(events), attempts,
-                  type(error).__name__)
-        half = len(events) // 2
-        first, second = events[:half], events[half:]
-        return (await self._handled(first, stop, self.poison_budget if len(first) == 1 else 1)
-                + await self._handled(second, stop, self.poison_budget if len(second) == 1 else 1))
 
     async def _dead_letter(self, msg: Message, error: Exception, stop: asyncio.Event) -> None:
         """Publishes the message with its error to the dead-letter topic, retrying until Kafka acks
@@ -479,12 +571,12 @@ class ConsumerLoop:
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 10.0)
 
-    def _mark_done(self, messages: list[Message]) -> None:
-        with self._lock:
+    def _mark_done(self, messages: list[Message], owners: dict[tuple[str, int], _PartitionProgress]) -> None:
+        with self._done_changed:
             for m in messages:
-                progress = self._progress.get((m.topic(), m.partition()))
-                if progress is not None:  # None: partition revoked meanwhile; its new owner redoes it
-                    progress.done.add(m.offset())
+                tp = _partition_of(m)
+                if self._progress.get(tp) is owners[tp]:  # else revoked meanwhile: its new owner redoes it
+                    owners[tp].done.add(cast(int, m.offset()))
 
     async def _commit(self) -> None:
         offsets = self._committable()
@@ -505,7 +597,7 @@ class ConsumerLoop:
             for (topic, partition), progress in self._progress.items():
                 if only is not None and (topic, partition) not in only:
                     continue
-                position = progress.committable()
+                position = progress.committable(even_if_committed=only is not None)
                 if position is not None:
                     result.append(TopicPartition(topic, partition, position))
             return result
@@ -516,7 +608,16 @@ class ConsumerLoop:
         log.info("assigned %s", [(p.topic, p.partition) for p in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Waits for the batches in hand of the revoked partitions (they run on the event loop, which
+        this thread does not block), then commits them and gives the partitions up."""
         revoked = {(p.topic, p.partition) for p in partitions}
+        self._revoked_in_fetch |= revoked
+        with self._done_changed:
+            finished = self._done_changed.wait_for(lambda: not self._in_hand_of(revoked), self.revoke_timeout_s)
+        if not finished:
+            REVOKE_TIMEOUTS.labels(self.group_id).inc()
+            log.warning("revoked partitions given up after %.0fs with events still in hand: their new owner "
+                        "handles those again", self.revoke_timeout_s)
         offsets = self._committable(only=revoked)
         if offsets:
             try:
@@ -527,3 +628,16 @@ class ConsumerLoop:
             for tp in revoked:
                 self._progress.pop(tp, None)
         log.info("revoked %s", sorted(revoked))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Another consumer may own these already: nothing to wait for, nothing we may commit."""
+        lost = {(p.topic, p.partition) for p in partitions}
+        self._revoked_in_fetch |= lost
+        with self._lock:
+            for tp in lost:
+                self._progress.pop(tp, None)
+        log.warning("lost %s: events in hand of theirs are handled again by their new owner", sorted(lost))
+
+    def _in_hand_of(self, partitions: set[tuple[str, int]]) -> bool:
+        """Whether a batch holding events of these partitions is running (call under the lock)."""
+        return any(running & partitions for running in self._running.values())

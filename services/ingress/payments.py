@@ -115,7 +115,9 @@ class PaymentIntake:
         # publish the event fixed at the claim. A duplicate on the topic is the same event id.
         await self._publish(request, idempotency_key, record)
         self._store.mark_published(record.payment_id)
-        return Accepted(record.payment_id, replayed=not record.claimed)
+        # Not a replay even when an earlier attempt claimed the key: that attempt was answered 503 (its
+        # publish failed) or died unanswered, so this is the first 202 its caller sees for the key.
+        return Accepted(record.payment_id, replayed=False)
 
     async def _publish(self, request: PaymentRequest, idempotency_key: str, record: Record) -> None:
         event = requested_event(request, idempotency_key, record)

@@ -12,7 +12,7 @@ import logging
 import re
 
 from services.common.ids import new_id
-from services.common.kafka import ConsumedEvent, Publisher, PublishError
+from services.common.kafka import ConsumedEvent, EventRejected, Publisher, PublishError
 from services.common.text import untrusted
 from services.common.topics import PAYMENT_REQUESTED, Topic, upstream_requested_topic
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 PAYMENT_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._~-]{0,63}")
 
 
-class NotAllowed(Exception):
+class NotAllowed(EventRejected):
     """The producer of this event may not request payments for its channel (or sent something else)."""
 
 

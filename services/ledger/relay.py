@@ -8,6 +8,15 @@ publishes rows older than `stale_after_s` (left by a ledger that stopped), with 
 several ledgers can scan at once. At least once: a crash between the broker's ack and the delete,
 or a scan overtaking another ledger's fast path, republishes rows, which consumers deduplicate by
 event_id.
+
+How many a crash republishes is bounded: rows go out `batch` (100) at a time, and each lot is deleted
+as soon as Kafka acknowledged it, before the next is produced, so a ledger killed at any moment leaves
+at most one lot that went out and is still in the table. Before, a transaction's rows (up to one per
+event of a 500-event batch) or a catch-up scan of 500 went out as one lot: a `kill -9` republished
+hundreds of status events. The delete commits without waiting for the disk (synchronous_commit off):
+a ledger killed is unaffected (the server has it), but PostgreSQL itself crashing or stopped
+"immediate" loses the deletes of its last moments (up to three wal_writer_delay, 0.6 s by default),
+whose rows go out again.
 """
 from __future__ import annotations
 
@@ -17,20 +26,23 @@ import logging
 
 import psycopg
 from prometheus_client import Gauge
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
 
 from services.common.kafka import EventProducer, PublishError
 from services.common.topics import ALL_TOPICS
 
 log = logging.getLogger(__name__)
-LEFT_BEHIND = Gauge("ledger_outbox_left_behind", "Outbox rows the last backstop scan found unpublished (one batch at most)")
+LEFT_BEHIND = Gauge("ledger_outbox_left_behind",
+                    "Outbox rows the last backstop scan found unpublished (one batch at most)")
 TOPICS = {t.name: t for t in ALL_TOPICS}
 
 OutboxRow = tuple[int, str, bytes, bytes]  # id, topic, key, payload
 
 
 class OutboxRelay:
-    def __init__(self, pool, producer: EventProducer, batch: int = 500, idle_poll_s: float = 1.0,
-                 stale_after_s: float = 5.0):
+    def __init__(self, pool: AsyncConnectionPool, producer: EventProducer, batch: int = 100,
+                 idle_poll_s: float = 1.0, stale_after_s: float = 5.0):
         self.pool = pool
         self.producer = producer
         self.batch = batch
@@ -76,9 +88,13 @@ class OutboxRelay:
             w.cancel()
 
     async def publish(self, rows: list[OutboxRow]) -> None:
-        await self._produce(rows)
-        async with self.pool.connection() as conn, conn.transaction():
-            await _delete(conn, rows)
+        """Publishes one transaction's rows in order, `batch` at a time, each lot deleted once acked:
+        what a crash republishes is at most the lot in flight."""
+        for start in range(0, len(rows), self.batch):
+            lot = rows[start:start + self.batch]
+            await self._produce(lot)
+            async with self.pool.connection() as conn, conn.transaction():
+                await _delete(conn, lot)
 
     async def publish_stale(self, older_than_s: float | None = None) -> int:
         """Publishes up to one batch of rows older than `older_than_s` (default: the backstop's age)."""
@@ -99,7 +115,7 @@ class OutboxRelay:
         await self.producer.publish_many([(TOPICS[t], bytes(k), bytes(p)) for _, t, k, p in rows])
 
 
-async def _delete(conn, rows: list[OutboxRow]) -> None:
+async def _delete(conn: AsyncConnection, rows: list[OutboxRow]) -> None:
     """The delete need not wait for the disk: if it is lost, the rows are published again."""
     async with conn.pipeline():
         await conn.execute("SET LOCAL synchronous_commit TO off")

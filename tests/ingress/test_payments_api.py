@@ -372,6 +372,8 @@ async def test_kafka_down_is_503_and_a_retry_publishes_the_same_payment(infra, i
         assert (await http.get(f"/api/payments/{claimed['payment_id']}")).status_code == 200
     assert accepted.status_code == 202, accepted.text
     assert accepted.json()["paymentId"] == replay.json()["paymentId"] == claimed["payment_id"]
+    # The first 202 for the key is no replay, whatever the 503s before it claimed; the next one is.
+    assert (accepted.headers["Idempotent-Replayed"], replay.headers["Idempotent-Replayed"]) == ("false", "true")
     [(_, event)] = topic.events(of_channel(channel_id))
     assert (event["payment_id"], event["event_id"]) == (claimed["payment_id"], claimed["event_id"])
     # The publish is recorded after the answer, without holding it up.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import subprocess
 import sys
 import uuid
@@ -228,13 +229,13 @@ async def test_transient_failures_never_use_up_the_poison_budget(kafka_bootstrap
 async def test_per_event_reports_a_transient_error_as_transient_so_it_is_never_dead_lettered():
     """The STK worker's adapter: a dependency error its is_transient recognises (Kafka, the database)
     must reach the loop as Transient, or the poison budget would dead-letter a payment request."""
-    from services.common.kafka import ConsumedEvent, per_event
+    from services.common.kafka import ConsumedEvent, EventRejected, per_event
 
     async def handle(event):
         if event.offset == 1:
             raise ConnectionResetError("database connection lost")
         if event.offset == 2:
-            raise ValueError("not a payment")
+            raise EventRejected("not a payment")
 
     handler = per_event(handle, is_transient=lambda exc: isinstance(exc, ConnectionResetError))
     events = [ConsumedEvent("t", 0, n, None, "payment_requested", {}) for n in range(3)]
@@ -242,7 +243,173 @@ async def test_per_event_reports_a_transient_error_as_transient_so_it_is_never_d
         await handler(events)
     assert isinstance(raised.value.__cause__, ConnectionResetError)
     rejections = await handler([events[0], events[2]])
-    assert [(r.event.offset, type(r.error).__name__) for r in rejections] == [(2, "ValueError")]
+    assert [(r.event.offset, type(r.error).__name__) for r in rejections] == [(2, "EventRejected")]
+
+
+async def test_per_event_raises_an_unexpected_error_for_the_poison_budget_and_retries_only_what_failed():
+    """One policy for every consumer (docs/errors.md): an error the handler did not declare as the
+    event's fault is most likely a bug, so it is not dead-lettered at once (that would hide a payment
+    until its review deadline) but raised, for the loop to retry against its poison budget. A retry
+    handles again only the events that failed."""
+    from services.common.kafka import ConsumedEvent, per_event
+
+    handled, buggy = [], True
+
+    async def handle(event):
+        handled.append(event.offset)
+        if event.offset == 1 and buggy:
+            raise KeyError("amount")
+
+    handler = per_event(handle, is_transient=lambda exc: False)
+    events = [ConsumedEvent("t", 0, n, None, "payment_requested", {}) for n in range(3)]
+    with pytest.raises(KeyError):
+        await handler(events)
+    with pytest.raises(KeyError):
+        await handler(events)
+    buggy = False  # the fault passed (or the loop split the batch down to the others)
+    assert await handler(events) == []
+    assert sorted(handled) == [0, 1, 1, 1, 2]
+    assert await handler(events) == [] and len(handled) == 8  # a batch that returned is forgotten
+
+
+async def test_an_unexpected_error_in_a_per_event_handler_is_dead_lettered_after_the_budget_and_counted(
+        kafka_bootstrap, codec, producer, unique):
+    from prometheus_client import REGISTRY
+
+    from services.common.kafka import per_event
+
+    topic = own_topic(kafka_bootstrap, unique)
+    channel = f"ch-{unique}"
+    events = [sample_request(channel, str(uuid.uuid4())) for _ in range(6)]
+    bug = events[2]
+    mark = end_offsets(kafka_bootstrap, DEAD_LETTER.name)
+    await producer.publish_many([(topic, channel.encode(), codec.encode(topic.schema, e)) for e in events])
+    tries: collections.Counter[str] = collections.Counter()
+    seen: list[str] = []
+
+    async def handle(event):
+        tries[event.value["event_id"]] += 1
+        if event.value["event_id"] == bug["event_id"]:
+            raise ZeroDivisionError("a bug this event triggers")
+        seen.append(event.value["event_id"])
+
+    def alerts():
+        return REGISTRY.get_sample_value("pipeline_unexpected_errors_total",
+                                         {"group": f"g-{unique}", "error_type": "ZeroDivisionError"}) or 0
+
+    loop = ConsumerLoop(bootstrap=kafka_bootstrap, group_id=f"g-{unique}", topics=[topic], codec=codec,
+                        handler=per_event(handle, lambda exc: False), dead_letters=producer, poll_timeout=0.1,
+                        poison_budget=3)
+    await run_until(loop, lambda: len(seen) == 5 and alerts() == 1, timeout=60)
+
+    assert sorted(seen) == sorted(e["event_id"] for e in events if e is not bug)
+    assert tries[bug["event_id"]] > 3  # retried against the budget, not dead-lettered at the first failure
+    assert all(tries[e["event_id"]] == 1 for e in events if e is not bug)  # the others handled once
+    letters = read_all(kafka_bootstrap, DEAD_LETTER.name,
+                       lambda m: codec.decode(m.value())[1]["source_topic"] == topic.name, expected=1, since=mark)
+    assert [codec.decode(m.value())[1]["error_type"] for m in letters] == ["ZeroDivisionError"]
+
+
+async def test_a_rebalance_lets_the_batches_in_hand_finish_and_commits_them_before_the_partitions_move(
+        kafka_bootstrap, codec, producer, unique):
+    """A second consumer joins while the first has slow batches in hand: the first gives a partition up
+    only once those finished and were committed, so every event is handled exactly once across both
+    (without the wait, the new owner would start from the last commit and handle them again)."""
+    topic = own_topic(kafka_bootstrap, unique)
+    events = [sample_request(f"ch-{unique}-{n}", str(uuid.uuid4())) for n in range(200)]  # keys on both partitions
+    for e in events:  # one record batch each, so that small fetches interleave the partitions
+        await producer.publish(topic, e)
+    handled: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)  # event id -> (consumer, partition)
+
+    def slow_loop(name: str, delay_s: float) -> ConsumerLoop:
+        async def handler(batch):
+            await asyncio.sleep(delay_s)  # a batch of Daraja calls
+            for e in batch:
+                handled[e.value["event_id"]].append((name, e.partition))
+            return []
+        return ConsumerLoop(bootstrap=kafka_bootstrap, group_id=f"g-{unique}", topics=[topic], codec=codec,
+                            handler=handler, dead_letters=producer, max_batch=10, max_in_flight=8,
+                            poll_timeout=0.1, extra_config={"max.partition.fetch.bytes": 1000})
+
+    first, second = slow_loop("first", 1.0), slow_loop("second", 0.05)
+    in_hand_when_revoked = []
+    on_revoke = first._on_revoke
+
+    def recording_revoke(consumer, partitions):
+        with first._lock:
+            in_hand_when_revoked.append(first._in_hand_of({(p.topic, p.partition) for p in partitions}))
+        on_revoke(consumer, partitions)
+    first._on_revoke = recording_revoke  # type: ignore[method-assign]  # before run() subscribes with it
+    stop_first, stop_second = asyncio.Event(), asyncio.Event()
+    running_first = asyncio.create_task(first.run(stop_first))
+    try:
+        await eventually(lambda: _true(first._running), timeout=30, interval=0.01)  # batches in hand
+        running_second = asyncio.create_task(second.run(stop_second))
+        try:
+            await eventually(lambda: _true(len(handled) == len(events)), timeout=90, interval=0.1)
+            await asyncio.sleep(1)  # room for a second handling, if one were coming
+        finally:
+            stop_second.set()
+            await asyncio.wait_for(running_second, 30)
+    finally:
+        stop_first.set()
+        await asyncio.wait_for(running_first, 30)
+
+    assert in_hand_when_revoked[0] is True  # the first consumer had events of the moving partition in hand
+    twice = {event_id: by for event_id, by in handled.items() if len(by) > 1}
+    assert twice == {}, f"{len(twice)} events handled twice, e.g. {list(twice.values())[:3]}"
+    owners = collections.defaultdict(set)
+    for [(name, partition)] in handled.values():
+        owners[partition].add(name)
+    assert {"first", "second"} in owners.values()  # a partition really moved with events in hand
+    assert sum(len(by) for by in handled.values()) == len(events)
+
+
+async def test_a_batch_that_never_finishes_holds_a_rebalance_up_only_until_the_revoke_timeout(
+        kafka_bootstrap, codec, producer, unique):
+    """A hung handler must not keep a partition from its new owner: the revocation gives up after
+    revoke_timeout_s, counts it, and the new owner handles the event again (at least once)."""
+    from prometheus_client import REGISTRY
+
+    topic = own_topic(kafka_bootstrap, unique)
+    events = [sample_request(f"ch-{unique}-{n}", str(uuid.uuid4())) for n in range(8)]  # keys on both partitions
+    for e in events:
+        await producer.publish(topic, e)
+    hung, released, seen = [], asyncio.Event(), []
+
+    async def hangs(batch):
+        hung.extend(batch)
+        await released.wait()  # until the end of the test
+        return []
+
+    async def records(batch):
+        seen.extend(batch)
+        return []
+
+    first = ConsumerLoop(bootstrap=kafka_bootstrap, group_id=f"g-{unique}", topics=[topic], codec=codec,
+                         handler=hangs, dead_letters=producer, poll_timeout=0.1, max_batch=100, max_in_flight=3,
+                         revoke_timeout_s=2)
+    second = ConsumerLoop(bootstrap=kafka_bootstrap, group_id=f"g-{unique}", topics=[topic], codec=codec,
+                          handler=records, dead_letters=producer, poll_timeout=0.1)
+    stop_first = asyncio.Event()
+    running_first = asyncio.create_task(first.run(stop_first))
+    try:
+        await eventually(lambda: _true(len(hung) == len(events)), timeout=30, interval=0.05)
+        # The moved partition's events, hung in the first consumer, all handled by the second.
+        await run_until(second, lambda: bool(seen) and len(seen) == sum(e.partition == seen[0].partition
+                                                                         for e in hung), timeout=60)
+    finally:
+        released.set()
+        stop_first.set()
+        await asyncio.wait_for(running_first, 30)
+    moved = {e.partition for e in seen}
+    assert len(moved) == 1 and {e.value["event_id"] for e in seen} == {
+        e.value["event_id"] for e in hung if e.partition in moved}
+    assert REGISTRY.get_sample_value("pipeline_revoke_timeouts_total", {"group": f"g-{unique}"}) == 1
+
+
+async def _true(value) -> bool:
+    return bool(value)
 
 
 @pytest.mark.parametrize("stuck", ["retrying", "hanging"])
