@@ -336,7 +336,7 @@ class ConsumerLoop:
     """
 
     def __init__(self, *, bootstrap: str, group_id: str, topics: list[Topic], codec: Codec,
-                 handler: BatchHandler, dead_letters: EventProducer, max_batch: int = 500,
+                 handler: BatchHandler, dead_letters: Publisher, max_batch: int = 500,
                  max_in_flight: int = 1, overlap_from: int = 1, poll_timeout: float = 0.2,
                  poison_budget: int = 5, revoke_timeout_s: float = 30.0, extra_config: dict | None = None):
         if poison_budget < 1:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Sequence
 
 from psycopg import AsyncConnection, Error as DatabaseError
 from psycopg.rows import dict_row
@@ -137,9 +137,9 @@ class IdempotencyStore:
             existing, unmarked = {}, set()
             if lost:
                 unmarked = set(self._published_unmarked)  # before the read: see _theirs
-                cur = conn.cursor(row_factory=dict_row)
-                await cur.execute(_EXISTING, ([c.channel_id for c in lost], [c.idempotency_key for c in lost]))
-                existing = {(r["channel_id"], r["idempotency_key"]): r for r in await cur.fetchall()}
+                rows = conn.cursor(row_factory=dict_row)
+                await rows.execute(_EXISTING, ([c.channel_id for c in lost], [c.idempotency_key for c in lost]))
+                existing = {(r["channel_id"], r["idempotency_key"]): r for r in await rows.fetchall()}
         return [_ours(c) if c.payment_id in won else _theirs(existing[(c.channel_id, c.idempotency_key)], unmarked)
                 for c in claims]
 
@@ -171,7 +171,7 @@ class HeldConnection:
         return self._connection
 
     async def __aexit__(self, exc_type, exc, traceback) -> None:
-        if exc_type is not None or self._connection.closed:
+        if exc_type is not None or self._connection is None or self._connection.closed:
             await self.give_back()
 
     async def give_back(self) -> None:
