@@ -10,7 +10,7 @@ from services.common.kafka import new_event_fields
 from services.common.topics import PAYMENT_STATUS, STK_PUSH_RESULT, STK_QUERY_REQUESTED, STK_QUERY_RESULT
 from services.ledger.service import ALERTS, REFUSED, Ledger
 from tests.ledger.callbacks import OMIT, failure, success
-from tests.ledger.test_ledger_db import accepted, callback, event, receipt, requested
+from tests.ledger.test_ledger_db import accepted, callback, event, receipt, reconciler_of, requested
 
 
 def push_unknown(channel, payment_id):
@@ -67,8 +67,8 @@ def count(metric, label) -> float:
 
 
 @pytest.fixture
-def ledger(pool, codec):
-    return Ledger(pool, codec)
+def ledger(pool, codec, clock):
+    return Ledger(pool, codec, clock=clock)
 
 
 async def test_a_success_waits_parked_until_the_push_result_names_its_checkout_id(ledger, pool, unique):
@@ -185,12 +185,11 @@ async def test_a_proven_success_after_cancel_keeps_its_receipt_and_says_it_in_th
 
 
 async def test_a_callback_for_a_payment_final_longer_than_the_ttl_is_refused_and_changes_nothing(
-        ledger, pool, unique):
+        ledger, pool, clock, unique):
     channel, pid, checkout = f"ch-{unique}", str(uuid.uuid4()), f"ws_CO_{unique}"
     await ledger.handle_batch([requested(channel, pid), accepted(channel, pid, checkout),
                                callback(channel, pid, success(checkout, receipt=receipt(unique)))])
-    async with pool.connection() as conn:
-        await conn.execute("UPDATE payments SET final_at = now() - interval '25 hours' WHERE payment_id = %s", (pid,))
+    clock.advance(25 * 3600)
     refused, alerts = count(REFUSED, "expired"), count(ALERTS, "contradiction_after_settled")
     await ledger.handle_batch([callback(channel, pid, failure(checkout, 1032))])
     shown = await payment(pool, pid)
@@ -201,15 +200,13 @@ async def test_a_callback_for_a_payment_final_longer_than_the_ttl_is_refused_and
 
 
 async def test_the_reconciler_asks_again_about_the_callbacks_checkout_id_while_the_query_says_processing(
-        ledger, pool, codec, unique):
-    from services.ledger.reconciler import Reconciler
+        ledger, pool, codec, clock, unique):
     channel, pid, checkout = f"ch-{unique}", str(uuid.uuid4()), f"ws_CO_{unique}"
     await ledger.handle_batch([requested(channel, pid), push_unknown(channel, pid),
                                callback(channel, pid, success(checkout, phone=OMIT, receipt=receipt(unique))),
                                query_result(channel, pid, checkout, "PROCESSING", "4999")])
-    async with pool.connection() as conn:  # as if the back-off had passed (it comes first among those due)
-        await conn.execute("UPDATE payments SET next_query_at = now() - interval '1 day' WHERE payment_id = %s", (pid,))
-    await Reconciler(pool, codec, ledger.settings).tick()
+    clock.advance(16)  # past the first back-off (15 s), long before the review deadline
+    assert await reconciler_of(ledger, pool, [pid]).tick() == 1
     asked = await outbox_for(pool, codec, channel, STK_QUERY_REQUESTED)
     assert [(q["checkout_request_id"], q["reason"], q["attempt"]) for q in asked] == [
         (checkout, "CONFIRM_CALLBACK", 1), (checkout, "CONFIRM_CALLBACK", 2)]

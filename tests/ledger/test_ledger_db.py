@@ -9,10 +9,11 @@ import pytest
 
 from services.common.kafka import ConsumedEvent, PublishError, new_event_fields
 from services.common.topics import CALLBACK_RAW, PAYMENT_REQUESTED, PAYMENT_STATUS, STK_PUSH_RESULT
-from services.ledger import store
+from services.ledger import application, store
+from services.ledger.postgres import PostgresUnitOfWork
+from services.ledger.reconciler import Reconciler, due_payments
 from services.ledger.relay import OutboxRelay
-from services.ledger.facts import fact_of
-from services.ledger.service import FactBatch, Ledger, LedgerSettings
+from services.ledger.service import Ledger
 from tests.conftest import database_url_of, eventually
 from tests.ledger.callbacks import success
 from tests.platform.kafka_helpers import end_offsets, read_all
@@ -65,9 +66,25 @@ async def state_of(pool, payment_id):
         return row
 
 
+def reconciler_of(ledger: Ledger, pool, payment_ids) -> Reconciler:
+    """The ledger's reconciler, seeing only these payments among those due: with the clock moved on,
+    every open payment in the database is due, and those of other tests are theirs to reconcile."""
+    async def ours(conn, now, limit):
+        return [p for p in await due_payments(conn, now, 1_000_000) if p in payment_ids][:limit]
+
+    return Reconciler(pool, ledger.service, ledger.service.clock, due=ours)
+
+
+async def lock_waits(pool) -> int:
+    """Transactions waiting for an advisory lock (the ledger's payment locks)."""
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+        return (await cur.fetchone())[0]
+
+
 @pytest.fixture
-def ledger(ledger_pool, codec):
-    return Ledger(ledger_pool, codec)
+def ledger(ledger_pool, codec, clock):
+    return Ledger(ledger_pool, codec, clock=clock)
 
 
 async def test_request_push_callback_settles_and_redelivery_changes_nothing(ledger, pool, unique):
@@ -114,13 +131,15 @@ async def test_a_fact_for_a_payment_being_created_by_another_transaction_waits_f
     push result must not be parked behind the back of the transaction creating its payment."""
     channel, pid = f"ch-{unique}", str(uuid.uuid4())
     async with pool.connection() as conn, conn.transaction():
-        creating = FactBatch(conn, codec, LedgerSettings())
-        await creating.prefetch([pid])
-        request = requested(channel, pid)
-        await creating.apply(request, pid, fact_of(request)[1])
-        await creating.flush()
+        uow = PostgresUnitOfWork(conn, ledger.settings.channel_cache_ttl_s)
+        await ledger.service.apply_within(uow, [ledger.ledger_input(requested(channel, pid))])
+        waiting_before = await lock_waits(pool)
         other = asyncio.create_task(ledger.handle_batch([accepted(channel, pid, f"ws_CO_{unique}")]))
-        await asyncio.sleep(0.5)
+
+        async def blocked():
+            return await lock_waits(pool) > waiting_before
+
+        await eventually(blocked, timeout=30)
         assert not other.done()  # waits for the payment's lock, whether the row exists yet or not
     assert await other == []
     assert await state_of(pool, pid) == ("Pending", None)
@@ -149,34 +168,30 @@ async def test_a_reused_receipt_goes_to_review(ledger, pool, unique):
     assert await state_of(pool, second) == ("Review", None)
 
 
-async def test_a_request_that_never_gets_a_push_result_goes_to_review_at_the_deadline(ledger, pool, ledger_pool, codec,
+async def test_a_request_that_never_gets_a_push_result_goes_to_review_at_the_deadline(ledger, pool, ledger_pool, clock,
                                                                                      unique):
-    from services.ledger.reconciler import Reconciler
     pid = str(uuid.uuid4())
     await ledger.handle_batch([requested(f"ch-{unique}", pid)])
     async with pool.connection() as conn:
         deadline = (await (await conn.execute("SELECT next_query_at - requested_at FROM payments WHERE payment_id = %s",
                                               (pid,))).fetchone())[0]
-        assert deadline.total_seconds() >= ledger.settings.review_after.total_seconds() - 5
-        # As if the deadline had passed (other open payments past their deadline are reviewed too, rightly).
-        await conn.execute("UPDATE payments SET requested_at = now() - interval '1 day', next_query_at = now()"
-                           " WHERE payment_id = %s", (pid,))
-        await conn.commit()
-    reconciler = Reconciler(ledger_pool, codec, ledger.settings)
-    while (await state_of(pool, pid))[0] != "Review" and await reconciler.tick():
-        pass
+    assert deadline == ledger.settings.review_after  # counted from the request
+    reconciler = reconciler_of(ledger, ledger_pool, [pid])
+    clock.advance(ledger.settings.review_after.total_seconds() - 10)
+    assert await reconciler.tick() == 0 and (await state_of(pool, pid))[0] == "Requested"  # not yet due
+    clock.advance(11)
+    assert await reconciler.tick() == 1
     assert (await state_of(pool, pid))[0] == "Review"
 
 
-async def test_a_fact_whose_payment_never_comes_is_surfaced_by_the_parked_fact_gauges(ledger, pool, ledger_pool, codec,
+async def test_a_fact_whose_payment_never_comes_is_surfaced_by_the_parked_fact_gauges(ledger, pool, ledger_pool, clock,
                                                                                       unique):
-    from services.ledger.reconciler import OLDEST_WAITING, WAITING, Reconciler
+    from services.ledger.reconciler import OLDEST_WAITING, WAITING
     pid = str(uuid.uuid4())
     await ledger.handle_batch([callback(f"ch-{unique}", pid, success(f"ws_CO_{unique}", receipt=receipt(unique)))])
-    async with pool.connection() as conn:  # as if it had waited an hour
-        await conn.execute("UPDATE parked_facts SET parked_at = now() - interval '1 hour' WHERE payment_id = %s", (pid,))
+    clock.advance(3600)  # as if it had waited an hour
     try:
-        await Reconciler(ledger_pool, codec, ledger.settings).tick()
+        await reconciler_of(ledger, ledger_pool, [pid]).tick()
         assert WAITING._value.get() >= 1
         assert OLDEST_WAITING._value.get() >= 3600
     finally:
@@ -384,32 +399,30 @@ async def test_after_a_failed_publish_the_relay_catches_up_from_the_table_in_ord
 
 
 async def test_a_payment_the_reconciler_cannot_reconcile_is_set_aside_and_the_others_go_on(
-        ledger, pool, ledger_pool, codec, unique, monkeypatch):
+        ledger, pool, ledger_pool, clock, unique, monkeypatch):
     """One payment whose reconciliation raises (a bug, a row an older version wrote) used to roll back
     every payment of the tick, first in line forever, and the error stopped the ledger: every() lets
     only a database outage pass."""
-    from services.ledger.reconciler import SET_ASIDE, Reconciler
+    from services.ledger.reconciler import SET_ASIDE
     bad, good = str(uuid.uuid4()), str(uuid.uuid4())
-    await ledger.handle_batch([requested(f"ch-{unique}", bad), requested(f"ch-{unique}", good)])
-    async with pool.connection() as conn:  # both past their deadline, the bad one first in line
-        await conn.execute("UPDATE payments SET requested_at = now() - interval '1 day', next_query_at = now()"
-                           " - CASE WHEN payment_id = %s THEN interval '2 days' ELSE interval '1 day' END"
-                           " WHERE payment_id = ANY(%s)", (bad, [bad, good]))
-    reconciler = Reconciler(ledger_pool, codec, ledger.settings)
-    reconcile = reconciler._reconcile
+    await ledger.handle_batch([requested(f"ch-{unique}", bad)])
+    await ledger.handle_batch([requested(f"ch-{unique}", good)])  # requested later: the bad one is first in line
+    clock.advance(ledger.settings.review_after.total_seconds() + 60)  # both past their deadline
+    reconciler = reconciler_of(ledger, ledger_pool, [bad, good])
+    reconcile = application.Batch.reconcile
 
-    async def failing_for_bad(batch, row):
-        if row["payment_id"] == bad:
+    async def failing_for_bad(batch, record):
+        if record.payment_id == bad:
             raise RuntimeError("cannot reconcile this one")
-        return await reconcile(batch, row)
+        return await reconcile(batch, record)
 
-    monkeypatch.setattr(reconciler, "_reconcile", failing_for_bad)
+    monkeypatch.setattr(application.Batch, "reconcile", failing_for_bad)
     set_aside_before = SET_ASIDE._value.get()
     while (await state_of(pool, good))[0] != "Review" and await reconciler.tick():
         pass
     assert (await state_of(pool, good))[0] == "Review"
     assert (await state_of(pool, bad))[0] == "Requested"
     async with pool.connection() as conn:
-        later, = await (await conn.execute("SELECT next_query_at > now() FROM payments WHERE payment_id = %s",
-                                           (bad,))).fetchone()
+        later, = await (await conn.execute("SELECT next_query_at > %s FROM payments WHERE payment_id = %s",
+                                           (clock.now(), bad))).fetchone()
     assert later and SET_ASIDE._value.get() > set_aside_before

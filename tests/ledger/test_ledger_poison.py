@@ -59,10 +59,10 @@ async def test_an_exception_raised_while_deciding_one_event_isolates_it_in_a_few
     poison_body = success(checkout, receipt="POISON0000")
     decide = sm.decide
 
-    def decide_failing_on_the_poison(payment, fact):
+    def decide_failing_on_the_poison(payment, fact, owners=None):
         if isinstance(fact, sm.CallbackReceived) and fact.callback.receipt == "POISON0000":
             raise ArithmeticError("a bug the event's content triggers")
-        return decide(payment, fact)
+        return decide(payment, fact, owners)
 
     monkeypatch.setattr(sm, "decide", decide_failing_on_the_poison)
     target = str(uuid.uuid4())

@@ -34,7 +34,7 @@ def test_an_invalid_request_from_the_topic_ends_failed_with_its_reason():
 
 def test_push_accepted_makes_the_payment_pending():
     d = sm.decide(sm.Payment("Requested", 100, "254712345678"), sm.PushAccepted("m1", "ws_CO_1"))
-    assert d.new_state == "Pending" and d.changes["checkout_request_id"] == "ws_CO_1"
+    assert d.new_state == "Pending" and d.changes.checkout_request_id == "ws_CO_1"
     assert sm.decide(PENDING, sm.PushAccepted("m1", "ws_CO_1")).verdict is sm.Verdict.DUPLICATE
 
 
@@ -45,19 +45,19 @@ def test_a_second_accepted_push_goes_to_review():
 
 def test_a_refused_push_fails_the_payment():
     d = sm.decide(sm.Payment("Requested", 100, "254712345678"), sm.PushRefused("500.001.1001", "Merchant does not exist"))
-    assert (d.new_state, d.changes["result_code"]) == ("Failed", "500.001.1001")
+    assert (d.new_state, d.changes.result_code) == ("Failed", "500.001.1001")
 
 
 def test_success_callback_settles_with_receipt():
     d = sm.decide(PENDING, callback(success("ws_CO_1")))
-    assert d.new_state == "Settled" and d.changes["mpesa_receipt"] == "NLJ7RT61SV"
+    assert d.new_state == "Settled" and d.changes.mpesa_receipt == "NLJ7RT61SV"
 
 
 @pytest.mark.parametrize("code", sorted(FAILURE_MEANINGS))
 def test_every_failure_code_of_the_catalogue_cancels_with_its_meaning(code):
     code_value = int(code) if code.isdigit() else code
     d = sm.decide(PENDING, callback(failure("ws_CO_1", code_value, "whatever")))
-    assert (d.new_state, d.reason, d.changes["result_code"]) == ("Cancelled", FAILURE_MEANINGS[code], code)
+    assert (d.new_state, d.reason, d.changes.result_code) == ("Cancelled", FAILURE_MEANINGS[code], code)
 
 
 def test_an_unknown_result_code_goes_to_review_not_to_a_guess():
@@ -117,7 +117,7 @@ def test_a_query_contradicting_the_callback_is_surfaced_and_recorded_but_settled
     settled = sm.Payment("Settled", 100, "254712345678", "ws_CO_1", "NLJ7RT61SV", "0")
     d = sm.decide(settled, sm.QueryAnswered("FAILED", "ws_CO_1", "1032", "cancelled"))
     assert (d.verdict, d.new_state, d.alert) == (sm.Verdict.APPLIED, None, "query_contradicts")
-    assert "1032" in d.changes["contradiction"]
+    assert "1032" in d.changes.contradiction
 
 
 def test_reconciliation_deadline_sends_open_payments_to_review():
@@ -149,7 +149,7 @@ def decide_success(payment=PENDING, **body) -> sm.Decision:
 def test_a_success_without_its_proof_goes_to_review_with_an_alert_and_a_reason(body, kind, why):
     d = decide_success(**body)
     assert (d.verdict, d.new_state, d.alert) == (sm.Verdict.APPLIED, "Review", kind)
-    assert why in d.reason and "mpesa_receipt" not in d.changes
+    assert why in d.reason and "mpesa_receipt" not in d.changes.written()
 
 
 def test_a_forged_success_with_only_a_made_up_receipt_does_not_settle():
@@ -178,7 +178,7 @@ def test_the_amount_is_compared_as_a_decimal(amount):
                                    "25471****678", "2547******78", "254712****78"])
 def test_a_genuine_success_with_a_masked_or_reformatted_phone_settles(phone):
     d = decide_success(phone=phone)
-    assert (d.new_state, d.changes["phone_check"]) == ("Settled", "match")
+    assert (d.new_state, d.changes.phone_check) == ("Settled", "match")
 
 
 @pytest.mark.parametrize("phone", [OMIT, "", "************", "254*********", "**********78",
@@ -186,19 +186,19 @@ def test_a_genuine_success_with_a_masked_or_reformatted_phone_settles(phone):
 def test_a_phone_that_cannot_be_compared_is_flagged_and_confirmed_by_query_not_settled(phone):
     d = decide_success(phone=phone)
     assert (d.verdict, d.new_state, d.query) == (sm.Verdict.APPLIED, None, "ws_CO_1")
-    assert d.changes["phone_check"] == "unverifiable" and d.changes["candidate_receipt"] == "NLJ7RT61SV"
+    assert d.changes.phone_check == "unverifiable" and d.changes.candidate_receipt == "NLJ7RT61SV"
     assert "cannot be compared" in d.reason
-    assert all("254" not in str(v) for v in d.changes.values() if isinstance(v, str) and v != d.changes.get(
-        "candidate_checkout_request_id"))  # never the number itself
+    assert all("254" not in str(v) for v in d.changes.written().values() if isinstance(v, str)
+               and v != d.changes.candidate_checkout_request_id)  # never the number itself
 
 
 def test_a_channel_that_confirms_by_query_keeps_the_success_pending_until_the_query():
     confirming = sm.Payment("Pending", 100, "254712345678", "ws_CO_1", confirm_by_query=True)
     d = decide_success(confirming)
-    assert (d.new_state, d.query, d.changes["candidate_receipt"]) == (None, "ws_CO_1", "NLJ7RT61SV")
+    assert (d.new_state, d.query, d.changes.candidate_receipt) == (None, "ws_CO_1", "NLJ7RT61SV")
     waiting = replace(confirming, candidate_receipt="NLJ7RT61SV", candidate_checkout_request_id="ws_CO_1")
     settled = sm.decide(waiting, sm.QueryAnswered("SUCCESS", "ws_CO_1", "0", "ok"))
-    assert (settled.new_state, settled.changes["mpesa_receipt"], settled.changes["candidate_receipt"]) == (
+    assert (settled.new_state, settled.changes.mpesa_receipt, settled.changes.candidate_receipt) == (
         "Settled", "NLJ7RT61SV", None)
     contradicted = sm.decide(waiting, sm.QueryAnswered("FAILED", "ws_CO_1", "1032", "cancelled"))
     assert (contradicted.new_state, contradicted.alert) == ("Review", "query_contradicts")
@@ -214,11 +214,11 @@ def test_a_channel_that_confirms_by_query_keeps_the_success_pending_until_the_qu
 def test_a_success_after_an_unknown_push_outcome_is_confirmed_by_a_query_for_its_checkout_id():
     unknown = sm.Payment("Requested", 100, "254712345678", push_unknown=True)
     d = sm.decide(unknown, callback(success("ws_CO_7")))
-    assert (d.new_state, d.query, d.changes["candidate_checkout_request_id"]) == (None, "ws_CO_7", "ws_CO_7")
+    assert (d.new_state, d.query, d.changes.candidate_checkout_request_id) == (None, "ws_CO_7", "ws_CO_7")
     waiting = replace(unknown, candidate_receipt="NLJ7RT61SV", candidate_checkout_request_id="ws_CO_7")
     assert sm.decide(waiting, sm.QueryAnswered("SUCCESS", "ws_CO_8", "0", "ok")).verdict is sm.Verdict.REJECTED
     settled = sm.decide(waiting, sm.QueryAnswered("SUCCESS", "ws_CO_7", "0", "ok"))
-    assert (settled.new_state, settled.changes["checkout_request_id"], settled.changes["mpesa_receipt"]) == (
+    assert (settled.new_state, settled.changes.checkout_request_id, settled.changes.mpesa_receipt) == (
         "Settled", "ws_CO_7", "NLJ7RT61SV")
     refused = sm.decide(waiting, sm.PushRefused("500.001.1001", "x"))
     assert (refused.new_state, refused.alert) == ("Review", "push_refused_after_success")
@@ -230,12 +230,12 @@ def test_a_failure_after_an_unknown_push_outcome_waits_for_a_query_for_its_check
     unknown = sm.Payment("Requested", 100, "254712345678", push_unknown=True)
     d = sm.decide(unknown, callback(failure("ws_CO_7", 1032)))
     assert (d.verdict, d.new_state, d.query) == (sm.Verdict.APPLIED, None, "ws_CO_7")
-    assert (d.changes["candidate_checkout_request_id"], d.changes["candidate_result_code"]) == ("ws_CO_7", "1032")
+    assert (d.changes.candidate_checkout_request_id, d.changes.candidate_result_code) == ("ws_CO_7", "1032")
     waiting = replace(unknown, candidate_checkout_request_id="ws_CO_7", candidate_result_code="1032")
     assert sm.decide(waiting, callback(failure("ws_CO_7", 1032))).verdict is sm.Verdict.DUPLICATE
     assert sm.decide(waiting, sm.QueryAnswered("FAILED", "ws_CO_8", "1032", "x")).verdict is sm.Verdict.REJECTED
     cancelled = sm.decide(waiting, sm.QueryAnswered("FAILED", "ws_CO_7", "1032", "cancelled"))
-    assert (cancelled.new_state, cancelled.changes["checkout_request_id"], cancelled.changes["candidate_result_code"]
+    assert (cancelled.new_state, cancelled.changes.checkout_request_id, cancelled.changes.candidate_result_code
             ) == ("Cancelled", "ws_CO_7", None)
     # A query only says that some push under that id succeeded: not that it was this payment's.
     contradicted = sm.decide(waiting, sm.QueryAnswered("SUCCESS", "ws_CO_7", "0", "ok"))
@@ -250,15 +250,15 @@ def test_a_contradicting_callback_after_settled_is_recorded_and_alerted_but_does
                  success("ws_CO_1", amount=OMIT, receipt="QKH94M1Z11")):
         d = sm.decide(settled, callback(body))
         assert (d.verdict, d.new_state, d.alert) == (sm.Verdict.APPLIED, None, "contradiction_after_settled")
-        assert "stays Settled" in d.changes["contradiction"]
+        assert "stays Settled" in d.changes.contradiction
 
 
 def test_a_proven_callback_after_a_query_settled_the_payment_brings_its_receipt():
     by_query = sm.Payment("Settled", 100, "254712345678", "ws_CO_1", None, "0")
     d = sm.decide(by_query, callback(success("ws_CO_1")))
-    assert (d.verdict, d.new_state, d.alert, d.changes["mpesa_receipt"]) == (sm.Verdict.APPLIED, None, None, "NLJ7RT61SV")
+    assert (d.verdict, d.new_state, d.alert, d.changes.mpesa_receipt) == (sm.Verdict.APPLIED, None, None, "NLJ7RT61SV")
     forged = sm.decide(by_query, callback(success("ws_CO_1", amount=OMIT)))
-    assert (forged.new_state, forged.alert, "mpesa_receipt" in forged.changes) == (
+    assert (forged.new_state, forged.alert, "mpesa_receipt" in forged.changes.written()) == (
         None, "contradiction_after_settled", False)
 
 
@@ -266,7 +266,7 @@ def test_a_proven_callback_after_a_query_settled_the_payment_brings_its_receipt(
 def test_a_proven_success_after_cancel_or_failure_goes_to_review_keeping_its_receipt(state):
     final = sm.Payment(state, 100, "254712345678", "ws_CO_1" if state == "Cancelled" else None, None, "1032")
     d = sm.decide(final, callback(success("ws_CO_1")))
-    assert (d.new_state, d.alert, d.changes["late_receipt"]) == ("Review", "success_after_final", "NLJ7RT61SV")
+    assert (d.new_state, d.alert, d.changes.late_receipt) == ("Review", "success_after_final", "NLJ7RT61SV")
     assert "NLJ7RT61SV" in d.reason  # the status event carries the reason
 
 
@@ -274,7 +274,7 @@ def test_an_unproven_success_after_cancel_is_recorded_and_the_payment_stays_canc
     cancelled = sm.Payment("Cancelled", 100, "254712345678", "ws_CO_1", None, "1032")
     d = sm.decide(cancelled, callback(success("ws_CO_1", amount=OMIT)))
     assert (d.verdict, d.new_state, d.alert) == (sm.Verdict.APPLIED, None, "amount_mismatch")
-    assert "stays Cancelled" in d.changes["contradiction"]
+    assert "stays Cancelled" in d.changes.contradiction
 
 
 def test_a_callback_after_the_url_expired_is_refused_without_an_alert():
@@ -282,7 +282,7 @@ def test_a_callback_after_the_url_expired_is_refused_without_an_alert():
     for body in (success("ws_CO_1"), failure("ws_CO_1", 1032), success("ws_CO_1", receipt="QKH94M1Z11")):
         d = sm.decide(closed, callback(body))
         assert (d.verdict, d.new_state, d.alert, d.refusal, d.changes) == (
-            sm.Verdict.REJECTED, None, None, "expired", {})
+            sm.Verdict.REJECTED, None, None, "expired", sm.NO_CHANGES)
 
 
 # --- Properties ------------------------------------------------------------------------------
@@ -339,7 +339,7 @@ def test_nothing_settles_from_a_callback_without_all_of_its_proof(case, receipt_
     except CallbackParseError:
         return
     d = sm.decide(payment, sm.CallbackReceived(cb, receipt_owner, checkout_owner))
-    if d.new_state == "Settled" or d.changes.get("mpesa_receipt") or d.query:
+    if d.new_state == "Settled" or d.changes.written().get("mpesa_receipt") or d.query:
         assert cb.amount is not None and cb.amount.is_finite() and cb.amount == payment.amount
         assert cb.receipt is not None and re.fullmatch(r"[A-Z0-9]{10}", cb.receipt) and receipt_owner is None
         assert checkout_owner is None and check_phone(payment.phone, cb.phone) is not PhoneCheck.MISMATCH

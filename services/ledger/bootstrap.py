@@ -1,0 +1,33 @@
+"""Building the ledger from its settings; `python -m services.ledger` and the tests share it.
+
+Every dependency is a keyword argument; what is not given is built here for production: the
+PostgreSQL unit of work over the pool, the system clock.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg_pool import AsyncConnectionPool
+
+from services.common.avro import Codec
+from services.ledger.application import HandOver, LedgerService
+from services.ledger.deadlines import LedgerSettings
+from services.ledger.ports import Clock, SystemClock, UnitOfWorkFactory
+from services.ledger.postgres import postgres_unit_of_work
+from services.ledger.reconciler import Reconciler
+from services.ledger.service import Ledger
+
+
+@dataclass(frozen=True)
+class LedgerParts:
+    service: LedgerService      # the application service both entry points share
+    consumer: Ledger            # entry point 1: the batches of the consumer loop
+    reconciler: Reconciler      # entry point 2: the timer
+
+
+def build(pool: AsyncConnectionPool, codec: Codec, settings: LedgerSettings, *, on_commit: HandOver = lambda rows: None,
+          clock: Clock | None = None, unit_of_work: UnitOfWorkFactory | None = None) -> LedgerParts:
+    clock = clock or SystemClock()
+    unit_of_work = unit_of_work or postgres_unit_of_work(pool, settings.channel_cache_ttl_s)
+    consumer = Ledger(pool, codec, settings, on_commit, clock=clock, unit_of_work=unit_of_work)
+    return LedgerParts(consumer.service, consumer, Reconciler(pool, consumer.service, clock))

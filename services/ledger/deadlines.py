@@ -1,0 +1,117 @@
+"""When a payment is looked at again, as a pure function of a decision and the time an injected
+clock gives (docs/daraja.md §4): STK queries with back-off while it is open, Review at its review
+deadline, and the end of its callbacks some time after it is final.
+
+Every deadline counts from the payment's request: the review deadline is `requested_at +
+review_after` whatever happened since (a push retried for minutes, an unknown outcome recorded
+late), and no query is scheduled past it, so the reconciler notices it on its next tick.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final, Union
+
+from services.common.payment import FINAL_STATES, OPEN_STATES, PaymentState
+from services.ledger.record import PaymentRecord
+from services.ledger.state_machine import KEEP, Changes, Decision
+
+NO_DEADLINE: Final = Changes(next_query_at=None)
+
+
+@dataclass(frozen=True)
+class LedgerSettings:
+    first_query_after: timedelta = timedelta(seconds=90)   # Pending this long: start STK queries
+    query_backoff_max: timedelta = timedelta(seconds=120)  # queries back off up to this interval
+    review_after: timedelta = timedelta(minutes=15)        # no final answer this long after the request: Review
+    callback_ttl_after_final: timedelta = timedelta(hours=24)  # callbacks for a payment final longer: refused
+    channel_cache_ttl_s: float = 5.0                       # how long a channel's confirm-by-query setting is trusted
+
+
+def next_query_delay(attempt: int, settings: LedgerSettings) -> timedelta:
+    """15 s, 30 s, 60 s ... capped: the query is rate-limited like everything else."""
+    return min(timedelta(seconds=15 * 2 ** min(attempt - 1, 30)), settings.query_backoff_max)
+
+
+def review_deadline(record: PaymentRecord, settings: LedgerSettings) -> datetime:
+    return record.requested_at + settings.review_after
+
+
+def callbacks_closed(record: PaymentRecord, now: datetime, settings: LedgerSettings) -> bool:
+    """Final for longer than the callback TTL: its callback URL has expired."""
+    return record.final_at is not None and now - record.final_at > settings.callback_ttl_after_final
+
+
+def _capped(at: datetime, record: PaymentRecord, settings: LedgerSettings) -> datetime:
+    return min(at, review_deadline(record, settings))
+
+
+def scheduled(previous_state: str | None, after: PaymentRecord, d: Decision, now: datetime,
+              settings: LedgerSettings) -> Changes:
+    """The bookkeeping an applied decision adds: when to query or review next, when the payment
+    became final, and why it is in Review."""
+    state = d.new_state
+    if state == PaymentState.PENDING or d.changes.push_unknown is True:
+        timing = Changes(pending_since=now, next_query_at=_capped(now + settings.first_query_after, after, settings))
+    elif state == PaymentState.REQUESTED:  # a push result may never come (its request dead-lettered): a deadline
+        timing = Changes(next_query_at=review_deadline(after, settings))
+    elif state in FINAL_STATES or state == PaymentState.REVIEW:
+        timing = NO_DEADLINE
+    else:
+        timing = Changes()
+    if state in FINAL_STATES and state != previous_state:
+        timing = timing.merged(Changes(final_at=now))
+    if d.alert and state == PaymentState.REVIEW:
+        timing = timing.merged(Changes(review_reason=d.reason, review_alert=d.alert))
+    return timing
+
+
+def query_asked(record: PaymentRecord, now: datetime, settings: LedgerSettings) -> Changes:
+    """An STK query is asked now: the next one backs off, never past the review deadline."""
+    attempt = record.query_attempts + 1
+    return Changes(query_attempts=attempt,
+                   next_query_at=_capped(now + next_query_delay(attempt, settings), record, settings))
+
+
+# --- What the reconciler does with a payment that is due ---------------------------------------
+
+@dataclass(frozen=True)
+class Expire:
+    """The review deadline has passed: the payment goes to Review."""
+    age_seconds: int
+
+
+@dataclass(frozen=True)
+class AskQuery:
+    checkout_request_id: str
+    attempt: int
+    reason: str  # CONFIRM_CALLBACK, PUSH_OUTCOME_UNKNOWN or PENDING_TOO_LONG (schemas/stk_query_requested.avsc)
+    changes: Changes
+
+
+@dataclass(frozen=True)
+class WaitForDeadline:
+    """Nothing to query (no CheckoutRequestID is known): only a callback can tell, until the deadline."""
+    changes: Changes
+
+
+Step = Union[Expire, AskQuery, WaitForDeadline]
+
+
+def is_due(record: PaymentRecord, now: datetime) -> bool:
+    return record.state in OPEN_STATES and record.next_query_at is not None and record.next_query_at <= now
+
+
+def reconciliation_step(record: PaymentRecord, now: datetime, settings: LedgerSettings) -> Step:
+    if now >= review_deadline(record, settings):
+        return Expire(int((now - record.requested_at).total_seconds()))
+    # A callback awaiting confirmation names the CheckoutRequestID to ask about when the push's is unknown.
+    checkout = record.checkout_request_id or record.candidate_checkout_request_id
+    if not checkout:
+        return WaitForDeadline(Changes(next_query_at=review_deadline(record, settings)))
+    asked = query_asked(record, now, settings)
+    reason = ("CONFIRM_CALLBACK" if record.candidate_checkout_request_id else
+              "PUSH_OUTCOME_UNKNOWN" if record.push_unknown else "PENDING_TOO_LONG")
+    attempt = asked.query_attempts
+    assert attempt is not KEEP
+    return AskQuery(checkout, attempt, reason, asked)
