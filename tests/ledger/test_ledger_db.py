@@ -15,7 +15,7 @@ from services.ledger.reconciler import Reconciler, due_payments
 from services.ledger.relay import OutboxRelay
 from services.ledger.service import Ledger
 from tests.conftest import database_url_of, eventually
-from tests.ledger.callbacks import success
+from tests.ledger.callbacks import failure, success
 from tests.platform.kafka_helpers import end_offsets, read_all
 
 
@@ -426,3 +426,28 @@ async def test_a_payment_the_reconciler_cannot_reconcile_is_set_aside_and_the_ot
         later, = await (await conn.execute("SELECT next_query_at > %s FROM payments WHERE payment_id = %s",
                                            (clock.now(), bad))).fetchone()
     assert later and SET_ASIDE._value.get() > set_aside_before
+
+
+async def test_a_success_after_a_cancel_keeps_its_receipt_in_the_row_and_in_the_published_status_event(
+        ledger_pool, pool, codec, producer, kafka_bootstrap, clock, unique):
+    """Issue #12: the receipt proving money moved after a cancel was dropped from the row and the
+    status event. Through the real ledger, outbox and relay to the status topic."""
+    relay = OutboxRelay(ledger_pool, producer)
+    handed = []
+    ledger = Ledger(ledger_pool, codec, clock=clock, on_commit=handed.append)
+    channel, pid, checkout = f"ch-{unique}", str(uuid.uuid4()), f"ws_CO_{unique}"
+    mark = end_offsets(kafka_bootstrap, PAYMENT_STATUS.name)
+    await ledger.handle_batch([requested(channel, pid), accepted(channel, pid, checkout),
+                               callback(channel, pid, failure(checkout, 1032))])
+    await ledger.handle_batch([callback(channel, pid, success(checkout, receipt=receipt(unique)))])
+    async with pool.connection() as conn:
+        row = await (await conn.execute("SELECT state, late_receipt, mpesa_receipt FROM payments WHERE payment_id = %s",
+                                        (pid,))).fetchone()
+    assert row == ("Review", receipt(unique), None)
+    for rows in handed:  # the relay's fast path: what each commit handed over
+        await relay.publish(rows)
+    messages = await asyncio.to_thread(read_all, kafka_bootstrap, PAYMENT_STATUS.name,
+                                       lambda m: m.key() == channel.encode(), expected=4, since=mark)
+    statuses = [codec.decode(m.value())[1] for m in messages]
+    assert [(s["status"], s["late_mpesa_receipt"]) for s in statuses] == [
+        ("Requested", None), ("Pending", None), ("Cancelled", None), ("Review", receipt(unique))]

@@ -406,3 +406,57 @@ def test_a_genuine_success_with_any_one_proof_element_broken_does_not_settle(amo
     assert (d.new_state == "Settled") == bool(proven)
     if not proven:
         assert d.new_state == "Review" or (d.query and check_phone(phone, cb.phone) is PhoneCheck.UNVERIFIABLE)
+
+
+# --- What a decision writes, the rules across payments, Review -------------------------------
+
+def test_a_change_with_no_column_to_go_to_cannot_be_made():
+    with pytest.raises(TypeError):
+        sm.Changes(mpesa_receipt_seen="NLJ7RT61SV")  # type: ignore[call-arg]
+    from services.ledger.record import COLUMNS
+    assert set(sm.CHANGES_FIELDS) <= set(COLUMNS)  # every field a decision may write has its column
+
+
+def test_a_receipt_another_payment_holds_is_refused_by_decide_whichever_fact_writes_it():
+    waiting = sm.Payment("Pending", 100, "254712345678", "ws_CO_1", candidate_receipt="NLJ7RT61SV",
+                         candidate_checkout_request_id="ws_CO_1")
+    owners = sm.Owners("this", receipts={"NLJ7RT61SV": "other"})
+    d = sm.decide(waiting, sm.QueryAnswered("SUCCESS", "ws_CO_1", "0", "ok"), owners)
+    assert (d.new_state, d.alert) == ("Review", "receipt_reused") and "other" in d.reason
+    assert d.changes.mpesa_receipt is sm.KEEP and d.changes.candidate_receipt is sm.KEEP
+    assert sm.decide(waiting, sm.QueryAnswered("SUCCESS", "ws_CO_1", "0", "ok"),
+                     sm.Owners("this", receipts={"NLJ7RT61SV": "this"})).new_state == "Settled"
+
+
+def test_a_callback_reads_the_owners_of_its_receipt_and_checkout_id_from_decide():
+    owners = sm.Owners("this", receipts={"NLJ7RT61SV": "other"})
+    d = sm.decide(PENDING, callback(success("ws_CO_1")), owners)
+    assert (d.new_state, d.alert) == ("Review", "receipt_reused")
+
+
+def test_an_accepted_push_whose_checkout_id_another_payment_holds_goes_to_review_or_is_recorded_if_final():
+    owners = sm.Owners("this", checkouts={"ws_CO_9": "other"})
+    d = sm.decide(sm.Payment("Requested", 100, "254712345678"), sm.PushAccepted("m", "ws_CO_9"), owners)
+    assert (d.new_state, d.alert, d.changes.checkout_request_id) == ("Review", "checkout_reused", sm.KEEP)
+    settled = sm.Payment("Settled", 100, "254712345678", None, "NLJ7RT61SV", "0")
+    d = sm.decide(settled, sm.PushAccepted("m", "ws_CO_9"), owners)
+    assert (d.new_state, d.alert, d.changes.checkout_request_id) == (None, "checkout_reused", sm.KEEP)
+
+
+def test_a_review_only_the_deadline_caused_ends_failed_on_a_definite_refusal_of_a_push_never_accepted():
+    reviewed = sm.Payment("Review", 100, "254712345678", review_alert=sm.DEADLINE_ALERT)
+    d = sm.decide(reviewed, sm.PushRefused("500.001.1001", "Merchant does not exist"))
+    assert (d.verdict, d.new_state, d.changes.result_code) == (sm.Verdict.APPLIED, "Failed", "500.001.1001")
+
+
+@pytest.mark.parametrize("reviewed", [
+    sm.Payment("Review", 100, "254712345678", review_alert="callback_mismatch"),  # a contradiction
+    sm.Payment("Review", 100, "254712345678", "ws_CO_1", review_alert=sm.DEADLINE_ALERT),  # a push was accepted
+    sm.Payment("Review", 100, "254712345678", candidate_receipt="NLJ7RT61SV", candidate_checkout_request_id="ws_CO_1",
+               review_alert=sm.DEADLINE_ALERT),  # a success callback awaits its query
+    sm.Payment("Review", 100, "254712345678"),  # reviewed before the alert was kept
+])
+def test_any_other_review_stays_review_whatever_comes(reviewed):
+    for fact in (sm.PushRefused("500.001.1001", "x"), sm.PushAccepted("m", "ws_CO_1"), callback(failure("ws_CO_1", 1032)),
+                 sm.QueryAnswered("FAILED", "ws_CO_1", "1032", "x")):
+        assert sm.decide(reviewed, fact).verdict is sm.Verdict.DUPLICATE
