@@ -18,12 +18,14 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from prometheus_client import Counter, Gauge
 from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
 
 from services.common import config
 from services.common.db import every, open_pool, require_schema
@@ -145,7 +147,7 @@ def load_public_keys(path: Path) -> dict[str, Ed25519PublicKey]:
 _ANCHOR_COLUMNS = "audit_seq, audit_hash, anchored_at, key_id, signature"
 
 
-def _anchor(row) -> Anchor:
+def _anchor(row: tuple[Any, ...]) -> Anchor:
     return Anchor(row[0], row[1], row[2], row[3], bytes(row[4]))
 
 
@@ -165,6 +167,8 @@ async def anchor_head(conn: AsyncConnection, key: Ed25519PrivateKey) -> Anchor |
                                              (last.audit_seq,))).fetchone()
         if anchored is None or anchored[0] != last.audit_hash:
             raise ChainBroken(f"row {last.audit_seq} no longer has the hash anchored at {last.anchored_at}")
+        if head is None:
+            raise ChainBroken(f"the audit trail is empty, though row {last.audit_seq} was anchored")
         if head[0] == last.audit_seq:
             return None
     elif head is None:
@@ -207,7 +211,7 @@ async def verify_anchors(conn: AsyncConnection, public_keys: dict[str, Ed25519Pu
 
 
 class Anchorer:
-    def __init__(self, pool, key: Ed25519PrivateKey, interval_s: float):
+    def __init__(self, pool: AsyncConnectionPool, key: Ed25519PrivateKey, interval_s: float):
         self.pool, self.key, self.interval_s = pool, key, interval_s
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -231,7 +235,7 @@ class Anchorer:
         return anchor
 
 
-async def main(cfg: dict, stop: asyncio.Event) -> None:
+async def main(cfg: dict[str, Any], stop: asyncio.Event) -> None:
     key = load_signing_key(cfg["AUDIT_ANCHOR_KEY_FILE"])
     require_schema(cfg["DATABASE_URL"])
     pool = await open_pool(cfg["DATABASE_URL"], max_size=1)

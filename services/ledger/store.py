@@ -37,7 +37,7 @@ class BatchStart:
 
 
 async def open_batch(conn: AsyncConnection, events: list[tuple[str, str]], payment_ids: list[str],
-                     receipts: list[str], checkout_ids: list[str] = ()) -> BatchStart:
+                     receipts: list[str], checkout_ids: list[str] | None = None) -> BatchStart:
     """What a batch needs before applying anything, in one pipelined round trip.
 
     events: (event_id, topic). They are recorded as processed here, in the batch's transaction, and
@@ -59,7 +59,7 @@ async def open_batch(conn: AsyncConnection, events: list[tuple[str, str]], payme
         parked = await conn.execute("SELECT payment_id, event_id::text, topic, payload FROM parked_facts"
                                     " WHERE payment_id = ANY(%s) ORDER BY parked_at, event_id", (ids,))
         in_use = await conn.execute(_owners_query(RECEIPT_COLUMNS), (list(receipts),) * len(RECEIPT_COLUMNS))
-        pushes = await conn.execute(_owners_query(CHECKOUT_COLUMNS), (list(checkout_ids),) * len(CHECKOUT_COLUMNS))
+        pushes = await conn.execute(_owners_query(CHECKOUT_COLUMNS), (list(checkout_ids or []),) * len(CHECKOUT_COLUMNS))
         await conn.execute(_STAGE)
     early: dict[str, list[tuple[str, str, bytes]]] = {}
     for payment_id, event_id, topic, payload in await parked.fetchall():
