@@ -235,8 +235,8 @@ class Batch:
         if record is None:
             assert i.request is not None, "only a payment request creates a payment (decide parks the rest)"
             record = new_record(i.request)
-        after = record.with_changes(d.new_state, d.changes)
-        after = after.with_changes(None, deadlines.scheduled(previous, after, d, self.now, self.settings))
+        after = record.with_changes(d.new_state, d.changes,
+                                    deadlines.scheduled(previous, record, d, self.now, self.settings))
         if d.alert:
             self.counts[(ALERTS, d.alert)] += 1
             if d.new_state == PaymentState.REVIEW:

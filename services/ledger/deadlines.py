@@ -46,15 +46,16 @@ def _capped(at: datetime, record: PaymentRecord, settings: LedgerSettings) -> da
     return min(at, review_deadline(record, settings))
 
 
-def scheduled(previous_state: str | None, after: PaymentRecord, d: Decision, now: datetime,
+def scheduled(previous_state: str | None, payment: PaymentRecord, d: Decision, now: datetime,
               settings: LedgerSettings) -> Changes:
-    """The bookkeeping an applied decision adds: when to query or review next, when the payment
-    became final, and why it is in Review."""
+    """The bookkeeping an applied decision on this payment adds: when to query or review next, when
+    it became final, and why it is in Review."""
     state = d.new_state
     if state == PaymentState.PENDING or d.changes.push_unknown is True:
-        timing = Changes(pending_since=now, next_query_at=_capped(now + settings.first_query_after, after, settings))
+        timing = Changes(pending_since=now,
+                         next_query_at=_capped(now + settings.first_query_after, payment, settings))
     elif state == PaymentState.REQUESTED:  # a push result may never come (its request dead-lettered): a deadline
-        timing = Changes(next_query_at=review_deadline(after, settings))
+        timing = Changes(next_query_at=review_deadline(payment, settings))
     elif state in FINAL_STATES or state == PaymentState.REVIEW:
         timing = NO_DEADLINE
     else:

@@ -98,7 +98,8 @@ async def write_payments(conn: AsyncConnection, rows: list[PaymentRecord], unpar
 
 
 def _row(r: PaymentRecord) -> tuple[Any, ...]:
-    return tuple(Jsonb(r.metadata) if c == "metadata" else getattr(r, c) for c in COLUMNS)
+    values = r.__dict__  # read by column name: the COPY's order
+    return tuple(Jsonb(values[c]) if c == "metadata" else values[c] for c in COLUMNS)
 
 
 async def add_history(conn: AsyncConnection, rows: list[tuple[str, str, str | None, str | None, str | None]]) -> None:

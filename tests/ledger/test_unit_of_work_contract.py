@@ -3,6 +3,7 @@
 Each test makes its own payments and events under random ids."""
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import datetime, timezone
 
@@ -26,7 +27,7 @@ def unit_of_work(request):
 def a_payment(unique: str, **changes):
     record = new_record(NewPayment(str(uuid.uuid4()), f"ch-{unique}", 100, "254712345678", "INV1", None, "o-1",
                                    {"k": "v"}, AT))
-    return record.__class__(**{**{c: getattr(record, c) for c in record.__slots__}, **changes})
+    return dataclasses.replace(record, **changes)
 
 
 def audit_of(payment_id: str) -> dict:
