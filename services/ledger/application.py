@@ -234,7 +234,7 @@ class Batch:
         previous = record.state if record else None
         if record is None:
             assert i.request is not None, "only a payment request creates a payment (decide parks the rest)"
-            record = new_record(i.request)
+            record = new_record(i.request, self.now)
         after = record.with_changes(d.new_state, d.changes,
                                     deadlines.scheduled(previous, record, d, self.now, self.settings))
         if d.alert:

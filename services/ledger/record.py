@@ -85,14 +85,16 @@ CHECKOUT_COLUMNS: Final = ("checkout_request_id", "candidate_checkout_request_id
 assert set(CHANGES_FIELDS) <= set(COLUMNS), "every field a decision may change is a column"
 
 
-def new_record(request: NewPayment) -> PaymentRecord:
-    """The row a payment starts as, before its first decision sets its state."""
+def new_record(request: NewPayment, now: datetime) -> PaymentRecord:
+    """The row a payment starts as, before its first decision sets its state. Its deadlines count
+    from its request time, which the event states: one dated in the future (a producer's clock, or
+    a forgery straight to the topic) would put its review off for as long, so it counts from now."""
     return PaymentRecord(
         payment_id=request.payment_id, channel_id=request.channel_id, state=PaymentState.REQUESTED,
         amount=request.amount, phone=request.phone, account_reference=request.account_reference,
         description=request.description, order_reference=request.order_reference, metadata=request.metadata,
         merchant_request_id=None, checkout_request_id=None, mpesa_receipt=None, transaction_time=None,
-        result_code=None, result_desc=None, requested_at=request.requested_at, push_unknown=False,
+        result_code=None, result_desc=None, requested_at=min(request.requested_at, now), push_unknown=False,
         pending_since=None, next_query_at=None, query_attempts=0, review_reason=None, final_at=None,
         phone_check=None, candidate_receipt=None, candidate_checkout_request_id=None,
         candidate_transaction_time=None, late_receipt=None, contradiction=None, candidate_result_code=None,

@@ -32,9 +32,9 @@ class Setup:
         self.channel, self.pid = f"ch-{uuid.uuid4().hex[:12]}", str(uuid.uuid4())
         self.checkout, self.receipt = f"ws_CO_{uuid.uuid4().hex}", uuid.uuid4().hex[:10].upper()
 
-    async def apply(self, *events: ConsumedEvent) -> set[str]:
-        for e in events:  # the request's time is the fake clock's
-            if e.schema == "payment_requested":
+    async def apply(self, *events: ConsumedEvent, as_dated: bool = False) -> set[str]:
+        for e in events:  # the request's time is the fake clock's, unless the test dated it
+            if e.schema == "payment_requested" and not as_dated:
                 e.value["occurred_at"] = self.clock.now()
         return await self.service.apply([input_of(e.topic, e.schema, e.value, self.codec.encode(e.schema, e.value))
                                          for e in events])
@@ -174,3 +174,16 @@ async def test_the_kafka_adapter_refuses_an_event_that_is_no_ledger_input_and_ap
     assert store.tables.payments[pid].state == "Requested"
     assert bad.value["event_id"] in store.tables.processed  # refused once: a redelivery is not refused again
     assert await ledger.handle_batch([bad]) == []
+
+
+async def test_a_request_dated_in_the_future_is_reviewed_at_the_deadline_from_when_it_was_recorded(setup):
+    """A producer's clock ahead (or a forgery produced straight to the topic) must not put the
+    review off: the deadline counts from the request, but never from a time still to come."""
+    s = setup
+    future = requested(s.channel, s.pid)
+    future.value["occurred_at"] = s.clock.now() + timedelta(days=365)
+    recorded_at = s.clock.now()
+    await s.apply(future, as_dated=True)
+    assert s.payment.requested_at == recorded_at
+    await s.reconcile_until_final(step_s=10)
+    assert (s.payment.state, s.clock.now() - recorded_at) == ("Review", s.service.settings.review_after)

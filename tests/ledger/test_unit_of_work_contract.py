@@ -26,7 +26,7 @@ def unit_of_work(request):
 
 def a_payment(unique: str, **changes):
     record = new_record(NewPayment(str(uuid.uuid4()), f"ch-{unique}", 100, "254712345678", "INV1", None, "o-1",
-                                   {"k": "v"}, AT))
+                                   {"k": "v"}, AT), AT)
     return dataclasses.replace(record, **changes)
 
 
