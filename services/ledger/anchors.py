@@ -189,7 +189,7 @@ async def verify_anchors(conn: AsyncConnection, public_keys: dict[str, Ed25519Pu
     checked, newest = 0, None
     async with conn.cursor("verify_anchors") as cur:
         cur.itersize = 5000
-        await cur.execute(f"SELECT a.audit_seq, a.audit_hash, a.anchored_at, a.key_id, a.signature, l.hash"
+        await cur.execute("SELECT a.audit_seq, a.audit_hash, a.anchored_at, a.key_id, a.signature, l.hash"
                           " FROM audit_anchors a LEFT JOIN audit_log l ON l.seq = a.audit_seq"
                           " ORDER BY a.audit_seq, a.id")
         async for row in cur:

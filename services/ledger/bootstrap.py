@@ -25,9 +25,13 @@ class LedgerParts:
     reconciler: Reconciler      # entry point 2: the timer
 
 
-def build(pool: AsyncConnectionPool, codec: Codec, settings: LedgerSettings, *, on_commit: HandOver = lambda rows: None,
-          clock: Clock | None = None, unit_of_work: UnitOfWorkFactory | None = None) -> LedgerParts:
+def build(pool: AsyncConnectionPool | None, codec: Codec, settings: LedgerSettings, *,
+          on_commit: HandOver = lambda rows: None, clock: Clock | None = None,
+          unit_of_work: UnitOfWorkFactory | None = None) -> LedgerParts:
+    """pool: None only with a unit of work of its own (tests); the reconciler's scan then has none."""
     clock = clock or SystemClock()
-    unit_of_work = unit_of_work or postgres_unit_of_work(pool, settings.channel_cache_ttl_s)
+    if unit_of_work is None:
+        assert pool is not None, "the PostgreSQL unit of work needs a pool"
+        unit_of_work = postgres_unit_of_work(pool, settings.channel_cache_ttl_s)
     consumer = Ledger(pool, codec, settings, on_commit, clock=clock, unit_of_work=unit_of_work)
     return LedgerParts(consumer.service, consumer, Reconciler(pool, consumer.service, clock))

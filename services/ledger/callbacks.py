@@ -19,10 +19,9 @@ from decimal import Decimal
 from typing import Any, NoReturn
 
 from services.common.json_bounds import nesting_exceeds
+from services.common.payment import NAIROBI
 from services.common.text import untrusted
 from services.daraja.result_codes import SUCCESS
-from services.common.payment import NAIROBI
-
 
 MAX_BODY_BYTES = 64 * 1024  # the webhook gateway refuses bigger bodies; a producer to the topic may not
 MAX_DEPTH = 16  # a genuine callback nests 6 deep (Body.stkCallback.CallbackMetadata.Item[{...}])

@@ -49,12 +49,17 @@ async def due_payments(conn: AsyncConnection, now: datetime, limit: int) -> list
 
 
 class Reconciler:
-    def __init__(self, pool: AsyncConnectionPool, service: LedgerService, clock: Clock, interval_s: float = TICK_S,
-                 due: DueScan = due_payments):
+    def __init__(self, pool: AsyncConnectionPool | None, service: LedgerService, clock: Clock,
+                 interval_s: float = TICK_S, due: DueScan = due_payments):
         self.pool, self.service, self.clock = pool, service, clock
         self.interval_s = interval_s
         self.due = due
         self._measure_at = 0.0  # monotonic time of the next parked-fact count (a scan of that table)
+
+    @property
+    def _pool(self) -> AsyncConnectionPool:
+        assert self.pool is not None, "a reconciler built without a pool cannot scan"
+        return self.pool
 
     async def run(self, stop: asyncio.Event) -> None:
         await every(self.interval_s, stop, self.tick, "reconciliation")
@@ -64,7 +69,7 @@ class Reconciler:
         database being away, each is tried alone: one payment the ledger cannot reconcile (a bug, a
         row an older version wrote) must not hold up the others, which it would forever, being first
         in line, nor stop the ledger (every() lets only an outage pass)."""
-        async with self.pool.connection() as conn:
+        async with self._pool.connection() as conn:
             if time.monotonic() >= self._measure_at:
                 await _measure_waiting_facts(conn, self.clock.now())
                 self._measure_at = time.monotonic() + MEASURE_WAITING_EVERY_S
@@ -96,7 +101,7 @@ class Reconciler:
         backoff = self.service.settings.query_backoff_max
         log.error("reconciliation of a payment failed, set aside for %s: %s", backoff, type(exc).__name__,
                   extra={"payment_id": payment_id})
-        async with self.pool.connection() as conn:
+        async with self._pool.connection() as conn:
             await conn.execute("UPDATE payments SET next_query_at = %s WHERE payment_id = %s",
                                (self.clock.now() + backoff, payment_id))
 

@@ -17,10 +17,9 @@ from psycopg_pool import AsyncConnectionPool
 from services.common.avro import Codec
 from services.common.kafka import ConsumedEvent, Rejection, Transient
 from services.common.text import untrusted
-from services.ledger.application import (ALERTS, REFUSED, TRANSITIONS, VERDICTS, HandOver,  # noqa: F401 (metrics)
-                                         LedgerService)
+from services.ledger.application import VERDICTS, HandOver, LedgerService
 from services.ledger.callbacks import CallbackParseError
-from services.ledger.deadlines import LedgerSettings, next_query_delay  # noqa: F401 (the settings' home)
+from services.ledger.deadlines import LedgerSettings
 from services.ledger.facts import LedgerInput, NotAFact, input_of
 from services.ledger.ports import Clock, SystemClock, UnitOfWorkFactory
 from services.ledger.postgres import postgres_unit_of_work

@@ -324,7 +324,8 @@ def _proof_problem(p: Payment, f: CallbackReceived) -> tuple[str, str] | None:
         return "callback_mismatch", (f"CheckoutRequestID {untrusted(cb.checkout_request_id)} is not the accepted "
                                      f"push's {p.checkout_request_id}")
     if f.checkout_owner is not None:
-        return "callback_mismatch", f"CheckoutRequestID {untrusted(cb.checkout_request_id)} belongs to payment {f.checkout_owner}"
+        return "callback_mismatch", (f"CheckoutRequestID {untrusted(cb.checkout_request_id)} belongs to payment "
+                                     f"{f.checkout_owner}")
     if cb.amount is None:
         return "amount_mismatch", "no amount"
     if not cb.amount.is_finite() or cb.amount != p.amount:

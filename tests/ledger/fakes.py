@@ -34,7 +34,8 @@ class DuplicateCheckoutRequestId(Exception):
 class Tables:
     payments: dict[str, PaymentRecord] = field(default_factory=dict)
     processed: dict[str, str] = field(default_factory=dict)           # event_id -> source
-    parked: dict[str, tuple[str, str, bytes]] = field(default_factory=dict)  # event_id -> (payment_id, topic, payload), in order
+    # event_id -> (payment_id, topic, payload), in the order parked
+    parked: dict[str, tuple[str, str, bytes]] = field(default_factory=dict)
     history: list[tuple[str, str, str | None, str | None, str | None]] = field(default_factory=list)
     audit: list[dict[str, Any]] = field(default_factory=list)
     outbox: list[OutboxRow] = field(default_factory=list)

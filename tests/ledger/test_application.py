@@ -187,3 +187,14 @@ async def test_a_request_dated_in_the_future_is_reviewed_at_the_deadline_from_wh
     assert s.payment.requested_at == recorded_at
     await s.reconcile_until_final(step_s=10)
     assert (s.payment.state, s.clock.now() - recorded_at) == ("Review", s.service.settings.review_after)
+
+
+async def test_bootstrap_builds_both_entry_points_on_one_application_service(clock):
+    from services.ledger import bootstrap
+    store = InMemoryLedgerStore()
+    parts = bootstrap.build(None, Codec(), LedgerSettings(), clock=clock, unit_of_work=store.unit_of_work)
+    assert parts.consumer.service is parts.service is parts.reconciler.service
+    channel, pid = f"ch-{uuid.uuid4().hex[:12]}", str(uuid.uuid4())
+    assert await parts.consumer.handle_batch([requested(channel, pid)]) == []
+    assert store.tables.payments[pid].next_query_at == store.tables.payments[pid].requested_at + \
+        parts.service.settings.review_after

@@ -8,7 +8,8 @@ import pytest
 
 from services.common.kafka import new_event_fields
 from services.common.topics import PAYMENT_STATUS, STK_PUSH_RESULT, STK_QUERY_REQUESTED, STK_QUERY_RESULT
-from services.ledger.service import ALERTS, REFUSED, Ledger
+from services.ledger.application import ALERTS, REFUSED
+from services.ledger.service import Ledger
 from tests.ledger.callbacks import OMIT, failure, success
 from tests.ledger.test_ledger_db import accepted, callback, event, receipt, reconciler_of, requested
 

@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from services.ledger.postgres import postgres_unit_of_work
 from services.ledger.ports import Writes
+from services.ledger.postgres import postgres_unit_of_work
 from services.ledger.record import NewPayment, new_record
 from tests.ledger.fakes import InMemoryLedgerStore
 
