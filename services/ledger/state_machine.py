@@ -475,11 +475,12 @@ def on_expired(p: Payment, f: ReconciliationExpired) -> Decision:
 def in_review(p: Payment, fact: Fact) -> Decision:
     """A payment under review waits for an operator; facts are kept in the audit trail. One fact
     still ends it: Daraja's definite refusal of the push, when only the review deadline sent the
-    payment to Review and no push was accepted (no CheckoutRequestID, no callback awaiting its
-    query). Daraja never prompted the customer, so nothing is in doubt: the payment is Failed, as it
-    would have been had the refusal come before the deadline (a push retried for long reaches it)."""
+    payment to Review and no push may have reached the customer (none accepted, none of unknown
+    outcome, no callback awaiting its query). Daraja never prompted the customer, so nothing is in
+    doubt: the payment is Failed, as it would have been had the refusal come before the deadline
+    (a push retried for long reaches it)."""
     if (isinstance(fact, PushRefused) and p.review_alert == DEADLINE_ALERT and p.checkout_request_id is None
-            and p.candidate_checkout_request_id is None):
+            and not p.push_unknown and p.candidate_checkout_request_id is None):
         return applied(State.FAILED, f"Daraja refused the push after the review deadline, so it never prompted "
                                      f"the customer: {fact.message}".strip(),
                        Changes(result_code=fact.code, result_desc=fact.message))

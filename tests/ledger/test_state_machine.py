@@ -454,6 +454,7 @@ def test_a_review_only_the_deadline_caused_ends_failed_on_a_definite_refusal_of_
     sm.Payment("Review", 100, "254712345678", "ws_CO_1", review_alert=sm.DEADLINE_ALERT),  # a push was accepted
     sm.Payment("Review", 100, "254712345678", candidate_receipt="NLJ7RT61SV", candidate_checkout_request_id="ws_CO_1",
                review_alert=sm.DEADLINE_ALERT),  # a success callback awaits its query
+    sm.Payment("Review", 100, "254712345678", push_unknown=True, review_alert=sm.DEADLINE_ALERT),  # maybe prompted
     sm.Payment("Review", 100, "254712345678"),  # reviewed before the alert was kept
 ])
 def test_any_other_review_stays_review_whatever_comes(reviewed):
