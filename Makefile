@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Local database passwords (infra/postgres.sh); URLs carry none.
 export PGPASSFILE ?= $(CURDIR)/.local/secrets/pgpass
 
-.PHONY: install run test bench down infra clean
+.PHONY: install run check test bench down infra clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -21,6 +21,11 @@ infra: install ## start Kafka and PostgreSQL on loopback (idempotent)
 run: install ## the whole stack in the foreground; Ctrl-C stops everything, Kafka and PostgreSQL too
 	set -a; source <(bash infra/up.sh); set +a; \
 	trap 'bash infra/down.sh' EXIT; $(PY) -m services.cli run
+
+check: install ## the fast loop, with no Kafka or PostgreSQL: lint, types, and every test that needs neither
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	CHECK_ONLY=1 $(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
 test: infra ## the whole suite against the real broker and database
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -43,8 +43,13 @@ from services.daraja.errors import DarajaError  # noqa: E402
 from services.daraja.models import AppCredentials, Shortcode, StkPushRequest  # noqa: E402
 from services.daraja.payloads import build_push_payload, nairobi_timestamp  # noqa: E402
 from services.daraja_sandbox.rawhttp import HttpFailure, RawHttpClient, build_post  # noqa: E402
-from services.daraja_sandbox.settings import (ADMIN_TOKEN_ENV, DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET,  # noqa: E402
-                                              SANDBOX_PASSKEY, SANDBOX_SHORTCODE)
+from services.daraja_sandbox.settings import (  # noqa: E402
+    ADMIN_TOKEN_ENV,
+    DEMO_CONSUMER_KEY,
+    DEMO_CONSUMER_SECRET,
+    SANDBOX_PASSKEY,
+    SANDBOX_SHORTCODE,
+)
 from tests.e2e.stack import wait_for  # noqa: E402
 
 APP = AppCredentials(DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY)
@@ -83,10 +88,11 @@ class SinkProtocol(asyncio.Protocol):
     def __init__(self, sink: Sink):
         self._sink = sink
         self._buffer = bytearray()
-        self._transport: asyncio.Transport | None = None
+        self._transport: asyncio.Transport  # set by connection_made, before any data_received
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
+        assert isinstance(transport, asyncio.Transport), "a TCP connection"
+        self._transport = transport
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -122,8 +128,8 @@ ADMIN_TOKEN = os.environ.get(ADMIN_TOKEN_ENV) or secrets.token_urlsafe(32)
 def start_sandbox(port: int, cpu: int | None) -> subprocess.Popen:
     command = [sys.executable, "-m", "services.daraja_sandbox", "--port", str(port), "--callback-delay-ms", "0",
                "--callback-concurrency", "64", "--log-level", "WARNING"]
-    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, ADMIN_TOKEN_ENV: ADMIN_TOKEN}, preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None
-                            else None)
+    pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, ADMIN_TOKEN_ENV: ADMIN_TOKEN}, preexec_fn=pin)
 
 
 async def admin(session: aiohttp.ClientSession, base: str, method: str, path: str, body: dict | None = None) -> dict:
@@ -140,9 +146,11 @@ async def sandbox_phase(base: str, sink_url: str, sink: Sink, pushes: int, concu
         token = await _token(session, base)
     timestamp = nairobi_timestamp(datetime.now(timezone.utc))
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    requests = [build_post(f"{base}/mpesa/stkpush/v1/processrequest", headers, json.dumps(build_push_payload(
+    built = [build_post(f"{base}/mpesa/stkpush/v1/processrequest", headers, json.dumps(build_push_payload(
         SHORTCODE, StkPushRequest(1, str(first_phone + i), "BENCH", "bench", f"{sink_url}/{i}"),
         SANDBOX_PASSKEY, timestamp)).encode()) for i in range(pushes)]
+    requests = [r for r in built if r is not None]
+    assert len(requests) == pushes, f"the raw driver cannot post to {base}"
     driver = RawHttpClient(timeout_s=30)
     next_index, accepted, failed = 0, 0, 0
 
@@ -173,7 +181,8 @@ async def client_phase(base: str, sink_url: str, sink: Sink, pushes: int, concur
     """The Daraja client with `concurrency` pushes in flight against a sandbox answering after latency_ms."""
     client = DarajaClient(base, max_connections=concurrency, timeouts=DarajaTimeouts(read_s=30, pool_s=60))
     requests = [StkPushRequest(1, str(first_phone + i), "BENCH", "bench", f"{sink_url}/{i}") for i in range(pushes)]
-    next_index, accepted, failed, errors = 0, 0, 0, {}
+    next_index, accepted, failed = 0, 0, 0
+    errors: dict[str, int] = {}
 
     async def worker() -> None:
         nonlocal next_index, accepted, failed
@@ -211,7 +220,7 @@ async def _token(session: aiohttp.ClientSession, base: str) -> str:
 async def _bounded(work, timeout_s: float) -> None:
     try:
         await asyncio.wait_for(work, timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         print(f"phase stopped after {timeout_s} s", file=sys.stderr)  # figures show what was done
 
 

@@ -41,11 +41,11 @@ sys.path.insert(0, str(ROOT))
 
 from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 
+from bench.host import HostLoad, cpu_pressure  # noqa: E402
+from bench.raw_http import HEADERS, RawDriver  # noqa: E402
 from services.common.callback_token import callback_url  # noqa: E402
 from services.common.kafka import client_config, ensure_topics  # noqa: E402
 from services.common.topics import ALL_TOPICS, CALLBACK_RAW  # noqa: E402
-from bench.host import HostLoad, cpu_pressure  # noqa: E402
-from bench.raw_http import HEADERS, RawDriver  # noqa: E402
 from tests.e2e.stack import wait_for  # noqa: E402
 
 CHANNELS = 50

@@ -117,17 +117,18 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, on_answer):
         self.on_answer = on_answer  # (connection, status) -> None
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport  # set by connection_made, before anything is sent
         self._buffer = b""
         self.sent_at = 0.0
 
     @classmethod
-    async def open(cls, port: int, on_answer) -> "Connection":
+    async def open(cls, port: int, on_answer) -> Connection:
         _, conn = await asyncio.get_running_loop().create_connection(lambda: cls(on_answer), "127.0.0.1", port)
         conn.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport), "a TCP connection"
         self.transport = transport
 
     def send(self, request: bytes, sent_at: float) -> None:

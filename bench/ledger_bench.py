@@ -39,8 +39,7 @@ from bench.host import HostLoad  # noqa: E402
 from services.common.avro import Codec  # noqa: E402
 from services.common.db import migrate, open_pool  # noqa: E402
 from services.common.ids import new_id  # noqa: E402
-from services.common.kafka import (ConsumerLoop, EventProducer, ensure_topics, new_event_fields,  # noqa: E402
-                                   producer_config)
+from services.common.kafka import ConsumerLoop, EventProducer, ensure_topics, new_event_fields, producer_config  # noqa: E402
 from services.common.topics import ALL_TOPICS, Topic  # noqa: E402
 from services.ledger.relay import OutboxRelay  # noqa: E402
 from services.ledger.service import OVERLAP_FROM, Ledger  # noqa: E402
@@ -53,7 +52,8 @@ def events_for(run: str, i: int) -> list[tuple[str, dict]]:
     channel, pid, checkout = f"bench-{run}-{i % 20}", new_id(), f"ws_CO_{run}{i}"
     body = {"Body": {"stkCallback": {"MerchantRequestID": "m", "CheckoutRequestID": checkout, "ResultCode": 0,
             "ResultDesc": "ok", "CallbackMetadata": {"Item": [
-                {"Name": "Amount", "Value": 10.0}, {"Name": "MpesaReceiptNumber", "Value": f"R{run[:4].upper()}{i:05d}"},
+                {"Name": "Amount", "Value": 10.0},
+                {"Name": "MpesaReceiptNumber", "Value": f"R{run[:4].upper()}{i:05d}"},
                 {"Name": "Balance"}, {"Name": "TransactionDate", "Value": 20261127102115},
                 {"Name": "PhoneNumber", "Value": 254712345678}]}}}}
     return [
@@ -139,7 +139,8 @@ async def count_settled(run: str) -> int:
     async with pool.connection() as conn:
         cur = await conn.execute("SELECT count(*) FROM payments WHERE channel_id LIKE %s AND state = 'Settled'",
                                  (f"bench-{run}-%",))
-        settled = (await cur.fetchone())[0]
+        row = await cur.fetchone()
+        settled = row[0] if row else 0
     await pool.close()
     return settled
 
@@ -147,7 +148,9 @@ async def count_settled(run: str) -> int:
 def wal_written() -> tuple[int, int]:
     """(bytes, full-page images) PostgreSQL has written to its WAL (cluster-wide, since its stats reset)."""
     with psycopg.connect(DB) as conn:
-        written, full_pages = conn.execute("SELECT wal_bytes, wal_fpi FROM pg_stat_wal").fetchone()
+        row = conn.execute("SELECT wal_bytes, wal_fpi FROM pg_stat_wal").fetchone()
+    assert row is not None, "pg_stat_wal has one row"
+    written, full_pages = row
     return int(written), full_pages
 
 
@@ -179,6 +182,7 @@ def main(payments: int, processes: int, in_flight: int, rate: float, timeout_s: 
         p.start()
     applied, first, stop_flag, results, ready = shared
     deadline = time.time() + timeout_s
+    offered_s, applied_meanwhile, offer_end = 0.0, 0, 0.0
     if rate:
         while ready.value < processes and time.time() < deadline:
             time.sleep(0.05)
@@ -192,7 +196,7 @@ def main(payments: int, processes: int, in_flight: int, rate: float, timeout_s: 
     for p in ledgers:
         p.join()
     settled = asyncio.run(count_settled(run))
-    wal = [after - before for after, before in zip(wal_written(), wal_before)]
+    wal = [after - before for after, before in zip(wal_written(), wal_before, strict=True)]
     done = applied.value
     shape = f"ledger ({processes} process(es), {in_flight} batch(es) in flight each)"
     if rate:

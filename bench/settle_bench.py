@@ -37,8 +37,14 @@ from services.common.callback_token import callback_url  # noqa: E402
 from services.common.db import migrate, open_pool  # noqa: E402
 from services.common.ids import new_id  # noqa: E402
 from services.common.kafka import EventProducer, client_config, ensure_topics, new_event_fields  # noqa: E402
-from services.common.topics import (ALL_TOPICS, CALLBACK_RAW, PAYMENT_REQUESTED, PAYMENT_STATUS,  # noqa: E402
-                                    STK_PUSH_RESULT, STK_QUERY_RESULT)
+from services.common.topics import (  # noqa: E402
+    ALL_TOPICS,
+    CALLBACK_RAW,
+    PAYMENT_REQUESTED,
+    PAYMENT_STATUS,
+    STK_PUSH_RESULT,
+    STK_QUERY_RESULT,
+)
 from tests.conftest import free_port  # noqa: E402
 from tests.e2e.stack import wait_for  # noqa: E402
 from tests.platform.kafka_helpers import end_offsets, start_group_at_end  # noqa: E402
@@ -73,7 +79,8 @@ def watch_settled(channels: set[bytes], since: dict[int, int], stop, results) ->
             if msg.error() is None and msg.key() in channels:
                 value = codec.decode(msg.value())[1]
                 if value["status"] == "Settled" and value["payment_id"] not in seen:
-                    seen[value["payment_id"]] = (time.time(), value["occurred_at"].timestamp(), msg.timestamp()[1] / 1000)
+                    seen[value["payment_id"]] = (time.time(), value["occurred_at"].timestamp(),
+                                                 msg.timestamp()[1] / 1000)
                     results.put(len(seen))
     consumer.close()
     results.put(seen)
@@ -84,12 +91,13 @@ async def batch_summary(http_port: int) -> str:
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://127.0.0.1:{http_port}/metrics") as answer:
             text = await answer.text()
-    values = {}
+    values: dict[str, float] = {}
     for line in text.splitlines():
         for name in ("pipeline_batch_handle_seconds_count", "pipeline_batch_handle_seconds_sum"):
             if line.startswith(name + "{"):
                 values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-    count, total = values.get("pipeline_batch_handle_seconds_count", 0), values.get("pipeline_batch_handle_seconds_sum", 0)
+    count = values.get("pipeline_batch_handle_seconds_count", 0)
+    total = values.get("pipeline_batch_handle_seconds_sum", 0)
     return f"{count:.0f} batches, {total / max(count, 1) * 1000:.1f} ms each on average"
 
 
@@ -105,7 +113,8 @@ async def main(args) -> None:
     secret = secrets.token_hex(32)
     gateway_port, ledger_port = free_port(), free_port()
     group = f"sbench-{run}"
-    start_group_at_end(KAFKA, group, [t.name for t in (PAYMENT_REQUESTED, STK_PUSH_RESULT, CALLBACK_RAW, STK_QUERY_RESULT)])
+    start_group_at_end(KAFKA, group,
+                       [t.name for t in (PAYMENT_REQUESTED, STK_PUSH_RESULT, CALLBACK_RAW, STK_QUERY_RESULT)])
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": KAFKA, "DATABASE_URL": DB, "WEBHOOK_TOKEN_SECRETS": secret,
            "WEBHOOK_PORT": str(gateway_port), "WEBHOOK_ALLOWED_SOURCES": "127.0.0.1", "LEDGER_GROUP_ID": group,
            "LEDGER_METRICS_PORT": str(ledger_port),
@@ -127,10 +136,12 @@ async def main(args) -> None:
         producer.close()
         pool = await open_pool(DB, max_size=1)
         deadline = time.monotonic() + args.timeout_s
+        pending = 0
         while time.monotonic() < deadline:
             async with pool.connection() as conn:
-                pending = (await (await conn.execute("SELECT count(*) FROM payments WHERE channel_id LIKE %s AND"
-                                                     " state = 'Pending'", (f"sbench-{run}-%",))).fetchone())[0]
+                row = await (await conn.execute("SELECT count(*) FROM payments WHERE channel_id LIKE %s AND"
+                                                " state = 'Pending'", (f"sbench-{run}-%",))).fetchone()
+                pending = row[0] if row else 0
             if pending == args.payments:
                 break
             await asyncio.sleep(0.2)
@@ -139,8 +150,9 @@ async def main(args) -> None:
 
         ctx = multiprocessing.get_context("spawn")
         stop_watching, from_watcher = ctx.Event(), ctx.Queue()
-        watcher = ctx.Process(target=watch_settled, args=({c.encode() for c in channels},
-                                                          end_offsets(KAFKA, PAYMENT_STATUS.name), stop_watching, from_watcher))
+        watcher = ctx.Process(target=watch_settled,
+                              args=({c.encode() for c in channels}, end_offsets(KAFKA, PAYMENT_STATUS.name),
+                                    stop_watching, from_watcher))
         watcher.start()
         from_watcher.get(timeout=60)  # its startup must not count as latency
         sent_at, failures, host = {}, 0, HostLoad()
@@ -183,10 +195,10 @@ async def main(args) -> None:
               f"{reading[49] * 1000:.0f}/{reading[98] * 1000:.0f}")
         print(f"  {host.describe()}")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(30)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
 
 
 if __name__ == "__main__":

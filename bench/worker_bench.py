@@ -50,7 +50,8 @@ async def onboard(key_file: Path, channel_id: str) -> None:
 
 
 def count_results(channel: bytes, since: dict[int, int], expected: int, timeout_s: float) -> tuple[int, float, float]:
-    consumer = Consumer(client_config({"bootstrap.servers": KAFKA, "group.id": "bench-reader", "enable.auto.commit": False}))
+    consumer = Consumer(client_config({"bootstrap.servers": KAFKA, "group.id": "bench-reader",
+                                       "enable.auto.commit": False}))
     consumer.assign([TopicPartition(STK_PUSH_RESULT.name, p, o) for p, o in since.items()])
     seen, first, last = 0, None, None
     deadline = time.monotonic() + timeout_s

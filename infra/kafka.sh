@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Local single-node Kafka (KRaft, broker+controller) from Maven Central jars; no Docker.
+# Local single-node Kafka (KRaft, broker+controller) from Maven Central jars; no Docker (docs/kafka-local.md).
 # Clients reach it only over TLS with SASL/SCRAM-SHA-512, and an authorizer with one principal per
 # service (docs/kafka-security.md). First start: a local CA and broker certificate in .local/kafka/tls/,
 # a password per principal in .local/secrets/kafka-<principal>.password (0600), then users and ACLs.
@@ -108,7 +108,7 @@ make_tls() {
   rm -rf "$TLS" && mv "$TLS.tmp" "$TLS"
 }
 
-# Jars are fetched once; the marker holds the pom's hash so editing the pom refetches.
+# Jars are fetched once; the marker holds the pom's hash so editing the pom refetches (docs/kafka-local.md §1).
 fetch_libs() {
   local want; want="$(sha256sum "$INFRA/kafka/pom.xml" | cut -d' ' -f1)"
   [[ "$(cat "$LIBS/.fetched" 2>/dev/null)" == "$want" ]] && return

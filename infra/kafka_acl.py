@@ -18,8 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.common.topics import (ACCESS, Access, parse_upstream_producers,  # noqa: E402
-                                    upstream_requested_topic)
+from services.common.topics import ACCESS, Access, parse_upstream_producers, upstream_requested_topic  # noqa: E402
 
 
 def grants(environ=os.environ) -> dict[str, Access]:
@@ -58,8 +57,9 @@ def bindings(principal: str, grants: Access) -> set:
 
 
 def apply(secrets_dir: Path) -> None:
-    from services.common.config import kafka_client_config
     from confluent_kafka.admin import AdminClient
+
+    from services.common.config import kafka_client_config
 
     admin = AdminClient({**kafka_client_config(), "bootstrap.servers": os.environ["KAFKA_BOOTSTRAP_SERVERS"],
                          "log_level": 4})  # librdkafka notices on closing are noise here
@@ -72,8 +72,16 @@ def apply(secrets_dir: Path) -> None:
 def converge(admin, wanted_grants: dict[str, Access], passwords: dict[str, str]) -> tuple[int, int, int]:
     """Sets each principal's SCRAM password and makes its ACLs exactly `wanted_grants` (ACLs of
     other principals are left alone). Returns (added, removed, total) ACL counts."""
-    from confluent_kafka.admin import (AclBindingFilter, AclOperation, AclPermissionType, ResourcePatternType,
-                                       ResourceType, ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion)
+    from confluent_kafka.admin import (
+        AclBindingFilter,
+        AclOperation,
+        AclPermissionType,
+        ResourcePatternType,
+        ResourceType,
+        ScramCredentialInfo,
+        ScramMechanism,
+        UserScramCredentialUpsertion,
+    )
     upserts = [UserScramCredentialUpsertion(p, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 8192),
                                             passwords[p].encode()) for p in wanted_grants]
     for future in admin.alter_user_scram_credentials(upserts, request_timeout=30).values():

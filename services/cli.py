@@ -5,9 +5,13 @@ import argparse
 import asyncio
 import os
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 from services.channels.cli import register as register_channels
+from services.channels.settings import VAULT_KEY_FILE
 from services.common import config
+from services.ledger.anchors import KEY_FILE, PUBLIC_KEY_FILE
 
 STACK = [
     ("daraja-sandbox", "services.daraja_sandbox"),
@@ -22,13 +26,44 @@ STACK = [
 
 INFRA_LOGS = [("kafka", ".local/kafka/kafka.log"), ("postgresql", ".local/pg/postgres.log")]
 
+# Each command's settings, read once when it runs (config.load_into).
+MIGRATE_SETTINGS = [config.DATABASE_URL]  # the schema's owner
+AUDIT_VERIFY_SETTINGS = [config.database_url("auditor"), PUBLIC_KEY_FILE]
+ANCHOR_KEY_SETTINGS = [KEY_FILE]
+# `run` migrates as the owner (DATABASE_URL), then hands each service a URL of its own role.
+RUN_SETTINGS = [config.DATABASE_URL, VAULT_KEY_FILE, KEY_FILE]
+
+
+@dataclass(frozen=True)
+class MigrateSettings:
+    database_url: str
+
+
+@dataclass(frozen=True)
+class AuditVerifySettings:
+    database_url: str
+    audit_anchor_public_key_file: Path
+
+
+@dataclass(frozen=True)
+class AnchorKeySettings:
+    audit_anchor_key_file: Path
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    database_url: str
+    vault_key_file: Path
+    audit_anchor_key_file: Path
+
 
 def cmd_migrate(_: argparse.Namespace) -> int:
     import psycopg
+
     from services.common.db import migrate
-    cfg = config.load([config.DATABASE_URL])
+    cfg = config.load_into(MigrateSettings, MIGRATE_SETTINGS)
     try:
-        applied = migrate(cfg["DATABASE_URL"])
+        applied = migrate(cfg.database_url)
     except psycopg.Error as exc:  # e.g. a service's role, which may not create tables
         print(f"mpesa-pipeline migrate: {str(exc).strip().splitlines()[0]} (migrations run as the schema's owner)",
               file=sys.stderr)
@@ -39,14 +74,15 @@ def cmd_migrate(_: argparse.Namespace) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     import psycopg
-    from services.ledger.anchors import PUBLIC_KEY_FILE, load_public_keys, verify_anchors
+
+    from services.ledger.anchors import load_public_keys, verify_anchors
     from services.ledger.store import verify_audit
-    cfg = config.load([config.database_url("auditor"), PUBLIC_KEY_FILE])
-    path = cfg["AUDIT_ANCHOR_PUBLIC_KEY_FILE"]
+    cfg = config.load_into(AuditVerifySettings, AUDIT_VERIFY_SETTINGS)
+    path = cfg.audit_anchor_public_key_file
     keys = load_public_keys(path) if path.exists() else {}
 
     async def verify():
-        async with await psycopg.AsyncConnection.connect(cfg["DATABASE_URL"]) as conn:
+        async with await psycopg.AsyncConnection.connect(cfg.database_url) as conn:
             # One snapshot: the rows walked and the anchors checked are the same trail.
             await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
             async with conn.transaction():
@@ -68,8 +104,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_anchor_key(_: argparse.Namespace) -> int:
-    from services.ledger.anchors import KEY_FILE, create_key, public_key_path
-    path = config.load([KEY_FILE])["AUDIT_ANCHOR_KEY_FILE"]
+    from services.ledger.anchors import create_key, public_key_path
+    path = config.load_into(AnchorKeySettings, ANCHOR_KEY_SETTINGS).audit_anchor_key_file
     if not create_key(path):
         print(f"mpesa-pipeline audit anchor-key: {path} exists; a key is never overwritten", file=sys.stderr)
         return 1
@@ -79,16 +115,15 @@ def cmd_anchor_key(_: argparse.Namespace) -> int:
 
 
 def cmd_run(_: argparse.Namespace) -> int:
-    from services.channels.settings import VAULT_KEY_FILE
     from services.devstack import kafka_logins, prepare, service_database_urls
     from services.supervisor import supervise
-    cfg = config.load([config.DATABASE_URL, VAULT_KEY_FILE])
-    env, banner = prepare(cfg["DATABASE_URL"], cfg["VAULT_KEY_FILE"])
+    cfg = config.load_into(RunSettings, RUN_SETTINGS)
+    env, banner = prepare(cfg.database_url, cfg.vault_key_file, cfg.audit_anchor_key_file)
     print(banner, flush=True)
     # Migrated as the schema's owner (prepare); each service logs in as its own role and none
     # inherits the owner's URL.
     os.environ.pop("DATABASE_URL", None)
-    urls = service_database_urls(cfg["DATABASE_URL"])
+    urls = service_database_urls(cfg.database_url)
     logs = [(name, ["tail", "-n", "0", "-F", path]) for name, path in INFRA_LOGS]
     logins = kafka_logins([name for name, _ in STACK])
     own_env = {name: {**logins.get(name, {}), **({"DATABASE_URL": urls[name]} if name in urls else {})}
@@ -104,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                    ).set_defaults(func=cmd_migrate)
     sub.add_parser("run", help="run every service in the foreground (Ctrl-C stops all)").set_defaults(func=cmd_run)
     register_channels(sub)
-    audit = sub.add_parser("audit", help="the ledger's hash-chained audit trail").add_subparsers(dest="audit", required=True)
+    audit = sub.add_parser("audit", help="the ledger's hash-chained audit trail").add_subparsers(dest="audit",
+                                                                                                 required=True)
     verify = audit.add_parser("verify", help="recompute the hash chain and check its signed anchors; exit 1 if "
                               "any row was edited or removed")
     verify.add_argument("--from", dest="from_seq", type=int, default=1,

@@ -14,11 +14,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 from services.channels.onboarding import Conflict, Onboarding
 from services.channels.vault import LocalKeyFileProvider, public_key_path
-from services.common import config
 from services.common.db import migrate, open_pool
 from services.common.topics import ACCESS
-from services.ledger.anchors import KEY_FILE as ANCHOR_KEY_FILE, create_key
 from services.daraja_sandbox.settings import DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
+from services.ledger.anchors import create_key
 
 SECRETS = Path(".local/secrets")
 KAFKA_CA = Path(".local/kafka/tls/ca.crt")  # made by infra/kafka.sh, as are the principals' passwords
@@ -113,10 +112,11 @@ def demo_banner() -> str:
 """
 
 
-def prepare(database_url: str, key_file: Path) -> tuple[dict[str, str], str]:
-    """database_url: the migration role's; the demo channel is made as the onboarding role."""
+def prepare(database_url: str, key_file: Path, anchor_key_file: Path) -> tuple[dict[str, str], str]:
+    """database_url: the migration role's; the demo channel is made as the onboarding role.
+    key_file: the vault's; anchor_key_file: the audit anchors' signing key, made if missing."""
     env = dev_environment()
     migrate(database_url)
-    create_key(config.load([ANCHOR_KEY_FILE])["AUDIT_ANCHOR_KEY_FILE"])  # no-op once it exists
+    create_key(anchor_key_file)  # no-op once it exists
     asyncio.run(ensure_demo_channel(role_url(database_url, SERVICE_ROLES["onboarding-api"]), key_file))
     return env, demo_banner()

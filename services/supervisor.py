@@ -9,6 +9,11 @@ import sys
 COLOURS = ["36", "32", "35", "33", "34", "31"]
 
 
+def _output(proc: asyncio.subprocess.Process) -> asyncio.StreamReader:
+    assert proc.stdout is not None, "started with stdout=PIPE"
+    return proc.stdout
+
+
 async def _pipe(name: str, colour: str, stream: asyncio.StreamReader) -> None:
     prefix = f"\x1b[{colour}m{name:<16}|\x1b[0m " if sys.stdout.isatty() else f"{name:<16}| "
     while line := await stream.readline():
@@ -27,7 +32,7 @@ async def supervise(services: list[tuple[str, list[str]]], env: dict[str, str] |
                                                     stdout=asyncio.subprocess.PIPE,
                                                     stderr=asyncio.subprocess.STDOUT)
         procs.append((name, proc))
-    pipes = [asyncio.create_task(_pipe(n, COLOURS[i % len(COLOURS)], p.stdout)) for i, (n, p) in enumerate(procs)]
+    pipes = [asyncio.create_task(_pipe(n, COLOURS[i % len(COLOURS)], _output(p))) for i, (n, p) in enumerate(procs)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -41,7 +46,7 @@ async def supervise(services: list[tuple[str, list[str]]], env: dict[str, str] |
             proc.terminate()
     try:
         await asyncio.wait_for(asyncio.gather(*waits), timeout=20)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         for _, proc in procs:
             if proc.returncode is None:
                 proc.kill()

@@ -23,9 +23,9 @@ from psycopg_pool import AsyncConnectionPool
 from services.common.avro import Codec
 from services.common.config import KAFKA_CLIENT_PREFIX
 from services.common.db import migrate, open_pool
-from services.devstack import role_url
 from services.common.kafka import EventProducer, ensure_topics
 from services.common.topics import ALL_TOPICS
+from services.devstack import role_url
 from services.ledger.anchors import create_key
 
 ANCHOR_KEY_FILE = Path(__file__).resolve().parents[1] / ".local" / "audit" / "anchor-key.pem"
@@ -55,10 +55,27 @@ SERVICE_ROLES = {"services.ingress": "ingress", "services.ledger": "ledger", "se
                  "services.channels": "onboarding", "services.ledger.anchors": "auditor"}
 
 
+# Every fixture that reaches the broker or the database depends on `infra`, so a test needs them exactly
+# when `infra` is in its fixture closure. Those are marked `integration`; `make check` runs the rest
+# (`-m "not integration"`) with CHECK_ONLY set, and then `infra` refuses to start anything.
+INFRA_FIXTURE = "infra"
+CHECK_ONLY = "CHECK_ONLY"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if INFRA_FIXTURE in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def infra() -> dict[str, str]:
     """Endpoints and the admin principal's Kafka login (TLS, SCRAM). In-process clients read the
     KAFKA_CLIENT_* variables from the environment as services do, so they are exported here."""
+    if os.environ.get(CHECK_ONLY):
+        pytest.fail(f"this test needs Kafka/PostgreSQL but was not marked integration ({CHECK_ONLY} is set): "
+                    "name the fixture it needs as a parameter, not through request.getfixturevalue()", pytrace=False)
     given = {k: v for k, v in os.environ.items() if _wanted(k) and v}
     if not all(k in given for k in ENDPOINTS):
         given = {**_start_local_infra(), **given}
@@ -151,7 +168,7 @@ def kafka_login(infra: dict[str, str], principal: str) -> dict[str, str]:
             "KAFKA_CLIENT_SASL_PASSWORD_FILE": str(secrets_dir / f"kafka-{principal}.password")}
 
 
-def service_env(infra: dict[str, str], **extra: str) -> dict[str, str]:
+def service_env(infra: dict[str, str], **extra: object) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INGRESS_", "LEDGER_", "STK_", "WEBHOOK_"))}
     return {**env, **infra, "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in extra.items()}}
 

@@ -30,8 +30,8 @@ from services.channels.onboarding import NotFound, Onboarding, OnboardingError
 from services.channels.settings import AdminToken
 from services.common.observability import Health, add_ops_routes, http_metrics
 from services.common.problems import problem
-from services.common.text import untrusted
 from services.common.ratelimit import RateLimiter, retry_after_header
+from services.common.text import untrusted
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import re
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from psycopg_pool import AsyncConnectionPool
 
@@ -69,7 +69,7 @@ class ApiKeyAuthenticator:
 
     async def authenticate(self, presented: str | None) -> ApiKey | None:
         key_id = key_id_of(presented) if isinstance(presented, str) else None
-        if key_id is None:
+        if presented is None or key_id is None:
             return None  # malformed: no database round trip
         digest = key_sha256(presented)
         cached = self._answers.get(digest)

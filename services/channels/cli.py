@@ -16,13 +16,24 @@ import os
 import secrets
 import socket
 import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from services.channels import settings as s
 from services.common import config
 
-_DATABASE_URL = config.database_url("onboarding")  # operators onboard as the onboarding role
+# Operators onboard as the onboarding role, as the onboarding API does (s.ONBOARDING_SETTINGS); the
+# vault commands need the private key file, so they run where the STK worker runs.
+VAULT_SETTINGS = [s.VAULT_KEY_FILE, config.database_url("onboarding")]
+
+
+@dataclass(frozen=True)
+class VaultSettings:
+    vault_key_file: Path
+    database_url: str
+
 
 CREDENTIAL_ENV = {"consumerKey": "MPESA_CONSUMER_KEY", "consumerSecret": "MPESA_CONSUMER_SECRET",
                   "passkey": "MPESA_PASSKEY"}
@@ -37,7 +48,7 @@ def yes_no(value: str) -> bool:
     raise argparse.ArgumentTypeError("must be true or false")
 
 
-_CHANNEL_OPTIONS = [  # (option, API field, type)
+_CHANNEL_OPTIONS: list[tuple[str, str, Callable[[str], Any]]] = [  # (option, API field, type)
     ("--name", "displayName", str), ("--shortcode-type", "shortcodeType", str),
     ("--shortcode", "businessShortcode", str), ("--till-number", "tillNumber", str),
     ("--environment", "environment", str), ("--consent-reference", "consentReference", str),
@@ -186,19 +197,20 @@ def _actor() -> str:
 def _onboarding_command(operation: Callable[..., Awaitable[Any]]) -> Callable[[argparse.Namespace], int]:
     """Wraps an Onboarding call: config, a pool, errors as one clear message and exit status 1."""
     def command(args: argparse.Namespace) -> int:
-        from services.daraja.settings import SETTINGS as DARAJA_SETTINGS
-        cfg = config.load([_DATABASE_URL, s.VAULT_PUBLIC_KEY_FILE, *DARAJA_SETTINGS])
+        cfg = config.load_into(s.OnboardingSettings, s.ONBOARDING_SETTINGS)
         return asyncio.run(_run_onboarding(cfg, operation, args))
     return command
 
 
-async def _run_onboarding(cfg: dict, operation, args: argparse.Namespace) -> int:
+async def _run_onboarding(cfg: s.OnboardingSettings, operation, args: argparse.Namespace) -> int:
     from services.channels.onboarding import Onboarding, OnboardingError, daraja_credential_check
     from services.common.db import open_pool
-    pool = await open_pool(cfg["DATABASE_URL"], min_size=1, max_size=2)
+    from services.daraja.client import DarajaTimeouts
+    pool = await open_pool(cfg.database_url, min_size=1, max_size=2)
     try:
-        onboarding = Onboarding(pool, public_key_file=cfg["VAULT_PUBLIC_KEY_FILE"],
-                                credential_check=daraja_credential_check(cfg["DARAJA_BASE_URL"]))
+        timeouts = DarajaTimeouts(connect_s=cfg.daraja_connect_timeout_s, read_s=cfg.daraja_read_timeout_s)
+        onboarding = Onboarding(pool, public_key_file=cfg.vault_public_key_file,
+                                credential_check=daraja_credential_check(cfg.daraja_base_url, timeouts))
         result = await operation(onboarding, args, _actor())
     except OnboardingError as error:
         _print_error(error.detail, error.errors)
@@ -232,13 +244,15 @@ def cmd_admin_token(_: argparse.Namespace) -> int:
     return 0
 
 
-def _key_file(args: argparse.Namespace) -> Path:
-    return args.key_file or config.load([s.VAULT_KEY_FILE])["VAULT_KEY_FILE"]
+def _vault_settings(args: argparse.Namespace) -> VaultSettings:
+    """VAULT_SETTINGS, with --key-file (when given) in place of VAULT_KEY_FILE."""
+    cfg = config.load_into(VaultSettings, VAULT_SETTINGS)
+    return VaultSettings(args.key_file, cfg.database_url) if args.key_file else cfg
 
 
 def cmd_vault_init(args: argparse.Namespace) -> int:
     from services.channels.vault import LocalKeyFileProvider, VaultError, public_key_path
-    path = _key_file(args)
+    path = _vault_settings(args).vault_key_file
     existed = path.exists()
     try:
         provider = LocalKeyFileProvider.open(path, create=True)
@@ -251,7 +265,8 @@ def cmd_vault_init(args: argparse.Namespace) -> int:
 
 
 def cmd_vault_status(args: argparse.Namespace) -> int:
-    return asyncio.run(_vault_status(_key_file(args), config.load([_DATABASE_URL])["DATABASE_URL"]))
+    cfg = _vault_settings(args)
+    return asyncio.run(_vault_status(cfg.vault_key_file, cfg.database_url))
 
 
 async def _vault_status(path: Path, database_url: str) -> int:
@@ -277,8 +292,8 @@ async def _vault_status(path: Path, database_url: str) -> int:
 
 
 def cmd_vault_rotate(args: argparse.Namespace) -> int:
-    return asyncio.run(_vault_rotate(_key_file(args), config.load([_DATABASE_URL])["DATABASE_URL"],
-                                     args.retire_old))
+    cfg = _vault_settings(args)
+    return asyncio.run(_vault_rotate(cfg.vault_key_file, cfg.database_url, args.retire_old))
 
 
 async def _vault_rotate(path: Path, database_url: str, retire_old: bool) -> int:

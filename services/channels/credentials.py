@@ -12,8 +12,8 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
@@ -120,25 +120,26 @@ class CredentialStore:
         recent = self._failures.get((channel_id, version))
         if recent is not None and self._clock() - recent[0] < self._ttl_s:
             raise type(recent[1])(str(recent[1]))
-        failure = None
         async with self._pool.connection() as conn, conn.transaction():
             sealed = await repo.sealed_credentials(conn, channel_id, version)
             if sealed is None:
                 raise CredentialsUnavailable(f"channel {channel_id!r} has no credentials version {version}")
+            outcome: AppCredentials | VaultError
             try:
-                app = unseal(sealed, channel_id, version, self._provider)
+                outcome = unseal(sealed, channel_id, version, self._provider)
             except VaultError as exc:
-                failure = exc
+                outcome = exc
                 await repo.audit(conn, self._actor, "credentials_decrypt_failed", channel_id=channel_id,
                                  version=version, kek_id=sealed.key_id, detail=str(exc))
             else:
                 await repo.audit(conn, self._actor, "credentials_decrypted", channel_id=channel_id,
                                  version=version, kek_id=sealed.key_id)
-        if failure is not None:  # raised after the commit, so the failed attempt stays in the audit
-            self._failures[(channel_id, version)] = (self._clock(), failure)
+        if isinstance(outcome, VaultError):  # raised after the commit, so the failed attempt stays in the audit
+            self._failures[(channel_id, version)] = (self._clock(), outcome)
             DECRYPTIONS.labels("failed").inc()
-            log.error("credentials cannot be decrypted: %s", failure, extra={"channel_id": channel_id})
-            raise failure
+            log.error("credentials cannot be decrypted: %s", outcome, extra={"channel_id": channel_id})
+            raise outcome
+        app = outcome
         self._failures.pop((channel_id, version), None)
         DECRYPTIONS.labels("ok").inc()
         self.decryptions += 1

@@ -6,13 +6,14 @@ names exactly what the caller sent. Messages never repeat a submitted value: it 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import date
-from typing import Any, Callable
+from typing import Any
 
-from services.common.text import untrusted
 from services.common.payment import AMOUNT_MAX, CHANNEL_ID
-from services.daraja.models import AppCredentials, Shortcode
+from services.common.text import untrusted
+from services.daraja.models import AppCredentials, Shortcode, ShortcodeType
 
 _SHORTCODE = re.compile(r"[0-9]{5,7}")  # the Daraja client's rule for paybills, stores and tills
 # No control character (C0, DEL, C1), line separator or lone surrogate (UTF-8 cannot encode it, so
@@ -40,7 +41,7 @@ class Channel:
 
     channel_id: str
     display_name: str
-    shortcode_type: str  # paybill | till
+    shortcode_type: ShortcodeType
     business_shortcode: str  # the paybill number, or the till's store (head-office) number
     environment: str  # sandbox | production
     till_number: str | None = None  # PartyB of a till; None for a paybill
@@ -146,9 +147,12 @@ _REMOVABLE = ("tillNumber", "consentReference", "consentDate", "maxAmount", "pus
 _STATUS_READ_ONLY = "is read-only: use suspend and resume"
 
 
+_CHANNEL_ID_RULE = "must be 1-64 lower-case letters, digits, '-' or '_', starting with a letter or digit"
+
+
 def channel_id_error(value: Any) -> str | None:
     if not isinstance(value, str) or not CHANNEL_ID.fullmatch(value):
-        return "must be 1-64 lower-case letters, digits, '-' or '_', starting with a letter or digit"
+        return _CHANNEL_ID_RULE
     return None
 
 
@@ -159,8 +163,8 @@ def parse_new_channel(body: Any, today: date) -> tuple[Channel | None, Errors]:
     errors = _unknown_fields(body, {"channelId", *_FIELDS})
     if "status" in body:
         errors["status"] = _STATUS_READ_ONLY
-    if channel_id_error(body.get("channelId")):
-        errors["channelId"] = channel_id_error(body.get("channelId"))
+    if problem := channel_id_error(body.get("channelId")):
+        errors["channelId"] = problem
     for name in _REQUIRED_ON_CREATE:
         if body.get(name) is None:
             errors[name] = "is required"
@@ -190,7 +194,7 @@ def parse_channel_changes(channel: Channel, body: Any, today: date) -> tuple[Cha
     errors = {**field_errors, **errors}
     if errors:
         return None, errors
-    removed = {_FIELDS[name][0]: None for name in _REMOVABLE if name in body and body[name] is None}
+    removed: dict[str, Any] = {_FIELDS[name][0]: None for name in _REMOVABLE if name in body and body[name] is None}
     changed = replace(channel, **values, **removed)
     errors = consistency_errors(changed, today)
     return (None, errors) if errors else (changed, {})
@@ -264,9 +268,10 @@ def parse_api_key_request(body: Any) -> tuple[ApiKeyRequest | None, Errors]:
     if not isinstance(channel_ids, list) or not 1 <= len(channel_ids) <= API_KEY_CHANNELS_MAX:
         errors["channelIds"] = f"must be a list of 1 to {API_KEY_CHANNELS_MAX} channel ids"
     elif any(channel_id_error(c) for c in channel_ids):
-        errors["channelIds"] = "every entry " + channel_id_error(None)
+        errors["channelIds"] = "every entry " + _CHANNEL_ID_RULE
     if errors:
         return None, errors
+    assert isinstance(label, str) and isinstance(channel_ids, list), "checked above"
     return ApiKeyRequest(label.strip(), tuple(dict.fromkeys(channel_ids))), {}
 
 
@@ -295,5 +300,5 @@ def _parse_fields(present: dict[str, Any]) -> tuple[dict[str, Any], Errors]:
     return values, errors
 
 
-def _unknown_fields(body: dict, known: set[str]) -> Errors:
+def _unknown_fields(body: dict[str, Any], known: set[str]) -> Errors:
     return {untrusted(name, 64): "is not a known field" for name in body if name not in known}

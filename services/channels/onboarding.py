@@ -7,16 +7,26 @@ side of the system can write credentials but never read them back.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from services.channels import apikeys, repository as repo
-from services.channels.model import (ACTIVE, SUSPENDED, Errors, activation_errors, channel_id_error,
-                                     parse_api_key_request, parse_channel_changes, parse_credentials,
-                                     parse_new_channel)
+from services.channels.model import (
+    ACTIVE,
+    SUSPENDED,
+    Errors,
+    activation_errors,
+    channel_id_error,
+    parse_api_key_request,
+    parse_channel_changes,
+    parse_credentials,
+    parse_new_channel,
+)
 from services.channels.repository import ChannelRecord
 from services.channels.vault import KeyFileError, PublicKeyWrapper, fingerprint, seal
 from services.daraja.client import DarajaClient, DarajaTimeouts
@@ -96,13 +106,13 @@ class Onboarding:
 
     async def create_channel(self, body: Any, actor: str) -> ChannelRecord:
         channel, errors = parse_new_channel(body, self._today())
-        if errors:
+        if channel is None:
             raise InvalidInput("one or more fields are invalid; nothing was changed", errors)
         async with self._pool.connection() as conn, conn.transaction():
             if not await repo.insert_channel(conn, channel):
                 raise Conflict(f"channel {channel.channel_id!r} already exists")
             await repo.audit(conn, actor, "channel_created", channel_id=channel.channel_id)
-            record = await repo.channel_record(conn, channel.channel_id)
+            record = await _written(conn, channel.channel_id)
         log.info("channel created", extra={"channel_id": channel.channel_id})
         return record
 
@@ -110,14 +120,14 @@ class Onboarding:
         async with self._pool.connection() as conn, conn.transaction():
             record = await self._locked(conn, channel_id)
             changed, errors = parse_channel_changes(record.channel, body, self._today())
-            if errors:
+            if changed is None:
                 raise InvalidInput("one or more fields are invalid; nothing was changed", errors)
             if changed == record.channel:
                 return record
             await repo.update_channel(conn, changed)
             fields = ", ".join(sorted(k for k in body if k != "channelId"))
             await repo.audit(conn, actor, "channel_updated", channel_id=channel_id, detail=f"changed {fields}")
-            record = await repo.channel_record(conn, channel_id)
+            record = await _written(conn, channel_id)
         log.info("channel updated", extra={"channel_id": channel_id})
         return record
 
@@ -151,7 +161,7 @@ class Onboarding:
             await repo.set_status(conn, channel_id, status)
             action = "channel_activated" if status == ACTIVE else "channel_suspended"
             await repo.audit(conn, actor, action, channel_id=channel_id, detail=f"was {record.channel.status}")
-            record = await repo.channel_record(conn, channel_id)
+            record = await _written(conn, channel_id)
         log.info("channel %s", status, extra={"channel_id": channel_id})
         return record
 
@@ -167,7 +177,7 @@ class Onboarding:
 
     async def _write_credentials(self, channel_id: str, body: Any, actor: str, *, rotate: bool) -> ChannelRecord:
         given, errors = parse_credentials(body)
-        if errors:
+        if given is None:
             raise InvalidInput("one or more fields are invalid; nothing was stored", errors)
         self._wrapper()  # fail early, before asking Daraja, if credentials cannot be sealed here
         _check_credentials_state(await self.channel(channel_id), rotate)
@@ -189,7 +199,7 @@ class Onboarding:
             await repo.audit(conn, actor, "credentials_rotated" if rotate else "credentials_set",
                              channel_id=channel_id, version=version, kek_id=sealed.key_id,
                              detail=f"fingerprint {fingerprint(given.app)}")
-            record = await repo.channel_record(conn, channel_id)
+            record = await _written(conn, channel_id)
         log.info("credentials %s: version %d sealed to key %s", "rotated" if rotate else "set", version,
                  sealed.key_id, extra={"channel_id": channel_id})
         return record
@@ -216,7 +226,7 @@ class Onboarding:
     async def issue_api_key(self, body: Any, actor: str) -> tuple[dict[str, Any], str]:
         """(the key's record, the key itself: shown to the caller this once)."""
         request, errors = parse_api_key_request(body)
-        if errors:
+        if request is None:
             raise InvalidInput("one or more fields are invalid; nothing was changed", errors)
         key_id, api_key = apikeys.new_api_key()
         async with self._pool.connection() as conn, conn.transaction():
@@ -230,6 +240,7 @@ class Onboarding:
             await repo.audit(conn, actor, "api_key_issued", api_key_id=key_id,
                              detail=f"channels {', '.join(request.channel_ids)}")
             row = await repo.api_key(conn, key_id)
+        assert row is not None, "inserted in this transaction"
         log.info("api key %s issued", key_id)
         return repo.api_key_view(row), api_key
 
@@ -247,12 +258,18 @@ class Onboarding:
         async with self._pool.connection() as conn:
             return [repo.api_key_view(row) for row in await repo.api_keys(conn)]
 
-    async def _locked(self, conn, channel_id: str) -> ChannelRecord:
+    async def _locked(self, conn: AsyncConnection, channel_id: str) -> ChannelRecord:
         record = await repo.channel_record(conn, channel_id, for_update=True) if not channel_id_error(channel_id) \
             else None
         if record is None:
             raise NotFound(f"no channel {channel_id!r}")
         return record
+
+
+async def _written(conn: AsyncConnection, channel_id: str) -> ChannelRecord:
+    record = await repo.channel_record(conn, channel_id)
+    assert record is not None, "written in this transaction"
+    return record
 
 
 def _check_credentials_state(record: ChannelRecord, rotate: bool) -> None:

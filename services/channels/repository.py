@@ -193,7 +193,8 @@ def api_key_view(row: dict[str, Any]) -> dict[str, Any]:
 
 def _channel_values(c: Channel) -> tuple:
     return (c.channel_id, c.display_name, c.shortcode_type, c.business_shortcode, c.environment, c.till_number,
-            c.status, c.consent_reference, c.consent_date, c.max_amount, c.pushes_per_second, c.confirm_success_by_query)
+            c.status, c.consent_reference, c.consent_date, c.max_amount, c.pushes_per_second,
+            c.confirm_success_by_query)
 
 
 def _record(row: dict[str, Any]) -> ChannelRecord:

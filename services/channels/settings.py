@@ -4,9 +4,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common import config
+from services.daraja.settings import SETTINGS as DARAJA_SETTINGS
 
 ADMIN_TOKEN_MIN_CHARS = 32
 
@@ -31,6 +33,35 @@ CREDENTIALS_TTL_S = config.Setting("CHANNEL_CREDENTIALS_TTL_S", config.positive_
                                    help="how long the STK worker trusts its cached channel and version")
 
 
+# What onboarding needs, as the onboarding API and the `channels`/`keys` commands share it: the
+# onboarding role's database, the vault's public half to seal credentials, and Daraja to check them.
+ONBOARDING_SETTINGS = [config.database_url("onboarding"), VAULT_PUBLIC_KEY_FILE, *DARAJA_SETTINGS]
+API_SETTINGS = [*ONBOARDING_SETTINGS, ADMIN_HOST, ADMIN_PORT, ADMIN_TOKEN, ADMIN_TOKEN_SHA256]
+
+
+@dataclass(frozen=True)
+class OnboardingSettings:
+    """ONBOARDING_SETTINGS, read once (config.load_into)."""
+
+    database_url: str
+    vault_public_key_file: Path
+    daraja_base_url: str
+    daraja_connect_timeout_s: float
+    daraja_read_timeout_s: float
+    daraja_token_refresh_margin_s: float
+    daraja_max_connections: int
+
+
+@dataclass(frozen=True)
+class ApiSettings(OnboardingSettings):
+    """API_SETTINGS: the onboarding API's, read once at start."""
+
+    admin_host: str
+    admin_port: int
+    admin_token: str | None = field(repr=False)  # a secret
+    admin_token_sha256: str | None
+
+
 class AdminToken:
     """The admin credential, held only as its SHA-256 and compared in constant time."""
 
@@ -38,11 +69,11 @@ class AdminToken:
         self._digest = sha256_digest
 
     @classmethod
-    def from_config(cls, cfg: dict) -> AdminToken:
+    def from_config(cls, cfg: ApiSettings) -> AdminToken:
         """From ADMIN_TOKEN_SHA256, else ADMIN_TOKEN; config.ConfigError when neither is usable."""
-        if cfg.get("ADMIN_TOKEN_SHA256"):
-            return cls(bytes.fromhex(cfg["ADMIN_TOKEN_SHA256"]))
-        token = cfg.get("ADMIN_TOKEN")
+        if cfg.admin_token_sha256:
+            return cls(bytes.fromhex(cfg.admin_token_sha256))
+        token = cfg.admin_token
         if not token:
             raise config.ConfigError("ADMIN_TOKEN_SHA256 or ADMIN_TOKEN is required "
                                      "(`mpesa-pipeline admin-token` makes one)")

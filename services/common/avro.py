@@ -48,12 +48,14 @@ class DecodeError(ValueError):
 @dataclass(frozen=True)
 class Schema:
     name: str  # file stem, e.g. "payment_requested"
-    parsed: dict
+    parsed: dict[str, Any]
     fingerprint: bytes
 
 
 def load_schema(path: Path) -> Schema:
     parsed = parse_schema(json.loads(path.read_text()))
+    if not isinstance(parsed, dict) or parsed.get("type") != "record":
+        raise ValueError(f"{path.name}: every event is a record, this schema is not one")
     _refuse_zero_width_items(parsed, path.name)
     canonical = to_parsing_canonical_form(parsed)
     return Schema(path.name.split(".")[0], parsed, bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO")))
@@ -101,6 +103,7 @@ class Codec:
                 record = schemaless_reader(io.BytesIO(body), writer.parsed, reader.parsed)
         except Exception as exc:  # fastavro raises many types on corrupt bodies (module docstring)
             raise DecodeError(f"corrupt {writer.name} body: {type(exc).__name__}") from exc
+        assert isinstance(record, dict), "every schema is a record (load_schema)"
         if canonical != body:
             extra = len(body) - len(canonical)
             raise DecodeError(f"{writer.name} body has {extra} bytes after the record" if body.startswith(canonical)
@@ -108,13 +111,13 @@ class Codec:
         return writer.name, record
 
 
-def _body(schema: Schema, record: dict[str, Any]) -> bytes:
+def _body(schema: Schema, record: object) -> bytes:
     out = io.BytesIO()
     schemaless_writer(out, schema.parsed, record)
     return out.getvalue()
 
 
-def _refuse_zero_width_items(schema: dict, where: str) -> None:
+def _refuse_zero_width_items(schema: dict[str, Any], where: str) -> None:
     """Raises ValueError if an array's items can be encoded in zero bytes (null, an empty record, a
     fixed of size 0): a hostile block count would then make the reader loop without consuming input.
     A map's entries cannot: each has a key, whose length takes at least one byte."""

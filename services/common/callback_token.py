@@ -1,4 +1,4 @@
-"""The unguessable token in each CallBackURL, bound to channel and payment (docs/design.md, Security).
+"""The unguessable token in each CallBackURL, bound to channel and payment (docs/design.md, "Security").
 
 Daraja does not sign callbacks (docs/daraja.md §5), so the URL itself is the credential: an HMAC of the
 channel and payment ids under a secret only we hold. Several secrets may be accepted at once so the
@@ -25,7 +25,8 @@ def token_is_valid(secrets: list[bytes], channel_id: str, payment_id: str, token
 
 def callback_url(public_base: str, secret: bytes, channel_id: str, payment_id: str) -> str:
     # Path segments, not a query string: Daraja delivers the path intact (docs/daraja.md §5).
-    return f"{public_base}/api/webhooks/mpesa/{channel_id}/{payment_id}/{callback_token(secret, channel_id, payment_id)}"
+    token = callback_token(secret, channel_id, payment_id)
+    return f"{public_base}/api/webhooks/mpesa/{channel_id}/{payment_id}/{token}"
 
 
 def parse_secrets(raw: str) -> list[bytes]:

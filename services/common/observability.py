@@ -5,7 +5,7 @@ import json
 import logging
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest

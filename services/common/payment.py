@@ -132,6 +132,7 @@ def parse_payment_request(body: Any, max_amount: int = AMOUNT_MAX) -> tuple[Paym
     errors = {name: message for name, message in checks.items() if message}
     if errors:
         return None, errors
+    assert phone is not None, "a phone that did not normalise has an error"
     return PaymentRequest(
         channel_id=body["channelId"], amount=body["amount"], phone=phone,
         account_reference=body["accountReference"], description=body.get("description"),
@@ -194,7 +195,7 @@ def _metadata_error(value: Any) -> str | None:
     return None
 
 
-def event_problem(v: dict) -> str | None:
+def event_problem(v: dict[str, Any]) -> str | None:
     """A payment-requested event (maybe produced straight to the topic, not by this API) gets the
     same checks as an API request; returns the reason it is invalid, or None."""
     _, errors = parse_payment_request({

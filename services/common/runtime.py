@@ -5,7 +5,8 @@ import asyncio
 import gc
 import signal
 import sys
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from services.common import config
 from services.common.observability import setup_logging

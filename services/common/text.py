@@ -19,7 +19,8 @@ def untrusted(value: object, limit: int = UNTRUSTED_TEXT_MAX) -> str:
     text = value if isinstance(value, str) else repr(value)
     if len(text) <= limit and text.isprintable():
         return text
-    kept, length = [], 0
+    kept: list[str] = []
+    length = 0
     for c in text:
         piece = c if c.isprintable() else (f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}")
         if length + len(piece) > limit:

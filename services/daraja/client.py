@@ -11,9 +11,10 @@ import base64
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 import aiohttp
 import httpx
@@ -215,7 +216,7 @@ class DarajaClient:
         # Refresh `margin` early, but never later than half-way through a short-lived token.
         return expires_in_s - min(self._margin_s, expires_in_s / 2)
 
-    def _usable(self, cached: _CachedToken | None, app: AppCredentials) -> bool:
+    def _usable(self, cached: _CachedToken | None, app: AppCredentials) -> TypeGuard[_CachedToken]:
         return (cached is not None and cached.consumer_secret == app.consumer_secret
                 and self._clock() < cached.refresh_at)
 

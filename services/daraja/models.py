@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
-from services.common.payment import (ACCOUNT_REFERENCE_MAX, AMOUNT_MAX, DESCRIPTION_MAX, PHONE as _PHONE,
-                                     mask_phone)
+from services.common.payment import ACCOUNT_REFERENCE_MAX, AMOUNT_MAX, DESCRIPTION_MAX, PHONE as _PHONE, mask_phone
 
 PAYBILL_TRANSACTION = "CustomerPayBillOnline"
 TILL_TRANSACTION = "CustomerBuyGoodsOnline"
@@ -54,6 +53,9 @@ class AppCredentials:
     __str__ = __repr__
 
 
+ShortcodeType = Literal["paybill", "till"]
+
+
 @dataclass(frozen=True)
 class Shortcode:
     """Where the money goes. Daraja's Till rules (docs/daraja.md §2 "Till vs Paybill"):
@@ -64,7 +66,7 @@ class Shortcode:
     """
 
     business_shortcode: str
-    shortcode_type: Literal["paybill", "till"] = "paybill"
+    shortcode_type: ShortcodeType = "paybill"
     till_number: str | None = None
 
     def __post_init__(self) -> None:
@@ -81,7 +83,10 @@ class Shortcode:
 
     @property
     def party_b(self) -> str:
-        return self.till_number if self.shortcode_type == "till" else self.business_shortcode
+        if self.shortcode_type == "till":
+            assert self.till_number is not None, "a till has its number (__post_init__)"
+            return self.till_number
+        return self.business_shortcode
 
     @property
     def transaction_type(self) -> str:

@@ -100,13 +100,12 @@ def query_status(result_code: str) -> QueryStatus:
 def classify_failure(operation: str, status: int, body: bytes) -> DarajaError:
     """Any answer that is not a usable result, as a DarajaError saying what to do next."""
     obj = json_object(body)
-    error_code = _error_code(obj) if obj is not None else None
-    if error_code is not None:
+    if obj is not None and (error_code := _error_code(obj)) is not None:
         return _classify_daraja_code(operation, status, obj, error_code)
     return _classify_other(operation, status, obj, body)
 
 
-def _classify_daraja_code(operation: str, status: int, obj: dict, error_code: str) -> DarajaError:
+def _classify_daraja_code(operation: str, status: int, obj: dict[str, Any], error_code: str) -> DarajaError:
     message = _error_message(obj)
     request_id = text(obj.get("requestId")) or None
     kind, retry_after_s = _kind_for_code(error_code, message)
@@ -129,7 +128,7 @@ def _kind_for_code(error_code: str, message: str) -> tuple[ErrorKind, float | No
     return (ErrorKind.RETRYABLE, None) if error_code.startswith(("5", "429")) else (ErrorKind.PERMANENT, None)
 
 
-def _classify_other(operation: str, status: int, obj: dict | None, body: bytes) -> DarajaError:
+def _classify_other(operation: str, status: int, obj: dict[str, Any] | None, body: bytes) -> DarajaError:
     fault = gateway_fault(obj) if obj is not None else None
     reason = f"gateway fault: {_short(fault)}" if fault else _describe_body(obj, body)
     return DarajaError(_kind_for_status(operation, status, fault), operation, reason, http_status=status)
@@ -146,7 +145,7 @@ def _kind_for_status(operation: str, status: int, fault: str | None) -> ErrorKin
     return ErrorKind.PERMANENT
 
 
-def gateway_fault(obj: dict) -> str | None:
+def gateway_fault(obj: dict[str, Any]) -> str | None:
     """Apigee faults: SOAP-shaped {"Envelope":{"Body":{"Fault":{"faultstring"}}}} or {"fault":{...}}."""
     for path in (("Envelope", "Body", "Fault"), ("fault",), ("Fault",)):
         node: Any = obj
@@ -160,7 +159,7 @@ def gateway_fault(obj: dict) -> str | None:
     return None
 
 
-def json_object(body: bytes) -> dict | None:
+def json_object(body: bytes) -> dict[str, Any] | None:
     try:
         value = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -185,11 +184,11 @@ def text(value: Any) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
-def _error_code(obj: dict) -> str | None:
+def _error_code(obj: dict[str, Any]) -> str | None:
     return code_text(obj.get("errorCode", obj.get("errorcode")))
 
 
-def _error_message(obj: dict) -> str:
+def _error_message(obj: dict[str, Any]) -> str:
     return text(obj.get("errorMessage", obj.get("errormessage")))
 
 
@@ -210,7 +209,7 @@ def _expires_in_s(value: Any) -> int:
     return seconds if seconds > 0 else DOCUMENTED_TOKEN_TTL_S
 
 
-def _describe_body(obj: dict | None, body: bytes) -> str:
+def _describe_body(obj: dict[str, Any] | None, body: bytes) -> str:
     if not body.strip():
         return "empty body"
     if obj is None:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import base64
 from datetime import datetime
+from typing import Any
 
-from services.daraja.models import Shortcode, StkPushRequest
 from services.common.payment import NAIROBI
+from services.daraja.models import Shortcode, StkPushRequest
 
 
 def nairobi_timestamp(now: datetime) -> str:
@@ -24,7 +25,7 @@ def stk_password(business_shortcode: str, passkey: str, timestamp: str) -> str:
     return base64.b64encode(f"{business_shortcode}{passkey}{timestamp}".encode()).decode("ascii")
 
 
-def build_push_payload(shortcode: Shortcode, request: StkPushRequest, passkey: str, timestamp: str) -> dict:
+def build_push_payload(shortcode: Shortcode, request: StkPushRequest, passkey: str, timestamp: str) -> dict[str, Any]:
     # Types follow Safaricom's documented example: BusinessShortCode a number, the parties strings
     # (docs/daraja.md §2 Fields). Amount is a whole number: decimals are refused.
     return {
@@ -42,7 +43,7 @@ def build_push_payload(shortcode: Shortcode, request: StkPushRequest, passkey: s
     }
 
 
-def build_query_payload(shortcode: Shortcode, checkout_request_id: str, passkey: str, timestamp: str) -> dict:
+def build_query_payload(shortcode: Shortcode, checkout_request_id: str, passkey: str, timestamp: str) -> dict[str, Any]:
     """The query needs its own fresh timestamp and password (docs/daraja.md §4)."""
     return {
         "BusinessShortCode": shortcode.business_shortcode,

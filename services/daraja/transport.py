@@ -11,7 +11,6 @@ by whether the request can have been sent (client.transport_error).
 """
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 import aiohttp
@@ -51,7 +50,7 @@ class AiohttpSender:
                 return HttpAnswer(response.status, await response.read())
         except aiohttp.ClientError as exc:
             raise as_httpx_error(exc) from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise httpx.ReadTimeout("timed out waiting for the answer") from None
 
     async def aclose(self) -> None:

@@ -15,20 +15,30 @@ from pathlib import Path
 
 from aiohttp import web
 
+from services.common import config
 from services.common.observability import setup_logging
 from services.daraja_sandbox.app import create_app
-from services.daraja_sandbox.settings import (ADMIN_TOKEN_ENV, DEFAULT_PORT, DEMO_CONSUMER_KEY, PENDING_QUERY_STYLES,
-                                              SANDBOX_SHORTCODE, AppConfig, SandboxSettings, admin_token_from)
+from services.daraja_sandbox.settings import (
+    ADMIN_TOKEN_ENV,
+    DEFAULT_PORT,
+    DEMO_CONSUMER_KEY,
+    PENDING_QUERY_STYLES,
+    SANDBOX_SHORTCODE,
+    AppConfig,
+    SandboxEnvironment,
+    SandboxSettings,
+    environment_from,
+)
 
 log = logging.getLogger("services.daraja_sandbox")
 
 
-def parse_args(argv: list[str], environ: dict[str, str]) -> argparse.Namespace:
+def parse_args(argv: list[str], env: SandboxEnvironment) -> argparse.Namespace:
     defaults = SandboxSettings()
     parser = argparse.ArgumentParser(prog="python -m services.daraja_sandbox",
                                      description="Daraja (M-Pesa) sandbox simulator: OAuth, STK push, STK query.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None,
+    parser.add_argument("--port", type=int, default=env.daraja_sandbox_port,
                         help=f"port (default: $DARAJA_SANDBOX_PORT, else {DEFAULT_PORT})")
     parser.add_argument("--latency-ms", type=int, default=defaults.latency_ms, help="delay before every answer")
     parser.add_argument("--callback-delay-ms", type=int, default=defaults.callback_delay_ms,
@@ -46,11 +56,8 @@ def parse_args(argv: list[str], environ: dict[str, str]) -> argparse.Namespace:
     parser.add_argument("--callback-concurrency", type=int, default=defaults.callback_concurrency)
     parser.add_argument("--apps-file", type=Path, help="JSON list of apps to register at start")
     parser.add_argument("--no-demo-app", action="store_true", help=f"do not register {DEMO_CONSUMER_KEY}")
-    parser.add_argument("--log-level", default=environ.get("LOG_LEVEL", "INFO"))
-    args = parser.parse_args(argv)
-    if args.port is None:
-        args.port = int(environ.get("DARAJA_SANDBOX_PORT") or DEFAULT_PORT)
-    return args
+    parser.add_argument("--log-level", default=env.log_level)
+    return parser.parse_args(argv)
 
 
 def settings_from(args: argparse.Namespace) -> SandboxSettings:
@@ -81,11 +88,15 @@ def _fewer_gc_pauses() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    environ = dict(os.environ)
-    args = parse_args(sys.argv[1:] if argv is None else argv, environ)
-    setup_logging("daraja-sandbox", args.log_level.upper())
     try:
-        admin_token = admin_token_from(environ)
+        env = environment_from(os.environ)
+    except (config.ConfigError, ValueError) as exc:
+        print(f"daraja sandbox: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    args = parse_args(sys.argv[1:] if argv is None else argv, env)
+    setup_logging("daraja-sandbox", args.log_level.upper())
+    admin_token = env.daraja_sandbox_admin_token
+    try:
         app = create_app(settings_from(args), load_apps(args.apps_file), demo_app=not args.no_demo_app,
                          admin_token=admin_token)
     except (ValueError, TypeError, OSError) as exc:

@@ -27,9 +27,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
@@ -38,7 +39,6 @@ from services.daraja_sandbox.keys import SANDBOX, SENDER
 from services.daraja_sandbox.scenarios import SCENARIOS, SELECTORS, named_scenario
 from services.daraja_sandbox.settings import AppConfig
 from services.daraja_sandbox.state import Fault
-
 
 TOKEN_PLACEHOLDER = "<token>"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

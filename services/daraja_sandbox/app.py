@@ -9,7 +9,8 @@ import asyncio
 import base64
 import binascii
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from aiohttp import web
 
@@ -131,7 +132,7 @@ def _push_outcome(request: web.Request, sandbox: Sandbox, body: Any) -> Transact
 
 def _gatekeeper(request: web.Request, sandbox: Sandbox, body: Any) -> Failure | None:
     """What the API gateway refuses before the payload is looked at: rate, token, content type, JSON."""
-    if not sandbox.limiter.allow():
+    if not sandbox.allow_request():
         return responses.SPIKE_ARREST
     app = sandbox.app_for_bearer(request.headers.get("Authorization", ""))
     if isinstance(app, Failure):

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import aiohttp
 
 from services.daraja_sandbox.rawhttp import HttpFailure, RawHttpClient, build_post
+
 log = logging.getLogger(__name__)
 
 CALLBACK_CONTENT_TYPE = "application/json;charset=UTF-8"  # docs/daraja.md §3, as received from Daraja
@@ -130,10 +131,11 @@ class CallbackSender:
                 return await self._raw.post(*plain)
             except HttpFailure as exc:
                 return str(exc)
+        assert self._session is not None, "post() before start()"
         try:
             async with self._session.post(job.url, data=job.body, headers=headers) as response:
                 await response.read()
                 return response.status
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             # The receiver's problem, not ours: Daraja does not retry either (docs/daraja.md §5).
             return type(exc).__name__

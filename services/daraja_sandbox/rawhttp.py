@@ -62,6 +62,7 @@ class _Exchange(asyncio.Protocol):
         self._waiter = asyncio.get_running_loop().create_future()
         self._buffer.clear()
         self._needed, self.reusable, self.received_any = -1, False, False
+        assert self.transport is not None, "send() before the connection was made"
         self.transport.write(request)
         return self._waiter
 
@@ -88,6 +89,7 @@ class _Exchange(asyncio.Protocol):
                 return self._advance()
         if len(self._buffer) >= self._needed:
             self.reusable = self.reusable and len(self._buffer) == self._needed
+            assert self._waiter is not None, "an answer nobody sent a request for"
             self._waiter.set_result(self._status)
 
     def _read_head(self, head: str, head_bytes: int) -> bool:
@@ -103,7 +105,7 @@ class _Exchange(asyncio.Protocol):
         length = headers.get("content-length")
         self.reusable = (version == "HTTP/1.1" and length is not None and length.isdigit()
                          and headers.get("connection") != "close" and "transfer-encoding" not in headers)
-        self._needed = head_bytes + (int(length) if self.reusable else 0)
+        self._needed = head_bytes + (int(length) if self.reusable and length is not None else 0)
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:

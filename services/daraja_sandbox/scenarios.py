@@ -122,7 +122,7 @@ class Scenario:
         return self.result_code if self.query_result_code is None else self.query_result_code
 
 
-_FAILURE_NAMES = {
+_FAILURE_NAMES: dict[int | str, str] = {
     1: "insufficient_funds", 2: "below_minimum", 3: "above_maximum", 4: "daily_limit", 8: "balance_limit",
     17: "rule_limited", 26: "system_busy", 1001: "subscriber_locked", 1019: "expired", 1025: "push_error",
     1032: "cancelled", 1036: "smsc_timeout", 1037: "unreachable", 1101: "prompt_prefix_too_long",

@@ -3,8 +3,11 @@ through `PATCH /sandbox/settings`."""
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
+
+from services.common import config
 
 # The public sandbox shortcode and its published passkey (docs/daraja.md §6 "Sandbox facts").
 SANDBOX_SHORTCODE = "174379"
@@ -19,15 +22,33 @@ PENDING_QUERY_STYLES = ("4999", "being_processed", "empty", "mixed")
 ADMIN_TOKEN_ENV = "DARAJA_SANDBOX_ADMIN_TOKEN"
 ADMIN_TOKEN_MIN_CHARS = 32
 
+# The environment the sandbox reads at start; the command line (`--port`, `--log-level`) wins over it.
+PORT = config.Setting("DARAJA_SANDBOX_PORT", config.port, DEFAULT_PORT, help="port to listen on, unless --port")
+ADMIN_TOKEN = config.Setting(ADMIN_TOKEN_ENV, str, None, secret=True,
+                             help=f"bearer token of the admin API under /sandbox/, >= {ADMIN_TOKEN_MIN_CHARS} "
+                                  "characters; unset, the admin API is closed")
+SETTINGS = [PORT, ADMIN_TOKEN, config.LOG_LEVEL]
 
-def admin_token_from(environ: dict[str, str]) -> str | None:
-    """The admin token in `environ`, None when unset; ValueError (never quoting it) when too weak."""
-    token = environ.get(ADMIN_TOKEN_ENV) or None
+
+@dataclass(frozen=True)
+class SandboxEnvironment:
+    """SETTINGS, read once at start (config.load_into)."""
+
+    daraja_sandbox_port: int
+    daraja_sandbox_admin_token: str | None = field(repr=False)  # a secret
+    log_level: str
+
+
+def environment_from(environ: Mapping[str, str]) -> SandboxEnvironment:
+    """SETTINGS from `environ`: config.ConfigError names a bad variable, ValueError (never quoting
+    it) a weak admin token."""
+    env = config.load_into(SandboxEnvironment, SETTINGS, environ)
+    token = env.daraja_sandbox_admin_token
     if token is not None and (len(token) < ADMIN_TOKEN_MIN_CHARS or not token.isascii() or not token.isprintable()
                               or token != token.strip() or " " in token):
         raise ValueError(f"{ADMIN_TOKEN_ENV} must be at least {ADMIN_TOKEN_MIN_CHARS} printable ASCII characters "
                          "without spaces (value hidden: it is a secret)")
-    return token
+    return env
 
 
 @dataclass(frozen=True)
@@ -93,7 +114,8 @@ class SandboxSettings:
                 raise ValueError(f"{name} is not a setting that can be changed at run time")
             if not _same_type(current[name], value):
                 raise ValueError(f"{name} must be of type {type(current[name]).__name__}")
-        new = replace(self, **{k: float(v) if isinstance(current[k], float) else v for k, v in changes.items()})
+        typed: dict[str, Any] = {k: float(v) if isinstance(current[k], float) else v for k, v in changes.items()}
+        new = replace(self, **typed)
         new.check()
         return new
 

@@ -10,19 +10,27 @@ import secrets
 import string
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
+from services.common.payment import NAIROBI
+from services.common.ratelimit import RateLimiter
 from services.daraja.result_codes import STILL_PROCESSING_CODE
 from services.daraja_sandbox import responses
 from services.daraja_sandbox.callbacks import failure_callback, success_callback
 from services.daraja_sandbox.responses import Failure
-from services.daraja_sandbox.scenarios import (RESULT_CATALOGUE, Overrides, Scenario, choose_scenario,
-                                               misconfiguration_result, with_result)
-from services.daraja_sandbox.settings import (SANDBOX_PASSKEY, SANDBOX_SHORTCODE, AppConfig, SandboxSettings)
+from services.daraja_sandbox.scenarios import (
+    RESULT_CATALOGUE,
+    Overrides,
+    Scenario,
+    choose_scenario,
+    misconfiguration_result,
+    with_result,
+)
+from services.daraja_sandbox.settings import SANDBOX_PASSKEY, SANDBOX_SHORTCODE, AppConfig, SandboxSettings
 from services.daraja_sandbox.validation import PushFields, QueryFields, Rules, password_matches
-from services.common.payment import NAIROBI
 
 _TOKEN_ALPHABET = string.ascii_letters + string.digits
 _DAY_DIGITS = "0123456789ABCDEFGHIJKLMNOPQRSTUV"
@@ -31,6 +39,7 @@ PUSH_FIELDS = ("BusinessShortCode", "Timestamp", "TransactionType", "Amount", "P
                "CallBackURL", "AccountReference", "TransactionDesc")  # Password is never kept
 PUSH_FILTERS = frozenset(PUSH_FIELDS) | {"CheckoutRequestID", "MerchantRequestID", "status", "errorCode", "scenario"}
 _LOCK_PRUNE_AT = 100_000
+_EVERY_CALLER = "all"  # spike arrest counts every caller together, as one proxy's limit
 
 
 def nairobi_now() -> datetime:
@@ -95,28 +104,6 @@ class Fault:
             raise ValueError("remaining must be >= 1 and status an HTTP status")
 
 
-class RateLimiter:
-    """Token bucket standing in for Apigee's spike arrest (docs/daraja.md §6)."""
-
-    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float]):
-        self._rate = rate_per_s
-        self._burst = burst
-        self._clock = clock
-        self._tokens = float(burst)
-        self._last = clock()
-
-    def allow(self) -> bool:
-        if self._rate <= 0:
-            return True
-        now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-        self._last = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
-
-
 class Sandbox:
     def __init__(self, settings: SandboxSettings, apps: Iterable[AppConfig] = (), *,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], datetime] = nairobi_now,
@@ -147,17 +134,28 @@ class Sandbox:
         self.faults: list[Fault] = []
         self.counters = {"pushes_received": 0, "pushes_accepted": 0, "callbacks_delivered": 0,
                          "callbacks_failed": 0}
-        self.limiter = RateLimiter(self.settings.rate_limit_per_s, self.settings.effective_burst, self.clock)
+        self.spike_arrest = self._spike_arrest()
 
     def update_settings(self, changes: dict[str, Any]) -> None:
         self.settings = self.settings.updated(changes)
-        self.limiter = RateLimiter(self.settings.rate_limit_per_s, self.settings.effective_burst, self.clock)
+        self.spike_arrest = self._spike_arrest()
+
+    def _spike_arrest(self) -> RateLimiter | None:
+        """A token bucket standing in for Apigee's spike arrest (docs/daraja.md §6); None when off."""
+        if self.settings.rate_limit_per_s <= 0:
+            return None
+        return RateLimiter(self.settings.rate_limit_per_s, self.settings.effective_burst, clock=self.clock)
+
+    def allow_request(self) -> bool:
+        """Whether spike arrest lets one more push or query through; one bucket for every caller."""
+        return self.spike_arrest is None or self.spike_arrest.take(_EVERY_CALLER) == 0.0
 
     def register_app(self, config: AppConfig) -> None:
         previous = self.apps.get(config.consumer_key)
         self.apps[config.consumer_key] = App(config, previous.token if previous else None,
                                              previous.tokens_issued if previous else 0)
         if config.shortcode is not None:
+            assert config.passkey is not None  # AppConfig.check: a shortcode comes with its passkey
             self.shortcodes[config.shortcode] = ShortcodeAccount(
                 config.shortcode, config.passkey, config.shortcode_type, config.till_number)
 
@@ -194,7 +192,7 @@ class Sandbox:
         return app
 
     def issue_token(self, app: App) -> str:
-        token = "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(28))  # 28 chars as observed (§1)
+        token = "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(28))  # 28 chars as observed (docs/daraja.md §1)
         if self.settings.invalidate_previous_tokens and app.token is not None:
             self._tokens.pop(app.token, None)
         self._tokens[token] = (app.config.consumer_key, self.clock() + self.settings.token_ttl_s)

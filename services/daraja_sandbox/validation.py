@@ -9,7 +9,7 @@ import hmac
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 from services.daraja_sandbox.responses import Failure, invalid_field
 from services.daraja_sandbox.scenarios import PAYBILL_TRANSACTION, TILL_TRANSACTION
@@ -146,7 +146,7 @@ def _timestamp_ok(timestamp: str, rules: Rules) -> bool:
     return abs((sent - rules.now_nairobi).total_seconds()) <= rules.timestamp_tolerance_s
 
 
-def _callback_url_ok(url: Any, reject_localhost: bool) -> bool:
+def _callback_url_ok(url: Any, reject_localhost: bool) -> TypeGuard[str]:
     # One regex instead of urlsplit: this runs on every push (performance, see app.py).
     match = _CALLBACK_URL.fullmatch(url) if isinstance(url, str) and len(url) <= 2048 else None
     if match is None:

@@ -15,19 +15,20 @@ import logging
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from aiohttp import web
 from psycopg import Error as DatabaseError
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from services.channels.apikeys import ApiKey, ApiKeyAuthenticator
+from services.common.kafka import Publisher
 from services.common.observability import Health, add_ops_routes, http_metrics
+from services.common.payment import AMOUNT_MAX, parse_payment_request, validate_channel_id
 from services.common.problems import problem
 from services.common.text import untrusted
 from services.ingress.access import ChannelDirectory, ChannelStatus, authenticate
 from services.ingress.payments import IdempotencyConflict, PaymentIntake, Unavailable
-from services.common.kafka import Publisher
-from services.common.payment import AMOUNT_MAX, parse_payment_request, validate_channel_id
 from services.ingress.validation import parse_idempotency_key
 from services.ingress.views import PaymentViews
 
@@ -39,9 +40,15 @@ PROBLEM = "urn:mpesa-pipeline:problem:"  # + one slug per case, listed in openap
 RETRY_AFTER_S = "1"
 
 
+class OwnPublisher(Publisher, Protocol):
+    """The ingress's own producer: it publishes, and is flushed and closed at shutdown."""
+
+    def close(self, timeout: float = 10.0) -> None: ...
+
+
 @dataclass
 class IngressDeps:
-    producer: Publisher
+    producer: OwnPublisher
     pool: AsyncConnectionPool
     authenticator: ApiKeyAuthenticator
     channels: ChannelDirectory
@@ -78,6 +85,7 @@ async def create_payment(request: web.Request) -> web.Response:
     if key_error:
         return problem(400, "Idempotency-Key required", f"the Idempotency-Key header {key_error}",
                        errors={"Idempotency-Key": key_error}, type_=PROBLEM + "idempotency-key-required")
+    assert idempotency_key is not None, "a key or why not"
     body, refused = await _read_json(request)
     if refused is not None:
         return refused
@@ -85,13 +93,13 @@ async def create_payment(request: web.Request) -> web.Response:
         return _invalid({"body": "must be a JSON object"})
     channel_id = body.get("channelId")
     channel_error = validate_channel_id(channel_id)
-    if channel_error:
+    if channel_error or not isinstance(channel_id, str):
         return _invalid(parse_payment_request(body)[1])  # every field's error at once
-    channel, refused = await _channel_for(deps, caller, channel_id)
-    if refused is not None:
-        return refused
+    channel = await _channel_for(deps, caller, channel_id)
+    if isinstance(channel, web.Response):
+        return channel
     payment, errors = parse_payment_request(body, min(channel.max_amount or AMOUNT_MAX, AMOUNT_MAX))
-    if errors:
+    if payment is None:
         return _invalid(errors)
     try:
         accepted = await deps.intake.submit(payment, idempotency_key, caller.key_id)
@@ -113,25 +121,25 @@ async def create_payment(request: web.Request) -> web.Response:
 
 
 async def _channel_for(deps: IngressDeps, caller: ApiKey, channel_id: str
-                       ) -> tuple[ChannelStatus | None, web.Response | None]:
+                       ) -> ChannelStatus | web.Response:
     """The channel if this caller may ask it for a payment now, else the refusal."""
     # Scope first: a key learns nothing about channels it is not scoped to, not even whether they exist.
     if not caller.allows(channel_id):
-        return None, problem(403, "API key not valid for this channel",
-                             f"this API key may not act for channel {channel_id!r}",
-                             errors={"channelId": "is not a channel this API key is scoped to"},
-                             type_=PROBLEM + "channel-not-allowed")
+        return problem(403, "API key not valid for this channel",
+                       f"this API key may not act for channel {channel_id!r}",
+                       errors={"channelId": "is not a channel this API key is scoped to"},
+                       type_=PROBLEM + "channel-not-allowed")
     channel = await deps.channels.get(channel_id)
     if channel is None:
-        return None, problem(422, "Unknown channel", f"there is no channel {channel_id!r}",
-                             errors={"channelId": "names no channel"}, type_=PROBLEM + "unknown-channel")
+        return problem(422, "Unknown channel", f"there is no channel {channel_id!r}",
+                       errors={"channelId": "names no channel"}, type_=PROBLEM + "unknown-channel")
     if channel.status == "suspended":
-        return None, problem(403, "Channel suspended", f"channel {channel_id!r} is suspended and takes no payments",
-                             errors={"channelId": "is suspended"}, type_=PROBLEM + "channel-suspended")
+        return problem(403, "Channel suspended", f"channel {channel_id!r} is suspended and takes no payments",
+                       errors={"channelId": "is suspended"}, type_=PROBLEM + "channel-suspended")
     if not channel.is_active:
-        return None, problem(403, "Channel not active", f"channel {channel_id!r} is still being onboarded",
-                             errors={"channelId": "is not active yet"}, type_=PROBLEM + "channel-not-active")
-    return channel, None
+        return problem(403, "Channel not active", f"channel {channel_id!r} is still being onboarded",
+                       errors={"channelId": "is not active yet"}, type_=PROBLEM + "channel-not-active")
+    return channel
 
 
 async def get_payment(request: web.Request) -> web.Response:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Awaitable, Callable, Generic, Sequence, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -87,12 +88,12 @@ class Batcher(Generic[Item, Result]):
             finally:
                 self._in_flight -= 1
             assert len(results) == len(batch), f"{self.name}: {len(results)} results for {len(batch)} items"
-            for (_, future), result in zip(batch, results):
+            for (_, future), result in zip(batch, results, strict=True):
                 if future is not None and not future.done():
                     future.set_result(result)
 
 
-def _fail(batch: list[tuple[object, asyncio.Future | None]], exc: BaseException) -> None:
+def _fail(batch: Sequence[tuple[object, asyncio.Future[Any] | None]], exc: BaseException) -> None:
     for _, future in batch:
         if future is not None and not future.done():
             future.set_exception(exc)

@@ -1,17 +1,17 @@
 """Building the ingress's dependencies from its settings; `python -m services.ingress` and the tests share it."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 from psycopg_pool import AsyncConnectionPool
 
 from services.channels.apikeys import ApiKeyAuthenticator
 from services.common import config
 from services.common.avro import Codec
-from services.common.kafka import EventProducer, Publisher
-from services.common.topics import PAYMENT_REQUESTED, Topic
+from services.common.kafka import EventProducer
+from services.common.topics import PAYMENT_REQUESTED, Topic, parse_upstream_producers
 from services.ingress.access import ChannelDirectory
-from services.ingress.app import IngressDeps
+from services.ingress.app import IngressDeps, OwnPublisher
 from services.ingress.idempotency import IdempotencyStore
 from services.ingress.payments import PaymentIntake
 from services.ingress.views import PaymentViews
@@ -33,24 +33,52 @@ SETTINGS = [
     config.Setting("INGRESS_REQUESTED_TOPIC", str, PAYMENT_REQUESTED.name,
                    help="topic of the PaymentRequested events; only a benchmark should change it"),
     config.Setting("INGRESS_DB_POOL_SIZE", config.positive_int, 8, help="PostgreSQL connections"),
+    config.Setting("UPSTREAM_PRODUCERS", parse_upstream_producers, {},
+                   help="upstream Kafka principals and the channels each may request payments for: "
+                        "principal:channel,...;..."),
+    config.Setting("INGRESS_UPSTREAM_GROUP_ID", str, "ingress-upstream",
+                   help="consumer group of the upstream re-authoriser (its ACLs allow ingress*)"),
 ]
 
 
-async def open_deps(cfg: dict[str, Any], *, producer: Publisher | None = None) -> IngressDeps:
-    producer = producer or EventProducer(cfg["KAFKA_BOOTSTRAP_SERVERS"], Codec(), client_id="ingress",
-                                         delivery_timeout_ms=cfg["INGRESS_KAFKA_TIMEOUT_MS"],
-                                         linger_ms=cfg["INGRESS_KAFKA_LINGER_MS"])
+@dataclass(frozen=True)
+class IngressSettings:
+    """SETTINGS, read once at start (config.load_into)."""
+
+    kafka_bootstrap_servers: str
+    database_url: str
+    kafka_topic_partitions: int
+    ingress_host: str
+    ingress_port: int
+    ingress_max_body_bytes: int
+    ingress_auth_cache_ttl_s: float
+    ingress_kafka_timeout_ms: int
+    ingress_kafka_linger_ms: int
+    ingress_requested_topic: str
+    ingress_db_pool_size: int
+    upstream_producers: dict[str, frozenset[str]]
+    ingress_upstream_group_id: str
+
+    @property
+    def requested_topic(self) -> Topic:
+        return Topic(self.ingress_requested_topic, PAYMENT_REQUESTED.schema)
+
+
+async def open_deps(cfg: IngressSettings, *, producer: OwnPublisher | None = None) -> IngressDeps:
+    producer = producer or EventProducer(cfg.kafka_bootstrap_servers, Codec(), client_id="ingress",
+                                         delivery_timeout_ms=cfg.ingress_kafka_timeout_ms,
+                                         linger_ms=cfg.ingress_kafka_linger_ms)
     # Autocommit: every statement of the hot path is a transaction of its own, so BEGIN and COMMIT
     # would be two more round trips per batch for nothing.
-    pool = AsyncConnectionPool(cfg["DATABASE_URL"], min_size=2, max_size=cfg["INGRESS_DB_POOL_SIZE"],
+    pool = AsyncConnectionPool(cfg.database_url, min_size=2, max_size=cfg.ingress_db_pool_size,
                                kwargs={"autocommit": True}, open=False, name="ingress")
-    marks_pool = AsyncConnectionPool(cfg["DATABASE_URL"], min_size=1, max_size=1, open=False, name="ingress-marks",
+    marks_pool = AsyncConnectionPool(cfg.database_url, min_size=1, max_size=1, open=False, name="ingress-marks",
                                      kwargs={"autocommit": True, "options": "-c synchronous_commit=off"})
     await pool.open(wait=True, timeout=30)
     await marks_pool.open(wait=True, timeout=30)
-    ttl_s = cfg["INGRESS_AUTH_CACHE_TTL_S"]
+    ttl_s = cfg.ingress_auth_cache_ttl_s
     store = IdempotencyStore(pool, marks_pool)
-    topic = Topic(cfg["INGRESS_REQUESTED_TOPIC"], PAYMENT_REQUESTED.schema)
+    topic = cfg.requested_topic
     return IngressDeps(producer=producer, pool=pool, authenticator=ApiKeyAuthenticator(pool, ttl_s=ttl_s),
                        channels=ChannelDirectory(pool, ttl_s=ttl_s), intake=PaymentIntake(store, producer, topic),
                        views=PaymentViews(pool, store), marks_pool=marks_pool)

@@ -17,10 +17,10 @@ from psycopg_pool import PoolTimeout
 
 from services.common.ids import new_id
 from services.common.kafka import Publisher, PublishError
+from services.common.payment import PaymentRequest
 from services.common.text import untrusted
 from services.common.topics import PAYMENT_REQUESTED, Topic
 from services.ingress.idempotency import Claim, IdempotencyStore, Record
-from services.common.payment import PaymentRequest
 
 log = logging.getLogger(__name__)
 

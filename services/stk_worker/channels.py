@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.channels.credentials import ChannelCredentials, CredentialsUnavailable, CredentialStore
+from services.channels.credentials import ChannelCredentials, CredentialStore, CredentialsUnavailable
 from services.daraja.models import AppCredentials, Shortcode
 
 

@@ -11,30 +11,36 @@ from services.common.observability import Health, serve
 from services.common.runtime import quiet_garbage_collector, run_service
 from services.common.topics import ACCESS
 from services.webhook_consumer.app import GatewayDeps, create_app, gateway_producer
-from services.webhook_consumer.settings import (ALLOWED_SOURCES, ENVIRONMENT, OPEN_TO_ANY_SOURCE, SETTINGS,
-                                                GatewaySettings)
+from services.webhook_consumer.settings import (
+    ALLOWED_SOURCES,
+    ENVIRONMENT,
+    OPEN_TO_ANY_SOURCE,
+    SETTINGS,
+    GatewaySettings,
+    WebhookSettings,
+)
 from services.webhook_consumer.sources import ANY_SOURCE
 
 log = logging.getLogger("services.webhook_consumer")
 
 
-async def main(cfg: dict, stop: asyncio.Event) -> None:
+async def main(cfg: WebhookSettings, stop: asyncio.Event) -> None:
     try:
         settings = GatewaySettings.from_config(cfg)
     except config.ConfigError as exc:  # a rule across variables: as plain as run_service's own errors
         print(f"webhook-gateway: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     if settings.allowed_sources == ANY_SOURCE:
-        how = (f"{ALLOWED_SOURCES.env}={OPEN_TO_ANY_SOURCE}" if cfg[ALLOWED_SOURCES.env]
-               else f"{ALLOWED_SOURCES.env} is unset and {ENVIRONMENT.env}={cfg[ENVIRONMENT.env]}")
+        how = (f"{ALLOWED_SOURCES.env}={OPEN_TO_ANY_SOURCE}" if cfg.webhook_allowed_sources
+               else f"{ALLOWED_SOURCES.env} is unset and {ENVIRONMENT.env}={cfg.mpesa_environment}")
         log.warning("callbacks are accepted from any address (%s)", how)
     # Its own topics, as every service creates the ones it uses (callback.rejected has no other writer).
-    ensure_topics(cfg["KAFKA_BOOTSTRAP_SERVERS"], ACCESS["webhook-gateway"].topics, cfg["KAFKA_TOPIC_PARTITIONS"])
-    producer = gateway_producer(cfg["KAFKA_BOOTSTRAP_SERVERS"], settings)
+    ensure_topics(cfg.kafka_bootstrap_servers, ACCESS["webhook-gateway"].topics, cfg.kafka_topic_partitions)
+    producer = gateway_producer(cfg.kafka_bootstrap_servers, settings)
     app = create_app(GatewayDeps(producer), settings, Health())
     quiet_garbage_collector()
-    runner = await serve(app, cfg["WEBHOOK_HOST"], cfg["WEBHOOK_PORT"])
-    log.info("webhook gateway on http://%s:%d", cfg["WEBHOOK_HOST"], cfg["WEBHOOK_PORT"])
+    runner = await serve(app, cfg.webhook_host, cfg.webhook_port)
+    log.info("webhook gateway on http://%s:%d", cfg.webhook_host, cfg.webhook_port)
     try:
         await stop.wait()
     finally:
@@ -43,4 +49,4 @@ async def main(cfg: dict, stop: asyncio.Event) -> None:
 
 
 if __name__ == "__main__":
-    run_service("webhook-gateway", [*SETTINGS, config.TOPIC_PARTITIONS], main)
+    run_service("webhook-gateway", SETTINGS, main, settings_type=WebhookSettings)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -25,11 +26,11 @@ from services.common.callback_token import token_is_valid
 from services.common.kafka import EventProducer, Publisher, PublishError, new_event_fields
 from services.common.observability import Health, add_ops_routes, http_metrics
 from services.common.problems import problem
+from services.common.ratelimit import RateLimiter, retry_after_header
 from services.common.text import untrusted
 from services.common.topics import CALLBACK_RAW, CALLBACK_REJECTED, Topic
 from services.webhook_consumer.body import is_bounded_json_object
 from services.webhook_consumer.settings import MAX_BODY_BYTES, GatewaySettings
-from services.common.ratelimit import RateLimiter, retry_after_header
 from services.webhook_consumer.sources import SourcePolicy, rate_limit_key
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
 
 from services.common import config
 from services.common.callback_token import parse_secrets
@@ -71,8 +70,26 @@ KAFKA_TIMEOUT_MS = config.Setting("WEBHOOK_KAFKA_TIMEOUT_MS", _milliseconds(200,
 KAFKA_LINGER_MS = config.Setting("WEBHOOK_KAFKA_LINGER_MS", _milliseconds(0, 100), 5,
                                  help="how long the producer gathers callbacks into one batch (latency for CPU)")
 
-SETTINGS = [config.KAFKA_BOOTSTRAP, ENVIRONMENT, HOST, PORT, TOKEN_SECRETS, ALLOWED_SOURCES, TRUSTED_PROXIES,
-            RATE_PER_SOURCE, RATE_BURST, KAFKA_TIMEOUT_MS, KAFKA_LINGER_MS]
+SETTINGS = [config.KAFKA_BOOTSTRAP, config.TOPIC_PARTITIONS, ENVIRONMENT, HOST, PORT, TOKEN_SECRETS, ALLOWED_SOURCES,
+            TRUSTED_PROXIES, RATE_PER_SOURCE, RATE_BURST, KAFKA_TIMEOUT_MS, KAFKA_LINGER_MS]
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """SETTINGS as read at start (config.load_into); GatewaySettings.from_config derives what the app enforces."""
+
+    kafka_bootstrap_servers: str
+    kafka_topic_partitions: int
+    mpesa_environment: str
+    webhook_host: str
+    webhook_port: int
+    webhook_token_secrets: tuple[bytes, ...] = field(repr=False)
+    webhook_allowed_sources: tuple[Network, ...]
+    webhook_trusted_proxies: tuple[Network, ...]
+    webhook_rate_per_source: float
+    webhook_rate_burst: int
+    webhook_kafka_timeout_ms: int
+    webhook_kafka_linger_ms: int
 
 
 @dataclass(frozen=True)
@@ -86,21 +103,21 @@ class GatewaySettings:
     kafka_linger_ms: int = 5
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> GatewaySettings:
-        return cls(token_secrets=cfg[TOKEN_SECRETS.env], allowed_sources=effective_allowed_sources(cfg),
-                   trusted_proxies=cfg[TRUSTED_PROXIES.env], rate_per_source_s=cfg[RATE_PER_SOURCE.env],
-                   rate_burst=cfg[RATE_BURST.env], kafka_timeout_ms=cfg[KAFKA_TIMEOUT_MS.env],
-                   kafka_linger_ms=cfg[KAFKA_LINGER_MS.env])
+    def from_config(cls, cfg: WebhookSettings) -> GatewaySettings:
+        return cls(token_secrets=cfg.webhook_token_secrets, allowed_sources=effective_allowed_sources(cfg),
+                   trusted_proxies=cfg.webhook_trusted_proxies, rate_per_source_s=cfg.webhook_rate_per_source,
+                   rate_burst=cfg.webhook_rate_burst, kafka_timeout_ms=cfg.webhook_kafka_timeout_ms,
+                   kafka_linger_ms=cfg.webhook_kafka_linger_ms)
 
 
-def effective_allowed_sources(cfg: Mapping[str, Any]) -> tuple[Network, ...]:
+def effective_allowed_sources(cfg: WebhookSettings) -> tuple[Network, ...]:
     """The allow-list to enforce. Unset means every source in the sandbox environment; in production
     it is a configuration error, since Daraja signs nothing and the list is one of the few checks
     left to a callback whose URL leaked."""
-    allowed = cfg[ALLOWED_SOURCES.env]
+    allowed = cfg.webhook_allowed_sources
     if allowed:
         return allowed
-    if cfg[ENVIRONMENT.env] == "sandbox":
+    if cfg.mpesa_environment == "sandbox":
         return ANY_SOURCE
     raise config.ConfigError(
         f"{ALLOWED_SOURCES.env} is required when {ENVIRONMENT.env}=production (the default): list Daraja's "

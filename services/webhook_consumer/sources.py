@@ -1,5 +1,6 @@
 """Who is calling, and how often: the client address behind trusted proxies, the source
-allow-list, and the key a source is rate-limited by (the bucket itself: services/common/ratelimit.py). Pure code: no I/O, time comes from a clock.
+allow-list, and the key a source is rate-limited by (the bucket itself: services/common/ratelimit.py).
+Pure code: no I/O, time comes from a clock.
 
 A source is one IPv4 address, or one IPv6 /64: a single host or customer is handed a whole /64
 (RFC 6177, RFC 4291 §2.5.1) and can pick any address in it, so per-address buckets would let it
@@ -107,14 +108,15 @@ class SourcePolicy:
             return peer or "unknown"
         if not forwarded_for or not _within(peer_address, self.trusted_proxies):
             return str(peer_address)
-        hop_address = peer_address
+        nearest = peer_address
         for hop in reversed(forwarded_for.split(",")):
             hop_address = parse_address(hop)
             if hop_address is None:
                 return str(peer_address)
             if not _within(hop_address, self.trusted_proxies):
                 return str(hop_address)
-        return str(hop_address)  # every hop is a trusted proxy: the left-most is nearest the client
+            nearest = hop_address
+        return str(nearest)  # every hop is a trusted proxy: the left-most is nearest the client
 
     def allows(self, client: str) -> bool:
         address = parse_address(client)

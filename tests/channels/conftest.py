@@ -8,6 +8,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def creds() -> Secrets:
 
 
 @pytest.fixture(scope="session")
-def daraja_sandbox() -> str:
+def daraja_sandbox() -> Iterator[str]:
     """A Daraja sandbox subprocess (`python -m services.daraja_sandbox`); its base URL."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "services.daraja_sandbox", "--port", str(port)], cwd=ROOT,

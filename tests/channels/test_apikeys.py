@@ -32,7 +32,7 @@ async def _issued(onboarding, unique) -> tuple[str, str, str]:
 async def test_a_good_key_is_scoped_to_its_channels(onboarding, pool, ingress_pool, unique):
     channel_id, key_id, api_key = await _issued(onboarding, unique)
     found = await ApiKeyAuthenticator(ingress_pool).authenticate(api_key)
-    assert (found.key_id, found.label) == (key_id, "web shop")
+    assert found is not None and (found.key_id, found.label) == (key_id, "web shop")
     assert found.allows(channel_id) and not found.allows(f"other-{unique}")
 
 

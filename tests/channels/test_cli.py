@@ -17,7 +17,8 @@ from tests.conftest import ROOT, database_url_of
 
 @pytest.fixture
 def run(infra, tmp_path, daraja_sandbox):
-    env = {**os.environ, "DATABASE_URL": database_url_of(infra, "onboarding"), "VAULT_KEY_FILE": str(tmp_path / "v" / "kek.json"),
+    env = {**os.environ, "DATABASE_URL": database_url_of(infra, "onboarding"),
+           "VAULT_KEY_FILE": str(tmp_path / "v" / "kek.json"),
            "VAULT_PUBLIC_KEY_FILE": str(tmp_path / "v" / "kek.pub.json"), "DARAJA_BASE_URL": daraja_sandbox}
     for name in ("MPESA_CONSUMER_KEY", "MPESA_CONSUMER_SECRET", "MPESA_PASSKEY"):
         env.pop(name, None)
@@ -25,7 +26,6 @@ def run(infra, tmp_path, daraja_sandbox):
     def run(*args: str, stdin: str = "", extra_env: dict | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT, input=stdin,
                               capture_output=True, text=True, timeout=60, env={**env, **(extra_env or {})})
-    run.key_file = tmp_path / "v" / "kek.json"
     return run
 
 
@@ -39,10 +39,10 @@ def test_every_command_has_help(args, expected):
     assert result.returncode == 0 and expected in result.stdout
 
 
-def test_a_channel_from_creation_to_activation(run, unique):
+def test_a_channel_from_creation_to_activation(run, unique, tmp_path):
     channel_id, first, second = f"cli-{unique}", new_secrets(), new_secrets()
     assert run("vault", "init").returncode == 0
-    assert stat.S_IMODE(run.key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "v" / "kek.json").stat().st_mode) == 0o600  # the fixture's VAULT_KEY_FILE
     created = run("channels", "create", channel_id, "--name", "Duka", "--shortcode-type", "till", "--shortcode",
                   "174379", "--till-number", "5123456", "--environment", "sandbox")
     assert created.returncode == 0, created.stderr

@@ -72,8 +72,8 @@ async def test_a_tampered_row_fails_clearly_and_the_failure_is_audited(onboardin
     for _ in range(3):  # three payments meet the broken row; one audit entry per TTL, not per payment
         with pytest.raises(DecryptionFailed) as failed:
             await store.get(channel_id)
-    assert f"channel {channel_id!r} version 1 fail authentication" in str(failed.value)
-    assert_no_secret(str(failed.value), *creds.values)
+        assert f"channel {channel_id!r} version 1 fail authentication" in str(failed.value)
+        assert_no_secret(str(failed.value), *creds.values)
     failures = [row for row in await audit_of(pool, channel_id) if row[0] == "credentials_decrypt_failed"]
     assert len(failures) == 1 and "altered" in failures[0][4]
 

@@ -6,8 +6,16 @@ from datetime import date
 
 import pytest
 
-from services.channels.model import (ACTIVE, Channel, activation_errors, channel_view, parse_api_key_request,
-                                     parse_channel_changes, parse_credentials, parse_new_channel)
+from services.channels.model import (
+    ACTIVE,
+    Channel,
+    activation_errors,
+    channel_view,
+    parse_api_key_request,
+    parse_channel_changes,
+    parse_credentials,
+    parse_new_channel,
+)
 from tests.channels.conftest import paybill_body
 
 TODAY = date(2025, 1, 15)
@@ -15,7 +23,7 @@ TODAY = date(2025, 1, 15)
 
 def test_a_paybill_with_consent_becomes_an_onboarding_channel():
     channel, errors = parse_new_channel(paybill_body("shop-1", maxAmount=5000, pushesPerSecond=2), TODAY)
-    assert errors == {}
+    assert errors == {} and channel is not None
     assert channel == Channel("shop-1", "Duka La Mama", "paybill", "174379", "sandbox", None, "onboarding",
                               "AGR-2024-001", date(2024, 5, 1), 5000, 2.0)
     assert channel.shortcode.party_b == "174379"
@@ -23,14 +31,14 @@ def test_a_paybill_with_consent_becomes_an_onboarding_channel():
 
 def test_a_till_pays_into_its_till_number():
     channel, errors = parse_new_channel(paybill_body("till-1", shortcodeType="till", tillNumber="5123456"), TODAY)
-    assert errors == {}
+    assert errors == {} and channel is not None
     assert channel.shortcode.party_b == "5123456" and channel.shortcode.business_shortcode == "174379"
 
 
 def test_consent_may_come_later():
     body = {k: v for k, v in paybill_body("shop-1").items() if not k.startswith("consent")}
     channel, errors = parse_new_channel(body, TODAY)
-    assert errors == {} and channel.consent_reference is None
+    assert errors == {} and channel is not None and channel.consent_reference is None
 
 
 @pytest.mark.parametrize("change, field", [
@@ -77,7 +85,7 @@ def _channel(**overrides) -> Channel:
 def test_a_partial_update_keeps_the_other_fields_and_null_removes_optional_ones():
     changed, errors = parse_channel_changes(_channel(max_amount=900), {"displayName": "Duka", "maxAmount": None},
                                             TODAY)
-    assert errors == {}
+    assert errors == {} and changed is not None
     assert changed.display_name == "Duka" and changed.max_amount is None and changed.business_shortcode == "174379"
 
 
@@ -85,7 +93,7 @@ def test_switching_a_till_to_a_paybill_needs_the_till_number_removed():
     till = _channel(shortcode_type="till", till_number="5123456")
     assert "tillNumber" in parse_channel_changes(till, {"shortcodeType": "paybill"}, TODAY)[1]
     changed, errors = parse_channel_changes(till, {"shortcodeType": "paybill", "tillNumber": None}, TODAY)
-    assert errors == {} and changed.till_number is None
+    assert errors == {} and changed is not None and changed.till_number is None
 
 
 @pytest.mark.parametrize("body, field", [
@@ -110,7 +118,7 @@ def test_credentials_are_parsed_and_errors_never_repeat_them():
     secret = "s3cr3t-never-echoed"
     given, errors = parse_credentials({"consumerKey": "key", "consumerSecret": secret, "passkey": "pk",
                                        "validate": True})
-    assert errors == {} and given.validate is True and given.app.consumer_secret == secret
+    assert errors == {} and given is not None and given.validate is True and given.app.consumer_secret == secret
     assert secret not in repr(given)
 
     _, errors = parse_credentials({"consumerKey": f"a:{secret}", "consumerSecret": f"{secret} x",
@@ -121,7 +129,7 @@ def test_credentials_are_parsed_and_errors_never_repeat_them():
 
 def test_api_key_requests_name_their_bad_fields():
     request, errors = parse_api_key_request({"label": "shop frontend", "channelIds": ["a", "b", "a"]})
-    assert errors == {} and request.channel_ids == ("a", "b")
+    assert errors == {} and request is not None and request.channel_ids == ("a", "b")
     _, errors = parse_api_key_request({"label": "", "channelIds": ["Bad Id"]})
     assert set(errors) == {"label", "channelIds"}
     _, errors = parse_api_key_request({"label": "x", "channelIds": []})
@@ -131,6 +139,7 @@ def test_api_key_requests_name_their_bad_fields():
 def test_query_confirmation_is_off_unless_asked_and_cannot_be_removed():
     assert _channel().confirm_success_by_query is False
     on, errors = parse_channel_changes(_channel(), {"confirmSuccessByQuery": True}, TODAY)
-    assert errors == {} and on.confirm_success_by_query is True and channel_view(on)["confirmSuccessByQuery"] is True
+    assert errors == {} and on is not None
+    assert on.confirm_success_by_query is True and channel_view(on)["confirmSuccessByQuery"] is True
     _, errors = parse_channel_changes(on, {"confirmSuccessByQuery": None}, TODAY)
     assert "confirmSuccessByQuery" in errors

@@ -2,14 +2,22 @@
 left unchanged), the consent and credential rules of activation, and the audit trail."""
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg
 import pytest
 
-from services.channels.onboarding import (Conflict, CredentialsRefused, DependencyUnavailable, InvalidInput,
-                                          NotFound, Onboarding, daraja_credential_check)
+from services.channels.onboarding import (
+    Conflict,
+    CredentialsRefused,
+    DependencyUnavailable,
+    InvalidInput,
+    NotFound,
+    Onboarding,
+    daraja_credential_check,
+)
 from services.channels.vault import public_key_path
-from tests.channels.conftest import (assert_no_secret, audit_of, new_secrets, onboard, paybill_body,
-                                     table_bytes)
+from tests.channels.conftest import assert_no_secret, audit_of, new_secrets, onboard, paybill_body, table_bytes
 from tests.conftest import free_port
 
 
@@ -30,9 +38,10 @@ async def test_a_created_channel_is_listed_and_shown(onboarding, pool, unique):
 
 async def test_bad_input_is_refused_by_field_and_nothing_is_written(onboarding, pool, unique):
     channel_id = f"shop-{unique}"
-    for change, field in [({"shortcodeType": "agent"}, "shortcodeType"), ({"shortcodeType": "till"}, "tillNumber"),
-                          ({"businessShortcode": "12ab5"}, "businessShortcode"),
-                          ({"consentDate": None}, "consentDate")]:
+    refusals: list[tuple[dict[str, Any], str]] = [
+        ({"shortcodeType": "agent"}, "shortcodeType"), ({"shortcodeType": "till"}, "tillNumber"),
+        ({"businessShortcode": "12ab5"}, "businessShortcode"), ({"consentDate": None}, "consentDate")]
+    for change, field in refusals:
         with pytest.raises(InvalidInput) as refused:
             await onboarding.create_channel(paybill_body(channel_id, **change), "tests")
         assert field in refused.value.errors

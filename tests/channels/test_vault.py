@@ -6,11 +6,22 @@ import json
 import os
 import stat
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
-from services.channels.vault import (DecryptionFailed, KeyFileError, KeyNotHeld, LocalKeyFileProvider,
-                                     PublicKeyWrapper, fingerprint, public_key_path, rewrap, seal, unseal)
+from services.channels.vault import (
+    DecryptionFailed,
+    KeyFileError,
+    KeyNotHeld,
+    LocalKeyFileProvider,
+    PublicKeyWrapper,
+    fingerprint,
+    public_key_path,
+    rewrap,
+    seal,
+    unseal,
+)
 from tests.channels.conftest import Secrets, assert_no_secret, new_secrets
 
 
@@ -40,7 +51,8 @@ def test_an_edited_row_fails_to_open(provider, creds, part):
     edited = bytearray(getattr(sealed, part))
     edited[len(edited) // 2] ^= 0x01
     with pytest.raises(DecryptionFailed, match="altered"):
-        unseal(replace(sealed, **{part: bytes(edited)}), "shop-1", 1, provider)
+        changed: dict[str, Any] = {part: bytes(edited)}
+        unseal(replace(sealed, **changed), "shop-1", 1, provider)
 
 
 def test_a_data_key_moved_from_another_row_fails_to_open(provider):

@@ -19,8 +19,14 @@ from services.daraja.client import DarajaClient, DarajaTimeouts
 from services.daraja.models import AppCredentials, Shortcode, StkPushRequest
 from services.daraja_sandbox.app import create_app
 from services.daraja_sandbox.keys import SANDBOX, SENDER
-from services.daraja_sandbox.settings import (DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY,
-                                              SANDBOX_SHORTCODE, AppConfig, SandboxSettings)
+from services.daraja_sandbox.settings import (
+    DEMO_CONSUMER_KEY,
+    DEMO_CONSUMER_SECRET,
+    SANDBOX_PASSKEY,
+    SANDBOX_SHORTCODE,
+    AppConfig,
+    SandboxSettings,
+)
 from services.daraja_sandbox.state import Sandbox
 
 TILL_KEY, TILL_SECRET, TILL_PASSKEY = "till-app-key", "till-app-secret", "till-passkey-0123456789"

@@ -22,8 +22,17 @@ from services.daraja_sandbox.responses import INVALID_TOKEN, error_body
 from services.daraja_sandbox.scenarios import FAILURE_CODES, RESULT_CATALOGUE, Overrides, named_scenario
 from services.daraja_sandbox.settings import DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
 from services.daraja_sandbox.state import Fault
-from tests.daraja.conftest import (NO_PRODUCT_KEY, NO_PRODUCT_SECRET, TILL_KEY, TILL_NUMBER, TILL_PASSKEY,
-                                   TILL_SECRET, TILL_STORE, new_phone, push_request)
+from tests.daraja.conftest import (
+    NO_PRODUCT_KEY,
+    NO_PRODUCT_SECRET,
+    TILL_KEY,
+    TILL_NUMBER,
+    TILL_PASSKEY,
+    TILL_SECRET,
+    TILL_STORE,
+    new_phone,
+    push_request,
+)
 
 PUSH_PATH = "/mpesa/stkpush/v1/processrequest"
 

@@ -144,7 +144,7 @@ async def test_no_secret_in_logs_exceptions_or_tracebacks(sandbox, receiver, cap
     wrong_secret = AppCredentials(DEMO_CONSUMER_KEY, "wrong-secret-value", SANDBOX_PASSKEY)
     wrong_passkey = AppCredentials(DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, "wrong-passkey-value")
     client = DarajaClient(sandbox.base_url)
-    errors: list[BaseException] = []
+    errors: list[DarajaError] = []
     try:
         token = (await client.fetch_token(good)).value
         accepted = await client.push(good, Shortcode("174379"), push_request(receiver.new_url()))
@@ -207,7 +207,8 @@ async def test_fake_daraja_on_httpx_mock_transport(app_credentials, paybill):
 
 @pytest.mark.parametrize("exc, expected", [
     (aiohttp.ConnectionTimeoutError(), httpx.ConnectTimeout),
-    (aiohttp.ClientConnectorError(None, OSError(111, "refused")), httpx.ConnectError),
+    # The connection key only goes into the message, which these cases do not read.
+    (aiohttp.ClientConnectorError(None, OSError(111, "refused")), httpx.ConnectError),  # type: ignore[arg-type]
     (aiohttp.SocketTimeoutError(), httpx.ReadTimeout),
     (aiohttp.ServerDisconnectedError(), httpx.RemoteProtocolError),
     (aiohttp.ClientConnectionResetError(), httpx.WriteError),

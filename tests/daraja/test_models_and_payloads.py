@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from services.daraja.models import (AppCredentials, Shortcode, StkPushRequest, sanitise_prompt_text)
+from services.daraja.models import AppCredentials, Shortcode, StkPushRequest, sanitise_prompt_text
 from services.daraja.payloads import build_push_payload, build_query_payload, nairobi_timestamp, stk_password
 from services.daraja_sandbox.settings import SANDBOX_PASSKEY
 

@@ -8,8 +8,13 @@ import pytest
 
 from services.daraja.errors import DarajaError, ErrorKind
 from services.daraja.models import QueryStatus
-from services.daraja.parsing import (FINAL_FAILURE_CODES, classify_failure, parse_push_response, parse_query_response,
-                                     parse_token_response)
+from services.daraja.parsing import (
+    classify_failure,
+    parse_push_response,
+    parse_query_response,
+    parse_token_response,
+)
+from services.daraja.result_codes import FINAL_FAILURE_CODES
 from services.daraja_sandbox.scenarios import FAILURE_CODES
 
 RETRYABLE, PERMANENT, UNKNOWN = ErrorKind.RETRYABLE, ErrorKind.PERMANENT, ErrorKind.OUTCOME_UNKNOWN

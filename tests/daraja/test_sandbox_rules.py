@@ -9,11 +9,16 @@ import pytest
 
 from services.daraja.payloads import stk_password
 from services.daraja_sandbox import responses
-from services.daraja_sandbox.scenarios import (SCENARIOS, Overrides, choose_scenario, misconfiguration_result,
-                                               named_scenario)
+from services.daraja_sandbox.scenarios import (
+    SCENARIOS,
+    Overrides,
+    choose_scenario,
+    misconfiguration_result,
+    named_scenario,
+)
 from services.daraja_sandbox.settings import SANDBOX_PASSKEY, AppConfig, SandboxSettings
-from services.daraja_sandbox.state import Fault, RateLimiter, Sandbox, Transaction
-from services.daraja_sandbox.validation import PushFields, Rules, validate_push, validate_query
+from services.daraja_sandbox.state import Fault, Sandbox, ShortcodeAccount, Transaction
+from services.daraja_sandbox.validation import PushFields, QueryFields, Rules, validate_push, validate_query
 
 NAIROBI = ZoneInfo("Africa/Nairobi")
 NOW = datetime(2026, 9, 18, 15, 30, 0)  # Nairobi wall clock
@@ -68,7 +73,8 @@ def test_localhost_callbacks_refused_only_when_configured():
 def test_query_fields():
     body = {"BusinessShortCode": "174379", "Password": "x", "Timestamp": "20260918153000", "CheckoutRequestID": " "}
     assert validate_query(body, RULES) == responses.invalid_field("CheckoutRequestID")
-    assert validate_query({**body, "CheckoutRequestID": "ws_CO_1"}, RULES).checkout_request_id == "ws_CO_1"
+    query = validate_query({**body, "CheckoutRequestID": "ws_CO_1"}, RULES)
+    assert isinstance(query, QueryFields) and query.checkout_request_id == "ws_CO_1"
 
 
 def test_scenario_choice_order():
@@ -161,6 +167,7 @@ def accept(sandbox: Sandbox, phone: str = "254712345678") -> Transaction:
     fields = validate_push(push_body(PhoneNumber=phone, PartyA=phone), RULES)
     account = sandbox.merchant_for("174379", stk_password("174379", SANDBOX_PASSKEY, "20260918153000"),
                                    "20260918153000")
+    assert isinstance(fields, PushFields) and isinstance(account, ShortcodeAccount)
     return sandbox.accept_push(fields, account)
 
 
@@ -190,6 +197,7 @@ def test_query_is_pending_until_the_outcome_time_then_final():
     txn = accept(sandbox)
     query = validate_query({"BusinessShortCode": "174379", "Password": "x", "Timestamp": "20260918153000",
                             "CheckoutRequestID": txn.checkout_request_id}, RULES)
+    assert isinstance(query, QueryFields)
     status, body, final = sandbox.query_answer(query)
     assert (status, final) == (200, None) and b'"ResultCode":"4999"' in body
     clock.now += 10
@@ -197,13 +205,22 @@ def test_query_is_pending_until_the_outcome_time_then_final():
     assert (status, final) == (200, txn) and b'"ResultCode":"0"' in body
 
 
-def test_rate_limiter_allows_a_burst_then_the_rate():
-    clock = FakeClock()
-    limiter = RateLimiter(10, 2, clock)
-    assert [limiter.allow() for _ in range(3)] == [True, True, False]
+def test_spike_arrest_allows_a_burst_then_the_rate():
+    sandbox, clock = make_sandbox(rate_limit_per_s=10, rate_limit_burst=2)
+    assert [sandbox.allow_request() for _ in range(3)] == [True, True, False]
     clock.now += 0.11  # one more request's worth at 10 per second
-    assert [limiter.allow(), limiter.allow()] == [True, False]
-    assert all(RateLimiter(0, 0, clock).allow() for _ in range(100))  # 0 = off
+    assert [sandbox.allow_request(), sandbox.allow_request()] == [True, False]
+    unlimited, _ = make_sandbox(rate_limit_per_s=0, rate_limit_burst=0)  # 0 = off
+    assert all(unlimited.allow_request() for _ in range(100))
+
+
+def test_spike_arrest_starts_afresh_with_new_settings():
+    sandbox, _ = make_sandbox(rate_limit_per_s=10, rate_limit_burst=1)
+    assert [sandbox.allow_request() for _ in range(2)] == [True, False]
+    sandbox.update_settings({"rate_limit_burst": 3})
+    assert [sandbox.allow_request() for _ in range(4)] == [True, True, True, False]
+    sandbox.update_settings({"rate_limit_per_s": 0})
+    assert all(sandbox.allow_request() for _ in range(100))
 
 
 def test_push_log_filters_and_refuses_unknown_filters():

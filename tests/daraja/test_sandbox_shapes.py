@@ -9,15 +9,22 @@ from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from services.daraja_sandbox.callbacks import CALLBACK_CONTENT_TYPE, failure_callback, success_callback
-from services.daraja_sandbox.responses import (INVALID_TOKEN, Failure, error_body, invalid_field, push_accepted_body,
-                                               query_answer_body, token_body)
+from services.daraja_sandbox.responses import (
+    INVALID_TOKEN,
+    Failure,
+    error_body,
+    invalid_field,
+    push_accepted_body,
+    query_answer_body,
+    token_body,
+)
 from tests.daraja.conftest import new_phone, push_request
 
 NAIROBI = ZoneInfo("Africa/Nairobi")
 
 # Real sandbox callbacks as captured by an integrator in 2022 (PatrickNthiwa/Daraja_mpesa_api_C2B,
-# CallBackResponse.txt) and in 2026 (Deval123/nkap docs/providers/m-pesa.md): compact JSON, "1.00",
-# Balance without Value.
+# CallBackResponse.txt) and in 2026 (https://github.com/Deval123/nkap/blob/main/docs/providers/m-pesa.md):
+# compact JSON, "1.00", Balance without Value.
 CAPTURED_SUCCESS = (
     b'{"Body":{"stkCallback":{"MerchantRequestID":"11225-96181251-1","CheckoutRequestID":'
     b'"ws_CO_17112022155730304796440427","ResultCode":0,"ResultDesc":"The service request is processed '
@@ -67,10 +74,10 @@ def test_error_envelope_matches_the_documented_layout():
 
 
 def test_push_acknowledgement_matches_the_documented_sample():
-    documented = ('{"MerchantRequestID": "2654-4b64-97ff-b827b542881d3130", "CheckoutRequestID": '
-                  '"ws_CO_1007202409152617172396192", "ResponseCode": "0", "ResponseDescription": '
-                  '"Success. Request accepted for processing", "CustomerMessage": '
-                  '"Success. Request accepted for processing"}').encode()
+    documented = (b'{"MerchantRequestID": "2654-4b64-97ff-b827b542881d3130", "CheckoutRequestID": '
+                  b'"ws_CO_1007202409152617172396192", "ResponseCode": "0", "ResponseDescription": '
+                  b'"Success. Request accepted for processing", "CustomerMessage": '
+                  b'"Success. Request accepted for processing"}')
     assert push_accepted_body("2654-4b64-97ff-b827b542881d3130", "ws_CO_1007202409152617172396192") == documented
 
 
@@ -97,8 +104,10 @@ async def test_callback_on_the_wire(client, receiver, app_credentials, paybill):
     assert callback.path.endswith("/extra-segment?token=abc")  # path and query delivered intact (docs/daraja.md §5)
     assert callback.headers["Content-Type"] == CALLBACK_CONTENT_TYPE == "application/json;charset=UTF-8"
     assert callback.headers["BusinessShortCode"] == "174379"
-    receipt = re.search(rb'"MpesaReceiptNumber","Value":"([A-Z0-9]{10})"', callback.body).group(1).decode()
-    date = re.search(rb'"TransactionDate","Value":(\d{14})', callback.body).group(1).decode()
+    receipt_found = re.search(rb'"MpesaReceiptNumber","Value":"([A-Z0-9]{10})"', callback.body)
+    date_found = re.search(rb'"TransactionDate","Value":(\d{14})', callback.body)
+    assert receipt_found is not None and date_found is not None
+    receipt, date = receipt_found.group(1).decode(), date_found.group(1).decode()
     assert callback.body == success_callback(accepted.merchant_request_id, accepted.checkout_request_id, 42, receipt,
                                              date, phone, "The service request is processed successfully.")
     assert b'{"Name":"Amount","Value":42.00}' in callback.body and b'{"Name":"Balance"}' in callback.body

@@ -6,6 +6,7 @@ import pytest
 from services.common.config import ConfigError
 from services.daraja.client import DarajaClient
 from services.daraja.settings import DarajaSettings
+from services.daraja.transport import AiohttpSender
 
 
 def test_defaults_point_at_the_embedded_sandbox():
@@ -41,6 +42,6 @@ async def test_client_from_settings_uses_the_base_url():
     try:
         assert client._urls["/mpesa/stkpush/v1/processrequest"] == \
             "https://sandbox.safaricom.co.ke/mpesa/stkpush/v1/processrequest"
-        assert client._sender.timeout.sock_read == 12
+        assert isinstance(client._sender, AiohttpSender) and client._sender.timeout.sock_read == 12
     finally:
         await client.aclose()

@@ -17,11 +17,16 @@ import httpx
 
 from services.channels.onboarding import Onboarding
 from services.channels.vault import LocalKeyFileProvider, public_key_path
-from services.common.topics import CALLBACK_RAW, PAYMENT_REQUESTED, STK_PUSH_RESULT, STK_QUERY_REQUESTED, STK_QUERY_RESULT
+from services.common.topics import (
+    CALLBACK_RAW,
+    PAYMENT_REQUESTED,
+    STK_PUSH_RESULT,
+    STK_QUERY_REQUESTED,
+    STK_QUERY_RESULT,
+)
 from services.daraja_sandbox.settings import ADMIN_TOKEN_ENV, DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
 from tests.conftest import ROOT, free_port, kafka_login, service_env, start_service
 from tests.platform.kafka_helpers import start_group_at_end
-
 
 PRINCIPALS = {"gateway": "webhook-gateway", "ledger": "ledger", "worker": "stk-worker", "ingress": "ingress"}
 
@@ -84,7 +89,7 @@ class Stack:
 
     def stop(self) -> dict[str, str]:
         outputs = {}
-        for name, proc in self.procs.items():
+        for proc in self.procs.values():
             proc.terminate()
         for name, proc in self.procs.items():
             try:

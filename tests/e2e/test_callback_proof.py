@@ -53,7 +53,8 @@ async def test_a_forged_success_posted_to_a_valid_callback_url_does_not_settle_a
     before = contradictions(stack, "amount_mismatch")
     # What an attacker who learned the URL (it travels with every push) would send: the real
     # CheckoutRequestID, a receipt of the right form, no amount, no phone.
-    forged = {"Body": {"stkCallback": {"MerchantRequestID": "x", "CheckoutRequestID": pending["mpesa"]["checkoutRequestId"],
+    checkout_request_id = pending["mpesa"]["checkoutRequestId"]
+    forged = {"Body": {"stkCallback": {"MerchantRequestID": "x", "CheckoutRequestID": checkout_request_id,
                                        "ResultCode": 0, "ResultDesc": "The service request is processed successfully.",
                                        "CallbackMetadata": {"Item": [{"Name": "MpesaReceiptNumber",
                                                                       "Value": "QKH94M1Z11"}]}}}}

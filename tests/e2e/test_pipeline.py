@@ -69,10 +69,12 @@ async def test_failed_callbacks_cancel_with_their_code(stack, channel, selector,
     assert (shown["state"], shown["mpesa"]["resultCode"]) == ("Cancelled", code), shown
 
 
-async def test_a_duplicated_callback_changes_nothing(stack, channel):
-    payment_id, _ = await pay(stack, channel, "254700005002")  # the sandbox sends the callback twice
+async def test_a_duplicated_callback_changes_nothing(stack, channel, pool):
+    payment_id, reference = await pay(stack, channel, "254700005002")  # the sandbox sends the callback twice
     shown = await final_state(stack, channel, payment_id)
-    await asyncio.sleep(1)
+    # "Nothing changed" means something only once the second callback has been delivered and judged.
+    assert await eventually(lambda: _callbacks_delivered(stack, reference)) == [200, 200]
+    await eventually(lambda: _judged_duplicate(pool, payment_id))
     again = await state(stack, channel, payment_id)
     assert shown["state"] == again["state"] == "Settled"
     assert again["history"] == shown["history"] and [h["state"] for h in again["history"]].count("Settled") == 1
@@ -83,6 +85,21 @@ async def test_many_payments_each_pushed_exactly_once(stack, channel):
     finals = await asyncio.gather(*(final_state(stack, channel, pid, timeout=60) for pid, _ in paid))
     assert {f["state"] for f in finals} == {"Settled"}
     assert [pushes(stack, ref) for _, ref in paid] == [1] * 20
+
+
+async def _callbacks_delivered(stack: Stack, reference: str) -> list | None:
+    """The sandbox's delivery results for the push of `reference`, once both callbacks are over."""
+    [push] = httpx.get(f"{stack.sandbox_url}/sandbox/pushes", params={"AccountReference": reference},
+                       headers=stack.sandbox_admin_headers).json()["pushes"]
+    return push["callbacks"] if len(push["callbacks"]) >= 2 else None
+
+
+async def _judged_duplicate(pool, payment_id: str) -> bool:
+    """Whether the ledger has recorded a duplicate fact for the payment in its audit trail."""
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM audit_log WHERE payment_id = %s AND verdict = 'duplicate'",
+                                 (payment_id,))
+        return (await cur.fetchone())[0] > 0
 
 
 def sandbox_admin(stack: Stack, method: str, path: str, **body):

@@ -52,7 +52,7 @@ async def test_a_worker_killed_mid_flight_never_pushes_twice(slow_daraja_stack, 
     counts = [await _accepted(stack, ref) for _, ref in paid]
     assert max(counts) == 1  # never a second prompt
     assert sum(counts) >= 1
-    for (pid, ref), count in zip(paid, counts):
+    for (pid, ref), count in zip(paid, counts, strict=True):
         shown = await state(stack, channel, pid)
         # Pushed once: settled by its callback. Never pushed (claimed when the worker died, before
         # the request left): its outcome is unknown, so it waits for reconciliation, never re-pushed.

@@ -2,9 +2,11 @@
 channels and API keys made through the channels repository, and a reader of the topic."""
 from __future__ import annotations
 
+import dataclasses
 import uuid
+from collections.abc import Callable
 from datetime import date
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -19,14 +21,15 @@ from services.common.kafka import client_config
 from services.common.observability import serve
 from services.common.topics import PAYMENT_REQUESTED
 from services.ingress.app import create_app
-from services.ingress.bootstrap import SETTINGS, close_deps, open_deps
+from services.ingress.bootstrap import SETTINGS, IngressSettings, close_deps, open_deps
 from tests.conftest import database_url_of, free_port
 
 
-def ingress_config(infra: dict[str, str], **overrides: Any) -> dict[str, Any]:
-    cfg = config.load(SETTINGS, {**infra, "DATABASE_URL": database_url_of(infra, "ingress"),
-                                 "INGRESS_PORT": str(free_port())})
-    return {**cfg, **overrides}
+def ingress_config(infra: dict[str, str], **overrides: Any) -> IngressSettings:
+    """The ingress's settings on the test infrastructure and a free port; `overrides` by field name."""
+    cfg = config.load_into(IngressSettings, SETTINGS, {**infra, "DATABASE_URL": database_url_of(infra, "ingress"),
+                                                       "INGRESS_PORT": str(free_port())})
+    return dataclasses.replace(cfg, **overrides)
 
 
 class RunningIngress:
@@ -42,11 +45,10 @@ class RunningIngress:
         await close_deps(self.deps, close_producer=close_producer)
 
 
-async def start_ingress(cfg: dict[str, Any], **deps_overrides: Any) -> RunningIngress:
+async def start_ingress(cfg: IngressSettings, **deps_overrides: Any) -> RunningIngress:
     deps = await open_deps(cfg, **deps_overrides)
-    runner = await serve(create_app(deps, max_body_bytes=cfg["INGRESS_MAX_BODY_BYTES"]), "127.0.0.1",
-                         cfg["INGRESS_PORT"])
-    return RunningIngress(deps, runner, f"http://127.0.0.1:{cfg['INGRESS_PORT']}")
+    runner = await serve(create_app(deps, max_body_bytes=cfg.ingress_max_body_bytes), "127.0.0.1", cfg.ingress_port)
+    return RunningIngress(deps, runner, f"http://127.0.0.1:{cfg.ingress_port}")
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +107,7 @@ class TopicWatch:
                        for p in partitions}
         self._codec = Codec()
 
-    def events(self, predicate: Callable[[dict], bool]) -> list[tuple[bytes, dict]]:
+    def events(self, predicate: Callable[[dict[str, Any]], bool]) -> list[tuple[bytes | None, dict[str, Any]]]:
         """(key, decoded record) of every message since the start that satisfies predicate, in offset order."""
         ends = {p: self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1]
                 for p in self._start}
@@ -116,7 +118,8 @@ class TopicWatch:
         found = []
         for _ in range(30):  # bounded: 30 polls of at most a second
             for msg in self._consumer.consume(1000, 1.0):
-                if msg.error() is None and msg.offset() < ends[msg.partition()]:
+                offset, partition = msg.offset(), msg.partition()
+                if msg.error() is None and offset is not None and partition is not None and offset < ends[partition]:
                     _, record = self._codec.decode(msg.value())
                     if predicate(record):
                         found.append((msg.key(), record))

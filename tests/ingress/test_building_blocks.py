@@ -33,7 +33,7 @@ async def test_one_claim_wins_even_among_duplicates_of_one_batch(store, unique):
     claims = [claim(f"batch-{unique}", "k") for _ in range(8)]
     records = await asyncio.gather(*(store.claim(c) for c in claims))  # queued together: one INSERT
     assert sum(r.claimed for r in records) == 1
-    winner = next(c for c, r in zip(claims, records) if r.claimed)
+    winner = next(c for c, r in zip(claims, records, strict=True) if r.claimed)
     assert {(r.payment_id, r.event_id, r.occurred_at) for r in records} == {
         (winner.payment_id, winner.event_id, winner.occurred_at)}
     assert not any(r.published for r in records)

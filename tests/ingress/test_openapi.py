@@ -14,11 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 from jsonschema import Draft202012Validator, FormatChecker
-from referencing import Registry, Resource
+from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
-from tests.ingress.conftest import (ingress_config, make_api_key, make_channel, new_key, payment_body,
-                                    start_ingress)
+from tests.ingress.conftest import ingress_config, make_api_key, make_channel, new_key, payment_body, start_ingress
 
 DOCUMENT_PATH = Path(__file__).resolve().parents[2] / "services" / "ingress" / "openapi.json"
 DOCUMENT_URI = "urn:ingress-openapi"
@@ -34,7 +33,7 @@ class Contract:
 
     def __init__(self, document: dict):
         self.document = document
-        self.registry = Registry().with_resource(DOCUMENT_URI, Resource(document, DRAFT202012))
+        self.registry = Registry().with_resource(DOCUMENT_URI, DRAFT202012.create_resource(document))
         self.seen: set[tuple[str, str, str]] = set()
 
     def check(self, method: str, path: str, response: httpx.Response) -> None:
@@ -82,10 +81,10 @@ def _escape(part: str) -> str:
 
 def test_the_document_is_served_as_is_and_is_well_formed(document):
     assert document["openapi"].startswith("3.1.")
-    for name, schema in document["components"]["schemas"].items():
+    for schema in document["components"]["schemas"].values():
         Draft202012Validator.check_schema(schema)
-    registry = Registry().with_resource(DOCUMENT_URI, Resource(document, DRAFT202012))
-    refs = []
+    registry = Registry().with_resource(DOCUMENT_URI, DRAFT202012.create_resource(document))
+    refs: list[str] = []
 
     def collect(node):
         if isinstance(node, dict):
@@ -115,16 +114,18 @@ def test_the_documented_request_schema_agrees_with_the_validator(document):
     """The request schema is documentation, not the validator; spot-check that they agree."""
     from services.common.payment import parse_payment_request
     schema = {"$ref": f"{DOCUMENT_URI}#/components/schemas/PaymentRequest"}
-    registry = Registry().with_resource(DOCUMENT_URI, Resource(document, DRAFT202012))
+    registry = Registry().with_resource(DOCUMENT_URI, DRAFT202012.create_resource(document))
     validator = Draft202012Validator(schema, registry=registry)
     good = payment_body("shop-1")
     for body in [good, {**good, "description": None, "metadata": None}, {k: good[k] for k in
                                                                           ("channelId", "amount", "phone",
                                                                            "accountReference")}]:
         assert validator.is_valid(body) and parse_payment_request(body)[1] == {}
-    for change in [{"amount": 0}, {"amount": "1"}, {"accountReference": "X" * 13}, {"description": "D" * 14},
-                   {"extra": 1}, {"metadata": {"k": 1}}, {"channelId": "Bad"}, {"accountReference": "A#1"},
-                   {"orderReference": "o-1\n"}, {"metadata": {"k\n": "v"}}, {"metadata": {"k": "\u0000"}}]:
+    changes: list[dict[str, object]] = [
+        {"amount": 0}, {"amount": "1"}, {"accountReference": "X" * 13}, {"description": "D" * 14},
+        {"extra": 1}, {"metadata": {"k": 1}}, {"channelId": "Bad"}, {"accountReference": "A#1"},
+        {"orderReference": "o-1\n"}, {"metadata": {"k\n": "v"}}, {"metadata": {"k": "\u0000"}}]
+    for change in changes:
         body = {**good, **change}
         assert not validator.is_valid(body) and parse_payment_request(body)[1], change
 
@@ -171,8 +172,8 @@ async def test_every_documented_answer_matches_the_document(infra, ingress, pool
         contract.check("post", payments, await http.post(payments, json=body, headers={"Idempotency-Key": key}))
         contract.check("get", payment, await http.get(f"/api/payments/{payment_id}"))  # 401
 
-    broken = await start_ingress(ingress_config(infra, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9",
-                                                INGRESS_KAFKA_TIMEOUT_MS=500))
+    broken = await start_ingress(ingress_config(infra, kafka_bootstrap_servers="127.0.0.1:9",
+                                                ingress_kafka_timeout_ms=500))
     try:
         async with broken.client(api_key) as http:
             contract.check("post", payments, await http.post(payments, json=payment_body(active),

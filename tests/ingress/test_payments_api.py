@@ -15,8 +15,16 @@ import psycopg
 
 from services.channels import repository as channels_repository
 from tests.conftest import eventually
-from tests.ingress.conftest import (TopicWatch, ingress_config, make_api_key, make_channel, new_key, of_channel,
-                                    payment_body, start_ingress)
+from tests.ingress.conftest import (
+    TopicWatch,
+    ingress_config,
+    make_api_key,
+    make_channel,
+    new_key,
+    of_channel,
+    payment_body,
+    start_ingress,
+)
 
 
 async def post(http, body, key: str | None = None, **headers):
@@ -59,7 +67,7 @@ async def test_accepted_payment_is_published_once_with_the_request_fields(ingres
     [(kafka_key, event)] = topic.events(of_channel(channel_id))
     assert kafka_key == channel_id.encode()
     assert event["payment_id"] == accepted["paymentId"]
-    assert uuid.UUID(event["event_id"])
+    assert uuid.UUID(event["event_id"]).version == 7
     assert (event["amount"], event["phone"], event["account_reference"]) == (150, "254712345678", "INV-42")
     assert (event["description"], event["order_reference"]) == ("Shoes", "ord-77")
     assert event["metadata"] == {"cart": "7", "customer": "c-9"}
@@ -174,18 +182,23 @@ async def test_a_key_for_another_channel_is_403_and_publishes_nothing(ingress, s
         await only_event_is_the_sentinel(http, topic, channel_id)
 
 
-async def test_unknown_suspended_and_onboarding_channels_are_refused_each_in_its_own_way(ingress, pool, unique,
+async def test_unknown_suspended_and_onboarding_channels_are_refused_each_in_its_own_way(infra, pool, unique,
                                                                                         topic):
     suspended, onboarding, absent = f"susp-{unique}", f"onb-{unique}", f"absent-{unique}"
     await make_channel(pool, suspended, status="suspended")
     await make_channel(pool, onboarding, status="onboarding")
     # A key scoped to a channel that does not exist (API keys carry no foreign key to channels).
     api_key = await make_api_key(pool, suspended, onboarding, absent)
-    async with ingress.client(api_key) as http:
-        assert_problem(await post(http, payment_body(absent), new_key()), 422, "unknown-channel", "channelId")
-        assert_problem(await post(http, payment_body(suspended), new_key()), 403, "channel-suspended", "channelId")
-        assert_problem(await post(http, payment_body(onboarding), new_key()), 403, "channel-not-active", "channelId")
-    await asyncio.sleep(0.5)  # nothing is published after the answer, but give a stray event time to land
+    running = await start_ingress(ingress_config(infra))  # its own, so that stopping it proves nothing is pending
+    try:
+        async with running.client(api_key) as http:
+            assert_problem(await post(http, payment_body(absent), new_key()), 422, "unknown-channel", "channelId")
+            assert_problem(await post(http, payment_body(suspended), new_key()), 403, "channel-suspended",
+                           "channelId")
+            assert_problem(await post(http, payment_body(onboarding), new_key()), 403, "channel-not-active",
+                           "channelId")
+    finally:
+        await running.stop()  # drains its batches and flushes its producer: whatever it would publish has landed
     assert topic.events(lambda e: e["channel_id"] in (suspended, onboarding, absent)) == []
 
 
@@ -193,7 +206,7 @@ async def test_a_channel_suspended_later_is_refused_once_the_cache_expires(infra
     channel_id = f"later-{unique}"
     await make_channel(pool, channel_id)
     api_key = await make_api_key(pool, channel_id)
-    running = await start_ingress(ingress_config(infra, INGRESS_AUTH_CACHE_TTL_S=0.5))
+    running = await start_ingress(ingress_config(infra, ingress_auth_cache_ttl_s=0.5))
     try:
         async with running.client(api_key) as http:
             assert (await post(http, payment_body(channel_id), new_key())).status_code == 202
@@ -338,8 +351,8 @@ async def test_kafka_down_is_503_and_a_retry_publishes_the_same_payment(infra, i
     # An ingress whose broker does not exist answers 503; the same request sent again once Kafka is
     # back (here: to the ingress that has a broker) publishes the event fixed by the first claim.
     channel_id, api_key = shop
-    broken = await start_ingress(ingress_config(infra, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9",
-                                                INGRESS_KAFKA_TIMEOUT_MS=1000))
+    broken = await start_ingress(ingress_config(infra, kafka_bootstrap_servers="127.0.0.1:9",
+                                                ingress_kafka_timeout_ms=1000))
     key, body = new_key(), payment_body(channel_id)
     try:
         async with broken.client(api_key) as http:
@@ -367,8 +380,8 @@ async def test_kafka_down_is_503_and_a_retry_publishes_the_same_payment(infra, i
 
 async def test_a_payment_whose_publish_failed_cannot_be_read(infra, shop, database_url):
     channel_id, api_key = shop
-    broken = await start_ingress(ingress_config(infra, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9",
-                                                INGRESS_KAFKA_TIMEOUT_MS=500))
+    broken = await start_ingress(ingress_config(infra, kafka_bootstrap_servers="127.0.0.1:9",
+                                                ingress_kafka_timeout_ms=500))
     key = new_key()
     try:
         async with broken.client(api_key) as http:

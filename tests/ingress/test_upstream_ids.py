@@ -4,12 +4,13 @@ from __future__ import annotations
 import base64
 import os
 import uuid
+from typing import Any
 
 import pytest
 
 from services.common.kafka import ConsumedEvent, new_event_fields
+from services.common.topics import Topic, upstream_requested_topic
 from services.ingress.upstream import NotAllowed, UpstreamReauthoriser
-from services.common.topics import upstream_requested_topic
 
 
 def _request(**ids) -> ConsumedEvent:
@@ -19,7 +20,12 @@ def _request(**ids) -> ConsumedEvent:
     return ConsumedEvent(upstream_requested_topic("erp").name, 0, 0, b"shop-1", "payment_requested", value)
 
 
-REAUTHORISER = UpstreamReauthoriser({"erp": frozenset({"shop-1"})}, publisher=None)
+class NothingPublished:
+    async def publish(self, topic: Topic, record: dict[str, Any]) -> None:
+        raise AssertionError("check() publishes nothing")
+
+
+REAUTHORISER = UpstreamReauthoriser({"erp": frozenset({"shop-1"})}, publisher=NothingPublished())
 
 
 @pytest.mark.parametrize("ids", [

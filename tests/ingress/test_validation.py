@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.payment import AMOUNT_MAX as MAX_AMOUNT, normalise_phone, parse_payment_request, validate_channel_id
+from services.common.payment import (
+    AMOUNT_MAX as MAX_AMOUNT,
+    normalise_phone,
+    parse_payment_request,
+    validate_channel_id,
+)
 from services.ingress.validation import parse_idempotency_key
 
 
@@ -60,7 +65,7 @@ def test_phone_must_be_a_string(value):
 def test_a_valid_request_is_normalised():
     request, errors = parse_payment_request(body(phone="+254 712 345 678", description="Shoes", orderReference="o-1",
                                                  metadata={"cart": "7"}))
-    assert errors == {}
+    assert errors == {} and request is not None
     assert request.phone == "254712345678"
     assert (request.channel_id, request.amount, request.account_reference) == ("shop-1", 100, "INV-1")
     assert (request.description, request.order_reference, request.metadata) == ("Shoes", "o-1", {"cart": "7"})
@@ -166,7 +171,9 @@ def test_idempotency_key_refuses_missing_long_or_odd_values(raw):
 
 def test_digest_ignores_spelling_but_not_meaning():
     def digest(**changes):
-        return parse_payment_request(body(**changes))[0].digest()
+        request, _ = parse_payment_request(body(**changes))
+        assert request is not None
+        return request.digest()
 
     assert digest(phone="0712345678") == digest(phone="+254 712 345 678")
     assert digest(metadata={"a": "1", "b": "2"}) == digest(metadata={"b": "2", "a": "1"})

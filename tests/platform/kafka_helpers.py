@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+import time
+from collections.abc import Callable
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from services.common.avro import Codec
 from services.common.kafka import ConsumedEvent, ConsumerLoop, EventProducer, Rejection, client_config
@@ -18,7 +19,7 @@ def sample_request(channel_id: str, payment_id: str) -> dict:
             "idempotency_key": None, "metadata": {}, "source": "TOPIC"}
 
 
-async def run_until(loop: ConsumerLoop, done: Callable[[], bool], timeout: float = 30.0) -> None:
+async def run_until(loop: ConsumerLoop, done: Callable[[], object], timeout: float = 30.0) -> None:
     """Runs a consumer loop until done() holds (or fails at the deadline), then stops it gracefully."""
     stop = asyncio.Event()
     task = asyncio.create_task(loop.run(stop))
@@ -58,9 +59,26 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
                                         "enable.auto.commit": False}))
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+        return {p: _high_watermark(consumer, TopicPartition(topic, p)) for p in partitions}
     finally:
         consumer.close()
+
+
+# Right after a topic is created (a fresh broker: the first test of a run) its partitions may not have a
+# leader yet; the broker says so and is asked again, for at most this long.
+_LEADERLESS = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE)
+LEADER_WAIT_S = 30.0
+
+
+def _high_watermark(consumer: Consumer, partition: TopicPartition) -> int:
+    deadline = time.monotonic() + LEADER_WAIT_S
+    while True:
+        try:
+            return consumer.get_watermark_offsets(partition, timeout=10)[1]
+        except KafkaException as exc:
+            if exc.args[0].code() not in _LEADERLESS or time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
 
 
 def start_group_at_end(bootstrap: str, group: str, topics: list[str]) -> None:
@@ -77,7 +95,8 @@ def start_group_at_end(bootstrap: str, group: str, topics: list[str]) -> None:
 def read_all(bootstrap: str, topic: str, predicate, expected: int, since: dict[int, int] | None = None,
              timeout_polls: int = 60) -> list:
     """Messages of `topic` matching predicate, from `since` offsets (default: the beginning)."""
-    consumer = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": "reader", "enable.auto.commit": False}))
+    consumer = Consumer(client_config({"bootstrap.servers": bootstrap, "group.id": "reader",
+                                       "enable.auto.commit": False}))
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, (since or {}).get(p, -2)) for p in partitions])  # -2: beginning
     found = []

@@ -8,8 +8,15 @@ import pytest
 from fastavro import parse_schema
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from services.common.avro import (MESSAGE_BYTES_MAX, Codec, DecodeError, Schema, fingerprint, load_schema,
-                                  to_parsing_canonical_form)
+from services.common.avro import (
+    MESSAGE_BYTES_MAX,
+    Codec,
+    DecodeError,
+    Schema,
+    fingerprint,
+    load_schema,
+    to_parsing_canonical_form,
+)
 from tests.platform.test_schemas import SCHEMA_NAMES, load_sample
 
 CODEC = Codec()  # hypothesis does not mix with function-scoped fixtures; the codec holds no state
@@ -167,6 +174,7 @@ def codec_of(schema: dict) -> Codec:
     """A codec whose only schema is `schema`, under the name "m"."""
     codec = Codec.__new__(Codec)
     parsed = parse_schema(schema)
+    assert isinstance(parsed, dict)
     loaded = Schema("m", parsed, bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO")))
     codec.current, codec._writers = {"m": loaded}, {loaded.fingerprint: loaded}
     return codec

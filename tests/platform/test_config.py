@@ -10,9 +10,12 @@ from tests.conftest import ROOT
 
 @pytest.mark.parametrize("module, env, expected", [
     ("services.ingress", {"INGRESS_PORT": "eighty"}, "INGRESS_PORT='eighty' is invalid: must be a whole number"),
-    ("services.ingress", {"KAFKA_BOOTSTRAP_SERVERS": "no-port-here"}, "KAFKA_BOOTSTRAP_SERVERS='no-port-here' is invalid: must be host:port"),
-    ("services.ledger", {"DATABASE_URL": "mysql://x"}, "DATABASE_URL='mysql://x' is invalid: must be a postgresql:// URL"),
-    ("services.ledger", {"LOG_LEVEL": "loud"}, "LOG_LEVEL='loud' is invalid: must be one of DEBUG, INFO, WARNING, ERROR"),
+    ("services.ingress", {"KAFKA_BOOTSTRAP_SERVERS": "no-port-here"},
+     "KAFKA_BOOTSTRAP_SERVERS='no-port-here' is invalid: must be host:port"),
+    ("services.ledger", {"DATABASE_URL": "mysql://x"},
+     "DATABASE_URL='mysql://x' is invalid: must be a postgresql:// URL"),
+    ("services.ledger", {"LOG_LEVEL": "loud"},
+     "LOG_LEVEL='loud' is invalid: must be one of DEBUG, INFO, WARNING, ERROR"),
 ])
 def test_bad_config_gives_one_clear_line(module, env, expected):
     result = subprocess.run([sys.executable, "-m", module], cwd=ROOT, capture_output=True, text=True, timeout=30,

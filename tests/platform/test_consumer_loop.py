@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
-from services.common.kafka import ConsumerLoop, EventProducer, PublishError, Transient, ensure_topics
+from services.common.kafka import ConsumedEvent, ConsumerLoop, EventProducer, PublishError, Transient, ensure_topics
 from services.common.topics import DEAD_LETTER, PAYMENT_REQUESTED, Topic
-from tests.conftest import ROOT
+from tests.conftest import ROOT, eventually
 from tests.platform.kafka_helpers import end_offsets, read_all, recording_loop, run_until, sample_request
 
 
@@ -32,7 +32,7 @@ async def test_a_consumer_killed_before_commit_gets_the_message_again(kafka_boot
 
     assert died.returncode == -9
     assert record.read_text().split() == [event["event_id"]]
-    seen = []
+    seen: list[ConsumedEvent] = []
     await run_until(recording_loop(kafka_bootstrap, f"g-{unique}", topic, codec, producer, seen), lambda: seen)
     assert [e.value["event_id"] for e in seen] == [event["event_id"]]
 
@@ -41,10 +41,10 @@ async def test_committed_messages_are_not_delivered_again(kafka_bootstrap, codec
     topic = own_topic(kafka_bootstrap, unique)
     first, second = (sample_request(f"ch-{unique}", str(uuid.uuid4())) for _ in range(2))
     await producer.publish(topic, first)
-    seen = []
+    seen: list[ConsumedEvent] = []
     await run_until(recording_loop(kafka_bootstrap, f"g-{unique}", topic, codec, producer, seen), lambda: seen)
     await producer.publish(topic, second)
-    seen_after_restart = []
+    seen_after_restart: list[ConsumedEvent] = []
     await run_until(recording_loop(kafka_bootstrap, f"g-{unique}", topic, codec, producer, seen_after_restart),
                     lambda: seen_after_restart)
     assert [e.value["event_id"] for e in seen_after_restart] == [second["event_id"]]
@@ -61,8 +61,9 @@ async def test_poison_messages_go_to_the_dead_letter_topic_and_the_consumer_cont
     await producer.publish(topic, refused)
     await producer.publish(topic, good)
 
-    seen = []
-    fail = lambda e: ValueError("amount exceeds the channel limit") if e.value["event_id"] == refused["event_id"] else None  # noqa: E731
+    seen: list[ConsumedEvent] = []
+    def fail(e):
+        return ValueError("amount exceeds the channel limit") if e.value["event_id"] == refused["event_id"] else None
     await run_until(recording_loop(kafka_bootstrap, f"g-{unique}", topic, codec, producer, seen, fail),
                     lambda: any(e.value["event_id"] == good["event_id"] for e in seen))
 
@@ -80,7 +81,8 @@ async def test_a_transient_failure_is_retried_not_dead_lettered(kafka_bootstrap,
     topic = own_topic(kafka_bootstrap, unique)
     event = sample_request(f"ch-{unique}", str(uuid.uuid4()))
     await producer.publish(topic, event)
-    attempts, seen = [], []
+    attempts: list[int] = []
+    seen: list[ConsumedEvent] = []
 
     async def flaky(events):
         attempts.append(len(events))
@@ -133,7 +135,8 @@ async def test_batches_overlap_only_while_the_consumer_is_behind(kafka_bootstrap
     topic = own_topic(kafka_bootstrap, unique)
     backlog = [sample_request(f"ch-{unique}", str(uuid.uuid4())) for _ in range(60)]
     await asyncio.gather(*(producer.publish(topic, e) for e in backlog))
-    seen, overlaps = [], []
+    seen: list[ConsumedEvent] = []
+    overlaps: list[int] = []
     loop = overlap_tracking_loop(kafka_bootstrap, f"g-{unique}", topic, codec, producer, seen, overlaps)
     await run_until(loop, lambda: len(seen) == 60)
     assert max(overlaps) == 2  # full batches: two at once
@@ -145,8 +148,7 @@ async def test_batches_overlap_only_while_the_consumer_is_behind(kafka_bootstrap
     for _ in range(6):  # one at a time: small batches
         await producer.publish(topic, sample_request(f"ch-{unique}", str(uuid.uuid4())))
         await asyncio.sleep(0.05)
-    while len(seen) < 6:
-        await asyncio.sleep(0.05)
+    await eventually(lambda: _at_least(seen, 6))
     stop.set()
     await running
     assert max(overlaps) == 1
@@ -192,7 +194,7 @@ async def test_an_event_that_keeps_failing_is_dead_lettered_after_the_budget_and
     records = [codec.decode(m.value())[1] for m in letters]
     assert [(r["error_type"], r["error"], r["original_value"]) for r in records] == [
         ("RuntimeError", "unexpected\\u000afailure\\u001b[2J", codec.encode(topic.schema, poison))]
-    again = []  # handled and dead-lettered count as done: committed, not delivered again
+    again: list[ConsumedEvent] = []  # handled and dead-lettered count as done: committed, not delivered again
     await producer.publish(topic, sample_request(channel, str(uuid.uuid4())))
     await run_until(recording_loop(kafka_bootstrap, f"g-{unique}", topic, codec, producer, again), lambda: again)
     assert len(again) == 1
@@ -203,7 +205,8 @@ async def test_transient_failures_never_use_up_the_poison_budget(kafka_bootstrap
     event = sample_request(f"ch-{unique}", str(uuid.uuid4()))
     mark = end_offsets(kafka_bootstrap, DEAD_LETTER.name)
     await producer.publish(topic, event)
-    attempts, seen = [], []
+    attempts: list[int] = []
+    seen: list[ConsumedEvent] = []
 
     async def dependency_down_for_a_while(events):
         attempts.append(len(events))
@@ -217,7 +220,8 @@ async def test_transient_failures_never_use_up_the_poison_budget(kafka_bootstrap
                         poison_budget=1)
     await run_until(loop, lambda: seen, timeout=60)
     assert len(attempts) == 6 and [e.value["event_id"] for e in seen] == [event["event_id"]]
-    assert read_all(kafka_bootstrap, DEAD_LETTER.name, lambda m: codec.decode(m.value())[1]["source_topic"] == topic.name,
+    assert read_all(kafka_bootstrap, DEAD_LETTER.name,
+                    lambda m: codec.decode(m.value())[1]["source_topic"] == topic.name,
                     expected=1, since=mark, timeout_polls=4) == []
 
 
@@ -245,8 +249,9 @@ async def test_per_event_reports_a_transient_error_as_transient_so_it_is_never_d
 async def test_readiness_fails_naming_a_consumer_that_holds_one_batch_too_long(kafka_bootstrap, codec, producer,
                                                                                 unique, stuck):
     import httpx
+
     from services.common.observability import Health, serve_ops
-    from tests.conftest import eventually, free_port
+    from tests.conftest import free_port
 
     topic = own_topic(kafka_bootstrap, unique)
     released, seen = asyncio.Event(), []
@@ -287,6 +292,10 @@ async def test_readiness_fails_naming_a_consumer_that_holds_one_batch_too_long(k
         stop.set()
         await asyncio.wait_for(running, 30)
         await runner.cleanup()
+
+
+async def _at_least(items: list, count: int) -> bool:
+    return len(items) >= count
 
 
 async def _answer_is(healthz, status):

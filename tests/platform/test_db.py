@@ -9,7 +9,8 @@ from services.common.db import every
 
 
 async def test_a_periodic_step_outlives_a_database_outage_and_ends_when_stopped():
-    stop, turns = asyncio.Event(), []
+    stop = asyncio.Event()
+    turns: list[int] = []
 
     async def step() -> None:
         turns.append(len(turns))

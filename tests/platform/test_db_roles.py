@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
 
 from services.common.db import SchemaNotReady, require_schema
 from services.ledger import anchors, store
@@ -32,8 +33,9 @@ TIME_COLUMN = {"audit_anchors": "anchored_at"}  # every other audit table calls 
 GRANTS = {
     "ingress": {"ingress_requests": "SELECT INSERT UPDATE", "payments": "SELECT", "payment_history": "SELECT",
                 "channels": "SELECT", "api_keys": "SELECT", "schema_migrations": "SELECT"},
-    "stk_worker": {"stk_push_claims": "SELECT INSERT UPDATE", "channels": "SELECT", "channel_credentials": "SELECT",
-                   "credential_audit": "INSERT", "schema_migrations": "SELECT"},
+    "stk_worker": {"stk_push_claims": "SELECT INSERT UPDATE", "stk_worker_instances": "SELECT INSERT UPDATE",
+                   "channels": "SELECT", "channel_credentials": "SELECT", "credential_audit": "INSERT",
+                   "schema_migrations": "SELECT"},
     "ledger": {"payments": "SELECT INSERT UPDATE", "payment_history": "SELECT INSERT", "audit_log": "SELECT INSERT",
                "processed_events": "SELECT INSERT DELETE", "parked_facts": "SELECT INSERT DELETE",
                "outbox": "SELECT INSERT UPDATE DELETE", "schema_migrations": "SELECT"},
@@ -58,22 +60,28 @@ def refused(conn: psycopg.Connection, statement: str) -> str:
     return "ACCEPTED"
 
 
+def _one(conn: psycopg.Connection, query: str, params: tuple[object, ...]) -> object:
+    row = conn.execute(query, params).fetchone()
+    assert row is not None
+    return row[0]
+
+
 def test_each_role_holds_exactly_the_grants_its_service_needs(infra, database_url):
     with psycopg.connect(database_url) as conn:
         tables = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
-        held = {role: {} for role in SERVICE_ROLES}
+        held: dict[str, dict[str, str]] = {role: {} for role in SERVICE_ROLES}
         for role in SERVICE_ROLES:
             for table in tables:
-                granted = [p for p in PRIVILEGES if conn.execute("SELECT has_table_privilege(%s, %s, %s)",
-                                                                 (role, table, p)).fetchone()[0]]
+                granted = [p for p in PRIVILEGES if _one(conn, "SELECT has_table_privilege(%s, %s, %s)",
+                                                                 (role, table, p))]
                 if granted:
                     held[role][table] = " ".join(granted)
         # The ingress sees a channel's credential version, never the sealed secret.
-        columns = {c: conn.execute("SELECT has_column_privilege('ingress', 'channel_credentials', %s, 'SELECT')",
-                                   (c,)).fetchone()[0] for c in ("version", "fingerprint", "ciphertext", "wrapped_key")}
+        columns = {c: _one(conn, "SELECT has_column_privilege('ingress', 'channel_credentials', %s, 'SELECT')",
+                           (c,)) for c in ("version", "fingerprint", "ciphertext", "wrapped_key")}
         # The ledger reads one policy of a channel (confirm every success by query), nothing else of it.
-        ledger_reads = {c: conn.execute("SELECT has_column_privilege('ledger', 'channels', %s, 'SELECT')",
-                                        (c,)).fetchone()[0] for c in ("confirm_success_by_query", "business_shortcode")}
+        ledger_reads = {c: _one(conn, "SELECT has_column_privilege('ledger', 'channels', %s, 'SELECT')",
+                                (c,)) for c in ("confirm_success_by_query", "business_shortcode")}
     assert held == GRANTS
     assert ledger_reads == {"confirm_success_by_query": True, "business_shortcode": False}
     assert columns == {"version": True, "fingerprint": True, "ciphertext": False, "wrapped_key": False}
@@ -83,7 +91,8 @@ def test_each_role_holds_exactly_the_grants_its_service_needs(infra, database_ur
 @pytest.mark.parametrize("table", AUDIT_TABLES)
 def test_no_service_role_can_truncate_delete_update_or_alter_an_audit_table(infra, role, table):
     with connect(infra, role) as conn:
-        for statement in (f"TRUNCATE {table}", f"DELETE FROM {table}", f"UPDATE {table} SET {TIME_COLUMN.get(table, 'at')} = now()",
+        for statement in (f"TRUNCATE {table}", f"DELETE FROM {table}",
+                          f"UPDATE {table} SET {TIME_COLUMN.get(table, 'at')} = now()",
                           f"ALTER TABLE {table} DISABLE TRIGGER ALL", f"DROP TABLE {table}"):
             outcome = refused(conn, statement)
             assert outcome.startswith("InsufficientPrivilege"), f"{role}: {statement}: {outcome}"
@@ -174,7 +183,9 @@ async def _rows_of(conn, payment_id: str) -> list[int]:
 
 async def _recompute_chain_from(conn, seq: int) -> None:
     """What an attacker with the owner's rights does after editing row `seq`: every later hash anew."""
-    prev = (await (await conn.execute("SELECT hash FROM audit_log WHERE seq = %s", (seq - 1,))).fetchone())[0]
+    # The edited row still holds the hash it was chained to (the genesis value when it is the first row:
+    # the test must not rely on other tests having written rows before its own).
+    prev = (await (await conn.execute("SELECT prev_hash FROM audit_log WHERE seq = %s", (seq,))).fetchone())[0]
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute("SELECT seq, payment_id, event_id::text, fact, verdict, from_state, to_state, detail, at"
                       " FROM audit_log WHERE seq >= %s ORDER BY seq", (seq,))
@@ -193,7 +204,7 @@ async def _verify(conn, public_keys, from_seq: int):
 async def test_an_anchored_trail_rewritten_even_with_every_hash_recomputed_fails_verification(
         ledger_pool, auditor_pool, pool, codec, unique, anchor_key, public_keys, attack):
     payment_id = await _audited_payment(ledger_pool, codec, unique)
-    anchor = await anchors.Anchorer(auditor_pool, anchor_key, 60).anchor_once()
+    anchor = await _anchor(auditor_pool, anchor_key)
     assert anchor is not None
     async with pool.connection() as conn:
         seq = (await _rows_of(conn, payment_id))[0]
@@ -218,10 +229,16 @@ async def test_an_anchored_trail_rewritten_even_with_every_hash_recomputed_fails
         assert problem is None and report.problem is None
 
 
+async def _anchor(pool: AsyncConnectionPool, key: Ed25519PrivateKey) -> anchors.Anchor:
+    anchor = await anchors.Anchorer(pool, key, 60).anchor_once()
+    assert anchor is not None, "the audit head was anchored"
+    return anchor
+
+
 async def test_a_forged_anchor_or_one_by_an_unknown_key_fails_verification(ledger_pool, auditor_pool, pool, codec,
                                                                           unique, anchor_key, public_keys):
     await _audited_payment(ledger_pool, codec, unique)
-    anchor = await anchors.Anchorer(auditor_pool, anchor_key, 60).anchor_once()
+    anchor = await _anchor(auditor_pool, anchor_key)
     stranger = anchors.sign(Ed25519PrivateKey.generate(), anchor.audit_seq, anchor.audit_hash,
                             anchor.anchored_at)
     forged = anchors.Anchor(anchor.audit_seq, "0" * 64, anchor.anchored_at, anchor.key_id, anchor.signature)
@@ -250,7 +267,7 @@ async def test_the_anchoring_job_refuses_to_go_on_from_an_anchor_whose_row_was_r
                                                                                       pool, codec, unique,
                                                                                       anchor_key):
     payment_id = await _audited_payment(ledger_pool, codec, unique)
-    anchor = await anchors.Anchorer(auditor_pool, anchor_key, 60).anchor_once()
+    anchor = await _anchor(auditor_pool, anchor_key)
     await _audited_payment(ledger_pool, codec, unique)  # the head moves on
     async with pool.connection() as conn, conn.transaction(force_rollback=True):
         seq = (await _rows_of(conn, payment_id))[0]
@@ -274,12 +291,13 @@ def test_only_the_auditor_writes_anchors_and_nobody_changes_them(infra):
 
 async def test_the_anchoring_service_anchors_the_head_and_audit_verify_reports_it(infra, pool, ledger_pool, codec,
                                                                                 unique):
-    await _audited_payment(ledger_pool, codec, unique)
-    async with pool.connection() as conn:
-        head = (await (await conn.execute("SELECT max(seq) FROM audit_log")).fetchone())[0]
+    payment_id = await _audited_payment(ledger_pool, codec, unique)
+    async with pool.connection() as conn:  # its own newest row, whatever other tests append meanwhile
+        head = max(await _rows_of(conn, payment_id))
     port = free_port()
     service = start_service("services.ledger.anchors", service_env(
-        infra, AUDIT_ANCHOR_INTERVAL_S="0.2", AUDIT_ANCHOR_KEY_FILE=str(ANCHOR_KEY_FILE), AUDIT_ANCHOR_METRICS_PORT=port))
+        infra, AUDIT_ANCHOR_INTERVAL_S="0.2", AUDIT_ANCHOR_KEY_FILE=str(ANCHOR_KEY_FILE),
+        AUDIT_ANCHOR_METRICS_PORT=str(port)))
     try:
         async def anchored():
             async with pool.connection() as conn:
@@ -287,15 +305,16 @@ async def test_the_anchoring_service_anchors_the_head_and_audit_verify_reports_i
                 return await cur.fetchone()
         await eventually(anchored, timeout=30)
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-        assert 'audit_anchors_total{result="anchored"}' in metrics and "audit_anchor_checked_timestamp_seconds" in metrics
+        assert 'audit_anchors_total{result="anchored"}' in metrics
+        assert "audit_anchor_checked_timestamp_seconds" in metrics
     finally:
         service.terminate()
         output, _ = service.communicate(timeout=30)
     assert service.returncode == 0, output
     assert "anchored audit row" in output and "schema's owner" not in output
 
-    result = subprocess.run([sys.executable, "-m", "services.cli", "audit", "verify", "--from", str(max(head - 100, 1))],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+    verify = [sys.executable, "-m", "services.cli", "audit", "verify", "--from", str(max(head - 100, 1))]
+    result = subprocess.run(verify, cwd=ROOT, capture_output=True, text=True, timeout=120,
                             env={"PATH": "/usr/bin", "PGPASSFILE": os.environ.get("PGPASSFILE", ""),
                                  "DATABASE_URL": database_url_of(infra, "auditor")})
     assert result.returncode == 0, result.stdout + result.stderr

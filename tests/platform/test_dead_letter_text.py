@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from services.common.kafka import ensure_topics
+from services.common.kafka import ConsumedEvent, ensure_topics
 from services.common.topics import DEAD_LETTER, Topic
 from tests.platform.kafka_helpers import end_offsets, read_all, recording_loop, run_until, sample_request
 
@@ -22,7 +22,7 @@ async def test_the_error_and_the_key_of_a_dead_letter_are_cleaned(kafka_bootstra
 
     reason = "bad receipt \r\nlevel=INFO msg=settled " + "x" * 5000  # as if a parser quoted what it read
     fail = lambda e: ValueError(reason) if e.value["event_id"] == refused["event_id"] else None  # noqa: E731
-    seen = []
+    seen: list[ConsumedEvent] = []
     await run_until(recording_loop(kafka_bootstrap, f"g-{unique}", topic, codec, producer, seen, fail),
                     lambda: any(e.value["event_id"] == good["event_id"] for e in seen))
 

@@ -7,16 +7,35 @@ import os
 import uuid
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
-from confluent_kafka.admin import (AclBinding, AclOperation, AclPermissionType, AdminClient, ResourcePatternType,
-                                   ResourceType, ScramCredentialInfo, ScramMechanism, UserScramCredentialDeletion,
-                                   UserScramCredentialUpsertion)
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import (
+    AclBinding,
+    AclOperation,
+    AclPermissionType,
+    AdminClient,
+    ResourcePatternType,
+    ResourceType,
+    ScramCredentialInfo,
+    ScramMechanism,
+    UserScramCredentialDeletion,
+    UserScramCredentialUpsertion,
+)
 
 from services.common.config import ConfigError, kafka_client_config
 from services.common.kafka import ConsumerLoop, EventProducer, client_config, ensure_topics, per_event
-from services.common.topics import (ACCESS, ALL_TOPICS, CALLBACK_RAW, DEAD_LETTER, PAYMENT_REQUESTED, PAYMENT_STATUS,
-                                    STK_PUSH_RESULT, STK_QUERY_REQUESTED, STK_QUERY_RESULT, parse_upstream_producers,
-                                    upstream_requested_topic)
+from services.common.topics import (
+    ACCESS,
+    ALL_TOPICS,
+    CALLBACK_RAW,
+    DEAD_LETTER,
+    PAYMENT_REQUESTED,
+    PAYMENT_STATUS,
+    STK_PUSH_RESULT,
+    STK_QUERY_REQUESTED,
+    STK_QUERY_RESULT,
+    parse_upstream_producers,
+    upstream_requested_topic,
+)
 from services.ingress.upstream import UpstreamReauthoriser, is_transient as upstream_is_transient
 from tests.conftest import ROOT, kafka_login
 from tests.platform.kafka_helpers import end_offsets, read_all, run_until, sample_request
@@ -49,8 +68,9 @@ def first_consumer_error(infra: dict[str, str], principal: str, topic: str, grou
         polls_after_assignment = 0
         for _ in range(80):
             for msg in consumer.consume(10, 0.25):
-                if msg.error() is not None and msg.error().code() != KafkaError._PARTITION_EOF:
-                    return msg.error()
+                error = msg.error()
+                if error is not None and error.code() != KafkaError._PARTITION_EOF:
+                    return error
             if consumer.assignment():  # the group let it in; fetching the topic may still be refused
                 polls_after_assignment += 1
                 if polls_after_assignment >= 12:
@@ -70,9 +90,11 @@ def test_a_service_principal_cannot_write_a_topic_outside_its_acls(infra, princi
 
 
 def test_only_the_gateway_writes_callbacks_and_only_the_ingress_writes_payment_requests(infra, codec, unique):
-    writers = {topic: sorted(p for p, a in ACCESS.items() if topic in a.writes) for topic in (CALLBACK_RAW, PAYMENT_REQUESTED)}
+    writers = {topic: sorted(p for p, a in ACCESS.items() if topic in a.writes)
+               for topic in (CALLBACK_RAW, PAYMENT_REQUESTED)}
     assert writers == {CALLBACK_RAW: ["webhook-gateway"], PAYMENT_REQUESTED: ["ingress"]}
-    assert produce_one(infra, "ingress", CALLBACK_RAW.name).code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+    refusal = produce_one(infra, "ingress", CALLBACK_RAW.name)
+    assert refusal is not None and refusal.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
     # ...while its own topic takes its events: the refusals above are the ACLs, not a broken login.
     event = codec.encode(PAYMENT_REQUESTED.schema, sample_request(f"acl-{unique}", str(uuid.uuid4())))
     assert produce_one(infra, "ingress", PAYMENT_REQUESTED.name, event) is None
@@ -96,7 +118,8 @@ def test_a_service_principal_reads_its_topics_only_in_its_own_groups(infra, uniq
 def refused(config: dict) -> list[KafkaError]:
     """Asks for metadata, which must fail; returns the errors the client reported on the way."""
     errors: list[KafkaError] = []
-    admin = AdminClient({**config, "error_cb": errors.append, "log_level": 0})  # quiet: the errors are expected
+    # quiet: the errors are expected. confluent_kafka's annotation of conf leaves out callbacks such as error_cb.
+    admin = AdminClient({**config, "error_cb": errors.append, "log_level": 0})  # type: ignore[dict-item]
     with pytest.raises(KafkaException):
         admin.list_topics(timeout=3)
     admin.poll(0.5)  # serves error_cb
@@ -125,7 +148,8 @@ def test_a_service_principal_cannot_grant_itself_more_or_delete_what_others_need
         "alter_scram": lambda: admin_as_ingress.alter_user_scram_credentials([UserScramCredentialUpsertion(
             "admin", ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 8192), b"taken-over")],
             request_timeout=10)["admin"],
-        "delete_topic": lambda: admin_as_ingress.delete_topics([CALLBACK_RAW.name], request_timeout=10)[CALLBACK_RAW.name],
+        "delete_topic":
+            lambda: admin_as_ingress.delete_topics([CALLBACK_RAW.name], request_timeout=10)[CALLBACK_RAW.name],
     }
     for name, attempt in attempts.items():
         with pytest.raises(KafkaException) as refused_with:
@@ -166,6 +190,7 @@ def test_bad_client_settings_are_refused_by_name(env, message):
 
 def load_kafka_acl():
     spec = importlib.util.spec_from_file_location("kafka_acl", ROOT / "infra" / "kafka_acl.py")
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -218,7 +243,8 @@ async def test_an_upstream_producer_reaches_payment_requested_only_for_its_chann
         loop = ConsumerLoop(bootstrap=infra["KAFKA_BOOTSTRAP_SERVERS"], group_id=f"ingress-upstream-{unique}",
                             topics=reauthoriser.topics, codec=codec, dead_letters=as_ingress, poll_timeout=0.1,
                             handler=per_event(reauthoriser.handle, upstream_is_transient))
-    passed, letters = [], []
+    passed: list[Message] = []
+    letters: list[Message] = []
 
     def both_seen() -> bool:
         passed[:] = read_all(infra["KAFKA_BOOTSTRAP_SERVERS"], PAYMENT_REQUESTED.name,

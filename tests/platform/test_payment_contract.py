@@ -29,14 +29,16 @@ def test_the_masked_form_keeps_no_more_than_three_subscriber_digits():
 
 def test_the_states_are_the_ones_the_database_allows():
     first = (MIGRATIONS / "0001_payments.sql").read_text()
-    allowed = re.search(r"CHECK \(state IN \(([^)]*)\)\)", first).group(1)
-    assert {s.strip().strip("'") for s in allowed.split(",")} == {s.value for s in PaymentState}
+    check = re.search(r"CHECK \(state IN \(([^)]*)\)\)", first)
+    assert check is not None
+    assert {s.strip().strip("'") for s in check.group(1).split(",")} == {s.value for s in PaymentState}
 
 
 def test_a_state_is_open_final_or_in_review_and_never_two_of_these():
     assert not OPEN_STATES & FINAL_STATES
     assert OPEN_STATES | FINAL_STATES | {PaymentState.REVIEW} == set(PaymentState)
-    assert PaymentState.SETTLED == "Settled"  # compares equal to what the database returns
+    from_the_database: str = "Settled"
+    assert PaymentState.SETTLED == from_the_database
 
 
 SETTINGS = [config.Setting("WORKER_PORT", config.port, 9100), config.Setting("WORKER_NAME", str)]

@@ -38,7 +38,8 @@ def test_every_field_is_documented(name):
     schema = json.loads((SCHEMA_DIR / f"{name}.avsc").read_text())
     assert schema.get("doc")
     assert [f["name"] for f in schema["fields"] if not f.get("doc")] == []
-    assert {"event_id", "occurred_at", "channel_id", "payment_id", "schema_version"} <= {f["name"] for f in schema["fields"]}
+    required = {"event_id", "occurred_at", "channel_id", "payment_id", "schema_version"}
+    assert required <= {f["name"] for f in schema["fields"]}
 
 
 @pytest.mark.parametrize("name", SCHEMA_NAMES)
@@ -57,6 +58,7 @@ def test_samples_round_trip_through_the_broker(kafka_bootstrap, codec, unique):
             await p.publish(Topic(f"test.schemas.{unique}", name), load_sample(name))
 
     import asyncio
+
     from services.common.kafka import client_config, ensure_topics
     topic = Topic(f"test.schemas.{unique}", "unused")
     ensure_topics(kafka_bootstrap, [topic], 1)
@@ -100,9 +102,9 @@ def _committed_versions(name: str) -> list[tuple[str, str, str | None]]:
                              capture_output=True, text=True, check=True).stdout.split()
     versions = []
     for commit in commits:
-        show = lambda p: subprocess.run(["git", "show", f"{commit}:{p}"], cwd=SCHEMA_DIR.parent,  # noqa: E731
-                                        capture_output=True, text=True)
-        schema, sample = show(path), show(f"schemas/samples/{name}.json")
+        schema, sample = (subprocess.run(["git", "show", f"{commit}:{p}"], cwd=SCHEMA_DIR.parent,
+                                         capture_output=True, text=True)
+                          for p in (path, f"schemas/samples/{name}.json"))
         if schema.returncode == 0:
             versions.append((commit, schema.stdout, sample.stdout if sample.returncode == 0 else None))
     return versions
@@ -117,6 +119,7 @@ def test_schema_reads_every_committed_version(codec, name):
         assert backward_compatibility_errors(old, current) == [], f"breaks compatibility with {commit[:8]}"
         if old_sample:
             import io
+
             from fastavro import schemaless_reader, schemaless_writer
             buf = io.BytesIO()
             schemaless_writer(buf, parse_schema(old), load_sample(name, old_sample))

@@ -5,10 +5,10 @@ import uuid
 
 import httpx
 
+from services.common.topics import CALLBACK_RAW, PAYMENT_REQUESTED, STK_PUSH_RESULT, STK_QUERY_RESULT
 from tests.conftest import eventually, free_port, service_env, start_service
 from tests.ingress.conftest import make_api_key, make_channel
 from tests.platform.kafka_helpers import start_group_at_end
-from services.common.topics import CALLBACK_RAW, PAYMENT_REQUESTED, STK_PUSH_RESULT, STK_QUERY_RESULT
 
 
 async def test_post_then_get_shows_a_requested_payment(infra, pool, unique):

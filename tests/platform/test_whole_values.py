@@ -4,13 +4,14 @@ until its check used fullmatch. Each case shows the valid value accepted and "va
 from __future__ import annotations
 
 from datetime import date
+from typing import Any
 
 import pytest
 
 from services.channels.apikeys import key_id_of, new_api_key
 from services.channels.model import parse_api_key_request, parse_credentials, parse_new_channel
-from services.daraja.models import Shortcode, StkPushRequest
 from services.common.payment import normalise_phone, parse_payment_request
+from services.daraja.models import Shortcode, StkPushRequest
 from services.ingress.validation import parse_idempotency_key
 
 PAYMENT = {"channelId": "shop-1", "amount": 100, "phone": "0712345678", "accountReference": "INV-1",
@@ -19,7 +20,7 @@ CHANNEL = {"channelId": "shop-1", "displayName": "Duka La Mama", "shortcodeType"
            "businessShortcode": "174379", "tillNumber": "123456", "environment": "sandbox",
            "consentReference": "AGR-2024-001", "consentDate": "2024-05-01"}
 CREDENTIALS = {"consumerKey": "ck123", "consumerSecret": "cs456", "passkey": "pk789"}
-PUSH = {"amount": 1, "phone": "254712345678", "account_reference": "INV-1", "description": "Shoes",
+PUSH: dict[str, Any] = {"amount": 1, "phone": "254712345678", "account_reference": "INV-1", "description": "Shoes",
         "callback_url": "https://example.com/cb"}
 
 

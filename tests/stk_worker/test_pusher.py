@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import secrets
 import subprocess
@@ -9,18 +10,25 @@ import sys
 import uuid
 
 import httpx
+import psycopg
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
-from services.common.kafka import ConsumedEvent
-from services.common.topics import PAYMENT_REQUESTED, STK_PUSH_RESULT
-from services.daraja.client import DarajaClient
-from services.daraja.models import AppCredentials, Shortcode
-from services.daraja_sandbox.settings import DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
-from services.stk_worker.throttle import ShortcodeThrottle
 from services.channels.vault import DecryptionFailed
+from services.common import config
+from services.common.db import open_pool
+from services.common.kafka import ConsumedEvent, PublishError, Transient, per_event
+from services.common.topics import PAYMENT_REQUESTED, STK_PUSH_RESULT, Topic
+from services.daraja.client import DarajaClient
+from services.daraja.models import AppCredentials, PushAccepted, Shortcode, StkPushRequest
+from services.daraja_sandbox.settings import DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
+from services.stk_worker.bootstrap import SETTINGS, Worker, WorkerSettings, build
 from services.stk_worker.channels import ChannelAccess
+from services.stk_worker.claims import PostgresClaims
+from services.stk_worker.errors import is_transient
+from services.stk_worker.throttle import ShortcodeThrottle
 from services.stk_worker.worker import Pusher, PushSettings
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, database_url_of, eventually, free_port
 from tests.platform.kafka_helpers import end_offsets, read_all, sample_request
 
 SECRET = b"x" * 32
@@ -62,9 +70,19 @@ class SandboxChannels:
         return await self.current(channel_id)
 
 
-def pusher_for(sandbox: str, pool, producer) -> Pusher:
-    return Pusher(pool, DarajaClient(sandbox), SandboxChannels(), producer, ShortcodeThrottle(200, 50),
-                  PushSettings("http://127.0.0.1:9", SECRET, backoff_s=0.01))
+WORKER_SETTINGS = config.load_into(WorkerSettings, SETTINGS, {"WEBHOOK_TOKEN_SECRETS": SECRET.decode()})
+
+
+async def worker_for(sandbox: str, pool, producer, *, daraja=None, **push) -> Worker:
+    """The worker built as `python -m services.stk_worker` builds it, on the sandbox and the test's pool."""
+    return await build(WORKER_SETTINGS, claims=PostgresClaims(pool, f"test-{uuid.uuid4().hex[:8]}"),
+                       daraja=daraja or DarajaClient(sandbox), channels=SandboxChannels(), publisher=producer,
+                       throttle=ShortcodeThrottle(200, 50),
+                       push_settings=PushSettings("http://127.0.0.1:9", SECRET, backoff_s=0.01, **push))
+
+
+async def pusher_for(sandbox: str, pool, producer, *, daraja=None) -> Pusher:
+    return (await worker_for(sandbox, pool, producer, daraja=daraja)).pusher
 
 
 def as_event(value: dict) -> ConsumedEvent:
@@ -90,7 +108,7 @@ def results_for(kafka_bootstrap, codec, payment_id: str, expected: int, since) -
 async def test_a_request_is_pushed_once_even_when_delivered_twice(sandbox, pool, producer, codec, kafka_bootstrap,
                                                                  unique, mark):
     request = {**sample_request(f"ch-{unique}", str(uuid.uuid4())), "account_reference": unique[:12].upper()}
-    pusher = pusher_for(sandbox, pool, producer)
+    pusher = await pusher_for(sandbox, pool, producer)
     await pusher.handle(as_event(request))
     await pusher.handle(as_event(request))  # redelivery
     await asyncio.gather(pusher.handle(as_event(request)), pusher.handle(as_event(request)))  # concurrent duplicates
@@ -107,7 +125,7 @@ async def test_a_claim_left_by_a_dead_worker_is_never_pushed_again(sandbox, pool
     async with pool.connection() as conn:  # as if a worker claimed it and died before Daraja answered
         await conn.execute("INSERT INTO stk_push_claims (payment_id, channel_id, status) VALUES (%s, %s, 'claimed')",
                            (request["payment_id"], request["channel_id"]))
-    await pusher_for(sandbox, pool, producer).handle(as_event(request))
+    await (await pusher_for(sandbox, pool, producer)).handle(as_event(request))
     assert pushes_for(sandbox, unique[:12].upper()) == []
     [result] = results_for(kafka_bootstrap, codec, request["payment_id"], expected=1, since=mark)
     assert result["outcome"] == "OUTCOME_UNKNOWN"
@@ -124,7 +142,201 @@ async def test_bad_requests_from_the_topic_are_never_pushed(sandbox, pool, produ
                                                            unique, change, code, mark):
     request = {**sample_request(f"ch-{unique}", str(uuid.uuid4())), "account_reference": unique[:12].upper(),
                **change}
-    await pusher_for(sandbox, pool, producer).handle(as_event(request))
+    await (await pusher_for(sandbox, pool, producer)).handle(as_event(request))
     assert pushes_for(sandbox, unique[:12].upper()) == []
     [result] = results_for(kafka_bootstrap, codec, request["payment_id"], expected=1, since=mark)
     assert (result["outcome"], result["error_code"]) == ("INVALID", code)
+
+
+def claim_row(pool):
+    async def read(payment_id: str):
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT status, checkout_request_id, owner FROM stk_push_claims"
+                                     " WHERE payment_id = %s", (payment_id,))
+            return await cur.fetchone()
+    return read
+
+
+class AfterTheAnswer:
+    """The sandbox's Daraja, with `then()` run once Daraja answered a push and before the worker
+    records the answer: the moment a failing database used to make the worker forget it."""
+
+    def __init__(self, sandbox: str, then):
+        self.client, self.then = DarajaClient(sandbox), then
+
+    async def push(self, app: AppCredentials, shortcode: Shortcode, request: StkPushRequest) -> PushAccepted:
+        answer = await self.client.push(app, shortcode, request)
+        await self.then()
+        return answer
+
+    async def query(self, app, shortcode, checkout_request_id):
+        return await self.client.query(app, shortcode, checkout_request_id)
+
+
+async def test_daraja_s_answer_is_recorded_across_a_postgresql_restart(sandbox, infra, pool, producer, codec,
+                                                                       kafka_bootstrap, unique, mark):
+    """PostgreSQL stops right after Daraja accepted the push and comes back two seconds later: the
+    worker holds the answer, records it once the database is back, and never pushes again."""
+    request = {**sample_request(f"ch-{unique}", str(uuid.uuid4())), "account_reference": unique[:12].upper()}
+    # The worker's own pool, as its bootstrap opens one: no connection check, so the restart's dead
+    # connections surface as errors on the recording itself.
+    worker_pool = await open_pool(database_url_of(infra, "stk_worker"), max_size=4, autocommit=True)
+    run = functools.partial(subprocess.run, cwd=ROOT, check=True, capture_output=True)
+    restarts: list[asyncio.Task] = []
+
+    async def start_in_two_seconds() -> None:
+        await asyncio.sleep(2)
+        await asyncio.to_thread(run, ["bash", "infra/postgres.sh", "start"])
+
+    async def stop_postgresql_for_two_seconds() -> None:
+        await asyncio.to_thread(run, ["bash", "infra/postgres.sh", "stop"])
+        restarts.append(asyncio.get_running_loop().create_task(start_in_two_seconds()))
+
+    try:
+        pusher = await pusher_for(sandbox, worker_pool, producer,
+                                  daraja=AfterTheAnswer(sandbox, stop_postgresql_for_two_seconds))
+        await asyncio.wait_for(pusher.handle(as_event(request)), 120)
+        assert restarts and restarts[0].done()  # the answer was recorded only after the restart
+    finally:
+        await asyncio.gather(*restarts)  # PostgreSQL runs again whatever happened
+        await worker_pool.close()
+    [push] = pushes_for(sandbox, unique[:12].upper())
+    status, checkout_request_id, _ = await claim_row(pool)(request["payment_id"])
+    assert (status, checkout_request_id) == ("accepted", push["CheckoutRequestID"])
+    [result] = results_for(kafka_bootstrap, codec, request["payment_id"], expected=1, since=mark)
+    assert (result["outcome"], result["checkout_request_id"]) == ("ACCEPTED", push["CheckoutRequestID"])
+
+
+async def doomed_pool(infra, name: str) -> AsyncConnectionPool:
+    """A pool of the worker's role whose connections `terminate(name)` kills."""
+    pool = AsyncConnectionPool(database_url_of(infra, "stk_worker"), min_size=4, max_size=4, open=False,
+                               kwargs={"autocommit": True, "application_name": name})
+    await pool.open(wait=True, timeout=30)
+    return pool
+
+
+def terminator(infra, name: str, terminated: list[int]):
+    async def terminate() -> None:
+        async with await psycopg.AsyncConnection.connect(database_url_of(infra, "stk_worker"),
+                                                         autocommit=True) as conn:  # the same role may signal
+            cur = await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                     " WHERE application_name = %s", (name,))
+            terminated.extend(row[0] for row in await cur.fetchall())
+    return terminate
+
+
+async def test_daraja_s_answer_is_recorded_when_its_connections_are_terminated(sandbox, infra, pool, producer,
+                                                                               unique):
+    """Every connection of the worker's pool is terminated (pg_terminate_backend) after Daraja
+    answered: the recording fails on a closed connection, is tried again and lands."""
+    request = {**sample_request(f"ch-{unique}", str(uuid.uuid4())), "account_reference": unique[:12].upper()}
+    worker_pool = await doomed_pool(infra, f"doomed-{unique}")
+    terminated: list[int] = []
+    try:
+        pusher = await pusher_for(sandbox, worker_pool, producer,
+                                  daraja=AfterTheAnswer(sandbox, terminator(infra, f"doomed-{unique}", terminated)))
+        await asyncio.wait_for(pusher.handle(as_event(request)), 60)
+    finally:
+        await worker_pool.close()
+    assert len(terminated) == 4
+    [push] = pushes_for(sandbox, unique[:12].upper())
+    status, checkout_request_id, _ = await claim_row(pool)(request["payment_id"])
+    assert (status, checkout_request_id) == ("accepted", push["CheckoutRequestID"])
+
+
+class FailsOnce:
+    """The producer, refusing the first result it is given (Kafka did not acknowledge it)."""
+
+    def __init__(self, producer):
+        self.producer, self.failed = producer, False
+
+    async def publish(self, topic: Topic, record: dict) -> None:
+        if not self.failed:
+            self.failed = True
+            raise PublishError("the broker did not acknowledge the result")
+        await self.producer.publish(topic, record)
+
+
+async def test_a_batch_retried_by_the_same_process_reports_its_answers_not_unknown(sandbox, infra, pool, producer,
+                                                                                 codec, kafka_bootstrap, unique, mark):
+    """The worker's connections are terminated after Daraja answered the first push of a batch, and
+    a result is not acknowledged, so the batch is retried by the same worker: every payment is
+    reported with Daraja's answer, none pushed twice, none unknown (its own claim, found 'claimed'
+    by the retry, used to be marked unknown)."""
+    requests = [{**sample_request(f"ch-{unique}", str(uuid.uuid4())), "account_reference": f"{unique[:10]}{i}".upper()}
+                for i in range(3)]
+    worker_pool = await doomed_pool(infra, f"doomed-{unique}")
+    terminated: list[int] = []
+    terminate = terminator(infra, f"doomed-{unique}", terminated)
+
+    async def terminate_once() -> None:
+        if not terminated:
+            await terminate()
+    try:
+        pusher = await pusher_for(sandbox, worker_pool, FailsOnce(producer),
+                                  daraja=AfterTheAnswer(sandbox, terminate_once))
+        handle_batch = per_event(pusher.handle, is_transient)
+        events = [as_event(r) for r in requests]
+        with pytest.raises(Transient):  # the consumer loop retries the batch
+            await handle_batch(events)
+        assert await handle_batch(events) == []
+    finally:
+        await worker_pool.close()
+    assert terminated
+    for r in requests:
+        [push] = pushes_for(sandbox, r["account_reference"])
+        results = results_for(kafka_bootstrap, codec, r["payment_id"], expected=1, since=mark)
+        assert {(x["outcome"], x["checkout_request_id"]) for x in results} == {("ACCEPTED", push["CheckoutRequestID"])}
+        assert (await claim_row(pool)(r["payment_id"]))[:2] == ("accepted", push["CheckoutRequestID"])
+
+
+class Slow:
+    """The sandbox's Daraja, answering a push only after `delay_s`."""
+
+    def __init__(self, sandbox: str, delay_s: float):
+        self.client, self.delay_s = DarajaClient(sandbox), delay_s
+
+    async def push(self, app: AppCredentials, shortcode: Shortcode, request: StkPushRequest) -> PushAccepted:
+        await asyncio.sleep(self.delay_s)
+        return await self.client.push(app, shortcode, request)
+
+    async def query(self, app, shortcode, checkout_request_id):
+        return await self.client.query(app, shortcode, checkout_request_id)
+
+
+async def test_a_push_in_flight_at_another_live_worker_is_reported_not_marked_unknown(sandbox, pool, producer, codec,
+                                                                                     kafka_bootstrap, unique, mark):
+    """A rebalance hands the event to worker B while worker A's push is in flight (Daraja answers A
+    after 3 s): B waits while A's heartbeat moves and reports A's answer; one push, nothing unknown."""
+    request = {**sample_request(f"ch-{unique}", str(uuid.uuid4())), "account_reference": unique[:12].upper()}
+    a = await worker_for(sandbox, pool, producer, daraja=Slow(sandbox, 3.0))
+    b = await worker_for(sandbox, pool, producer, owner_silent_s=1.0, owner_poll_s=0.1)
+    a_done = asyncio.Event()
+    heartbeat = asyncio.create_task(a.beat_until(a_done, interval_s=0.2))
+    try:
+        a_push = asyncio.create_task(a.pusher.handle(as_event(request)))
+        await eventually(lambda: claim_row(pool)(request["payment_id"]))  # A claimed it and is calling Daraja
+        await b.pusher.handle(as_event(request))
+        await a_push
+    finally:
+        a_done.set()
+        await heartbeat
+    [push] = pushes_for(sandbox, unique[:12].upper())
+    results = results_for(kafka_bootstrap, codec, request["payment_id"], expected=2, since=mark)
+    assert [(r["outcome"], r["checkout_request_id"]) for r in results] == [("ACCEPTED", push["CheckoutRequestID"])] * 2
+
+
+async def test_a_claim_whose_worker_stopped_beating_is_an_unknown_outcome(sandbox, pool, producer, codec,
+                                                                         kafka_bootstrap, unique, mark):
+    """A worker claimed a payment and died (its heartbeat row stays, unmoving): the next worker waits
+    until it has seen the heartbeat stand still, then reports the push as unknown and never pushes."""
+    request = {**sample_request(f"ch-{unique}", str(uuid.uuid4())), "account_reference": unique[:12].upper()}
+    dead = PostgresClaims(pool, f"dead-{unique}")
+    await dead.beat()
+    assert await dead.claim(request["payment_id"], request["channel_id"], 1) is None
+    pusher = (await worker_for(sandbox, pool, producer, owner_silent_s=1.0, owner_poll_s=0.1)).pusher
+    await pusher.handle(as_event(request))
+    assert pushes_for(sandbox, unique[:12].upper()) == []
+    [result] = results_for(kafka_bootstrap, codec, request["payment_id"], expected=1, since=mark)
+    assert result["outcome"] == "OUTCOME_UNKNOWN"
+    assert (await claim_row(pool)(request["payment_id"]))[0] == "unknown"

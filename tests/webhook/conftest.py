@@ -4,8 +4,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import httpx
 import pytest
@@ -14,8 +14,8 @@ from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import REGISTRY
 
 from services.common.avro import Codec
-from services.common.kafka import client_config
 from services.common.callback_token import callback_token
+from services.common.kafka import client_config
 from services.common.topics import Topic
 from services.webhook_consumer.app import GatewayDeps, create_app, gateway_producer
 from services.webhook_consumer.settings import GatewaySettings
@@ -128,8 +128,10 @@ class TopicTail:
             if time.monotonic() > ends_at:
                 raise AssertionError(f"{self.topic.name}: condition not met within {timeout}s; saw {mine!r}")
             for msg in self.consumer.consume(100, 0.2):
+                value = msg.value()
                 if msg.error() is None:
-                    self.seen.append(Seen(msg.key(), msg.value(), self.codec.decode(msg.value())[1]))
+                    assert value is not None, f"{self.topic.name}: a message without a value"
+                    self.seen.append(Seen(msg.key(), value, self.codec.decode(value)[1]))
 
     def close(self) -> None:
         self.consumer.close()

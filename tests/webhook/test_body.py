@@ -9,8 +9,7 @@ import json
 import math
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from services.common.json_bounds import nesting_exceeds
 from services.webhook_consumer.body import MAX_NESTING_DEPTH, is_bounded_json_object

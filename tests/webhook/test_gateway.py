@@ -18,8 +18,19 @@ from services.webhook_consumer.app import _redacted_path, gateway_producer
 from services.webhook_consumer.settings import SAFARICOM_CALLBACK_SOURCES, GatewaySettings
 from services.webhook_consumer.sources import parse_networks
 from tests.conftest import free_port
-from tests.webhook.conftest import (ACCEPTED_BODY, DARAJA_CONTENT_TYPE, PREVIOUS_SECRET, SECRET, FrozenClock, Seen,
-                                    callback_path, count, has_payment, metric, token)
+from tests.webhook.conftest import (
+    ACCEPTED_BODY,
+    DARAJA_CONTENT_TYPE,
+    PREVIOUS_SECRET,
+    SECRET,
+    FrozenClock,
+    Seen,
+    callback_path,
+    count,
+    has_payment,
+    metric,
+    token,
+)
 
 SUCCESS_BODY = ('{"Body": {"stkCallback": {"MerchantRequestID": "29115-34620561-1",\n'
                 ' "CheckoutRequestID": "ws_CO_191220191020363925", "ResultCode": 0,\n'

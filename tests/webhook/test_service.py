@@ -9,7 +9,7 @@ import pytest
 
 from services.common import config
 from services.common.topics import CALLBACK_RAW
-from services.webhook_consumer.settings import SETTINGS, GatewaySettings
+from services.webhook_consumer.settings import SETTINGS, GatewaySettings, WebhookSettings
 from services.webhook_consumer.sources import ANY_SOURCE, parse_networks
 from tests.conftest import ROOT, eventually, free_port, service_env, start_service
 from tests.webhook.conftest import ACCEPTED_BODY, DARAJA_CONTENT_TYPE, PREVIOUS_SECRET, SECRET, callback_path, count
@@ -87,10 +87,11 @@ async def test_a_gateway_open_to_any_source_says_so_when_it_starts(infra, unique
 
 class TestSettings:
     def test_defaults(self):
-        cfg = config.load(SETTINGS, {"WEBHOOK_TOKEN_SECRETS": SECRETS_ENV, "WEBHOOK_ALLOWED_SOURCES": "196.201.212.69"})
+        cfg = _load({"WEBHOOK_ALLOWED_SOURCES": "196.201.212.69"})
         settings = GatewaySettings.from_config(cfg)
-        assert cfg["MPESA_ENVIRONMENT"] == "production"
-        assert (cfg["WEBHOOK_HOST"], cfg["WEBHOOK_PORT"]) == ("127.0.0.1", 8081)
+        assert cfg.mpesa_environment == "production"
+        assert (cfg.webhook_host, cfg.webhook_port) == ("127.0.0.1", 8081)
+        assert SECRET not in repr(cfg).encode()
         assert settings.token_secrets == (SECRET, PREVIOUS_SECRET)
         assert settings.allowed_sources == parse_networks("196.201.212.69") and settings.trusted_proxies == ()
         assert settings.kafka_timeout_ms == 5000
@@ -99,7 +100,7 @@ class TestSettings:
     @pytest.mark.parametrize("environ", [{}, {"MPESA_ENVIRONMENT": "production"}, {"MPESA_ENVIRONMENT": "Production"},
                                          {"WEBHOOK_ALLOWED_SOURCES": " , "}])
     def test_in_production_an_empty_allow_list_is_refused(self, environ):
-        cfg = config.load(SETTINGS, {"WEBHOOK_TOKEN_SECRETS": SECRETS_ENV, **environ})
+        cfg = _load(environ)
         with pytest.raises(config.ConfigError, match=r"^WEBHOOK_ALLOWED_SOURCES is required when "
                                                      r"MPESA_ENVIRONMENT=production .*'any'"):
             GatewaySettings.from_config(cfg)
@@ -108,13 +109,12 @@ class TestSettings:
                                          {"MPESA_ENVIRONMENT": "production", "WEBHOOK_ALLOWED_SOURCES": "any"},
                                          {"WEBHOOK_ALLOWED_SOURCES": " ANY "}])
     def test_any_source_is_allowed_in_sandbox_or_when_asked_for(self, environ):
-        cfg = config.load(SETTINGS, {"WEBHOOK_TOKEN_SECRETS": SECRETS_ENV, **environ})
+        cfg = _load(environ)
         assert GatewaySettings.from_config(cfg).allowed_sources == ANY_SOURCE
 
     def test_a_listed_allow_list_is_kept_in_either_environment(self):
         for environment in ("sandbox", "production"):
-            cfg = config.load(SETTINGS, {"WEBHOOK_TOKEN_SECRETS": SECRETS_ENV, "MPESA_ENVIRONMENT": environment,
-                                         "WEBHOOK_ALLOWED_SOURCES": "127.0.0.1"})
+            cfg = _load({"MPESA_ENVIRONMENT": environment, "WEBHOOK_ALLOWED_SOURCES": "127.0.0.1"})
             assert GatewaySettings.from_config(cfg).allowed_sources == parse_networks("127.0.0.1")
 
     @pytest.mark.parametrize("environ, message", [
@@ -127,7 +127,7 @@ class TestSettings:
     ])
     def test_bad_environment_allow_list_or_proxies_name_the_variable(self, environ, message):
         with pytest.raises(config.ConfigError, match=message):
-            config.load(SETTINGS, {"WEBHOOK_TOKEN_SECRETS": SECRETS_ENV, **environ})
+            _load(environ)
 
     def test_a_short_secret_is_refused_without_showing_it(self):
         with pytest.raises(config.ConfigError) as error:
@@ -136,12 +136,15 @@ class TestSettings:
 
     def test_a_bad_allow_list_names_the_variable_and_the_entry(self):
         with pytest.raises(config.ConfigError, match=r"WEBHOOK_ALLOWED_SOURCES=.*'196\.201\.212\.69/24'"):
-            config.load(SETTINGS, {"WEBHOOK_TOKEN_SECRETS": SECRETS_ENV,
-                                   "WEBHOOK_ALLOWED_SOURCES": "196.201.212.69/24"})
+            _load({"WEBHOOK_ALLOWED_SOURCES": "196.201.212.69/24"})
 
     def test_the_secrets_are_masked_when_the_configuration_is_described(self):
         cfg = config.load(SETTINGS, {"WEBHOOK_TOKEN_SECRETS": SECRETS_ENV})
         assert SECRET.decode() not in config.describe(SETTINGS, cfg)
+
+
+def _load(environ: dict[str, str]) -> WebhookSettings:
+    return config.load_into(WebhookSettings, SETTINGS, {"WEBHOOK_TOKEN_SECRETS": SECRETS_ENV, **environ})
 
 
 async def _healthy(http: httpx.AsyncClient) -> bool:

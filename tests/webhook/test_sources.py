@@ -5,10 +5,16 @@ from ipaddress import ip_network
 
 import pytest
 
-from services.webhook_consumer.settings import SAFARICOM_CALLBACK_SOURCES
 from services.common.ratelimit import RateLimiter, retry_after_header
-from services.webhook_consumer.sources import (ANY_SOURCE, SourcePolicy, parse_address, parse_networks,
-                                               parse_trusted_proxies, rate_limit_key)
+from services.webhook_consumer.settings import SAFARICOM_CALLBACK_SOURCES
+from services.webhook_consumer.sources import (
+    ANY_SOURCE,
+    SourcePolicy,
+    parse_address,
+    parse_networks,
+    parse_trusted_proxies,
+    rate_limit_key,
+)
 from tests.webhook.conftest import FrozenClock
 
 PROXY = "10.0.0.5"
