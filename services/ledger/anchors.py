@@ -124,7 +124,8 @@ def load_signing_key(key_file: Path) -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
     except FileNotFoundError:
-        raise StartupRefused(f"no anchor key at {key_file} (run `mpesa-pipeline audit anchor-key` to make one)") from None
+        raise StartupRefused(f"no anchor key at {key_file}"
+                             " (run `mpesa-pipeline audit anchor-key` to make one)") from None
     except ValueError:
         raise StartupRefused(f"{key_file} is not a PEM private key") from None
     if not isinstance(key, Ed25519PrivateKey):

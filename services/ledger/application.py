@@ -21,8 +21,7 @@ from services.common.ids import new_id
 from services.common.payment import PaymentState, mask_phone
 from services.common.text import untrusted
 from services.common.topics import PAYMENT_STATUS, STK_QUERY_REQUESTED
-from services.ledger import deadlines
-from services.ledger import state_machine as sm
+from services.ledger import deadlines, state_machine as sm
 from services.ledger.deadlines import LedgerSettings
 from services.ledger.facts import RECONCILIATION, LedgerInput, input_of
 from services.ledger.ports import Clock, OutboxMessage, OutboxRow, UnitOfWork, UnitOfWorkFactory, Writes

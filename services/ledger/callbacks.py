@@ -57,7 +57,8 @@ class ParsedCallback:
 
 def parse_callback(body: bytes) -> ParsedCallback:
     doc = _bounded_json(body)
-    stk = doc.get("Body", {}).get("stkCallback") if isinstance(doc, dict) and isinstance(doc.get("Body"), dict) else None
+    envelope = doc.get("Body") if isinstance(doc, dict) else None
+    stk = envelope.get("stkCallback") if isinstance(envelope, dict) else None
     if not isinstance(stk, dict):
         raise CallbackParseError("no Body.stkCallback object")
     checkout_id, code = stk.get("CheckoutRequestID"), stk.get("ResultCode")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Final, Union
+from typing import Final
 
 from services.common.payment import FINAL_STATES, OPEN_STATES, PaymentState
 from services.ledger.record import PaymentRecord
@@ -96,7 +96,7 @@ class WaitForDeadline:
     changes: Changes
 
 
-Step = Union[Expire, AskQuery, WaitForDeadline]
+Step = Expire | AskQuery | WaitForDeadline
 
 
 def is_due(record: PaymentRecord, now: datetime) -> bool:

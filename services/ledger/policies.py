@@ -3,7 +3,7 @@ cached briefly: a setting changed by an operator takes effect within the cache's
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from psycopg import AsyncConnection
 

@@ -3,10 +3,11 @@ the outside, as Protocols. The PostgreSQL adapters are in services/ledger/postgr
 in-memory ones (tests/ledger/fakes.py), and one contract suite runs against both."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from services.ledger.record import PaymentRecord
 

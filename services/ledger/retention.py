@@ -31,7 +31,8 @@ DELETE FROM processed_events WHERE ctid = ANY(ARRAY(
 
 
 class Retention:
-    def __init__(self, pool: AsyncConnectionPool, keep: timedelta, *, interval_s: float = 60.0, chunk: int = 5000, pause_s: float = 0.5):
+    def __init__(self, pool: AsyncConnectionPool, keep: timedelta, *, interval_s: float = 60.0, chunk: int = 5000,
+                 pause_s: float = 0.5):
         self.pool, self.keep = pool, keep
         self.interval_s, self.chunk, self.pause_s = interval_s, chunk, pause_s
 

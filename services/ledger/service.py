@@ -26,13 +26,14 @@ from services.ledger.postgres import postgres_unit_of_work
 
 log = logging.getLogger(__name__)
 
+DEFAULTS = LedgerSettings()  # frozen: one shared default is safe
 # A batch this big means the ledger is behind: the next one may be applied beside it. Smaller batches
 # (a ledger keeping up) go one after the other, which is faster for each (bench/settle_bench.py).
 OVERLAP_FROM = 100
 
 
 class Ledger:
-    def __init__(self, pool: AsyncConnectionPool | None, codec: Codec, settings: LedgerSettings = LedgerSettings(),
+    def __init__(self, pool: AsyncConnectionPool | None, codec: Codec, settings: LedgerSettings = DEFAULTS,
                  on_commit: HandOver = lambda rows: None, clock: Clock | None = None,
                  unit_of_work: UnitOfWorkFactory | None = None):
         assert pool is not None or unit_of_work is not None, "a pool, or a unit of work of its own"

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import Any, Final, Union
+from typing import Any, Final
 
 from services.common.payment import FINAL_STATES, OPEN_STATES, PaymentState
 from services.common.text import untrusted
@@ -167,8 +167,8 @@ class ReconciliationExpired:
     age_seconds: int
 
 
-Fact = Union[Requested, PushAccepted, PushRefused, PushOutcomeUnknown, CallbackReceived, QueryAnswered,
-             ReconciliationExpired]
+Fact = (Requested | PushAccepted | PushRefused | PushOutcomeUnknown | CallbackReceived | QueryAnswered
+        | ReconciliationExpired)
 
 
 @dataclass(frozen=True)

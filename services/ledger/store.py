@@ -59,12 +59,14 @@ async def open_batch(conn: AsyncConnection, events: list[tuple[str, str]], payme
         parked = await conn.execute("SELECT payment_id, event_id::text, topic, payload FROM parked_facts"
                                     " WHERE payment_id = ANY(%s) ORDER BY parked_at, event_id", (ids,))
         in_use = await conn.execute(_owners_query(RECEIPT_COLUMNS), (list(receipts),) * len(RECEIPT_COLUMNS))
-        pushes = await conn.execute(_owners_query(CHECKOUT_COLUMNS), (list(checkout_ids or []),) * len(CHECKOUT_COLUMNS))
+        pushes = await conn.execute(_owners_query(CHECKOUT_COLUMNS),
+                                    (list(checkout_ids or []),) * len(CHECKOUT_COLUMNS))
         await conn.execute(_STAGE)
     early: dict[str, list[tuple[str, str, bytes]]] = {}
     for payment_id, event_id, topic, payload in await parked.fetchall():
         early.setdefault(payment_id, []).append((event_id, topic, bytes(payload)))
-    return BatchStart({r[0] for r in await claimed.fetchall()}, {r["payment_id"]: record_of(r) for r in await payments.fetchall()},
+    return BatchStart({r[0] for r in await claimed.fetchall()},
+                      {r["payment_id"]: record_of(r) for r in await payments.fetchall()},
                       early, dict(await in_use.fetchall()), dict(await pushes.fetchall()))
 
 
@@ -128,7 +130,7 @@ async def enqueue(conn: AsyncConnection, rows: list[tuple[str, bytes, bytes]]) -
     cur = await conn.execute("INSERT INTO outbox (topic, key, payload) SELECT * FROM unnest(%s::text[], %b::bytea[],"
                              " %b::bytea[]) RETURNING id", ([r[0] for r in rows], [r[1] for r in rows],
                                                             [r[2] for r in rows]))
-    return [(row[0], *message) for row, message in zip(await cur.fetchall(), rows)]
+    return [(row[0], *message) for row, message in zip(await cur.fetchall(), rows, strict=True)]
 
 
 # --- Audit trail -----------------------------------------------------------------------------

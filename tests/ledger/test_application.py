@@ -13,7 +13,7 @@ from services.common.topics import PAYMENT_STATUS, STK_PUSH_RESULT, STK_QUERY_RE
 from services.ledger.application import LedgerService
 from services.ledger.deadlines import LedgerSettings
 from services.ledger.facts import input_of
-from services.ledger.service import Ledger
+from services.ledger.service import DEFAULTS, Ledger
 from tests.ledger.callbacks import failure, success
 from tests.ledger.fakes import InMemoryLedgerStore
 from tests.ledger.test_ledger_db import accepted, callback, requested
@@ -26,7 +26,7 @@ def refused(channel, payment_id, code="500.001.1001", message="Merchant does not
 
 
 class Setup:
-    def __init__(self, clock, settings: LedgerSettings = LedgerSettings()):
+    def __init__(self, clock, settings: LedgerSettings = DEFAULTS):
         self.store, self.clock, self.codec = InMemoryLedgerStore(), clock, Codec()
         self.service = LedgerService(self.store.unit_of_work, self.codec, settings, clock)
         self.channel, self.pid = f"ch-{uuid.uuid4().hex[:12]}", str(uuid.uuid4())

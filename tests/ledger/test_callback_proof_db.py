@@ -33,7 +33,7 @@ async def payment(pool, payment_id) -> dict:
             " phone_check, late_receipt, contradiction, review_reason, final_at IS NOT NULL AS final"
             " FROM payments WHERE payment_id = %s", (payment_id,))
         row = await cur.fetchone()
-        return dict(zip([c.name for c in cur.description], row)) if row else {}
+        return dict(zip([c.name for c in cur.description], row, strict=True)) if row else {}
 
 
 async def parked_count(pool, payment_id) -> int:
@@ -42,7 +42,7 @@ async def parked_count(pool, payment_id) -> int:
                                           (payment_id,))).fetchone())[0]
 
 
-async def audit_verdicts(pool, payment_id) -> list[tuple[str, str]]:
+async def audit_verdicts(pool, payment_id) -> list[tuple[str, str, str]]:
     async with pool.connection() as conn:
         rows = await (await conn.execute("SELECT fact, verdict, detail FROM audit_log WHERE payment_id = %s"
                                          " ORDER BY seq", (payment_id,))).fetchall()
@@ -111,7 +111,8 @@ async def test_a_forged_success_without_amount_or_phone_goes_to_review_and_is_co
     channel, pid, checkout = f"ch-{unique}", str(uuid.uuid4()), f"ws_CO_{unique}"
     before = count(ALERTS, "amount_mismatch")
     await ledger.handle_batch([requested(channel, pid), accepted(channel, pid, checkout),
-                               callback(channel, pid, success(checkout, amount=OMIT, phone=OMIT, receipt="ABCDEFGHIJ"))])
+                               callback(channel, pid,
+                                        success(checkout, amount=OMIT, phone=OMIT, receipt="ABCDEFGHIJ"))])
     shown = await payment(pool, pid)
     assert (shown["state"], shown["mpesa_receipt"]) == ("Review", None) and "no amount" in shown["review_reason"]
     assert count(ALERTS, "amount_mismatch") == before + 1
@@ -162,7 +163,8 @@ async def test_a_channel_confirming_by_query_settles_with_the_callbacks_receipt_
     assert (shown["state"], shown["mpesa_receipt"], shown["candidate_receipt"]) == ("Settled", receipt(unique), None)
 
 
-async def test_a_contradiction_after_settled_is_recorded_and_alerted_and_the_payment_stays_settled(ledger, pool, unique):
+async def test_a_contradiction_after_settled_is_recorded_and_alerted_and_the_payment_stays_settled(
+        ledger, pool, unique):
     channel, pid, checkout = f"ch-{unique}", str(uuid.uuid4()), f"ws_CO_{unique}"
     await ledger.handle_batch([requested(channel, pid), accepted(channel, pid, checkout),
                                callback(channel, pid, success(checkout, receipt=receipt(unique)))])

@@ -4,12 +4,14 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from typing import cast
 
 import pytest
 
-from services.common.kafka import ConsumedEvent, PublishError, new_event_fields
+from services.common.kafka import ConsumedEvent, EventProducer, PublishError, new_event_fields
 from services.common.topics import CALLBACK_RAW, PAYMENT_REQUESTED, PAYMENT_STATUS, STK_PUSH_RESULT
 from services.ledger import application, store
+from services.ledger.ports import OutboxRow
 from services.ledger.postgres import PostgresUnitOfWork
 from services.ledger.reconciler import Reconciler, due_payments
 from services.ledger.relay import OutboxRelay
@@ -55,7 +57,7 @@ def count_transactions(ledger: Ledger) -> list:
         opened.append(len(batch))
         return await apply(batch)
 
-    ledger._apply_in_one_transaction = counted
+    setattr(ledger, "_apply_in_one_transaction", counted)  # noqa: B010 (mypy: assigning a method)
     return opened
 
 
@@ -82,14 +84,10 @@ async def lock_waits(pool) -> int:
         return (await cur.fetchone())[0]
 
 
-@pytest.fixture
-def ledger(ledger_pool, codec, clock):
-    return Ledger(ledger_pool, codec, clock=clock)
-
-
 async def test_request_push_callback_settles_and_redelivery_changes_nothing(ledger, pool, unique):
     channel, pid = f"ch-{unique}", str(uuid.uuid4())
-    facts = [requested(channel, pid), accepted(channel, pid, f"ws_CO_{unique}"), callback(channel, pid, success(f"ws_CO_{unique}", receipt=receipt(unique)))]
+    facts = [requested(channel, pid), accepted(channel, pid, f"ws_CO_{unique}"),
+             callback(channel, pid, success(f"ws_CO_{unique}", receipt=receipt(unique)))]
     assert await ledger.handle_batch(facts) == []
     assert await state_of(pool, pid) == ("Settled", receipt(unique))
 
@@ -97,14 +95,16 @@ async def test_request_push_callback_settles_and_redelivery_changes_nothing(ledg
     async with pool.connection() as conn:
         history = await (await conn.execute("SELECT state FROM payment_history WHERE payment_id = %s ORDER BY id",
                                             (pid,))).fetchall()
-        outbox = await (await conn.execute("SELECT count(*) FROM outbox WHERE key = %s", (channel.encode(),))).fetchone()
+        outbox = await (await conn.execute("SELECT count(*) FROM outbox WHERE key = %s",
+                                           (channel.encode(),))).fetchone()
     assert [h[0] for h in history] == ["Requested", "Pending", "Settled"]
     assert outbox[0] == 3
 
 
 async def test_a_callback_before_its_payment_waits_and_then_settles(ledger, pool, unique):
     channel, pid = f"ch-{unique}", str(uuid.uuid4())
-    assert await ledger.handle_batch([callback(channel, pid, success(f"ws_CO_{unique}", receipt=receipt(unique)))]) == []
+    early = callback(channel, pid, success(f"ws_CO_{unique}", receipt=receipt(unique)))
+    assert await ledger.handle_batch([early]) == []
     assert await state_of(pool, pid) is None
     await ledger.handle_batch([requested(channel, pid)])
     assert await state_of(pool, pid) == ("Requested", None)  # a success waits for its push result too
@@ -161,7 +161,8 @@ async def test_unparseable_callback_is_rejected_and_leaves_the_payment_untouched
 async def test_a_reused_receipt_goes_to_review(ledger, pool, unique):
     channel, first, second = f"ch-{unique}", str(uuid.uuid4()), str(uuid.uuid4())
     await ledger.handle_batch([requested(channel, first), requested(channel, second),
-                               accepted(channel, first, "ws_CO_a" + unique), accepted(channel, second, "ws_CO_b" + unique),
+                               accepted(channel, first, "ws_CO_a" + unique),
+                               accepted(channel, second, "ws_CO_b" + unique),
                                callback(channel, first, success("ws_CO_a" + unique, receipt=receipt(unique)))])
     await ledger.handle_batch([callback(channel, second, success("ws_CO_b" + unique, receipt=receipt(unique)))])
     assert await state_of(pool, first) == ("Settled", receipt(unique))
@@ -208,11 +209,13 @@ async def test_an_invalid_request_on_the_topic_ends_failed_never_pushed(ledger, 
 async def test_the_audit_verify_command_reports_an_intact_chain(ledger, pool, infra, unique):
     import subprocess
     import sys
+
     from tests.conftest import ROOT
     await ledger.handle_batch([requested(f"ch-{unique}", str(uuid.uuid4()))])
     async with pool.connection() as conn:
         last = (await (await conn.execute("SELECT max(seq) FROM audit_log")).fetchone())[0]
-    result = subprocess.run([sys.executable, "-m", "services.cli", "audit", "verify", "--from", str(max(last - 100, 1))],
+    result = subprocess.run([sys.executable, "-m", "services.cli", "audit", "verify", "--from",
+                             str(max(last - 100, 1))],
                             cwd=ROOT,
                             capture_output=True, text=True, env={
                                 "DATABASE_URL": database_url_of(infra, "auditor"), "PATH": "/usr/bin",
@@ -260,7 +263,7 @@ async def test_editing_an_audit_row_makes_verification_fail(ledger, pool, unique
 
 
 async def test_rows_handed_over_while_the_relay_publishes_go_out_next_not_after_the_idle_poll():
-    relay = OutboxRelay(pool=None, producer=None, idle_poll_s=30)
+    relay = OutboxRelay(pool=None, producer=cast(EventProducer, None), idle_poll_s=30)  # both replaced below
     published = []
 
     async def publish(rows):
@@ -274,7 +277,8 @@ async def test_rows_handed_over_while_the_relay_publishes_go_out_next_not_after_
         scans.append(older_than_s)
         return 0
 
-    relay.publish, relay.publish_stale = publish, publish_stale
+    setattr(relay, "publish", publish)  # noqa: B010 (mypy: assigning a method)
+    setattr(relay, "publish_stale", publish_stale)  # noqa: B010
     stop = asyncio.Event()
     running = asyncio.create_task(relay.run(stop))
 
@@ -305,7 +309,7 @@ async def test_committed_status_events_are_handed_to_the_relay_and_published_wit
         scans.append(await scan(older_than_s))
         return scans[-1]
 
-    relay.publish_stale = counted_scan
+    setattr(relay, "publish_stale", counted_scan)  # noqa: B010 (mypy: assigning a method)
     stop = asyncio.Event()
     running = asyncio.create_task(relay.run(stop))
 
@@ -333,7 +337,8 @@ async def test_one_event_the_database_refuses_is_rejected_alone_and_the_rest_of_
     bad = requested(channel, other)
     bad.value["event_id"] = "not-a-uuid"  # a producer's bug: the column is a uuid
     rejections = await ledger.handle_batch([requested(channel, pid), bad, accepted(channel, pid, f"ws_CO_{unique}")])
-    assert [(r.event.value["payment_id"], type(r.error).__name__) for r in rejections] == [(other, "InvalidTextRepresentation")]
+    assert [(r.event.value["payment_id"], type(r.error).__name__) for r in rejections] == [
+        (other, "InvalidTextRepresentation")]
     assert await state_of(pool, pid) == ("Pending", None)
     assert await state_of(pool, other) is None
 
@@ -347,7 +352,8 @@ async def test_a_refused_event_is_found_by_halving_the_batch_not_by_applying_it_
     assert [r.event for r in rejections] == [events[37]]
     assert len(transactions) <= 1 + 2 * 6  # the whole batch, then two halves per level down to one event
     async with pool.connection() as conn:
-        created = await (await conn.execute("SELECT count(*) FROM payments WHERE channel_id = %s", (channel,))).fetchone()
+        created = await (await conn.execute("SELECT count(*) FROM payments WHERE channel_id = %s",
+                                            (channel,))).fetchone()
     assert created[0] == 63
 
 
@@ -370,7 +376,7 @@ async def test_after_a_failed_publish_the_relay_catches_up_from_the_table_in_ord
     key = f"ch-{unique}".encode()
     rows = [(PAYMENT_STATUS.name, key, f"{unique}-{n}".encode()) for n in range(3)]
     producer = FailingOnce()
-    relay = OutboxRelay(pool, producer, idle_poll_s=30, stale_after_s=30)
+    relay = OutboxRelay(pool, cast(EventProducer, producer), idle_poll_s=30, stale_after_s=30)  # a stand-in
     async with pool.connection() as conn, conn.transaction():
         first_two = await store.enqueue(conn, rows[:2])
     stop = asyncio.Event()
@@ -433,7 +439,7 @@ async def test_a_success_after_a_cancel_keeps_its_receipt_in_the_row_and_in_the_
     """Issue #12: the receipt proving money moved after a cancel was dropped from the row and the
     status event. Through the real ledger, outbox and relay to the status topic."""
     relay = OutboxRelay(ledger_pool, producer)
-    handed = []
+    handed: list[list[OutboxRow]] = []
     ledger = Ledger(ledger_pool, codec, clock=clock, on_commit=handed.append)
     channel, pid, checkout = f"ch-{unique}", str(uuid.uuid4()), f"ws_CO_{unique}"
     mark = end_offsets(kafka_bootstrap, PAYMENT_STATUS.name)

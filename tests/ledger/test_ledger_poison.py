@@ -9,11 +9,9 @@ import pytest
 
 from services.common.kafka import Transient, new_event_fields
 from services.common.topics import STK_QUERY_RESULT
-from services.ledger import state_machine as sm
-from services.ledger import store
+from services.ledger import state_machine as sm, store
 from tests.ledger.callbacks import failure, success
-from tests.ledger.test_ledger_db import (accepted, callback, count_transactions, event, ledger,  # noqa: F401
-                                        receipt, requested, state_of)
+from tests.ledger.test_ledger_db import accepted, callback, count_transactions, event, receipt, requested, state_of
 
 DEEP = b'{"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_x", "ResultCode": 0, "x": ' + \
     b"[" * 30_000 + b"]" * 30_000 + b"}}}"
@@ -79,7 +77,8 @@ async def test_an_exception_raised_while_deciding_one_event_isolates_it_in_a_few
     assert len(transactions) <= 1 + 2 * 5  # 32 events: the batch, then two halves per level down to one
     assert await state_of(pool, target) == ("Cancelled", None)
     async with pool.connection() as conn:
-        created = await (await conn.execute("SELECT count(*) FROM payments WHERE channel_id = %s", (channel,))).fetchone()
+        created = await (await conn.execute("SELECT count(*) FROM payments WHERE channel_id = %s",
+                                            (channel,))).fetchone()
     assert created[0] == 29
     assert [verdict for _, verdict, _ in await audit_of(pool, target)] == ["applied", "applied", "applied"]
 
@@ -136,7 +135,8 @@ async def test_a_parked_fact_that_cannot_be_read_any_more_stays_parked_and_its_p
         assert await ledger.handle_batch([requested(f"ch-{unique}", pid)]) == []
         assert (await state_of(pool, pid))[0] == "Requested"
         async with pool.connection() as conn:
-            left = await (await conn.execute("SELECT count(*) FROM parked_facts WHERE event_id = %s", (parked,))).fetchone()
+            left = await (await conn.execute("SELECT count(*) FROM parked_facts WHERE event_id = %s",
+                                             (parked,))).fetchone()
         assert left[0] == 1  # still there, counted by the parked-fact gauges
     finally:
         async with pool.connection() as conn:

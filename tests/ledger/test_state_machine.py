@@ -6,11 +6,10 @@ import string
 from dataclasses import replace
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from services.ledger import state_machine as sm
 from services.daraja.result_codes import FAILURE_MEANINGS
+from services.ledger import state_machine as sm
 from services.ledger.callbacks import CallbackParseError, parse_callback
 from services.ledger.phones import PhoneCheck, check_phone
 from tests.ledger.callbacks import OMIT, failure, success
@@ -44,7 +43,8 @@ def test_a_second_accepted_push_goes_to_review():
 
 
 def test_a_refused_push_fails_the_payment():
-    d = sm.decide(sm.Payment("Requested", 100, "254712345678"), sm.PushRefused("500.001.1001", "Merchant does not exist"))
+    d = sm.decide(sm.Payment("Requested", 100, "254712345678"),
+                  sm.PushRefused("500.001.1001", "Merchant does not exist"))
     assert (d.new_state, d.changes.result_code) == ("Failed", "500.001.1001")
 
 
@@ -72,7 +72,7 @@ def test_an_unknown_result_code_goes_to_review_not_to_a_guess():
 ])
 def test_callbacks_that_do_not_match_the_payment_go_to_review(body, why):
     d = sm.decide(PENDING, callback(body))
-    assert d.new_state == "Review" and why in d.reason
+    assert d.new_state == "Review" and why in str(d.reason)
 
 
 def test_duplicate_callbacks_change_nothing():
@@ -117,7 +117,7 @@ def test_a_query_contradicting_the_callback_is_surfaced_and_recorded_but_settled
     settled = sm.Payment("Settled", 100, "254712345678", "ws_CO_1", "NLJ7RT61SV", "0")
     d = sm.decide(settled, sm.QueryAnswered("FAILED", "ws_CO_1", "1032", "cancelled"))
     assert (d.verdict, d.new_state, d.alert) == (sm.Verdict.APPLIED, None, "query_contradicts")
-    assert "1032" in d.changes.contradiction
+    assert "1032" in str(d.changes.contradiction)
 
 
 def test_reconciliation_deadline_sends_open_payments_to_review():
@@ -149,7 +149,7 @@ def decide_success(payment=PENDING, **body) -> sm.Decision:
 def test_a_success_without_its_proof_goes_to_review_with_an_alert_and_a_reason(body, kind, why):
     d = decide_success(**body)
     assert (d.verdict, d.new_state, d.alert) == (sm.Verdict.APPLIED, "Review", kind)
-    assert why in d.reason and "mpesa_receipt" not in d.changes.written()
+    assert why in str(d.reason) and "mpesa_receipt" not in d.changes.written()
 
 
 def test_a_forged_success_with_only_a_made_up_receipt_does_not_settle():
@@ -163,7 +163,7 @@ def test_a_forged_success_with_only_a_made_up_receipt_does_not_settle():
 def test_a_receipt_or_checkout_id_that_proves_another_payment_goes_to_review():
     cb = parse_callback(success("ws_CO_1"))
     d = sm.decide(PENDING, sm.CallbackReceived(cb, receipt_owner="other-payment"))
-    assert (d.new_state, d.alert) == ("Review", "receipt_reused") and "other-payment" in d.reason
+    assert (d.new_state, d.alert) == ("Review", "receipt_reused") and "other-payment" in str(d.reason)
     unknown = sm.Payment("Requested", 100, "254712345678", push_unknown=True)
     d = sm.decide(unknown, sm.CallbackReceived(cb, checkout_owner="other-payment"))
     assert (d.new_state, d.alert) == ("Review", "callback_mismatch")
@@ -187,7 +187,7 @@ def test_a_phone_that_cannot_be_compared_is_flagged_and_confirmed_by_query_not_s
     d = decide_success(phone=phone)
     assert (d.verdict, d.new_state, d.query) == (sm.Verdict.APPLIED, None, "ws_CO_1")
     assert d.changes.phone_check == "unverifiable" and d.changes.candidate_receipt == "NLJ7RT61SV"
-    assert "cannot be compared" in d.reason
+    assert "cannot be compared" in str(d.reason)
     assert all("254" not in str(v) for v in d.changes.written().values() if isinstance(v, str)
                and v != d.changes.candidate_checkout_request_id)  # never the number itself
 
@@ -202,7 +202,7 @@ def test_a_channel_that_confirms_by_query_keeps_the_success_pending_until_the_qu
         "Settled", "NLJ7RT61SV", None)
     contradicted = sm.decide(waiting, sm.QueryAnswered("FAILED", "ws_CO_1", "1032", "cancelled"))
     assert (contradicted.new_state, contradicted.alert) == ("Review", "query_contradicts")
-    assert "NLJ7RT61SV" in contradicted.reason
+    assert "NLJ7RT61SV" in str(contradicted.reason)
     still = sm.decide(waiting, sm.QueryAnswered("PROCESSING", "ws_CO_1", "4999", "processing"))
     assert (still.verdict, still.new_state) == (sm.Verdict.APPLIED, None)
     assert sm.decide(waiting, callback(success("ws_CO_1"))).verdict is sm.Verdict.DUPLICATE
@@ -250,7 +250,7 @@ def test_a_contradicting_callback_after_settled_is_recorded_and_alerted_but_does
                  success("ws_CO_1", amount=OMIT, receipt="QKH94M1Z11")):
         d = sm.decide(settled, callback(body))
         assert (d.verdict, d.new_state, d.alert) == (sm.Verdict.APPLIED, None, "contradiction_after_settled")
-        assert "stays Settled" in d.changes.contradiction
+        assert "stays Settled" in str(d.changes.contradiction)
 
 
 def test_a_proven_callback_after_a_query_settled_the_payment_brings_its_receipt():
@@ -267,14 +267,14 @@ def test_a_proven_success_after_cancel_or_failure_goes_to_review_keeping_its_rec
     final = sm.Payment(state, 100, "254712345678", "ws_CO_1" if state == "Cancelled" else None, None, "1032")
     d = sm.decide(final, callback(success("ws_CO_1")))
     assert (d.new_state, d.alert, d.changes.late_receipt) == ("Review", "success_after_final", "NLJ7RT61SV")
-    assert "NLJ7RT61SV" in d.reason  # the status event carries the reason
+    assert "NLJ7RT61SV" in str(d.reason)  # the status event carries the reason
 
 
 def test_an_unproven_success_after_cancel_is_recorded_and_the_payment_stays_cancelled():
     cancelled = sm.Payment("Cancelled", 100, "254712345678", "ws_CO_1", None, "1032")
     d = sm.decide(cancelled, callback(success("ws_CO_1", amount=OMIT)))
     assert (d.verdict, d.new_state, d.alert) == (sm.Verdict.APPLIED, None, "amount_mismatch")
-    assert "stays Cancelled" in d.changes.contradiction
+    assert "stays Cancelled" in str(d.changes.contradiction)
 
 
 def test_a_callback_after_the_url_expired_is_refused_without_an_alert():
@@ -358,16 +358,17 @@ def test_nothing_settles_from_a_callback_without_all_of_its_proof(case, receipt_
 def genuine_success(draw, amount: int, phone: str):
     """The shapes Daraja is known to send for a real payment (docs/callback-proof.md)."""
     amount_value = draw(st.sampled_from([amount, float(amount), f"{amount}.00", f"{amount}", f"{amount}.0"]))
-    masked = draw(st.sampled_from([int(phone), phone, phone[:5] + "****" + phone[-3:], phone[:4] + "******" + phone[-2:],
-                                   "0" + phone[3:]]))
+    masked = draw(st.sampled_from([int(phone), phone, phone[:5] + "****" + phone[-3:],
+                                   phone[:4] + "******" + phone[-2:], "0" + phone[3:]]))
     items = [_item("Amount", amount_value), _item("MpesaReceiptNumber", draw(RECEIPTS)),
              _item("TransactionDate", 20261127102115), _item("PhoneNumber", masked)]
     if draw(st.booleans()):
         items.append({"Name": "Balance"})
     code = draw(st.sampled_from([0, "0"]))
-    return json.dumps({"Body": {"stkCallback": {"MerchantRequestID": "29115-34620561-1", "CheckoutRequestID": "ws_CO_1",
-                                                "ResultCode": code, "ResultDesc": "The service request is processed "
-                                                "successfully.", "CallbackMetadata": {"Item": draw(st.permutations(items))}}}}).encode()
+    stk = {"MerchantRequestID": "29115-34620561-1", "CheckoutRequestID": "ws_CO_1", "ResultCode": code,
+           "ResultDesc": "The service request is processed successfully.",
+           "CallbackMetadata": {"Item": draw(st.permutations(items))}}
+    return json.dumps({"Body": {"stkCallback": stk}}).encode()
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
@@ -422,7 +423,7 @@ def test_a_receipt_another_payment_holds_is_refused_by_decide_whichever_fact_wri
                          candidate_checkout_request_id="ws_CO_1")
     owners = sm.Owners("this", receipts={"NLJ7RT61SV": "other"})
     d = sm.decide(waiting, sm.QueryAnswered("SUCCESS", "ws_CO_1", "0", "ok"), owners)
-    assert (d.new_state, d.alert) == ("Review", "receipt_reused") and "other" in d.reason
+    assert (d.new_state, d.alert) == ("Review", "receipt_reused") and "other" in str(d.reason)
     assert d.changes.mpesa_receipt is sm.KEEP and d.changes.candidate_receipt is sm.KEEP
     assert sm.decide(waiting, sm.QueryAnswered("SUCCESS", "ws_CO_1", "0", "ok"),
                      sm.Owners("this", receipts={"NLJ7RT61SV": "this"})).new_state == "Settled"
@@ -458,6 +459,7 @@ def test_a_review_only_the_deadline_caused_ends_failed_on_a_definite_refusal_of_
     sm.Payment("Review", 100, "254712345678"),  # reviewed before the alert was kept
 ])
 def test_any_other_review_stays_review_whatever_comes(reviewed):
-    for fact in (sm.PushRefused("500.001.1001", "x"), sm.PushAccepted("m", "ws_CO_1"), callback(failure("ws_CO_1", 1032)),
+    for fact in (sm.PushRefused("500.001.1001", "x"), sm.PushAccepted("m", "ws_CO_1"),
+                 callback(failure("ws_CO_1", 1032)),
                  sm.QueryAnswered("FAILED", "ws_CO_1", "1032", "x")):
         assert sm.decide(reviewed, fact).verdict is sm.Verdict.DUPLICATE
