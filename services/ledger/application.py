@@ -150,6 +150,9 @@ class Batch:
         self.parked_before = {i.event_id for waiting in self.parked.values() for i in waiting}
         self.receipts, self.checkouts = opened.receipts, opened.checkouts
         self.receipts_read, self.checkouts_read = set(receipts), set(checkout_ids)
+        waiting = [i for inputs in self.parked.values() for i in inputs]
+        if waiting:  # one read for all the facts the batch may un-park, not one round trip each
+            await self._read_owners(_receipts(waiting), _checkout_ids(waiting))
 
     def _waiting(self, rows: list[tuple[str, str, bytes]]) -> list[LedgerInput]:
         waiting = []

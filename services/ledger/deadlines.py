@@ -14,9 +14,7 @@ from typing import Final
 
 from services.common.payment import FINAL_STATES, OPEN_STATES, PaymentState
 from services.ledger.record import PaymentRecord
-from services.ledger.state_machine import KEEP, Changes, Decision
-
-NO_DEADLINE: Final = Changes(next_query_at=None)
+from services.ledger.state_machine import KEEP, NO_CHANGES, Changes, Decision, Keep
 
 
 @dataclass(frozen=True)
@@ -49,22 +47,23 @@ def _capped(at: datetime, record: PaymentRecord, settings: LedgerSettings) -> da
 def scheduled(previous_state: str | None, payment: PaymentRecord, d: Decision, now: datetime,
               settings: LedgerSettings) -> Changes:
     """The bookkeeping an applied decision on this payment adds: when to query or review next, when
-    it became final, and why it is in Review."""
+    it became final, and why it is in Review. (One Changes built once: this runs for every fact.)"""
     state = d.new_state
+    pending_since: datetime | Keep = KEEP
+    next_query_at: datetime | None | Keep = KEEP
     if state == PaymentState.PENDING or d.changes.push_unknown is True:
-        timing = Changes(pending_since=now,
-                         next_query_at=_capped(now + settings.first_query_after, payment, settings))
+        pending_since = now
+        next_query_at = _capped(now + settings.first_query_after, payment, settings)
     elif state == PaymentState.REQUESTED:  # a push result may never come (its request dead-lettered): a deadline
-        timing = Changes(next_query_at=review_deadline(payment, settings))
+        next_query_at = review_deadline(payment, settings)
     elif state in FINAL_STATES or state == PaymentState.REVIEW:
-        timing = NO_DEADLINE
-    else:
-        timing = Changes()
-    if state in FINAL_STATES and state != previous_state:
-        timing = timing.merged(Changes(final_at=now))
-    if d.alert and state == PaymentState.REVIEW:
-        timing = timing.merged(Changes(review_reason=d.reason, review_alert=d.alert))
-    return timing
+        next_query_at = None
+    final_at: datetime | Keep = now if state in FINAL_STATES and state != previous_state else KEEP
+    reviewed = bool(d.alert) and state == PaymentState.REVIEW
+    if pending_since is KEEP and next_query_at is KEEP and final_at is KEEP and not reviewed:
+        return NO_CHANGES
+    return Changes(pending_since=pending_since, next_query_at=next_query_at, final_at=final_at,
+                   review_reason=d.reason if reviewed else KEEP, review_alert=d.alert if reviewed else KEEP)
 
 
 def query_asked(record: PaymentRecord, now: datetime, settings: LedgerSettings) -> Changes:

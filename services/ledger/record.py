@@ -82,7 +82,8 @@ COLUMNS: Final = tuple(f.name for f in dataclasses.fields(PaymentRecord))
 # Where a payment keeps a receipt or a CheckoutRequestID: one proves one payment, whichever column.
 RECEIPT_COLUMNS: Final = ("mpesa_receipt", "candidate_receipt", "late_receipt")
 CHECKOUT_COLUMNS: Final = ("checkout_request_id", "candidate_checkout_request_id")
-assert set(CHANGES_FIELDS) <= set(COLUMNS), "every field a decision may change is a column"
+_COLUMN_SET: Final = frozenset(COLUMNS)
+assert set(CHANGES_FIELDS) <= _COLUMN_SET, "every field a decision may change is a column"
 
 
 def new_record(request: NewPayment, now: datetime) -> PaymentRecord:
@@ -102,7 +103,13 @@ def new_record(request: NewPayment, now: datetime) -> PaymentRecord:
 
 
 def record_of(row: dict[str, Any]) -> PaymentRecord:
-    return PaymentRecord(**row)  # a missing or unknown column is a TypeError here, not a silent drop
+    """A payment read with SELECT of COLUMNS. Its attributes are set as a copy (see with_changes),
+    without __init__'s per-field work: this runs for every payment a batch reads."""
+    if row.keys() != _COLUMN_SET:
+        raise ValueError(f"a payment row has columns {sorted(row.keys() ^ _COLUMN_SET)} it should not, or lacks them")
+    record = object.__new__(PaymentRecord)
+    record.__dict__.update(row)
+    return record
 
 
 def snapshot(record: PaymentRecord, *, confirm_by_query: bool, callbacks_closed: bool) -> Payment:

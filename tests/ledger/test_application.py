@@ -15,7 +15,7 @@ from services.ledger.deadlines import LedgerSettings
 from services.ledger.facts import input_of
 from services.ledger.service import DEFAULTS, Ledger
 from tests.ledger.callbacks import failure, success
-from tests.ledger.fakes import InMemoryLedgerStore
+from tests.ledger.fakes import InMemoryLedgerStore, InMemoryUnitOfWork
 from tests.ledger.test_ledger_db import accepted, callback, requested
 
 
@@ -198,3 +198,22 @@ async def test_bootstrap_builds_both_entry_points_on_one_application_service(clo
     assert await parts.consumer.handle_batch([requested(channel, pid)]) == []
     assert store.tables.payments[pid].next_query_at == store.tables.payments[pid].requested_at + \
         parts.service.settings.review_after
+
+
+async def test_a_batch_reads_the_owners_of_the_facts_it_may_unpark_in_one_go(setup, monkeypatch):
+    """A backlog parks most callbacks until their payment comes (bench/ledger_bench.py): reading the
+    owners of each one's receipt when it is un-parked cost a database round trip per callback."""
+    s, payments = setup, [(str(uuid.uuid4()), f"ws_CO_{uuid.uuid4().hex}") for _ in range(5)]
+    await s.apply(*(callback(s.channel, pid, success(co, receipt=uuid.uuid4().hex[:10].upper()))
+                    for pid, co in payments))
+    reads = []
+    owners = InMemoryUnitOfWork.owners
+
+    async def counted(self, receipts, checkout_ids):
+        reads.append((receipts, checkout_ids))
+        return await owners(self, receipts, checkout_ids)
+
+    monkeypatch.setattr(InMemoryUnitOfWork, "owners", counted)
+    await s.apply(*(e for pid, co in payments for e in (requested(s.channel, pid), accepted(s.channel, pid, co))))
+    assert all(s.store.tables.payments[pid].state == "Settled" for pid, _ in payments)
+    assert len(reads) == 1 + 1  # the open's own read, and one for the five parked callbacks
