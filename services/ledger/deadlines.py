@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Final
 
 from services.common.payment import FINAL_STATES, OPEN_STATES, PaymentState
 from services.ledger.record import PaymentRecord
