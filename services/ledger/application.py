@@ -43,6 +43,8 @@ HandOver = Callable[[list[OutboxRow]], None]
 
 
 class LedgerService:
+    """Applies ledger inputs through a unit of work; the domain decides, this records the decision."""
+
     def __init__(self, unit_of_work: UnitOfWorkFactory, codec: Codec, settings: LedgerSettings, clock: Clock,
                  on_commit: HandOver = lambda rows: None):
         self.unit_of_work = unit_of_work
@@ -272,6 +274,8 @@ class Batch:
         return record
 
     async def reconcile(self, record: PaymentRecord) -> None:
+        """A due payment: at its review deadline the timer's fact goes through the same path as any
+        other (decide, audit, history, status event); before it, an STK query with back-off."""
         step = deadlines.reconciliation_step(record, self.now, self.settings)
         if isinstance(step, deadlines.Expire):
             expired = LedgerInput(new_id(), RECONCILIATION, record.payment_id,

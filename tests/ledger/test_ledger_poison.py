@@ -34,7 +34,7 @@ async def test_poison_events_among_good_ones_are_dead_lettered_alone_and_the_oth
     one, other = f"ch-{unique}", f"ch2-{unique}"
     a, b = str(uuid.uuid4()), str(uuid.uuid4())
     shapeless = accepted(one, a, f"ws_CO_a{unique}")
-    del shapeless.value["checkout_request_id"]  # a producer's bug: fact_of raises KeyError, not NotAFact
+    del shapeless.value["checkout_request_id"]  # a producer's bug: input_of raises KeyError, not NotAFact
     nested = callback(one, a, DEEP)  # json.loads raised RecursionError
     nan = callback(one, a, success(f"ws_CO_a{unique}").replace(b"100.0", b"NaN"))
     batch = [requested(one, a), shapeless, nested, nan, accepted(one, a, f"ws_CO_a{unique}"),
