@@ -18,12 +18,14 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from prometheus_client import Counter, Gauge
 from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
 
 from services.common import config
 from services.common.db import every, open_pool, require_schema
@@ -122,7 +124,8 @@ def load_signing_key(key_file: Path) -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
     except FileNotFoundError:
-        raise StartupRefused(f"no anchor key at {key_file} (run `mpesa-pipeline audit anchor-key` to make one)") from None
+        raise StartupRefused(f"no anchor key at {key_file}"
+                             " (run `mpesa-pipeline audit anchor-key` to make one)") from None
     except ValueError:
         raise StartupRefused(f"{key_file} is not a PEM private key") from None
     if not isinstance(key, Ed25519PrivateKey):
@@ -145,7 +148,7 @@ def load_public_keys(path: Path) -> dict[str, Ed25519PublicKey]:
 _ANCHOR_COLUMNS = "audit_seq, audit_hash, anchored_at, key_id, signature"
 
 
-def _anchor(row) -> Anchor:
+def _anchor(row: tuple[Any, ...]) -> Anchor:
     return Anchor(row[0], row[1], row[2], row[3], bytes(row[4]))
 
 
@@ -165,6 +168,8 @@ async def anchor_head(conn: AsyncConnection, key: Ed25519PrivateKey) -> Anchor |
                                              (last.audit_seq,))).fetchone()
         if anchored is None or anchored[0] != last.audit_hash:
             raise ChainBroken(f"row {last.audit_seq} no longer has the hash anchored at {last.anchored_at}")
+        if head is None:
+            raise ChainBroken(f"the audit trail is empty, though row {last.audit_seq} was anchored")
         if head[0] == last.audit_seq:
             return None
     elif head is None:
@@ -185,7 +190,7 @@ async def verify_anchors(conn: AsyncConnection, public_keys: dict[str, Ed25519Pu
     checked, newest = 0, None
     async with conn.cursor("verify_anchors") as cur:
         cur.itersize = 5000
-        await cur.execute(f"SELECT a.audit_seq, a.audit_hash, a.anchored_at, a.key_id, a.signature, l.hash"
+        await cur.execute("SELECT a.audit_seq, a.audit_hash, a.anchored_at, a.key_id, a.signature, l.hash"
                           " FROM audit_anchors a LEFT JOIN audit_log l ON l.seq = a.audit_seq"
                           " ORDER BY a.audit_seq, a.id")
         async for row in cur:
@@ -207,7 +212,7 @@ async def verify_anchors(conn: AsyncConnection, public_keys: dict[str, Ed25519Pu
 
 
 class Anchorer:
-    def __init__(self, pool, key: Ed25519PrivateKey, interval_s: float):
+    def __init__(self, pool: AsyncConnectionPool, key: Ed25519PrivateKey, interval_s: float):
         self.pool, self.key, self.interval_s = pool, key, interval_s
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -231,7 +236,7 @@ class Anchorer:
         return anchor
 
 
-async def main(cfg: dict, stop: asyncio.Event) -> None:
+async def main(cfg: dict[str, Any], stop: asyncio.Event) -> None:
     key = load_signing_key(cfg["AUDIT_ANCHOR_KEY_FILE"])
     require_schema(cfg["DATABASE_URL"])
     pool = await open_pool(cfg["DATABASE_URL"], max_size=1)

@@ -16,12 +16,12 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Any, NoReturn
 
 from services.common.json_bounds import nesting_exceeds
+from services.common.payment import NAIROBI
 from services.common.text import untrusted
 from services.daraja.result_codes import SUCCESS
-from services.common.payment import NAIROBI
-
 
 MAX_BODY_BYTES = 64 * 1024  # the webhook gateway refuses bigger bodies; a producer to the topic may not
 MAX_DEPTH = 16  # a genuine callback nests 6 deep (Body.stkCallback.CallbackMetadata.Item[{...}])
@@ -57,7 +57,8 @@ class ParsedCallback:
 
 def parse_callback(body: bytes) -> ParsedCallback:
     doc = _bounded_json(body)
-    stk = doc.get("Body", {}).get("stkCallback") if isinstance(doc, dict) and isinstance(doc.get("Body"), dict) else None
+    envelope = doc.get("Body") if isinstance(doc, dict) else None
+    stk = envelope.get("stkCallback") if isinstance(envelope, dict) else None
     if not isinstance(stk, dict):
         raise CallbackParseError("no Body.stkCallback object")
     checkout_id, code = stk.get("CheckoutRequestID"), stk.get("ResultCode")
@@ -80,7 +81,7 @@ def parse_callback(body: bytes) -> ParsedCallback:
     )
 
 
-def _bounded_json(body: bytes):
+def _bounded_json(body: bytes) -> Any:
     """The body's JSON document, refused unless small, UTF-8, shallow and finite."""
     if not isinstance(body, (bytes, bytearray, memoryview)):
         raise CallbackParseError("body is not bytes")
@@ -107,7 +108,7 @@ def _bounded_json(body: bytes):
     return doc
 
 
-def _refuse_constant(name: str):
+def _refuse_constant(name: str) -> NoReturn:
     raise CallbackParseError(f"JSON constant {name} is not a number")
 
 
@@ -126,7 +127,7 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _strings_are_storable(doc) -> bool:
+def _strings_are_storable(doc: Any) -> bool:
     """No NUL (PostgreSQL text cannot hold one) and no lone surrogate (not encodable as UTF-8). The
     document is at most MAX_DEPTH deep, so this walk is bounded too."""
     if isinstance(doc, str):
@@ -145,7 +146,7 @@ def _strings_are_storable(doc) -> bool:
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_int=_bounded_int, parse_float=_finite_float)
 
 
-def _items_by_name(metadata) -> dict:
+def _items_by_name(metadata: Any) -> dict[str, Any]:
     """Items are read by Name, never by position; an item without Value (Balance) is skipped."""
     if not isinstance(metadata, dict) or not isinstance(metadata.get("Item"), list):
         return {}
@@ -153,11 +154,11 @@ def _items_by_name(metadata) -> dict:
             if isinstance(i, dict) and isinstance(i.get("Name"), str) and "Value" in i}
 
 
-def _str_or_none(value) -> str | None:
+def _str_or_none(value: Any) -> str | None:
     return str(value) if value not in (None, "") else None
 
 
-def _decimal(value) -> Decimal | None:
+def _decimal(value: Any) -> Decimal | None:
     if value is None or isinstance(value, bool):
         return None
     text = str(value)  # via str: never compare floats (docs/daraja.md §3)
@@ -166,18 +167,18 @@ def _decimal(value) -> Decimal | None:
     return Decimal(text)
 
 
-def _phone(value) -> str | None:
+def _phone(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _transaction_time(value) -> datetime | None:
+def _transaction_time(value: Any) -> datetime | None:
     if value is None:
         return None
     text = str(value)
     try:
         if len(text) != 14 or not text.isdigit():
             raise ValueError
-        fields = (text[0:4], text[4:6], text[6:8], text[8:10], text[10:12], text[12:14])
-        return datetime(*map(int, fields), tzinfo=NAIROBI)  # Nairobi local time; strptime costs 5x more
+        return datetime(int(text[0:4]), int(text[4:6]), int(text[6:8]), int(text[8:10]), int(text[10:12]),
+                        int(text[12:14]), tzinfo=NAIROBI)  # Nairobi local time; strptime costs 5x more
     except ValueError:
         raise CallbackParseError(f"TransactionDate {untrusted(text, 40)!r} is not YYYYMMDDHHmmss") from None

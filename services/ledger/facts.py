@@ -1,34 +1,65 @@
-"""Turns consumed events into the state machine's facts (pure)."""
+"""The ledger's own input, and the translation of the events it consumes into it (pure).
+
+A `LedgerInput` is what the application service applies: a fact about one payment, with the id it
+is applied once under, where it came from, the channel it claims, and the bytes to keep should it
+have to wait for its payment. Events from Kafka become inputs at the consumer's edge
+(services/ledger/service.py); the reconciler's timer facts are inputs of their own.
+"""
 from __future__ import annotations
 
-from services.common.kafka import ConsumedEvent
+from dataclasses import dataclass
+from typing import Any, Final
+
 from services.common.payment import event_problem
 from services.ledger import state_machine as sm
 from services.ledger.callbacks import parse_callback
+from services.ledger.record import NewPayment
+
+RECONCILIATION: Final = "reconciliation"  # the source of the reconciler's timer facts
 
 
 class NotAFact(ValueError):
     """The event cannot be applied to any payment (it is dead-lettered with this reason)."""
 
 
-def fact_of(event: ConsumedEvent) -> tuple[str, sm.Fact]:
-    """Returns (payment id, fact); raises NotAFact or CallbackParseError for what can't apply."""
-    v = event.value
-    payment_id = v.get("payment_id")
+@dataclass(frozen=True)
+class LedgerInput:
+    event_id: str                 # applied once under this id (processed_events)
+    source: str                   # the topic it came from, or RECONCILIATION
+    payment_id: str
+    fact: sm.Fact
+    claimed_channel: str | None   # the channel the event names; the reconciler's facts name none
+    request: NewPayment | None = None  # what a payment request brings to its new row
+    raw: bytes | None = None      # the event as consumed, kept as is if it must wait (parked)
+
+
+def input_of(source: str, schema: str, value: dict[str, Any], raw: bytes | None) -> LedgerInput:
+    """Raises NotAFact, CallbackParseError (or KeyError on a shapeless value) for what can't apply."""
+    payment_id = value.get("payment_id")
     if not payment_id:
-        raise NotAFact(f"{event.schema} event without a payment id")
-    if event.schema == "payment_requested":
-        return payment_id, sm.Requested(invalid_reason=event_problem(v))
-    if event.schema == "stk_push_result":
-        return payment_id, _push_fact(v)
-    if event.schema == "callback_raw":
-        return payment_id, sm.CallbackReceived(parse_callback(v["body"]))
-    if event.schema == "stk_query_result":
-        return payment_id, sm.QueryAnswered(v["status"], v["checkout_request_id"], v["result_code"], v["result_desc"])
-    raise NotAFact(f"the ledger does not consume {event.schema} events")
+        raise NotAFact(f"{schema} event without a payment id")
+    fact, request = _fact(schema, value)
+    return LedgerInput(value["event_id"], source, payment_id, fact, value.get("channel_id"), request, raw)
 
 
-def _push_fact(v: dict) -> sm.Fact:
+def _fact(schema: str, v: dict[str, Any]) -> tuple[sm.Fact, NewPayment | None]:
+    if schema == "payment_requested":
+        return sm.Requested(invalid_reason=event_problem(v)), _new_payment(v)
+    if schema == "stk_push_result":
+        return _push_fact(v), None
+    if schema == "callback_raw":
+        return sm.CallbackReceived(parse_callback(v["body"])), None
+    if schema == "stk_query_result":
+        return sm.QueryAnswered(v["status"], v["checkout_request_id"], v["result_code"], v["result_desc"]), None
+    raise NotAFact(f"the ledger does not consume {schema} events")
+
+
+def _new_payment(v: dict[str, Any]) -> NewPayment:
+    return NewPayment(v["payment_id"], v["channel_id"], v["amount"], v["phone"], v["account_reference"],
+                      v["description"], v["order_reference"], v["metadata"], v["occurred_at"])
+
+
+def _push_fact(v: dict[str, Any]) -> sm.Fact:
     outcome = v["outcome"]
     if outcome == "ACCEPTED":
         if not v["checkout_request_id"]:

@@ -36,10 +36,10 @@ def check_phone(payment_phone: str, seen: object) -> PhoneCheck:
     expected = _aligned(payment_phone, text)
     if expected is None:
         return PhoneCheck.UNVERIFIABLE  # 11 digits, 13 digits...: no position can be trusted
-    subscriber = [(c, e) for c, e in zip(text[-9:], expected[-9:]) if c != MASK]
+    subscriber = [(c, e) for c, e in zip(text[-9:], expected[-9:], strict=True) if c != MASK]
     if not subscriber:
         return PhoneCheck.UNVERIFIABLE  # only the country code (or nothing) is visible
-    visible = [(c, e) for c, e in zip(text, expected) if c != MASK]
+    visible = [(c, e) for c, e in zip(text, expected, strict=True) if c != MASK]
     if not all(c == e for c, e in visible):
         return PhoneCheck.MISMATCH
     return PhoneCheck.MATCH if len(subscriber) >= MATCH_NEEDS_VISIBLE_DIGITS else PhoneCheck.UNVERIFIABLE

@@ -3,16 +3,19 @@ cached briefly: a setting changed by an operator takes effect within the cache's
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+
+from psycopg import AsyncConnection
 
 CACHE_MAX = 10_000  # channels are merchants: a few thousand at most; past this the cache starts over
 
 
 class ChannelPolicies:
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         self._confirm: dict[str, tuple[float, bool]] = {}  # channel_id -> (valid until, setting)
 
-    async def confirm_by_query(self, conn, channel_id: str, ttl_s: float) -> bool:
+    async def confirm_by_query(self, conn: AsyncConnection, channel_id: str, ttl_s: float) -> bool:
         """Whether every success of this channel must be confirmed by an STK query before Settled.
         A channel the table does not know gets the default (no)."""
         cached = self._confirm.get(channel_id)

@@ -15,6 +15,7 @@ import asyncio
 from datetime import timedelta
 
 from prometheus_client import Counter
+from psycopg_pool import AsyncConnectionPool
 
 from services.common.db import every
 
@@ -30,7 +31,8 @@ DELETE FROM processed_events WHERE ctid = ANY(ARRAY(
 
 
 class Retention:
-    def __init__(self, pool, keep: timedelta, *, interval_s: float = 60.0, chunk: int = 5000, pause_s: float = 0.5):
+    def __init__(self, pool: AsyncConnectionPool, keep: timedelta, *, interval_s: float = 60.0, chunk: int = 5000,
+                 pause_s: float = 0.5):
         self.pool, self.keep = pool, keep
         self.interval_s, self.chunk, self.pause_s = interval_s, chunk, pause_s
 

@@ -1,23 +1,31 @@
 """The payment state machine: pure, table-driven, no I/O (docs/design.md, "Payment states").
 
-`decide(payment, fact)` says what a fact does to a payment: APPLIED (maybe with a new state),
-DUPLICATE (a repeat, a no-op), PARKED (it arrived before its payment: keep it for later) or
-REJECTED (it cannot apply; says why). A contradiction never vanishes: it moves an open payment
-to Review with an alert label; on a final payment it is recorded and alerted, and the state stays.
-A success callback proves itself before it settles anything (docs/callback-proof.md).
+`decide(payment, fact, owners)` says what a fact does to a payment: APPLIED (maybe with a new
+state), DUPLICATE (a repeat, a no-op), PARKED (it arrived before its payment: keep it for later) or
+REJECTED (it cannot apply; says why). What an applied fact writes on the payment is a `Changes`
+value: a field it has no column for does not type-check. Every rule lives here, including the two
+that look across payments (one receipt proves one payment; one CheckoutRequestID is one push),
+which `owners` feeds. A contradiction never vanishes: it moves an open payment to Review with an
+alert label; on a final payment it is recorded and alerted, and the state stays. A success
+callback proves itself before it settles anything (docs/callback-proof.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import Callable, Union
+from typing import Any, Final
 
-from services.daraja.result_codes import FAILURE_MEANINGS
+from services.common.payment import FINAL_STATES, OPEN_STATES, PaymentState
 from services.common.text import untrusted
+from services.daraja.result_codes import FAILURE_MEANINGS
 from services.ledger.callbacks import ParsedCallback
 from services.ledger.phones import PhoneCheck, check_phone
+
+State = PaymentState
 
 
 class Verdict(str, Enum):
@@ -25,6 +33,60 @@ class Verdict(str, Enum):
     DUPLICATE = "duplicate"
     PARKED = "parked"
     REJECTED = "rejected"
+
+
+class Keep(Enum):
+    """A Changes field left as it is (None is a value: it clears the column)."""
+    KEEP = "keep"
+
+
+KEEP: Final = Keep.KEEP
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a decision writes on a payment besides its state; each field is a column of payments
+    (services/ledger/record.py), and a field left KEEP is not touched."""
+    merchant_request_id: str | None | Keep = KEEP
+    checkout_request_id: str | None | Keep = KEEP
+    mpesa_receipt: str | None | Keep = KEEP
+    transaction_time: datetime | None | Keep = KEEP
+    result_code: str | None | Keep = KEEP
+    result_desc: str | None | Keep = KEEP
+    phone_check: str | None | Keep = KEEP
+    push_unknown: bool | Keep = KEEP
+    candidate_receipt: str | None | Keep = KEEP
+    candidate_checkout_request_id: str | None | Keep = KEEP
+    candidate_transaction_time: datetime | None | Keep = KEEP
+    candidate_result_code: str | None | Keep = KEEP
+    late_receipt: str | None | Keep = KEEP            # a proven success after Cancelled or Failed: money moved
+    contradiction: str | None | Keep = KEEP           # the last contradiction recorded on a final payment
+    # Reconciliation and review bookkeeping, set by services/ledger/deadlines.py, never by a fact.
+    pending_since: datetime | None | Keep = KEEP
+    next_query_at: datetime | None | Keep = KEEP
+    query_attempts: int | Keep = KEEP
+    final_at: datetime | None | Keep = KEEP
+    review_reason: str | None | Keep = KEEP
+    review_alert: str | None | Keep = KEEP            # the alert that sent the payment to Review
+
+    def written(self) -> dict[str, Any]:
+        """The fields this value sets, by column name."""
+        return {name: v for name, v in self.__dict__.items() if v is not KEEP}  # the ledger's hot path
+
+    def without(self, *names: str) -> Changes:
+        return Changes(**{name: v for name, v in self.written().items() if name not in names})
+
+    def merged(self, later: Changes) -> Changes:
+        """These changes, overridden by the fields `later` sets."""
+        return Changes(**{**self.written(), **later.written()})
+
+
+CHANGES_FIELDS: Final = tuple(f.name for f in dataclasses.fields(Changes))
+NO_CHANGES: Final = Changes()
+CANDIDATE_CLEARED: Final = Changes(candidate_receipt=None, candidate_checkout_request_id=None,
+                                   candidate_transaction_time=None, candidate_result_code=None)
+CANDIDATE_FIELDS: Final = ("candidate_receipt", "candidate_checkout_request_id", "candidate_transaction_time",
+                           "candidate_result_code")
 
 
 @dataclass(frozen=True)
@@ -42,9 +104,27 @@ class Payment:
     candidate_result_code: str | None = None          # or a failure, after an unknown push, awaiting its query
     confirm_by_query: bool = False  # the channel wants every success confirmed by an STK query
     callbacks_closed: bool = False  # final for longer than the callback TTL: its URL has expired
+    review_alert: str | None = None  # why it is in Review (the alert label), when it is
 
 
-# Facts: what the other services report.
+@dataclass(frozen=True)
+class Owners:
+    """Which payments hold receipts and CheckoutRequestIDs, as far as the caller read them: the
+    inputs of the rules across payments. `payment_id` is the payment being decided."""
+    payment_id: str
+    receipts: Mapping[str, str] = dataclasses.field(default_factory=dict)   # receipt -> payment it proves
+    checkouts: Mapping[str, str] = dataclasses.field(default_factory=dict)  # CheckoutRequestID -> its payment
+
+    def of_receipt(self, receipt: str) -> str | None:
+        owner = self.receipts.get(receipt)
+        return owner if owner != self.payment_id else None
+
+    def of_checkout(self, checkout_request_id: str) -> str | None:
+        owner = self.checkouts.get(checkout_request_id)
+        return owner if owner != self.payment_id else None
+
+
+# Facts: what the other services report, and what the clock brings.
 @dataclass(frozen=True)
 class Requested:
     invalid_reason: str | None = None  # a request produced straight to the topic may be invalid
@@ -70,7 +150,7 @@ class PushOutcomeUnknown:
 @dataclass(frozen=True)
 class CallbackReceived:
     callback: ParsedCallback
-    receipt_owner: str | None = None   # another payment this receipt already proves (the ledger looks it up)
+    receipt_owner: str | None = None   # another payment this receipt already proves (decide reads Owners)
     checkout_owner: str | None = None  # another payment whose push has this CheckoutRequestID
 
 
@@ -87,22 +167,23 @@ class ReconciliationExpired:
     age_seconds: int
 
 
-Fact = Union[Requested, PushAccepted, PushRefused, PushOutcomeUnknown, CallbackReceived, QueryAnswered,
-             ReconciliationExpired]
+Fact = (Requested | PushAccepted | PushRefused | PushOutcomeUnknown | CallbackReceived | QueryAnswered
+        | ReconciliationExpired)
 
 
 @dataclass(frozen=True)
 class Decision:
     verdict: Verdict
-    new_state: str | None = None          # None: the state does not change
-    changes: dict = field(default_factory=dict)  # payment columns to set
+    new_state: PaymentState | None = None  # None: the state does not change
+    changes: Changes = NO_CHANGES
     reason: str | None = None
     alert: str | None = None              # a contradiction worth paging someone about
     query: str | None = None              # a CheckoutRequestID to confirm by an STK query at once
     refusal: str | None = None            # why a fact was refused, as a metric label
 
 
-def applied(new_state=None, reason=None, **changes) -> Decision:
+def applied(new_state: PaymentState | None = None, reason: str | None = None,
+            changes: Changes = NO_CHANGES) -> Decision:
     return Decision(Verdict.APPLIED, new_state, changes, reason)
 
 
@@ -110,8 +191,8 @@ def duplicate(reason: str = "already applied") -> Decision:
     return Decision(Verdict.DUPLICATE, reason=reason)
 
 
-def review(alert: str, reason: str, **changes) -> Decision:
-    return Decision(Verdict.APPLIED, "Review", changes, reason, alert)
+def review(alert: str, reason: str, changes: Changes = NO_CHANGES) -> Decision:
+    return Decision(Verdict.APPLIED, State.REVIEW, changes, reason, alert)
 
 
 def rejected(reason: str, refusal: str | None = None) -> Decision:
@@ -120,22 +201,22 @@ def rejected(reason: str, refusal: str | None = None) -> Decision:
 
 def contradiction(alert: str, reason: str) -> Decision:
     """Recorded on the payment and alerted; the state does not move (a final state stays final)."""
-    return Decision(Verdict.APPLIED, None, {"contradiction": reason}, reason, alert)
+    return Decision(Verdict.APPLIED, None, Changes(contradiction=reason), reason, alert)
 
 
-def confirming(checkout_request_id: str, reason: str, **changes) -> Decision:
+def confirming(checkout_request_id: str, reason: str, changes: Changes) -> Decision:
     """The callback is kept as a candidate while an STK query confirms it."""
     return Decision(Verdict.APPLIED, None, changes, reason, query=checkout_request_id)
 
 
-PARK = Decision(Verdict.PARKED, reason="the payment is not known yet; kept until it is")
-WAIT_FOR_PUSH = Decision(Verdict.PARKED, reason="the push result has not arrived: the callback's CheckoutRequestID "
-                                                "cannot be checked yet; kept until it arrives")
-OPEN = ("Requested", "Pending")
+PARK: Final = Decision(Verdict.PARKED, reason="the payment is not known yet; kept until it is")
+WAIT_FOR_PUSH: Final = Decision(Verdict.PARKED, reason="the push result has not arrived: the callback's "
+                                "CheckoutRequestID cannot be checked yet; kept until it arrives")
+OPEN = OPEN_STATES
 # M-Pesa receipts are 10 upper-case letters and digits (docs/callback-proof.md).
 RECEIPT = re.compile(r"[A-Z0-9]{10}")
-CANDIDATE_CLEARED = {"candidate_receipt": None, "candidate_checkout_request_id": None,
-                     "candidate_transaction_time": None, "candidate_result_code": None}
+# The alert of a Review the review deadline alone caused (on_expired).
+DEADLINE_ALERT: Final = "unresolved"
 
 
 # --- Requested -------------------------------------------------------------------------------
@@ -144,8 +225,8 @@ def on_requested(p: Payment | None, f: Requested) -> Decision:
     if p is not None:
         return duplicate("payment already recorded")
     if f.invalid_reason:
-        return applied("Failed", f.invalid_reason, result_code="INVALID_REQUEST")
-    return applied("Requested")
+        return applied(State.FAILED, f.invalid_reason, Changes(result_code="INVALID_REQUEST"))
+    return applied(State.REQUESTED)
 
 
 # --- STK push results ------------------------------------------------------------------------
@@ -153,37 +234,38 @@ def on_requested(p: Payment | None, f: Requested) -> Decision:
 def on_push_accepted(p: Payment, f: PushAccepted) -> Decision:
     if p.checkout_request_id not in (None, f.checkout_request_id):
         why = f"a second push was accepted ({f.checkout_request_id}) besides {p.checkout_request_id}"
-        if p.state == "Settled":  # a final state stays final: recorded and alerted, not moved back
+        if p.state == State.SETTLED:  # a final state stays final: recorded and alerted, not moved back
             return contradiction("second_push", f"{why}; the payment stays Settled")
         return review("second_push", why)
     if p.candidate_checkout_request_id not in (None, f.checkout_request_id):
         return review("callback_mismatch", f"the push was accepted as {f.checkout_request_id}, but the callback "
                                            f"awaiting confirmation named {p.candidate_checkout_request_id}")
-    ids = {"merchant_request_id": f.merchant_request_id, "checkout_request_id": f.checkout_request_id}
-    if p.state == "Requested":
-        return applied("Pending", "Daraja accepted the push", **ids)
-    if p.state in ("Settled", "Cancelled") and p.checkout_request_id is None:
-        return applied(None, "push result arrived after the callback", **ids)
-    if p.state == "Failed":
-        return review("push_after_failure", "Daraja accepted a push for a payment recorded as Failed", **ids)
+    ids = Changes(merchant_request_id=f.merchant_request_id, checkout_request_id=f.checkout_request_id)
+    if p.state == State.REQUESTED:
+        return applied(State.PENDING, "Daraja accepted the push", ids)
+    if p.state in (State.SETTLED, State.CANCELLED) and p.checkout_request_id is None:
+        return applied(None, "push result arrived after the callback", ids)
+    if p.state == State.FAILED:
+        return review("push_after_failure", "Daraja accepted a push for a payment recorded as Failed", ids)
     return duplicate()
 
 
 def on_push_refused(p: Payment, f: PushRefused) -> Decision:
-    if p.state == "Requested" and p.candidate_receipt:
+    if p.state == State.REQUESTED and p.candidate_receipt:
         return review("push_refused_after_success", f"Daraja refused the push ({f.code}), but a success callback "
                                                     f"(receipt {p.candidate_receipt}) awaits confirmation")
-    if p.state == "Requested":
-        return applied("Failed", f"Daraja refused the push: {f.message}".strip(), result_code=f.code,
-                       result_desc=f.message)
-    if p.state == "Failed":
+    if p.state == State.REQUESTED:
+        return applied(State.FAILED, f"Daraja refused the push: {f.message}".strip(),
+                       Changes(result_code=f.code, result_desc=f.message))
+    if p.state == State.FAILED:
         return duplicate()
     return rejected(f"push refusal for a payment already {p.state}")
 
 
 def on_push_unknown(p: Payment, f: PushOutcomeUnknown) -> Decision:
-    if p.state == "Requested":
-        return applied(None, f"push outcome unknown: {f.message}; awaiting callback or query", push_unknown=True)
+    if p.state == State.REQUESTED:
+        return applied(None, f"push outcome unknown: {f.message}; awaiting callback or query",
+                       Changes(push_unknown=True))
     return duplicate("a later fact already settled what the push did")
 
 
@@ -196,13 +278,13 @@ def on_callback(p: Payment, f: CallbackReceived) -> Decision:
     if p.callbacks_closed:
         return rejected(f"callback for a payment {p.state} for longer than the callback TTL: its URL has expired",
                         refusal="expired")
-    if p.state == "Requested" and p.checkout_request_id is None and not p.push_unknown:
+    if p.state == State.REQUESTED and p.checkout_request_id is None and not p.push_unknown:
         return WAIT_FOR_PUSH
     if p.state in OPEN:
         if p.candidate_checkout_request_id is not None:
             return _while_confirming(p, f)
         return _success(p, f) if f.callback.succeeded else _open_failure(p, f)
-    if p.state == "Settled":
+    if p.state == State.SETTLED:
         return _after_settled(p, f)
     return _after_unpaid_final(p, f)  # Cancelled or Failed; Review is handled by decide()
 
@@ -212,7 +294,7 @@ def _success(p: Payment, f: CallbackReceived) -> Decision:
     problem = _proof_problem(p, f)
     if problem:
         kind, why = problem
-        return review(kind, f"success callback not proven: {why}", phone_check=_phone_flag(p, cb))
+        return review(kind, f"success callback not proven: {why}", Changes(phone_check=_phone_flag(p, cb)))
     phone = check_phone(p.phone, cb.phone)
     reasons = []
     if p.checkout_request_id is None:
@@ -223,13 +305,14 @@ def _success(p: Payment, f: CallbackReceived) -> Decision:
         reasons.append("the channel confirms every success by an STK query")
     if reasons:
         return confirming(cb.checkout_request_id, "success callback awaiting STK query: " + "; ".join(reasons),
-                          candidate_receipt=cb.receipt, candidate_checkout_request_id=cb.checkout_request_id,
-                          candidate_transaction_time=cb.transaction_time, phone_check=phone.value,
-                          merchant_request_id=cb.merchant_request_id)
-    return applied("Settled", untrusted(cb.result_desc) or "paid", mpesa_receipt=cb.receipt,
-                   transaction_time=cb.transaction_time, result_code=cb.result_code,
-                   result_desc=untrusted(cb.result_desc), phone_check=phone.value,
-                   checkout_request_id=cb.checkout_request_id, merchant_request_id=cb.merchant_request_id)
+                          Changes(candidate_receipt=cb.receipt, candidate_checkout_request_id=cb.checkout_request_id,
+                                  candidate_transaction_time=cb.transaction_time, phone_check=phone.value,
+                                  merchant_request_id=cb.merchant_request_id))
+    return applied(State.SETTLED, untrusted(cb.result_desc) or "paid",
+                   Changes(mpesa_receipt=cb.receipt, transaction_time=cb.transaction_time,
+                           result_code=cb.result_code, result_desc=untrusted(cb.result_desc),
+                           phone_check=phone.value, checkout_request_id=cb.checkout_request_id,
+                           merchant_request_id=cb.merchant_request_id))
 
 
 def _proof_problem(p: Payment, f: CallbackReceived) -> tuple[str, str] | None:
@@ -241,7 +324,8 @@ def _proof_problem(p: Payment, f: CallbackReceived) -> tuple[str, str] | None:
         return "callback_mismatch", (f"CheckoutRequestID {untrusted(cb.checkout_request_id)} is not the accepted "
                                      f"push's {p.checkout_request_id}")
     if f.checkout_owner is not None:
-        return "callback_mismatch", f"CheckoutRequestID {untrusted(cb.checkout_request_id)} belongs to payment {f.checkout_owner}"
+        return "callback_mismatch", (f"CheckoutRequestID {untrusted(cb.checkout_request_id)} belongs to payment "
+                                     f"{f.checkout_owner}")
     if cb.amount is None:
         return "amount_mismatch", "no amount"
     if not cb.amount.is_finite() or cb.amount != p.amount:
@@ -273,10 +357,10 @@ def _open_failure(p: Payment, f: CallbackReceived) -> Decision:
         # id, and the payer's genuine success would then fail the id check against it.
         return confirming(cb.checkout_request_id, "failure callback awaiting STK query: the push outcome is "
                           "unknown, so its CheckoutRequestID is confirmed by an STK query",
-                          candidate_checkout_request_id=cb.checkout_request_id,
-                          candidate_result_code=untrusted(cb.result_code, 64),
-                          merchant_request_id=cb.merchant_request_id)
-    ids = {"checkout_request_id": cb.checkout_request_id, "merchant_request_id": cb.merchant_request_id}
+                          Changes(candidate_checkout_request_id=cb.checkout_request_id,
+                                  candidate_result_code=untrusted(cb.result_code, 64),
+                                  merchant_request_id=cb.merchant_request_id))
+    ids = Changes(checkout_request_id=cb.checkout_request_id, merchant_request_id=cb.merchant_request_id)
     return _failure(cb.result_code, untrusted(cb.result_desc), "callback", ids)
 
 
@@ -301,8 +385,8 @@ def _after_settled(p: Payment, f: CallbackReceived) -> Decision:
             and not _proof_problem(p, f)):
         # Settled by an STK query, which gives no receipt: the callback that proves itself brings it.
         return applied(None, f"receipt {cb.receipt} from the success callback of a payment the query settled",
-                       mpesa_receipt=cb.receipt, transaction_time=cb.transaction_time,
-                       phone_check=_phone_flag(p, cb))
+                       Changes(mpesa_receipt=cb.receipt, transaction_time=cb.transaction_time,
+                               phone_check=_phone_flag(p, cb)))
     what = f"success with receipt {untrusted(cb.receipt)}" if cb.succeeded else f"failure {untrusted(cb.result_code)}"
     return contradiction("contradiction_after_settled", f"a callback ({what}, CheckoutRequestID "
                          f"{untrusted(cb.checkout_request_id)}) contradicts the settlement; the payment stays Settled")
@@ -318,15 +402,15 @@ def _after_unpaid_final(p: Payment, f: CallbackReceived) -> Decision:
         return contradiction(kind, f"success callback for a payment already {p.state}, not proven ({why}); "
                                    f"the payment stays {p.state}")
     return review("success_after_final", f"success callback (receipt {cb.receipt}) for a payment already "
-                                         f"{p.state}: money moved", late_receipt=cb.receipt)
+                                         f"{p.state}: money moved", Changes(late_receipt=cb.receipt))
 
 
-def _failure(code: str, desc: str | None, source: str, ids: dict) -> Decision:
+def _failure(code: str, desc: str | None, source: str, ids: Changes) -> Decision:
     meaning = FAILURE_MEANINGS.get(code)
     if meaning is None:
         return review("unknown_result_code", f"{source} result code {code!r} is not a known outcome: {desc}",
-                      result_code=code, result_desc=desc, **ids)
-    return applied("Cancelled", meaning, result_code=code, result_desc=desc, **ids)
+                      ids.merged(Changes(result_code=code, result_desc=desc)))
+    return applied(State.CANCELLED, meaning, ids.merged(Changes(result_code=code, result_desc=desc)))
 
 
 # --- STK query answers -----------------------------------------------------------------------
@@ -337,19 +421,19 @@ def on_query(p: Payment, f: QueryAnswered) -> Decision:
         return rejected(f"query answer for CheckoutRequestID {f.checkout_request_id}, the payment's is {asked}")
     if f.status in ("PROCESSING", "ERROR"):
         return applied(None, f"query: {f.status.lower()} ({f.result_code})")
-    ids = {"checkout_request_id": f.checkout_request_id} if f.checkout_request_id else {}
+    ids = Changes(checkout_request_id=f.checkout_request_id) if f.checkout_request_id else NO_CHANGES
     if p.state in OPEN and p.candidate_receipt:
         return _confirmation(p, f)
     if p.state in OPEN and p.candidate_result_code:
         return _failure_confirmation(p, f)
     if p.state in OPEN:
         if f.status == "SUCCESS":
-            return applied("Settled", "confirmed by STK query (the query gives no receipt number)",
-                           result_code="0", result_desc=f.result_desc, **ids)
+            return applied(State.SETTLED, "confirmed by STK query (the query gives no receipt number)",
+                           ids.merged(Changes(result_code="0", result_desc=f.result_desc)))
         return _failure(f.result_code or "", f.result_desc, "query", ids)
-    if (f.status == "SUCCESS") == (p.state == "Settled"):
+    if (f.status == "SUCCESS") == (p.state == State.SETTLED):
         return duplicate()
-    if p.state == "Settled":
+    if p.state == State.SETTLED:
         return contradiction("query_contradicts", f"STK query says {f.status} {f.result_code} for a payment "
                                                   f"Settled; the payment stays Settled")
     return review("query_contradicts", f"query says {f.status} {f.result_code} but the payment is {p.state}")
@@ -358,10 +442,11 @@ def on_query(p: Payment, f: QueryAnswered) -> Decision:
 def _confirmation(p: Payment, f: QueryAnswered) -> Decision:
     """The answer to the query that confirms a success callback: the authenticated channel decides."""
     if f.status == "SUCCESS":
-        return applied("Settled", f"success callback confirmed by STK query (receipt {p.candidate_receipt})",
-                       mpesa_receipt=p.candidate_receipt, checkout_request_id=p.candidate_checkout_request_id,
-                       transaction_time=p.candidate_transaction_time, result_code="0",
-                       result_desc=f.result_desc, **CANDIDATE_CLEARED)
+        return applied(State.SETTLED, f"success callback confirmed by STK query (receipt {p.candidate_receipt})",
+                       CANDIDATE_CLEARED.merged(Changes(
+                           mpesa_receipt=p.candidate_receipt, checkout_request_id=p.candidate_checkout_request_id,
+                           transaction_time=p.candidate_transaction_time, result_code="0",
+                           result_desc=f.result_desc)))
     return review("query_contradicts", f"STK query says {f.status} {f.result_code}, contradicting the success "
                                        f"callback (receipt {p.candidate_receipt})")
 
@@ -370,7 +455,7 @@ def _failure_confirmation(p: Payment, f: QueryAnswered) -> Decision:
     """The answer to the query that confirms a failure callback after an unknown push outcome. A
     success here does not settle: the id came from an unproven callback, and a query only tells that
     some push under that id succeeded, not that it was this payment's (docs/callback-proof.md)."""
-    ids = {"checkout_request_id": p.candidate_checkout_request_id, **CANDIDATE_CLEARED}
+    ids = CANDIDATE_CLEARED.merged(Changes(checkout_request_id=p.candidate_checkout_request_id))
     if f.status == "SUCCESS":
         return review("query_contradicts", f"STK query says SUCCESS for the CheckoutRequestID of the failure "
                                            f"callback {p.candidate_result_code}")
@@ -381,26 +466,86 @@ def _failure_confirmation(p: Payment, f: QueryAnswered) -> Decision:
 
 def on_expired(p: Payment, f: ReconciliationExpired) -> Decision:
     if p.state in OPEN:
-        return review("unresolved", f"no final answer after {f.age_seconds} s of callbacks and queries")
+        return review(DEADLINE_ALERT, f"no final answer after {f.age_seconds} s of callbacks and queries")
     return duplicate()
 
 
-HANDLERS: dict[type, Callable[[Payment, Fact], Decision]] = {
-    PushAccepted: on_push_accepted,
-    PushRefused: on_push_refused,
-    PushOutcomeUnknown: on_push_unknown,
-    CallbackReceived: on_callback,
-    QueryAnswered: on_query,
-    ReconciliationExpired: on_expired,
+# --- Review ----------------------------------------------------------------------------------
+
+def in_review(p: Payment, fact: Fact) -> Decision:
+    """A payment under review waits for an operator; facts are kept in the audit trail. One fact
+    still ends it: Daraja's definite refusal of the push, when only the review deadline sent the
+    payment to Review and no push may have reached the customer (none accepted, none of unknown
+    outcome, no callback awaiting its query). Daraja never prompted the customer, so nothing is in
+    doubt: the payment is Failed, as it would have been had the refusal come before the deadline
+    (a push retried for long reaches it)."""
+    if (isinstance(fact, PushRefused) and p.review_alert == DEADLINE_ALERT and p.checkout_request_id is None
+            and not p.push_unknown and p.candidate_checkout_request_id is None):
+        return applied(State.FAILED, f"Daraja refused the push after the review deadline, so it never prompted "
+                                     f"the customer: {fact.message}".strip(),
+                       Changes(result_code=fact.code, result_desc=fact.message))
+    return duplicate("payment is under review; fact kept in the audit trail")
+
+
+# --- Rules across payments -------------------------------------------------------------------
+
+def _with_owners(fact: CallbackReceived, owners: Owners) -> CallbackReceived:
+    """The callback with the other payments its receipt and CheckoutRequestID already belong to."""
+    cb = fact.callback
+    receipt_owner = fact.receipt_owner or (owners.of_receipt(cb.receipt) if cb.receipt else None)
+    checkout_owner = fact.checkout_owner or owners.of_checkout(cb.checkout_request_id)
+    if (receipt_owner, checkout_owner) == (fact.receipt_owner, fact.checkout_owner):
+        return fact
+    return dataclasses.replace(fact, receipt_owner=receipt_owner, checkout_owner=checkout_owner)
+
+
+def _receipt_checked(d: Decision, owners: Owners) -> Decision:
+    """One receipt proves one payment: a receipt already used elsewhere is a case for review."""
+    receipt = d.changes.mpesa_receipt
+    other = owners.of_receipt(receipt) if isinstance(receipt, str) else None
+    if other is None:
+        return d
+    return review("receipt_reused", f"receipt {receipt} already proves payment {other}",
+                  d.changes.without("mpesa_receipt", *CANDIDATE_FIELDS))
+
+
+def _checkout_checked(p: Payment | None, d: Decision, owners: Owners) -> Decision:
+    """One CheckoutRequestID is one push. An accepted push whose id another payment holds already
+    (a callback for a payment whose push outcome was unknown named it) is a contradiction: written,
+    it would break the unique index and dead-letter whichever event applied it, even an innocent
+    one that un-parked it. A final payment stays final."""
+    checkout = d.changes.checkout_request_id
+    other = owners.of_checkout(checkout) if isinstance(checkout, str) else None
+    if other is None:
+        return d
+    reason = f"CheckoutRequestID {untrusted(checkout)} already belongs to payment {other}"
+    if p is not None and p.state in FINAL_STATES:
+        return contradiction("checkout_reused", f"{reason}; the payment stays {p.state}")
+    return review("checkout_reused", reason, d.changes.without("checkout_request_id", "merchant_request_id"))
+
+
+HANDLERS: Final[dict[type, Callable[[Payment, Fact], Decision]]] = {
+    PushAccepted: on_push_accepted,  # type: ignore[dict-item]
+    PushRefused: on_push_refused,  # type: ignore[dict-item]
+    PushOutcomeUnknown: on_push_unknown,  # type: ignore[dict-item]
+    CallbackReceived: on_callback,  # type: ignore[dict-item]
+    QueryAnswered: on_query,  # type: ignore[dict-item]
+    ReconciliationExpired: on_expired,  # type: ignore[dict-item]
 }
 
 
-def decide(payment: Payment | None, fact: Fact) -> Decision:
+def decide(payment: Payment | None, fact: Fact, owners: Owners | None = None) -> Decision:
+    """owners: who holds the receipts and CheckoutRequestIDs this fact may write (None: nobody else)."""
     if isinstance(fact, Requested):
         return on_requested(payment, fact)
     if payment is None:
         return PARK if isinstance(fact, (PushAccepted, PushRefused, PushOutcomeUnknown, CallbackReceived)) \
             else rejected("fact about an unknown payment")
-    if payment.state == "Review" and not isinstance(fact, Requested):
-        return duplicate("payment is under review; fact kept in the audit trail")
-    return HANDLERS[type(fact)](payment, fact)
+    if payment.state == State.REVIEW:
+        return in_review(payment, fact)
+    if owners is None:
+        return HANDLERS[type(fact)](payment, fact)
+    if isinstance(fact, CallbackReceived):
+        fact = _with_owners(fact, owners)
+    decision = _receipt_checked(HANDLERS[type(fact)](payment, fact), owners)
+    return _checkout_checked(payment, decision, owners)

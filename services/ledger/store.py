@@ -4,26 +4,19 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import timezone
 from typing import Any
 
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from services.ledger.record import CHECKOUT_COLUMNS, COLUMNS, RECEIPT_COLUMNS, PaymentRecord, record_of
+
 _AUDIT_LOCK = 7_262_022  # advisory lock: one appender of the hash chain at a time
 _PAYMENT_LOCKS = 7_262_023  # first key of the per-payment advisory locks (the two-key space is apart)
 GENESIS = "0" * 64
 
-COLUMNS = ("payment_id", "channel_id", "state", "amount", "phone", "account_reference", "description",
-           "order_reference", "metadata", "merchant_request_id", "checkout_request_id", "mpesa_receipt",
-           "transaction_time", "result_code", "result_desc", "requested_at", "push_unknown", "pending_since",
-           "next_query_at", "query_attempts", "review_reason", "final_at", "phone_check", "candidate_receipt",
-           "candidate_checkout_request_id", "candidate_transaction_time", "late_receipt", "contradiction",
-           "candidate_result_code")
-# Where a payment keeps a receipt or a CheckoutRequestID: one proves one payment, whichever column.
-RECEIPT_COLUMNS = ("mpesa_receipt", "candidate_receipt", "late_receipt")
-CHECKOUT_COLUMNS = ("checkout_request_id", "candidate_checkout_request_id")
 # Rows are COPYed into a per-connection staging table, then merged in one statement: much cheaper
 # per row than parameter arrays or executemany.
 _STAGE = ("CREATE TEMP TABLE IF NOT EXISTS payments_stage (LIKE payments INCLUDING DEFAULTS)"
@@ -37,14 +30,14 @@ _MERGE = (f"INSERT INTO payments ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMN
 @dataclass
 class BatchStart:
     fresh_events: set[str]  # ids of the events not processed before
-    payments: dict[str, dict]  # the payments that exist, locked
+    payments: dict[str, PaymentRecord]  # the payments that exist, locked
     parked: dict[str, list[tuple[str, str, bytes]]]  # payment_id -> early facts [(event_id, topic, payload)]
     receipts: dict[str, str]  # receipt -> the payment it already proves
     checkouts: dict[str, str]  # CheckoutRequestID -> the payment whose push it is
 
 
 async def open_batch(conn: AsyncConnection, events: list[tuple[str, str]], payment_ids: list[str],
-                     receipts: list[str], checkout_ids: list[str] = ()) -> BatchStart:
+                     receipts: list[str], checkout_ids: list[str] | None = None) -> BatchStart:
     """What a batch needs before applying anything, in one pipelined round trip.
 
     events: (event_id, topic). They are recorded as processed here, in the batch's transaction, and
@@ -66,12 +59,14 @@ async def open_batch(conn: AsyncConnection, events: list[tuple[str, str]], payme
         parked = await conn.execute("SELECT payment_id, event_id::text, topic, payload FROM parked_facts"
                                     " WHERE payment_id = ANY(%s) ORDER BY parked_at, event_id", (ids,))
         in_use = await conn.execute(_owners_query(RECEIPT_COLUMNS), (list(receipts),) * len(RECEIPT_COLUMNS))
-        pushes = await conn.execute(_owners_query(CHECKOUT_COLUMNS), (list(checkout_ids),) * len(CHECKOUT_COLUMNS))
+        pushes = await conn.execute(_owners_query(CHECKOUT_COLUMNS),
+                                    (list(checkout_ids or []),) * len(CHECKOUT_COLUMNS))
         await conn.execute(_STAGE)
-    early: dict[str, list] = {}
+    early: dict[str, list[tuple[str, str, bytes]]] = {}
     for payment_id, event_id, topic, payload in await parked.fetchall():
         early.setdefault(payment_id, []).append((event_id, topic, bytes(payload)))
-    return BatchStart({r[0] for r in await claimed.fetchall()}, {r["payment_id"]: r for r in await payments.fetchall()},
+    return BatchStart({r[0] for r in await claimed.fetchall()},
+                      {r["payment_id"]: record_of(r) for r in await payments.fetchall()},
                       early, dict(await in_use.fetchall()), dict(await pushes.fetchall()))
 
 
@@ -81,7 +76,8 @@ def _owners_query(columns: tuple[str, ...]) -> str:
     return " UNION ".join(f"SELECT {c}, payment_id FROM payments WHERE {c} = ANY(%s)" for c in columns)
 
 
-async def owners(conn: AsyncConnection, receipts: list[str], checkout_ids: list[str]) -> tuple[dict, dict]:
+async def owners(conn: AsyncConnection, receipts: list[str], checkout_ids: list[str]
+                 ) -> tuple[dict[str, str], dict[str, str]]:
     """Which payments hold these receipts and CheckoutRequestIDs, for facts that were not in the
     batch's first read (facts un-parked from an earlier batch)."""
     async with conn.pipeline():
@@ -90,20 +86,12 @@ async def owners(conn: AsyncConnection, receipts: list[str], checkout_ids: list[
     return dict(await in_use.fetchall()), dict(await pushes.fetchall())
 
 
-def new_payment_row(v: dict[str, Any]) -> dict[str, Any]:
-    row = dict.fromkeys(COLUMNS)
-    row.update({k: v[k] for k in ("payment_id", "channel_id", "amount", "phone", "account_reference", "description",
-                                  "order_reference", "metadata")})
-    row.update(requested_at=v["occurred_at"], push_unknown=False, query_attempts=0)
-    return row
-
-
-async def write_payments(conn: AsyncConnection, rows: list[dict[str, Any]], unparked: list[str]) -> None:
+async def write_payments(conn: AsyncConnection, rows: list[PaymentRecord], unparked: list[str]) -> None:
     """Upserts the batch's changed payments (staged by open_batch's table) and deletes the parked
     facts it applied."""
     if rows:
         await _copy(conn, "payments_stage", ", ".join(COLUMNS),
-                    [tuple(Jsonb(r[c]) if c == "metadata" else r[c] for c in COLUMNS) for r in rows])
+                    [_row(r) for r in rows])
     async with conn.pipeline():
         if rows:
             await conn.execute(_MERGE)
@@ -111,7 +99,12 @@ async def write_payments(conn: AsyncConnection, rows: list[dict[str, Any]], unpa
             await conn.execute("DELETE FROM parked_facts WHERE event_id = ANY(%s::uuid[])", (unparked,))
 
 
-async def add_history(conn: AsyncConnection, rows: list[tuple]) -> None:
+def _row(r: PaymentRecord) -> tuple[Any, ...]:
+    values = r.__dict__  # read by column name: the COPY's order
+    return tuple(Jsonb(values[c]) if c == "metadata" else values[c] for c in COLUMNS)
+
+
+async def add_history(conn: AsyncConnection, rows: list[tuple[str, str, str | None, str | None, str | None]]) -> None:
     """rows: (payment_id, state, previous, reason, event_id)."""
     await _copy(conn, "payment_history", "payment_id, state, previous, reason, event_id", rows)
 
@@ -121,7 +114,7 @@ async def park(conn: AsyncConnection, rows: list[tuple[str, str, str, bytes]]) -
     await _copy(conn, "parked_facts", "event_id, payment_id, topic, payload", rows)
 
 
-async def _copy(conn: AsyncConnection, table: str, columns: str, rows: list[tuple]) -> None:
+async def _copy(conn: AsyncConnection, table: str, columns: str, rows: list[tuple[Any, ...]]) -> None:
     """COPY costs a fraction of executemany per row: the ledger's hot path appends with it."""
     if rows:
         async with conn.cursor().copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
@@ -137,7 +130,7 @@ async def enqueue(conn: AsyncConnection, rows: list[tuple[str, bytes, bytes]]) -
     cur = await conn.execute("INSERT INTO outbox (topic, key, payload) SELECT * FROM unnest(%s::text[], %b::bytea[],"
                              " %b::bytea[]) RETURNING id", ([r[0] for r in rows], [r[1] for r in rows],
                                                             [r[2] for r in rows]))
-    return [(row[0], *message) for row, message in zip(await cur.fetchall(), rows)]
+    return [(row[0], *message) for row, message in zip(await cur.fetchall(), rows, strict=True)]
 
 
 # --- Audit trail -----------------------------------------------------------------------------
@@ -150,7 +143,7 @@ def audit_hash(prev_hash: str, entry: dict[str, Any]) -> str:
 
 
 async def append_audit(conn: AsyncConnection, entries: list[dict[str, Any]]) -> None:
-    """entries: dicts of payment_id, event_id, fact, verdict, from_state, to_state, detail."""
+    """entries: dicts of payment_id, event_id, fact, verdict, from_state, to_state, detail and at (when)."""
     if not entries:
         return
     async with conn.pipeline():  # the head is read after the lock is granted: it is the latest
@@ -158,10 +151,10 @@ async def append_audit(conn: AsyncConnection, entries: list[dict[str, Any]]) -> 
         cur = await conn.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
     last = await cur.fetchone()
     seq, prev = (last[0], last[1]) if last else (0, GENESIS)
-    at = datetime.now(timezone.utc)
     rows = []
     for entry in entries:
         seq += 1
+        at = entry["at"].astimezone(timezone.utc)  # the form verify_audit recomputes the hash from
         row = {**entry, "seq": seq, "at": at.isoformat()}
         digest = audit_hash(prev, row)
         rows.append((seq, entry["payment_id"], entry["event_id"], entry["fact"], entry["verdict"],
@@ -198,7 +191,7 @@ async def verify_audit(conn: AsyncConnection, from_seq: int = 1) -> tuple[int, s
     return count, None
 
 
-def _audit_entry(row: dict) -> dict:
+def _audit_entry(row: dict[str, Any]) -> dict[str, Any]:
     entry = {k: row[k] for k in ("payment_id", "event_id", "fact", "verdict", "from_state", "to_state", "detail")}
     entry.update(seq=row["seq"], at=row["at"].astimezone(timezone.utc).isoformat())
     return entry

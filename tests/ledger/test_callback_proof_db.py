@@ -8,9 +8,10 @@ import pytest
 
 from services.common.kafka import new_event_fields
 from services.common.topics import PAYMENT_STATUS, STK_PUSH_RESULT, STK_QUERY_REQUESTED, STK_QUERY_RESULT
-from services.ledger.service import ALERTS, REFUSED, Ledger
+from services.ledger.application import ALERTS, REFUSED
+from services.ledger.service import Ledger
 from tests.ledger.callbacks import OMIT, failure, success
-from tests.ledger.test_ledger_db import accepted, callback, event, receipt, requested
+from tests.ledger.test_ledger_db import accepted, callback, event, receipt, reconciler_of, requested
 
 
 def push_unknown(channel, payment_id):
@@ -32,7 +33,7 @@ async def payment(pool, payment_id) -> dict:
             " phone_check, late_receipt, contradiction, review_reason, final_at IS NOT NULL AS final"
             " FROM payments WHERE payment_id = %s", (payment_id,))
         row = await cur.fetchone()
-        return dict(zip([c.name for c in cur.description], row)) if row else {}
+        return dict(zip([c.name for c in cur.description], row, strict=True)) if row else {}
 
 
 async def parked_count(pool, payment_id) -> int:
@@ -41,7 +42,7 @@ async def parked_count(pool, payment_id) -> int:
                                           (payment_id,))).fetchone())[0]
 
 
-async def audit_verdicts(pool, payment_id) -> list[tuple[str, str]]:
+async def audit_verdicts(pool, payment_id) -> list[tuple[str, str, str]]:
     async with pool.connection() as conn:
         rows = await (await conn.execute("SELECT fact, verdict, detail FROM audit_log WHERE payment_id = %s"
                                          " ORDER BY seq", (payment_id,))).fetchall()
@@ -67,8 +68,8 @@ def count(metric, label) -> float:
 
 
 @pytest.fixture
-def ledger(pool, codec):
-    return Ledger(pool, codec)
+def ledger(pool, codec, clock):
+    return Ledger(pool, codec, clock=clock)
 
 
 async def test_a_success_waits_parked_until_the_push_result_names_its_checkout_id(ledger, pool, unique):
@@ -110,7 +111,8 @@ async def test_a_forged_success_without_amount_or_phone_goes_to_review_and_is_co
     channel, pid, checkout = f"ch-{unique}", str(uuid.uuid4()), f"ws_CO_{unique}"
     before = count(ALERTS, "amount_mismatch")
     await ledger.handle_batch([requested(channel, pid), accepted(channel, pid, checkout),
-                               callback(channel, pid, success(checkout, amount=OMIT, phone=OMIT, receipt="ABCDEFGHIJ"))])
+                               callback(channel, pid,
+                                        success(checkout, amount=OMIT, phone=OMIT, receipt="ABCDEFGHIJ"))])
     shown = await payment(pool, pid)
     assert (shown["state"], shown["mpesa_receipt"]) == ("Review", None) and "no amount" in shown["review_reason"]
     assert count(ALERTS, "amount_mismatch") == before + 1
@@ -161,7 +163,8 @@ async def test_a_channel_confirming_by_query_settles_with_the_callbacks_receipt_
     assert (shown["state"], shown["mpesa_receipt"], shown["candidate_receipt"]) == ("Settled", receipt(unique), None)
 
 
-async def test_a_contradiction_after_settled_is_recorded_and_alerted_and_the_payment_stays_settled(ledger, pool, unique):
+async def test_a_contradiction_after_settled_is_recorded_and_alerted_and_the_payment_stays_settled(
+        ledger, pool, unique):
     channel, pid, checkout = f"ch-{unique}", str(uuid.uuid4()), f"ws_CO_{unique}"
     await ledger.handle_batch([requested(channel, pid), accepted(channel, pid, checkout),
                                callback(channel, pid, success(checkout, receipt=receipt(unique)))])
@@ -185,12 +188,11 @@ async def test_a_proven_success_after_cancel_keeps_its_receipt_and_says_it_in_th
 
 
 async def test_a_callback_for_a_payment_final_longer_than_the_ttl_is_refused_and_changes_nothing(
-        ledger, pool, unique):
+        ledger, pool, clock, unique):
     channel, pid, checkout = f"ch-{unique}", str(uuid.uuid4()), f"ws_CO_{unique}"
     await ledger.handle_batch([requested(channel, pid), accepted(channel, pid, checkout),
                                callback(channel, pid, success(checkout, receipt=receipt(unique)))])
-    async with pool.connection() as conn:
-        await conn.execute("UPDATE payments SET final_at = now() - interval '25 hours' WHERE payment_id = %s", (pid,))
+    clock.advance(25 * 3600)
     refused, alerts = count(REFUSED, "expired"), count(ALERTS, "contradiction_after_settled")
     await ledger.handle_batch([callback(channel, pid, failure(checkout, 1032))])
     shown = await payment(pool, pid)
@@ -201,15 +203,13 @@ async def test_a_callback_for_a_payment_final_longer_than_the_ttl_is_refused_and
 
 
 async def test_the_reconciler_asks_again_about_the_callbacks_checkout_id_while_the_query_says_processing(
-        ledger, pool, codec, unique):
-    from services.ledger.reconciler import Reconciler
+        ledger, pool, codec, clock, unique):
     channel, pid, checkout = f"ch-{unique}", str(uuid.uuid4()), f"ws_CO_{unique}"
     await ledger.handle_batch([requested(channel, pid), push_unknown(channel, pid),
                                callback(channel, pid, success(checkout, phone=OMIT, receipt=receipt(unique))),
                                query_result(channel, pid, checkout, "PROCESSING", "4999")])
-    async with pool.connection() as conn:  # as if the back-off had passed (it comes first among those due)
-        await conn.execute("UPDATE payments SET next_query_at = now() - interval '1 day' WHERE payment_id = %s", (pid,))
-    await Reconciler(pool, codec, ledger.settings).tick()
+    clock.advance(16)  # past the first back-off (15 s), long before the review deadline
+    assert await reconciler_of(ledger, pool, [pid]).tick() == 1
     asked = await outbox_for(pool, codec, channel, STK_QUERY_REQUESTED)
     assert [(q["checkout_request_id"], q["reason"], q["attempt"]) for q in asked] == [
         (checkout, "CONFIRM_CALLBACK", 1), (checkout, "CONFIRM_CALLBACK", 2)]

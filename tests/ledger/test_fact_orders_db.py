@@ -73,7 +73,7 @@ async def test_any_order_and_batching_of_one_payments_facts_ends_as_the_canonica
     for e in redelivered:  # a redelivery comes at or after its first delivery
         order.insert(data.draw(st.integers(order.index(e), len(order)), label="at"), e)
     cuts = sorted(data.draw(st.sets(st.integers(1, len(order) - 1), max_size=len(order) - 1), label="cuts"))
-    batches = [order[a:b] for a, b in zip([0, *cuts], [*cuts, len(order)])]
+    batches = [order[a:b] for a, b in zip([0, *cuts], [*cuts, len(order)], strict=True)]
     await _deliver(Ledger(ledger_pool, codec), batches)
     state, audit, parked, history = await _facts_of(pool, pid)
     assert tuple(state) == expected
@@ -178,9 +178,11 @@ async def test_a_parked_fact_that_cannot_be_applied_any_more_stays_parked_and_bl
     refused = callback(channel, pid, b'{"Body": {"stkCallback": {"CheckoutRequestID": "' + b"x" * 200 + b'"}}}')
     async with pool.connection() as conn:
         for payload in (b"\xc3\x01 not avro at all", codec.encode("callback_raw", refused.value)):
-            await conn.execute("INSERT INTO parked_facts (event_id, payment_id, topic, payload) VALUES (%s, %s, %s, %s)",
+            await conn.execute("INSERT INTO parked_facts (event_id, payment_id, topic, payload)"
+                               " VALUES (%s, %s, %s, %s)",
                                (str(uuid.uuid4()), pid, refused.topic, payload))
-    await _deliver(ledger, [[accepted(channel, pid, checkout)], [callback(channel, pid, success(checkout, receipt=receipt))]])
+    await _deliver(ledger, [[accepted(channel, pid, checkout)],
+                            [callback(channel, pid, success(checkout, receipt=receipt))]])
     state, _, parked, _ = await _facts_of(pool, pid)
     assert tuple(state) == ("Settled", True) and parked == 2
 
@@ -206,7 +208,7 @@ async def test_whatever_facts_arrive_in_whatever_order_settled_stays_and_each_fa
     names = data.draw(st.lists(st.sampled_from(sorted(menu)), min_size=1, max_size=7), label="facts")
     order = [menu[n] for n in names]  # a name twice: a redelivery of the same event
     cuts = sorted(data.draw(st.sets(st.integers(1, max(len(order) - 1, 1)), max_size=len(order) - 1), label="cuts"))
-    batches = [b for b in (order[a:b] for a, b in zip([0, *cuts], [*cuts, len(order)])) if b]
+    batches = [b for b in (order[a:b] for a, b in zip([0, *cuts], [*cuts, len(order)], strict=True)) if b]
     ledger = Ledger(ledger_pool, codec)
     for batch in batches:
         await ledger.handle_batch(batch)  # a query for an unknown payment is rejected: no rejection here is lost
@@ -215,7 +217,7 @@ async def test_whatever_facts_arrive_in_whatever_order_settled_stays_and_each_fa
         assert history[history.index("Settled"):] == ["Settled"], history  # a final state stays final
         proven = {"success", "query_success"} & set(names) or {"second_push", "success_other_push"} <= set(names)
         assert proven, names  # settled only on a success of a push it names, or the query's word
-    assert all(a != b for a, b in zip(history, history[1:])), history
+    assert all(a != b for a, b in zip(history, history[1:], strict=False)), history
     decided = collections.Counter(event_id for event_id, verdict in audit if verdict != "parked")
     assert all(n == 1 for n in decided.values()), decided  # no fact decided twice
     sent = {menu[n].value["event_id"] for n in names}
@@ -234,7 +236,8 @@ async def test_a_batch_bisected_after_a_bad_event_applies_the_facts_it_unparked_
     await _deliver(ledger, [[early], [requested(channel, pid)]])
     bad = requested(channel, str(uuid.uuid4()))
     bad.value["event_id"] = "not-a-uuid"
-    rejections = await ledger.handle_batch([accepted(channel, pid, checkout), bad, requested(channel, str(uuid.uuid4()))])
+    rejections = await ledger.handle_batch([accepted(channel, pid, checkout), bad,
+                                            requested(channel, str(uuid.uuid4()))])
     assert [r.event for r in rejections] == [bad]
     state, audit, parked, history = await _facts_of(pool, pid)
     assert tuple(state) == ("Settled", True) and parked == 0 and history == ["Requested", "Pending", "Settled"]

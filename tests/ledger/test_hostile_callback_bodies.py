@@ -104,4 +104,5 @@ def test_any_amount_is_a_finite_decimal_or_refused(amount):
        st.integers(min_value=254700000000, max_value=254799999999))
 def test_every_genuine_success_shape_is_still_read(amount, as_string, receipt, phone):
     parsed = parse_callback(success("ws_CO_1", amount=amount, receipt=receipt, phone=phone, amount_as_string=as_string))
-    assert (parsed.amount, parsed.receipt, parsed.phone, parsed.succeeded) == (Decimal(amount), receipt, str(phone), True)
+    assert (parsed.amount, parsed.receipt, parsed.phone, parsed.succeeded) == (
+        Decimal(amount), receipt, str(phone), True)

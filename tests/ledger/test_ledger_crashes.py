@@ -9,8 +9,8 @@ import uuid
 
 from services.common.topics import CALLBACK_RAW, PAYMENT_REQUESTED, STK_PUSH_RESULT, STK_QUERY_RESULT
 from tests.conftest import ROOT, eventually, free_port, service_env, start_service
-from tests.ledger.test_ledger_db import accepted, callback, receipt, requested
 from tests.ledger.callbacks import success
+from tests.ledger.test_ledger_db import accepted, callback, receipt, requested
 from tests.platform.kafka_helpers import start_group_at_end
 
 PAYMENTS = 2000
@@ -30,7 +30,8 @@ async def publish_payments(producer, channel: str, unique: str) -> list[str]:
 
 async def settled_count(pool, channel: str) -> int:
     async with pool.connection() as conn:
-        cur = await conn.execute("SELECT count(*) FROM payments WHERE channel_id = %s AND state = 'Settled'", (channel,))
+        cur = await conn.execute("SELECT count(*) FROM payments WHERE channel_id = %s AND state = 'Settled'",
+                                 (channel,))
         return (await cur.fetchone())[0]
 
 

@@ -4,17 +4,20 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from typing import cast
 
 import pytest
 
-from services.common.kafka import ConsumedEvent, PublishError, new_event_fields
+from services.common.kafka import ConsumedEvent, EventProducer, PublishError, new_event_fields
 from services.common.topics import CALLBACK_RAW, PAYMENT_REQUESTED, PAYMENT_STATUS, STK_PUSH_RESULT
-from services.ledger import store
+from services.ledger import application, store
+from services.ledger.ports import OutboxRow
+from services.ledger.postgres import PostgresUnitOfWork
+from services.ledger.reconciler import Reconciler, due_payments
 from services.ledger.relay import OutboxRelay
-from services.ledger.facts import fact_of
-from services.ledger.service import FactBatch, Ledger, LedgerSettings
+from services.ledger.service import Ledger
 from tests.conftest import database_url_of, eventually
-from tests.ledger.callbacks import success
+from tests.ledger.callbacks import failure, success
 from tests.platform.kafka_helpers import end_offsets, read_all
 
 
@@ -54,7 +57,7 @@ def count_transactions(ledger: Ledger) -> list:
         opened.append(len(batch))
         return await apply(batch)
 
-    ledger._apply_in_one_transaction = counted
+    setattr(ledger, "_apply_in_one_transaction", counted)  # noqa: B010 (mypy: assigning a method)
     return opened
 
 
@@ -65,14 +68,26 @@ async def state_of(pool, payment_id):
         return row
 
 
-@pytest.fixture
-def ledger(ledger_pool, codec):
-    return Ledger(ledger_pool, codec)
+def reconciler_of(ledger: Ledger, pool, payment_ids) -> Reconciler:
+    """The ledger's reconciler, seeing only these payments among those due: with the clock moved on,
+    every open payment in the database is due, and those of other tests are theirs to reconcile."""
+    async def ours(conn, now, limit):
+        return [p for p in await due_payments(conn, now, 1_000_000) if p in payment_ids][:limit]
+
+    return Reconciler(pool, ledger.service, ledger.service.clock, due=ours)
+
+
+async def lock_waits(pool) -> int:
+    """Transactions waiting for an advisory lock (the ledger's payment locks)."""
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+        return (await cur.fetchone())[0]
 
 
 async def test_request_push_callback_settles_and_redelivery_changes_nothing(ledger, pool, unique):
     channel, pid = f"ch-{unique}", str(uuid.uuid4())
-    facts = [requested(channel, pid), accepted(channel, pid, f"ws_CO_{unique}"), callback(channel, pid, success(f"ws_CO_{unique}", receipt=receipt(unique)))]
+    facts = [requested(channel, pid), accepted(channel, pid, f"ws_CO_{unique}"),
+             callback(channel, pid, success(f"ws_CO_{unique}", receipt=receipt(unique)))]
     assert await ledger.handle_batch(facts) == []
     assert await state_of(pool, pid) == ("Settled", receipt(unique))
 
@@ -80,14 +95,16 @@ async def test_request_push_callback_settles_and_redelivery_changes_nothing(ledg
     async with pool.connection() as conn:
         history = await (await conn.execute("SELECT state FROM payment_history WHERE payment_id = %s ORDER BY id",
                                             (pid,))).fetchall()
-        outbox = await (await conn.execute("SELECT count(*) FROM outbox WHERE key = %s", (channel.encode(),))).fetchone()
+        outbox = await (await conn.execute("SELECT count(*) FROM outbox WHERE key = %s",
+                                           (channel.encode(),))).fetchone()
     assert [h[0] for h in history] == ["Requested", "Pending", "Settled"]
     assert outbox[0] == 3
 
 
 async def test_a_callback_before_its_payment_waits_and_then_settles(ledger, pool, unique):
     channel, pid = f"ch-{unique}", str(uuid.uuid4())
-    assert await ledger.handle_batch([callback(channel, pid, success(f"ws_CO_{unique}", receipt=receipt(unique)))]) == []
+    early = callback(channel, pid, success(f"ws_CO_{unique}", receipt=receipt(unique)))
+    assert await ledger.handle_batch([early]) == []
     assert await state_of(pool, pid) is None
     await ledger.handle_batch([requested(channel, pid)])
     assert await state_of(pool, pid) == ("Requested", None)  # a success waits for its push result too
@@ -114,13 +131,15 @@ async def test_a_fact_for_a_payment_being_created_by_another_transaction_waits_f
     push result must not be parked behind the back of the transaction creating its payment."""
     channel, pid = f"ch-{unique}", str(uuid.uuid4())
     async with pool.connection() as conn, conn.transaction():
-        creating = FactBatch(conn, codec, LedgerSettings())
-        await creating.prefetch([pid])
-        request = requested(channel, pid)
-        await creating.apply(request, pid, fact_of(request)[1])
-        await creating.flush()
+        uow = PostgresUnitOfWork(conn, ledger.settings.channel_cache_ttl_s)
+        await ledger.service.apply_within(uow, [ledger.ledger_input(requested(channel, pid))])
+        waiting_before = await lock_waits(pool)
         other = asyncio.create_task(ledger.handle_batch([accepted(channel, pid, f"ws_CO_{unique}")]))
-        await asyncio.sleep(0.5)
+
+        async def blocked():
+            return await lock_waits(pool) > waiting_before
+
+        await eventually(blocked, timeout=30)
         assert not other.done()  # waits for the payment's lock, whether the row exists yet or not
     assert await other == []
     assert await state_of(pool, pid) == ("Pending", None)
@@ -142,41 +161,38 @@ async def test_unparseable_callback_is_rejected_and_leaves_the_payment_untouched
 async def test_a_reused_receipt_goes_to_review(ledger, pool, unique):
     channel, first, second = f"ch-{unique}", str(uuid.uuid4()), str(uuid.uuid4())
     await ledger.handle_batch([requested(channel, first), requested(channel, second),
-                               accepted(channel, first, "ws_CO_a" + unique), accepted(channel, second, "ws_CO_b" + unique),
+                               accepted(channel, first, "ws_CO_a" + unique),
+                               accepted(channel, second, "ws_CO_b" + unique),
                                callback(channel, first, success("ws_CO_a" + unique, receipt=receipt(unique)))])
     await ledger.handle_batch([callback(channel, second, success("ws_CO_b" + unique, receipt=receipt(unique)))])
     assert await state_of(pool, first) == ("Settled", receipt(unique))
     assert await state_of(pool, second) == ("Review", None)
 
 
-async def test_a_request_that_never_gets_a_push_result_goes_to_review_at_the_deadline(ledger, pool, ledger_pool, codec,
+async def test_a_request_that_never_gets_a_push_result_goes_to_review_at_the_deadline(ledger, pool, ledger_pool, clock,
                                                                                      unique):
-    from services.ledger.reconciler import Reconciler
     pid = str(uuid.uuid4())
     await ledger.handle_batch([requested(f"ch-{unique}", pid)])
     async with pool.connection() as conn:
         deadline = (await (await conn.execute("SELECT next_query_at - requested_at FROM payments WHERE payment_id = %s",
                                               (pid,))).fetchone())[0]
-        assert deadline.total_seconds() >= ledger.settings.review_after.total_seconds() - 5
-        # As if the deadline had passed (other open payments past their deadline are reviewed too, rightly).
-        await conn.execute("UPDATE payments SET requested_at = now() - interval '1 day', next_query_at = now()"
-                           " WHERE payment_id = %s", (pid,))
-        await conn.commit()
-    reconciler = Reconciler(ledger_pool, codec, ledger.settings)
-    while (await state_of(pool, pid))[0] != "Review" and await reconciler.tick():
-        pass
+    assert deadline == ledger.settings.review_after  # counted from the request
+    reconciler = reconciler_of(ledger, ledger_pool, [pid])
+    clock.advance(ledger.settings.review_after.total_seconds() - 10)
+    assert await reconciler.tick() == 0 and (await state_of(pool, pid))[0] == "Requested"  # not yet due
+    clock.advance(11)
+    assert await reconciler.tick() == 1
     assert (await state_of(pool, pid))[0] == "Review"
 
 
-async def test_a_fact_whose_payment_never_comes_is_surfaced_by_the_parked_fact_gauges(ledger, pool, ledger_pool, codec,
+async def test_a_fact_whose_payment_never_comes_is_surfaced_by_the_parked_fact_gauges(ledger, pool, ledger_pool, clock,
                                                                                       unique):
-    from services.ledger.reconciler import OLDEST_WAITING, WAITING, Reconciler
+    from services.ledger.reconciler import OLDEST_WAITING, WAITING
     pid = str(uuid.uuid4())
     await ledger.handle_batch([callback(f"ch-{unique}", pid, success(f"ws_CO_{unique}", receipt=receipt(unique)))])
-    async with pool.connection() as conn:  # as if it had waited an hour
-        await conn.execute("UPDATE parked_facts SET parked_at = now() - interval '1 hour' WHERE payment_id = %s", (pid,))
+    clock.advance(3600)  # as if it had waited an hour
     try:
-        await Reconciler(ledger_pool, codec, ledger.settings).tick()
+        await reconciler_of(ledger, ledger_pool, [pid]).tick()
         assert WAITING._value.get() >= 1
         assert OLDEST_WAITING._value.get() >= 3600
     finally:
@@ -193,11 +209,13 @@ async def test_an_invalid_request_on_the_topic_ends_failed_never_pushed(ledger, 
 async def test_the_audit_verify_command_reports_an_intact_chain(ledger, pool, infra, unique):
     import subprocess
     import sys
+
     from tests.conftest import ROOT
     await ledger.handle_batch([requested(f"ch-{unique}", str(uuid.uuid4()))])
     async with pool.connection() as conn:
         last = (await (await conn.execute("SELECT max(seq) FROM audit_log")).fetchone())[0]
-    result = subprocess.run([sys.executable, "-m", "services.cli", "audit", "verify", "--from", str(max(last - 100, 1))],
+    result = subprocess.run([sys.executable, "-m", "services.cli", "audit", "verify", "--from",
+                             str(max(last - 100, 1))],
                             cwd=ROOT,
                             capture_output=True, text=True, env={
                                 "DATABASE_URL": database_url_of(infra, "auditor"), "PATH": "/usr/bin",
@@ -245,7 +263,7 @@ async def test_editing_an_audit_row_makes_verification_fail(ledger, pool, unique
 
 
 async def test_rows_handed_over_while_the_relay_publishes_go_out_next_not_after_the_idle_poll():
-    relay = OutboxRelay(pool=None, producer=None, idle_poll_s=30)
+    relay = OutboxRelay(pool=None, producer=cast(EventProducer, None), idle_poll_s=30)  # both replaced below
     published = []
 
     async def publish(rows):
@@ -259,7 +277,8 @@ async def test_rows_handed_over_while_the_relay_publishes_go_out_next_not_after_
         scans.append(older_than_s)
         return 0
 
-    relay.publish, relay.publish_stale = publish, publish_stale
+    setattr(relay, "publish", publish)  # noqa: B010 (mypy: assigning a method)
+    setattr(relay, "publish_stale", publish_stale)  # noqa: B010
     stop = asyncio.Event()
     running = asyncio.create_task(relay.run(stop))
 
@@ -290,7 +309,7 @@ async def test_committed_status_events_are_handed_to_the_relay_and_published_wit
         scans.append(await scan(older_than_s))
         return scans[-1]
 
-    relay.publish_stale = counted_scan
+    setattr(relay, "publish_stale", counted_scan)  # noqa: B010 (mypy: assigning a method)
     stop = asyncio.Event()
     running = asyncio.create_task(relay.run(stop))
 
@@ -318,7 +337,8 @@ async def test_one_event_the_database_refuses_is_rejected_alone_and_the_rest_of_
     bad = requested(channel, other)
     bad.value["event_id"] = "not-a-uuid"  # a producer's bug: the column is a uuid
     rejections = await ledger.handle_batch([requested(channel, pid), bad, accepted(channel, pid, f"ws_CO_{unique}")])
-    assert [(r.event.value["payment_id"], type(r.error).__name__) for r in rejections] == [(other, "InvalidTextRepresentation")]
+    assert [(r.event.value["payment_id"], type(r.error).__name__) for r in rejections] == [
+        (other, "InvalidTextRepresentation")]
     assert await state_of(pool, pid) == ("Pending", None)
     assert await state_of(pool, other) is None
 
@@ -332,7 +352,8 @@ async def test_a_refused_event_is_found_by_halving_the_batch_not_by_applying_it_
     assert [r.event for r in rejections] == [events[37]]
     assert len(transactions) <= 1 + 2 * 6  # the whole batch, then two halves per level down to one event
     async with pool.connection() as conn:
-        created = await (await conn.execute("SELECT count(*) FROM payments WHERE channel_id = %s", (channel,))).fetchone()
+        created = await (await conn.execute("SELECT count(*) FROM payments WHERE channel_id = %s",
+                                            (channel,))).fetchone()
     assert created[0] == 63
 
 
@@ -355,7 +376,7 @@ async def test_after_a_failed_publish_the_relay_catches_up_from_the_table_in_ord
     key = f"ch-{unique}".encode()
     rows = [(PAYMENT_STATUS.name, key, f"{unique}-{n}".encode()) for n in range(3)]
     producer = FailingOnce()
-    relay = OutboxRelay(pool, producer, idle_poll_s=30, stale_after_s=30)
+    relay = OutboxRelay(pool, cast(EventProducer, producer), idle_poll_s=30, stale_after_s=30)  # a stand-in
     async with pool.connection() as conn, conn.transaction():
         first_two = await store.enqueue(conn, rows[:2])
     stop = asyncio.Event()
@@ -384,32 +405,55 @@ async def test_after_a_failed_publish_the_relay_catches_up_from_the_table_in_ord
 
 
 async def test_a_payment_the_reconciler_cannot_reconcile_is_set_aside_and_the_others_go_on(
-        ledger, pool, ledger_pool, codec, unique, monkeypatch):
+        ledger, pool, ledger_pool, clock, unique, monkeypatch):
     """One payment whose reconciliation raises (a bug, a row an older version wrote) used to roll back
     every payment of the tick, first in line forever, and the error stopped the ledger: every() lets
     only a database outage pass."""
-    from services.ledger.reconciler import SET_ASIDE, Reconciler
+    from services.ledger.reconciler import SET_ASIDE
     bad, good = str(uuid.uuid4()), str(uuid.uuid4())
-    await ledger.handle_batch([requested(f"ch-{unique}", bad), requested(f"ch-{unique}", good)])
-    async with pool.connection() as conn:  # both past their deadline, the bad one first in line
-        await conn.execute("UPDATE payments SET requested_at = now() - interval '1 day', next_query_at = now()"
-                           " - CASE WHEN payment_id = %s THEN interval '2 days' ELSE interval '1 day' END"
-                           " WHERE payment_id = ANY(%s)", (bad, [bad, good]))
-    reconciler = Reconciler(ledger_pool, codec, ledger.settings)
-    reconcile = reconciler._reconcile
+    await ledger.handle_batch([requested(f"ch-{unique}", bad)])
+    await ledger.handle_batch([requested(f"ch-{unique}", good)])  # requested later: the bad one is first in line
+    clock.advance(ledger.settings.review_after.total_seconds() + 60)  # both past their deadline
+    reconciler = reconciler_of(ledger, ledger_pool, [bad, good])
+    reconcile = application.Batch.reconcile
 
-    async def failing_for_bad(batch, row):
-        if row["payment_id"] == bad:
+    async def failing_for_bad(batch, record):
+        if record.payment_id == bad:
             raise RuntimeError("cannot reconcile this one")
-        return await reconcile(batch, row)
+        return await reconcile(batch, record)
 
-    monkeypatch.setattr(reconciler, "_reconcile", failing_for_bad)
+    monkeypatch.setattr(application.Batch, "reconcile", failing_for_bad)
     set_aside_before = SET_ASIDE._value.get()
     while (await state_of(pool, good))[0] != "Review" and await reconciler.tick():
         pass
     assert (await state_of(pool, good))[0] == "Review"
     assert (await state_of(pool, bad))[0] == "Requested"
     async with pool.connection() as conn:
-        later, = await (await conn.execute("SELECT next_query_at > now() FROM payments WHERE payment_id = %s",
-                                           (bad,))).fetchone()
+        later, = await (await conn.execute("SELECT next_query_at > %s FROM payments WHERE payment_id = %s",
+                                           (clock.now(), bad))).fetchone()
     assert later and SET_ASIDE._value.get() > set_aside_before
+
+
+async def test_a_success_after_a_cancel_keeps_its_receipt_in_the_row_and_in_the_published_status_event(
+        ledger_pool, pool, codec, producer, kafka_bootstrap, clock, unique):
+    """Issue #12: the receipt proving money moved after a cancel was dropped from the row and the
+    status event. Through the real ledger, outbox and relay to the status topic."""
+    relay = OutboxRelay(ledger_pool, producer)
+    handed: list[list[OutboxRow]] = []
+    ledger = Ledger(ledger_pool, codec, clock=clock, on_commit=handed.append)
+    channel, pid, checkout = f"ch-{unique}", str(uuid.uuid4()), f"ws_CO_{unique}"
+    mark = end_offsets(kafka_bootstrap, PAYMENT_STATUS.name)
+    await ledger.handle_batch([requested(channel, pid), accepted(channel, pid, checkout),
+                               callback(channel, pid, failure(checkout, 1032))])
+    await ledger.handle_batch([callback(channel, pid, success(checkout, receipt=receipt(unique)))])
+    async with pool.connection() as conn:
+        row = await (await conn.execute("SELECT state, late_receipt, mpesa_receipt FROM payments WHERE payment_id = %s",
+                                        (pid,))).fetchone()
+    assert row == ("Review", receipt(unique), None)
+    for rows in handed:  # the relay's fast path: what each commit handed over
+        await relay.publish(rows)
+    messages = await asyncio.to_thread(read_all, kafka_bootstrap, PAYMENT_STATUS.name,
+                                       lambda m: m.key() == channel.encode(), expected=4, since=mark)
+    statuses = [codec.decode(m.value())[1] for m in messages]
+    assert [(s["status"], s["late_mpesa_receipt"]) for s in statuses] == [
+        ("Requested", None), ("Pending", None), ("Cancelled", None), ("Review", receipt(unique))]

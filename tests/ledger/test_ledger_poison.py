@@ -9,11 +9,9 @@ import pytest
 
 from services.common.kafka import Transient, new_event_fields
 from services.common.topics import STK_QUERY_RESULT
-from services.ledger import state_machine as sm
-from services.ledger import store
+from services.ledger import state_machine as sm, store
 from tests.ledger.callbacks import failure, success
-from tests.ledger.test_ledger_db import (accepted, callback, count_transactions, event, ledger,  # noqa: F401
-                                        receipt, requested, state_of)
+from tests.ledger.test_ledger_db import accepted, callback, count_transactions, event, receipt, requested, state_of
 
 DEEP = b'{"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_x", "ResultCode": 0, "x": ' + \
     b"[" * 30_000 + b"]" * 30_000 + b"}}}"
@@ -36,7 +34,7 @@ async def test_poison_events_among_good_ones_are_dead_lettered_alone_and_the_oth
     one, other = f"ch-{unique}", f"ch2-{unique}"
     a, b = str(uuid.uuid4()), str(uuid.uuid4())
     shapeless = accepted(one, a, f"ws_CO_a{unique}")
-    del shapeless.value["checkout_request_id"]  # a producer's bug: fact_of raises KeyError, not NotAFact
+    del shapeless.value["checkout_request_id"]  # a producer's bug: input_of raises KeyError, not NotAFact
     nested = callback(one, a, DEEP)  # json.loads raised RecursionError
     nan = callback(one, a, success(f"ws_CO_a{unique}").replace(b"100.0", b"NaN"))
     batch = [requested(one, a), shapeless, nested, nan, accepted(one, a, f"ws_CO_a{unique}"),
@@ -59,10 +57,10 @@ async def test_an_exception_raised_while_deciding_one_event_isolates_it_in_a_few
     poison_body = success(checkout, receipt="POISON0000")
     decide = sm.decide
 
-    def decide_failing_on_the_poison(payment, fact):
+    def decide_failing_on_the_poison(payment, fact, owners=None):
         if isinstance(fact, sm.CallbackReceived) and fact.callback.receipt == "POISON0000":
             raise ArithmeticError("a bug the event's content triggers")
-        return decide(payment, fact)
+        return decide(payment, fact, owners)
 
     monkeypatch.setattr(sm, "decide", decide_failing_on_the_poison)
     target = str(uuid.uuid4())
@@ -79,7 +77,8 @@ async def test_an_exception_raised_while_deciding_one_event_isolates_it_in_a_few
     assert len(transactions) <= 1 + 2 * 5  # 32 events: the batch, then two halves per level down to one
     assert await state_of(pool, target) == ("Cancelled", None)
     async with pool.connection() as conn:
-        created = await (await conn.execute("SELECT count(*) FROM payments WHERE channel_id = %s", (channel,))).fetchone()
+        created = await (await conn.execute("SELECT count(*) FROM payments WHERE channel_id = %s",
+                                            (channel,))).fetchone()
     assert created[0] == 29
     assert [verdict for _, verdict, _ in await audit_of(pool, target)] == ["applied", "applied", "applied"]
 
@@ -136,7 +135,8 @@ async def test_a_parked_fact_that_cannot_be_read_any_more_stays_parked_and_its_p
         assert await ledger.handle_batch([requested(f"ch-{unique}", pid)]) == []
         assert (await state_of(pool, pid))[0] == "Requested"
         async with pool.connection() as conn:
-            left = await (await conn.execute("SELECT count(*) FROM parked_facts WHERE event_id = %s", (parked,))).fetchone()
+            left = await (await conn.execute("SELECT count(*) FROM parked_facts WHERE event_id = %s",
+                                             (parked,))).fetchone()
         assert left[0] == 1  # still there, counted by the parked-fact gauges
     finally:
         async with pool.connection() as conn:

@@ -1,0 +1,53 @@
+"""The ledger's configuration: environment variables, read once at start into `LedgerConfig`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from services.common import config
+from services.ledger.deadlines import LedgerSettings
+
+SETTINGS = [
+    config.KAFKA_BOOTSTRAP,
+    config.database_url("ledger"),
+    config.TOPIC_PARTITIONS,
+    config.METRICS_HOST,
+    config.Setting("LEDGER_GROUP_ID", str, "ledger", help="Kafka consumer group"),
+    config.Setting("LEDGER_METRICS_PORT", config.port, 9102, help="port of /metrics and /healthz"),
+    config.Setting("LEDGER_MAX_IN_FLIGHT", config.positive_int, 2,
+                   help="batches applied at once while behind (per-payment locks keep them apart)"),
+    config.Setting("LEDGER_QUERY_AFTER_S", config.positive_float, 90.0, help="Pending this long: start STK queries"),
+    config.Setting("LEDGER_REVIEW_AFTER_S", config.positive_float, 900.0,
+                   help="no final answer this long after the request: Review"),
+    config.Setting("LEDGER_STALLED_AFTER_S", config.positive_float, 60.0,
+                   help="/healthz fails once the consumer has held one batch this long (retrying it)"),
+    config.Setting("LEDGER_CALLBACK_TTL_AFTER_FINAL_S", config.positive_float, 86400.0,
+                   help="callbacks for a payment final longer than this are refused (its URL has expired)"),
+    config.Setting("LEDGER_CHANNEL_CACHE_TTL_S", config.positive_float, 5.0,
+                   help="how long a channel's confirm-by-query setting is cached"),
+    config.Setting("LEDGER_PROCESSED_RETENTION_DAYS", config.positive_float, 30.0,
+                   help="processed-event ids kept this long to drop redeliveries; above the topics' retention"),
+]
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    kafka_bootstrap_servers: str
+    database_url: str
+    kafka_topic_partitions: int
+    metrics_host: str
+    ledger_group_id: str
+    ledger_metrics_port: int
+    ledger_max_in_flight: int
+    ledger_query_after_s: float
+    ledger_review_after_s: float
+    ledger_stalled_after_s: float
+    ledger_callback_ttl_after_final_s: float
+    ledger_channel_cache_ttl_s: float
+    ledger_processed_retention_days: float
+
+    def ledger_settings(self) -> LedgerSettings:
+        return LedgerSettings(first_query_after=timedelta(seconds=self.ledger_query_after_s),
+                              review_after=timedelta(seconds=self.ledger_review_after_s),
+                              callback_ttl_after_final=timedelta(seconds=self.ledger_callback_ttl_after_final_s),
+                              channel_cache_ttl_s=self.ledger_channel_cache_ttl_s)

@@ -1,0 +1,219 @@
+"""The ledger's application service through the in-memory unit of work and a fake clock: no broker,
+no database. Both entry points: the facts the consumer brings, and the reconciler's timer."""
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+
+from services.common.avro import Codec
+from services.common.kafka import ConsumedEvent, new_event_fields
+from services.common.topics import PAYMENT_STATUS, STK_PUSH_RESULT, STK_QUERY_REQUESTED
+from services.ledger.application import LedgerService
+from services.ledger.deadlines import LedgerSettings
+from services.ledger.facts import input_of
+from services.ledger.service import DEFAULTS, Ledger
+from tests.ledger.callbacks import failure, success
+from tests.ledger.fakes import InMemoryLedgerStore, InMemoryUnitOfWork
+from tests.ledger.test_ledger_db import accepted, callback, requested
+
+
+def refused(channel, payment_id, code="500.001.1001", message="Merchant does not exist"):
+    return ConsumedEvent(STK_PUSH_RESULT.name, 0, 0, channel.encode(), "stk_push_result", {
+        **new_event_fields(channel, payment_id), "outcome": "REFUSED", "merchant_request_id": None,
+        "checkout_request_id": None, "error_code": code, "error_message": message, "attempts": 4})
+
+
+class Setup:
+    def __init__(self, clock, settings: LedgerSettings = DEFAULTS):
+        self.store, self.clock, self.codec = InMemoryLedgerStore(), clock, Codec()
+        self.service = LedgerService(self.store.unit_of_work, self.codec, settings, clock)
+        self.channel, self.pid = f"ch-{uuid.uuid4().hex[:12]}", str(uuid.uuid4())
+        self.checkout, self.receipt = f"ws_CO_{uuid.uuid4().hex}", uuid.uuid4().hex[:10].upper()
+
+    async def apply(self, *events: ConsumedEvent, as_dated: bool = False) -> set[str]:
+        for e in events:  # the request's time is the fake clock's, unless the test dated it
+            if e.schema == "payment_requested" and not as_dated:
+                e.value["occurred_at"] = self.clock.now()
+        return await self.service.apply([input_of(e.topic, e.schema, e.value, self.codec.encode(e.schema, e.value))
+                                         for e in events])
+
+    @property
+    def payment(self):
+        return self.store.tables.payments[self.pid]
+
+    def outbox(self, topic):
+        return [self.codec.decode(payload)[1] for _, t, _, payload in self.store.tables.outbox if t == topic.name]
+
+    async def reconcile_until_final(self, step_s: float = 1.0, limit_s: float = 3600) -> None:
+        """The reconciler's timer, ticking every step_s on the fake clock."""
+        for _ in range(int(limit_s / step_s)):
+            if self.payment.state not in ("Requested", "Pending"):
+                return
+            self.clock.advance(step_s)
+            due = self.payment.next_query_at is not None and self.payment.next_query_at <= self.clock.now()
+            assert await self.service.reconcile([self.pid]) == int(due)
+
+
+@pytest.fixture
+def setup(clock):
+    return Setup(clock)
+
+
+async def test_a_requested_pushed_and_paid_payment_settles_and_a_redelivery_changes_nothing(setup):
+    s = setup
+    facts = [requested(s.channel, s.pid), accepted(s.channel, s.pid, s.checkout),
+             callback(s.channel, s.pid, success(s.checkout, receipt=s.receipt))]
+    assert len(await s.apply(*facts)) == 3
+    assert (s.payment.state, s.payment.mpesa_receipt) == ("Settled", s.receipt)
+    assert await s.apply(*facts) == set()
+    assert [h[1] for h in s.store.tables.history] == ["Requested", "Pending", "Settled"]
+    assert [e["status"] for e in s.outbox(PAYMENT_STATUS)] == ["Requested", "Pending", "Settled"]
+
+
+async def test_a_callback_before_its_payment_waits_parked_and_then_settles(setup):
+    s = setup
+    await s.apply(callback(s.channel, s.pid, success(s.checkout, receipt=s.receipt)))
+    assert s.pid not in s.store.tables.payments and len(s.store.tables.parked) == 1
+    await s.apply(requested(s.channel, s.pid))
+    await s.apply(accepted(s.channel, s.pid, s.checkout))
+    assert (s.payment.state, s.payment.mpesa_receipt, s.store.tables.parked) == ("Settled", s.receipt, {})
+
+
+async def test_a_success_after_a_cancel_keeps_its_receipt_in_the_row_and_in_the_status_event(setup):
+    s = setup
+    await s.apply(requested(s.channel, s.pid), accepted(s.channel, s.pid, s.checkout),
+                  callback(s.channel, s.pid, failure(s.checkout, 1032)))
+    await s.apply(callback(s.channel, s.pid, success(s.checkout, receipt=s.receipt)))
+    assert (s.payment.state, s.payment.late_receipt, s.payment.mpesa_receipt) == ("Review", s.receipt, None)
+    last = s.outbox(PAYMENT_STATUS)[-1]
+    assert (last["status"], last["previous_status"], last["late_mpesa_receipt"]) == ("Review", "Cancelled", s.receipt)
+    assert last["schema_version"] == 2
+
+
+async def test_a_receipt_another_payment_holds_sends_the_second_to_review(setup):
+    s, other = setup, str(uuid.uuid4())
+    await s.apply(requested(s.channel, s.pid), requested(s.channel, other), accepted(s.channel, s.pid, s.checkout),
+                  accepted(s.channel, other, s.checkout + "b"),
+                  callback(s.channel, s.pid, success(s.checkout, receipt=s.receipt)))
+    await s.apply(callback(s.channel, other, success(s.checkout + "b", receipt=s.receipt)))
+    assert s.store.tables.payments[other].state == "Review"
+    assert s.store.tables.payments[other].review_alert == "receipt_reused"
+
+
+@pytest.mark.parametrize("review_after_s, push_after_s", [(300, 200), (240, 5), (900, 600)])
+async def test_the_review_deadline_counts_from_the_request_whenever_the_push_result_came(
+        clock, review_after_s, push_after_s):
+    """Issue #19: a payment reached Review 370 s after its request with 300 s set (its deadline
+    counted from the unknown push outcome), another 353 s after with 240 s (its queries backed off
+    past the deadline). The reconciler ticks each second; Review must come at the deadline."""
+    s = Setup(clock, LedgerSettings(review_after=timedelta(seconds=review_after_s)))
+    requested_at = clock.now()
+    await s.apply(requested(s.channel, s.pid))
+    clock.advance(push_after_s)
+    await s.apply(accepted(s.channel, s.pid, s.checkout))
+    await s.reconcile_until_final()
+    assert s.payment.state == "Review"
+    assert s.payment.next_query_at is None and clock.now() - requested_at == timedelta(seconds=review_after_s)
+    assert all(q["reason"] == "PENDING_TOO_LONG" for q in s.outbox(STK_QUERY_REQUESTED))
+
+
+async def test_an_unknown_push_outcome_recorded_late_is_reviewed_at_the_requests_deadline(clock):
+    s = Setup(clock, LedgerSettings(review_after=timedelta(seconds=300)))
+    requested_at = clock.now()
+    await s.apply(requested(s.channel, s.pid))
+    clock.advance(200)
+    await s.apply(ConsumedEvent(STK_PUSH_RESULT.name, 0, 0, None, "stk_push_result", {
+        **new_event_fields(s.channel, s.pid), "outcome": "OUTCOME_UNKNOWN", "merchant_request_id": None,
+        "checkout_request_id": None, "error_code": None, "error_message": "read timeout", "attempts": 1}))
+    assert s.payment.next_query_at == requested_at + timedelta(seconds=290)
+    await s.reconcile_until_final()
+    assert (s.payment.state, clock.now() - requested_at) == ("Review", timedelta(seconds=300))
+
+
+async def test_a_review_the_deadline_alone_caused_ends_failed_when_daraja_refuses_the_push(setup):
+    s = setup
+    await s.apply(requested(s.channel, s.pid))
+    await s.reconcile_until_final(step_s=60)  # the push is being retried: no result until past the deadline
+    assert (s.payment.state, s.payment.review_alert) == ("Review", "unresolved")
+    await s.apply(refused(s.channel, s.pid))
+    assert (s.payment.state, s.payment.result_code, s.payment.final_at) == ("Failed", "500.001.1001", s.clock.now())
+    audit = [(a["fact"], a["verdict"], a["from_state"], a["to_state"]) for a in s.store.tables.audit]
+    assert audit[-2:] == [("ReconciliationExpired", "applied", "Requested", "Review"),
+                          ("PushRefused", "applied", "Review", "Failed")]
+    last = s.outbox(PAYMENT_STATUS)[-1]
+    assert (last["status"], last["previous_status"]) == ("Failed", "Review") and "never prompted" in last["reason"]
+
+
+async def test_a_review_after_an_accepted_push_stays_review_when_a_refusal_arrives(setup):
+    s = setup
+    await s.apply(requested(s.channel, s.pid), accepted(s.channel, s.pid, s.checkout))
+    await s.reconcile_until_final(step_s=60)
+    assert s.payment.state == "Review"
+    await s.apply(refused(s.channel, s.pid))
+    assert s.payment.state == "Review"
+    assert s.store.tables.audit[-1]["verdict"] == "duplicate"
+
+
+async def test_a_payment_reconciled_by_another_ledger_meanwhile_is_left_alone(setup):
+    s = setup
+    await s.apply(requested(s.channel, s.pid), accepted(s.channel, s.pid, s.checkout))
+    assert await s.service.reconcile([s.pid]) == 0  # not due yet: nothing asked, nothing moved
+    assert s.outbox(STK_QUERY_REQUESTED) == [] and s.payment.query_attempts == 0
+
+
+async def test_the_kafka_adapter_refuses_an_event_that_is_no_ledger_input_and_applies_the_rest(clock):
+    store = InMemoryLedgerStore()
+    ledger = Ledger(None, Codec(), clock=clock, unit_of_work=store.unit_of_work)
+    channel, pid = f"ch-{uuid.uuid4().hex[:12]}", str(uuid.uuid4())
+    bad = requested(channel, str(uuid.uuid4()))
+    del bad.value["payment_id"]
+    rejections = await ledger.handle_batch([bad, requested(channel, pid)])
+    assert [(r.event, type(r.error).__name__) for r in rejections] == [(bad, "NotAFact")]
+    assert store.tables.payments[pid].state == "Requested"
+    assert bad.value["event_id"] in store.tables.processed  # refused once: a redelivery is not refused again
+    assert await ledger.handle_batch([bad]) == []
+
+
+async def test_a_request_dated_in_the_future_is_reviewed_at_the_deadline_from_when_it_was_recorded(setup):
+    """A producer's clock ahead (or a forgery produced straight to the topic) must not put the
+    review off: the deadline counts from the request, but never from a time still to come."""
+    s = setup
+    future = requested(s.channel, s.pid)
+    future.value["occurred_at"] = s.clock.now() + timedelta(days=365)
+    recorded_at = s.clock.now()
+    await s.apply(future, as_dated=True)
+    assert s.payment.requested_at == recorded_at
+    await s.reconcile_until_final(step_s=10)
+    assert (s.payment.state, s.clock.now() - recorded_at) == ("Review", s.service.settings.review_after)
+
+
+async def test_bootstrap_builds_both_entry_points_on_one_application_service(clock):
+    from services.ledger import bootstrap
+    store = InMemoryLedgerStore()
+    parts = bootstrap.build(None, Codec(), LedgerSettings(), clock=clock, unit_of_work=store.unit_of_work)
+    assert parts.consumer.service is parts.service is parts.reconciler.service
+    channel, pid = f"ch-{uuid.uuid4().hex[:12]}", str(uuid.uuid4())
+    assert await parts.consumer.handle_batch([requested(channel, pid)]) == []
+    assert store.tables.payments[pid].next_query_at == store.tables.payments[pid].requested_at + \
+        parts.service.settings.review_after
+
+
+async def test_a_batch_reads_the_owners_of_the_facts_it_may_unpark_in_one_go(setup, monkeypatch):
+    """A backlog parks most callbacks until their payment comes (bench/ledger_bench.py): reading the
+    owners of each one's receipt when it is un-parked cost a database round trip per callback."""
+    s, payments = setup, [(str(uuid.uuid4()), f"ws_CO_{uuid.uuid4().hex}") for _ in range(5)]
+    await s.apply(*(callback(s.channel, pid, success(co, receipt=uuid.uuid4().hex[:10].upper()))
+                    for pid, co in payments))
+    reads = []
+    owners = InMemoryUnitOfWork.owners
+
+    async def counted(self, receipts, checkout_ids):
+        reads.append((receipts, checkout_ids))
+        return await owners(self, receipts, checkout_ids)
+
+    monkeypatch.setattr(InMemoryUnitOfWork, "owners", counted)
+    await s.apply(*(e for pid, co in payments for e in (requested(s.channel, pid), accepted(s.channel, pid, co))))
+    assert all(s.store.tables.payments[pid].state == "Settled" for pid, _ in payments)
+    assert len(reads) == 1 + 1  # the open's own read, and one for the five parked callbacks
