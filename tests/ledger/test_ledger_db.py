@@ -7,6 +7,7 @@ import uuid
 from typing import cast
 
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
 from services.common.kafka import ConsumedEvent, EventProducer, PublishError, new_event_fields
 from services.common.topics import CALLBACK_RAW, PAYMENT_REQUESTED, PAYMENT_STATUS, STK_PUSH_RESULT
@@ -263,7 +264,8 @@ async def test_editing_an_audit_row_makes_verification_fail(ledger, pool, unique
 
 
 async def test_rows_handed_over_while_the_relay_publishes_go_out_next_not_after_the_idle_poll():
-    relay = OutboxRelay(pool=None, producer=cast(EventProducer, None), idle_poll_s=30)  # both replaced below
+    relay = OutboxRelay(pool=cast(AsyncConnectionPool, None), producer=cast(EventProducer, None),
+                        idle_poll_s=30)  # both replaced below
     published = []
 
     async def publish(rows):
