@@ -31,6 +31,8 @@ from services.stk_worker.throttle import ShortcodeThrottle
 log = logging.getLogger(__name__)
 PUSHES = Counter("stk_pushes_total", "STK push outcomes", ["outcome"])
 QUERIES = Counter("stk_queries_total", "STK query outcomes", ["status"])
+REPORTED_EARLY = Counter("stk_push_results_reported_before_recorded_total",
+                         "Daraja's answers published while the database could not record them")
 SPIKE_ARREST = "500.003.02"
 QUERY_STATUS = {QueryStatus.FINAL_SUCCESS: "SUCCESS", QueryStatus.FINAL_FAILURE: "FAILED",
                 QueryStatus.STILL_PROCESSING: "PROCESSING"}
@@ -50,7 +52,7 @@ class PushSettings:
     # retried later rather than holding its batch.
     owner_wait_max_s: float = 60.0
     owner_poll_s: float = 0.5
-    store_backoff_max_s: float = 10.0
+    store_backoff_max_s: float = 2.0  # a failed try is cheap; the end of an outage is noticed within this
     # After a stop, how long Daraja's answers still in hand are offered to PostgreSQL.
     stop_grace_s: float = 20.0
 
@@ -187,7 +189,9 @@ class Pusher:
             if not await self._store(functools.partial(self.claims.release, payment_id), "release", payment_id):
                 log.warning("push of %s: claim not released; it will be reconciled as unknown", payment_id)
             raise
-        if not await self._store(functools.partial(self.claims.finish, payment_id, outcome), "record", payment_id):
+        report_early = functools.partial(self._report_early, payment_id, channel.channel_id, outcome)
+        if not await self._store(functools.partial(self.claims.finish, payment_id, outcome), "record", payment_id,
+                                 on_first_failure=report_early):
             log.error("push of %s: Daraja's answer %s (CheckoutRequestID %s) could not be recorded before the "
                       "worker stopped", payment_id, outcome.status.value, outcome.checkout_request_id)
             raise AnswerNotRecorded(payment_id)
@@ -226,7 +230,23 @@ class Pusher:
         while (wait_s := self.throttle.take(shortcode, rate_per_s)) > 0:
             await pause(self.clock, self.stop, wait_s)
 
-    async def _store(self, step: Callable[[], Awaitable[None]], what: str, payment_id: str) -> bool:
+    async def _report_early(self, payment_id: str, channel_id: str, outcome: PushOutcome) -> None:
+        """Daraja's answer goes to the ledger while the database cannot take it. Held only in this
+        process's memory, it would die with the process (a deploy, a kill, the OOM killer) and the
+        payment could then only wait for its callback: its claim would say outcome unknown, with
+        no CheckoutRequestID to query. On Kafka it is durable. The record is still retried; the
+        result is reported again once recorded, which the ledger takes as a duplicate
+        (docs/stk-worker.md, "Recording the answer")."""
+        try:
+            await self._publish({"channel_id": channel_id, "payment_id": payment_id}, outcome)
+        except Exception as exc:  # best effort: the answer is still held and its record retried
+            log.warning("push of %s: early report failed: %s: %s", payment_id, type(exc).__name__,
+                        untrusted(str(exc)))
+        else:
+            REPORTED_EARLY.inc()
+
+    async def _store(self, step: Callable[[], Awaitable[None]], what: str, payment_id: str,
+                     on_first_failure: Callable[[], Awaitable[None]] | None = None) -> bool:
         """Runs `step` until it succeeds: Daraja's answer is held, never dropped, across a database
         outage. Only a stopping worker gives up, `stop_grace_s` after the stop."""
         delay, tries, give_up_at = 0.1, 0, None
@@ -236,6 +256,8 @@ class Pusher:
                 return True
             except Exception as exc:
                 tries += 1
+                if tries == 1 and on_first_failure is not None:
+                    await on_first_failure()
                 if self.stop.is_set():
                     give_up_at = give_up_at or self.clock.monotonic() + self.settings.stop_grace_s
                     if self.clock.monotonic() >= give_up_at:

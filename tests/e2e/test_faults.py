@@ -5,7 +5,8 @@ first STK worker is killed with SIGKILL and restarted.
 
 The sandbox is the witness: it logs every push it received, when, the CheckoutRequestID it answered
 and the outcome it chose. Against it the test checks that each payment was pushed at most once, that
-no claim lost Daraja's answer (outcome unknown) unless its push was in flight in the killed worker,
+no accepted push's CheckoutRequestID was lost (neither its claim nor a push result holds it) unless
+the push was in flight in the killed worker,
 and that every payment ends in the state its outcome calls for, none in Review when Daraja answered.
 """
 from __future__ import annotations
@@ -121,7 +122,7 @@ class Faults:
 @dataclass
 class Outcome:
     pushed_twice: list[str]
-    lost_answers: list[dict]  # accepted pushes whose claim says outcome unknown, not in flight at a kill
+    lost_answers: list[dict]  # accepted pushes whose CheckoutRequestID nothing durable holds, not in flight at a kill
     wrong_claims: dict[str, tuple]
     wrong_states: dict[str, tuple]
 
@@ -158,8 +159,12 @@ async def pay_through(stack: Stack, pool, faults: Faults,
 
     unknown = [pid for pid in paid if claims.get(pid, {}).get("status") == "unknown"
                or any(r["outcome"] == "OUTCOME_UNKNOWN" for r in results[pid])]
-    lost = [accepted[paid[pid]][0] for pid in unknown
-            if accepted[paid[pid]] and not faults.in_flight_at_the_kill(accepted[paid[pid]][0])]
+    # Daraja's answer is lost when nothing durable carries its CheckoutRequestID: neither the claim
+    # nor a push result on Kafka (a worker that cannot record an answer reports it at once).
+    known = {pid for pid in paid if claims.get(pid, {}).get("checkout_request_id")
+             or any(r["outcome"] == "ACCEPTED" for r in results[pid])}
+    lost = [accepted[paid[pid]][0] for pid in unknown if pid not in known
+            and accepted[paid[pid]] and not faults.in_flight_at_the_kill(accepted[paid[pid]][0])]
     answered = {ref: pushes[0]["CheckoutRequestID"] for ref, pushes in accepted.items() if pushes}
     recorded = [(pid, claims[pid]["checkout_request_id"]) for pid in paid if claims[pid]["status"] == "accepted"]
     recorded += [(pid, r["checkout_request_id"]) for pid in paid for r in results[pid] if r["outcome"] == "ACCEPTED"]

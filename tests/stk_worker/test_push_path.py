@@ -199,6 +199,29 @@ class TestDarajasAnswerIsNeverForgotten:
         outcome = r.claims.rows[request["payment_id"]].outcome
         assert outcome is not None and outcome.checkout_request_id == "ws_CO_4"
 
+    async def test_an_answer_the_database_cannot_take_is_reported_at_once_and_still_recorded(self):
+        """Held only in memory, the answer would die with the process; on Kafka it reaches the ledger."""
+        r = await rig(accepted(7))
+        r.claims.fail_finishes = 3
+        request = a_request()
+        claim_when_published: list[ClaimStatus | None] = []
+        publish = r.publisher.publish
+
+        async def noting_the_claim(topic, record):
+            row = r.claims.rows.get(request["payment_id"])
+            claim_when_published.append(row.status if row else None)
+            await publish(topic, record)
+        r.publisher.publish = noting_the_claim  # type: ignore[method-assign]  # the test scripts what this step does
+        await r.push(request)
+        assert [(x["outcome"], x["checkout_request_id"]) for x in r.results()] == [("ACCEPTED", "ws_CO_7")] * 2
+        assert claim_when_published == [ClaimStatus.CLAIMED, ClaimStatus.ACCEPTED]  # before the record, then after
+        assert r.claims.finish_calls == 4 and len(r.daraja.pushes) == 1
+
+    async def test_an_answer_recorded_at_the_first_try_is_reported_once(self):
+        r = await rig(accepted(8))
+        await r.push(a_request())
+        assert len(r.results()) == 1
+
     async def test_the_answer_is_held_through_a_long_database_outage(self):
         r = await rig(accepted(5))
 
