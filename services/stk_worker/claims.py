@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 
@@ -104,6 +105,16 @@ class PostgresClaims:
         return seen if isinstance(seen, PushOutcome) else None
 
     async def beat(self) -> None:
+        try:
+            await self._beat()
+        except psycopg.OperationalError:
+            # A PostgreSQL restart leaves the pool's idle connections broken, each failing once when
+            # next used. Beats taking them one at a time, 2 s apart, could stay silent longer than
+            # other workers wait before judging this one gone: clear them all, then beat again.
+            await self.pool.check()
+            await self._beat()
+
+    async def _beat(self) -> None:
         async with self.pool.connection() as conn:
             await conn.execute(
                 "INSERT INTO stk_worker_instances (instance_id) VALUES (%s) ON CONFLICT (instance_id)"

@@ -340,3 +340,21 @@ async def test_a_claim_whose_worker_stopped_beating_is_an_unknown_outcome(sandbo
     [result] = results_for(kafka_bootstrap, codec, request["payment_id"], expected=1, since=mark)
     assert result["outcome"] == "OUTCOME_UNKNOWN"
     assert (await claim_row(pool)(request["payment_id"]))[0] == "unknown"
+
+
+async def test_a_heartbeat_after_the_database_restarted_is_not_lost_to_the_pool_s_broken_connections(infra):
+    """Every idle connection of the pool is broken (as a PostgreSQL restart leaves them): the next
+    beat still lands, instead of failing once per broken connection, 2 s apart, for long enough
+    that other workers judge a live worker gone."""
+    name = f"doomed-{uuid.uuid4().hex[:8]}"
+    worker_pool, terminated = await doomed_pool(infra, name), []
+    try:
+        claims = PostgresClaims(worker_pool, f"beating-{name}")
+        await claims.beat()
+        before = await claims.heartbeat_of(f"beating-{name}")
+        await terminator(infra, name, terminated)()
+        assert len(terminated) == 4 and before is not None
+        await claims.beat()  # the first beat after the restart
+        assert await claims.heartbeat_of(f"beating-{name}") == before + 1
+    finally:
+        await worker_pool.close()
