@@ -347,7 +347,8 @@ async def test_a_heartbeat_after_the_database_restarted_is_not_lost_to_the_pool_
     beat still lands, instead of failing once per broken connection, 2 s apart, for long enough
     that other workers judge a live worker gone."""
     name = f"doomed-{uuid.uuid4().hex[:8]}"
-    worker_pool, terminated = await doomed_pool(infra, name), []
+    worker_pool = await doomed_pool(infra, name)
+    terminated: list[int] = []
     try:
         claims = PostgresClaims(worker_pool, f"beating-{name}")
         await claims.beat()
