@@ -21,7 +21,7 @@ from services.common.payment import event_problem
 from services.common.text import untrusted
 from services.common.topics import STK_PUSH_RESULT, STK_QUERY_RESULT
 from services.daraja.errors import DarajaError, ErrorKind
-from services.daraja.models import QueryStatus, StkPushRequest
+from services.daraja.models import PushAccepted, QueryStatus, StkPushRequest
 from services.stk_worker.channels import ChannelAccess
 from services.stk_worker.claims import ClaimStatus, HeldBy, PushOutcome
 from services.stk_worker.errors import AnswerNotRecorded, Interrupted, OwnerBusy, database_unavailable
@@ -200,17 +200,15 @@ class Pusher:
             await self._turn(code, channel.pushes_per_second)
             self._unrecorded.add(payment_id)
             try:
-                accepted = await self.daraja.push(channel.app, channel.shortcode, request)
-                return PushOutcome(ClaimStatus.ACCEPTED, accepted.merchant_request_id, accepted.checkout_request_id,
-                                   attempts=attempt)
+                return _accepted(await self.daraja.push(channel.app, channel.shortcode, request), attempt)
             except DarajaError as exc:
                 if exc.error_code == SPIKE_ARREST:
                     self.throttle.spike_arrested(code)
                 if exc.kind is ErrorKind.OUTCOME_UNKNOWN:
-                    return PushOutcome(ClaimStatus.UNKNOWN, error_code=exc.error_code,
+                    return PushOutcome(ClaimStatus.UNKNOWN, error_code=_code(exc.error_code),
                                        error_message=untrusted(str(exc)), attempts=attempt)
                 if exc.kind is ErrorKind.PERMANENT or attempt == self.settings.max_attempts:
-                    return PushOutcome(ClaimStatus.REFUSED, error_code=exc.error_code or exc.kind.value,
+                    return PushOutcome(ClaimStatus.REFUSED, error_code=_code(exc.error_code) or exc.kind.value,
                                        error_message=untrusted(str(exc)), attempts=attempt)
                 # Retryable: Daraja did not act on it, so sending it again cannot prompt twice.
                 self._unrecorded.discard(payment_id)
@@ -252,6 +250,23 @@ class Pusher:
             **new_event_fields(v["channel_id"], v["payment_id"]), "outcome": RESULT_OUTCOME[o.status],
             "merchant_request_id": o.merchant_request_id, "checkout_request_id": o.checkout_request_id,
             "error_code": o.error_code, "error_message": o.error_message, "attempts": max(o.attempts, 1)})
+
+
+def _accepted(accepted: PushAccepted, attempt: int) -> PushOutcome:
+    """Daraja's answer as it can be recorded. Its texts are foreign: one PostgreSQL cannot store (a NUL,
+    a lone surrogate) would fail the claim's finish on every retry, holding the push, its batch and the
+    partition for good. A CheckoutRequestID is kept verbatim or not at all (an altered one queries
+    nothing): one that is not printable text leaves the outcome unknown, reconciled by callback."""
+    if not accepted.checkout_request_id.isprintable():
+        return PushOutcome(ClaimStatus.UNKNOWN, error_code="CHECKOUT_ID_UNUSABLE",
+                           error_message="Daraja accepted the push with a CheckoutRequestID that is not printable "
+                                         f"text: {untrusted(accepted.checkout_request_id, 64)}", attempts=attempt)
+    return PushOutcome(ClaimStatus.ACCEPTED, untrusted(accepted.merchant_request_id, 64),
+                       accepted.checkout_request_id, attempts=attempt)
+
+
+def _code(error_code: str | None) -> str | None:
+    return None if error_code is None else untrusted(error_code, 64)
 
 
 def _channel_refusal(channel: ChannelAccess, amount: int) -> PushOutcome | None:
