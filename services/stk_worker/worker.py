@@ -5,6 +5,7 @@ states."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
@@ -16,7 +17,7 @@ from prometheus_client import Counter
 
 from services.channels.vault import VaultError
 from services.common.callback_token import callback_url
-from services.common.kafka import ConsumedEvent, Publisher, new_event_fields
+from services.common.kafka import ConsumedEvent, Publisher, PublishError, new_event_fields
 from services.common.payment import event_problem
 from services.common.text import untrusted
 from services.common.topics import STK_PUSH_RESULT, STK_QUERY_RESULT
@@ -106,7 +107,14 @@ class Pusher:
 
     async def handle(self, event: ConsumedEvent) -> None:
         v = event.value
-        outcome = await self._decide(v)  # recorded before anything else can fail
+        try:
+            outcome = await self._decide(v)  # recorded before anything else can fail
+        except AnswerNotRecorded as exc:
+            # PostgreSQL did not take Daraja's answer before the stop, Kafka may: reported, the ledger
+            # has the CheckoutRequestID its query needs (the claim's later "unknown" is a duplicate to it).
+            with contextlib.suppress(PublishError):
+                await self._publish(v, exc.outcome)
+            raise
         PUSHES.labels(outcome.status.value).inc()
         await self._publish(v, outcome)
 
@@ -190,7 +198,7 @@ class Pusher:
         if not await self._store(functools.partial(self.claims.finish, payment_id, outcome), "record", payment_id):
             log.error("push of %s: Daraja's answer %s (CheckoutRequestID %s) could not be recorded before the "
                       "worker stopped", payment_id, outcome.status.value, outcome.checkout_request_id)
-            raise AnswerNotRecorded(payment_id)
+            raise AnswerNotRecorded(payment_id, outcome)
         self._unrecorded.discard(payment_id)
         return outcome
 

@@ -362,6 +362,21 @@ class TestStopping:
         assert len(r.daraja.pushes) == 1
         assert r.claims.rows[request["payment_id"]].status is ClaimStatus.CLAIMED
 
+    async def test_an_answer_that_cannot_be_recorded_by_the_stop_s_deadline_still_reaches_the_ledger(self):
+        # PostgreSQL down past the stop's grace, Kafka up: the CheckoutRequestID must not live only in
+        # a log line, or the payment goes to Review though its query would have settled it.
+        r = await rig(accepted(9), stop_grace_s=20.0)
+        request = a_request()
+
+        def stop_with_the_database_down() -> None:
+            r.stop.set()
+            r.claims.down = True
+        r.daraja.during_push = stop_with_the_database_down
+        with pytest.raises(AnswerNotRecorded):
+            await r.push(request)
+        assert [(x["outcome"], x["checkout_request_id"]) for x in r.results()] == [("ACCEPTED", "ws_CO_9")]
+        assert r.claims.rows[request["payment_id"]].status is ClaimStatus.CLAIMED  # reconciled by the next owner
+
 
 class TestQuerier:
     async def query(self, r: Rig, checkout_request_id: str | None = "ws_CO_1", channel_id: str = "shop") -> dict:
