@@ -39,6 +39,9 @@ RESULT_OUTCOME = {ClaimStatus.ACCEPTED: "ACCEPTED", ClaimStatus.REFUSED: "REFUSE
                   ClaimStatus.UNKNOWN: "OUTCOME_UNKNOWN", ClaimStatus.INVALID: "INVALID"}
 
 
+Push = tuple[ChannelAccess, StkPushRequest]
+
+
 @dataclass(frozen=True)
 class PushSettings:
     public_base_url: str
@@ -125,14 +128,14 @@ class Pusher:
         try:
             channel = await self.channels.current(v["channel_id"])
         except VaultError as exc:  # nothing was pushed: the payment fails instead of waiting forever
-            return PushOutcome(ClaimStatus.INVALID, error_code="CREDENTIALS_UNREADABLE",
-                               error_message=untrusted(str(exc)))
+            return await self._unless_pushed(v, PushOutcome(ClaimStatus.INVALID, error_code="CREDENTIALS_UNREADABLE",
+                                                            error_message=untrusted(str(exc))))
         if channel is None:
-            return PushOutcome(ClaimStatus.INVALID, error_code="CHANNEL_UNKNOWN",
-                               error_message="no such channel with credentials")
+            return await self._unless_pushed(v, PushOutcome(ClaimStatus.INVALID, error_code="CHANNEL_UNKNOWN",
+                                                            error_message="no such channel with credentials"))
         refusal = _channel_refusal(channel, v["amount"])
         if refusal:
-            return refusal
+            return await self._unless_pushed(v, refusal)
         try:
             request = StkPushRequest(
                 amount=v["amount"], phone=v["phone"], account_reference=v["account_reference"],
@@ -141,13 +144,27 @@ class Pusher:
                                           v["channel_id"], v["payment_id"]))
         except ValueError as exc:
             return PushOutcome(ClaimStatus.INVALID, error_code="INVALID_REQUEST", error_message=untrusted(str(exc)))
-        return await self._once(v["payment_id"], v["channel_id"], channel, request)
+        return await self._once(v["payment_id"], v["channel_id"], channel.version, (channel, request))
 
-    async def _once(self, payment_id: str, channel_id: str, channel: ChannelAccess,
-                    request: StkPushRequest) -> PushOutcome:
+    async def _unless_pushed(self, v: dict[str, Any], refusal: PushOutcome) -> PushOutcome:
+        """A refusal by what the channel allows now (suspended, its limit lowered, its credentials
+        unreadable, removed) is no answer for a payment pushed already: a redelivered event (its result
+        not acknowledged, its partition moved) reports what the push did, or the customer being
+        prompted would see the payment fail."""
+        payment_id = v["payment_id"]
+        in_hand = self._in_hand.get(payment_id)
+        if in_hand is not None:  # a duplicate of an event this process is pushing: that push's answer
+            return await asyncio.shield(in_hand)
+        version = await self.claims.credential_version(payment_id)
+        if version is None:  # never claimed: nothing was pushed
+            return refusal
+        return await self._once(payment_id, v["channel_id"], version, refusal)
+
+    async def _once(self, payment_id: str, channel_id: str, version: int, what: Push | PushOutcome) -> PushOutcome:
+        """`what`: the push to make, or the refusal to record if this payment's claim holds no push."""
         in_hand = self._in_hand.get(payment_id)
         if in_hand is None:
-            in_hand = asyncio.ensure_future(self._claim_and_push(payment_id, channel_id, channel, request))
+            in_hand = asyncio.ensure_future(self._claim_and_push(payment_id, channel_id, version, what))
             self._in_hand[payment_id] = in_hand
             in_hand.add_done_callback(functools.partial(self._forget, payment_id))
         # Shielded: a push in flight is finished and recorded even if this handler is cancelled.
@@ -159,13 +176,15 @@ class Pusher:
         if payment_id not in self._unrecorded:
             del self._in_hand[payment_id]
 
-    async def _claim_and_push(self, payment_id: str, channel_id: str, channel: ChannelAccess,
-                              request: StkPushRequest) -> PushOutcome:
+    async def _claim_and_push(self, payment_id: str, channel_id: str, version: int,
+                              what: Push | PushOutcome) -> PushOutcome:
         watch, started = OwnerWatch(self.settings.owner_silent_s), self.clock.monotonic()
         while True:
-            seen = await self.claims.claim(payment_id, channel_id, channel.version)
+            seen = await self.claims.claim(payment_id, channel_id, version)
             if seen is None:
-                return await self._push_and_record(payment_id, channel, request)
+                if isinstance(what, PushOutcome):  # released, or ours and unsent: nothing was pushed
+                    return await self._record(payment_id, what)
+                return await self._push_and_record(payment_id, *what)
             if isinstance(seen, PushOutcome):  # redelivered: report what was recorded, never push again
                 return seen
             outcome = await self._outcome_of_held(payment_id, seen, watch, started)
@@ -195,11 +214,15 @@ class Pusher:
             if not await self._store(functools.partial(self.claims.release, payment_id), "release", payment_id):
                 log.warning("push of %s: claim not released; it will be reconciled as unknown", payment_id)
             raise
+        await self._record(payment_id, outcome)
+        self._unrecorded.discard(payment_id)
+        return outcome
+
+    async def _record(self, payment_id: str, outcome: PushOutcome) -> PushOutcome:
         if not await self._store(functools.partial(self.claims.finish, payment_id, outcome), "record", payment_id):
             log.error("push of %s: Daraja's answer %s (CheckoutRequestID %s) could not be recorded before the "
                       "worker stopped", payment_id, outcome.status.value, outcome.checkout_request_id)
             raise AnswerNotRecorded(payment_id, outcome)
-        self._unrecorded.discard(payment_id)
         return outcome
 
     async def _push(self, payment_id: str, channel: ChannelAccess, request: StkPushRequest) -> PushOutcome:
