@@ -4,6 +4,7 @@ from __future__ import annotations
 import psycopg
 
 from services.common.kafka import PublishError, Transient
+from services.stk_worker.claims import PushOutcome
 
 
 class Interrupted(Transient):
@@ -19,7 +20,12 @@ class OwnerBusy(Transient):
 class AnswerNotRecorded(Transient):
     """Daraja answered but the answer could not be stored before the worker had to stop. The claim
     stays 'claimed' by this process; once its heartbeat stops it is reconciled as outcome unknown.
-    Transient: the event must stay uncommitted (never dead-lettered), for the next owner to judge."""
+    Transient: the event must stay uncommitted (never dead-lettered), for the next owner to judge.
+    `outcome` is the answer, still to be reported."""
+
+    def __init__(self, payment_id: str, outcome: PushOutcome):
+        super().__init__(payment_id)
+        self.outcome = outcome
 
 
 def database_unavailable(exc: BaseException) -> bool:

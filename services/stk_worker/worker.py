@@ -5,6 +5,7 @@ states."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
@@ -16,12 +17,12 @@ from prometheus_client import Counter
 
 from services.channels.vault import VaultError
 from services.common.callback_token import callback_url
-from services.common.kafka import ConsumedEvent, Publisher, new_event_fields
+from services.common.kafka import ConsumedEvent, Publisher, PublishError, new_event_fields
 from services.common.payment import event_problem
 from services.common.text import untrusted
 from services.common.topics import STK_PUSH_RESULT, STK_QUERY_RESULT
 from services.daraja.errors import DarajaError, ErrorKind
-from services.daraja.models import QueryStatus, StkPushRequest
+from services.daraja.models import PushAccepted, QueryStatus, StkPushRequest
 from services.stk_worker.channels import ChannelAccess
 from services.stk_worker.claims import ClaimStatus, HeldBy, PushOutcome
 from services.stk_worker.errors import AnswerNotRecorded, Interrupted, OwnerBusy, database_unavailable
@@ -38,6 +39,9 @@ QUERY_STATUS = {QueryStatus.FINAL_SUCCESS: "SUCCESS", QueryStatus.FINAL_FAILURE:
                 QueryStatus.STILL_PROCESSING: "PROCESSING"}
 RESULT_OUTCOME = {ClaimStatus.ACCEPTED: "ACCEPTED", ClaimStatus.REFUSED: "REFUSED",
                   ClaimStatus.UNKNOWN: "OUTCOME_UNKNOWN", ClaimStatus.INVALID: "INVALID"}
+
+
+Push = tuple[ChannelAccess, StkPushRequest]
 
 
 @dataclass(frozen=True)
@@ -105,12 +109,29 @@ class Pusher:
         # answer was not stored: this process never claims it again.
         self._in_hand: dict[str, asyncio.Future[PushOutcome]] = {}
         self._unrecorded: set[str] = set()  # sent, and Daraja may have acted on it; answer not stored
+        self._reported_early: set[str] = set()  # published while the database could not record them
 
     async def handle(self, event: ConsumedEvent) -> None:
         v = event.value
-        outcome = await self._decide(v)  # recorded before anything else can fail
+        try:
+            outcome = await self._decide(v)  # recorded before anything else can fail
+        except AnswerNotRecorded as exc:
+            # PostgreSQL did not take Daraja's answer before the stop, Kafka may: reported, the ledger
+            # has the CheckoutRequestID its query needs (the claim's later "unknown" is a duplicate to it).
+            if not self._was_reported_early(v["payment_id"]):
+                with contextlib.suppress(PublishError):
+                    await self._publish(v, exc.outcome)
+            raise
         PUSHES.labels(outcome.status.value).inc()
-        await self._publish(v, outcome)
+        if not self._was_reported_early(v["payment_id"]):
+            await self._publish(v, outcome)
+
+    def _was_reported_early(self, payment_id: str) -> bool:
+        """Once: a redelivery of the event reports the answer again, as for any recorded answer."""
+        if payment_id in self._reported_early:
+            self._reported_early.discard(payment_id)
+            return True
+        return False
 
     async def _decide(self, v: dict[str, Any]) -> PushOutcome:
         problem = event_problem(v)
@@ -119,14 +140,14 @@ class Pusher:
         try:
             channel = await self.channels.current(v["channel_id"])
         except VaultError as exc:  # nothing was pushed: the payment fails instead of waiting forever
-            return PushOutcome(ClaimStatus.INVALID, error_code="CREDENTIALS_UNREADABLE",
-                               error_message=untrusted(str(exc)))
+            return await self._unless_pushed(v, PushOutcome(ClaimStatus.INVALID, error_code="CREDENTIALS_UNREADABLE",
+                                                            error_message=untrusted(str(exc))))
         if channel is None:
-            return PushOutcome(ClaimStatus.INVALID, error_code="CHANNEL_UNKNOWN",
-                               error_message="no such channel with credentials")
+            return await self._unless_pushed(v, PushOutcome(ClaimStatus.INVALID, error_code="CHANNEL_UNKNOWN",
+                                                            error_message="no such channel with credentials"))
         refusal = _channel_refusal(channel, v["amount"])
         if refusal:
-            return refusal
+            return await self._unless_pushed(v, refusal)
         try:
             request = StkPushRequest(
                 amount=v["amount"], phone=v["phone"], account_reference=v["account_reference"],
@@ -135,13 +156,27 @@ class Pusher:
                                           v["channel_id"], v["payment_id"]))
         except ValueError as exc:
             return PushOutcome(ClaimStatus.INVALID, error_code="INVALID_REQUEST", error_message=untrusted(str(exc)))
-        return await self._once(v["payment_id"], v["channel_id"], channel, request)
+        return await self._once(v["payment_id"], v["channel_id"], channel.version, (channel, request))
 
-    async def _once(self, payment_id: str, channel_id: str, channel: ChannelAccess,
-                    request: StkPushRequest) -> PushOutcome:
+    async def _unless_pushed(self, v: dict[str, Any], refusal: PushOutcome) -> PushOutcome:
+        """A refusal by what the channel allows now (suspended, its limit lowered, its credentials
+        unreadable, removed) is no answer for a payment pushed already: a redelivered event (its result
+        not acknowledged, its partition moved) reports what the push did, or the customer being
+        prompted would see the payment fail."""
+        payment_id = v["payment_id"]
+        in_hand = self._in_hand.get(payment_id)
+        if in_hand is not None:  # a duplicate of an event this process is pushing: that push's answer
+            return await asyncio.shield(in_hand)
+        version = await self.claims.credential_version(payment_id)
+        if version is None:  # never claimed: nothing was pushed
+            return refusal
+        return await self._once(payment_id, v["channel_id"], version, refusal)
+
+    async def _once(self, payment_id: str, channel_id: str, version: int, what: Push | PushOutcome) -> PushOutcome:
+        """`what`: the push to make, or the refusal to record if this payment's claim holds no push."""
         in_hand = self._in_hand.get(payment_id)
         if in_hand is None:
-            in_hand = asyncio.ensure_future(self._claim_and_push(payment_id, channel_id, channel, request))
+            in_hand = asyncio.ensure_future(self._claim_and_push(payment_id, channel_id, version, what))
             self._in_hand[payment_id] = in_hand
             in_hand.add_done_callback(functools.partial(self._forget, payment_id))
         # Shielded: a push in flight is finished and recorded even if this handler is cancelled.
@@ -153,13 +188,15 @@ class Pusher:
         if payment_id not in self._unrecorded:
             del self._in_hand[payment_id]
 
-    async def _claim_and_push(self, payment_id: str, channel_id: str, channel: ChannelAccess,
-                              request: StkPushRequest) -> PushOutcome:
+    async def _claim_and_push(self, payment_id: str, channel_id: str, version: int,
+                              what: Push | PushOutcome) -> PushOutcome:
         watch, started = OwnerWatch(self.settings.owner_silent_s), self.clock.monotonic()
         while True:
-            seen = await self.claims.claim(payment_id, channel_id, channel.version)
+            seen = await self.claims.claim(payment_id, channel_id, version)
             if seen is None:
-                return await self._push_and_record(payment_id, channel, request)
+                if isinstance(what, PushOutcome):  # released, or ours and unsent: nothing was pushed
+                    return await self._record(payment_id, channel_id, what)
+                return await self._push_and_record(payment_id, *what)
             if isinstance(seen, PushOutcome):  # redelivered: report what was recorded, never push again
                 return seen
             outcome = await self._outcome_of_held(payment_id, seen, watch, started)
@@ -189,13 +226,17 @@ class Pusher:
             if not await self._store(functools.partial(self.claims.release, payment_id), "release", payment_id):
                 log.warning("push of %s: claim not released; it will be reconciled as unknown", payment_id)
             raise
-        report_early = functools.partial(self._report_early, payment_id, channel.channel_id, outcome)
+        await self._record(payment_id, channel.channel_id, outcome)
+        self._unrecorded.discard(payment_id)
+        return outcome
+
+    async def _record(self, payment_id: str, channel_id: str, outcome: PushOutcome) -> PushOutcome:
+        report_early = functools.partial(self._report_early, payment_id, channel_id, outcome)
         if not await self._store(functools.partial(self.claims.finish, payment_id, outcome), "record", payment_id,
                                  on_first_failure=report_early):
             log.error("push of %s: Daraja's answer %s (CheckoutRequestID %s) could not be recorded before the "
                       "worker stopped", payment_id, outcome.status.value, outcome.checkout_request_id)
-            raise AnswerNotRecorded(payment_id)
-        self._unrecorded.discard(payment_id)
+            raise AnswerNotRecorded(payment_id, outcome)
         return outcome
 
     async def _push(self, payment_id: str, channel: ChannelAccess, request: StkPushRequest) -> PushOutcome:
@@ -204,17 +245,15 @@ class Pusher:
             await self._turn(code, channel.pushes_per_second)
             self._unrecorded.add(payment_id)
             try:
-                accepted = await self.daraja.push(channel.app, channel.shortcode, request)
-                return PushOutcome(ClaimStatus.ACCEPTED, accepted.merchant_request_id, accepted.checkout_request_id,
-                                   attempts=attempt)
+                return _accepted(await self.daraja.push(channel.app, channel.shortcode, request), attempt)
             except DarajaError as exc:
                 if exc.error_code == SPIKE_ARREST:
                     self.throttle.spike_arrested(code)
                 if exc.kind is ErrorKind.OUTCOME_UNKNOWN:
-                    return PushOutcome(ClaimStatus.UNKNOWN, error_code=exc.error_code,
+                    return PushOutcome(ClaimStatus.UNKNOWN, error_code=_code(exc.error_code),
                                        error_message=untrusted(str(exc)), attempts=attempt)
                 if exc.kind is ErrorKind.PERMANENT or attempt == self.settings.max_attempts:
-                    return PushOutcome(ClaimStatus.REFUSED, error_code=exc.error_code or exc.kind.value,
+                    return PushOutcome(ClaimStatus.REFUSED, error_code=_code(exc.error_code) or exc.kind.value,
                                        error_message=untrusted(str(exc)), attempts=attempt)
                 # Retryable: Daraja did not act on it, so sending it again cannot prompt twice.
                 self._unrecorded.discard(payment_id)
@@ -234,15 +273,16 @@ class Pusher:
         """Daraja's answer goes to the ledger while the database cannot take it. Held only in this
         process's memory, it would die with the process (a deploy, a kill, the OOM killer) and the
         payment could then only wait for its callback: its claim would say outcome unknown, with
-        no CheckoutRequestID to query. On Kafka it is durable. The record is still retried; the
-        result is reported again once recorded, which the ledger takes as a duplicate
-        (docs/stk-worker.md, "Recording the answer")."""
+        no CheckoutRequestID to query. On Kafka it is durable. The record is still retried; once
+        it lands, the handler does not report the answer a second time (docs/stk-worker.md,
+        "Recording the answer")."""
         try:
             await self._publish({"channel_id": channel_id, "payment_id": payment_id}, outcome)
         except Exception as exc:  # best effort: the answer is still held and its record retried
             log.warning("push of %s: early report failed: %s: %s", payment_id, type(exc).__name__,
                         untrusted(str(exc)))
         else:
+            self._reported_early.add(payment_id)
             REPORTED_EARLY.inc()
 
     async def _store(self, step: Callable[[], Awaitable[None]], what: str, payment_id: str,
@@ -274,6 +314,23 @@ class Pusher:
             **new_event_fields(v["channel_id"], v["payment_id"]), "outcome": RESULT_OUTCOME[o.status],
             "merchant_request_id": o.merchant_request_id, "checkout_request_id": o.checkout_request_id,
             "error_code": o.error_code, "error_message": o.error_message, "attempts": max(o.attempts, 1)})
+
+
+def _accepted(accepted: PushAccepted, attempt: int) -> PushOutcome:
+    """Daraja's answer as it can be recorded. Its texts are foreign: one PostgreSQL cannot store (a NUL,
+    a lone surrogate) would fail the claim's finish on every retry, holding the push, its batch and the
+    partition for good. A CheckoutRequestID is kept verbatim or not at all (an altered one queries
+    nothing): one that is not printable text leaves the outcome unknown, reconciled by callback."""
+    if not accepted.checkout_request_id.isprintable():
+        return PushOutcome(ClaimStatus.UNKNOWN, error_code="CHECKOUT_ID_UNUSABLE",
+                           error_message="Daraja accepted the push with a CheckoutRequestID that is not printable "
+                                         f"text: {untrusted(accepted.checkout_request_id, 64)}", attempts=attempt)
+    return PushOutcome(ClaimStatus.ACCEPTED, untrusted(accepted.merchant_request_id, 64),
+                       accepted.checkout_request_id, attempts=attempt)
+
+
+def _code(error_code: str | None) -> str | None:
+    return None if error_code is None else untrusted(error_code, 64)
 
 
 def _channel_refusal(channel: ChannelAccess, amount: int) -> PushOutcome | None:

@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from services.channels.vault import VaultError
 from services.common import config
 from services.common.kafka import ConsumedEvent, PublishError, Transient
 from services.common.topics import PAYMENT_REQUESTED, STK_PUSH_RESULT, STK_QUERY_REQUESTED, STK_QUERY_RESULT
@@ -149,6 +150,42 @@ class TestPush:
         assert (result["outcome"], result["error_code"]) == ("INVALID", code)
         assert r.daraja.pushes == [] and r.claims.rows == {}
 
+    @pytest.mark.parametrize("channel_now", [{"active": False}, {"max_amount": 5}, None, VaultError("key file gone")])
+    async def test_a_redelivered_request_reports_its_push_whatever_its_channel_allows_now(self, channel_now):
+        # Pushed and recorded, its result not acknowledged by Kafka, and the channel suspended (its limit
+        # lowered, its credentials unreadable, itself removed) before the batch's retry: the customer is
+        # being prompted, so the ledger must hear ACCEPTED, not a refusal that fails the payment.
+        r = await rig(accepted(6))
+        request = a_request()
+        publish = r.publisher.publish
+
+        async def refused_once(topic, record):
+            r.publisher.publish = publish  # type: ignore[method-assign]  # the test scripts what this step does
+            raise PublishError("not acknowledged")
+        r.publisher.publish = refused_once  # type: ignore[method-assign]  # the test scripts what this step does
+        with pytest.raises(PublishError):
+            await r.push(request)
+        if isinstance(channel_now, dict):
+            r.channels.add("shop", **channel_now)
+        else:
+            r.channels.channels.pop("shop")
+            if channel_now is not None:
+                async def unreadable(channel_id: str) -> None:
+                    raise channel_now
+                r.channels.current = unreadable  # type: ignore[method-assign]  # the test scripts the vault
+        again = await r.push(request)
+        assert (again["outcome"], again["checkout_request_id"]) == ("ACCEPTED", "ws_CO_6")
+        assert len(r.daraja.pushes) == 1
+
+    async def test_a_refusal_after_a_push_given_back_unsent_is_recorded_on_its_claim(self):
+        r = await rig()
+        request = a_request()
+        r.claims.rows[request["payment_id"]] = ClaimRow("shop", "worker-gone", 1, ClaimStatus.RELEASED)
+        r.channels.add("shop", active=False)
+        result = await r.push(request)
+        assert (result["outcome"], result["error_code"]) == ("INVALID", "CHANNEL_SUSPENDED")
+        assert r.claims.rows[request["payment_id"]].status is ClaimStatus.INVALID and r.daraja.pushes == []
+
     @pytest.mark.parametrize("change", [{"amount": 0}, {"phone": "0712345678"}, {"account_reference": "bad;ref"}])
     async def test_an_invalid_event_is_invalid_and_never_claimed(self, change):
         r = await rig()
@@ -213,8 +250,8 @@ class TestDarajasAnswerIsNeverForgotten:
             await publish(topic, record)
         r.publisher.publish = noting_the_claim  # type: ignore[method-assign]  # the test scripts what this step does
         await r.push(request)
-        assert [(x["outcome"], x["checkout_request_id"]) for x in r.results()] == [("ACCEPTED", "ws_CO_7")] * 2
-        assert claim_when_published == [ClaimStatus.CLAIMED, ClaimStatus.ACCEPTED]  # before the record, then after
+        assert [(x["outcome"], x["checkout_request_id"]) for x in r.results()] == [("ACCEPTED", "ws_CO_7")]
+        assert claim_when_published == [ClaimStatus.CLAIMED]  # before the record, and not again after it
         assert r.claims.finish_calls == 4 and len(r.daraja.pushes) == 1
 
     async def test_an_answer_recorded_at_the_first_try_is_reported_once(self):
@@ -384,6 +421,21 @@ class TestStopping:
             await r.push(request)
         assert len(r.daraja.pushes) == 1
         assert r.claims.rows[request["payment_id"]].status is ClaimStatus.CLAIMED
+
+    async def test_an_answer_that_cannot_be_recorded_by_the_stop_s_deadline_still_reaches_the_ledger(self):
+        # PostgreSQL down past the stop's grace, Kafka up: the CheckoutRequestID must not live only in
+        # a log line, or the payment goes to Review though its query would have settled it.
+        r = await rig(accepted(9), stop_grace_s=20.0)
+        request = a_request()
+
+        def stop_with_the_database_down() -> None:
+            r.stop.set()
+            r.claims.down = True
+        r.daraja.during_push = stop_with_the_database_down
+        with pytest.raises(AnswerNotRecorded):
+            await r.push(request)
+        assert [(x["outcome"], x["checkout_request_id"]) for x in r.results()] == [("ACCEPTED", "ws_CO_9")]
+        assert r.claims.rows[request["payment_id"]].status is ClaimStatus.CLAIMED  # reconciled by the next owner
 
 
 class TestQuerier:

@@ -244,15 +244,14 @@ async def test_daraja_s_answer_is_recorded_when_its_connections_are_terminated(s
     assert (status, checkout_request_id) == ("accepted", push["CheckoutRequestID"])
 
 
-class FailsOnce:
-    """The producer, refusing the first result it is given (Kafka did not acknowledge it)."""
+class RefusesUntilAllowed:
+    """The producer, refusing every result until the test allows it (Kafka did not acknowledge them)."""
 
     def __init__(self, producer):
-        self.producer, self.failed = producer, False
+        self.producer, self.allowed = producer, False
 
     async def publish(self, topic: Topic, record: dict) -> None:
-        if not self.failed:
-            self.failed = True
+        if not self.allowed:
             raise PublishError("the broker did not acknowledge the result")
         await self.producer.publish(topic, record)
 
@@ -260,7 +259,7 @@ class FailsOnce:
 async def test_a_batch_retried_by_the_same_process_reports_its_answers_not_unknown(sandbox, infra, pool, producer,
                                                                                  codec, kafka_bootstrap, unique, mark):
     """The worker's connections are terminated after Daraja answered the first push of a batch, and
-    a result is not acknowledged, so the batch is retried by the same worker: every payment is
+    the results are not acknowledged, so the batch is retried by the same worker: every payment is
     reported with Daraja's answer, none pushed twice, none unknown (its own claim, found 'claimed'
     by the retry, used to be marked unknown)."""
     requests = [{**sample_request(f"ch-{unique}", str(uuid.uuid4())), "account_reference": f"{unique[:10]}{i}".upper()}
@@ -273,12 +272,13 @@ async def test_a_batch_retried_by_the_same_process_reports_its_answers_not_unkno
         if not terminated:
             await terminate()
     try:
-        pusher = await pusher_for(sandbox, worker_pool, FailsOnce(producer),
-                                  daraja=AfterTheAnswer(sandbox, terminate_once))
+        refusing = RefusesUntilAllowed(producer)
+        pusher = await pusher_for(sandbox, worker_pool, refusing, daraja=AfterTheAnswer(sandbox, terminate_once))
         handle_batch = per_event(pusher.handle, is_transient)
         events = [as_event(r) for r in requests]
         with pytest.raises(Transient):  # the consumer loop retries the batch
             await handle_batch(events)
+        refusing.allowed = True
         assert await handle_batch(events) == []
     finally:
         await worker_pool.close()
