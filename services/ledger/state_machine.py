@@ -472,19 +472,34 @@ def on_expired(p: Payment, f: ReconciliationExpired) -> Decision:
 
 # --- Review ----------------------------------------------------------------------------------
 
-def in_review(p: Payment, fact: Fact) -> Decision:
-    """A payment under review waits for an operator; facts are kept in the audit trail. One fact
-    still ends it: Daraja's definite refusal of the push, when only the review deadline sent the
-    payment to Review and no push may have reached the customer (none accepted, none of unknown
-    outcome, no callback awaiting its query). Daraja never prompted the customer, so nothing is in
-    doubt: the payment is Failed, as it would have been had the refusal come before the deadline
-    (a push retried for long reaches it)."""
-    if (isinstance(fact, PushRefused) and p.review_alert == DEADLINE_ALERT and p.checkout_request_id is None
-            and not p.push_unknown and p.candidate_checkout_request_id is None):
-        return applied(State.FAILED, f"Daraja refused the push after the review deadline, so it never prompted "
-                                     f"the customer: {fact.message}".strip(),
-                       Changes(result_code=fact.code, result_desc=fact.message))
-    return duplicate("payment is under review; fact kept in the audit trail")
+def in_review(p: Payment, fact: Fact, owners: Owners | None) -> Decision:
+    """A payment under review waits for an operator; facts are kept in the audit trail. A Review
+    that the review deadline alone caused is not a doubt but a lack of news, and the news may come
+    late (a ledger that was behind, a push retried for long): a fact that would have closed the
+    payment before its deadline still closes it, with the same proof (a proven success settles, a
+    definite failure cancels), and what a fact teaches without closing it (the push's
+    CheckoutRequestID) is kept while it stays in Review. A contradiction leaves it in Review.
+
+    Daraja's refusal of the push ends it only if no push may have reached the customer (none
+    accepted, none of unknown outcome, no callback awaiting its query): then Daraja never prompted
+    the customer, and the payment is Failed."""
+    if p.review_alert != DEADLINE_ALERT:
+        return duplicate("payment is under review; fact kept in the audit trail")
+    if isinstance(fact, PushRefused):
+        if p.checkout_request_id is None and not p.push_unknown and p.candidate_checkout_request_id is None:
+            return applied(State.FAILED, f"Daraja refused the push after the review deadline, so it never "
+                                         f"prompted the customer: {fact.message}".strip(),
+                           Changes(result_code=fact.code, result_desc=fact.message))
+        return duplicate("payment is under review; fact kept in the audit trail")
+    as_open = dataclasses.replace(p, state=State.PENDING if p.checkout_request_id else State.REQUESTED)
+    d = _decide_open(as_open, fact, owners)
+    if d.verdict is not Verdict.APPLIED:
+        return d
+    if d.new_state in FINAL_STATES:
+        return dataclasses.replace(d, reason=f"after the review deadline: {d.reason}")
+    if d.new_state == State.REVIEW:
+        return duplicate(f"payment is under review; {d.reason}")
+    return dataclasses.replace(d, new_state=None)
 
 
 # --- Rules across payments -------------------------------------------------------------------
@@ -542,7 +557,11 @@ def decide(payment: Payment | None, fact: Fact, owners: Owners | None = None) ->
         return PARK if isinstance(fact, (PushAccepted, PushRefused, PushOutcomeUnknown, CallbackReceived)) \
             else rejected("fact about an unknown payment")
     if payment.state == State.REVIEW:
-        return in_review(payment, fact)
+        return in_review(payment, fact, owners)
+    return _decide_open(payment, fact, owners)
+
+
+def _decide_open(payment: Payment, fact: Fact, owners: Owners | None) -> Decision:
     if owners is None:
         return HANDLERS[type(fact)](payment, fact)
     if isinstance(fact, CallbackReceived):

@@ -217,3 +217,22 @@ async def test_a_batch_reads_the_owners_of_the_facts_it_may_unpark_in_one_go(set
     await s.apply(*(e for pid, co in payments for e in (requested(s.channel, pid), accepted(s.channel, pid, co))))
     assert all(s.store.tables.payments[pid].state == "Settled" for pid, _ in payments)
     assert len(reads) == 1 + 1  # the open's own read, and one for the five parked callbacks
+
+
+async def test_a_payment_reviewed_at_its_deadline_while_its_callback_waited_still_settles_on_it(setup):
+    """The ledger was behind (an outage): the request, 20 minutes old, and its push result are
+    applied, the reconciler's next tick finds the deadline passed, and only then does the success
+    callback, queued all along, come through. The proof that would have settled the payment an
+    instant earlier settles it now."""
+    s = setup
+    request = requested(s.channel, s.pid)
+    request.value["occurred_at"] = s.clock.now() - timedelta(minutes=20)
+    await s.apply(request, accepted(s.channel, s.pid, s.checkout), as_dated=True)
+    s.clock.advance(1)
+    assert await s.service.reconcile([s.pid]) == 1
+    assert (s.payment.state, s.payment.review_alert) == ("Review", "unresolved")
+    await s.apply(callback(s.channel, s.pid, success(s.checkout, receipt=s.receipt)))
+    assert (s.payment.state, s.payment.mpesa_receipt) == ("Settled", s.receipt)
+    last = s.outbox(PAYMENT_STATUS)[-1]
+    assert (last["status"], last["previous_status"]) == ("Settled", "Review")
+    assert last["reason"].startswith("after the review deadline")

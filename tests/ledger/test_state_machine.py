@@ -451,15 +451,55 @@ def test_a_review_only_the_deadline_caused_ends_failed_on_a_definite_refusal_of_
 
 
 @pytest.mark.parametrize("reviewed", [
-    sm.Payment("Review", 100, "254712345678", review_alert="callback_mismatch"),  # a contradiction
+    sm.Payment("Review", 100, "254712345678", "ws_CO_1", review_alert="callback_mismatch"),  # a contradiction
+    sm.Payment("Review", 100, "254712345678", "ws_CO_1"),  # reviewed before the alert was kept
+])
+def test_a_review_for_a_contradiction_stays_review_whatever_comes(reviewed):
+    for fact in (sm.PushRefused("500.001.1001", "x"), sm.PushAccepted("m", "ws_CO_1"),
+                 callback(failure("ws_CO_1", 1032)), callback(success("ws_CO_1")),
+                 sm.QueryAnswered("FAILED", "ws_CO_1", "1032", "x"), sm.QueryAnswered("SUCCESS", "ws_CO_1", "0", "x")):
+        assert sm.decide(reviewed, fact).verdict is sm.Verdict.DUPLICATE
+
+
+@pytest.mark.parametrize("reviewed", [
     sm.Payment("Review", 100, "254712345678", "ws_CO_1", review_alert=sm.DEADLINE_ALERT),  # a push was accepted
     sm.Payment("Review", 100, "254712345678", candidate_receipt="NLJ7RT61SV", candidate_checkout_request_id="ws_CO_1",
                review_alert=sm.DEADLINE_ALERT),  # a success callback awaits its query
     sm.Payment("Review", 100, "254712345678", push_unknown=True, review_alert=sm.DEADLINE_ALERT),  # maybe prompted
-    sm.Payment("Review", 100, "254712345678"),  # reviewed before the alert was kept
 ])
-def test_any_other_review_stays_review_whatever_comes(reviewed):
-    for fact in (sm.PushRefused("500.001.1001", "x"), sm.PushAccepted("m", "ws_CO_1"),
-                 callback(failure("ws_CO_1", 1032)),
-                 sm.QueryAnswered("FAILED", "ws_CO_1", "1032", "x")):
-        assert sm.decide(reviewed, fact).verdict is sm.Verdict.DUPLICATE
+def test_a_deadline_review_whose_push_may_have_prompted_is_not_failed_by_a_refusal(reviewed):
+    assert sm.decide(reviewed, sm.PushRefused("500.001.1001", "x")).verdict is sm.Verdict.DUPLICATE
+
+
+def test_a_deadline_review_settles_on_a_proven_success_that_came_late():
+    """The ledger was behind (or the push slow): the deadline passed before the callback was applied."""
+    reviewed = sm.Payment("Review", 100, "254712345678", "ws_CO_1", review_alert=sm.DEADLINE_ALERT)
+    d = sm.decide(reviewed, callback(success("ws_CO_1")))
+    assert (d.new_state, d.changes.mpesa_receipt) == ("Settled", "NLJ7RT61SV")
+    assert d.reason is not None and d.reason.startswith("after the review deadline")
+
+
+def test_a_deadline_review_keeps_an_unproven_success_in_review():
+    reviewed = sm.Payment("Review", 100, "254712345678", "ws_CO_1", review_alert=sm.DEADLINE_ALERT)
+    for forged in (success("ws_CO_1", amount=99), success("ws_CO_9")):
+        d = sm.decide(reviewed, callback(forged))
+        assert d.new_state in (None, "Review") and d.changes.mpesa_receipt is sm.KEEP
+
+
+def test_a_deadline_review_cancels_on_a_definite_failure_of_its_accepted_push():
+    reviewed = sm.Payment("Review", 100, "254712345678", "ws_CO_1", review_alert=sm.DEADLINE_ALERT)
+    assert sm.decide(reviewed, callback(failure("ws_CO_1", 1032))).new_state == "Cancelled"
+    assert sm.decide(reviewed, callback(failure("ws_CO_9", 1032))).new_state is None  # not its push
+
+
+def test_a_deadline_review_learns_its_push_s_checkout_id_and_stays_in_review():
+    reviewed = sm.Payment("Review", 100, "254712345678", review_alert=sm.DEADLINE_ALERT)
+    d = sm.decide(reviewed, sm.PushAccepted("m", "ws_CO_1"))
+    assert (d.verdict, d.new_state, d.changes.checkout_request_id) == (sm.Verdict.APPLIED, None, "ws_CO_1")
+
+
+def test_a_deadline_review_settles_when_the_query_confirms_the_success_that_awaited_it():
+    reviewed = sm.Payment("Review", 100, "254712345678", candidate_receipt="NLJ7RT61SV",
+                          candidate_checkout_request_id="ws_CO_1", review_alert=sm.DEADLINE_ALERT)
+    d = sm.decide(reviewed, sm.QueryAnswered("SUCCESS", "ws_CO_1", "0", "processed successfully"))
+    assert (d.new_state, d.changes.mpesa_receipt) == ("Settled", "NLJ7RT61SV")
