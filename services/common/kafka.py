@@ -287,6 +287,18 @@ def _raise_unless_rejections(failures: list[tuple[ConsumedEvent, BaseException]]
         raise unexpected
 
 
+def rewind_points(dropped: list[Message], assigned_again: set[tuple[str, int]]) -> list[TopicPartition]:
+    """Where to fetch again a partition whose messages were dropped because it was revoked during
+    a fetch and then assigned back to this consumer in the same fetch: its position moved past
+    them, and its next batch would commit past them, so they would be skipped for good."""
+    earliest: dict[tuple[str, int], int] = {}
+    for m in dropped:
+        tp = _partition_of(m)
+        if tp in assigned_again:
+            earliest[tp] = min(earliest.get(tp, cast(int, m.offset())), cast(int, m.offset()))
+    return [TopicPartition(topic, partition, offset) for (topic, partition), offset in sorted(earliest.items())]
+
+
 def _partition_of(message: Message) -> tuple[str, int]:
     """A data message's topic and partition (the client types them optional for its error events)."""
     return cast(str, message.topic()), cast(int, message.partition())
@@ -365,6 +377,7 @@ class ConsumerLoop:
         # Partitions revoked during the current fetch (written on the consumer thread, read on the
         # loop's after the fetch returned): messages of theirs taken before the revocation are dropped.
         self._revoked_in_fetch: set[tuple[str, int]] = set()
+        self._assigned_in_fetch: set[tuple[str, int]] = set()  # likewise, partitions assigned during it
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{group_id}-consumer")
         self._consumer = Consumer(client_config({
             "bootstrap.servers": bootstrap,
@@ -391,6 +404,7 @@ class ConsumerLoop:
             while not stop.is_set():
                 await self._slots.acquire()
                 self._revoked_in_fetch.clear()
+                self._assigned_in_fetch.clear()
                 batch = [m for m in await self._in_thread(self._fetch) if self._is_data(m)]
                 if tasks and batch and len(batch) < self.overlap_from:
                     await asyncio.wait(set(tasks))  # small batches go one after the other...
@@ -398,7 +412,10 @@ class ConsumerLoop:
                     batch += [m for m in more if self._is_data(m)]  # ...with what came meanwhile
                 # Tracked only now, with no consumer call (which may revoke) since the messages of
                 # partitions revoked meanwhile were dropped: a revocation waits for every tracked one.
+                dropped = [m for m in batch if _partition_of(m) in self._revoked_in_fetch]
                 batch = [m for m in batch if _partition_of(m) not in self._revoked_in_fetch]
+                for point in rewind_points(dropped, self._assigned_in_fetch):
+                    await self._in_thread(self._rewind, point)
                 if not batch:
                     self._slots.release()
                     continue
@@ -603,7 +620,18 @@ class ConsumerLoop:
             return result
 
     # Rebalance callbacks run on the consumer thread, inside consume().
+    def _rewind(self, point: TopicPartition) -> None:
+        """Fetches a partition again from a dropped message: ours again, its position is past it."""
+        try:
+            self._consumer.seek(point)
+        except KafkaException as exc:
+            # Going on would commit past the dropped messages later: stopping leaves them uncommitted,
+            # for whoever owns the partition next, this process restarted included.
+            raise RuntimeError(f"cannot fetch {point.topic}[{point.partition}] again from {point.offset} "
+                               f"after a rebalance dropped messages of it: {exc}") from exc
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned_in_fetch |= {(p.topic, p.partition) for p in partitions}
         self.assigned = True
         log.info("assigned %s", [(p.topic, p.partition) for p in partitions])
 

@@ -8,8 +8,17 @@ import sys
 import uuid
 
 import pytest
+from confluent_kafka import Message
 
-from services.common.kafka import ConsumedEvent, ConsumerLoop, EventProducer, PublishError, Transient, ensure_topics
+from services.common.kafka import (
+    ConsumedEvent,
+    ConsumerLoop,
+    EventProducer,
+    PublishError,
+    Transient,
+    ensure_topics,
+    rewind_points,
+)
 from services.common.topics import DEAD_LETTER, PAYMENT_REQUESTED, Topic
 from tests.conftest import ROOT, eventually
 from tests.platform.kafka_helpers import end_offsets, read_all, recording_loop, run_until, sample_request
@@ -468,3 +477,14 @@ async def _at_least(items: list, count: int) -> bool:
 async def _answer_is(healthz, status):
     answer = await healthz()
     return answer if answer[0] == status else None
+
+
+def test_a_partition_revoked_and_assigned_back_in_one_fetch_is_fetched_again_from_its_first_dropped_message():
+    """Messages of a partition revoked during a fetch are dropped; if the partition came back in the
+    same fetch, the consumer's position is past them and its next batch would commit past them: it is
+    fetched again from the earliest dropped one. A partition that went for good is left to its new owner."""
+    dropped = [Message(topic="t", partition=1, offset=7), Message(topic="t", partition=1, offset=5),
+               Message(topic="t", partition=2, offset=3)]
+    points = rewind_points(dropped, assigned_again={("t", 1)})
+    assert [(p.topic, p.partition, p.offset) for p in points] == [("t", 1, 5)]
+    assert rewind_points(dropped, assigned_again=set()) == []
