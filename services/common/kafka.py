@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import logging
 import random
@@ -287,6 +288,16 @@ def _raise_unless_rejections(failures: list[tuple[ConsumedEvent, BaseException]]
         raise unexpected
 
 
+def _finished(tasks: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
+    """A batch's task is done. One that raised was abandoned uncommitted (a stop interrupts a batch
+    being retried): its events are handled again by the partition's next owner. Said here in one
+    line, rather than by asyncio as an exception never retrieved."""
+    tasks.discard(task)
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.warning("a batch was abandoned uncommitted, its events are handled again: %s: %s",
+                    type(error).__name__, untrusted(str(error)))
+
+
 def rewind_points(dropped: list[Message], assigned_again: set[tuple[str, int]]) -> list[TopicPartition]:
     """Where to fetch again a partition whose messages were dropped because it was revoked during
     a fetch and then assigned back to this consumer in the same fetch: its position moved past
@@ -422,7 +433,7 @@ class ConsumerLoop:
                 owners = self._track(batch)
                 task = loop.create_task(self._handle(batch, owners, stop))
                 tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                task.add_done_callback(functools.partial(_finished, tasks))
         finally:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)

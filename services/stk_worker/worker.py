@@ -57,6 +57,9 @@ class PushSettings:
     owner_wait_max_s: float = 60.0
     owner_poll_s: float = 0.5
     store_backoff_max_s: float = 2.0  # a failed try is cheap; the end of an outage is noticed within this
+    # A record not done by then is waiting on a database that may not come back before this process
+    # dies (its pool waits for a connection rather than failing): the answer is reported meanwhile.
+    report_early_after_s: float = 1.0
     # After a stop, how long Daraja's answers still in hand are offered to PostgreSQL.
     stop_grace_s: float = 20.0
 
@@ -231,9 +234,19 @@ class Pusher:
         return outcome
 
     async def _record(self, payment_id: str, channel_id: str, outcome: PushOutcome) -> PushOutcome:
-        report_early = functools.partial(self._report_early, payment_id, channel_id, outcome)
-        if not await self._store(functools.partial(self.claims.finish, payment_id, outcome), "record", payment_id,
-                                 on_first_failure=report_early):
+        reported = False
+
+        async def report_early() -> None:
+            nonlocal reported
+            if not reported:
+                reported = True
+                await self._report_early(payment_id, channel_id, outcome)
+        recording = asyncio.ensure_future(self._store(functools.partial(self.claims.finish, payment_id, outcome),
+                                                      "record", payment_id, on_first_failure=report_early))
+        done, _ = await asyncio.wait({recording}, timeout=self.settings.report_early_after_s)
+        if not done:  # not failed, but not done either: a database that does not answer
+            await report_early()
+        if not await recording:
             log.error("push of %s: Daraja's answer %s (CheckoutRequestID %s) could not be recorded before the "
                       "worker stopped", payment_id, outcome.status.value, outcome.checkout_request_id)
             raise AnswerNotRecorded(payment_id, outcome)

@@ -6,8 +6,9 @@ first STK worker is killed with SIGKILL and restarted.
 The sandbox is the witness: it logs every push it received, when, the CheckoutRequestID it answered
 and the outcome it chose. Against it the test checks that each payment was pushed at most once, that
 no accepted push's CheckoutRequestID was lost (neither its claim nor a push result holds it) unless
-the push was in flight in the killed worker,
-and that every payment ends in the state its outcome calls for, none in Review when Daraja answered.
+the push was in flight in the killed worker, and that every payment ends in the state its outcome
+calls for, none in Review when Daraja answered: an eighth of the payments get no callback at all, so
+only the ledger's STK query, which needs the CheckoutRequestID, can settle them.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ PAYMENTS = 300
 RATE_PER_S = 20
 LATENCY_S = 1.5  # every Daraja answer waits this long: pushes are in flight when a fault lands
 CANCELLED_AMOUNT = 11  # the sandbox answers this amount with ResultCode 1032; any other with success
+SILENT_AMOUNT = 12  # paid, but the sandbox never calls back: only the ledger's STK query can tell
 FINAL = ("Settled", "Cancelled", "Failed", "Review")
 EXPECTED = {0: "Settled", 1032: "Cancelled"}  # the sandbox's ResultCode -> the payment's final state
 
@@ -44,7 +46,8 @@ EXPECTED = {0: "Settled", 1032: "Cancelled"}  # the sandbox's ResultCode -> the 
 def stack(infra, tmp_path_factory):
     s = Stack(infra, tmp_path_factory.mktemp("faults"), uuid.uuid4().hex[:10],
               sandbox_args=["--latency-ms", str(int(LATENCY_S * 1000))],
-              # A payment whose push never reached Daraja goes to Review within the test's time.
+              # A payment whose push never reached Daraja goes to Review within the test's time (one
+              # whose callback never comes is queried 1 s after it is Pending: the stack's setting).
               extra_env={"LEDGER_REVIEW_AFTER_S": "60"})
     try:
         s.start()  # inside: a service that did not come up is stopped with the others
@@ -134,9 +137,10 @@ async def pay_through(stack: Stack, pool, faults: Faults,
     channel_id = f"faults-{uuid.uuid4().hex[:10]}"
     api_key = await stack.onboard(pool, channel_id)
     async with httpx.AsyncClient(headers=stack.sandbox_admin_headers) as http:
-        answer = await http.post(f"{stack.sandbox_url}/sandbox/scenarios",
-                                 json={"amount": CANCELLED_AMOUNT, "scenario": "cancelled"})
-        assert answer.status_code < 300, answer.text
+        for amount, scenario in ((CANCELLED_AMOUNT, "cancelled"), (SILENT_AMOUNT, "no_callback")):
+            answer = await http.post(f"{stack.sandbox_url}/sandbox/scenarios",
+                                     json={"amount": amount, "scenario": scenario})
+            assert answer.status_code < 300, answer.text
     bootstrap = stack.infra["KAFKA_BOOTSTRAP_SERVERS"]
     mark = await asyncio.to_thread(end_offsets, bootstrap, STK_PUSH_RESULT.name)
     sending = asyncio.create_task(_send_payments(stack, channel_id, api_key))
@@ -190,7 +194,7 @@ async def _send_payments(stack: Stack, channel_id: str, api_key: str) -> dict[st
     async with httpx.AsyncClient(timeout=10) as http:
         async def one(n: int) -> tuple[str, str]:
             await asyncio.sleep(n / RATE_PER_S)
-            amount = CANCELLED_AMOUNT if n % 4 == 3 else 10
+            amount = CANCELLED_AMOUNT if n % 4 == 3 else SILENT_AMOUNT if n % 8 == 1 else 10
             return await _pay(http, stack, channel_id, api_key, f"2547119{n:05d}", amount)
         return dict(await asyncio.gather(*(one(n) for n in range(PAYMENTS))))
 

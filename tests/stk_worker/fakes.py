@@ -28,7 +28,8 @@ class ClaimRow:
 
 class FakeClaims:
     """The PostgreSQL claims' rules, in a dict. `down` makes every call fail as a database outage
-    does; `fail_finishes` fails that many next finish() calls only."""
+    does; `fail_finishes` fails that many next finish() calls only; `finishes_wait_for` holds every
+    finish() until the event is set."""
 
     def __init__(self, owner: str = "worker-a", rows: dict[str, ClaimRow] | None = None,
                  beats: dict[str, int] | None = None):
@@ -37,6 +38,7 @@ class FakeClaims:
         self.beats: dict[str, int] = {} if beats is None else beats
         self.down = False
         self.fail_finishes = 0
+        self.finishes_wait_for: asyncio.Event | None = None
         self.finish_calls = 0
 
     def for_owner(self, owner: str) -> FakeClaims:
@@ -59,6 +61,8 @@ class FakeClaims:
     async def finish(self, payment_id: str, outcome: PushOutcome) -> None:
         self._check()
         self.finish_calls += 1
+        if self.finishes_wait_for is not None:  # a database that does not answer (a pool waiting to connect)
+            await self.finishes_wait_for.wait()
         if self.fail_finishes:
             self.fail_finishes -= 1
             raise psycopg.OperationalError("terminating connection due to administrator command")

@@ -254,6 +254,22 @@ class TestDarajasAnswerIsNeverForgotten:
         assert claim_when_published == [ClaimStatus.CLAIMED]  # before the record, and not again after it
         assert r.claims.finish_calls == 4 and len(r.daraja.pushes) == 1
 
+    async def test_an_answer_whose_record_does_not_come_back_is_reported_without_waiting_for_it(self):
+        """A pool waiting for a connection to a database that is down neither fails nor returns."""
+        r = await rig(accepted(9), report_early_after_s=0.01)
+        r.claims.finishes_wait_for = answers = asyncio.Event()
+        request = a_request()
+        pushing = asyncio.ensure_future(r.push(request))
+        for _ in range(300):  # 3 s at most
+            if r.results():
+                break
+            await asyncio.sleep(0.01)
+        assert [(x["outcome"], x["checkout_request_id"]) for x in r.results()] == [("ACCEPTED", "ws_CO_9")]
+        assert not pushing.done()  # still recording
+        answers.set()
+        await pushing
+        assert len(r.results()) == 1 and r.claims.rows[request["payment_id"]].status is ClaimStatus.ACCEPTED
+
     async def test_an_answer_recorded_at_the_first_try_is_reported_once(self):
         r = await rig(accepted(8))
         await r.push(a_request())
