@@ -194,6 +194,12 @@ class Pusher:
     async def _claim_and_push(self, payment_id: str, channel_id: str, version: int,
                               what: Push | PushOutcome) -> PushOutcome:
         watch, started = OwnerWatch(self.settings.owner_silent_s), self.clock.monotonic()
+        if not isinstance(what, PushOutcome):
+            # The shortcode's turn comes before the claim: a claim waiting for its turn would die
+            # with a killed worker and be an unknown outcome though nothing was sent (a burst of
+            # requests after an outage left a hundred such claims in one fault run).
+            channel = what[0]
+            await self._turn(channel.shortcode.business_shortcode, channel.pushes_per_second)
         while True:
             seen = await self.claims.claim(payment_id, channel_id, version)
             if seen is None:
@@ -255,7 +261,8 @@ class Pusher:
     async def _push(self, payment_id: str, channel: ChannelAccess, request: StkPushRequest) -> PushOutcome:
         code = channel.shortcode.business_shortcode
         for attempt in range(1, self.settings.max_attempts + 1):
-            await self._turn(code, channel.pushes_per_second)
+            if attempt > 1:  # the first attempt's turn was taken before the claim
+                await self._turn(code, channel.pushes_per_second)
             self._unrecorded.add(payment_id)
             try:
                 return _accepted(await self.daraja.push(channel.app, channel.shortcode, request), attempt)

@@ -175,9 +175,12 @@ async def pay_through(stack: Stack, pool, faults: Faults,
     wrong_claims = {pid: (checkout_id, answered.get(paid[pid])) for pid, checkout_id in recorded
                     if checkout_id != answered.get(paid[pid])}
     # Pushed: the state the sandbox's outcome calls for (its query can confirm it, so never Review).
-    # Never pushed (claimed when its worker was killed, before the request left): Review.
+    # Never pushed (claimed when its worker was killed, before the request left): Review. So is a
+    # payment whose answer died with the killed worker and that gets no callback: nothing can tell.
+    answer_died = {pid for pid in unknown if pid not in known}
+    silent = {pid for pid, ref in paid.items() if accepted[ref] and accepted[ref][0]["scenario"] == "no_callback"}
     wrong_states = {pid: (states[pid], [p["ResultCode"] for p in accepted[ref]]) for pid, ref in paid.items()
-                    if states[pid] != (EXPECTED[accepted[ref][0]["ResultCode"]] if accepted[ref] else "Review")}
+                    if states[pid] != _expected_state(accepted[ref], silent=pid in answer_died and pid in silent)}
     reviews = sum(s == "Review" for s in states.values())
     reported_twice = sum(len(rs) > 1 for rs in results.values())
     near = collections.Counter(w.split("'")[1] for w in faults.when([accepted[paid[pid]][0] for pid in unknown
@@ -187,6 +190,12 @@ async def pay_through(stack: Stack, pool, faults: Faults,
           f"{len(unknown)} (Daraja's answer lost: {len(lost)}; nearest fault: {dict(near)}); in Review: {reviews}; "
           f"push results published more than once: {reported_twice}")
     return Outcome([ref for ref in paid.values() if len(accepted[ref]) > 1], lost, wrong_claims, wrong_states)
+
+
+def _expected_state(pushes: list[dict], silent: bool) -> str:
+    if not pushes or silent:
+        return "Review"
+    return EXPECTED[pushes[0]["ResultCode"]]
 
 
 async def _send_payments(stack: Stack, channel_id: str, api_key: str) -> dict[str, str]:
