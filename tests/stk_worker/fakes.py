@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg
 
+from services.common.kafka import PublishError
 from services.common.topics import Topic
 from services.daraja.errors import DarajaError, ErrorKind
 from services.daraja.models import AppCredentials, PushAccepted, QueryResult, Shortcode, StkPushRequest
@@ -143,10 +144,17 @@ class ScriptedDaraja:
 
 
 class RecordingPublisher:
+    """Records what is published; `refusals` makes that many next publishes fail as Kafka not
+    acknowledging them would."""
+
     def __init__(self) -> None:
         self.published: list[tuple[str, dict[str, Any]]] = []
+        self.refusals = 0
 
     async def publish(self, topic: Topic, record: dict[str, Any]) -> None:
+        if self.refusals:
+            self.refusals -= 1
+            raise PublishError("not acknowledged")
         self.published.append((topic.name, record))
 
     def records(self, topic: Topic) -> list[dict[str, Any]]:

@@ -157,12 +157,7 @@ class TestPush:
         # being prompted, so the ledger must hear ACCEPTED, not a refusal that fails the payment.
         r = await rig(accepted(6))
         request = a_request()
-        publish = r.publisher.publish
-
-        async def refused_once(topic, record):
-            r.publisher.publish = publish  # type: ignore[method-assign]  # the test scripts what this step does
-            raise PublishError("not acknowledged")
-        r.publisher.publish = refused_once  # type: ignore[method-assign]  # the test scripts what this step does
+        r.publisher.refusals = 1
         with pytest.raises(PublishError):
             await r.push(request)
         if isinstance(channel_now, dict):
@@ -289,12 +284,7 @@ class TestDarajasAnswerIsNeverForgotten:
     async def test_a_batch_retried_by_the_same_process_reports_the_recorded_answer(self):
         r = await rig(accepted(6))
         request = a_request()
-        publish = r.publisher.publish
-
-        async def refused_once(topic, record):
-            r.publisher.publish = publish  # type: ignore[method-assign]  # the test scripts what this step does
-            raise PublishError("not acknowledged")
-        r.publisher.publish = refused_once  # type: ignore[method-assign]  # the test scripts what this step does
+        r.publisher.refusals = 1
         with pytest.raises(PublishError):
             await r.push(request)
         again = await r.push(request)  # the batch's retry
