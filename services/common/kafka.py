@@ -137,6 +137,13 @@ class EventProducer:
                 except BufferError:  # local queue full: serve deliveries to drain it
                     self._producer.poll(0)
                     await asyncio.sleep(0.005)
+                except KafkaException as exc:
+                    # Refused before it left (an idempotent producer in its fatal state, an unknown
+                    # topic): the event is fine, the producer is not. A PublishError is retried, and
+                    # the stall shows on /healthz, rather than the event being dead-lettered as a
+                    # bug's victim (a payment request whose push was made among them).
+                    PUBLISH_FAILURES.labels(topic.name).inc()
+                    raise PublishError(f"the producer refused the event: {exc.args[0] if exc.args else exc}") from exc
             self._outstanding += 1
         self._keep_polling(loop)
         try:

@@ -8,7 +8,7 @@ import sys
 import uuid
 
 import pytest
-from confluent_kafka import Message
+from confluent_kafka import KafkaError, KafkaException, Message
 
 from services.common.kafka import (
     ConsumedEvent,
@@ -17,9 +17,10 @@ from services.common.kafka import (
     PublishError,
     Transient,
     ensure_topics,
+    new_event_fields,
     rewind_points,
 )
-from services.common.topics import DEAD_LETTER, PAYMENT_REQUESTED, Topic
+from services.common.topics import DEAD_LETTER, PAYMENT_REQUESTED, STK_PUSH_RESULT, Topic
 from tests.conftest import ROOT, eventually
 from tests.platform.kafka_helpers import end_offsets, read_all, recording_loop, run_until, sample_request
 
@@ -488,3 +489,19 @@ def test_a_partition_revoked_and_assigned_back_in_one_fetch_is_fetched_again_fro
     points = rewind_points(dropped, assigned_again={("t", 1)})
     assert [(p.topic, p.partition, p.offset) for p in points] == [("t", 1, 5)]
     assert rewind_points(dropped, assigned_again=set()) == []
+
+
+async def test_an_event_the_producer_refuses_before_sending_is_a_publish_error_not_an_unexpected_one(codec):
+    """produce() raises KafkaException itself in some states (an idempotent producer's fatal error):
+    retried as a publish failure, never dead-lettered as if the event had caused a bug."""
+    producer = EventProducer("127.0.0.1:9", codec, client_id="test")
+
+    class Fatal:
+        def produce(self, *args, **kwargs):
+            raise KafkaException(KafkaError(KafkaError._FATAL, "fatal idempotent producer error", fatal=True))
+
+    producer._producer = Fatal()  # type: ignore[assignment]  # the client's own state cannot be forced
+    with pytest.raises(PublishError, match="refused the event"):
+        await producer.publish(STK_PUSH_RESULT, {**new_event_fields("shop", "p1"), "outcome": "ACCEPTED",
+                                                 "merchant_request_id": None, "checkout_request_id": "ws_CO_1",
+                                                 "error_code": None, "error_message": None, "attempts": 1})
