@@ -52,7 +52,8 @@ def _start_local_infra() -> dict[str, str]:
 _MIGRATION_URLS: set[str] = set()  # the tests' DATABASE_URL, once the infra fixture ran
 # The login role each service runs as (infra/postgres.sh), by module.
 SERVICE_ROLES = {"services.ingress": "ingress", "services.ledger": "ledger", "services.stk_worker": "stk_worker",
-                 "services.channels": "onboarding", "services.ledger.anchors": "auditor"}
+                 "services.channels": "onboarding", "services.ledger.anchors": "auditor",
+                 "services.notifier": "notifier"}
 
 
 # Every fixture that reaches the broker or the database depends on `infra`, so a test needs them exactly
@@ -127,6 +128,7 @@ ingress_pool = _role_pool_fixture("ingress")
 stk_worker_pool = _role_pool_fixture("stk_worker")
 onboarding_pool = _role_pool_fixture("onboarding")
 auditor_pool = _role_pool_fixture("auditor")
+notifier_pool = _role_pool_fixture("notifier")
 
 
 @pytest.fixture(scope="session")

@@ -91,23 +91,31 @@ def associated_data(channel_id: str, version: int) -> bytes:
 
 
 def seal(app: AppCredentials, channel_id: str, version: int, wrapper: KeyWrapper) -> SealedCredentials:
-    aad = associated_data(channel_id, version)
-    data_key = AESGCM.generate_key(bit_length=256)
-    nonce = os.urandom(NONCE_BYTES)  # the data key is used once, so a random nonce cannot repeat under it
-    ciphertext = AESGCM(data_key).encrypt(nonce, _plaintext(app), aad)
-    return SealedCredentials(wrapper.key_id, wrapper.wrap(data_key, aad), nonce, ciphertext)
+    return seal_bytes(_plaintext(app), associated_data(channel_id, version), wrapper)
 
 
 def unseal(sealed: SealedCredentials, channel_id: str, version: int, provider: KeyProvider) -> AppCredentials:
-    aad = associated_data(channel_id, version)
     where = f"credentials of channel {channel_id!r} version {version}"
+    return _credentials_from(open_bytes(sealed, associated_data(channel_id, version), provider, where), where)
+
+
+def seal_bytes(plaintext: bytes, aad: bytes, wrapper: KeyWrapper) -> SealedCredentials:
+    """Envelope encryption of any secret bound to `aad` (which names what it is and whose): the
+    credentials above, and webhook signing secrets (services/notifier/secrets.py)."""
+    data_key = AESGCM.generate_key(bit_length=256)
+    nonce = os.urandom(NONCE_BYTES)  # the data key is used once, so a random nonce cannot repeat under it
+    ciphertext = AESGCM(data_key).encrypt(nonce, plaintext, aad)
+    return SealedCredentials(wrapper.key_id, wrapper.wrap(data_key, aad), nonce, ciphertext)
+
+
+def open_bytes(sealed: SealedCredentials, aad: bytes, provider: KeyProvider, where: str) -> bytes:
+    """The plaintext of seal_bytes; `where` names the secret in errors (never its value)."""
     data_key = _unwrap(provider, sealed, aad, where)
     try:
-        plaintext = AESGCM(data_key).decrypt(sealed.nonce, sealed.ciphertext, aad)
+        return AESGCM(data_key).decrypt(sealed.nonce, sealed.ciphertext, aad)
     except (InvalidTag, ValueError):
         raise DecryptionFailed(f"{where} fail authentication: the row was altered or belongs to another "
-                               "channel or version") from None
-    return _credentials_from(plaintext, where)
+                               "channel, endpoint or version") from None
 
 
 def rewrap(sealed: SealedCredentials, channel_id: str, version: int, provider: KeyProvider) -> SealedCredentials:

@@ -79,4 +79,5 @@ ACCESS = {
                          writes=(STK_PUSH_RESULT, STK_QUERY_RESULT, DEAD_LETTER), group_prefix="stk-worker"),
     "ledger": Access(reads=(PAYMENT_REQUESTED, STK_PUSH_RESULT, CALLBACK_RAW, STK_QUERY_RESULT),
                      writes=(PAYMENT_STATUS, STK_QUERY_REQUESTED, DEAD_LETTER), group_prefix="ledger"),
+    "notifier": Access(reads=(PAYMENT_STATUS,), writes=(DEAD_LETTER,), group_prefix="notifier"),
 }

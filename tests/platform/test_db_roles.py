@@ -24,7 +24,7 @@ from services.ledger.service import Ledger
 from tests.conftest import ANCHOR_KEY_FILE, ROOT, database_url_of, eventually, free_port, service_env, start_service
 from tests.ledger.test_ledger_db import requested
 
-SERVICE_ROLES = ("ingress", "stk_worker", "ledger", "onboarding", "auditor")
+SERVICE_ROLES = ("ingress", "stk_worker", "ledger", "onboarding", "auditor", "notifier")
 AUDIT_TABLES = ("audit_log", "audit_anchors", "credential_audit", "payment_history")
 TIME_COLUMN = {"audit_anchors": "anchored_at"}  # every other audit table calls it `at`
 
@@ -40,8 +40,14 @@ GRANTS = {
                "processed_events": "SELECT INSERT DELETE", "parked_facts": "SELECT INSERT DELETE",
                "outbox": "SELECT INSERT UPDATE DELETE", "schema_migrations": "SELECT"},
     "onboarding": {"channels": "SELECT INSERT UPDATE", "channel_credentials": "SELECT INSERT UPDATE",
-                   "api_keys": "SELECT INSERT UPDATE", "credential_audit": "INSERT", "schema_migrations": "SELECT"},
+                   "api_keys": "SELECT INSERT UPDATE", "credential_audit": "INSERT", "schema_migrations": "SELECT",
+                   "webhook_endpoints": "SELECT INSERT UPDATE", "webhook_secrets": "SELECT INSERT UPDATE",
+                   "webhook_deliveries": "SELECT UPDATE", "webhook_attempts": "SELECT"},
     "auditor": {"audit_log": "SELECT", "audit_anchors": "SELECT INSERT", "schema_migrations": "SELECT"},
+    # The notifier's UPDATE of webhook_endpoints is by column (status, failing_since...), so not listed here.
+    "notifier": {"webhook_endpoints": "SELECT", "webhook_secrets": "SELECT",
+                 "webhook_deliveries": "SELECT INSERT UPDATE", "webhook_attempts": "SELECT INSERT",
+                 "credential_audit": "INSERT", "schema_migrations": "SELECT"},
 }
 PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
 
