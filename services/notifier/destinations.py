@@ -95,7 +95,7 @@ async def resolve(host: str) -> list[IPAddress]:
         infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise DestinationRefused(f"{host} does not resolve ({exc.__class__.__name__})") from None
-    addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))
+    addresses = list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos))
     if not addresses:
         raise DestinationRefused(f"{host} does not resolve")
     return addresses
