@@ -12,6 +12,7 @@ from services.channels.cli import register as register_channels
 from services.channels.settings import VAULT_KEY_FILE
 from services.common import config
 from services.ledger.anchors import KEY_FILE, PUBLIC_KEY_FILE
+from services.notifier.settings import NOTIFIER_VAULT_KEY_FILE
 
 STACK = [
     ("daraja-sandbox", "services.daraja_sandbox"),
@@ -21,6 +22,7 @@ STACK = [
     ("ingress", "services.ingress"),
     ("onboarding-api", "services.channels"),
     ("audit-anchor", "services.ledger.anchors"),
+    ("notifier", "services.notifier"),
 ]
 
 
@@ -31,7 +33,7 @@ MIGRATE_SETTINGS = [config.DATABASE_URL]  # the schema's owner
 AUDIT_VERIFY_SETTINGS = [config.database_url("auditor"), PUBLIC_KEY_FILE]
 ANCHOR_KEY_SETTINGS = [KEY_FILE]
 # `run` migrates as the owner (DATABASE_URL), then hands each service a URL of its own role.
-RUN_SETTINGS = [config.DATABASE_URL, VAULT_KEY_FILE, KEY_FILE]
+RUN_SETTINGS = [config.DATABASE_URL, VAULT_KEY_FILE, KEY_FILE, NOTIFIER_VAULT_KEY_FILE]
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class RunSettings:
     database_url: str
     vault_key_file: Path
     audit_anchor_key_file: Path
+    notifier_vault_key_file: Path
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
@@ -118,7 +121,8 @@ def cmd_run(_: argparse.Namespace) -> int:
     from services.devstack import kafka_logins, prepare, service_database_urls
     from services.supervisor import supervise
     cfg = config.load_into(RunSettings, RUN_SETTINGS)
-    env, banner = prepare(cfg.database_url, cfg.vault_key_file, cfg.audit_anchor_key_file)
+    env, banner = prepare(cfg.database_url, cfg.vault_key_file, cfg.audit_anchor_key_file,
+                          cfg.notifier_vault_key_file)
     print(banner, flush=True)
     # Migrated as the schema's owner (prepare); each service logs in as its own role and none
     # inherits the owner's URL.

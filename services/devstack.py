@@ -24,7 +24,9 @@ KAFKA_CA = Path(".local/kafka/tls/ca.crt")  # made by infra/kafka.sh, as are the
 DEMO_CHANNEL = "demo"
 # The login role of each service of `mpesa-pipeline run` (made by infra/postgres.sh).
 SERVICE_ROLES = {"ledger": "ledger", "stk-worker": "stk_worker", "ingress": "ingress", "onboarding-api": "onboarding",
-                 "audit-anchor": "auditor"}
+                 "audit-anchor": "auditor", "notifier": "notifier"}
+# The demo's webhook receivers run on this machine: loopback is allowed as a destination here only.
+DEV_WEBHOOK_NETWORKS = "127.0.0.0/8,::1/128"
 
 
 def role_url(database_url: str, role: str) -> str:
@@ -55,7 +57,7 @@ def dev_environment() -> dict[str, str]:
     env = {"WEBHOOK_TOKEN_SECRETS": local_secret("webhook-token-secret"), "ADMIN_TOKEN": local_secret("admin-token"),
            "DARAJA_SANDBOX_ADMIN_TOKEN": local_secret("daraja-sandbox-admin-token"), "MPESA_ENVIRONMENT": "sandbox",
            "KAFKA_CLIENT_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_CLIENT_SASL_MECHANISM": "SCRAM-SHA-512",
-           "KAFKA_CLIENT_SSL_CA_LOCATION": str(KAFKA_CA.resolve())}
+           "KAFKA_CLIENT_SSL_CA_LOCATION": str(KAFKA_CA.resolve()), "WEBHOOK_ALLOWED_NETWORKS": DEV_WEBHOOK_NETWORKS}
     if os.environ.get("KAFKA_PORT"):  # infra/kafka.sh started the broker there
         env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{os.environ['KAFKA_PORT']}"
     return {k: v for k, v in env.items() if not os.environ.get(k)}
@@ -112,11 +114,14 @@ def demo_banner() -> str:
 """
 
 
-def prepare(database_url: str, key_file: Path, anchor_key_file: Path) -> tuple[dict[str, str], str]:
+def prepare(database_url: str, key_file: Path, anchor_key_file: Path,
+            webhooks_key_file: Path) -> tuple[dict[str, str], str]:
     """database_url: the migration role's; the demo channel is made as the onboarding role.
-    key_file: the vault's; anchor_key_file: the audit anchors' signing key, made if missing."""
+    key_file: the vault's; anchor_key_file: the audit anchors' signing key, made if missing;
+    webhooks_key_file: the notifier's vault key (webhook signing secrets), made if missing."""
     env = dev_environment()
     migrate(database_url)
     create_key(anchor_key_file)  # no-op once it exists
+    LocalKeyFileProvider.open(webhooks_key_file, create=True)
     asyncio.run(ensure_demo_channel(role_url(database_url, SERVICE_ROLES["onboarding-api"]), key_file))
     return env, demo_banner()
