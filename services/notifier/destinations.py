@@ -39,10 +39,14 @@ class DestinationPolicy:
     allowed_networks: tuple[IPNetwork, ...] = ()
 
     def address_allowed(self, address: IPAddress) -> bool:
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped  # ::ffff:10.0.0.1 is 10.0.0.1
         if any(address in network for network in self.allowed_networks):
             return True
+        if isinstance(address, ipaddress.IPv6Address):
+            if address.is_site_local:  # fec0::/10: deprecated, yet routed inside some networks
+                return False
+            inner = embedded_ipv4(address)
+            if inner is not None:  # judged by the IPv4 address it reaches
+                return self.address_allowed(inner)
         return address.is_global and not address.is_multicast
 
     def check_url(self, url: str) -> str:
@@ -88,6 +92,28 @@ class DestinationPolicy:
         if not allowed:
             raise DestinationRefused(_refusal(host, addresses[0]) if addresses else f"{host} does not resolve")
         return allowed
+
+
+_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address leads to, where it embeds one: mapped (::ffff:a.b.c.d),
+    IPv4-compatible (::a.b.c.d, deprecated), 6to4 (2002::/16), Teredo (2001::/32) and NAT64
+    (64:ff9b::/96, RFC 6052; 64:ff9b:1::/48, RFC 8215). Python calls some of these global, yet
+    behind a NAT64 gateway or a 6to4 relay they reach the IPv4 address inside (10.0.0.1...)."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]  # the client's address (the server's is public by design)
+    if any(address in network for network in _NAT64):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address in _IPV4_COMPATIBLE and int(address) > 1:  # not :: or ::1, which are themselves
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
 
 
 async def resolve(host: str) -> list[IPAddress]:

@@ -20,6 +20,7 @@ from services.channels.vault import LocalKeyFileProvider, public_key_path
 from services.common.topics import (
     CALLBACK_RAW,
     PAYMENT_REQUESTED,
+    PAYMENT_STATUS,
     STK_PUSH_RESULT,
     STK_QUERY_REQUESTED,
     STK_QUERY_RESULT,
@@ -28,7 +29,8 @@ from services.daraja_sandbox.settings import ADMIN_TOKEN_ENV, DEMO_CONSUMER_KEY,
 from tests.conftest import ROOT, free_port, kafka_login, service_env, start_service
 from tests.platform.kafka_helpers import start_group_at_end
 
-PRINCIPALS = {"gateway": "webhook-gateway", "ledger": "ledger", "worker": "stk-worker", "ingress": "ingress"}
+PRINCIPALS = {"gateway": "webhook-gateway", "ledger": "ledger", "worker": "stk-worker", "ingress": "ingress",
+              "notifier": "notifier"}
 
 
 @dataclass
@@ -40,11 +42,14 @@ class Stack:
     extra_env: dict = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     sandbox_admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+    with_notifier: bool = False  # also the notifier (status webhooks), with its own vault key
 
     def __post_init__(self):
-        self.ports = {name: free_port() for name in ("sandbox", "gateway", "ingress", "ledger", "worker")}
+        self.ports = {name: free_port() for name in ("sandbox", "gateway", "ingress", "ledger", "worker", "notifier")}
         self.key_file = self.tmp / "vault" / "kek.json"
         LocalKeyFileProvider.open(self.key_file, create=True)
+        self.webhooks_key_file = self.tmp / "vault" / "webhooks-kek.json"
+        LocalKeyFileProvider.open(self.webhooks_key_file, create=True)
         self.env = service_env(
             self.infra, WEBHOOK_PORT=self.ports["gateway"], INGRESS_PORT=self.ports["ingress"],
             LEDGER_METRICS_PORT=self.ports["ledger"], STK_WORKER_METRICS_PORT=self.ports["worker"],
@@ -52,7 +57,10 @@ class Stack:
             DARAJA_BASE_URL=self.sandbox_url, CALLBACK_PUBLIC_BASE_URL=self.gateway_url,
             WEBHOOK_TOKEN_SECRETS=secrets.token_hex(32), VAULT_KEY_FILE=str(self.key_file),
             MPESA_ENVIRONMENT="sandbox", INGRESS_AUTH_CACHE_TTL_S="0.1", LEDGER_QUERY_AFTER_S="1", STK_MAX_ATTEMPTS="3",
-            DARAJA_READ_TIMEOUT_S="5", **self.extra_env)
+            DARAJA_READ_TIMEOUT_S="5", NOTIFIER_METRICS_PORT=self.ports["notifier"],
+            NOTIFIER_GROUP_ID=f"notifier-{self.unique}", NOTIFIER_VAULT_KEY_FILE=str(self.webhooks_key_file),
+            WEBHOOK_VAULT_PUBLIC_KEY_FILE=str(public_key_path(self.webhooks_key_file)),
+            WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8", **self.extra_env)
 
     sandbox_url = property(lambda self: f"http://127.0.0.1:{self.ports['sandbox']}")
     gateway_url = property(lambda self: f"http://127.0.0.1:{self.ports['gateway']}")
@@ -66,17 +74,19 @@ class Stack:
             PAYMENT_REQUESTED, STK_PUSH_RESULT, CALLBACK_RAW, STK_QUERY_RESULT)])
         start_group_at_end(bootstrap, f"stk-worker-{self.unique}", [PAYMENT_REQUESTED.name])
         start_group_at_end(bootstrap, f"stk-worker-{self.unique}-queries", [STK_QUERY_REQUESTED.name])
+        start_group_at_end(bootstrap, f"notifier-{self.unique}", [PAYMENT_STATUS.name])
         self.procs["sandbox"] = subprocess.Popen(
             [sys.executable, "-m", "services.daraja_sandbox", "--port", str(self.ports["sandbox"]),
              "--callback-delay-ms", "300", *self.sandbox_args], cwd=ROOT,
             env={**os.environ, ADMIN_TOKEN_ENV: self.sandbox_admin_token},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for name, module in (("gateway", "services.webhook_consumer"), ("ledger", "services.ledger"),
-                             ("worker", "services.stk_worker"), ("ingress", "services.ingress")):
+                             ("worker", "services.stk_worker"), ("ingress", "services.ingress"),
+                             *([("notifier", "services.notifier")] if self.with_notifier else [])):
             self.start_one(name, module)
         for url in (f"{self.sandbox_url}/sandbox/health", f"{self.gateway_url}/healthz", f"{self.ingress_url}/healthz",
-                    f"http://127.0.0.1:{self.ports['ledger']}/healthz",
-                    f"http://127.0.0.1:{self.ports['worker']}/healthz"):
+                    *[f"http://127.0.0.1:{self.ports[name]}/healthz" for name in self.procs
+                      if name in ("ledger", "worker", "notifier")]):
             wait_for(url)
 
     def start_one(self, name: str, module: str) -> None:
@@ -116,10 +126,10 @@ class Stack:
         return api_key
 
 
-def running(infra: dict, tmp: Path):
+def running(infra: dict, tmp: Path, *, with_notifier: bool = False):
     """A started stack for a module's fixture (`yield from running(...)`); at the end its services
     are stopped and the last lines of each log printed (the whole logs stay in `tmp`)."""
-    s = Stack(infra, tmp, uuid.uuid4().hex[:10])
+    s = Stack(infra, tmp, uuid.uuid4().hex[:10], with_notifier=with_notifier)
     s.start()
     try:
         yield s
