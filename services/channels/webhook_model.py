@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from services.channels.model import Errors
@@ -249,9 +249,12 @@ def _moment(value: Any) -> tuple[datetime | None, str | None]:
         return None, message
     try:
         moment = datetime.fromisoformat(value)
-    except ValueError:
+        if moment.tzinfo is None:
+            return None, message
+        moment = moment.astimezone(timezone.utc)  # year 1 at +01:00 would overflow: refused here, not later
+    except (ValueError, OverflowError):
         return None, message
-    return (moment, None) if moment.tzinfo is not None else (None, message)
+    return moment, None
 
 
 def _cleaned(value: str, limit: int) -> str:

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import HealthCheck, given, settings, strategies as st
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from services.channels.api import create_app
@@ -526,7 +527,8 @@ async def test_bad_delivery_log_queries_are_400(client, channel_id, query):
 @pytest.mark.parametrize("body", [{}, {"eventId": "e", "since": "2026-01-01T00:00:00Z"}, {"eventId": 5},
                                   {"eventId": "a\u0000b"}, {"eventId": "x" * 101}, {"since": "2026-13-01T00:00:00Z"},
                                   {"since": "2026-01-02T00:00:00Z", "until": "2026-01-01T00:00:00Z"},
-                                  {"until": "2026-01-01T00:00:00Z"}, {"eventId": "e", "extra": True}])
+                                  {"until": "2026-01-01T00:00:00Z"}, {"eventId": "e", "extra": True},
+                                  {"since": "0001-01-01T00:00:00+01:00"}])
 async def test_bad_redelivery_requests_are_400_and_requeue_nothing(client, channel_id, pool, body):
     endpoint_id = (await add(client, channel_id))["endpointId"]
     row = await insert_delivery(pool, endpoint_id, channel_id, state="delivered")
@@ -542,3 +544,45 @@ async def test_hostile_path_parameters_are_404(client, path):
     response = await client.get(path, headers=ADMIN)
     assert response.status == 404, await response.text()
     assert "\u0000" not in (await response.json())["detail"]
+
+
+# Nothing a client sends makes the API answer 500
+
+any_text = st.text(st.characters(exclude_categories=()), max_size=40)  # surrogates and controls included
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | any_text
+    | st.sampled_from([HOOK, "https://10.0.0.1/x", "payment.settled", "2026-01-01T00:00:00Z", "\u0000", "\ud800",
+                       "9" * 5000, 86400, -1]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12)
+FIELDS = ["url", "eventTypes", "description", "reason", "overlapSeconds", "eventId", "since", "until"]
+VALID = {  # route -> a valid body for it; {e} is the endpoint
+    ("POST", "/admin/channels/{c}/webhooks"): {"url": HOOK + "/prop", "eventTypes": ["payment.settled"]},
+    ("PATCH", "/admin/webhooks/{e}"): {"description": "ERP", "eventTypes": ["payment.failed"]},
+    ("POST", "/admin/webhooks/{e}/disable"): {"reason": "maintenance"},
+    ("POST", "/admin/webhooks/{e}/rotate-secret"): {"overlapSeconds": 60},
+    ("POST", "/admin/webhooks/{e}/redeliver"): {"since": "2026-01-01T00:00:00Z"},
+}
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(route=st.sampled_from(sorted(VALID)), data=st.data())
+async def test_no_nearly_valid_body_makes_the_webhook_routes_answer_500(client, channel_id, route, data):
+    endpoint_id = await a_live_endpoint(client, channel_id)
+    fields = st.sampled_from(sorted(VALID[route])) | st.sampled_from(FIELDS)
+    change = data.draw(st.dictionaries(fields, json_values, min_size=1, max_size=2))
+    method, path = route
+    body = json.dumps({**VALID[route], **change})
+    response = await client.request(method, path.format(c=channel_id, e=endpoint_id), headers=JSON, data=body)
+    assert response.status < 500, await response.text()
+
+
+async def a_live_endpoint(client, channel_id: str) -> str:
+    """The channel's endpoint that is not deleted or disabled, made or enabled as needed."""
+    listed = (await call(client, "GET", f"/admin/channels/{channel_id}/webhooks"))["endpoints"]
+    if not listed:
+        return (await add(client, channel_id))["endpointId"]
+    endpoint_id = listed[0]["endpointId"]
+    await call(client, "POST", f"/admin/webhooks/{endpoint_id}/enable")
+    return endpoint_id
