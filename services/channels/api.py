@@ -1,5 +1,5 @@
 """The onboarding API under /admin/: channels, their credentials, upstream API keys and webhook
-endpoints (the routes are listed in README.md, "Channels and credentials" and "Webhook endpoints").
+endpoints (README.md, "Webhook endpoints", lists the webhook routes with their commands).
 
 Authentication is the admin bearer token (`Authorization: Bearer <token>`), a credential apart from
 the upstream API keys. Without a bearer token the answer is 401 (with WWW-Authenticate); with a

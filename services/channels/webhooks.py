@@ -158,9 +158,10 @@ class WebhookManagement:
             if record.status == status:
                 return record
             await store.set_status(conn, endpoint_id, status, reason)
-            action = "webhook_endpoint_enabled" if status == ENABLED else "webhook_endpoint_disabled"
-            detail = f"was {record.status}" + (f": {record.disabled_reason}" if record.disabled_reason else "") \
-                if status == ENABLED else f"reason: {reason}"
+            if status == ENABLED:
+                action, detail = "webhook_endpoint_enabled", f"was disabled: {record.disabled_reason}"
+            else:
+                action, detail = "webhook_endpoint_disabled", f"reason: {reason}"
             await repo.audit(conn, actor, action, channel_id=record.channel_id, webhook_endpoint_id=endpoint_id,
                              detail=detail)
             record = await _written(conn, endpoint_id)
