@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 from datetime import datetime, timedelta, timezone
 
@@ -19,6 +20,7 @@ from services.channels.settings import AdminToken
 from services.channels.vault import SealedCredentials, public_key_path
 from services.channels.webhook_model import ENDPOINTS_PER_CHANNEL_MAX, OVERLAP_MAX_S
 from services.channels.webhooks import WebhookManagement
+from services.common.observability import JsonFormatter
 from services.notifier.destinations import DestinationPolicy, parse_networks
 from services.notifier.events import EVENT_TYPES
 from services.notifier.secrets import fingerprint, open_secret
@@ -255,7 +257,8 @@ async def signing_versions(pool, endpoint_id: str, at_s: int) -> list[int]:
 
 # Life cycle and audit
 
-async def test_every_change_is_audited_and_no_secret_reaches_the_audit(client, channel_id, pool):
+async def test_every_change_is_audited_and_no_secret_reaches_the_audit_or_a_log(client, channel_id, pool, caplog):
+    caplog.set_level(logging.DEBUG)
     created = await add(client, channel_id)
     endpoint_id = created["endpointId"]
     base = f"/admin/webhooks/{endpoint_id}"
@@ -280,6 +283,10 @@ async def test_every_change_is_audited_and_no_secret_reaches_the_audit(client, c
     assert "0 deliveries requeued" in audit[5][3]
     everything = await every_byte_of_the_audit(pool)
     assert_no_secret(everything, created["secret"].removeprefix("whsec_"), rotated.removeprefix("whsec_"))
+    formatter = JsonFormatter("tests")
+    logs = "\n".join(formatter.format(record) for record in caplog.records)
+    assert f"webhook endpoint {endpoint_id} created" in logs  # the logs were captured
+    assert_no_secret(logs, created["secret"].removeprefix("whsec_"), rotated.removeprefix("whsec_"))
 
 
 async def test_disable_needs_a_reason_and_enable_clears_it_with_the_failure_run(client, channel_id, pool):
