@@ -8,6 +8,7 @@ import json
 import logging
 import secrets
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -79,6 +80,12 @@ async def sealed_rows(pool, endpoint_id: str) -> dict[int, tuple[SealedCredentia
                                  " FROM webhook_secrets WHERE endpoint_id = %s", (endpoint_id,))
         return {r[0]: (SealedCredentials(r[1], bytes(r[2]), bytes(r[3]), bytes(r[4])), r[5])
                 for r in await cur.fetchall()}
+
+
+def expiry(rows: dict[int, tuple[SealedCredentials, datetime | None]], version: int) -> datetime:
+    expires_at = rows[version][1]
+    assert expires_at is not None, f"version {version} has no expiry"
+    return expires_at
 
 
 async def audit_rows(pool, channel_id: str) -> list[tuple]:
@@ -203,7 +210,7 @@ async def test_rotation_keeps_the_old_secret_signing_for_the_overlap_only(client
     rows = await sealed_rows(pool, endpoint_id)
     assert rows[2][1] is None
     now = datetime.now(timezone.utc)
-    assert now + timedelta(seconds=3500) < rows[1][1] < now + timedelta(seconds=3700)
+    assert now + timedelta(seconds=3500) < expiry(rows, 1) < now + timedelta(seconds=3700)
     assert open_secret(rows[1][0], endpoint_id, 1, webhook_provider) == first
     assert open_secret(rows[2][0], endpoint_id, 2, webhook_provider) == second
     assert await signing_versions(pool, endpoint_id, at_s=0) == [1, 2]  # during the overlap both sign
@@ -222,7 +229,7 @@ async def test_rotation_keeps_the_old_secret_signing_for_the_overlap_only(client
     third = (await call(client, "POST", f"/admin/webhooks/{endpoint_id}/rotate-secret", json={"overlapSeconds": 0}))
     assert [s["version"] for s in third["signingSecrets"]] == [3]
     rows = await sealed_rows(pool, endpoint_id)
-    assert rows[1][1] <= datetime.now(timezone.utc) and rows[2][1] <= datetime.now(timezone.utc)
+    assert expiry(rows, 1) <= datetime.now(timezone.utc) and expiry(rows, 2) <= datetime.now(timezone.utc)
     assert await signing_versions(pool, endpoint_id, at_s=0) == [3]
     actions = [(a, v) for a, _, v, _ in await audit_rows(pool, channel_id)]
     assert actions == [("webhook_endpoint_created", 1), ("webhook_secret_rotated", 2), ("webhook_secret_rotated", 3)]
@@ -232,7 +239,7 @@ async def test_a_second_rotation_within_the_overlap_stops_the_oldest_at_once(cli
     endpoint_id = (await add(client, channel_id))["endpointId"]
     await call(client, "POST", f"/admin/webhooks/{endpoint_id}/rotate-secret")  # the default overlap: a day
     rows = await sealed_rows(pool, endpoint_id)
-    assert rows[1][1] > datetime.now(timezone.utc) + timedelta(hours=23)
+    assert expiry(rows, 1) > datetime.now(timezone.utc) + timedelta(hours=23)
     await call(client, "POST", f"/admin/webhooks/{endpoint_id}/rotate-secret", json={"overlapSeconds": 600})
     assert await signing_versions(pool, endpoint_id, at_s=0) == [2, 3]  # never three at once
 
@@ -563,7 +570,7 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=12)
 FIELDS = ["url", "eventTypes", "description", "reason", "overlapSeconds", "eventId", "since", "until"]
-VALID = {  # route -> a valid body for it; {e} is the endpoint
+VALID: dict[tuple[str, str], dict[str, Any]] = {  # route -> a valid body for it; {e} is the endpoint
     ("POST", "/admin/channels/{c}/webhooks"): {"url": HOOK + "/prop", "eventTypes": ["payment.settled"]},
     ("PATCH", "/admin/webhooks/{e}"): {"description": "ERP", "eventTypes": ["payment.failed"]},
     ("POST", "/admin/webhooks/{e}/disable"): {"reason": "maintenance"},

@@ -8,6 +8,7 @@ import json
 import os
 import re
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -131,7 +132,8 @@ def test_the_documented_python_example_verifies_a_signed_delivery(monkeypatch):
     secret, old_secret = new_secret(), new_secret()
     monkeypatch.setenv("WEBHOOK_SECRET", secret)
     handled: list[tuple[str, dict]] = []
-    namespace = {"seen_before": lambda webhook_id: False, "close_order": lambda t, d: handled.append((t, d))}
+    namespace: dict[str, Any] = {"seen_before": lambda webhook_id: False,
+                                 "close_order": lambda t, d: handled.append((t, d))}
     exec(compile(example, "openapi-example", "exec"), namespace)  # the document's own code, run as written
     assert os.environ["WEBHOOK_SECRET"] == secret
 
