@@ -1,6 +1,7 @@
 """python -m services.channels: the onboarding API (default port 8082).
 
-It seals credentials with the vault's public key file and never holds the key-encryption key.
+It seals credentials with the vault's public key file and webhook signing secrets with the
+notifier's, and holds neither key-encryption key.
 """
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import sys
 from services.channels import settings as s
 from services.channels.api import create_app
 from services.channels.onboarding import Onboarding, daraja_credential_check
+from services.channels.webhooks import WebhookManagement
 from services.common import config
 from services.common.db import open_pool, require_schema
 from services.common.observability import Health, serve
 from services.common.runtime import run_service
 from services.daraja.client import DarajaTimeouts
+from services.notifier.destinations import DestinationPolicy
 
 log = logging.getLogger("services.channels")
 
@@ -31,12 +34,18 @@ async def main(cfg: s.ApiSettings, stop: asyncio.Event) -> None:
     if not cfg.vault_public_key_file.exists():
         log.warning("no vault public key at %s yet: credentials cannot be stored until `mpesa-pipeline vault init` "
                     "has run where the STK worker runs", cfg.vault_public_key_file)
+    if not cfg.webhook_vault_public_key_file.exists():
+        log.warning("no webhook vault public key at %s yet: webhook endpoints cannot be added until the notifier's "
+                    "key file exists", cfg.webhook_vault_public_key_file)
     check = daraja_credential_check(cfg.daraja_base_url, DarajaTimeouts(connect_s=cfg.daraja_connect_timeout_s,
                                                                         read_s=cfg.daraja_read_timeout_s))
     require_schema(cfg.database_url)
     pool = await open_pool(cfg.database_url, max_size=5)
     onboarding = Onboarding(pool, public_key_file=cfg.vault_public_key_file, credential_check=check)
-    runner = await serve(create_app(onboarding, admin_token, Health()), cfg.admin_host, cfg.admin_port)
+    webhooks = WebhookManagement(pool, public_key_file=cfg.webhook_vault_public_key_file,
+                                 policy=DestinationPolicy(cfg.webhook_allowed_networks))
+    runner = await serve(create_app(onboarding, admin_token, Health(), webhooks=webhooks), cfg.admin_host,
+                         cfg.admin_port)
     log.info("onboarding API listening on %s:%d", cfg.admin_host, cfg.admin_port)
     try:
         await stop.wait()

@@ -1,4 +1,5 @@
-"""The onboarding API under /admin/: channels, their credentials and upstream API keys.
+"""The onboarding API under /admin/: channels, their credentials, upstream API keys and webhook
+endpoints (README.md, "Webhook endpoints", lists the webhook routes with their commands).
 
 Authentication is the admin bearer token (`Authorization: Bearer <token>`), a credential apart from
 the upstream API keys. Without a bearer token the answer is 401 (with WWW-Authenticate); with a
@@ -13,8 +14,8 @@ one. An address that never fails is never slowed.
 Every refusal of a body is a 400 (or 413/415) problem detail: nothing a client sends may make the
 API answer 500.
 
-No response carries a secret: credentials show as version and fingerprint, and an API key is shown
-once, in the answer that issues it.
+No response carries a secret: credentials show as version and fingerprint, and an API key or a
+webhook signing secret is shown once, in the answer that makes it (with Cache-Control: no-store).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from prometheus_client import Counter
 
 from services.channels.onboarding import NotFound, Onboarding, OnboardingError
 from services.channels.settings import AdminToken
+from services.channels.webhooks import WebhookManagement
 from services.common.observability import Health, add_ops_routes, http_metrics
 from services.common.problems import problem
 from services.common.ratelimit import RateLimiter, retry_after_header
@@ -42,12 +44,15 @@ LOGIN_FAILURES_PER_S = 0.2
 _API_KEY_ID = re.compile(r"[0-9a-f]{12}")  # apikeys.new_api_key
 ONBOARDING = web.AppKey("onboarding", Onboarding)
 ADMIN_TOKEN = web.AppKey("admin_token", AdminToken)
+WEBHOOKS = web.AppKey("webhooks", WebhookManagement)
+SHOWN_ONCE = {"Cache-Control": "no-store"}  # an answer carrying a secret is kept by no cache
 LOGIN_FAILURES = web.AppKey("login_failures", RateLimiter)
 AUTH_REFUSALS = Counter("admin_auth_refusals_total", "Admin API requests refused", ["reason"])
 
 
 def create_app(onboarding: Onboarding, admin_token: AdminToken, health: Health | None = None, *,
-               login_failures: RateLimiter | None = None) -> web.Application:
+               login_failures: RateLimiter | None = None,
+               webhooks: WebhookManagement | None = None) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[http_metrics, require_admin, problems])
     app[ONBOARDING] = onboarding
     app[ADMIN_TOKEN] = admin_token
@@ -66,6 +71,9 @@ def create_app(onboarding: Onboarding, admin_token: AdminToken, health: Health |
     r.add_get("/admin/api-keys", list_api_keys)
     r.add_post("/admin/api-keys", issue_api_key)
     r.add_post("/admin/api-keys/{keyId}/revoke", revoke_api_key)
+    if webhooks is not None:
+        app[WEBHOOKS] = webhooks
+        _add_webhook_routes(r)
     add_ops_routes(app, health or Health())
     return app
 
@@ -181,7 +189,7 @@ async def list_api_keys(request: web.Request) -> web.Response:
 async def issue_api_key(request: web.Request) -> web.Response:
     view, api_key = await request.app[ONBOARDING].issue_api_key(await _json_body(request), _actor(request))
     return web.json_response({**view, "apiKey": api_key, "note": "shown once: store it now"}, status=201,
-                             headers={"Cache-Control": "no-store"})
+                             headers=SHOWN_ONCE)
 
 
 async def revoke_api_key(request: web.Request) -> web.Response:
@@ -190,3 +198,97 @@ async def revoke_api_key(request: web.Request) -> web.Response:
         raise NotFound(f"no API key {key_id!r}")
     view = await request.app[ONBOARDING].revoke_api_key(key_id, _actor(request))
     return web.json_response(view)
+
+
+# Webhook endpoints (services/channels/webhooks.py; docs/webhooks.md, "Managing endpoints")
+
+def _add_webhook_routes(r: web.UrlDispatcher) -> None:
+    r.add_get("/admin/channels/{channelId}/webhooks", list_webhooks)
+    r.add_post("/admin/channels/{channelId}/webhooks", add_webhook)
+    r.add_get("/admin/webhooks/{endpointId}", show_webhook)
+    r.add_patch("/admin/webhooks/{endpointId}", update_webhook)
+    r.add_delete("/admin/webhooks/{endpointId}", delete_webhook)
+    r.add_post("/admin/webhooks/{endpointId}/disable", disable_webhook)
+    r.add_post("/admin/webhooks/{endpointId}/enable", enable_webhook)
+    r.add_post("/admin/webhooks/{endpointId}/rotate-secret", rotate_webhook_secret)
+    r.add_get("/admin/webhooks/{endpointId}/deliveries", list_deliveries)
+    r.add_post("/admin/webhooks/{endpointId}/redeliver", redeliver_endpoint)
+    r.add_get("/admin/webhook-deliveries/{deliveryId}", show_delivery)
+    r.add_get("/admin/webhook-deliveries/{deliveryId}/attempts", list_attempts)
+    r.add_post("/admin/webhook-deliveries/{deliveryId}/redeliver", redeliver_delivery)
+
+
+async def _optional_json_body(request: web.Request) -> Any:
+    """The body, or {} when none was sent (the operation's defaults apply)."""
+    return await _json_body(request) if request.can_read_body else {}
+
+
+def _with_secret(view: dict[str, Any], secret: str) -> dict[str, Any]:
+    return {**view, "secret": secret, "note": "shown once: store it now; only its fingerprint is kept in view"}
+
+
+async def list_webhooks(request: web.Request) -> web.Response:
+    include_deleted = request.query.get("includeDeleted") == "true"
+    records = await request.app[WEBHOOKS].endpoints(request.match_info["channelId"], include_deleted=include_deleted)
+    return web.json_response({"endpoints": [r.view() for r in records]})
+
+
+async def add_webhook(request: web.Request) -> web.Response:
+    record, secret = await request.app[WEBHOOKS].add_endpoint(request.match_info["channelId"],
+                                                              await _json_body(request), _actor(request))
+    return web.json_response(_with_secret(record.view(), secret), status=201,
+                             headers={**SHOWN_ONCE, "Location": f"/admin/webhooks/{record.endpoint_id}"})
+
+
+async def show_webhook(request: web.Request) -> web.Response:
+    return web.json_response((await request.app[WEBHOOKS].endpoint(request.match_info["endpointId"])).view())
+
+
+async def update_webhook(request: web.Request) -> web.Response:
+    record = await request.app[WEBHOOKS].update_endpoint(request.match_info["endpointId"], await _json_body(request),
+                                                         _actor(request))
+    return web.json_response(record.view())
+
+
+async def delete_webhook(request: web.Request) -> web.Response:
+    record = await request.app[WEBHOOKS].delete(request.match_info["endpointId"], _actor(request))
+    return web.json_response(record.view())
+
+
+async def disable_webhook(request: web.Request) -> web.Response:
+    record = await request.app[WEBHOOKS].disable(request.match_info["endpointId"], await _json_body(request),
+                                                 _actor(request))
+    return web.json_response(record.view())
+
+
+async def enable_webhook(request: web.Request) -> web.Response:
+    record = await request.app[WEBHOOKS].enable(request.match_info["endpointId"], _actor(request))
+    return web.json_response(record.view())
+
+
+async def rotate_webhook_secret(request: web.Request) -> web.Response:
+    record, secret = await request.app[WEBHOOKS].rotate_secret(request.match_info["endpointId"],
+                                                               await _optional_json_body(request), _actor(request))
+    return web.json_response(_with_secret(record.view(), secret), headers=SHOWN_ONCE)
+
+
+async def list_deliveries(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[WEBHOOKS].deliveries(request.match_info["endpointId"], request.query))
+
+
+async def redeliver_endpoint(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[WEBHOOKS].redeliver(request.match_info["endpointId"],
+                                                                   await _json_body(request), _actor(request)))
+
+
+async def show_delivery(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[WEBHOOKS].delivery(request.match_info["deliveryId"]))
+
+
+async def list_attempts(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[WEBHOOKS].attempts(request.match_info["deliveryId"]))
+
+
+async def redeliver_delivery(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[WEBHOOKS].redeliver_delivery(request.match_info["deliveryId"],
+                                                                            _actor(request)))

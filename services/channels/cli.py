@@ -1,4 +1,4 @@
-"""`mpesa-pipeline channels|keys|vault|admin-token`: the onboarding operations from a shell.
+"""`mpesa-pipeline channels|keys|webhooks|vault|admin-token`: the onboarding operations from a shell.
 
 The commands talk to PostgreSQL directly (DATABASE_URL), through the same operations as the admin
 API, and print JSON. Secrets are never taken from the command line, where `ps` and shell history
@@ -64,6 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds the commands to `mpesa-pipeline` (services/cli.py)."""
     _register_channels(subparsers)
     _register_keys(subparsers)
+    _register_webhooks(subparsers)
     _register_vault(subparsers)
     subparsers.add_parser("admin-token", help="generate an admin token for the onboarding API",
                           description="Prints a new random admin token and the ADMIN_TOKEN_SHA256 value to "
@@ -132,6 +133,121 @@ def _register_keys(subparsers) -> None:
         func=_onboarding_command(lambda o, a, actor: o.api_keys()))
 
 
+def _register_webhooks(subparsers) -> None:
+    hooks = subparsers.add_parser("webhooks", help="a channel's webhook endpoints: add, change, disable, delete, "
+                                                   "rotate their signing secrets; the delivery log and redelivery",
+                                  description="Status webhooks (docs/webhooks.md, \"Managing endpoints\"). A signing "
+                                              "secret is printed once, when it is made (add, rotate-secret). Output "
+                                              "is JSON.")
+    sub = hooks.add_subparsers(dest="webhooks_command", required=True)
+    add = sub.add_parser("add", help="add an endpoint to a channel (its signing secret is printed once)")
+    add.add_argument("channel_id")
+    add.add_argument("--url", required=True, help="https URL of the receiver (http only to loopback)")
+    _add_endpoint_options(add)
+    add.set_defaults(func=_webhooks_command(_add_endpoint))
+    listing = sub.add_parser("list", help="a channel's endpoints (secrets as version and fingerprint only)")
+    listing.add_argument("channel_id")
+    listing.add_argument("--all", action="store_true", help="deleted endpoints too")
+    listing.set_defaults(func=_webhooks_command(lambda w, a, actor: w.endpoints(a.channel_id, include_deleted=a.all)))
+    update = sub.add_parser("update", help="change an endpoint's URL, event types or description")
+    update.add_argument("endpoint_id")
+    update.add_argument("--url", help="new https URL of the receiver")
+    _add_endpoint_options(update)
+    update.add_argument("--clear-description", action="store_true", help="remove the description")
+    update.set_defaults(func=_webhooks_command(
+        lambda w, a, actor: w.update_endpoint(a.endpoint_id, _endpoint_body(a), actor)))
+    disable = sub.add_parser("disable", help="stop delivering to an endpoint")
+    disable.add_argument("endpoint_id")
+    disable.add_argument("--reason", required=True, help="why (kept on the endpoint and in the audit)")
+    disable.set_defaults(func=_webhooks_command(
+        lambda w, a, actor: w.disable(a.endpoint_id, {"reason": a.reason}, actor)))
+    for name, help_text, operation in [
+        ("show", "one endpoint", lambda w, a, actor: w.endpoint(a.endpoint_id)),
+        ("enable", "deliver to it again (clears the reason and the failure run)",
+         lambda w, a, actor: w.enable(a.endpoint_id, actor)),
+        ("delete", "delete for good (pending deliveries cancelled; the log is kept)",
+         lambda w, a, actor: w.delete(a.endpoint_id, actor)),
+    ]:
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("endpoint_id")
+        command.set_defaults(func=_webhooks_command(operation))
+    rotate = sub.add_parser("rotate-secret", help="a new signing secret (printed once); the previous one keeps "
+                                                  "signing for the overlap")
+    rotate.add_argument("endpoint_id")
+    rotate.add_argument("--overlap", type=int, dest="overlap_seconds",
+                        help="seconds the previous secret keeps signing (default a day, at most 7 days; 0 = none)")
+    rotate.set_defaults(func=_webhooks_command(_rotate_secret))
+    deliveries = sub.add_parser("deliveries", help="an endpoint's delivery log, newest first")
+    deliveries.add_argument("endpoint_id")
+    deliveries.add_argument("--state", help="pending, delivered, parked or cancelled")
+    deliveries.add_argument("--since", help="events that occurred at or after this time (ISO 8601 with offset)")
+    deliveries.add_argument("--cursor", help="the nextCursor of the previous page")
+    deliveries.add_argument("--limit", help="deliveries per page (default 50, at most 200)")
+    deliveries.set_defaults(func=_webhooks_command(lambda w, a, actor: w.deliveries(a.endpoint_id, {
+        name: getattr(a, name) for name in ("state", "since", "cursor", "limit") if getattr(a, name) is not None})))
+    attempts = sub.add_parser("attempts", help="one delivery with its body and every attempt "
+                                               "(time, HTTP status, latency, error)")
+    attempts.add_argument("delivery_id")
+    attempts.set_defaults(func=_webhooks_command(lambda w, a, actor: w.delivery(a.delivery_id)))
+    redeliver = sub.add_parser("redeliver", help="send again: one delivery, one event, or every event since a time",
+                               description="`redeliver --delivery ID`, `redeliver ENDPOINT --event-id ID` or "
+                                           "`redeliver ENDPOINT --since TIME [--until TIME]`. The same webhook-id is "
+                                           "sent, so a receiver that had it already can tell.")
+    redeliver.add_argument("endpoint_id", nargs="?")
+    which = redeliver.add_mutually_exclusive_group(required=True)
+    which.add_argument("--delivery", dest="delivery_id", help="a delivery id (from `webhooks deliveries`)")
+    which.add_argument("--event-id", help="a status event's id (the webhook-id a receiver saw)")
+    which.add_argument("--since", help="every event that occurred at or after this time (ISO 8601 with offset)")
+    redeliver.add_argument("--until", help="with --since: only events before this time")
+    redeliver.set_defaults(func=_webhooks_command(_redeliver))
+
+
+def _add_endpoint_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--event", dest="event_types", action="append",
+                        help="an event type to deliver (repeatable; default every type: payment.pending, "
+                             "payment.settled, payment.cancelled, payment.failed, payment.review)")
+    parser.add_argument("--description", help="what the endpoint is for (at most 200 characters)")
+
+
+def _endpoint_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if args.url is not None:
+        body["url"] = args.url
+    if args.event_types is not None:
+        body["eventTypes"] = args.event_types
+    if args.description is not None:
+        body["description"] = args.description
+    if getattr(args, "clear_description", False):
+        body["description"] = None
+    return body
+
+
+async def _add_endpoint(webhooks, args: argparse.Namespace, actor: str) -> dict[str, Any]:
+    record, secret = await webhooks.add_endpoint(args.channel_id, _endpoint_body(args), actor)
+    print("the signing secret is shown once: give it to the receiver now", file=sys.stderr)
+    return {**record.view(), "secret": secret}
+
+
+async def _rotate_secret(webhooks, args: argparse.Namespace, actor: str) -> dict[str, Any]:
+    body = {} if args.overlap_seconds is None else {"overlapSeconds": args.overlap_seconds}
+    record, secret = await webhooks.rotate_secret(args.endpoint_id, body, actor)
+    print("the new signing secret is shown once: give it to the receiver now", file=sys.stderr)
+    return {**record.view(), "secret": secret}
+
+
+async def _redeliver(webhooks, args: argparse.Namespace, actor: str) -> dict[str, Any]:
+    if args.delivery_id is not None:
+        if args.endpoint_id is not None or args.until is not None:
+            raise _UsageError("--delivery takes no endpoint id and no --until")
+        return await webhooks.redeliver_delivery(args.delivery_id, actor)
+    if args.endpoint_id is None:
+        raise _UsageError("name the endpoint: redeliver ENDPOINT --event-id ID | --since TIME")
+    body = {"eventId": args.event_id} if args.event_id is not None else {"since": args.since}
+    if args.until is not None:
+        body["until"] = args.until
+    return await webhooks.redeliver(args.endpoint_id, body, actor)
+
+
 def _register_vault(subparsers) -> None:
     vault = subparsers.add_parser("vault", help="the key-encryption key: create, inspect, rotate",
                                   description="Run these where the key file lives (the STK worker's host).")
@@ -198,20 +314,39 @@ def _onboarding_command(operation: Callable[..., Awaitable[Any]]) -> Callable[[a
     """Wraps an Onboarding call: config, a pool, errors as one clear message and exit status 1."""
     def command(args: argparse.Namespace) -> int:
         cfg = config.load_into(s.OnboardingSettings, s.ONBOARDING_SETTINGS)
-        return asyncio.run(_run_onboarding(cfg, operation, args))
+        return asyncio.run(_run_onboarding(cfg, operation, args, _onboarding))
     return command
 
 
-async def _run_onboarding(cfg: s.OnboardingSettings, operation, args: argparse.Namespace) -> int:
-    from services.channels.onboarding import Onboarding, OnboardingError, daraja_credential_check
-    from services.common.db import open_pool
+def _webhooks_command(operation: Callable[..., Awaitable[Any]]) -> Callable[[argparse.Namespace], int]:
+    """As _onboarding_command, for a WebhookManagement call."""
+    def command(args: argparse.Namespace) -> int:
+        cfg = config.load_into(s.OnboardingSettings, s.ONBOARDING_SETTINGS)
+        return asyncio.run(_run_onboarding(cfg, operation, args, _webhooks))
+    return command
+
+
+def _onboarding(pool, cfg: s.OnboardingSettings) -> Any:
+    from services.channels.onboarding import Onboarding, daraja_credential_check
     from services.daraja.client import DarajaTimeouts
+    timeouts = DarajaTimeouts(connect_s=cfg.daraja_connect_timeout_s, read_s=cfg.daraja_read_timeout_s)
+    return Onboarding(pool, public_key_file=cfg.vault_public_key_file,
+                      credential_check=daraja_credential_check(cfg.daraja_base_url, timeouts))
+
+
+def _webhooks(pool, cfg: s.OnboardingSettings) -> Any:
+    from services.channels.webhooks import WebhookManagement
+    from services.notifier.destinations import DestinationPolicy
+    return WebhookManagement(pool, public_key_file=cfg.webhook_vault_public_key_file,
+                             policy=DestinationPolicy(cfg.webhook_allowed_networks))
+
+
+async def _run_onboarding(cfg: s.OnboardingSettings, operation, args: argparse.Namespace, build) -> int:
+    from services.channels.onboarding import OnboardingError
+    from services.common.db import open_pool
     pool = await open_pool(cfg.database_url, min_size=1, max_size=2)
     try:
-        timeouts = DarajaTimeouts(connect_s=cfg.daraja_connect_timeout_s, read_s=cfg.daraja_read_timeout_s)
-        onboarding = Onboarding(pool, public_key_file=cfg.vault_public_key_file,
-                                credential_check=daraja_credential_check(cfg.daraja_base_url, timeouts))
-        result = await operation(onboarding, args, _actor())
+        result = await operation(build(pool, cfg), args, _actor())
     except OnboardingError as error:
         _print_error(error.detail, error.errors)
         return 1

@@ -143,10 +143,11 @@ async def existing_channel_ids(conn: AsyncConnection, channel_ids: list[str]) ->
 
 async def audit(conn: AsyncConnection, actor: str, action: str, *, channel_id: str | None = None,
                 version: int | None = None, kek_id: str | None = None, api_key_id: str | None = None,
-                detail: str | None = None) -> None:
+                webhook_endpoint_id: str | None = None, detail: str | None = None) -> None:
     await conn.execute(
-        "INSERT INTO credential_audit (actor, action, channel_id, version, kek_id, api_key_id, detail)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s)", (actor[:200], action, channel_id, version, kek_id, api_key_id, detail))
+        "INSERT INTO credential_audit (actor, action, channel_id, version, kek_id, api_key_id, webhook_endpoint_id,"
+        " detail) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        (actor[:200], action, channel_id, version, kek_id, api_key_id, webhook_endpoint_id, detail))
 
 
 # API keys

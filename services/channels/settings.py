@@ -9,6 +9,8 @@ from pathlib import Path
 
 from services.common import config
 from services.daraja.settings import SETTINGS as DARAJA_SETTINGS
+from services.notifier.destinations import IPNetwork
+from services.notifier.settings import WEBHOOK_ALLOWED_NETWORKS, WEBHOOK_VAULT_PUBLIC_KEY_FILE
 
 ADMIN_TOKEN_MIN_CHARS = 32
 
@@ -33,9 +35,12 @@ CREDENTIALS_TTL_S = config.Setting("CHANNEL_CREDENTIALS_TTL_S", config.positive_
                                    help="how long the STK worker trusts its cached channel and version")
 
 
-# What onboarding needs, as the onboarding API and the `channels`/`keys` commands share it: the
-# onboarding role's database, the vault's public half to seal credentials, and Daraja to check them.
-ONBOARDING_SETTINGS = [config.database_url("onboarding"), VAULT_PUBLIC_KEY_FILE, *DARAJA_SETTINGS]
+# What onboarding needs, as the onboarding API and the `channels`/`keys`/`webhooks` commands share
+# it: the onboarding role's database, the vault's public half to seal credentials, Daraja to check
+# them; for webhook endpoints, the notifier's public key to seal signing secrets and the networks a
+# webhook may reach besides public addresses (the same rule as the notifier's, checked at creation).
+ONBOARDING_SETTINGS = [config.database_url("onboarding"), VAULT_PUBLIC_KEY_FILE, *DARAJA_SETTINGS,
+                       WEBHOOK_VAULT_PUBLIC_KEY_FILE, WEBHOOK_ALLOWED_NETWORKS]
 API_SETTINGS = [*ONBOARDING_SETTINGS, ADMIN_HOST, ADMIN_PORT, ADMIN_TOKEN, ADMIN_TOKEN_SHA256]
 
 
@@ -50,6 +55,8 @@ class OnboardingSettings:
     daraja_read_timeout_s: float
     daraja_token_refresh_margin_s: float
     daraja_max_connections: int
+    webhook_vault_public_key_file: Path
+    webhook_allowed_networks: tuple[IPNetwork, ...]
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import secrets
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,3 +144,51 @@ async def table_bytes(pool, table: str, column: str, value: str) -> bytes:
         rows = await cur.fetchall()
     assert rows, f"no {table} rows for {value}"
     return b"".join(bytes(v) if isinstance(v, (bytes, memoryview)) else str(v).encode() for row in rows for v in row)
+
+
+# Webhook endpoints
+
+LOOPBACK_NETWORKS = "127.0.0.0/8,::1/128"  # the tests' receivers live on this machine
+
+
+@pytest.fixture
+def webhook_key_file(tmp_path) -> Path:
+    """The notifier's key file: only the tests open secrets with it; management sees its public half."""
+    return tmp_path / "notifier-vault" / "webhooks-kek.json"
+
+
+@pytest.fixture
+def webhook_provider(webhook_key_file) -> LocalKeyFileProvider:
+    return LocalKeyFileProvider.open(webhook_key_file, create=True)
+
+
+def status_event(channel_id: str, status: str = "Settled", **changes) -> dict:
+    """A decoded payment_status record (schemas/payment_status.avsc) with fresh ids."""
+    from datetime import datetime, timezone
+    event = {"event_id": str(uuid.uuid4()), "occurred_at": datetime.now(timezone.utc), "channel_id": channel_id,
+             "payment_id": str(uuid.uuid4()), "schema_version": 2, "status": status, "previous_status": "Pending",
+             "amount": 1500, "phone_masked": "254******149", "order_reference": "ord-98765",
+             "checkout_request_id": "ws_CO_1007202409152617172396192", "mpesa_receipt": "NLJ7RT61SV",
+             "transaction_time": datetime.now(timezone.utc), "result_code": "0", "reason": "processed",
+             "metadata": {"cart": "42"}, "late_mpesa_receipt": None}
+    return {**event, **changes}
+
+
+async def insert_delivery(pool, endpoint_id: str, channel_id: str, *, state: str = "delivered", attempts: int = 1,
+                          occurred_at=None, leased: bool = False, **event_changes) -> dict:
+    """A delivery row as the notifier writes it (E1's process is not needed to test the log); its
+    id, event id and webhook id."""
+    from services.notifier.events import event_type_of, webhook_body, webhook_id_of
+    event = status_event(channel_id, **({"occurred_at": occurred_at} if occurred_at else {}), **event_changes)
+    finished = state != "pending"
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "INSERT INTO webhook_deliveries (webhook_id, event_id, endpoint_id, channel_id, payment_id, event_type,"
+            " occurred_at, body, state, attempts, next_attempt_at, finished_at, last_http_status, leased_by,"
+            " leased_until) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now() + interval '1 hour',"
+            " CASE WHEN %s THEN now() END, %s, %s, CASE WHEN %s THEN now() + interval '5 minutes' END) RETURNING id",
+            (webhook_id_of(event["event_id"]), event["event_id"], endpoint_id, channel_id, event["payment_id"],
+             event_type_of(event["status"]), event["occurred_at"], webhook_body(event), state, attempts, finished,
+             204 if state == "delivered" else 500, "notifier-test" if leased else None, leased))
+        row = await cur.fetchone()
+    return {"id": row[0], "event_id": event["event_id"], "webhook_id": webhook_id_of(event["event_id"])}
