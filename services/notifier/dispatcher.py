@@ -42,6 +42,7 @@ class SecretsUnavailable(Exception):
 
 class Sender(Protocol):
     async def send(self, url: str, webhook_id: str, body: str, secrets: Sequence[str]) -> AttemptResult: ...
+    async def close(self) -> None: ...
 
 
 class SigningSecrets(Protocol):

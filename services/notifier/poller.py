@@ -53,11 +53,15 @@ class Poller:
             endpoints.update(await self.store.endpoints_by_id(missing))
             self.dispatcher.accept(((d, ()) for d in claimed), endpoints)
         if time.monotonic() - self._sampled_at >= SAMPLE_EVERY_S:
-            self._sampled_at = time.monotonic()
-            oldest_s, disabled = await self.store.sample()
-            metrics.OLDEST_UNDELIVERED.set(oldest_s)
-            metrics.ENDPOINTS_DISABLED.set(disabled)
+            await self.sample()
         return len(claimed)
+
+    async def sample(self) -> None:
+        """The backlog's gauges, read from PostgreSQL (every process reports the same values)."""
+        self._sampled_at = time.monotonic()
+        oldest_s, disabled = await self.store.sample()
+        metrics.OLDEST_UNDELIVERED.set(oldest_s)
+        metrics.ENDPOINTS_DISABLED.set(disabled)
 
     async def renew(self) -> None:
         held = self.dispatcher.held_ids()

@@ -39,6 +39,9 @@ class FakeSender:
         status = self.status_by_url.get(url, 200)
         return AttemptResult(status, 1.0, None if status < 300 else f"HTTP {status}", None)
 
+    async def close(self) -> None:
+        pass
+
     def ids_sent_to(self, url: str) -> list[str]:
         return [webhook_id for u, webhook_id in self.sent if u == url]
 

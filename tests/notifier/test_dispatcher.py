@@ -141,6 +141,9 @@ async def test_a_sender_that_raises_does_not_hold_its_chain_for_ever():
     class Broken:
         async def send(self, *args):
             raise RuntimeError("a bug")
+
+        async def close(self) -> None:
+            pass
     sink = RecordingSink()
     d = Dispatcher(Broken(), StaticSecrets(), sink, RetryPolicy(), concurrency=2, queue_max=10)
     d.accept([(delivery(1, A.endpoint_id, "p1"), ())], ENDPOINTS)
