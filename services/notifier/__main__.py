@@ -41,6 +41,7 @@ async def main(cfg: NotifierConfig, stop: asyncio.Event) -> None:
     try:
         await asyncio.gather(consumer.run(stop), notifier.run(stop))
     finally:
+        await notifier.close()
         await runner.cleanup()
         await sender.close()
         producer.close()

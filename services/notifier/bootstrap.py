@@ -37,17 +37,15 @@ class Notifier:
     drain_timeout_s: float
 
     async def run(self, stop: asyncio.Event) -> None:
-        """The timers and the writer until `stop`; then the attempts in flight finish, what is held is
-        released and every result is written. The consumer loop runs beside it (it feeds the enqueuer)."""
-        writer_stop = asyncio.Event()
-        writer = asyncio.create_task(self.writer.run(writer_stop))
-        try:
-            await asyncio.gather(self.poller.run(stop), self.poller.beat(stop))
-        finally:
-            await self.dispatcher.drain(self.drain_timeout_s)
-            writer_stop.set()
-            await writer
-            await self.writer.flush_until_written(writer_stop)
+        """The timers and the writer, until `stop`. The consumer loop runs beside it (it feeds the
+        enqueuer); once both returned, `close` ends what is in hand."""
+        await asyncio.gather(self.poller.run(stop), self.poller.beat(stop), self.writer.run(stop))
+
+    async def close(self) -> None:
+        """After the consumer and the timers stopped (nothing is handed over any more): the attempts in
+        flight finish, what is still held is released for another process, every result is written."""
+        await self.dispatcher.drain(self.drain_timeout_s)
+        await self.writer.flush_until_written(stopping=True)
 
 
 def build(pool: AsyncConnectionPool, cfg: NotifierConfig, *, sender: Sender | None = None,

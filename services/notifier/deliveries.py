@@ -11,11 +11,13 @@ from datetime import datetime
 from typing import Any
 
 from services.common.kafka import EventRejected
+from services.common.payment import PaymentState
 from services.common.topics import PAYMENT_STATUS
 from services.notifier.events import event_type_of, webhook_body, webhook_id_of
 
 ID_MAX = 100  # webhook_deliveries.webhook_id's CHECK; the other ids get the same bound
 BODY_MAX_BYTES = 65536  # webhook_deliveries.body's CHECK
+STATES = frozenset(state.value for state in PaymentState)
 
 
 class NotAStatusEvent(EventRejected):
@@ -78,7 +80,10 @@ def status_change_of(schema: str, value: dict[str, Any]) -> StatusChange | None:
     NotAStatusEvent if it cannot be delivered."""
     if schema != PAYMENT_STATUS.schema:
         raise NotAStatusEvent(f"a {schema!r} record is not a status event")
-    event_type = event_type_of(value.get("status"))  # type: ignore[arg-type]
+    status = value.get("status")
+    if not isinstance(status, str) or status not in STATES:
+        raise NotAStatusEvent("its status is not a payment state")
+    event_type = event_type_of(status)
     if event_type is None:
         return None
     ids = {name: value.get(name) for name in ("event_id", "channel_id", "payment_id")}

@@ -60,7 +60,7 @@ class ResultWriter:
         return 0.0 if self._failing_since is None else time.monotonic() - self._failing_since
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Flushes until stopped, then once more with what is left (the dispatcher drained first)."""
+        """Flushes until stopped; what comes after is written by `flush_until_written` at the close."""
         while not stop.is_set():
             waker = asyncio.ensure_future(self._wake.wait())
             stopper = asyncio.ensure_future(stop.wait())
@@ -69,9 +69,12 @@ class ResultWriter:
             stopper.cancel()
             if len(self._finished) < self.max_batch:
                 await asyncio.sleep(self.flush_every_s)  # let results gather into one transaction
-            await self.flush_until_written(stop)
+            await self.flush_until_written(stop=stop)
 
-    async def flush_until_written(self, stop: asyncio.Event | None = None) -> None:
+    async def flush_until_written(self, stopping: bool = False, stop: asyncio.Event | None = None) -> None:
+        """Writes what is waiting, retrying while PostgreSQL refuses, until `stop` is set; when
+        `stopping`, for about 15 s at most (what stays unwritten is attempted again: its rows are
+        still pending, their leases expire)."""
         delay = 0.1
         while self._finished or self._released or self._outcomes:
             try:
@@ -85,7 +88,9 @@ class ResultWriter:
                             delay, type(exc).__name__, untrusted(str(exc)))
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
-                if stop is not None and stop.is_set() and delay >= 5.0:
+                if stop is not None and stop.is_set():
+                    return  # the close writes what is left
+                if stopping and delay >= 5.0:
                     log.error("stopping with %d webhook results unwritten: their deliveries are attempted again",
                               len(self._finished))
                     return

@@ -214,6 +214,7 @@ async def running_notifier(cfg: NotifierConfig, dead_letters: EventProducer, cod
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)
+        await notifier.close()
         await notifier.sender.close()
         await pool.close()
 

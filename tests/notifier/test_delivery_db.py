@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from services.common.ids import new_id
-from services.common.topics import PAYMENT_STATUS
+from services.common.topics import DEAD_LETTER, PAYMENT_STATUS
 from tests.conftest import eventually
 from tests.notifier.conftest import (
     Behaviour,
@@ -16,6 +16,7 @@ from tests.notifier.conftest import (
     running_notifier,
     status_event,
 )
+from tests.platform.kafka_helpers import end_offsets, read_all, sample_request
 
 
 def in_order(arrivals, states=("Pending", "Settled")) -> bool:
@@ -151,6 +152,27 @@ async def test_a_slow_endpoint_does_not_delay_another_channels_deliveries(infra,
         await eventually(lambda: _done(len({a.webhook_id for a in receiver.at(slow)}) == 20), timeout=60)
     assert {a.webhook_id for a in receiver.at(fast)} == {ids[0] for ids in fast_events.values()}
     assert {a.webhook_id for a in receiver.at(slow)} == {ids[0] for ids in slow_events.values()}
+
+
+async def test_events_no_delivery_can_hold_are_dead_lettered_and_the_next_ones_delivered(
+        infra, pool, receiver, key_file, producer, codec):
+    channel, _ = await channel_with_endpoint(pool, key_file, receiver, "hostile")
+    cfg = notifier_config(infra, key_file)
+    bootstrap = infra["KAFKA_BOOTSTRAP_SERVERS"]
+    since = end_offsets(bootstrap, DEAD_LETTER.name)
+    wrong_record = codec.encode("payment_requested", sample_request(channel, new_id()))
+    too_long_id = status_event(channel, new_id(), "Pending", event_id="e" * 101)
+    good = status_event(channel, new_id(), "Pending")
+    async with running_notifier(cfg, producer, codec):
+        await producer.publish_many([(PAYMENT_STATUS, channel.encode(), wrong_record),
+                                     (PAYMENT_STATUS, channel.encode(), codec.encode("payment_status", too_long_id)),
+                                     (PAYMENT_STATUS, channel.encode(), b"not avro at all")])
+        await producer.publish(PAYMENT_STATUS, good)
+        await eventually(lambda: _done(len(receiver.at(channel)) == 1))
+    assert [a.webhook_id for a in receiver.at(channel)] == [good["event_id"]]
+    letters = read_all(bootstrap, DEAD_LETTER.name, lambda m: m.key() == channel.encode(), 3, since=since)
+    reasons = sorted(codec.decode(m.value())[1]["error_type"] for m in letters)
+    assert reasons == ["DecodeError", "NotAStatusEvent", "NotAStatusEvent"]
 
 
 async def _done(value: bool) -> bool:

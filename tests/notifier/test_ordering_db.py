@@ -1,0 +1,67 @@
+"""Order across notifier processes: a payment's later delivery never goes while an earlier one is
+held by another process; it waits in PostgreSQL and the poller sends it once the earlier one is done."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import datetime, timedelta, timezone
+
+from services.common.db import open_pool
+from services.common.ids import new_id
+from services.common.kafka import ConsumedEvent
+from services.common.topics import PAYMENT_STATUS
+from services.notifier import bootstrap
+from tests.conftest import eventually
+from tests.notifier.conftest import Behaviour, channel_with_endpoint, delivery_rows, notifier_config, status_event
+
+
+def consumed(event: dict, offset: int) -> ConsumedEvent:
+    return ConsumedEvent(PAYMENT_STATUS.name, 0, offset, event["channel_id"].encode(), PAYMENT_STATUS.schema, event)
+
+
+@contextlib.asynccontextmanager
+async def notifier_process(cfg, name: str):
+    """A notifier's parts without a consumer: the test hands batches to its enqueuer itself."""
+    pool = await open_pool(cfg.database_url, max_size=4, autocommit=True)
+    notifier = bootstrap.build(pool, cfg, instance_id=f"{name}-{new_id()}")
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(notifier.run(stop))
+    try:
+        yield notifier
+    finally:
+        stop.set()
+        await task
+        await notifier.close()
+        await notifier.sender.close()
+        await pool.close()
+
+
+async def test_a_later_delivery_waits_while_another_process_holds_the_earlier_one(infra, pool, receiver, key_file):
+    channel, _ = await channel_with_endpoint(pool, key_file, receiver, "twoproc")
+    gate = asyncio.Event()
+    receiver.behaviours[channel] = Behaviour(gate=gate)
+    payment_id, at = new_id(), datetime.now(timezone.utc)
+    pending = status_event(channel, payment_id, "Pending", at)
+    settled = status_event(channel, payment_id, "Settled", at + timedelta(seconds=1))
+    cfg = notifier_config(infra, key_file, NOTIFIER_READ_TIMEOUT_S=60)
+    async with notifier_process(cfg, "a") as a, notifier_process(cfg, "b") as b:
+        assert await a.enqueuer.handle_batch([consumed(pending, 1)]) == []
+        await eventually(lambda: _done(len(receiver.at(channel)) == 1))  # in flight from process a
+        # Process b consumes the Settled (a rebalance gave it the partition): it must not send it.
+        assert await b.enqueuer.handle_batch([consumed(settled, 2)]) == []
+
+        async def released() -> bool:
+            rows = await delivery_rows(pool, [settled["event_id"]])
+            return bool(rows) and rows[0]["leased_by"] is None
+        await eventually(released)
+        await asyncio.sleep(0.5)  # several polls: none may claim it while its Pending is in flight
+        assert [a.webhook_id for a in receiver.at(channel)] == [pending["event_id"]]
+        gate.set()
+        await eventually(lambda: _done(len(receiver.at(channel)) == 2))
+    assert [a.state for a in receiver.at(channel)] == ["Pending", "Settled"]
+    rows = await delivery_rows(pool, [pending["event_id"], settled["event_id"]])
+    assert [r["state"] for r in rows] == ["delivered", "delivered"]
+
+
+async def _done(value: bool) -> bool:
+    return value
