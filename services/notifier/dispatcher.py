@@ -122,14 +122,16 @@ class Dispatcher:
     def full_endpoints(self) -> list[str]:
         return [endpoint_id for endpoint_id, lane in self._lanes.items() if lane.held >= self.queue_max]
 
-    def accept(self, deliveries: Iterable[tuple[Delivery, Sequence[int]]], endpoints: Mapping[str, Endpoint]
-               ) -> list[int]:
+    def accept(self, deliveries: Iterable[tuple[Delivery, Sequence[int]]], endpoints: Mapping[str, Endpoint],
+               claimed: bool = False) -> list[int]:
         """Takes deliveries leased to this process, each with the pending deliveries of its (endpoint,
         payment) that came before it in PostgreSQL; returns the ids it did not take, whose leases it
         releases for the poller. One is not taken when an earlier one is neither held here nor
         just finished here (another process or the retry schedule has it: it must go first), when an
         earlier one of its chain was not taken, when its endpoint's lane is full, or when its endpoint
-        is not enabled."""
+        is not enabled. `claimed`: the poller's claim, which leaves out full lanes but may take a
+        little more than one has room for; all of it is kept (at most `queue_max` plus one claim),
+        since handing the surplus back at every poll would rewrite the same rows twice a second."""
         released: list[int] = []
         refused_chains: set[tuple[str, str]] = set()
         touched: set[str] = set()
@@ -139,7 +141,7 @@ class Dispatcher:
             chain = (delivery.endpoint_id, delivery.payment_id)
             endpoint = endpoints.get(delivery.endpoint_id)
             lane = self._lane(endpoint) if endpoint is not None and endpoint.enabled else None
-            if (lane is None or chain in refused_chains or lane.held >= self.queue_max
+            if (lane is None or chain in refused_chains or (lane.held >= self.queue_max and not claimed)
                     or not all(self.holds(i) or self.sink.finishing(i) for i in earlier)):
                 refused_chains.add(chain)
                 released.append(delivery.id)

@@ -51,7 +51,7 @@ class Poller:
         if claimed:
             missing = sorted({d.endpoint_id for d in claimed} - endpoints.keys())
             endpoints.update(await self.store.endpoints_by_id(missing))
-            self.dispatcher.accept(((d, ()) for d in claimed), endpoints)
+            self.dispatcher.accept(((d, ()) for d in claimed), endpoints, claimed=True)
         if time.monotonic() - self._sampled_at >= SAMPLE_EVERY_S:
             await self.sample()
         return len(claimed)

@@ -154,6 +154,33 @@ async def test_a_slow_endpoint_does_not_delay_another_channels_deliveries(infra,
     assert {a.webhook_id for a in receiver.at(slow)} == {ids[0] for ids in slow_events.values()}
 
 
+async def test_an_endpoint_that_answers_nothing_holds_a_bounded_number_of_deliveries_in_memory(
+        infra, pool, receiver, key_file, producer, codec):
+    """The rest wait in PostgreSQL, unleased, and all go once it answers again."""
+    channel, endpoint_id = await channel_with_endpoint(pool, key_file, receiver, "stuck")
+    gate = asyncio.Event()
+    receiver.behaviours[channel] = Behaviour(gate=gate)
+    cfg = notifier_config(infra, key_file, NOTIFIER_ENDPOINT_QUEUE_MAX=3, NOTIFIER_POLL_BATCH=2,
+                          NOTIFIER_ENDPOINT_CONCURRENCY=1, NOTIFIER_READ_TIMEOUT_S=60)
+    async with running_notifier(cfg, producer, codec) as notifier:
+        published = await publish_payments(producer, channel, 20, ("Pending",))
+        expected = {ids[0] for ids in published.values()}
+
+        async def all_enqueued() -> bool:
+            return len(await delivery_rows(pool, sorted(expected))) == 20
+        await eventually(all_enqueued)
+        for _ in range(5):  # over several polls
+            assert len(notifier.dispatcher.held_ids()) <= 3 + 2
+            async with pool.connection() as conn:
+                cur = await conn.execute("SELECT count(*) FROM webhook_deliveries WHERE endpoint_id = %s"
+                                         " AND leased_by IS NOT NULL", (endpoint_id,))
+                assert (await cur.fetchone())[0] <= 3 + 2
+            await asyncio.sleep(0.2)
+        assert len(receiver.at(channel)) == 1
+        gate.set()
+        await eventually(lambda: _done({a.webhook_id for a in receiver.at(channel)} == expected), timeout=60)
+
+
 async def test_events_no_delivery_can_hold_are_dead_lettered_and_the_next_ones_delivered(
         infra, pool, receiver, key_file, producer, codec):
     channel, _ = await channel_with_endpoint(pool, key_file, receiver, "hostile")
