@@ -125,22 +125,25 @@ class NotifierStore:
 
     async def claim_due(self, lease_s: float, limit: int, excluded_endpoints: Sequence[str]) -> list[Delivery]:
         """Due deliveries of enabled endpoints that nobody holds, each the earliest pending one of its
-        (endpoint, payment), leased to this process. Rows another poller is claiming are skipped."""
+        (endpoint, payment), leased to this process; the most overdue first, and at most a quarter of
+        the claim from one endpoint, so that one endpoint's backlog does not hold up the others'
+        retries. Rows another poller is claiming are skipped (SKIP LOCKED)."""
         async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
                 "WITH due AS ("
-                " SELECT d.id FROM webhook_deliveries d"
-                " JOIN webhook_endpoints e ON e.endpoint_id = d.endpoint_id AND e.status = 'enabled'"
-                " WHERE d.state = 'pending' AND d.next_attempt_at <= now()"
-                "  AND (d.leased_until IS NULL OR d.leased_until < now())"
-                "  AND d.endpoint_id <> ALL(%s)"
-                "  AND NOT EXISTS (SELECT FROM webhook_deliveries p WHERE p.endpoint_id = d.endpoint_id"
-                "   AND p.payment_id = d.payment_id AND p.state = 'pending'"
-                "   AND (p.occurred_at, p.id) < (d.occurred_at, d.id))"
-                " ORDER BY d.next_attempt_at LIMIT %s FOR UPDATE OF d SKIP LOCKED)"
+                " SELECT c.id FROM webhook_endpoints e CROSS JOIN LATERAL ("
+                "  SELECT d.id, d.next_attempt_at FROM webhook_deliveries d"
+                "  WHERE d.endpoint_id = e.endpoint_id AND d.state = 'pending' AND d.next_attempt_at <= now()"
+                "   AND (d.leased_until IS NULL OR d.leased_until < now())"
+                "   AND NOT EXISTS (SELECT FROM webhook_deliveries p WHERE p.endpoint_id = d.endpoint_id"
+                "    AND p.payment_id = d.payment_id AND p.state = 'pending'"
+                "    AND (p.occurred_at, p.id) < (d.occurred_at, d.id))"
+                "  ORDER BY d.next_attempt_at LIMIT %s FOR UPDATE OF d SKIP LOCKED) c"
+                " WHERE e.status = 'enabled' AND e.endpoint_id <> ALL(%s)"
+                " ORDER BY c.next_attempt_at LIMIT %s)"
                 " UPDATE webhook_deliveries w SET leased_by = %s, leased_until = now() + make_interval(secs => %s)"
                 f" FROM due WHERE w.id = due.id RETURNING {', '.join('w.' + c.strip() for c in _DELIVERY.split(','))}",
-                (list(excluded_endpoints), limit, self.owner, lease_s))
+                (limit // 4 + 1, list(excluded_endpoints), limit, self.owner, lease_s))
             return [_delivery(row) for row in await cur.fetchall()]
 
     async def renew(self, delivery_ids: Sequence[int], lease_s: float) -> set[int]:
@@ -183,9 +186,10 @@ class NotifierStore:
         """(age in seconds of the oldest pending delivery of an enabled endpoint, endpoints disabled)."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(d.created_at)), 0)::float8"
-                " FROM webhook_deliveries d JOIN webhook_endpoints e ON e.endpoint_id = d.endpoint_id"
-                " WHERE d.state = 'pending' AND e.status = 'enabled'")
+                "SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(o.created_at)), 0)::float8"
+                " FROM webhook_endpoints e CROSS JOIN LATERAL (SELECT min(d.created_at) AS created_at"
+                "  FROM webhook_deliveries d WHERE d.endpoint_id = e.endpoint_id AND d.state = 'pending') o"
+                " WHERE e.status = 'enabled'")
             oldest = (await cur.fetchone() or (0.0,))[0]
             cur = await conn.execute("SELECT count(*) FROM webhook_endpoints WHERE status = 'disabled'")
             disabled = (await cur.fetchone() or (0,))[0]
