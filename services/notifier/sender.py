@@ -23,7 +23,6 @@ import math
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
@@ -34,6 +33,7 @@ from yarl import URL
 
 from services.common.text import untrusted
 from services.notifier.destinations import DestinationPolicy, DestinationRefused
+from services.notifier.schedule import AttemptResult as AttemptResult  # defined beside the pure schedule
 
 USER_AGENT = "mpesa-pipeline-webhooks/1"
 MAX_BODY_BYTES = 64 * 1024  # events.webhook_body is about 1 KiB; this guards against a caller's mistake
@@ -46,21 +46,6 @@ KEEPALIVE_S = 4.0
 DNS_CACHE_S = 10  # answers were filtered before caching: a cached address was allowed when resolved
 TARGETS_CACHED_MAX = 4096  # checked URLs kept (per endpoint URL); cleared when full
 SIGNERS_CACHED_MAX = 4096  # Webhook objects kept per secret (two per endpoint during a rotation)
-
-
-@dataclass(frozen=True)
-class AttemptResult:
-    """What one attempt got.
-
-    `refused` is True when the destination itself was refused (the URL is not allowed, or its host
-    resolves only to addresses the policy refuses): nothing was sent, `http_status` is None, and the
-    schedule treats it as a client-side error (a few attempts, then parked), unlike a connection
-    error or a timeout, which are retried for the whole window."""
-    http_status: int | None  # None when no answer (timeout, connection error, refused destination)
-    latency_ms: float  # from the start of connecting to the end of the (bounded) answer read
-    error: str | None  # short and safe: no secret, no request body; at most 200 characters of the answer
-    retry_after_s: float | None  # the Retry-After of a 429/503 (seconds or HTTP date), 0..RETRY_AFTER_MAX_S
-    refused: bool = False
 
 
 def _utc_now() -> datetime:
