@@ -63,6 +63,8 @@ class PolicyResolver(AbstractResolver):
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
         found = await self._inner.resolve(host, port, family)
+        if not found:  # as a failed lookup, which aiohttp reports and the schedule retries
+            raise OSError(f"{host} has no address")
         addresses = [_address(result["host"]) for result in found]
         allowed = set(self._policy.allowed_addresses(host, addresses))
         return [result for result, address in zip(found, addresses, strict=True) if address in allowed]

@@ -356,3 +356,11 @@ async def test_a_callers_mistake_raises_without_echoing_a_secret(senders):
     with pytest.raises(ValueError) as raised:
         await sender.send("http://127.0.0.1:9/", "evt_1", BODY, ["whsec_abcde"])
     assert "abcde" not in str(raised.value) and raised.value.__cause__ is None
+
+
+async def test_a_name_without_addresses_is_a_failed_lookup_retried_not_a_refusal(receivers, senders):
+    receiver = await receivers()
+    result = await senders(resolver=FixedResolver()).send(f"http://localhost:{receiver.port}/hooks", "evt_1", BODY,
+                                                          SECRETS)
+    assert (result.http_status, result.refused, result.error) == (None, False, "the host name does not resolve")
+    assert receiver.received == []
