@@ -3,6 +3,7 @@ given, answering with a handler the test chooses and recording every request it 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -28,20 +29,21 @@ class Receiver:
     handler: Handler = answer_204
     host: str = "127.0.0.1"
     port: int = 0
+    ssl_context: ssl.SSLContext | None = None  # https when given
     received: list[Received] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)  # set at stop: handlers that wait end
     _runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/hooks"
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}/hooks"
 
     async def start(self) -> Receiver:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        await web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context).start()
         self.port = self._runner.addresses[0][1]
         return self
 

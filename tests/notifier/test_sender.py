@@ -5,12 +5,18 @@ wherever the URL points (inside the network: refused before anything is sent).""
 import asyncio
 import ipaddress
 import socket
+import ssl
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from hypothesis import given, settings, strategies as st
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from services.notifier.destinations import DestinationPolicy
@@ -168,6 +174,14 @@ def test_retry_after_values_are_bounded_and_garbage_is_ignored():
         assert parse_retry_after(garbage, now) is None, garbage
 
 
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(value=st.one_of(st.text(max_size=80), st.integers(-10**20, 10**20).map(str),
+                       st.datetimes(timezones=st.just(timezone.utc)).map(lambda d: format_datetime(d, usegmt=True))))
+def test_any_retry_after_value_reads_as_nothing_or_a_bounded_wait(value):
+    seconds = parse_retry_after(value, datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc))
+    assert seconds is None or 0.0 <= seconds <= RETRY_AFTER_MAX_S
+
+
 async def test_a_receiver_that_does_not_answer_in_time_gives_no_status_and_an_error(receivers, senders):
     async def stall(receiver, _request):
         await receiver.release.wait()
@@ -196,6 +210,28 @@ async def test_an_answer_trickled_byte_by_byte_is_cut_at_the_attempts_bound(rece
     # The 200 arrived, so the receiver has the event; the body that never ended is the error.
     assert result.http_status == 200
     assert result.error == "reading the answer's body: timed out: the attempt took over 1 s"
+
+
+async def test_a_connection_that_is_never_accepted_times_out(senders):
+    # A listener whose accept queue is full drops new SYNs, as a filtered address would.
+    listener = socket.socket()
+    fillers = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        sender = senders(connect_timeout_s=0.5, read_timeout_s=5.0)
+        result = await asyncio.wait_for(sender.send(f"http://127.0.0.1:{port}/hooks", "evt_1", BODY, SECRETS),
+                                        STALL_BOUND_S)
+    finally:
+        for sock in (listener, *fillers):
+            sock.close()
+    assert (result.http_status, result.refused, result.error) == (None, False, "timed out connecting (after 0.5 s)")
 
 
 async def test_a_refused_connection_gives_no_status_and_is_retried(senders):
@@ -363,4 +399,30 @@ async def test_a_name_without_addresses_is_a_failed_lookup_retried_not_a_refusal
     result = await senders(resolver=FixedResolver()).send(f"http://localhost:{receiver.port}/hooks", "evt_1", BODY,
                                                           SECRETS)
     assert (result.http_status, result.refused, result.error) == (None, False, "the host name does not resolve")
+    assert receiver.received == []
+
+
+def self_signed_context(directory) -> ssl.SSLContext:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(days=1))
+                   .not_valid_after(now + timedelta(days=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+                   .sign(key, hashes.SHA256()))
+    (directory / "cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(directory / "cert.pem", directory / "key.pem")
+    return context
+
+
+async def test_a_receiver_whose_certificate_is_not_trusted_gets_nothing(receivers, senders, tmp_path):
+    receiver = await receivers(ssl_context=self_signed_context(tmp_path))
+    result = await senders().send(f"https://localhost:{receiver.port}/hooks", "evt_1", BODY, SECRETS)
+    assert (result.http_status, result.refused) == (None, False)
+    assert result.error == "the receiver's TLS certificate was not accepted"
     assert receiver.received == []
