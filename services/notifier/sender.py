@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -46,6 +47,9 @@ KEEPALIVE_S = 4.0
 DNS_CACHE_S = 10  # answers were filtered before caching: a cached address was allowed when resolved
 TARGETS_CACHED_MAX = 4096  # checked URLs kept (per endpoint URL); cleared when full
 SIGNERS_CACHED_MAX = 4096  # Webhook objects kept per secret (two per endpoint during a rotation)
+# Before CPython 3.12.8 asyncio leaks the TLS transport of a receiver that never completes the TLS
+# shutdown (https://github.com/python/cpython/pull/118960); aiohttp then aborts it after 2 s itself.
+TLS_CLEANUP_NEEDED = sys.version_info < (3, 12, 8) or (3, 13, 0) <= sys.version_info < (3, 13, 1)
 
 
 def _utc_now() -> datetime:
@@ -116,7 +120,8 @@ class Sender:
             inner = self._resolver if self._resolver is not None else aiohttp.ThreadedResolver()
             connector = aiohttp.TCPConnector(resolver=PolicyResolver(self._policy, inner),
                                              limit=self._max_connections, limit_per_host=0,
-                                             keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=DNS_CACHE_S)
+                                             keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=DNS_CACHE_S,
+                                             enable_cleanup_closed=TLS_CLEANUP_NEEDED)
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=self._timeout, cookie_jar=aiohttp.DummyCookieJar(),
                 trust_env=False,  # a proxy from the environment would connect where no policy looks
