@@ -51,6 +51,15 @@ SIGNERS_CACHED_MAX = 4096  # Webhook objects kept per secret (two per endpoint d
 # shutdown (https://github.com/python/cpython/pull/118960); aiohttp then aborts it after 2 s itself.
 TLS_CLEANUP_NEEDED = sys.version_info < (3, 12, 8) or (3, 13, 0) <= sys.version_info < (3, 13, 1)
 
+# What failed, by exception type, most specific first (Sender._describe).
+FAILURES: tuple[tuple[type[BaseException], str], ...] = (
+    (aiohttp.ClientConnectorDNSError, "the host name does not resolve"),
+    (aiohttp.ClientConnectorCertificateError, "the receiver's TLS certificate was not accepted"),
+    (aiohttp.ClientSSLError, "the TLS handshake failed"),
+    (aiohttp.ServerDisconnectedError, "the receiver closed the connection without an answer"),
+    (aiohttp.ClientPayloadError, "the answer's body was cut off or malformed"),
+)
+
 
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
@@ -245,19 +254,12 @@ class Sender:
             return f"timed out waiting for the answer (nothing for {self._read_timeout_s:g} s)"
         if isinstance(exc, TimeoutError):
             return f"timed out: the attempt took over {self._connect_timeout_s + self._read_timeout_s:g} s"
-        if isinstance(exc, aiohttp.ClientConnectorDNSError):
-            return "the host name does not resolve"
-        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-            return "the receiver's TLS certificate was not accepted"
-        if isinstance(exc, aiohttp.ClientSSLError):
-            return "the TLS handshake failed"
+        for kind, description in FAILURES:
+            if isinstance(exc, kind):
+                return description
         if isinstance(exc, aiohttp.ClientConnectorError):
             reason = exc.os_error.strerror or type(exc.os_error).__name__
             return f"could not connect: {untrusted(reason, 80)}"
-        if isinstance(exc, aiohttp.ServerDisconnectedError):
-            return "the receiver closed the connection without an answer"
-        if isinstance(exc, aiohttp.ClientPayloadError):
-            return "the answer's body was cut off or malformed"
         if isinstance(exc, aiohttp.ClientResponseError):
             return f"the answer is not valid HTTP ({type(exc).__name__})"
         return f"connection error ({type(exc).__name__})"
