@@ -209,7 +209,8 @@ async def test_an_answer_trickled_byte_by_byte_is_cut_at_the_attempts_bound(rece
     result = await asyncio.wait_for(sender.send(receiver.url, "evt_1", BODY, SECRETS), STALL_BOUND_S)
     # The 200 arrived, so the receiver has the event; the body that never ended is the error.
     assert result.http_status == 200
-    assert result.error == "reading the answer's body: timed out: the attempt took over 1 s"
+    # The whole attempt's bound ends it (or, on a machine stalled for half a second, the read timeout).
+    assert result.error is not None and result.error.startswith("reading the answer's body: timed out")
 
 
 async def test_a_connection_that_is_never_accepted_times_out(senders):
@@ -238,9 +239,10 @@ async def test_a_refused_connection_gives_no_status_and_is_retried(senders):
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    result = await senders().send(f"http://127.0.0.1:{port}/hooks", "evt_1", BODY, SECRETS)
+    result = await senders().send(f"http://127.0.0.1:{port}/hooks?token=tok_receivers_own", "evt_1", BODY, SECRETS)
     assert result.http_status is None and not result.refused
     assert result.error is not None and result.error.startswith("could not connect: ")
+    assert "tok_receivers_own" not in result.error  # a URL may carry the receiver's own secret
     assert_safe(result)
 
 
