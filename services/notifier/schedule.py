@@ -21,10 +21,23 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from services.notifier.sender import AttemptResult
-
 # 2**60 times any sensible first back-off is past any cap; bounding the exponent keeps the float finite.
 EXPONENT_MAX = 60
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """What one attempt got.
+
+    `refused` is True when the destination itself was refused (the URL is not allowed, or its host
+    resolves only to addresses the policy refuses): nothing was sent, `http_status` is None, and the
+    schedule treats it as a client-side error (a few attempts, then parked), unlike a connection
+    error or a timeout, which are retried for the whole window."""
+    http_status: int | None  # None when no answer (timeout, connection error, refused destination)
+    latency_ms: float  # from the start of connecting to the end of the (bounded) answer read
+    error: str | None  # short and safe: no secret, no request body; at most 200 characters of the answer
+    retry_after_s: float | None  # a 429/503's Retry-After (seconds or HTTP date), capped
+    refused: bool = False
 
 
 class Outcome(StrEnum):
@@ -82,8 +95,8 @@ def decide(result: AttemptResult, attempts_made: int, created_at: datetime, now:
         return Outcome.PARKED, None
     wait_s = backoff_s(attempts_made, policy, rand)
     asked_s = result.retry_after_s
-    if asked_s is not None and math.isfinite(asked_s) and asked_s > wait_s:
-        wait_s = asked_s  # never sooner than the receiver asked; the window below caps it
+    if asked_s is not None and asked_s > wait_s:  # False for NaN: an unreadable value asks nothing
+        wait_s = asked_s  # never sooner than the receiver asked; past the window's end, parked below
     deadline = created_at + policy.window
     if (deadline - now).total_seconds() < wait_s:
         return Outcome.PARKED, None

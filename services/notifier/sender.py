@@ -21,9 +21,9 @@ from __future__ import annotations
 import ipaddress
 import math
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
@@ -34,6 +34,7 @@ from yarl import URL
 
 from services.common.text import untrusted
 from services.notifier.destinations import DestinationPolicy, DestinationRefused
+from services.notifier.schedule import AttemptResult as AttemptResult  # defined beside the pure schedule
 
 USER_AGENT = "mpesa-pipeline-webhooks/1"
 MAX_BODY_BYTES = 64 * 1024  # events.webhook_body is about 1 KiB; this guards against a caller's mistake
@@ -46,21 +47,18 @@ KEEPALIVE_S = 4.0
 DNS_CACHE_S = 10  # answers were filtered before caching: a cached address was allowed when resolved
 TARGETS_CACHED_MAX = 4096  # checked URLs kept (per endpoint URL); cleared when full
 SIGNERS_CACHED_MAX = 4096  # Webhook objects kept per secret (two per endpoint during a rotation)
+# Before CPython 3.12.8 asyncio leaks the TLS transport of a receiver that never completes the TLS
+# shutdown (https://github.com/python/cpython/pull/118960); aiohttp then aborts it after 2 s itself.
+TLS_CLEANUP_NEEDED = sys.version_info < (3, 12, 8) or (3, 13, 0) <= sys.version_info < (3, 13, 1)
 
-
-@dataclass(frozen=True)
-class AttemptResult:
-    """What one attempt got.
-
-    `refused` is True when the destination itself was refused (the URL is not allowed, or its host
-    resolves only to addresses the policy refuses): nothing was sent, `http_status` is None, and the
-    schedule treats it as a client-side error (a few attempts, then parked), unlike a connection
-    error or a timeout, which are retried for the whole window."""
-    http_status: int | None  # None when no answer (timeout, connection error, refused destination)
-    latency_ms: float  # from the start of connecting to the end of the (bounded) answer read
-    error: str | None  # short and safe: no secret, no request body; at most 200 characters of the answer
-    retry_after_s: float | None  # the Retry-After of a 429/503 (seconds or HTTP date), 0..RETRY_AFTER_MAX_S
-    refused: bool = False
+# What failed, by exception type, most specific first (Sender._describe).
+FAILURES: tuple[tuple[type[BaseException], str], ...] = (
+    (aiohttp.ClientConnectorDNSError, "the host name does not resolve"),
+    (aiohttp.ClientConnectorCertificateError, "the receiver's TLS certificate was not accepted"),
+    (aiohttp.ClientSSLError, "the TLS handshake failed"),
+    (aiohttp.ServerDisconnectedError, "the receiver closed the connection without an answer"),
+    (aiohttp.ClientPayloadError, "the answer's body was cut off or malformed"),
+)
 
 
 def _utc_now() -> datetime:
@@ -78,6 +76,8 @@ class PolicyResolver(AbstractResolver):
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
         found = await self._inner.resolve(host, port, family)
+        if not found:  # as a failed lookup, which aiohttp reports and the schedule retries
+            raise OSError(f"{host} has no address")
         addresses = [_address(result["host"]) for result in found]
         allowed = set(self._policy.allowed_addresses(host, addresses))
         return [result for result, address in zip(found, addresses, strict=True) if address in allowed]
@@ -129,7 +129,8 @@ class Sender:
             inner = self._resolver if self._resolver is not None else aiohttp.ThreadedResolver()
             connector = aiohttp.TCPConnector(resolver=PolicyResolver(self._policy, inner),
                                              limit=self._max_connections, limit_per_host=0,
-                                             keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=DNS_CACHE_S)
+                                             keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=DNS_CACHE_S,
+                                             enable_cleanup_closed=TLS_CLEANUP_NEEDED)
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=self._timeout, cookie_jar=aiohttp.DummyCookieJar(),
                 trust_env=False,  # a proxy from the environment would connect where no policy looks
@@ -253,19 +254,12 @@ class Sender:
             return f"timed out waiting for the answer (nothing for {self._read_timeout_s:g} s)"
         if isinstance(exc, TimeoutError):
             return f"timed out: the attempt took over {self._connect_timeout_s + self._read_timeout_s:g} s"
-        if isinstance(exc, aiohttp.ClientConnectorDNSError):
-            return "the host name does not resolve"
-        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-            return "the receiver's TLS certificate was not accepted"
-        if isinstance(exc, aiohttp.ClientSSLError):
-            return "the TLS handshake failed"
+        for kind, description in FAILURES:
+            if isinstance(exc, kind):
+                return description
         if isinstance(exc, aiohttp.ClientConnectorError):
             reason = exc.os_error.strerror or type(exc.os_error).__name__
             return f"could not connect: {untrusted(reason, 80)}"
-        if isinstance(exc, aiohttp.ServerDisconnectedError):
-            return "the receiver closed the connection without an answer"
-        if isinstance(exc, aiohttp.ClientPayloadError):
-            return "the answer's body was cut off or malformed"
         if isinstance(exc, aiohttp.ClientResponseError):
             return f"the answer is not valid HTTP ({type(exc).__name__})"
         return f"connection error ({type(exc).__name__})"
