@@ -25,8 +25,7 @@ from typing import Protocol
 from services.common.text import untrusted
 from services.notifier import metrics
 from services.notifier.deliveries import Delivery, Endpoint
-from services.notifier.schedule import Outcome, RetryPolicy, decide
-from services.notifier.sender import AttemptResult
+from services.notifier.schedule import AttemptResult, Outcome, RetryPolicy, decide
 from services.notifier.store import AttemptRecord, Finished
 
 log = logging.getLogger(__name__)

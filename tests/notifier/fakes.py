@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from services.notifier.deliveries import Delivery, Endpoint
-from services.notifier.sender import AttemptResult
+from services.notifier.schedule import AttemptResult
 from services.notifier.store import Finished
 
 T0 = datetime(2026, 11, 29, 12, 0, tzinfo=timezone.utc)
