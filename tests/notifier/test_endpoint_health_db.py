@@ -38,7 +38,7 @@ async def test_a_secret_that_does_not_open_holds_the_deliveries_and_is_audited_w
     event = status_event(channel, new_id(), "Pending")
     cfg = notifier_config(infra, key_file)
     caplog.set_level(logging.INFO)
-    async with running_notifier(cfg, producer, codec):
+    async with running_notifier(cfg, producer, codec) as notifier:
         await producer.publish(PAYMENT_STATUS, event)
         await eventually(lambda: audit_rows(pool, endpoint_id, "webhook_secret_decrypt_failed"), timeout=30)
 
@@ -46,6 +46,13 @@ async def test_a_secret_that_does_not_open_holds_the_deliveries_and_is_audited_w
             rows = await delivery_rows(pool, [event["event_id"]])
             return rows if rows and rows[0]["last_error"] and rows[0]["leased_by"] is None else []
         [row] = await eventually(waiting)
+        # The waiting delivery counts in the age of the oldest undelivered one.
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT EXTRACT(EPOCH FROM now() - created_at)::float8 FROM webhook_deliveries"
+                                     " WHERE id = %s", (row["id"],))
+            age_s = (await cur.fetchone())[0]
+        await notifier.poller.sample()
+        assert REGISTRY.get_sample_value("webhook_oldest_undelivered_seconds") >= age_s > 0
     assert (row["state"], row["attempts"]) == ("pending", 0)  # not an attempt: never parked for it
     assert "cannot be opened" in row["last_error"] and secret not in row["last_error"]
     [(actor, audited_channel, detail)] = await audit_rows(pool, endpoint_id, "webhook_secret_decrypt_failed")

@@ -65,3 +65,28 @@ async def test_a_later_delivery_waits_while_another_process_holds_the_earlier_on
 
 async def _done(value: bool) -> bool:
     return value
+
+
+async def test_a_long_attempt_keeps_its_lease_and_no_other_process_sends_it_meanwhile(infra, pool, receiver,
+                                                                                     key_file):
+    """Leases of one second, an attempt held for several: the heartbeat renews it, so the other
+    process's poller, claiming every 0.1 s, never takes the delivery over."""
+    channel, _ = await channel_with_endpoint(pool, key_file, receiver, "longattempt")
+    gate = asyncio.Event()
+    receiver.behaviours[channel] = Behaviour(gate=gate)
+    event = status_event(channel, new_id(), "Pending")
+    cfg = notifier_config(infra, key_file, NOTIFIER_LEASE_S=1, NOTIFIER_READ_TIMEOUT_S=60)
+    async with notifier_process(cfg, "a") as a, notifier_process(cfg, "b"):
+        await a.enqueuer.handle_batch([consumed(event, 1)])
+        await eventually(lambda: _done(len(receiver.at(channel)) == 1))
+        for _ in range(8):  # four leases long
+            await asyncio.sleep(0.5)
+            [row] = await delivery_rows(pool, [event["event_id"]])
+            assert row["leased_by"] == a.instance_id
+        assert len(receiver.at(channel)) == 1
+        gate.set()
+
+        async def delivered() -> bool:
+            return (await delivery_rows(pool, [event["event_id"]]))[0]["state"] == "delivered"
+        await eventually(delivered)
+    assert len(receiver.at(channel)) == 1
