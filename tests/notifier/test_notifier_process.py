@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import uuid
 
 import httpx
 
 from services.common.topics import PAYMENT_STATUS
-from tests.conftest import ServiceProcess, eventually, free_port, kafka_login, service_env, start_service
+from tests.conftest import ROOT, ServiceProcess, eventually, free_port, kafka_login, service_env, start_service
 from tests.notifier.conftest import Behaviour, channel_with_endpoint, delivery_rows, publish_payments
 from tests.platform.kafka_helpers import start_group_at_end
 
@@ -83,6 +84,46 @@ async def test_a_notifier_killed_mid_delivery_loses_no_event_and_repeats_with_th
     rows = await delivery_rows(pool, sorted(expected))
     assert {r["state"] for r in rows} == {"delivered"} and len(rows) == len(expected)
     assert procs[1].returncode == 0, procs[1].output()[-2000:]
+
+
+async def test_the_notifier_rides_out_a_postgresql_restart_and_delivers_everything(
+        infra, pool, receiver, key_file, producer, tmp_path):
+    """PostgreSQL stops while deliveries are in flight and status events keep coming: the notifier
+    neither crashes nor loses any of them; /healthz is ok again once it is back."""
+    channel, _ = await channel_with_endpoint(pool, key_file, receiver, "pgrestart")
+    gate = asyncio.Event()
+    receiver.behaviours[channel] = Behaviour(gate=gate)
+    group = f"notifier-{uuid.uuid4().hex[:10]}"
+    start_group_at_end(infra["KAFKA_BOOTSTRAP_SERVERS"], group, [PAYMENT_STATUS.name])
+    port = free_port()
+    proc = start_service("services.notifier", notifier_env(infra, key_file, group, port))
+    try:
+        await eventually(lambda: healthy(port), timeout=60)
+        before = await publish_payments(producer, channel, 4, ("Pending",))
+        await eventually(lambda: _done(len(receiver.at(channel)) == 4))  # in flight, answers held
+        subprocess.run(["bash", "infra/postgres.sh", "stop"], cwd=ROOT, check=True, capture_output=True)
+        try:
+            gate.set()  # their results cannot be written now
+            during = await publish_payments(producer, channel, 4, ("Pending",))  # cannot be enqueued now
+            await asyncio.sleep(2)
+        finally:
+            subprocess.run(["bash", "infra/postgres.sh", "start"], cwd=ROOT, check=True, capture_output=True)
+        await pool.check()  # the tests' own pool lost its connections too
+        expected = {ids[0] for ids in (*before.values(), *during.values())}
+        await eventually(lambda: _done({a.webhook_id for a in receiver.at(channel)} == expected), timeout=120)
+
+        async def all_delivered() -> bool:
+            rows = await delivery_rows(pool, sorted(expected))
+            return len(rows) == 8 and {r["state"] for r in rows} == {"delivered"}
+        await eventually(all_delivered, timeout=60)
+        await eventually(lambda: healthy(port), timeout=60)
+        assert proc.poll() is None  # it rode out the outage
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
+        (tmp_path / "notifier.log").write_text(proc.output())
+    assert proc.returncode == 0, proc.output()[-2000:]
 
 
 async def _done(value: bool) -> bool:
