@@ -106,6 +106,7 @@ class Dispatcher:
         self._lanes: dict[str, Lane] = {}
         self._held: set[int] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._draining = False
 
     # What the consumer and the poller ask.
 
@@ -140,7 +141,8 @@ class Dispatcher:
             chain = (delivery.endpoint_id, delivery.payment_id)
             endpoint = endpoints.get(delivery.endpoint_id)
             lane = self._lane(endpoint) if endpoint is not None and endpoint.enabled else None
-            if (lane is None or chain in refused_chains or (lane.held >= self.queue_max and not claimed)
+            if (lane is None or self._draining or chain in refused_chains
+                    or (lane.held >= self.queue_max and not claimed)
                     or not all(self.holds(i) or self.sink.finishing(i) for i in earlier)):
                 refused_chains.add(chain)
                 released.append(delivery.id)
@@ -181,7 +183,9 @@ class Dispatcher:
 
     async def drain(self, timeout_s: float) -> None:
         """At a stop: lets the attempts in flight finish (at most `timeout_s`), then releases every
-        delivery still held so that another process need not wait for the leases to expire."""
+        delivery still held so that another process need not wait for the leases to expire. No new
+        attempt starts meanwhile."""
+        self._draining = True
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
             for task in pending:
@@ -201,6 +205,8 @@ class Dispatcher:
         return lane
 
     def _pump(self, lane: Lane) -> None:
+        if self._draining:
+            return
         if not lane.endpoint.enabled:
             for payment_id in [p for p in lane.chains if p not in lane.busy]:
                 self._release_chain(lane, payment_id)

@@ -140,6 +140,21 @@ async def test_the_deliveries_of_an_endpoint_disabled_meanwhile_are_released_uns
     assert d.accept([(delivery(9, A.endpoint_id, "p9"), ())], {A.endpoint_id: replace(A, enabled=False)}) == [9]
 
 
+async def test_a_drain_lets_the_attempts_in_flight_finish_starts_none_and_releases_the_rest():
+    sender, sink = FakeSender(gates={A.url: asyncio.Event()}), RecordingSink()
+    d = dispatcher(sender, sink, concurrency=1)
+    d.accept([(delivery(1, A.endpoint_id, "p1"), ()), (delivery(2, A.endpoint_id, "p1", seconds=1), ()),
+              (delivery(3, A.endpoint_id, "p3"), ())], ENDPOINTS)
+    await ticks()
+    draining = asyncio.ensure_future(d.drain(timeout_s=30))
+    await ticks()
+    sender.gates[A.url].set()
+    await draining
+    assert sender.ids_sent_to(A.url) == ["wh-1"] and [r.delivery_id for r in sink.results] == [1]
+    assert sorted(sink.releases) == [2, 3] and d.held_ids() == []
+    assert d.accept([(delivery(4, A.endpoint_id, "p4"), ())], ENDPOINTS) == [4]
+
+
 async def test_a_sender_that_raises_does_not_hold_its_chain_for_ever():
     class Broken:
         async def send(self, *args):
