@@ -21,7 +21,7 @@ from services.channels.vault import LocalKeyFileProvider
 from services.common import config
 from services.common.db import open_pool
 from services.common.ids import new_id
-from services.common.kafka import ConsumerLoop, EventProducer
+from services.common.kafka import ConsumedEvent, ConsumerLoop, EventProducer
 from services.common.topics import PAYMENT_STATUS
 from services.notifier import bootstrap
 from services.notifier.bootstrap import Notifier
@@ -214,6 +214,27 @@ async def running_notifier(cfg: NotifierConfig, dead_letters: EventProducer, cod
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)
+        await notifier.close()
+        await notifier.sender.close()
+        await pool.close()
+
+
+def consumed(event: dict, offset: int) -> ConsumedEvent:
+    return ConsumedEvent(PAYMENT_STATUS.name, 0, offset, event["channel_id"].encode(), PAYMENT_STATUS.schema, event)
+
+
+@contextlib.asynccontextmanager
+async def notifier_process(cfg, name: str):
+    """A notifier's parts without a consumer: the test hands batches to its enqueuer itself."""
+    pool = await open_pool(cfg.database_url, max_size=4, autocommit=True)
+    notifier = bootstrap.build(pool, cfg, instance_id=f"{name}-{new_id()}")
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(notifier.run(stop))
+    try:
+        yield notifier
+    finally:
+        stop.set()
+        await task
         await notifier.close()
         await notifier.sender.close()
         await pool.close()

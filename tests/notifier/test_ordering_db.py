@@ -1,39 +1,22 @@
-"""Order across notifier processes: a payment's later delivery never goes while an earlier one is
-held by another process; it waits in PostgreSQL and the poller sends it once the earlier one is done."""
+"""Notifier processes side by side, each fed batches by the test: a payment's later delivery never goes
+while another process holds its earlier one (it waits in PostgreSQL for the poller), a long attempt
+keeps its lease, and a batch holding one event twice makes one delivery."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import datetime, timedelta, timezone
 
-from services.common.db import open_pool
 from services.common.ids import new_id
-from services.common.kafka import ConsumedEvent
-from services.common.topics import PAYMENT_STATUS
-from services.notifier import bootstrap
 from tests.conftest import eventually
-from tests.notifier.conftest import Behaviour, channel_with_endpoint, delivery_rows, notifier_config, status_event
-
-
-def consumed(event: dict, offset: int) -> ConsumedEvent:
-    return ConsumedEvent(PAYMENT_STATUS.name, 0, offset, event["channel_id"].encode(), PAYMENT_STATUS.schema, event)
-
-
-@contextlib.asynccontextmanager
-async def notifier_process(cfg, name: str):
-    """A notifier's parts without a consumer: the test hands batches to its enqueuer itself."""
-    pool = await open_pool(cfg.database_url, max_size=4, autocommit=True)
-    notifier = bootstrap.build(pool, cfg, instance_id=f"{name}-{new_id()}")
-    stop = asyncio.Event()
-    task = asyncio.ensure_future(notifier.run(stop))
-    try:
-        yield notifier
-    finally:
-        stop.set()
-        await task
-        await notifier.close()
-        await notifier.sender.close()
-        await pool.close()
+from tests.notifier.conftest import (
+    Behaviour,
+    channel_with_endpoint,
+    consumed,
+    delivery_rows,
+    notifier_config,
+    notifier_process,
+    status_event,
+)
 
 
 async def test_a_later_delivery_waits_while_another_process_holds_the_earlier_one(infra, pool, receiver, key_file):
@@ -65,6 +48,16 @@ async def test_a_later_delivery_waits_while_another_process_holds_the_earlier_on
 
 async def _done(value: bool) -> bool:
     return value
+
+
+async def test_an_event_twice_in_one_batch_is_one_delivery(infra, pool, receiver, key_file):
+    channel, _ = await channel_with_endpoint(pool, key_file, receiver, "twice")
+    event = status_event(channel, new_id(), "Pending")
+    async with notifier_process(notifier_config(infra, key_file), "a") as a:
+        assert await a.enqueuer.handle_batch([consumed(event, 1), consumed(event, 2)]) == []
+        await eventually(lambda: _done(len(receiver.at(channel)) == 1))
+        await asyncio.sleep(0.3)
+    assert len(receiver.at(channel)) == 1 and len(await delivery_rows(pool, [event["event_id"]])) == 1
 
 
 async def test_a_long_attempt_keeps_its_lease_and_no_other_process_sends_it_meanwhile(infra, pool, receiver,
