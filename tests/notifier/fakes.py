@@ -75,3 +75,8 @@ def endpoint(name: str, channel: str = "ch") -> Endpoint:
 
 def delivery(id: int, endpoint_id: str, payment_id: str, seconds: float = 0, attempts: int = 0) -> Delivery:
     return Delivery(id, f"wh-{id}", endpoint_id, payment_id, T0 + timedelta(seconds=seconds), "{}", attempts, T0)
+
+
+async def met(value: bool) -> bool:
+    """For `eventually`, which polls an async check: `eventually(lambda: met(len(x) == 3))`."""
+    return value

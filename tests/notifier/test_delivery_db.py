@@ -16,6 +16,7 @@ from tests.notifier.conftest import (
     running_notifier,
     status_event,
 )
+from tests.notifier.fakes import met
 from tests.platform.kafka_helpers import end_offsets, read_all, sample_request
 
 
@@ -37,7 +38,7 @@ async def test_each_status_change_arrives_once_per_endpoint_signed_and_in_order(
     async with running_notifier(cfg, producer, codec):
         published = await publish_payments(producer, channel, 5, ("Requested", "Pending", "Settled"))
         others = await publish_payments(producer, settled_only, 5, ("Requested", "Pending", "Settled"))
-        await eventually(lambda: _done(len(receiver.at(channel)) >= 10 and len(receiver.at(settled_only)) >= 5),
+        await eventually(lambda: met(len(receiver.at(channel)) >= 10 and len(receiver.at(settled_only)) >= 5),
                          timeout=60)
         await asyncio.sleep(0.5)  # nothing more may come
     arrivals = receiver.at(channel)
@@ -64,11 +65,11 @@ async def test_a_redelivered_status_event_enqueues_and_sends_nothing_new(infra, 
     cfg = notifier_config(infra, key_file)
     async with running_notifier(cfg, producer, codec):
         await producer.publish(PAYMENT_STATUS, event)
-        await eventually(lambda: _done(len(receiver.at(channel)) == 1))
+        await eventually(lambda: met(len(receiver.at(channel)) == 1))
         await producer.publish(PAYMENT_STATUS, event)  # as the outbox relay does after a crash
         marker = status_event(channel, new_id(), "Pending")
         await producer.publish(PAYMENT_STATUS, marker)  # behind the copy in the channel's partition
-        await eventually(lambda: _done(len(receiver.at(channel)) == 2))
+        await eventually(lambda: met(len(receiver.at(channel)) == 2))
         await asyncio.sleep(0.5)
     assert [a.webhook_id for a in receiver.at(channel)] == [event["event_id"], marker["event_id"]]
     assert len(await delivery_rows(pool, [event["event_id"]])) == 1
@@ -83,7 +84,7 @@ async def test_a_status_event_of_a_channel_without_endpoints_is_consumed_and_not
     async with running_notifier(cfg, producer, codec):
         await producer.publish(PAYMENT_STATUS, silent)
         await producer.publish(PAYMENT_STATUS, marker)
-        await eventually(lambda: _done(len(receiver.at(channel)) == 1))
+        await eventually(lambda: met(len(receiver.at(channel)) == 1))
     assert await delivery_rows(pool, [silent["event_id"]]) == []
     assert [a.webhook_id for a in receiver.arrivals] == [marker["event_id"]]
 
@@ -121,7 +122,7 @@ async def test_receivers_that_fail_time_out_or_are_down_for_a_while_get_every_ev
         try:
             def has_all(r, channel) -> bool:
                 return {a.webhook_id for a in r.at(channel)} >= {e for ids in published[channel].values() for e in ids}
-            await eventually(lambda: _done(has_all(receiver, failing) and has_all(receiver, slow)
+            await eventually(lambda: met(has_all(receiver, failing) and has_all(receiver, slow)
                                            and has_all(down, down_channel)), timeout=90)
         finally:
             await down.stop()
@@ -144,12 +145,12 @@ async def test_a_slow_endpoint_does_not_delay_another_channels_deliveries(infra,
     cfg = notifier_config(infra, key_file, NOTIFIER_READ_TIMEOUT_S=60, NOTIFIER_ENDPOINT_CONCURRENCY=4)
     async with running_notifier(cfg, producer, codec):
         slow_events = await publish_payments(producer, slow, 20, ("Pending",))
-        await eventually(lambda: _done(len(receiver.at(slow)) == 4))  # its four slots are taken
+        await eventually(lambda: met(len(receiver.at(slow)) == 4))  # its four slots are taken
         fast_events = await publish_payments(producer, fast, 10, ("Pending",))
-        await eventually(lambda: _done(len(receiver.at(fast)) == 10))
+        await eventually(lambda: met(len(receiver.at(fast)) == 10))
         assert not gate.is_set() and len(receiver.at(slow)) == 4
         gate.set()
-        await eventually(lambda: _done(len({a.webhook_id for a in receiver.at(slow)}) == 20), timeout=60)
+        await eventually(lambda: met(len({a.webhook_id for a in receiver.at(slow)}) == 20), timeout=60)
     assert {a.webhook_id for a in receiver.at(fast)} == {ids[0] for ids in fast_events.values()}
     assert {a.webhook_id for a in receiver.at(slow)} == {ids[0] for ids in slow_events.values()}
 
@@ -178,7 +179,7 @@ async def test_an_endpoint_that_answers_nothing_holds_a_bounded_number_of_delive
             await asyncio.sleep(0.2)
         assert len(receiver.at(channel)) == 1
         gate.set()
-        await eventually(lambda: _done({a.webhook_id for a in receiver.at(channel)} == expected), timeout=60)
+        await eventually(lambda: met({a.webhook_id for a in receiver.at(channel)} == expected), timeout=60)
 
 
 async def test_events_no_delivery_can_hold_are_dead_lettered_and_the_next_ones_delivered(
@@ -195,12 +196,8 @@ async def test_events_no_delivery_can_hold_are_dead_lettered_and_the_next_ones_d
                                      (PAYMENT_STATUS, channel.encode(), codec.encode("payment_status", too_long_id)),
                                      (PAYMENT_STATUS, channel.encode(), b"not avro at all")])
         await producer.publish(PAYMENT_STATUS, good)
-        await eventually(lambda: _done(len(receiver.at(channel)) == 1))
+        await eventually(lambda: met(len(receiver.at(channel)) == 1))
     assert [a.webhook_id for a in receiver.at(channel)] == [good["event_id"]]
     letters = read_all(bootstrap, DEAD_LETTER.name, lambda m: m.key() == channel.encode(), 3, since=since)
     reasons = sorted(codec.decode(m.value())[1]["error_type"] for m in letters)
     assert reasons == ["DecodeError", "NotAStatusEvent", "NotAStatusEvent"]
-
-
-async def _done(value: bool) -> bool:
-    return value

@@ -13,6 +13,7 @@ import httpx
 from services.common.topics import PAYMENT_STATUS
 from tests.conftest import ROOT, ServiceProcess, eventually, free_port, kafka_login, service_env, start_service
 from tests.notifier.conftest import Behaviour, channel_with_endpoint, delivery_rows, publish_payments
+from tests.notifier.fakes import met
 from tests.platform.kafka_helpers import start_group_at_end
 
 
@@ -46,7 +47,7 @@ async def test_a_notifier_killed_mid_delivery_loses_no_event_and_repeats_with_th
         procs.append(start_service("services.notifier", notifier_env(infra, key_file, group, first_port)))
         await eventually(lambda: healthy(first_port), timeout=60)
         published = await publish_payments(producer, channel, 12)
-        await eventually(lambda: _done(len(receiver.at(channel)) >= 8), timeout=60)  # its 8 slots in flight
+        await eventually(lambda: met(len(receiver.at(channel)) >= 8), timeout=60)  # its 8 slots in flight
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait(30)
         in_flight_at_kill = {a.webhook_id for a in receiver.at(channel)}
@@ -56,7 +57,7 @@ async def test_a_notifier_killed_mid_delivery_loses_no_event_and_repeats_with_th
         second_port = free_port()
         procs.append(start_service("services.notifier", notifier_env(infra, key_file, group, second_port)))
         expected = {e for ids in published.values() for e in ids}
-        await eventually(lambda: _done({a.webhook_id for a in receiver.at(channel)} >= expected), timeout=120)
+        await eventually(lambda: met({a.webhook_id for a in receiver.at(channel)} >= expected), timeout=120)
         await eventually(lambda: healthy(second_port), timeout=30)
         async with httpx.AsyncClient() as http:
             metrics = (await http.get(f"http://127.0.0.1:{second_port}/metrics")).text
@@ -100,7 +101,7 @@ async def test_the_notifier_rides_out_a_postgresql_restart_and_delivers_everythi
     try:
         await eventually(lambda: healthy(port), timeout=60)
         before = await publish_payments(producer, channel, 4, ("Pending",))
-        await eventually(lambda: _done(len(receiver.at(channel)) == 4))  # in flight, answers held
+        await eventually(lambda: met(len(receiver.at(channel)) == 4))  # in flight, answers held
         subprocess.run(["bash", "infra/postgres.sh", "stop"], cwd=ROOT, check=True, capture_output=True)
         try:
             gate.set()  # their results cannot be written now
@@ -110,7 +111,7 @@ async def test_the_notifier_rides_out_a_postgresql_restart_and_delivers_everythi
             subprocess.run(["bash", "infra/postgres.sh", "start"], cwd=ROOT, check=True, capture_output=True)
         await pool.check()  # the tests' own pool lost its connections too
         expected = {ids[0] for ids in (*before.values(), *during.values())}
-        await eventually(lambda: _done({a.webhook_id for a in receiver.at(channel)} == expected), timeout=120)
+        await eventually(lambda: met({a.webhook_id for a in receiver.at(channel)} == expected), timeout=120)
 
         async def all_delivered() -> bool:
             rows = await delivery_rows(pool, sorted(expected))
@@ -124,7 +125,3 @@ async def test_the_notifier_rides_out_a_postgresql_restart_and_delivers_everythi
             proc.wait(30)
         (tmp_path / "notifier.log").write_text(proc.output())
     assert proc.returncode == 0, proc.output()[-2000:]
-
-
-async def _done(value: bool) -> bool:
-    return value

@@ -17,6 +17,7 @@ from tests.notifier.conftest import (
     notifier_process,
     status_event,
 )
+from tests.notifier.fakes import met
 
 
 async def test_a_later_delivery_waits_while_another_process_holds_the_earlier_one(infra, pool, receiver, key_file):
@@ -29,7 +30,7 @@ async def test_a_later_delivery_waits_while_another_process_holds_the_earlier_on
     cfg = notifier_config(infra, key_file, NOTIFIER_READ_TIMEOUT_S=60)
     async with notifier_process(cfg, "a") as a, notifier_process(cfg, "b") as b:
         assert await a.enqueuer.handle_batch([consumed(pending, 1)]) == []
-        await eventually(lambda: _done(len(receiver.at(channel)) == 1))  # in flight from process a
+        await eventually(lambda: met(len(receiver.at(channel)) == 1))  # in flight from process a
         # Process b consumes the Settled (a rebalance gave it the partition): it must not send it.
         assert await b.enqueuer.handle_batch([consumed(settled, 2)]) == []
 
@@ -40,14 +41,10 @@ async def test_a_later_delivery_waits_while_another_process_holds_the_earlier_on
         await asyncio.sleep(0.5)  # several polls: none may claim it while its Pending is in flight
         assert [a.webhook_id for a in receiver.at(channel)] == [pending["event_id"]]
         gate.set()
-        await eventually(lambda: _done(len(receiver.at(channel)) == 2))
+        await eventually(lambda: met(len(receiver.at(channel)) == 2))
     assert [a.state for a in receiver.at(channel)] == ["Pending", "Settled"]
     rows = await delivery_rows(pool, [pending["event_id"], settled["event_id"]])
     assert [r["state"] for r in rows] == ["delivered", "delivered"]
-
-
-async def _done(value: bool) -> bool:
-    return value
 
 
 async def test_an_event_twice_in_one_batch_is_one_delivery(infra, pool, receiver, key_file):
@@ -55,7 +52,7 @@ async def test_an_event_twice_in_one_batch_is_one_delivery(infra, pool, receiver
     event = status_event(channel, new_id(), "Pending")
     async with notifier_process(notifier_config(infra, key_file), "a") as a:
         assert await a.enqueuer.handle_batch([consumed(event, 1), consumed(event, 2)]) == []
-        await eventually(lambda: _done(len(receiver.at(channel)) == 1))
+        await eventually(lambda: met(len(receiver.at(channel)) == 1))
         await asyncio.sleep(0.3)
     assert len(receiver.at(channel)) == 1 and len(await delivery_rows(pool, [event["event_id"]])) == 1
 
@@ -71,7 +68,7 @@ async def test_a_long_attempt_keeps_its_lease_and_no_other_process_sends_it_mean
     cfg = notifier_config(infra, key_file, NOTIFIER_LEASE_S=1, NOTIFIER_READ_TIMEOUT_S=60)
     async with notifier_process(cfg, "a") as a, notifier_process(cfg, "b"):
         await a.enqueuer.handle_batch([consumed(event, 1)])
-        await eventually(lambda: _done(len(receiver.at(channel)) == 1))
+        await eventually(lambda: met(len(receiver.at(channel)) == 1))
         for _ in range(8):  # four leases long
             await asyncio.sleep(0.5)
             [row] = await delivery_rows(pool, [event["event_id"]])
