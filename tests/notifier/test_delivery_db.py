@@ -89,6 +89,14 @@ async def test_a_status_event_of_a_channel_without_endpoints_is_consumed_and_not
     assert [a.webhook_id for a in receiver.arrivals] == [marker["event_id"]]
 
 
+async def failing_since_set(pool, endpoint_ids: list[str], expected: list[bool]) -> bool:
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT endpoint_id, failing_since IS NOT NULL FROM webhook_endpoints"
+                                 " WHERE endpoint_id = ANY(%s)", (endpoint_ids,))
+        found = dict(await cur.fetchall())
+    return [found.get(e) for e in endpoint_ids] == expected
+
+
 async def test_receivers_that_fail_time_out_or_are_down_for_a_while_get_every_event_once_back(
         infra, pool, receiver, key_file, producer, codec):
     """Three channels: one endpoint answers 500, one answers after the notifier's read timeout, one
@@ -116,6 +124,8 @@ async def test_receivers_that_fail_time_out_or_are_down_for_a_while_get_every_ev
                 return len(await cur.fetchall()) == 3
         await eventually(each_failed_twice, timeout=60)
         assert not any(a.state == "Settled" for a in receiver.arrivals)  # no Settled overtook its Pending
+        endpoints = [failing_ep, slow_ep, down_ep]
+        await eventually(lambda: failing_since_set(pool, endpoints, expected=[True] * 3))
         receiver.behaviours[failing] = Behaviour(status=204)
         receiver.behaviours[slow] = Behaviour()
         await down.start()
@@ -126,6 +136,7 @@ async def test_receivers_that_fail_time_out_or_are_down_for_a_while_get_every_ev
                                            and has_all(down, down_channel)), timeout=90)
         finally:
             await down.stop()
+    await eventually(lambda: failing_since_set(pool, endpoints, expected=[False] * 3))  # a 2xx ended each run
     for r, channel in ((receiver, failing), (receiver, slow), (down, down_channel)):
         expected = {e for ids in published[channel].values() for e in ids}
         arrivals = r.at(channel)
