@@ -9,6 +9,7 @@ lane is full are left out of a claim, so memory stays bounded however many deliv
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 
@@ -22,6 +23,9 @@ from services.notifier.store import NotifierStore
 log = logging.getLogger(__name__)
 
 SAMPLE_EVERY_S = 5.0
+# Claims made back to back while more is due, before the next interval: a backlog drains at the
+# database's pace, and a claim that keeps coming back (rows released at once) cannot spin.
+CLAIMS_PER_TURN_MAX = 50
 
 
 class Poller:
@@ -30,31 +34,37 @@ class Poller:
         self.dispatcher = dispatcher
         self.interval_s = interval_s
         self.batch = batch
+        # At most a quarter of a claim from one endpoint: one backlog never fills a whole claim.
+        self.per_endpoint = batch // 4 + 1
         self.lease_s = lease_s
         self._sampled_at = float("-inf")
 
     async def run(self, stop: asyncio.Event) -> None:
-        async def poll_while_full() -> None:
-            while await self.poll() >= self.batch and not stop.is_set():
-                pass  # a backlog: the next claim goes at once
-        await self._every(self.interval_s, stop, poll_while_full, "claiming due webhook deliveries")
+        async def poll_while_more_is_due() -> None:
+            for _ in range(CLAIMS_PER_TURN_MAX):
+                if not await self.poll() or stop.is_set():
+                    return
+        await self._every(self.interval_s, stop, poll_while_more_is_due, "claiming due webhook deliveries")
 
     async def beat(self, stop: asyncio.Event) -> None:
         # Three renewals per lease: one may fail (a PostgreSQL restart) before the lease runs out.
         await self._every(self.lease_s / 3, stop, self.renew, "renewing webhook delivery leases")
 
-    async def poll(self) -> int:
-        """One claim; returns how many deliveries it took (the rest of a full claim come next turn)."""
+    async def poll(self) -> bool:
+        """One claim; returns whether more may be due now (the claim, or an endpoint's share of it,
+        was full)."""
         endpoints = await self.store.endpoints_by_id(self.dispatcher.endpoint_ids())
         self.dispatcher.update_endpoints(endpoints)
-        claimed = await self.store.claim_due(self.lease_s, self.batch, self.dispatcher.full_endpoints())
+        claimed = await self.store.claim_due(self.lease_s, self.batch, self.per_endpoint,
+                                             self.dispatcher.full_endpoints())
         if claimed:
             missing = sorted({d.endpoint_id for d in claimed} - endpoints.keys())
             endpoints.update(await self.store.endpoints_by_id(missing))
             self.dispatcher.accept(((d, ()) for d in claimed), endpoints, claimed=True)
         if time.monotonic() - self._sampled_at >= SAMPLE_EVERY_S:
             await self.sample()
-        return len(claimed)
+        per_endpoint = collections.Counter(d.endpoint_id for d in claimed)
+        return len(claimed) >= self.batch or any(n >= self.per_endpoint for n in per_endpoint.values())
 
     async def sample(self) -> None:
         """The backlog's gauges, read from PostgreSQL (every process reports the same values)."""

@@ -123,11 +123,12 @@ class NotifierStore:
             rows = await cur.fetchall()
         return [Enqueued(_delivery(row[:8]), tuple(row[8])) for row in rows]
 
-    async def claim_due(self, lease_s: float, limit: int, excluded_endpoints: Sequence[str]) -> list[Delivery]:
+    async def claim_due(self, lease_s: float, limit: int, per_endpoint: int, excluded_endpoints: Sequence[str]
+                        ) -> list[Delivery]:
         """Due deliveries of enabled endpoints that nobody holds, each the earliest pending one of its
-        (endpoint, payment), leased to this process; the most overdue first, and at most a quarter of
-        the claim from one endpoint, so that one endpoint's backlog does not hold up the others'
-        retries. Rows another poller is claiming are skipped (SKIP LOCKED)."""
+        (endpoint, payment), leased to this process; the most overdue first, and at most `per_endpoint`
+        from one endpoint, so that one endpoint's backlog does not hold up the others' retries. Rows
+        another poller is claiming are skipped (SKIP LOCKED)."""
         async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
                 "WITH due AS ("
@@ -143,7 +144,7 @@ class NotifierStore:
                 " ORDER BY c.next_attempt_at LIMIT %s)"
                 " UPDATE webhook_deliveries w SET leased_by = %s, leased_until = now() + make_interval(secs => %s)"
                 f" FROM due WHERE w.id = due.id RETURNING {', '.join('w.' + c.strip() for c in _DELIVERY.split(','))}",
-                (limit // 4 + 1, list(excluded_endpoints), limit, self.owner, lease_s))
+                (per_endpoint, list(excluded_endpoints), limit, self.owner, lease_s))
             return [_delivery(row) for row in await cur.fetchall()]
 
     async def renew(self, delivery_ids: Sequence[int], lease_s: float) -> set[int]:
