@@ -97,8 +97,12 @@ class NotifierStore:
 
     async def enqueue(self, new: Sequence[NewDelivery], lease_s: float) -> list[Enqueued]:
         """Inserts the deliveries leased to this process in one statement; those already there (a
-        redelivered event) are skipped. The earlier pending rows are read in the statement's own
+        redelivered event) are skipped, except a pending one this process leased and may not hold:
+        its batch committed, but the commit's answer was lost and the batch is handled again. It is
+        returned too (its lease renewed) instead of waiting for its lease to run out; the dispatcher
+        ignores what it holds already. The earlier pending rows are read in the statement's own
         snapshot, so rows inserted by it never count among them (they are handed over together)."""
+        new = list({(n.event_id, n.endpoint_id): n for n in new}.values())  # one row is written once a statement
         if not new:
             return []
         async with self.pool.connection() as conn, conn.transaction():
@@ -110,7 +114,8 @@ class NotifierStore:
                 " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
                 "  %s::timestamptz[], %s::text[]) AS n(w, e, ep, c, p, t, o, b)"
                 " ORDER BY o, e"
-                " ON CONFLICT (event_id, endpoint_id) DO NOTHING"
+                " ON CONFLICT (event_id, endpoint_id) DO UPDATE SET leased_until = EXCLUDED.leased_until"
+                " WHERE webhook_deliveries.leased_by = EXCLUDED.leased_by AND webhook_deliveries.state = 'pending'"
                 f" RETURNING {_DELIVERY})"
                 f" SELECT {', '.join('a.' + c.strip() for c in _DELIVERY.split(','))},"
                 " ARRAY(SELECT d.id FROM webhook_deliveries d WHERE d.endpoint_id = a.endpoint_id"

@@ -7,6 +7,8 @@ import asyncio
 from datetime import datetime, timedelta, timezone
 
 from services.common.ids import new_id
+from services.common.topics import PAYMENT_STATUS
+from services.notifier.deliveries import deliveries_of, status_change_of
 from tests.conftest import eventually
 from tests.notifier.conftest import (
     Behaviour,
@@ -55,6 +57,22 @@ async def test_an_event_twice_in_one_batch_is_one_delivery(infra, pool, receiver
         await eventually(lambda: met(len(receiver.at(channel)) == 1))
         await asyncio.sleep(0.3)
     assert len(receiver.at(channel)) == 1 and len(await delivery_rows(pool, [event["event_id"]])) == 1
+
+
+async def test_a_batch_handled_again_after_its_commit_answer_was_lost_sends_at_once(infra, pool, receiver,
+                                                                                   key_file):
+    """Its rows are in PostgreSQL, leased to this process, but not in its memory: handling the batch
+    again takes them back instead of leaving them until the lease (five minutes here) runs out."""
+    channel, _ = await channel_with_endpoint(pool, key_file, receiver, "lostcommit")
+    event = status_event(channel, new_id(), "Pending")
+    async with notifier_process(notifier_config(infra, key_file, NOTIFIER_LEASE_S=300), "a") as a:
+        change = status_change_of(PAYMENT_STATUS.schema, event)
+        assert change is not None
+        [endpoint] = (await a.enqueuer.endpoints.of([channel]))[channel]
+        await a.store.enqueue(deliveries_of(change, [endpoint]), 300)  # committed; its answer "lost"
+        assert await a.enqueuer.handle_batch([consumed(event, 1)]) == []  # the batch again
+        await eventually(lambda: met(len(receiver.at(channel)) == 1), timeout=30)
+    assert [r["state"] for r in await delivery_rows(pool, [event["event_id"]])] == ["delivered"]
 
 
 async def test_a_long_attempt_keeps_its_lease_and_no_other_process_sends_it_meanwhile(infra, pool, receiver,
