@@ -65,11 +65,11 @@ async def test_a_redelivered_status_event_enqueues_and_sends_nothing_new(infra, 
     cfg = notifier_config(infra, key_file)
     async with running_notifier(cfg, producer, codec):
         await producer.publish(PAYMENT_STATUS, event)
-        await eventually(lambda: met(len(receiver.at(channel)) == 1))
+        await eventually(lambda: met(len(receiver.at(channel)) == 1), timeout=60)
         await producer.publish(PAYMENT_STATUS, event)  # as the outbox relay does after a crash
         marker = status_event(channel, new_id(), "Pending")
         await producer.publish(PAYMENT_STATUS, marker)  # behind the copy in the channel's partition
-        await eventually(lambda: met(len(receiver.at(channel)) == 2))
+        await eventually(lambda: met(len(receiver.at(channel)) == 2), timeout=60)
         await asyncio.sleep(0.5)
     assert [a.webhook_id for a in receiver.at(channel)] == [event["event_id"], marker["event_id"]]
     assert len(await delivery_rows(pool, [event["event_id"]])) == 1
@@ -84,7 +84,7 @@ async def test_a_status_event_of_a_channel_without_endpoints_is_consumed_and_not
     async with running_notifier(cfg, producer, codec):
         await producer.publish(PAYMENT_STATUS, silent)
         await producer.publish(PAYMENT_STATUS, marker)
-        await eventually(lambda: met(len(receiver.at(channel)) == 1))
+        await eventually(lambda: met(len(receiver.at(channel)) == 1), timeout=60)
     assert await delivery_rows(pool, [silent["event_id"]]) == []
     assert [a.webhook_id for a in receiver.arrivals] == [marker["event_id"]]
 
@@ -125,7 +125,7 @@ async def test_receivers_that_fail_time_out_or_are_down_for_a_while_get_every_ev
         await eventually(each_failed_twice, timeout=60)
         assert not any(a.state == "Settled" for a in receiver.arrivals)  # no Settled overtook its Pending
         endpoints = [failing_ep, slow_ep, down_ep]
-        await eventually(lambda: failing_since_set(pool, endpoints, expected=[True] * 3))
+        await eventually(lambda: failing_since_set(pool, endpoints, expected=[True] * 3), timeout=60)
         receiver.behaviours[failing] = Behaviour(status=204)
         receiver.behaviours[slow] = Behaviour()
         await down.start()
@@ -136,7 +136,8 @@ async def test_receivers_that_fail_time_out_or_are_down_for_a_while_get_every_ev
                                            and has_all(down, down_channel)), timeout=90)
         finally:
             await down.stop()
-    await eventually(lambda: failing_since_set(pool, endpoints, expected=[False] * 3))  # a 2xx ended each run
+    # A 2xx ended each endpoint's run of failures.
+    await eventually(lambda: failing_since_set(pool, endpoints, expected=[False] * 3), timeout=60)
     for r, channel in ((receiver, failing), (receiver, slow), (down, down_channel)):
         expected = {e for ids in published[channel].values() for e in ids}
         arrivals = r.at(channel)
@@ -156,9 +157,9 @@ async def test_a_slow_endpoint_does_not_delay_another_channels_deliveries(infra,
     cfg = notifier_config(infra, key_file, NOTIFIER_READ_TIMEOUT_S=60, NOTIFIER_ENDPOINT_CONCURRENCY=4)
     async with running_notifier(cfg, producer, codec):
         slow_events = await publish_payments(producer, slow, 20, ("Pending",))
-        await eventually(lambda: met(len(receiver.at(slow)) == 4))  # its four slots are taken
+        await eventually(lambda: met(len(receiver.at(slow)) == 4), timeout=60)  # its four slots are taken
         fast_events = await publish_payments(producer, fast, 10, ("Pending",))
-        await eventually(lambda: met(len(receiver.at(fast)) == 10))
+        await eventually(lambda: met(len(receiver.at(fast)) == 10), timeout=60)
         assert not gate.is_set() and len(receiver.at(slow)) == 4
         gate.set()
         await eventually(lambda: met(len({a.webhook_id for a in receiver.at(slow)}) == 20), timeout=60)
@@ -180,7 +181,7 @@ async def test_an_endpoint_that_answers_nothing_holds_a_bounded_number_of_delive
 
         async def all_enqueued() -> bool:
             return len(await delivery_rows(pool, sorted(expected))) == 20
-        await eventually(all_enqueued)
+        await eventually(all_enqueued, timeout=60)
         for _ in range(5):  # over several polls
             assert len(notifier.dispatcher.held_ids()) <= 3 + 2
             async with pool.connection() as conn:
@@ -207,7 +208,7 @@ async def test_events_no_delivery_can_hold_are_dead_lettered_and_the_next_ones_d
                                      (PAYMENT_STATUS, channel.encode(), codec.encode("payment_status", too_long_id)),
                                      (PAYMENT_STATUS, channel.encode(), b"not avro at all")])
         await producer.publish(PAYMENT_STATUS, good)
-        await eventually(lambda: met(len(receiver.at(channel)) == 1))
+        await eventually(lambda: met(len(receiver.at(channel)) == 1), timeout=60)
     assert [a.webhook_id for a in receiver.at(channel)] == [good["event_id"]]
     letters = read_all(bootstrap, DEAD_LETTER.name, lambda m: m.key() == channel.encode(), 3, since=since)
     reasons = sorted(codec.decode(m.value())[1]["error_type"] for m in letters)

@@ -45,7 +45,7 @@ async def test_a_secret_that_does_not_open_holds_the_deliveries_and_is_audited_w
         async def waiting() -> list:
             rows = await delivery_rows(pool, [event["event_id"]])
             return rows if rows and rows[0]["last_error"] and rows[0]["leased_by"] is None else []
-        [row] = await eventually(waiting)
+        [row] = await eventually(waiting, timeout=60)
         # The waiting delivery counts in the age of the oldest undelivered one.
         async with pool.connection() as conn:
             cur = await conn.execute("SELECT EXTRACT(EPOCH FROM now() - created_at)::float8 FROM webhook_deliveries"

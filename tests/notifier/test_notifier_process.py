@@ -101,7 +101,7 @@ async def test_the_notifier_rides_out_a_postgresql_restart_and_delivers_everythi
     try:
         await eventually(lambda: healthy(port), timeout=60)
         before = await publish_payments(producer, channel, 4, ("Pending",))
-        await eventually(lambda: met(len(receiver.at(channel)) == 4))  # in flight, answers held
+        await eventually(lambda: met(len(receiver.at(channel)) == 4), timeout=60)  # in flight, answers held
         subprocess.run(["bash", "infra/postgres.sh", "stop"], cwd=ROOT, check=True, capture_output=True)
         try:
             gate.set()  # their results cannot be written now

@@ -32,18 +32,18 @@ async def test_a_later_delivery_waits_while_another_process_holds_the_earlier_on
     cfg = notifier_config(infra, key_file, NOTIFIER_READ_TIMEOUT_S=60)
     async with notifier_process(cfg, "a") as a, notifier_process(cfg, "b") as b:
         assert await a.enqueuer.handle_batch([consumed(pending, 1)]) == []
-        await eventually(lambda: met(len(receiver.at(channel)) == 1))  # in flight from process a
+        await eventually(lambda: met(len(receiver.at(channel)) == 1), timeout=60)  # in flight from process a
         # Process b consumes the Settled (a rebalance gave it the partition): it must not send it.
         assert await b.enqueuer.handle_batch([consumed(settled, 2)]) == []
 
         async def released() -> bool:
             rows = await delivery_rows(pool, [settled["event_id"]])
             return bool(rows) and rows[0]["leased_by"] is None
-        await eventually(released)
+        await eventually(released, timeout=60)
         await asyncio.sleep(0.5)  # several polls: none may claim it while its Pending is in flight
         assert [a.webhook_id for a in receiver.at(channel)] == [pending["event_id"]]
         gate.set()
-        await eventually(lambda: met(len(receiver.at(channel)) == 2))
+        await eventually(lambda: met(len(receiver.at(channel)) == 2), timeout=60)
     assert [a.state for a in receiver.at(channel)] == ["Pending", "Settled"]
     rows = await delivery_rows(pool, [pending["event_id"], settled["event_id"]])
     assert [r["state"] for r in rows] == ["delivered", "delivered"]
@@ -54,7 +54,7 @@ async def test_an_event_twice_in_one_batch_is_one_delivery(infra, pool, receiver
     event = status_event(channel, new_id(), "Pending")
     async with notifier_process(notifier_config(infra, key_file), "a") as a:
         assert await a.enqueuer.handle_batch([consumed(event, 1), consumed(event, 2)]) == []
-        await eventually(lambda: met(len(receiver.at(channel)) == 1))
+        await eventually(lambda: met(len(receiver.at(channel)) == 1), timeout=60)
         await asyncio.sleep(0.3)
     assert len(receiver.at(channel)) == 1 and len(await delivery_rows(pool, [event["event_id"]])) == 1
 
@@ -86,7 +86,7 @@ async def test_a_long_attempt_keeps_its_lease_and_no_other_process_sends_it_mean
     cfg = notifier_config(infra, key_file, NOTIFIER_LEASE_S=1, NOTIFIER_READ_TIMEOUT_S=60)
     async with notifier_process(cfg, "a") as a, notifier_process(cfg, "b"):
         await a.enqueuer.handle_batch([consumed(event, 1)])
-        await eventually(lambda: met(len(receiver.at(channel)) == 1))
+        await eventually(lambda: met(len(receiver.at(channel)) == 1), timeout=60)
         for _ in range(8):  # four leases long
             await asyncio.sleep(0.5)
             [row] = await delivery_rows(pool, [event["event_id"]])
@@ -96,5 +96,5 @@ async def test_a_long_attempt_keeps_its_lease_and_no_other_process_sends_it_mean
 
         async def delivered() -> bool:
             return (await delivery_rows(pool, [event["event_id"]]))[0]["state"] == "delivered"
-        await eventually(delivered)
+        await eventually(delivered, timeout=60)
     assert len(receiver.at(channel)) == 1
