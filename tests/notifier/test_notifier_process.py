@@ -87,6 +87,16 @@ async def test_a_notifier_killed_mid_delivery_loses_no_event_and_repeats_with_th
     assert procs[1].returncode == 0, procs[1].output()[-2000:]
 
 
+def test_a_notifier_without_its_key_file_refuses_to_start_and_says_which(infra, tmp_path):
+    missing = tmp_path / "nowhere" / "webhooks-kek.json"
+    proc = start_service("services.notifier", notifier_env(infra, missing, f"notifier-{uuid.uuid4().hex[:10]}",
+                                                           free_port()))
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2, output[-2000:]
+    assert "notifier: cannot start: the webhook signing secrets' key" in output and str(missing) in output
+    assert not missing.exists()  # not made behind the operator's back
+
+
 async def test_the_notifier_rides_out_a_postgresql_restart_and_delivers_everything(
         infra, pool, receiver, key_file, producer, tmp_path):
     """PostgreSQL stops while deliveries are in flight and status events keep coming: the notifier
