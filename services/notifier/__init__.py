@@ -7,4 +7,15 @@ Shape:
 - `secrets.py`: signing secrets: made here, sealed by the vault to the notifier's key, opened
   only by the notifier.
 - `settings.py`: the notifier's and the endpoint management's configuration.
+
+The process (`python -m services.notifier`, docs/webhooks.md §4):
+- `deliveries.py`: pure. Which status events become which deliveries; hostile ones refused.
+- `service.py`: the consumer's batches in, delivery rows written (leased to this process) in one
+  transaction, then handed to the dispatcher.
+- `dispatcher.py`: per endpoint a lane (bounded in flight and in memory), per payment a chain
+  attempted in order; `sender.py` makes each attempt, `schedule.py` decides what follows it.
+- `writer.py`: results written in batches, endpoint health, automatic disabling.
+- `poller.py`: due retries and orphaned deliveries claimed, leases renewed, backlog gauges.
+- `signing.py`: an endpoint's signing secrets, opened and kept briefly; `store.py`: PostgreSQL.
+- `bootstrap.py`: builds it all for `__main__` and the tests.
 """

@@ -3,7 +3,7 @@
 An endpoint URL comes from an operator, but its host's DNS answers come from whoever controls that
 name, and may change at any time (DNS rebinding). So the rules apply twice: when an endpoint is
 created (its name must resolve, and only to allowed addresses) and on every connection the
-notifier opens (services/notifier/http.py resolves through `DestinationPolicy`), so that a name
+notifier opens (services/notifier/sender.py resolves through `DestinationPolicy`), so that a name
 that later resolves to 127.0.0.1, 10.0.0.5 or the cloud metadata address 169.254.169.254 reaches
 nothing. Redirects are never followed, for the same reason.
 

@@ -16,6 +16,7 @@ from services.common import config
 from services.daraja_sandbox import settings as sandbox_settings
 from services.ingress import bootstrap as ingress
 from services.ledger import __main__ as ledger, anchors
+from services.notifier import settings as notifier
 from services.stk_worker import __main__ as stk_worker
 from services.webhook_consumer import settings as gateway
 
@@ -29,6 +30,7 @@ SERVICES: dict[str, list[config.Setting]] = {
     "ledger": ledger.SETTINGS,
     "onboarding API": channels_settings.API_SETTINGS,
     "audit anchoring": anchors.SETTINGS,
+    "notifier": notifier.NOTIFIER_SETTINGS,
 }
 READERS: dict[str, list[config.Setting]] = {
     # run_service reads LOG_LEVEL for every service it starts, before the service's own list.
@@ -137,7 +139,8 @@ def test_every_service_started_by_run_service_has_its_list_here():
                 if re.search(r"^\s*run_service\(", p.read_text(), re.MULTILINE)}
     assert starters == {"services/ingress/__main__.py", "services/stk_worker/__main__.py",
                         "services/webhook_consumer/__main__.py", "services/ledger/__main__.py",
-                        "services/channels/__main__.py", "services/ledger/anchors.py"}
+                        "services/channels/__main__.py", "services/ledger/anchors.py",
+                        "services/notifier/__main__.py"}
 
 
 def test_a_drifted_table_is_caught():

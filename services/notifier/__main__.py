@@ -1,0 +1,60 @@
+"""python -m services.notifier: delivers payment status changes to the channels' webhook endpoints."""
+from __future__ import annotations
+
+import asyncio
+
+from services.channels.vault import LocalKeyFileProvider, VaultError
+from services.common.avro import Codec
+from services.common.db import open_pool, require_schema
+from services.common.kafka import ConsumerLoop, EventProducer, ensure_topics
+from services.common.observability import Health, serve_ops
+from services.common.runtime import StartupRefused, quiet_garbage_collector, run_service
+from services.common.topics import ACCESS, PAYMENT_STATUS
+from services.notifier import bootstrap
+from services.notifier.destinations import DestinationPolicy
+from services.notifier.sender import Sender
+from services.notifier.settings import NOTIFIER_SETTINGS, NotifierConfig
+
+__all__ = ["NOTIFIER_SETTINGS", "main"]
+
+BATCH = 500
+
+
+async def main(cfg: NotifierConfig, stop: asyncio.Event) -> None:
+    require_schema(cfg.database_url)
+    try:
+        # Not made if missing (unlike the STK worker's): a new key opens none of the secrets sealed
+        # so far, and every delivery would wait; a wrong path is better said at once.
+        key_provider = LocalKeyFileProvider.open(cfg.notifier_vault_key_file)
+    except VaultError as exc:
+        raise StartupRefused(f"the webhook signing secrets' key: {exc} (NOTIFIER_VAULT_KEY_FILE; "
+                             "`mpesa-pipeline vault init --key-file PATH` makes one)") from None
+    ensure_topics(cfg.kafka_bootstrap_servers, ACCESS["notifier"].topics, cfg.kafka_topic_partitions)  # its ACLs'
+    codec = Codec()
+    producer = EventProducer(cfg.kafka_bootstrap_servers, codec, client_id="notifier")  # dead letters only
+    # The consumer's batch, the poller, the heartbeat, the writer and the secrets' reads.
+    pool = await open_pool(cfg.database_url, max_size=6, autocommit=True)
+    sender = Sender(DestinationPolicy(cfg.webhook_allowed_networks), connect_timeout_s=cfg.notifier_connect_timeout_s,
+                    read_timeout_s=cfg.notifier_read_timeout_s)
+    notifier = bootstrap.build(pool, cfg, sender=sender, key_provider=key_provider)
+    # One batch at a time: two in parallel could commit a payment's Settled before its Pending.
+    consumer = ConsumerLoop(bootstrap=cfg.kafka_bootstrap_servers, group_id=cfg.notifier_group_id, codec=codec,
+                            topics=[PAYMENT_STATUS], handler=notifier.enqueuer.handle_batch, dead_letters=producer,
+                            max_batch=BATCH, max_in_flight=1)
+    health = Health()
+    health.add_progress("notifier_consumer", consumer.stalled_for, cfg.notifier_stalled_after_s)
+    health.add_progress("notifier_results", notifier.writer.stalled_for, cfg.notifier_stalled_after_s)
+    runner = await serve_ops(health, cfg.metrics_host, cfg.notifier_metrics_port)
+    quiet_garbage_collector()
+    try:
+        await asyncio.gather(consumer.run(stop), notifier.run(stop))
+    finally:
+        await notifier.close()
+        await runner.cleanup()
+        await sender.close()
+        producer.close()
+        await pool.close()
+
+
+if __name__ == "__main__":
+    run_service("notifier", NOTIFIER_SETTINGS, main, NotifierConfig)

@@ -1,0 +1,100 @@
+"""Notifier processes side by side, each fed batches by the test: a payment's later delivery never goes
+while another process holds its earlier one (it waits in PostgreSQL for the poller), a long attempt
+keeps its lease, and a batch holding one event twice makes one delivery."""
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+
+from services.common.ids import new_id
+from services.common.topics import PAYMENT_STATUS
+from services.notifier.deliveries import deliveries_of, status_change_of
+from tests.conftest import eventually
+from tests.notifier.conftest import (
+    Behaviour,
+    channel_with_endpoint,
+    consumed,
+    delivery_rows,
+    notifier_config,
+    notifier_process,
+    status_event,
+)
+from tests.notifier.fakes import met
+
+
+async def test_a_later_delivery_waits_while_another_process_holds_the_earlier_one(infra, pool, receiver, key_file):
+    channel, _ = await channel_with_endpoint(pool, key_file, receiver, "twoproc")
+    gate = asyncio.Event()
+    receiver.behaviours[channel] = Behaviour(gate=gate)
+    payment_id, at = new_id(), datetime.now(timezone.utc)
+    pending = status_event(channel, payment_id, "Pending", at)
+    settled = status_event(channel, payment_id, "Settled", at + timedelta(seconds=1))
+    cfg = notifier_config(infra, key_file, NOTIFIER_READ_TIMEOUT_S=60)
+    async with notifier_process(cfg, "a") as a, notifier_process(cfg, "b") as b:
+        assert await a.enqueuer.handle_batch([consumed(pending, 1)]) == []
+        await eventually(lambda: met(len(receiver.at(channel)) == 1), timeout=60)  # in flight from process a
+        # Process b consumes the Settled (a rebalance gave it the partition): it must not send it.
+        assert await b.enqueuer.handle_batch([consumed(settled, 2)]) == []
+
+        async def released() -> bool:
+            rows = await delivery_rows(pool, [settled["event_id"]])
+            return bool(rows) and rows[0]["leased_by"] is None
+        await eventually(released, timeout=60)
+        await asyncio.sleep(0.5)  # several polls: none may claim it while its Pending is in flight
+        assert [a.webhook_id for a in receiver.at(channel)] == [pending["event_id"]]
+        gate.set()
+        await eventually(lambda: met(len(receiver.at(channel)) == 2), timeout=60)
+    assert [a.state for a in receiver.at(channel)] == ["Pending", "Settled"]
+    rows = await delivery_rows(pool, [pending["event_id"], settled["event_id"]])
+    assert [r["state"] for r in rows] == ["delivered", "delivered"]
+
+
+async def test_an_event_twice_in_one_batch_is_one_delivery(infra, pool, receiver, key_file):
+    channel, _ = await channel_with_endpoint(pool, key_file, receiver, "twice")
+    event = status_event(channel, new_id(), "Pending")
+    async with notifier_process(notifier_config(infra, key_file), "a") as a:
+        assert await a.enqueuer.handle_batch([consumed(event, 1), consumed(event, 2)]) == []
+        await eventually(lambda: met(len(receiver.at(channel)) == 1), timeout=60)
+        await asyncio.sleep(0.3)
+    assert len(receiver.at(channel)) == 1 and len(await delivery_rows(pool, [event["event_id"]])) == 1
+
+
+async def test_a_batch_handled_again_after_its_commit_answer_was_lost_sends_at_once(infra, pool, receiver,
+                                                                                   key_file):
+    """Its rows are in PostgreSQL, leased to this process, but not in its memory: handling the batch
+    again takes them back instead of leaving them until the lease (five minutes here) runs out."""
+    channel, _ = await channel_with_endpoint(pool, key_file, receiver, "lostcommit")
+    event = status_event(channel, new_id(), "Pending")
+    async with notifier_process(notifier_config(infra, key_file, NOTIFIER_LEASE_S=300), "a") as a:
+        change = status_change_of(PAYMENT_STATUS.schema, event)
+        assert change is not None
+        [endpoint] = (await a.enqueuer.endpoints.of([channel]))[channel]
+        await a.store.enqueue(deliveries_of(change, [endpoint]), 300)  # committed; its answer "lost"
+        assert await a.enqueuer.handle_batch([consumed(event, 1)]) == []  # the batch again
+        await eventually(lambda: met(len(receiver.at(channel)) == 1), timeout=30)
+    assert [r["state"] for r in await delivery_rows(pool, [event["event_id"]])] == ["delivered"]
+
+
+async def test_a_long_attempt_keeps_its_lease_and_no_other_process_sends_it_meanwhile(infra, pool, receiver,
+                                                                                     key_file):
+    """Leases of one second, an attempt held for several: the heartbeat renews it, so the other
+    process's poller, claiming every 0.1 s, never takes the delivery over."""
+    channel, _ = await channel_with_endpoint(pool, key_file, receiver, "longattempt")
+    gate = asyncio.Event()
+    receiver.behaviours[channel] = Behaviour(gate=gate)
+    event = status_event(channel, new_id(), "Pending")
+    cfg = notifier_config(infra, key_file, NOTIFIER_LEASE_S=1, NOTIFIER_READ_TIMEOUT_S=60)
+    async with notifier_process(cfg, "a") as a, notifier_process(cfg, "b"):
+        await a.enqueuer.handle_batch([consumed(event, 1)])
+        await eventually(lambda: met(len(receiver.at(channel)) == 1), timeout=60)
+        for _ in range(8):  # four leases long
+            await asyncio.sleep(0.5)
+            [row] = await delivery_rows(pool, [event["event_id"]])
+            assert row["leased_by"] == a.instance_id
+        assert len(receiver.at(channel)) == 1
+        gate.set()
+
+        async def delivered() -> bool:
+            return (await delivery_rows(pool, [event["event_id"]]))[0]["state"] == "delivered"
+        await eventually(delivered, timeout=60)
+    assert len(receiver.at(channel)) == 1
