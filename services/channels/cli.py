@@ -19,19 +19,25 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.channels import settings as s
 from services.common import config
+from services.notifier.settings import NOTIFIER_VAULT_KEY_FILE
+
+if TYPE_CHECKING:
+    from services.channels.repository import SealedTable
 
 # Operators onboard as the onboarding role, as the onboarding API does (s.ONBOARDING_SETTINGS); the
-# vault commands need the private key file, so they run where the STK worker runs.
-VAULT_SETTINGS = [s.VAULT_KEY_FILE, config.database_url("onboarding")]
+# vault commands need the private key file, so they run where the STK worker runs (with --webhooks,
+# where the notifier runs: its key file seals webhook signing secrets).
+VAULT_SETTINGS = [s.VAULT_KEY_FILE, NOTIFIER_VAULT_KEY_FILE, config.database_url("onboarding")]
 
 
 @dataclass(frozen=True)
 class VaultSettings:
     vault_key_file: Path
+    notifier_vault_key_file: Path
     database_url: str
 
 
@@ -250,15 +256,22 @@ async def _redeliver(webhooks, args: argparse.Namespace, actor: str) -> dict[str
 
 def _register_vault(subparsers) -> None:
     vault = subparsers.add_parser("vault", help="the key-encryption key: create, inspect, rotate",
-                                  description="Run these where the key file lives (the STK worker's host).")
+                                  description="Run these where the key file lives: the STK worker's host for "
+                                              "channel credentials, the notifier's with --webhooks.")
     sub = vault.add_subparsers(dest="vault_command", required=True)
     for name, help_text, func in [
         ("init", "create the key file (mode 0600) and its public .pub.json if missing", cmd_vault_init),
-        ("status", "the key file's keys and how many credential versions each wraps", cmd_vault_status),
+        ("status", "the key file's keys and how many credential versions (or webhook secrets) each wraps",
+         cmd_vault_status),
         ("rotate-kek", "new key-encryption key; re-wrap every data key under it", cmd_vault_rotate),
     ]:
         command = sub.add_parser(name, help=help_text)
-        command.add_argument("--key-file", type=Path, help="default: $VAULT_KEY_FILE, else .local/vault/kek.json")
+        command.add_argument("--key-file", type=Path, help="default: $VAULT_KEY_FILE, else .local/vault/kek.json; "
+                                                           "with --webhooks $NOTIFIER_VAULT_KEY_FILE, else "
+                                                           ".local/vault/webhooks-kek.json")
+        command.add_argument("--webhooks", action="store_true",
+                             help="the notifier's key file and the webhook signing secrets it seals, "
+                                  "instead of the STK worker's and the channel credentials")
         command.set_defaults(func=func)
         if name == "rotate-kek":
             command.add_argument("--retire-old", action="store_true",
@@ -379,15 +392,23 @@ def cmd_admin_token(_: argparse.Namespace) -> int:
     return 0
 
 
-def _vault_settings(args: argparse.Namespace) -> VaultSettings:
-    """VAULT_SETTINGS, with --key-file (when given) in place of VAULT_KEY_FILE."""
+def _vault_target(args: argparse.Namespace) -> tuple[Path, SealedTable, str]:
+    """(the key file, the table it seals, the database URL): --key-file (when given) in place of
+    VAULT_KEY_FILE, or of NOTIFIER_VAULT_KEY_FILE with --webhooks."""
+    from services.channels.repository import CREDENTIALS, WEBHOOK_SECRETS
     cfg = config.load_into(VaultSettings, VAULT_SETTINGS)
-    return VaultSettings(args.key_file, cfg.database_url) if args.key_file else cfg
+    if args.webhooks:
+        return args.key_file or cfg.notifier_vault_key_file, WEBHOOK_SECRETS, cfg.database_url
+    return args.key_file or cfg.vault_key_file, CREDENTIALS, cfg.database_url
+
+
+# How a report names a row's owner, per sealed table.
+_OWNER_FIELD = {"channel_credentials": "channelId", "webhook_secrets": "endpointId"}
 
 
 def cmd_vault_init(args: argparse.Namespace) -> int:
     from services.channels.vault import LocalKeyFileProvider, VaultError, public_key_path
-    path = _vault_settings(args).vault_key_file
+    path, _, _ = _vault_target(args)
     existed = path.exists()
     try:
         provider = LocalKeyFileProvider.open(path, create=True)
@@ -400,11 +421,10 @@ def cmd_vault_init(args: argparse.Namespace) -> int:
 
 
 def cmd_vault_status(args: argparse.Namespace) -> int:
-    cfg = _vault_settings(args)
-    return asyncio.run(_vault_status(cfg.vault_key_file, cfg.database_url))
+    return asyncio.run(_vault_status(*_vault_target(args)))
 
 
-async def _vault_status(path: Path, database_url: str) -> int:
+async def _vault_status(path: Path, table: SealedTable, database_url: str) -> int:
     from services.channels import repository as repo
     from services.channels.vault import LocalKeyFileProvider, VaultError
     from services.common.db import open_pool
@@ -416,22 +436,21 @@ async def _vault_status(path: Path, database_url: str) -> int:
     pool = await open_pool(database_url, min_size=1, max_size=1)
     try:
         async with pool.connection() as conn:
-            usage = await repo.rows_per_kek(conn)
+            usage = await repo.rows_per_kek(conn, table=table)
     finally:
         await pool.close()
     unheld = {k: n for k, n in usage.items() if k not in provider.key_ids}
-    print(json.dumps({"keyFile": str(path), "activeKeyId": provider.key_id,
+    print(json.dumps({"keyFile": str(path), "table": table.name, "activeKeyId": provider.key_id,
                       "versionsPerKey": {k: usage.get(k, 0) for k in provider.key_ids},
                       "versionsUnderKeysNotHeld": unheld}, indent=2))
     return 1 if unheld else 0
 
 
 def cmd_vault_rotate(args: argparse.Namespace) -> int:
-    cfg = _vault_settings(args)
-    return asyncio.run(_vault_rotate(cfg.vault_key_file, cfg.database_url, args.retire_old))
+    return asyncio.run(_vault_rotate(*_vault_target(args), args.retire_old))
 
 
-async def _vault_rotate(path: Path, database_url: str, retire_old: bool) -> int:
+async def _vault_rotate(path: Path, table: SealedTable, database_url: str, retire_old: bool) -> int:
     from services.channels.rotation import rotate_kek
     from services.channels.vault import LocalKeyFileProvider, VaultError
     from services.common.db import open_pool
@@ -442,10 +461,11 @@ async def _vault_rotate(path: Path, database_url: str, retire_old: bool) -> int:
         return 1
     pool = await open_pool(database_url, min_size=1, max_size=2)
     try:
-        report = await rotate_kek(pool, provider, _actor(), retire_old=retire_old)
+        report = await rotate_kek(pool, provider, _actor(), retire_old=retire_old, table=table)
     finally:
         await pool.close()
-    print(json.dumps({"activeKeyId": report.active_key_id, "rewrapped": len(report.rewrapped),
-                      "failed": [{"channelId": c, "version": v, "reason": r} for c, v, r in report.failed],
+    owner = _OWNER_FIELD[table.name]
+    print(json.dumps({"table": table.name, "activeKeyId": report.active_key_id, "rewrapped": len(report.rewrapped),
+                      "failed": [{owner: o, "version": v, "reason": r} for o, v, r in report.failed],
                       "versionsUnderKeysNotHeld": report.unheld, "retiredKeyIds": report.retired}, indent=2))
     return 0 if report.complete else 1

@@ -1,6 +1,7 @@
 """The channels' SQL, one function per statement group; callers own the transaction."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -8,8 +9,10 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
+from services.channels import vault
 from services.channels.model import Channel, channel_view
 from services.channels.vault import SealedCredentials
+from services.notifier import secrets as webhook_secrets
 
 
 @dataclass(frozen=True)
@@ -96,33 +99,73 @@ async def insert_credentials(conn: AsyncConnection, channel_id: str, version: in
          app_key_id, validated_at, created_by))
 
 
-async def sealed_credentials(conn: AsyncConnection, channel_id: str, version: int, *,
-                             for_update: bool = False) -> SealedCredentials | None:
+@dataclass(frozen=True)
+class SealedTable:
+    """A table of vault-sealed rows (key_id, wrapped_key, nonce, ciphertext per owner and version),
+    and what a KEK rotation needs to know to re-wrap and audit them."""
+
+    name: str
+    owner_column: str  # with `version`, the primary key
+    associated_data: Callable[[str, int], bytes]  # what the row was sealed with (owner, version)
+    describes: str  # "<describes> 'owner' version n" names a row in messages
+    audit_owner: str  # the credential_audit column that names the owner
+    rewrapped_action: str
+    rewrap_failed_action: str
+
+    def where(self, owner: str, version: int) -> str:
+        return f"{self.describes} {owner!r} version {version}"
+
+
+CREDENTIALS = SealedTable("channel_credentials", "channel_id", vault.associated_data, "credentials of channel",
+                          "channel_id", "credentials_rewrapped", "credentials_rewrap_failed")
+WEBHOOK_SECRETS = SealedTable("webhook_secrets", "endpoint_id", webhook_secrets.associated_data,
+                              "signing secret of webhook endpoint", "webhook_endpoint_id",
+                              "webhook_secret_rewrapped", "webhook_secret_rewrap_failed")
+# Every table holding rows wrapped by a KEK: a key is retired only when none of them uses it.
+SEALED_TABLES = (CREDENTIALS, WEBHOOK_SECRETS)
+
+
+async def sealed_credentials(conn: AsyncConnection, owner: str, version: int, *, for_update: bool = False,
+                             table: SealedTable = CREDENTIALS) -> SealedCredentials | None:
+    # Table and column names come from the SealedTable constants above, never from input.
     cur = await conn.execute(
-        "SELECT key_id, wrapped_key, nonce, ciphertext FROM channel_credentials WHERE channel_id = %s AND version = %s"
-        + (" FOR UPDATE" if for_update else ""), (channel_id, version))
+        f"SELECT key_id, wrapped_key, nonce, ciphertext FROM {table.name} WHERE {table.owner_column} = %s"
+        " AND version = %s" + (" FOR UPDATE" if for_update else ""), (owner, version))
     row = await cur.fetchone()
     return SealedCredentials(row[0], bytes(row[1]), bytes(row[2]), bytes(row[3])) if row else None
 
 
-async def replace_wrapping(conn: AsyncConnection, channel_id: str, version: int, sealed: SealedCredentials) -> None:
-    await conn.execute("UPDATE channel_credentials SET key_id = %s, wrapped_key = %s WHERE channel_id = %s"
-                       " AND version = %s", (sealed.key_id, sealed.wrapped_key, channel_id, version))
+async def replace_wrapping(conn: AsyncConnection, owner: str, version: int, sealed: SealedCredentials, *,
+                           table: SealedTable = CREDENTIALS) -> None:
+    await conn.execute(f"UPDATE {table.name} SET key_id = %s, wrapped_key = %s WHERE {table.owner_column} = %s"
+                       " AND version = %s", (sealed.key_id, sealed.wrapped_key, owner, version))
 
 
-async def versions_wrapped_by(conn: AsyncConnection, key_ids: list[str]) -> list[tuple[str, int]]:
-    cur = await conn.execute("SELECT channel_id, version FROM channel_credentials WHERE key_id = ANY(%s)"
-                             " ORDER BY channel_id, version", (key_ids,))
+async def versions_wrapped_by(conn: AsyncConnection, key_ids: list[str], *,
+                              table: SealedTable = CREDENTIALS) -> list[tuple[str, int]]:
+    cur = await conn.execute(f"SELECT {table.owner_column}, version FROM {table.name} WHERE key_id = ANY(%s)"
+                             f" ORDER BY {table.owner_column}, version", (key_ids,))
     return [(row[0], row[1]) for row in await cur.fetchall()]
 
 
-async def rows_per_kek(conn: AsyncConnection) -> dict[str, int]:
-    cur = await conn.execute("SELECT key_id, count(*) FROM channel_credentials GROUP BY key_id ORDER BY key_id")
+async def rows_per_kek(conn: AsyncConnection, *, table: SealedTable = CREDENTIALS) -> dict[str, int]:
+    cur = await conn.execute(f"SELECT key_id, count(*) FROM {table.name} GROUP BY key_id ORDER BY key_id")
     return {row[0]: row[1] for row in await cur.fetchall()}
 
 
-# Credential writes hold this lock shared while they read the public key and insert; retiring a
-# KEK holds it exclusively, so no write sealed to a key can land after that key was found unused.
+async def rows_per_kek_in_every_table(conn: AsyncConnection) -> dict[str, int]:
+    """What retiring a key must check: a key id is derived from its public key, so one keyring's ids
+    never count another's rows, and a key given the wrong table is still seen in use."""
+    usage: dict[str, int] = {}
+    for table in SEALED_TABLES:
+        for key_id, rows in (await rows_per_kek(conn, table=table)).items():
+            usage[key_id] = usage.get(key_id, 0) + rows
+    return usage
+
+
+# Writes of sealed rows (credentials, webhook signing secrets) hold this lock shared while they read
+# the public key and insert; retiring a KEK holds it exclusively, so no row sealed to a key can land
+# after that key was found unused.
 _KEK_LOCK = 7_262_022
 
 

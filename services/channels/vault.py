@@ -119,10 +119,14 @@ def open_bytes(sealed: SealedCredentials, aad: bytes, provider: KeyProvider, whe
 
 
 def rewrap(sealed: SealedCredentials, channel_id: str, version: int, provider: KeyProvider) -> SealedCredentials:
-    """The same ciphertext with its data key wrapped by the provider's current KEK; the credentials
-    themselves are never decrypted."""
-    aad = associated_data(channel_id, version)
-    data_key = _unwrap(provider, sealed, aad, f"credentials of channel {channel_id!r} version {version}")
+    return rewrap_bytes(sealed, associated_data(channel_id, version), provider,
+                        f"credentials of channel {channel_id!r} version {version}")
+
+
+def rewrap_bytes(sealed: SealedCredentials, aad: bytes, provider: KeyProvider, where: str) -> SealedCredentials:
+    """The same ciphertext with its data key wrapped by the provider's current KEK: only the data key
+    is unwrapped, the secret itself is never decrypted."""
+    data_key = _unwrap(provider, sealed, aad, where)
     return replace(sealed, key_id=provider.key_id, wrapped_key=provider.wrap(data_key, aad))
 
 
@@ -140,7 +144,7 @@ def _unwrap(provider: KeyProvider, sealed: SealedCredentials, aad: bytes, where:
         raise KeyNotHeld(f"{where}: {exc}") from None
     except DecryptionFailed:
         raise DecryptionFailed(f"{where}: the data key does not unwrap: the row was altered or belongs to "
-                               "another channel or version") from None
+                               "another channel, endpoint or version") from None
 
 
 def _plaintext(app: AppCredentials) -> bytes:

@@ -24,7 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 from services.channels import repository as repo, webhook_repository as store
 from services.channels.model import channel_id_error
 from services.channels.onboarding import Conflict, DependencyUnavailable, InvalidInput, NotFound
-from services.channels.vault import KeyFileError, PublicKeyWrapper
+from services.channels.vault import KeyFileError, PublicKeyWrapper, SealedCredentials
 from services.channels.webhook_model import (
     ATTEMPTS_SHOWN_MAX,
     DELETED,
@@ -75,7 +75,6 @@ class WebhookManagement:
         if settings is None:
             raise InvalidInput(_INVALID, errors)
         await self._check_destination(settings.url)  # before any lock: DNS may be slow
-        wrapper = self._wrapper()
         endpoint_id, secret = new_endpoint_id(), new_secret()
         async with self._pool.connection() as conn, conn.transaction():
             if not await store.lock_channel(conn, channel_id):
@@ -88,7 +87,7 @@ class WebhookManagement:
                 raise Conflict(f"channel {channel_id!r} already has {len(live)} endpoints, the most a channel may "
                                "have (docs/webhooks.md, \"Managing endpoints\"): delete one first")
             await store.insert_endpoint(conn, endpoint_id, channel_id, settings, actor)
-            sealed = seal_secret(secret, endpoint_id, 1, wrapper)
+            sealed = await self._sealed(conn, secret, endpoint_id, 1)
             await store.insert_secret(conn, endpoint_id, 1, sealed, fingerprint=fingerprint(secret), created_by=actor)
             await repo.audit(conn, actor, "webhook_endpoint_created", channel_id=channel_id, version=1,
                              kek_id=sealed.key_id, webhook_endpoint_id=endpoint_id,
@@ -194,14 +193,13 @@ class WebhookManagement:
         overlap_s, errors = parse_rotation(body)
         if overlap_s is None:
             raise InvalidInput(_INVALID, errors)
-        wrapper = self._wrapper()
         secret = new_secret()
         async with self._pool.connection() as conn, conn.transaction():
             record = await self._locked(conn, endpoint_id, refuse_deleted=True)
             previous = await store.newest_secret_version(conn, endpoint_id)
             version = previous + 1
             await store.retire_secrets(conn, endpoint_id, previous, overlap_s)
-            sealed = seal_secret(secret, endpoint_id, version, wrapper)
+            sealed = await self._sealed(conn, secret, endpoint_id, version)
             await store.insert_secret(conn, endpoint_id, version, sealed, fingerprint=fingerprint(secret),
                                       created_by=actor)
             await repo.audit(conn, actor, "webhook_secret_rotated", channel_id=record.channel_id, version=version,
@@ -294,6 +292,13 @@ class WebhookManagement:
         except TimeoutError:
             raise InvalidInput("the URL may not receive webhooks; nothing was changed",
                                {"url": f"its host did not resolve within {self._dns_timeout_s:g} s"}) from None
+
+    async def _sealed(self, conn: AsyncConnection, secret: str, endpoint_id: str, version: int) -> SealedCredentials:
+        """Sealed to the public key read now, under the KEK lock (shared), as credential writes are:
+        `vault rotate-kek --webhooks --retire-old` holds it exclusively while it checks that no row
+        uses an old key, so no secret sealed to that key can land after it was found unused."""
+        await repo.lock_keks(conn, exclusive=False)
+        return seal_secret(secret, endpoint_id, version, self._wrapper())
 
     def _wrapper(self) -> PublicKeyWrapper:
         try:
