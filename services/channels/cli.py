@@ -264,6 +264,8 @@ def _register_vault(subparsers) -> None:
         ("status", "the key file's keys and how many credential versions (or webhook secrets) each wraps",
          cmd_vault_status),
         ("rotate-kek", "new key-encryption key; re-wrap every data key under it", cmd_vault_rotate),
+        ("retire-old", "re-wrap what is still under older keys, then drop the keys no row uses (no new key)",
+         cmd_vault_retire_old),
     ]:
         command = sub.add_parser(name, help=help_text)
         command.add_argument("--key-file", type=Path, help="default: $VAULT_KEY_FILE, else .local/vault/kek.json; "
@@ -450,8 +452,13 @@ def cmd_vault_rotate(args: argparse.Namespace) -> int:
     return asyncio.run(_vault_rotate(*_vault_target(args), args.retire_old))
 
 
-async def _vault_rotate(path: Path, table: SealedTable, database_url: str, retire_old: bool) -> int:
-    from services.channels.rotation import rotate_kek
+def cmd_vault_retire_old(args: argparse.Namespace) -> int:
+    return asyncio.run(_vault_rotate(*_vault_target(args), retire_old=True, new_key=False))
+
+
+async def _vault_rotate(path: Path, table: SealedTable, database_url: str, retire_old: bool, *,
+                        new_key: bool = True) -> int:
+    from services.channels.rotation import retire_old_keys, rotate_kek
     from services.channels.vault import LocalKeyFileProvider, VaultError
     from services.common.db import open_pool
     try:
@@ -461,7 +468,10 @@ async def _vault_rotate(path: Path, table: SealedTable, database_url: str, retir
         return 1
     pool = await open_pool(database_url, min_size=1, max_size=2)
     try:
-        report = await rotate_kek(pool, provider, _actor(), retire_old=retire_old, table=table)
+        if new_key:
+            report = await rotate_kek(pool, provider, _actor(), retire_old=retire_old, table=table)
+        else:
+            report = await retire_old_keys(pool, provider, _actor(), table=table)
     finally:
         await pool.close()
     owner = _OWNER_FIELD[table.name]

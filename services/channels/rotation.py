@@ -53,6 +53,16 @@ async def rotate_kek(pool: AsyncConnectionPool, provider: LocalKeyFileProvider, 
     return report
 
 
+async def retire_old_keys(pool: AsyncConnectionPool, provider: LocalKeyFileProvider, actor: str, *,
+                          table: SealedTable = CREDENTIALS) -> RewrapReport:
+    """The second half of a rotation, for when the sealing side reads a copy of the public key
+    (another host): once it has the new one, re-wrap what it sealed to the old key meanwhile, then
+    retire the keys nothing uses. No new key is made."""
+    report = await rewrap_all(pool, provider, actor, table=table)
+    await retire_unused_keys(pool, provider, actor, report)
+    return report
+
+
 async def rewrap_all(pool: AsyncConnectionPool, provider: LocalKeyFileProvider, actor: str, *,
                      table: SealedTable = CREDENTIALS) -> RewrapReport:
     """Moves every row of the table wrapped by an older key in the key file to the active key."""

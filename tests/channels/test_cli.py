@@ -31,6 +31,7 @@ def run(infra, tmp_path, daraja_sandbox):
 
 @pytest.mark.parametrize("args, expected", [
     ([], "channels"), (["channels"], "rotate-credentials"), (["keys"], "revoke"), (["vault"], "rotate-kek"),
+    (["vault"], "retire-old"), (["vault", "rotate-kek"], "--webhooks"),
     (["channels", "set-credentials"], "--from-stdin"), (["channels", "create"], "--shortcode-type"),
 ])
 def test_every_command_has_help(args, expected):

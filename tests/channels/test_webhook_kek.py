@@ -17,7 +17,7 @@ from services.channels import repository as repo
 from services.channels.credentials import CredentialStore
 from services.channels.onboarding import Onboarding
 from services.channels.repository import WEBHOOK_SECRETS
-from services.channels.rotation import rotate_kek
+from services.channels.rotation import retire_old_keys, rotate_kek
 from services.channels.vault import LocalKeyFileProvider, public_key_path
 from services.channels.webhooks import WebhookManagement
 from services.notifier.destinations import DestinationPolicy, parse_networks
@@ -135,6 +135,33 @@ async def test_no_key_a_row_uses_is_retired_whichever_table_the_rotation_named(
     assert open_secret(await sealed(pool, endpoint_id, 1), endpoint_id, 1, notifier) == secret
     assert (await CredentialStore(stk_worker_pool, LocalKeyFileProvider.open(key_file)).get(channel_id)).app == \
         creds.app
+
+
+async def test_retiring_after_the_sealing_side_got_the_new_public_half_rewraps_what_it_sealed_meanwhile(
+        onboarding_pool, pool, webhook_key_file, webhook_provider, tmp_path, unique):
+    # The onboarding side reads a copy of the public half (another host, the Docker volume).
+    copy = tmp_path / "onboarding" / "webhooks-kek.pub.json"
+    copy.parent.mkdir()
+    copy.write_text(public_key_path(webhook_key_file).read_text())
+    stale = WebhookManagement(onboarding_pool, public_key_file=copy,
+                              policy=DestinationPolicy(parse_networks(LOOPBACK_NETWORKS)))
+    channel_id = await new_channel(onboarding_pool, tmp_path, f"kek-{unique}")
+    before, before_secret = await add_endpoint(stale, channel_id, "before")
+    old_key = webhook_provider.key_id
+
+    rotation = await rotate_kek(onboarding_pool, LocalKeyFileProvider.open(webhook_key_file), "ops",
+                                table=WEBHOOK_SECRETS)
+    meanwhile, meanwhile_secret = await add_endpoint(stale, channel_id, "meanwhile")  # sealed to the old key
+    copy.write_text(public_key_path(webhook_key_file).read_text())
+    report = await retire_old_keys(onboarding_pool, LocalKeyFileProvider.open(webhook_key_file), "ops",
+                                   table=WEBHOOK_SECRETS)
+
+    assert rotation.rewrapped == [(before, 1)] and report.rewrapped == [(meanwhile, 1)]
+    assert report.retired == [old_key] and report.active_key_id == rotation.active_key_id
+    notifier = LocalKeyFileProvider.open(webhook_key_file)
+    assert notifier.key_ids == (rotation.active_key_id,)
+    assert open_secret(await sealed(pool, before, 1), before, 1, notifier) == before_secret
+    assert open_secret(await sealed(pool, meanwhile, 1), meanwhile, 1, notifier) == meanwhile_secret
 
 
 async def test_a_secret_write_waits_for_a_retirement_and_seals_to_the_key_read_after_it(
