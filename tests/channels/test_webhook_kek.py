@@ -96,16 +96,22 @@ async def test_a_tampered_secret_is_reported_and_audited_and_the_others_rewrappe
     channel_id = await new_channel(onboarding_pool, tmp_path, f"kek-{unique}")
     good, good_secret = await add_endpoint(management, channel_id, "good")
     bad, _ = await add_endpoint(management, channel_id, "bad")
+    moved, _ = await add_endpoint(management, channel_id, "moved")
     async with pool.connection() as conn:
         await conn.execute("UPDATE webhook_secrets SET wrapped_key = set_byte(wrapped_key, 40,"
                            " get_byte(wrapped_key, 40) # 1) WHERE endpoint_id = %s", (bad,))
+        # Another endpoint's sealed secret copied over this one: bound to (endpoint, version), it fails.
+        await conn.execute("UPDATE webhook_secrets m SET wrapped_key = g.wrapped_key, nonce = g.nonce,"
+                           " ciphertext = g.ciphertext FROM webhook_secrets g WHERE m.endpoint_id = %s"
+                           " AND g.endpoint_id = %s", (moved, good))
     old_key = webhook_provider.key_id
 
     report = await rotate_kek(onboarding_pool, LocalKeyFileProvider.open(webhook_key_file), "ops", retire_old=True,
                               table=WEBHOOK_SECRETS)
 
-    assert report.rewrapped == [(good, 1)] and [(o, v) for o, v, _ in report.failed] == [(bad, 1)]
-    assert "signing secret of webhook endpoint" in report.failed[0][2]
+    assert report.rewrapped == [(good, 1)]
+    assert sorted((o, v) for o, v, _ in report.failed) == sorted([(bad, 1), (moved, 1)])
+    assert all("signing secret of webhook endpoint" in why for _, _, why in report.failed)
     assert not report.complete and report.retired == []
     assert old_key in LocalKeyFileProvider.open(webhook_key_file).key_ids
     assert open_secret(await sealed(pool, good, 1), good, 1, LocalKeyFileProvider.open(webhook_key_file)) == good_secret
