@@ -31,6 +31,7 @@ class Endpoint:
     url: str
     event_types: frozenset[str]
     enabled: bool = True
+    created_at: datetime | None = None  # events that happened before it are not its to receive
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,12 @@ def status_change_of(schema: str, value: dict[str, Any]) -> StatusChange | None:
 
 
 def deliveries_of(change: StatusChange, endpoints: list[Endpoint]) -> list[NewDelivery]:
-    """One delivery per enabled endpoint of the channel subscribed to the event's type."""
+    """One delivery per enabled endpoint of the channel subscribed to the event's type that existed
+    when the event happened. An endpoint receives what happens from its creation on, as webhook
+    providers do: a notifier reading the status topic from its start (a new consumer group, an
+    offset reset) must not send a new endpoint the channel's whole past."""
     return [NewDelivery(change.event_id, webhook_id_of(change.event_id), e.endpoint_id, change.channel_id,
                         change.payment_id, change.event_type, change.occurred_at, change.body)
             for e in endpoints
-            if e.enabled and e.channel_id == change.channel_id and change.event_type in e.event_types]
+            if e.enabled and e.channel_id == change.channel_id and change.event_type in e.event_types
+            and (e.created_at is None or change.occurred_at >= e.created_at)]

@@ -78,12 +78,13 @@ class NotifierStore:
     async def endpoints_of(self, channel_ids: Sequence[str]) -> dict[str, list[Endpoint]]:
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT endpoint_id, channel_id, url, event_types FROM webhook_endpoints"
+                "SELECT endpoint_id, channel_id, url, event_types, created_at FROM webhook_endpoints"
                 " WHERE channel_id = ANY(%s) AND status = 'enabled'", (list(channel_ids),))
             rows = await cur.fetchall()
         found: dict[str, list[Endpoint]] = {c: [] for c in channel_ids}
-        for endpoint_id, channel_id, url, event_types in rows:
-            found[channel_id].append(Endpoint(endpoint_id, channel_id, url, frozenset(event_types)))
+        for endpoint_id, channel_id, url, event_types, created_at in rows:
+            found[channel_id].append(Endpoint(endpoint_id, channel_id, url, frozenset(event_types),
+                                              created_at=created_at))
         return found
 
     async def endpoints_by_id(self, endpoint_ids: Sequence[str]) -> dict[str, Endpoint]:

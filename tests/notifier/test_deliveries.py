@@ -70,3 +70,15 @@ def test_each_enabled_endpoint_of_the_channel_subscribed_to_the_type_gets_one_de
     [delivery] = deliveries_of(change, endpoints)
     assert (delivery.endpoint_id, delivery.webhook_id, delivery.event_id) == ("ep_all", change.event_id,
                                                                              change.event_id)
+
+
+def test_an_endpoint_gets_only_what_happened_from_its_creation_on():
+    """A notifier reading the topic from its start (a new group, an offset reset) sends a new endpoint
+    none of the channel's past."""
+    change = status_change_of("payment_status", status_event("ch", "p1", "Settled", AT))
+    assert change is not None
+    endpoint = Endpoint("ep_new", "ch", "https://a.example/h", frozenset({"payment.settled"}), created_at=AT)
+    assert [d.endpoint_id for d in deliveries_of(change, [endpoint])] == ["ep_new"]  # at its creation: its
+    later = Endpoint("ep_later", "ch", "https://a.example/h", frozenset({"payment.settled"}),
+                     created_at=AT.replace(microsecond=AT.microsecond + 1))
+    assert deliveries_of(change, [later]) == []
