@@ -178,9 +178,11 @@ async def main(args: argparse.Namespace) -> None:
         # The receiver's count is read at the end: here only the notifier's progress by its metrics.
         await wait_delivered(lambda: delivered_so_far(metrics_port), args.backlog, args.timeout_s)
         drained_s = time.monotonic() - started
+        drain_cpu_s = cpu_seconds(notifier.pid)
         print(f"throughput: {args.backlog} backlog events to {args.endpoints} endpoints drained in {drained_s:.1f} s "
               f"from the notifier's start, start-up included = {args.backlog / drained_s:.0f} deliveries/s")
-        print(f"  {host.describe()}")
+        print(f"  notifier CPU: {drain_cpu_s * 1e6 / args.backlog:.0f} µs per delivery (start-up included); "
+              f"{host.describe()}")
         await wait_written(channels, args.timeout_s)  # the latency phase starts on a quiet notifier
 
         # Phase 2: open loop at --rate.
@@ -228,6 +230,12 @@ async def main(args: argparse.Namespace) -> None:
           f"signing, HTTP) {to_receiver[49] * 1000:.1f}/{to_receiver[98] * 1000:.1f}")
     print(f"receiver: {len(arrivals)} distinct webhook-ids, {counts['duplicates']} duplicates, "
           f"{counts['verified']} signatures verified, {counts['bad']} failed verification")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def wait_written(channels: list[str], timeout_s: float) -> None:
