@@ -100,15 +100,17 @@ class NotifierStore:
         redelivered event) are skipped, except a pending one this process leased and may not hold:
         its batch committed, but the commit's answer was lost and the batch is handled again. It is
         returned too (its lease renewed) instead of waiting for its lease to run out; the dispatcher
-        ignores what it holds already. The earlier pending rows are read in the statement's own
-        snapshot, so rows inserted by it never count among them (they are handed over together)."""
+        ignores what it holds already. The earlier pending rows are read by a second statement, in a
+        snapshot taken after the insert: an insert that waited for another transaction's row of the
+        same event (a batch handled again after a rebalance, its first handler still inserting) must
+        see that row among them, or the later delivery would go while the other process sends the
+        earlier one. Rows this call returns never count among them (they are handed over together)."""
         new = list({(n.event_id, n.endpoint_id): n for n in new}.values())  # one row is written once a statement
         if not new:
             return []
         async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
-                "WITH added AS ("
-                " INSERT INTO webhook_deliveries (webhook_id, event_id, endpoint_id, channel_id, payment_id,"
+                "INSERT INTO webhook_deliveries (webhook_id, event_id, endpoint_id, channel_id, payment_id,"
                 "  event_type, occurred_at, body, leased_by, leased_until)"
                 " SELECT w, e, ep, c, p, t, o, b, %s, now() + make_interval(secs => %s)"
                 " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
@@ -116,17 +118,21 @@ class NotifierStore:
                 " ORDER BY o, e"
                 " ON CONFLICT (event_id, endpoint_id) DO UPDATE SET leased_until = EXCLUDED.leased_until"
                 " WHERE webhook_deliveries.leased_by = EXCLUDED.leased_by AND webhook_deliveries.state = 'pending'"
-                f" RETURNING {_DELIVERY})"
-                f" SELECT {', '.join('a.' + c.strip() for c in _DELIVERY.split(','))},"
-                " ARRAY(SELECT d.id FROM webhook_deliveries d WHERE d.endpoint_id = a.endpoint_id"
-                "  AND d.payment_id = a.payment_id AND d.state = 'pending'"
-                "  AND (d.occurred_at, d.id) < (a.occurred_at, a.id))"
-                " FROM added a",
+                f" RETURNING {_DELIVERY}",
                 (self.owner, lease_s, [n.webhook_id for n in new], [n.event_id for n in new],
                  [n.endpoint_id for n in new], [n.channel_id for n in new], [n.payment_id for n in new],
                  [n.event_type for n in new], [n.occurred_at for n in new], [n.body for n in new]))
-            rows = await cur.fetchall()
-        return [Enqueued(_delivery(row[:8]), tuple(row[8])) for row in rows]
+            added = [_delivery(row) for row in await cur.fetchall()]
+            if not added:
+                return []
+            ids = [d.id for d in added]
+            cur = await conn.execute(
+                "SELECT a.id, ARRAY(SELECT d.id FROM webhook_deliveries d WHERE d.endpoint_id = a.endpoint_id"
+                "  AND d.payment_id = a.payment_id AND d.state = 'pending'"
+                "  AND (d.occurred_at, d.id) < (a.occurred_at, a.id) AND d.id <> ALL(%s))"
+                " FROM webhook_deliveries a WHERE a.id = ANY(%s)", (ids, ids))
+            earlier = {row[0]: tuple(row[1]) for row in await cur.fetchall()}
+        return [Enqueued(d, earlier[d.id]) for d in added]
 
     async def claim_due(self, lease_s: float, limit: int, per_endpoint: int, excluded_endpoints: Sequence[str]
                         ) -> list[Delivery]:

@@ -98,3 +98,37 @@ async def test_a_long_attempt_keeps_its_lease_and_no_other_process_sends_it_mean
             return (await delivery_rows(pool, [event["event_id"]]))[0]["state"] == "delivered"
         await eventually(delivered, timeout=60)
     assert len(receiver.at(channel)) == 1
+
+
+async def test_a_later_delivery_waits_for_an_earlier_one_committed_while_its_batch_was_inserting(
+        infra, pool, receiver, key_file):
+    """A rebalance: process a is still inserting the Pending's delivery (its transaction open) when
+    process b, given the partition, handles the batch again with the Settled after it. b's insert of
+    the Pending waits for a's commit and then skips it; the Settled's earlier deliveries must be read
+    after that wait, or b sends the Settled while a is sending the Pending."""
+    channel, endpoint_id = await channel_with_endpoint(pool, key_file, receiver, "snapshot")
+    payment_id, at = new_id(), datetime.now(timezone.utc)
+    pending = status_event(channel, payment_id, "Pending", at)
+    settled = status_event(channel, payment_id, "Settled", at + timedelta(seconds=1))
+    change = status_change_of(PAYMENT_STATUS.schema, pending)
+    assert change is not None
+    async with notifier_process(notifier_config(infra, key_file, NOTIFIER_LEASE_S=60), "b") as b:
+        [endpoint] = (await b.enqueuer.endpoints.of([channel]))[channel]
+        [row] = deliveries_of(change, [endpoint])
+        async with pool.connection() as conn:
+            async with conn.transaction():  # process a's enqueue, not committed yet
+                await conn.execute(
+                    "INSERT INTO webhook_deliveries (webhook_id, event_id, endpoint_id, channel_id, payment_id,"
+                    " event_type, occurred_at, body, leased_by, leased_until)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'a-ghost', now() + interval '60 seconds')",
+                    (row.webhook_id, row.event_id, row.endpoint_id, row.channel_id, row.payment_id,
+                     row.event_type, row.occurred_at, row.body))
+                handled = asyncio.ensure_future(b.enqueuer.handle_batch([consumed(pending, 1),
+                                                                         consumed(settled, 2)]))
+                await asyncio.sleep(1.0)  # b's statement is waiting on the Pending's row
+                assert not handled.done()
+            assert await handled == []
+        await asyncio.sleep(0.5)  # several polls: the Settled waits while a holds the Pending
+        assert receiver.at(channel) == []
+        rows = await delivery_rows(pool, [pending["event_id"], settled["event_id"]])
+        assert [(r["state"], r["leased_by"]) for r in rows] == [("pending", "a-ghost"), ("pending", None)]
