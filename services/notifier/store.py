@@ -20,6 +20,10 @@ from services.notifier.deliveries import Delivery, Endpoint, NewDelivery
 
 ACTOR = "notifier"  # credential_audit.actor of what the notifier does on its own
 
+# A failing run is continuous while no two failures are further apart than this: twice the longest
+# back-off (an hour) and a little, so an endpoint whose only delivery is being retried stays in its run.
+FAILURE_GAP_S = 2 * 3600.0 + 300.0
+
 _DELIVERY = "id, webhook_id, endpoint_id, payment_id, occurred_at, body, attempts, created_at"
 
 
@@ -64,10 +68,12 @@ class Finished:
 @dataclass(frozen=True)
 class EndpointHealth:
     """An endpoint's attempts in one write, in order: `reset` if one succeeded (its failing run
-    ended), `failing_since` the first failure after the last success (None: the last one succeeded)."""
+    ended), `failing_since` the first failure after the last success (None: the last one succeeded),
+    `last_failure` the last of those failures."""
     endpoint_id: str
     reset: bool
     failing_since: datetime | None
+    last_failure: datetime | None = None
 
 
 class NotifierStore:
@@ -170,16 +176,17 @@ class NotifierStore:
             return {row[0] for row in await cur.fetchall()}
 
     async def write(self, finished: Sequence[Finished], released: Sequence[int], health: Sequence[EndpointHealth],
-                    retry_window_s: float) -> list[tuple[str, str]]:
+                    retry_window_s: float, failure_gap_s: float = FAILURE_GAP_S) -> list[tuple[str, str]]:
         """Results, released leases and endpoint health in one transaction; returns the endpoints
-        this disabled (endpoint_id, channel_id) because they failed for the whole retry window."""
+        this disabled (endpoint_id, channel_id) because they failed for the whole retry window (a
+        failing run restarts after `failure_gap_s` without a failure)."""
         async with self.pool.connection() as conn, conn.transaction():
             if finished:
                 await _write_finished(conn, finished, self.owner)
             if released:
                 await conn.execute("UPDATE webhook_deliveries SET leased_by = NULL, leased_until = NULL"
                                    " WHERE id = ANY(%s) AND leased_by = %s", (list(released), self.owner))
-            return await _write_health(conn, health, retry_window_s) if health else []
+            return await _write_health(conn, health, retry_window_s, failure_gap_s) if health else []
 
     async def secrets_of(self, endpoint_id: str) -> list[SealedSecret]:
         """Every version, newest first."""
@@ -235,16 +242,26 @@ async def _write_finished(conn: AsyncConnection, finished: Sequence[Finished], o
              [a.outcome for a in attempts]))
 
 
-async def _write_health(conn: AsyncConnection, health: Sequence[EndpointHealth], retry_window_s: float
-                        ) -> list[tuple[str, str]]:
+async def _write_health(conn: AsyncConnection, health: Sequence[EndpointHealth], retry_window_s: float,
+                        failure_gap_s: float) -> list[tuple[str, str]]:
     # After a success in the batch the run of failures starts again (at its first failure since,
-    # or none); with failures only, it goes on from when it began. Unchanged rows are not written.
-    new_value = "CASE WHEN u.reset THEN u.since ELSE COALESCE(e.failing_since, u.since) END"
+    # or none); with failures only, it goes on from when it began, unless the endpoint's previous
+    # failure is over `failure_gap_s` older (a quiet spell is not failing: a new run begins). The time
+    # of the latest failure is written when it moved by a minute; unchanged rows are not written.
+    new_since = ("CASE WHEN u.reset THEN u.since WHEN e.failing_since IS NULL OR e.last_failed_at IS NULL"
+                 " OR e.last_failed_at < u.since - make_interval(secs => %(gap)s) THEN u.since"
+                 " ELSE e.failing_since END")
+    new_last = ("CASE WHEN u.last IS NOT NULL AND (e.last_failed_at IS NULL"
+                " OR u.last >= e.last_failed_at + interval '1 minute') THEN u.last ELSE e.last_failed_at END")
     await conn.execute(
-        f"UPDATE webhook_endpoints e SET failing_since = {new_value}"
-        " FROM unnest(%s::text[], %s::bool[], %s::timestamptz[]) AS u(id, reset, since)"
-        f" WHERE e.endpoint_id = u.id AND e.failing_since IS DISTINCT FROM ({new_value})",
-        ([h.endpoint_id for h in health], [h.reset for h in health], [h.failing_since for h in health]))
+        f"UPDATE webhook_endpoints e SET failing_since = {new_since}, last_failed_at = {new_last}"
+        " FROM unnest(%(ids)s::text[], %(reset)s::bool[], %(since)s::timestamptz[], %(last)s::timestamptz[])"
+        " AS u(id, reset, since, last)"
+        f" WHERE e.endpoint_id = u.id AND (e.failing_since IS DISTINCT FROM ({new_since})"
+        f"  OR e.last_failed_at IS DISTINCT FROM ({new_last}))",
+        {"ids": [h.endpoint_id for h in health], "reset": [h.reset for h in health],
+         "since": [h.failing_since for h in health], "last": [h.last_failure for h in health],
+         "gap": failure_gap_s})
     failing = [h.endpoint_id for h in health if h.failing_since is not None]
     if not failing:
         return []

@@ -14,12 +14,15 @@ from tests.conftest import eventually
 from tests.notifier.conftest import (
     Behaviour,
     channel_with_endpoint,
+    consumed,
     delivery_rows,
     notifier_config,
+    notifier_process,
     publish_payments,
     running_notifier,
     status_event,
 )
+from tests.notifier.fakes import met
 
 
 async def audit_rows(pool, endpoint_id: str, action: str) -> list[tuple]:
@@ -91,3 +94,28 @@ async def test_an_endpoint_failing_for_the_whole_retry_window_is_disabled_and_it
         cur = await conn.execute("SELECT count(*) FROM webhook_deliveries WHERE endpoint_id = %s AND state = 'pending'"
                                  " AND leased_by IS NULL", (endpoint_id,))
         assert (await cur.fetchone())[0] >= 1
+
+
+async def test_a_failure_days_after_the_last_one_on_a_quiet_endpoint_does_not_disable_it(
+        infra, pool, receiver, key_file):
+    """An endpoint failed once four days ago and has had no traffic since: one 503 now starts a new
+    failing run instead of counting as four days of failing (a disabled endpoint gets no new events)."""
+    channel, endpoint_id = await channel_with_endpoint(pool, key_file, receiver, "quiet")
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE webhook_endpoints SET failing_since = now() - interval '4 days',"
+                           " last_failed_at = now() - interval '4 days' WHERE endpoint_id = %s", (endpoint_id,))
+    receiver.behaviours[channel] = Behaviour(status=503)
+    event = status_event(channel, new_id(), "Pending")
+    async with notifier_process(notifier_config(infra, key_file), "quiet") as notifier:
+        assert await notifier.enqueuer.handle_batch([consumed(event, 1)]) == []
+        await eventually(lambda: met(len(receiver.at(channel)) == 1), timeout=60)
+        receiver.behaviours[channel] = Behaviour(status=200)
+
+        async def delivered() -> bool:
+            return (await delivery_rows(pool, [event["event_id"]]))[0]["state"] == "delivered"
+        await eventually(delivered, timeout=60)
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT status, failing_since FROM webhook_endpoints WHERE endpoint_id = %s",
+                                 (endpoint_id,))
+        assert await cur.fetchone() == ("enabled", None)
+    assert await audit_rows(pool, endpoint_id, "webhook_endpoint_auto_disabled") == []
