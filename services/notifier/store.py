@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -188,14 +188,18 @@ class NotifierStore:
                                    " WHERE id = ANY(%s) AND leased_by = %s", (list(released), self.owner))
             return await _write_health(conn, health, retry_window_s, failure_gap_s) if health else []
 
-    async def secrets_of(self, endpoint_id: str) -> list[SealedSecret]:
-        """Every version, newest first."""
+    async def secrets_of(self, endpoint_id: str) -> tuple[list[SealedSecret], datetime]:
+        """Every version, newest first, and the database's time: a rotation writes the overlap's end
+        in database time, so that is the clock to compare it with."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT version, key_id, wrapped_key, nonce, ciphertext, expires_at FROM webhook_secrets"
+                "SELECT version, key_id, wrapped_key, nonce, ciphertext, expires_at, now() FROM webhook_secrets"
                 " WHERE endpoint_id = %s ORDER BY version DESC", (endpoint_id,))
             rows = await cur.fetchall()
-        return [SealedSecret(r[0], SealedCredentials(r[1], bytes(r[2]), bytes(r[3]), bytes(r[4])), r[5]) for r in rows]
+        if not rows:
+            return [], datetime.now(timezone.utc)  # no version: the time compares nothing
+        return ([SealedSecret(r[0], SealedCredentials(r[1], bytes(r[2]), bytes(r[3]), bytes(r[4])), r[5])
+                 for r in rows], rows[0][6])
 
     async def audit(self, action: str, endpoint_id: str, channel_id: str | None, detail: str) -> None:
         async with self.pool.connection() as conn:

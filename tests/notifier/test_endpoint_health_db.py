@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 
 from prometheus_client import REGISTRY
 
+from services.channels.vault import LocalKeyFileProvider
 from services.common.ids import new_id
 from services.common.topics import PAYMENT_STATUS
+from services.notifier.deliveries import Endpoint
+from services.notifier.events import EVENT_TYPES
+from services.notifier.secrets import fingerprint, new_secret, seal_secret
+from services.notifier.signing import CachedSigningSecrets
+from services.notifier.store import NotifierStore, SealedSecret
 from tests.conftest import eventually
 from tests.notifier.conftest import (
     Behaviour,
@@ -119,3 +127,32 @@ async def test_a_failure_days_after_the_last_one_on_a_quiet_endpoint_does_not_di
                                  (endpoint_id,))
         assert await cur.fetchone() == ("enabled", None)
     assert await audit_rows(pool, endpoint_id, "webhook_endpoint_auto_disabled") == []
+
+
+async def test_a_secret_past_its_overlap_by_the_databases_clock_no_longer_signs_whatever_the_notifiers_clock(
+        infra, pool, receiver, key_file):
+    """The overlap's end is written in database time (the rotation); a notifier whose clock is behind
+    must not keep signing with the old secret past it (a receiver's verification must fail then)."""
+    channel, endpoint_id = await channel_with_endpoint(pool, key_file, receiver, "skew")
+    newer = new_secret()
+    sealed = seal_secret(newer, endpoint_id, 2, LocalKeyFileProvider.open(key_file).public_wrapper())
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE webhook_secrets SET expires_at = now() - interval '1 minute'"
+                           " WHERE endpoint_id = %s AND version = 1", (endpoint_id,))
+        await conn.execute("INSERT INTO webhook_secrets (endpoint_id, version, key_id, wrapped_key, nonce, ciphertext,"
+                           " fingerprint, created_by) VALUES (%s, 2, %s, %s, %s, %s, %s, 'tests')",
+                           (endpoint_id, sealed.key_id, sealed.wrapped_key, sealed.nonce, sealed.ciphertext,
+                            fingerprint(newer)))
+    endpoint = Endpoint(endpoint_id, channel, receiver.url(channel), frozenset(EVENT_TYPES))
+    secrets = CachedSigningSecrets(NotifierStore(pool, "skew"), LocalKeyFileProvider.open(key_file), 10.0)
+    assert await secrets.for_endpoint(endpoint) == [newer]
+
+    class BehindTheDatabase(NotifierStore):  # the notifier's clock two hours behind the database's
+        async def secrets_of(self, endpoint_id: str) -> tuple[list[SealedSecret], datetime]:
+            versions, now = await super().secrets_of(endpoint_id)
+            skewed = [replace(v, expires_at=datetime.now(timezone.utc) + timedelta(hours=1)) if v.version == 1
+                      else v for v in versions]  # past in database time, future in the notifier's
+            return skewed, now + timedelta(hours=2)
+
+    secrets = CachedSigningSecrets(BehindTheDatabase(pool, "skew"), LocalKeyFileProvider.open(key_file), 10.0)
+    assert await secrets.for_endpoint(endpoint) == [newer]
