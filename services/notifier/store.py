@@ -184,8 +184,17 @@ class NotifierStore:
             if finished:
                 await _write_finished(conn, finished, self.owner)
             if released:
-                await conn.execute("UPDATE webhook_deliveries SET leased_by = NULL, leased_until = NULL"
-                                   " WHERE id = ANY(%s) AND leased_by = %s", (list(released), self.owner))
+                # A released delivery cannot go before the earlier pending ones of its payment (the head
+                # just written back with its next attempt, above): due no sooner than the latest of them,
+                # it stays out of the poller's scan of due rows while it waits (a receiver down for days
+                # would otherwise leave every payment's later delivery due, blocked, and walked through
+                # at every poll, holding up every other endpoint's claim).
+                await conn.execute(
+                    "UPDATE webhook_deliveries d SET leased_by = NULL, leased_until = NULL,"
+                    " next_attempt_at = GREATEST(d.next_attempt_at, (SELECT max(p.next_attempt_at)"
+                    "  FROM webhook_deliveries p WHERE p.endpoint_id = d.endpoint_id AND p.payment_id = d.payment_id"
+                    "  AND p.state = 'pending' AND (p.occurred_at, p.id) < (d.occurred_at, d.id)))"
+                    " WHERE d.id = ANY(%s) AND d.leased_by = %s", (list(released), self.owner))
             return await _write_health(conn, health, retry_window_s, failure_gap_s) if health else []
 
     async def secrets_of(self, endpoint_id: str) -> tuple[list[SealedSecret], datetime]:

@@ -132,3 +132,30 @@ async def test_a_later_delivery_waits_for_an_earlier_one_committed_while_its_bat
         assert receiver.at(channel) == []
         rows = await delivery_rows(pool, [pending["event_id"], settled["event_id"]])
         assert [(r["state"], r["leased_by"]) for r in rows] == [("pending", "a-ghost"), ("pending", None)]
+
+
+async def test_a_delivery_waiting_behind_one_to_retry_is_not_due_before_it(infra, pool, receiver, key_file):
+    """A payment's Settled, released behind its Pending that must wait ten minutes for a retry, is due
+    no sooner than the Pending: otherwise every such Settled of a receiver down for days is due, blocked
+    and walked through by every poll, which all endpoints' retries wait for."""
+    channel, _ = await channel_with_endpoint(pool, key_file, receiver, "behind")
+    receiver.behaviours[channel] = Behaviour(status=503)
+    payment_id, at = new_id(), datetime.now(timezone.utc)
+    pending = status_event(channel, payment_id, "Pending", at)
+    settled = status_event(channel, payment_id, "Settled", at + timedelta(seconds=1))
+    cfg = notifier_config(infra, key_file, NOTIFIER_FIRST_BACKOFF_S=600, NOTIFIER_MAX_BACKOFF_S=600)
+    async with notifier_process(cfg, "a") as a:
+        assert await a.enqueuer.handle_batch([consumed(pending, 1), consumed(settled, 2)]) == []
+
+        async def both_back_in_postgresql() -> list:
+            async with pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT next_attempt_at, now() FROM webhook_deliveries WHERE event_id = ANY(%s)"
+                    " AND state = 'pending' AND leased_by IS NULL AND (attempts > 0 OR event_id = %s)"
+                    " ORDER BY occurred_at", ([pending["event_id"], settled["event_id"]], settled["event_id"]))
+                rows = await cur.fetchall()
+            return rows if len(rows) == 2 else []
+        [(pending_due, now), (settled_due, _)] = await eventually(both_back_in_postgresql, timeout=60)
+    assert pending_due > now + timedelta(minutes=4)  # the retry: half the nominal wait at least
+    assert settled_due >= pending_due
+    assert [a.state for a in receiver.at(channel)] == ["Pending"]
