@@ -121,6 +121,9 @@ class NotifierStore:
                 " SELECT w, e, ep, c, p, t, o, b, %s, now() + make_interval(secs => %s)"
                 " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
                 "  %s::timestamptz[], %s::text[]) AS n(w, e, ep, c, p, t, o, b)"
+                # The endpoints come from a cache seconds old: one deleted since gets nothing (deleting
+                # cancelled its pending deliveries; a new one would be sent, or stay pending for ever).
+                " WHERE EXISTS (SELECT FROM webhook_endpoints x WHERE x.endpoint_id = n.ep AND x.status <> 'deleted')"
                 " ORDER BY o, e"
                 " ON CONFLICT (event_id, endpoint_id) DO UPDATE SET leased_until = EXCLUDED.leased_until"
                 " WHERE webhook_deliveries.leased_by = EXCLUDED.leased_by AND webhook_deliveries.state = 'pending'"

@@ -159,3 +159,22 @@ async def test_a_delivery_waiting_behind_one_to_retry_is_not_due_before_it(infra
     assert pending_due > now + timedelta(minutes=4)  # the retry: half the nominal wait at least
     assert settled_due >= pending_due
     assert [a.state for a in receiver.at(channel)] == ["Pending"]
+
+
+async def test_an_event_consumed_just_after_its_endpoint_was_deleted_makes_no_delivery(infra, pool, receiver,
+                                                                                      key_file):
+    """The notifier's cache of a channel's endpoints is a few seconds old: an endpoint deleted within
+    them must get no delivery (it would be sent, or stay pending for ever, since deleting cancelled
+    the pending ones already)."""
+    channel, endpoint_id = await channel_with_endpoint(pool, key_file, receiver, "deleted")
+    cfg = notifier_config(infra, key_file, NOTIFIER_ENDPOINT_CACHE_TTL_S=300)
+    async with notifier_process(cfg, "a") as a:
+        assert [e.endpoint_id for e in (await a.enqueuer.endpoints.of([channel]))[channel]] == [endpoint_id]
+        async with pool.connection() as conn:  # as the management deletes it
+            await conn.execute("UPDATE webhook_endpoints SET status = 'deleted', disabled_reason = NULL"
+                               " WHERE endpoint_id = %s", (endpoint_id,))
+        event = status_event(channel, new_id(), "Pending")
+        assert await a.enqueuer.handle_batch([consumed(event, 1)]) == []
+        await asyncio.sleep(0.5)
+    assert await delivery_rows(pool, [event["event_id"]]) == []
+    assert receiver.at(channel) == []
