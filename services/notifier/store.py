@@ -247,6 +247,17 @@ async def _write_finished(conn: AsyncConnection, finished: Sequence[Finished], o
         ([f.delivery_id for f in finished], [f.state for f in finished], [f.attempts for f in finished],
          [f.next_attempt_at for f in finished], [f.at for f in finished], [f.http_status for f in finished],
          [_bounded(f.error) for f in finished], owner))
+    retried = [f for f in finished if f.state == "pending" and f.next_attempt_at is not None]
+    if retried:
+        # The deliveries behind one to retry cannot go before it: due no sooner, they stay out of the
+        # poller's scan of due rows at each of its retries (see `write`'s released).
+        await conn.execute(
+            "UPDATE webhook_deliveries f SET next_attempt_at = u.next_at"
+            " FROM unnest(%s::bigint[], %s::timestamptz[]) AS u(id, next_at) JOIN webhook_deliveries h ON h.id = u.id"
+            " WHERE h.state = 'pending' AND h.next_attempt_at = u.next_at"  # written just above, by this process
+            "  AND f.endpoint_id = h.endpoint_id AND f.payment_id = h.payment_id AND f.state = 'pending'"
+            "  AND (f.occurred_at, f.id) > (h.occurred_at, h.id) AND f.next_attempt_at < u.next_at",
+            ([f.delivery_id for f in retried], [f.next_attempt_at for f in retried]))
     attempts = [f.attempt for f in finished if f.attempt is not None]
     if attempts:
         # Logged even where the row was taken over meanwhile: the attempt did happen.

@@ -8,7 +8,8 @@ from datetime import datetime, timedelta, timezone
 
 from services.common.ids import new_id
 from services.common.topics import PAYMENT_STATUS
-from services.notifier.deliveries import deliveries_of, status_change_of
+from services.notifier.deliveries import NewDelivery, deliveries_of, status_change_of
+from services.notifier.store import Finished, NotifierStore
 from tests.conftest import eventually
 from tests.notifier.conftest import (
     Behaviour,
@@ -178,3 +179,25 @@ async def test_an_event_consumed_just_after_its_endpoint_was_deleted_makes_no_de
         await asyncio.sleep(0.5)
     assert await delivery_rows(pool, [event["event_id"]]) == []
     assert receiver.at(channel) == []
+
+
+async def test_the_deliveries_behind_one_retried_again_follow_its_next_attempt(infra, pool, receiver, key_file):
+    """Not only at the first retry: each time the earliest one is written back to retry later, those
+    behind it are due no sooner than it."""
+    channel, endpoint_id = await channel_with_endpoint(pool, key_file, receiver, "followers")
+    store = NotifierStore(pool, "followers-test")
+    payment_id, at = new_id(), datetime.now(timezone.utc)
+    rows = [NewDelivery(e, e, endpoint_id, channel, payment_id, t, at + timedelta(seconds=i), "{}")
+            for i, (e, t) in enumerate([(new_id(), "payment.pending"), (new_id(), "payment.settled")])]
+    [head, follower] = [e.delivery for e in await store.enqueue(rows, 60)]
+    await store.write([], [follower.id], [], 3600)  # behind the head, back in PostgreSQL
+    later = datetime.now(timezone.utc) + timedelta(hours=2)
+    await store.write([Finished(head.id, "pending", 2, later, datetime.now(timezone.utc), 503, "HTTP 503", None)],
+                      [], [], 3600)
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT id, next_attempt_at FROM webhook_deliveries WHERE id = ANY(%s)",
+                                 ([head.id, follower.id],))
+        due = dict(await cur.fetchall())
+        await conn.execute("UPDATE webhook_deliveries SET state = 'cancelled', finished_at = now() WHERE id = ANY(%s)",
+                           ([head.id, follower.id],))
+    assert due[head.id] == later and due[follower.id] >= later
