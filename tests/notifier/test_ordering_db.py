@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta, timezone
 
+from services.channels.webhook_repository import requeue_one
 from services.common.ids import new_id
 from services.common.topics import PAYMENT_STATUS
 from services.notifier.deliveries import NewDelivery, deliveries_of, status_change_of
@@ -201,3 +202,26 @@ async def test_the_deliveries_behind_one_retried_again_follow_its_next_attempt(i
         await conn.execute("UPDATE webhook_deliveries SET state = 'cancelled', finished_at = now() WHERE id = ANY(%s)",
                            ([head.id, follower.id],))
     assert due[head.id] == later and due[follower.id] >= later
+
+
+async def test_redelivering_the_earliest_delivery_brings_the_ones_behind_it_forward_too(infra, pool, receiver,
+                                                                                       key_file):
+    """Those behind a delivery to retry are due no sooner than its retry; an operator's redelivery of
+    that one delivery makes it due now, and those behind it must not keep waiting for the old time."""
+    channel, endpoint_id = await channel_with_endpoint(pool, key_file, receiver, "requeue")
+    store = NotifierStore(pool, "requeue-test")
+    payment_id, at = new_id(), datetime.now(timezone.utc)
+    rows = [NewDelivery(e, e, endpoint_id, channel, payment_id, t, at + timedelta(seconds=i), "{}")
+            for i, (e, t) in enumerate([(new_id(), "payment.pending"), (new_id(), "payment.settled")])]
+    [head, follower] = [e.delivery for e in await store.enqueue(rows, 60)]
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    await store.write([Finished(head.id, "pending", 1, later, datetime.now(timezone.utc), 503, "HTTP 503", None)],
+                      [follower.id], [], 3600)
+    async with pool.connection() as conn:
+        assert await requeue_one(conn, head.id) == 1
+        cur = await conn.execute("SELECT id, next_attempt_at <= now() FROM webhook_deliveries WHERE id = ANY(%s)",
+                                 ([head.id, follower.id],))
+        due = dict(await cur.fetchall())
+        await conn.execute("UPDATE webhook_deliveries SET state = 'cancelled', finished_at = now() WHERE id = ANY(%s)",
+                           ([head.id, follower.id],))
+    assert due == {head.id: True, follower.id: True}
