@@ -227,13 +227,28 @@ async def count_redeliverable(conn: AsyncConnection, endpoint_id: str, selector:
 
 async def requeue(conn: AsyncConnection, endpoint_id: str, selector: RedeliverySelector) -> int:
     where, params = _selection(endpoint_id, selector)
-    cur = await conn.execute(f"{_REQUEUE} WHERE {where}", params)
-    return cur.rowcount
+    cur = await conn.execute(f"{_REQUEUE} WHERE {where} RETURNING endpoint_id, payment_id", params)
+    return await _followers_due_now(conn, await cur.fetchall())
 
 
 async def requeue_one(conn: AsyncConnection, delivery_id: int) -> int:
-    cur = await conn.execute(f"{_REQUEUE} WHERE id = %s AND {_REDELIVERABLE}", (delivery_id,))
-    return cur.rowcount
+    cur = await conn.execute(f"{_REQUEUE} WHERE id = %s AND {_REDELIVERABLE} RETURNING endpoint_id, payment_id",
+                             (delivery_id,))
+    return await _followers_due_now(conn, await cur.fetchall())
+
+
+async def _followers_due_now(conn: AsyncConnection, requeued: list[tuple[Any, ...]]) -> int:
+    """The other pending deliveries of the requeued ones' payments are due now too: the notifier makes
+    those behind a delivery to retry due no sooner than its retry, which the requeue just brought
+    forward. Returns how many were requeued."""
+    chains = sorted({(row[0], row[1]) for row in requeued})
+    if chains:
+        await conn.execute("UPDATE webhook_deliveries d SET next_attempt_at = now()"
+                           " FROM unnest(%s::text[], %s::text[]) AS c(endpoint_id, payment_id)"
+                           " WHERE d.endpoint_id = c.endpoint_id AND d.payment_id = c.payment_id"
+                           "  AND d.state = 'pending' AND d.next_attempt_at > now()",
+                           ([c[0] for c in chains], [c[1] for c in chains]))
+    return len(requeued)
 
 
 def delivery_view(row: dict[str, Any]) -> dict[str, Any]:

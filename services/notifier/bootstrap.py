@@ -59,10 +59,11 @@ def build(pool: AsyncConnectionPool, cfg: NotifierConfig, *, sender: Sender | No
                             read_timeout_s=cfg.notifier_read_timeout_s)
     if secrets is None:
         provider = key_provider or LocalKeyFileProvider.open(cfg.notifier_vault_key_file)
-        secrets = CachedSigningSecrets(store, provider, cfg.notifier_secret_cache_ttl_s, clock)
+        secrets = CachedSigningSecrets(store, provider, cfg.notifier_secret_cache_ttl_s)
     policy = RetryPolicy(window=timedelta(seconds=cfg.notifier_retry_window_s),
                          first_backoff_s=cfg.notifier_first_backoff_s, max_backoff_s=cfg.notifier_max_backoff_s)
-    writer = ResultWriter(store, cfg.notifier_retry_window_s)
+    # A failing run goes on while failures come at least every two longest back-offs (store.FAILURE_GAP_S).
+    writer = ResultWriter(store, cfg.notifier_retry_window_s, failure_gap_s=2 * cfg.notifier_max_backoff_s + 300)
     dispatcher = Dispatcher(sender, secrets, writer, policy, concurrency=cfg.notifier_endpoint_concurrency,
                             queue_max=cfg.notifier_endpoint_queue_max, clock=clock)
     poller = Poller(store, dispatcher, interval_s=cfg.notifier_poll_interval_s, batch=cfg.notifier_poll_batch,

@@ -91,6 +91,11 @@ def status_change_of(schema: str, value: dict[str, Any]) -> StatusChange | None:
     for name, text in ids.items():
         if not isinstance(text, str) or not 1 <= len(text) <= ID_MAX or not text.isprintable():
             raise NotAStatusEvent(f"{name} must be printable text of 1 to {ID_MAX} characters")
+    event_id = str(ids["event_id"])
+    if not event_id.isascii() or " " in event_id:
+        # It is the webhook-id header of every attempt, which the sender refuses otherwise: the
+        # delivery would fail for the whole retry window, its payment's later events waiting behind it.
+        raise NotAStatusEvent("event_id must be printable ASCII without spaces (it is the webhook-id header)")
     try:
         body = webhook_body(value)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -18,12 +18,15 @@ as its first ERROR_SNIPPET_CHARS characters, through untrusted().
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import ipaddress
 import math
 import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
@@ -45,6 +48,11 @@ ERROR_SNIPPET_CHARS = 200
 # receiver has already closed fails the POST on it (aiohttp retries only idempotent methods).
 KEEPALIVE_S = 4.0
 DNS_CACHE_S = 10  # answers were filtered before caching: a cached address was allowed when resolved
+# getaddrinfo cannot be cancelled: a lookup whose DNS never answers holds its thread for as long as
+# the system's resolver waits, whatever the attempt's timeout. aiohttp looks each host up once at a
+# time, so this many receivers' DNS may hang at once before another endpoint's lookup waits for a thread
+# (the event loop's default executor has min(32, CPUs + 4), and the database driver needs it too).
+LOOKUP_THREADS = 256
 TARGETS_CACHED_MAX = 4096  # checked URLs kept (per endpoint URL); cleared when full
 SIGNERS_CACHED_MAX = 4096  # Webhook objects kept per secret (two per endpoint during a rotation)
 # Before CPython 3.12.8 asyncio leaks the TLS transport of a receiver that never completes the TLS
@@ -86,6 +94,32 @@ class PolicyResolver(AbstractResolver):
         await self._inner.close()
 
 
+class OwnThreadsResolver(AbstractResolver):
+    """getaddrinfo in threads of its own, never the event loop's default executor (LOOKUP_THREADS)."""
+
+    def __init__(self, threads: int = LOOKUP_THREADS) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="webhook-dns")
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        lookup = functools.partial(socket.getaddrinfo, host, port, family=family, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_ADDRCONFIG)
+        infos = await asyncio.get_running_loop().run_in_executor(self._executor, lookup)
+        found: list[ResolveResult] = []
+        for kind, _, proto, _, address in infos:
+            if kind not in (socket.AF_INET, socket.AF_INET6) or not isinstance(address[0], str):
+                continue
+            # An IPv6 scope (link-local) stays with the address, as aiohttp's ThreadedResolver keeps it.
+            scope = address[3] if len(address) == 4 else 0
+            text = f"{address[0]}%{scope}" if scope else address[0]
+            found.append(ResolveResult(hostname=host, host=text, port=int(address[1]), family=kind, proto=proto,
+                                       flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV))
+        return found
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)  # a hung lookup must not hold up a stop
+
+
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(text.split("%", 1)[0])  # fe80::1%eth0: the zone is not part of the address
 
@@ -100,8 +134,8 @@ class Sender:
 
     `max_connections` 0 means no limit in the pool: the caller bounds how many sends are in flight
     (waiting for a pooled connection would count against the attempt's timeouts). `resolver` is
-    the resolver wrapped by the policy check (aiohttp's ThreadedResolver by default, the same
-    getaddrinfo the endpoint check uses)."""
+    the resolver wrapped by the policy check (OwnThreadsResolver by default: the same getaddrinfo
+    the endpoint check uses, in threads of its own)."""
 
     def __init__(self, policy: DestinationPolicy, *, connect_timeout_s: float, read_timeout_s: float,
                  max_response_bytes: int = 65536, clock: Callable[[], datetime] = _utc_now,
@@ -120,13 +154,17 @@ class Sender:
         self._max_connections = max_connections
         self._resolver = resolver
         self._session: aiohttp.ClientSession | None = None
+        self._own_resolver: OwnThreadsResolver | None = None
         self._targets: dict[str, URL] = {}
         self._signers: dict[str, Webhook] = {}
 
     def _open_session(self) -> aiohttp.ClientSession:
         # Made on first use: a session and its resolver belong to the running event loop.
         if self._session is None or self._session.closed:
-            inner = self._resolver if self._resolver is not None else aiohttp.ThreadedResolver()
+            if self._resolver is not None:
+                inner: AbstractResolver = self._resolver
+            else:  # ours to close: aiohttp closes only a resolver it made itself
+                inner = self._own_resolver = OwnThreadsResolver()
             connector = aiohttp.TCPConnector(resolver=PolicyResolver(self._policy, inner),
                                              limit=self._max_connections, limit_per_host=0,
                                              keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=DNS_CACHE_S,
@@ -141,6 +179,8 @@ class Sender:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+        if self._own_resolver is not None:
+            await self._own_resolver.close()
 
     async def send(self, url: str, webhook_id: str, body: str, secrets: Sequence[str]) -> AttemptResult:
         """Signs `body` with every secret (one `v1,` signature each, space separated), POSTs it to

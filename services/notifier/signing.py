@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from datetime import datetime
 
 from services.channels.vault import KeyProvider, VaultError
 from services.notifier import metrics
 from services.notifier.deliveries import Endpoint
-from services.notifier.dispatcher import SecretsUnavailable, utc_now
+from services.notifier.dispatcher import SecretsUnavailable
 from services.notifier.secrets import open_secret
 from services.notifier.store import NotifierStore, SealedSecret
 
@@ -34,12 +33,10 @@ def signing_versions(versions: list[SealedSecret], now: datetime) -> list[Sealed
 
 
 class CachedSigningSecrets:
-    def __init__(self, store: NotifierStore, provider: KeyProvider, ttl_s: float,
-                 clock: Callable[[], datetime] = utc_now):
+    def __init__(self, store: NotifierStore, provider: KeyProvider, ttl_s: float):
         self.store = store
         self.provider = provider
         self.ttl_s = ttl_s
-        self.clock = clock
         self._cache: dict[str, tuple[float, list[str] | SecretsUnavailable]] = {}
         self._loading: dict[str, asyncio.Future[tuple[float, list[str] | SecretsUnavailable]]] = {}
 
@@ -62,7 +59,8 @@ class CachedSigningSecrets:
         return cached
 
     async def _opened(self, endpoint: Endpoint) -> list[str] | SecretsUnavailable:
-        versions = signing_versions(await self.store.secrets_of(endpoint.endpoint_id), self.clock())
+        stored, database_now = await self.store.secrets_of(endpoint.endpoint_id)
+        versions = signing_versions(stored, database_now)  # the overlap's end is in database time
         if not versions:
             return await self._failed(endpoint, "the endpoint has no signing secret")
         opened = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -19,6 +19,10 @@ from services.channels.vault import SealedCredentials
 from services.notifier.deliveries import Delivery, Endpoint, NewDelivery
 
 ACTOR = "notifier"  # credential_audit.actor of what the notifier does on its own
+
+# A failing run is continuous while no two failures are further apart than this: twice the longest
+# back-off (an hour) and a little, so an endpoint whose only delivery is being retried stays in its run.
+FAILURE_GAP_S = 2 * 3600.0 + 300.0
 
 _DELIVERY = "id, webhook_id, endpoint_id, payment_id, occurred_at, body, attempts, created_at"
 
@@ -64,10 +68,12 @@ class Finished:
 @dataclass(frozen=True)
 class EndpointHealth:
     """An endpoint's attempts in one write, in order: `reset` if one succeeded (its failing run
-    ended), `failing_since` the first failure after the last success (None: the last one succeeded)."""
+    ended), `failing_since` the first failure after the last success (None: the last one succeeded),
+    `last_failure` the last of those failures."""
     endpoint_id: str
     reset: bool
     failing_since: datetime | None
+    last_failure: datetime | None = None
 
 
 class NotifierStore:
@@ -101,33 +107,42 @@ class NotifierStore:
         redelivered event) are skipped, except a pending one this process leased and may not hold:
         its batch committed, but the commit's answer was lost and the batch is handled again. It is
         returned too (its lease renewed) instead of waiting for its lease to run out; the dispatcher
-        ignores what it holds already. The earlier pending rows are read in the statement's own
-        snapshot, so rows inserted by it never count among them (they are handed over together)."""
+        ignores what it holds already. The earlier pending rows are read by a second statement, in a
+        snapshot taken after the insert: an insert that waited for another transaction's row of the
+        same event (a batch handled again after a rebalance, its first handler still inserting) must
+        see that row among them, or the later delivery would go while the other process sends the
+        earlier one. Rows this call returns never count among them (they are handed over together)."""
         new = list({(n.event_id, n.endpoint_id): n for n in new}.values())  # one row is written once a statement
         if not new:
             return []
         async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
-                "WITH added AS ("
-                " INSERT INTO webhook_deliveries (webhook_id, event_id, endpoint_id, channel_id, payment_id,"
+                "INSERT INTO webhook_deliveries (webhook_id, event_id, endpoint_id, channel_id, payment_id,"
                 "  event_type, occurred_at, body, leased_by, leased_until)"
                 " SELECT w, e, ep, c, p, t, o, b, %s, now() + make_interval(secs => %s)"
                 " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
                 "  %s::timestamptz[], %s::text[]) AS n(w, e, ep, c, p, t, o, b)"
+                # The endpoints come from a cache seconds old: one deleted since gets nothing (deleting
+                # cancelled its pending deliveries; a new one would be sent, or stay pending for ever).
+                " WHERE EXISTS (SELECT FROM webhook_endpoints x WHERE x.endpoint_id = n.ep AND x.status <> 'deleted')"
                 " ORDER BY o, e"
                 " ON CONFLICT (event_id, endpoint_id) DO UPDATE SET leased_until = EXCLUDED.leased_until"
                 " WHERE webhook_deliveries.leased_by = EXCLUDED.leased_by AND webhook_deliveries.state = 'pending'"
-                f" RETURNING {_DELIVERY})"
-                f" SELECT {', '.join('a.' + c.strip() for c in _DELIVERY.split(','))},"
-                " ARRAY(SELECT d.id FROM webhook_deliveries d WHERE d.endpoint_id = a.endpoint_id"
-                "  AND d.payment_id = a.payment_id AND d.state = 'pending'"
-                "  AND (d.occurred_at, d.id) < (a.occurred_at, a.id))"
-                " FROM added a",
+                f" RETURNING {_DELIVERY}",
                 (self.owner, lease_s, [n.webhook_id for n in new], [n.event_id for n in new],
                  [n.endpoint_id for n in new], [n.channel_id for n in new], [n.payment_id for n in new],
                  [n.event_type for n in new], [n.occurred_at for n in new], [n.body for n in new]))
-            rows = await cur.fetchall()
-        return [Enqueued(_delivery(row[:8]), tuple(row[8])) for row in rows]
+            added = [_delivery(row) for row in await cur.fetchall()]
+            if not added:
+                return []
+            ids = [d.id for d in added]
+            cur = await conn.execute(
+                "SELECT a.id, ARRAY(SELECT d.id FROM webhook_deliveries d WHERE d.endpoint_id = a.endpoint_id"
+                "  AND d.payment_id = a.payment_id AND d.state = 'pending'"
+                "  AND (d.occurred_at, d.id) < (a.occurred_at, a.id) AND d.id <> ALL(%s))"
+                " FROM webhook_deliveries a WHERE a.id = ANY(%s)", (ids, ids))
+            earlier = {row[0]: tuple(row[1]) for row in await cur.fetchall()}
+        return [Enqueued(d, earlier[d.id]) for d in added]
 
     async def claim_due(self, lease_s: float, limit: int, per_endpoint: int, excluded_endpoints: Sequence[str]
                         ) -> list[Delivery]:
@@ -165,25 +180,39 @@ class NotifierStore:
             return {row[0] for row in await cur.fetchall()}
 
     async def write(self, finished: Sequence[Finished], released: Sequence[int], health: Sequence[EndpointHealth],
-                    retry_window_s: float) -> list[tuple[str, str]]:
+                    retry_window_s: float, failure_gap_s: float = FAILURE_GAP_S) -> list[tuple[str, str]]:
         """Results, released leases and endpoint health in one transaction; returns the endpoints
-        this disabled (endpoint_id, channel_id) because they failed for the whole retry window."""
+        this disabled (endpoint_id, channel_id) because they failed for the whole retry window (a
+        failing run restarts after `failure_gap_s` without a failure)."""
         async with self.pool.connection() as conn, conn.transaction():
             if finished:
                 await _write_finished(conn, finished, self.owner)
             if released:
-                await conn.execute("UPDATE webhook_deliveries SET leased_by = NULL, leased_until = NULL"
-                                   " WHERE id = ANY(%s) AND leased_by = %s", (list(released), self.owner))
-            return await _write_health(conn, health, retry_window_s) if health else []
+                # A released delivery cannot go before the earlier pending ones of its payment (the head
+                # just written back with its next attempt, above): due no sooner than the latest of them,
+                # it stays out of the poller's scan of due rows while it waits (a receiver down for days
+                # would otherwise leave every payment's later delivery due, blocked, and walked through
+                # at every poll, holding up every other endpoint's claim).
+                await conn.execute(
+                    "UPDATE webhook_deliveries d SET leased_by = NULL, leased_until = NULL,"
+                    " next_attempt_at = GREATEST(d.next_attempt_at, (SELECT max(p.next_attempt_at)"
+                    "  FROM webhook_deliveries p WHERE p.endpoint_id = d.endpoint_id AND p.payment_id = d.payment_id"
+                    "  AND p.state = 'pending' AND (p.occurred_at, p.id) < (d.occurred_at, d.id)))"
+                    " WHERE d.id = ANY(%s) AND d.leased_by = %s", (list(released), self.owner))
+            return await _write_health(conn, health, retry_window_s, failure_gap_s) if health else []
 
-    async def secrets_of(self, endpoint_id: str) -> list[SealedSecret]:
-        """Every version, newest first."""
+    async def secrets_of(self, endpoint_id: str) -> tuple[list[SealedSecret], datetime]:
+        """Every version, newest first, and the database's time: a rotation writes the overlap's end
+        in database time, so that is the clock to compare it with."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT version, key_id, wrapped_key, nonce, ciphertext, expires_at FROM webhook_secrets"
+                "SELECT version, key_id, wrapped_key, nonce, ciphertext, expires_at, now() FROM webhook_secrets"
                 " WHERE endpoint_id = %s ORDER BY version DESC", (endpoint_id,))
             rows = await cur.fetchall()
-        return [SealedSecret(r[0], SealedCredentials(r[1], bytes(r[2]), bytes(r[3]), bytes(r[4])), r[5]) for r in rows]
+        if not rows:
+            return [], datetime.now(timezone.utc)  # no version: the time compares nothing
+        return ([SealedSecret(r[0], SealedCredentials(r[1], bytes(r[2]), bytes(r[3]), bytes(r[4])), r[5])
+                 for r in rows], rows[0][6])
 
     async def audit(self, action: str, endpoint_id: str, channel_id: str | None, detail: str) -> None:
         async with self.pool.connection() as conn:
@@ -219,6 +248,17 @@ async def _write_finished(conn: AsyncConnection, finished: Sequence[Finished], o
         ([f.delivery_id for f in finished], [f.state for f in finished], [f.attempts for f in finished],
          [f.next_attempt_at for f in finished], [f.at for f in finished], [f.http_status for f in finished],
          [_bounded(f.error) for f in finished], owner))
+    retried = [f for f in finished if f.state == "pending" and f.next_attempt_at is not None]
+    if retried:
+        # The deliveries behind one to retry cannot go before it: due no sooner, they stay out of the
+        # poller's scan of due rows at each of its retries (see `write`'s released).
+        await conn.execute(
+            "UPDATE webhook_deliveries f SET next_attempt_at = u.next_at"
+            " FROM unnest(%s::bigint[], %s::timestamptz[]) AS u(id, next_at) JOIN webhook_deliveries h ON h.id = u.id"
+            " WHERE h.state = 'pending' AND h.next_attempt_at = u.next_at"  # written just above, by this process
+            "  AND f.endpoint_id = h.endpoint_id AND f.payment_id = h.payment_id AND f.state = 'pending'"
+            "  AND (f.occurred_at, f.id) > (h.occurred_at, h.id) AND f.next_attempt_at < u.next_at",
+            ([f.delivery_id for f in retried], [f.next_attempt_at for f in retried]))
     attempts = [f.attempt for f in finished if f.attempt is not None]
     if attempts:
         # Logged even where the row was taken over meanwhile: the attempt did happen.
@@ -230,16 +270,26 @@ async def _write_finished(conn: AsyncConnection, finished: Sequence[Finished], o
              [a.outcome for a in attempts]))
 
 
-async def _write_health(conn: AsyncConnection, health: Sequence[EndpointHealth], retry_window_s: float
-                        ) -> list[tuple[str, str]]:
+async def _write_health(conn: AsyncConnection, health: Sequence[EndpointHealth], retry_window_s: float,
+                        failure_gap_s: float) -> list[tuple[str, str]]:
     # After a success in the batch the run of failures starts again (at its first failure since,
-    # or none); with failures only, it goes on from when it began. Unchanged rows are not written.
-    new_value = "CASE WHEN u.reset THEN u.since ELSE COALESCE(e.failing_since, u.since) END"
+    # or none); with failures only, it goes on from when it began, unless the endpoint's previous
+    # failure is over `failure_gap_s` older (a quiet spell is not failing: a new run begins). The time
+    # of the latest failure is written when it moved by a minute; unchanged rows are not written.
+    new_since = ("CASE WHEN u.reset THEN u.since WHEN e.failing_since IS NULL OR e.last_failed_at IS NULL"
+                 " OR e.last_failed_at < u.since - make_interval(secs => %(gap)s) THEN u.since"
+                 " ELSE e.failing_since END")
+    new_last = ("CASE WHEN u.last IS NOT NULL AND (e.last_failed_at IS NULL"
+                " OR u.last >= e.last_failed_at + interval '1 minute') THEN u.last ELSE e.last_failed_at END")
     await conn.execute(
-        f"UPDATE webhook_endpoints e SET failing_since = {new_value}"
-        " FROM unnest(%s::text[], %s::bool[], %s::timestamptz[]) AS u(id, reset, since)"
-        f" WHERE e.endpoint_id = u.id AND e.failing_since IS DISTINCT FROM ({new_value})",
-        ([h.endpoint_id for h in health], [h.reset for h in health], [h.failing_since for h in health]))
+        f"UPDATE webhook_endpoints e SET failing_since = {new_since}, last_failed_at = {new_last}"
+        " FROM unnest(%(ids)s::text[], %(reset)s::bool[], %(since)s::timestamptz[], %(last)s::timestamptz[])"
+        " AS u(id, reset, since, last)"
+        f" WHERE e.endpoint_id = u.id AND (e.failing_since IS DISTINCT FROM ({new_since})"
+        f"  OR e.last_failed_at IS DISTINCT FROM ({new_last}))",
+        {"ids": [h.endpoint_id for h in health], "reset": [h.reset for h in health],
+         "since": [h.failing_since for h in health], "last": [h.last_failure for h in health],
+         "gap": failure_gap_s})
     failing = [h.endpoint_id for h in health if h.failing_since is not None]
     if not failing:
         return []

@@ -19,16 +19,18 @@ import psycopg
 
 from services.common.text import untrusted
 from services.notifier import metrics
-from services.notifier.store import EndpointHealth, Finished, NotifierStore
+from services.notifier.store import FAILURE_GAP_S, EndpointHealth, Finished, NotifierStore
 
 log = logging.getLogger(__name__)
 
 
 class ResultWriter:
     def __init__(self, store: NotifierStore, retry_window_s: float, *, flush_every_s: float = 0.005,
-                 max_batch: int = 1000, on_disabled: Callable[[list[str]], None] = lambda ids: None):
+                 max_batch: int = 1000, on_disabled: Callable[[list[str]], None] = lambda ids: None,
+                 failure_gap_s: float = FAILURE_GAP_S):
         self.store = store
         self.retry_window_s = retry_window_s
+        self.failure_gap_s = failure_gap_s
         self.flush_every_s = flush_every_s
         self.max_batch = max_batch
         self.on_disabled = on_disabled
@@ -101,7 +103,8 @@ class ResultWriter:
         outcomes, self._outcomes = self._outcomes, []
         released, self._released = self._released, []
         try:
-            disabled = await self.store.write(finished, released, health_of(outcomes), self.retry_window_s)
+            disabled = await self.store.write(finished, released, health_of(outcomes), self.retry_window_s,
+                                              self.failure_gap_s)
         except BaseException:
             self._finished[:0] = finished
             self._outcomes[:0] = outcomes
@@ -126,5 +129,6 @@ def health_of(outcomes: list[tuple[str, bool, datetime]]) -> list[EndpointHealth
         if succeeded:
             health[endpoint_id] = EndpointHealth(endpoint_id, True, None)
         else:
-            health[endpoint_id] = EndpointHealth(endpoint_id, before.reset, before.failing_since or at)
+            health[endpoint_id] = EndpointHealth(endpoint_id, before.reset, before.failing_since or at,
+                                                 max(at, before.last_failure or at))
     return list(health.values())

@@ -37,6 +37,8 @@ def test_a_status_change_carries_its_type_and_body():
     ("payment_status", {"payment_id": ""}),
     ("payment_status", {"channel_id": "ch\x00"}),                    # PostgreSQL text holds no NUL
     ("payment_status", {"event_id": "e\u202e1"}),                    # a bidi override in a header value
+    ("payment_status", {"event_id": "e 1"}),                         # the sender refuses such a webhook-id:
+    ("payment_status", {"event_id": "\u00e91"}),                     # retried for days, its payment's next waiting
     ("payment_status", {"occurred_at": "yesterday"}),
     ("payment_status", {"status": "Refunded"}),                      # not a state of ours
     ("payment_status", {"status": {}}),

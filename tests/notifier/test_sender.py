@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import socket
 import ssl
+import threading
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
@@ -428,3 +429,35 @@ async def test_a_receiver_whose_certificate_is_not_trusted_gets_nothing(receiver
     assert (result.http_status, result.refused) == (None, False)
     assert result.error == "the receiver's TLS certificate was not accepted"
     assert receiver.received == []
+
+
+async def test_host_names_whose_lookups_hang_do_not_hold_up_another_receivers_lookup(receivers, senders,
+                                                                                      monkeypatch):
+    """Many merchants' DNS hangs at once (their provider is down): each lookup holds a thread for as
+    long as getaddrinfo waits, which the attempt's timeout does not end. Those threads must not be the
+    ones every other endpoint's lookup (and the event loop's other users) needs."""
+    receiver = await receivers()
+    hung, entered = threading.Event(), []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if isinstance(host, str) and host.endswith(".hung.test"):
+            entered.append(host)
+            hung.wait(STALL_BOUND_S * 3)
+            raise socket.gaierror(socket.EAI_AGAIN, "temporary failure")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    sender = senders(connect_timeout_s=1.0, read_timeout_s=1.0)
+    try:
+        stuck = [asyncio.ensure_future(sender.send(f"https://shop{i}.hung.test/hooks", f"evt_{i}", BODY, SECRETS))
+                 for i in range(40)]
+        for _ in range(200):  # until more lookups hang than the loop's default executor has threads
+            if len(entered) >= 8:
+                break
+            await asyncio.sleep(0.05)
+        result = await sender.send(f"http://localhost:{receiver.port}/hooks", "evt_ok", BODY, SECRETS)
+        assert (result.http_status, result.error) == (204, None)
+        assert all(r.http_status is None for r in await asyncio.gather(*stuck))
+    finally:
+        hung.set()

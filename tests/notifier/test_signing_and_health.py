@@ -34,5 +34,5 @@ def test_an_endpoints_failing_run_starts_at_its_first_failure_after_its_last_suc
                 ("b", False, t[0]), ("b", True, t[1]), ("b", False, t[2]),  # a success ended the run
                 ("c", False, t[0]), ("c", True, t[1])]                      # recovered
     assert {h.endpoint_id: h for h in health_of(outcomes)} == {
-        "a": EndpointHealth("a", False, t[0]), "b": EndpointHealth("b", True, t[2]),
+        "a": EndpointHealth("a", False, t[0], t[1]), "b": EndpointHealth("b", True, t[2], t[2]),
         "c": EndpointHealth("c", True, None)}
