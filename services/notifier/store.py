@@ -120,8 +120,8 @@ class NotifierStore:
                 "INSERT INTO webhook_deliveries (webhook_id, event_id, endpoint_id, channel_id, payment_id,"
                 "  event_type, occurred_at, body, leased_by, leased_until)"
                 " SELECT w, e, ep, c, p, t, o, b, %s, now() + make_interval(secs => %s)"
-                " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
-                "  %s::timestamptz[], %s::text[]) AS n(w, e, ep, c, p, t, o, b)"
+                " FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],"
+                "  %b::timestamptz[], %b::text[]) AS n(w, e, ep, c, p, t, o, b)"
                 # The endpoints come from a cache seconds old: one deleted since gets nothing (deleting
                 # cancelled its pending deliveries; a new one would be sent, or stay pending for ever).
                 " WHERE EXISTS (SELECT FROM webhook_endpoints x WHERE x.endpoint_id = n.ep AND x.status <> 'deleted')"
@@ -242,8 +242,8 @@ async def _write_finished(conn: AsyncConnection, finished: Sequence[Finished], o
         " next_attempt_at = COALESCE(u.next_at, d.next_attempt_at),"
         " finished_at = CASE WHEN u.state = 'pending' THEN NULL ELSE u.at END,"
         " last_http_status = u.http_status, last_error = u.error, leased_by = NULL, leased_until = NULL"
-        " FROM unnest(%s::bigint[], %s::text[], %s::int[], %s::timestamptz[], %s::timestamptz[], %s::int[],"
-        "  %s::text[]) AS u(id, state, attempts, next_at, at, http_status, error)"
+        " FROM unnest(%b::bigint[], %b::text[], %b::int[], %b::timestamptz[], %b::timestamptz[], %b::int[],"
+        "  %b::text[]) AS u(id, state, attempts, next_at, at, http_status, error)"
         " WHERE d.id = u.id AND d.state = 'pending' AND d.leased_by = %s",
         ([f.delivery_id for f in finished], [f.state for f in finished], [f.attempts for f in finished],
          [f.next_attempt_at for f in finished], [f.at for f in finished], [f.http_status for f in finished],
@@ -254,7 +254,7 @@ async def _write_finished(conn: AsyncConnection, finished: Sequence[Finished], o
         # poller's scan of due rows at each of its retries (see `write`'s released).
         await conn.execute(
             "UPDATE webhook_deliveries f SET next_attempt_at = u.next_at"
-            " FROM unnest(%s::bigint[], %s::timestamptz[]) AS u(id, next_at) JOIN webhook_deliveries h ON h.id = u.id"
+            " FROM unnest(%b::bigint[], %b::timestamptz[]) AS u(id, next_at) JOIN webhook_deliveries h ON h.id = u.id"
             " WHERE h.state = 'pending' AND h.next_attempt_at = u.next_at"  # written just above, by this process
             "  AND f.endpoint_id = h.endpoint_id AND f.payment_id = h.payment_id AND f.state = 'pending'"
             "  AND (f.occurred_at, f.id) > (h.occurred_at, h.id) AND f.next_attempt_at < u.next_at",
@@ -264,7 +264,7 @@ async def _write_finished(conn: AsyncConnection, finished: Sequence[Finished], o
         # Logged even where the row was taken over meanwhile: the attempt did happen.
         await conn.execute(
             "INSERT INTO webhook_attempts (delivery_id, at, http_status, latency_ms, error, outcome)"
-            " SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::int[], %s::float8[], %s::text[], %s::text[])",
+            " SELECT * FROM unnest(%b::bigint[], %b::timestamptz[], %b::int[], %b::float8[], %b::text[], %b::text[])",
             ([a.delivery_id for a in attempts], [a.at for a in attempts], [a.http_status for a in attempts],
              [max(a.latency_ms, 0.0) for a in attempts], [_bounded(a.error) for a in attempts],
              [a.outcome for a in attempts]))
@@ -283,7 +283,7 @@ async def _write_health(conn: AsyncConnection, health: Sequence[EndpointHealth],
                 " OR u.last >= e.last_failed_at + interval '1 minute') THEN u.last ELSE e.last_failed_at END")
     await conn.execute(
         f"UPDATE webhook_endpoints e SET failing_since = {new_since}, last_failed_at = {new_last}"
-        " FROM unnest(%(ids)s::text[], %(reset)s::bool[], %(since)s::timestamptz[], %(last)s::timestamptz[])"
+        " FROM unnest(%(ids)b::text[], %(reset)b::bool[], %(since)b::timestamptz[], %(last)b::timestamptz[])"
         " AS u(id, reset, since, last)"
         f" WHERE e.endpoint_id = u.id AND (e.failing_since IS DISTINCT FROM ({new_since})"
         f"  OR e.last_failed_at IS DISTINCT FROM ({new_last}))",
