@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS = 3
 
 
-ENDPOINTS = ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")
+ENDPOINTS = ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "SCHEMA_REGISTRY_URL")
 
 
 def _wanted(name: str) -> bool:
