@@ -1,0 +1,29 @@
+import { PluginCommonModule, VendurePlugin } from '@vendure/core';
+import { raw } from 'body-parser';
+
+import { mpesaStkHandler } from './handler';
+import { mpesaPaymentProcess } from './states';
+import { MpesaWebhookController, WEBHOOK_ROUTE } from './webhook.controller';
+
+/**
+ * Pays orders by M-Pesa STK push through mpesa-pipeline: the `mpesa-stk` payment handler, the
+ * Pending payment state, and the controller receiving the pipeline's signed status webhooks.
+ */
+@VendurePlugin({
+    imports: [PluginCommonModule],
+    controllers: [MpesaWebhookController],
+    compatibility: '^3.0.0',
+    configuration: config => {
+        config.paymentOptions.paymentMethodHandlers.push(mpesaStkHandler);
+        config.paymentOptions.process = [...(config.paymentOptions.process ?? []), mpesaPaymentProcess];
+        // The signature covers the exact bytes sent, so the body must reach the controller unparsed
+        // (and bounded: a webhook body is a few hundred bytes).
+        config.apiOptions.middleware.push({
+            route: `/${WEBHOOK_ROUTE}`,
+            handler: raw({ type: '*/*', limit: '64kb' }),
+            beforeListen: true,
+        });
+        return config;
+    },
+})
+export class MpesaPipelinePlugin {}
