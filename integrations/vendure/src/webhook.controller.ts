@@ -56,7 +56,7 @@ export class MpesaWebhookController {
         if (!event) {
             return void res.status(400).send('signature does not verify');
         }
-        const ctx = await this.requestContextService.create({ apiType: 'admin', channelOrToken: channel });
+        const ctx = await this.requestContextService.create({ apiType: 'admin', channelOrToken: channel.token });
         const methods = (await this.paymentMethodService.findAll(ctx)).items.filter(
             m => m.handler.code === HANDLER_CODE &&
                 m.handler.args.some(a => a.name === 'pipelineChannelId' && a.value === event.data.channelId),

@@ -1,0 +1,99 @@
+"""End to end with a Vendure shop: orders placed through Vendure's Shop API, paid by the mpesa-stk
+handler of the plugin in integrations/vendure, reach the whole pipeline (ingress, STK worker, Daraja
+sandbox, ledger, notifier) and come back as signed status webhooks that settle or decline the
+Vendure payment. What the tests look at is what Vendure's own GraphQL APIs say."""
+from __future__ import annotations
+
+import pytest
+
+from services.channels.vault import public_key_path
+from services.channels.webhooks import WebhookManagement
+from services.notifier.destinations import DestinationPolicy, parse_networks
+from tests.conftest import eventually, free_port
+from tests.e2e.stack import running
+from tests.integrations.vendure import GraphQL, VendureServer, add_payment, admin_login, admin_order, build, checkout
+
+SETTLES = "254700000000"    # the sandbox settles this phone's pushes
+CANCELS = "254700001032"    # and cancels this one's (ResultCode 1032, the customer cancelled)
+
+
+@pytest.fixture(scope="module")
+def stack(infra, tmp_path_factory):
+    yield from running(infra, tmp_path_factory.mktemp("e2e-vendure"), with_notifier=True)
+
+
+@pytest.fixture(scope="module")
+async def vendure(stack, pool, onboarding_pool, tmp_path_factory):
+    """A pipeline channel with a webhook endpoint at a Vendure test server whose default channel
+    pays through it (its API key and signing secret in the server's environment, as in production)."""
+    build()
+    channel_id = f"e2e-vendure-{stack.unique}"
+    api_key = await stack.onboard(pool, channel_id)
+    management = WebhookManagement(onboarding_pool, public_key_file=public_key_path(stack.webhooks_key_file),
+                                   policy=DestinationPolicy(parse_networks("127.0.0.0/8")))
+    port = free_port()
+    server_url = f"http://127.0.0.1:{port}"
+    _, secret = await management.add_endpoint(
+        channel_id, {"url": f"{server_url}/mpesa-pipeline/webhooks/__default_channel__"}, "tests")
+    server = VendureServer(tmp_path_factory.mktemp("vendure"), port, pipeline_channel=channel_id,
+                           ingress_url=stack.ingress_url, api_key=api_key, webhook_secret=secret)
+    yield server
+    print("----- vendure\n" + server.stop()[-4000:])
+
+
+async def paid_order(admin: GraphQL, code: str, state: str) -> dict:
+    async def reached():
+        order = await admin_order(admin, code)
+        return order if order["state"] == state else None
+    return await eventually(reached, timeout=60, interval=0.3)
+
+
+async def test_an_order_paid_with_a_phone_the_sandbox_settles_ends_paid(vendure):
+    shop = GraphQL(f"{vendure.url}/shop-api")
+    order = await checkout(shop)
+    placed = await add_payment(shop, SETTLES)
+    [payment] = placed["payments"]
+    assert payment["state"] == "Pending" and payment["transactionId"], placed
+    assert payment["metadata"] == {"public": {"mpesaStatus": "Pending"}}  # the Shop API shows only this part
+
+    admin = await admin_login(vendure.url)
+    paid = await paid_order(admin, order["code"], "PaymentSettled")
+    [settled] = paid["payments"]
+    assert settled["state"] == "Settled" and settled["transactionId"] == payment["transactionId"]
+    assert settled["metadata"]["settledByPipeline"] is True and settled["metadata"]["mpesaReceipt"]
+    assert paid["active"] is False and paid["totalWithTax"] == 10000
+    seen = (await shop("query($c: String!) { orderByCode(code: $c) { state payments { state metadata } } }",
+                       c=order["code"]))["orderByCode"]
+    assert seen["state"] == "PaymentSettled"
+    assert seen["payments"][0]["metadata"]["public"]["mpesaStatus"] == "Settled"
+
+
+async def test_a_cancelled_prompt_declines_the_payment_and_the_order_can_pay_again(vendure):
+    shop = GraphQL(f"{vendure.url}/shop-api")
+    order = await checkout(shop)
+    first = (await add_payment(shop, CANCELS))["payments"][0]
+    assert first["state"] == "Pending"
+
+    admin = await admin_login(vendure.url)
+
+    async def declined():
+        o = await admin_order(admin, order["code"])
+        return o if o["payments"][0]["state"] == "Declined" else None
+    after = await eventually(declined, timeout=60, interval=0.3)
+    assert after["state"] == "ArrangingPayment" and after["active"] is True
+    assert after["payments"][0]["errorMessage"], after  # the pipeline's reason
+
+    # A new attempt is a new pipeline payment (a new idempotency key), not the cancelled one again.
+    again = await add_payment(shop, SETTLES)
+    second = [p for p in again["payments"] if p["id"] != first["id"]][0]
+    assert second["state"] == "Pending" and second["transactionId"] != first["transactionId"]
+    paid = await paid_order(admin, order["code"], "PaymentSettled")
+    assert sorted(p["state"] for p in paid["payments"]) == ["Declined", "Settled"]
+
+
+async def test_an_order_total_with_cents_is_declined_without_asking_the_pipeline(vendure):
+    shop = GraphQL(f"{vendure.url}/shop-api")
+    await checkout(shop, variant_id="T_2")  # 99.50
+    refused = await add_payment(shop, SETTLES)
+    assert refused["errorCode"] == "PAYMENT_DECLINED_ERROR", refused
+    assert "whole shillings" in refused["paymentErrorMessage"] and "99.50" in refused["paymentErrorMessage"]
