@@ -4,7 +4,14 @@ sandbox, ledger, notifier) and come back as signed status webhooks that settle o
 Vendure payment. What the tests look at is what Vendure's own GraphQL APIs say."""
 from __future__ import annotations
 
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime
+
+import httpx
 import pytest
+from standardwebhooks.webhooks import Webhook
 
 from services.channels.vault import public_key_path
 from services.channels.webhooks import WebhookManagement
@@ -97,3 +104,68 @@ async def test_an_order_total_with_cents_is_declined_without_asking_the_pipeline
     refused = await add_payment(shop, SETTLES)
     assert refused["errorCode"] == "PAYMENT_DECLINED_ERROR", refused
     assert "whole shillings" in refused["paymentErrorMessage"] and "99.50" in refused["paymentErrorMessage"]
+
+
+def signed(secret: str, event_type: str, payment_id: str, channel_id: str, **data) -> tuple[dict, bytes]:
+    """A status webhook as the notifier would send it (docs/webhooks.md §1), signed with `secret`."""
+    webhook_id = str(uuid.uuid4())
+    now = datetime.now(UTC)
+    body = json.dumps({"type": event_type, "timestamp": now.isoformat(), "data": {
+        "eventId": webhook_id, "paymentId": payment_id, "channelId": channel_id, "state": data.pop("state"),
+        "mpesaReceipt": None, "reason": None, **data}}).encode()
+    headers = {"webhook-id": webhook_id, "webhook-timestamp": str(int(now.timestamp())),
+               "webhook-signature": Webhook(secret).sign(webhook_id, now, body.decode()),
+               "content-type": "application/json"}
+    return headers, body
+
+
+async def payment_transitions(admin: GraphQL, code: str) -> list[str]:
+    order = await admin_order(admin, code)
+    data = await admin("query($id: ID!) { order(id: $id) { history(options: {take: 100}) { items { type data } } } }",
+                       id=order["id"])
+    return [i["data"]["to"] for i in data["order"]["history"]["items"] if i["type"] == "ORDER_PAYMENT_TRANSITION"]
+
+
+async def test_a_webhook_with_a_bad_signature_is_refused_and_changes_nothing(vendure):
+    shop = GraphQL(f"{vendure.url}/shop-api")
+    order = await checkout(shop)
+    payment = (await add_payment(shop, SETTLES))["payments"][0]
+    forged = "whsec_" + "A" * 43 + "="  # well formed, not the endpoint's
+    headers, body = signed(forged, "payment.cancelled", payment["transactionId"], vendure.pipeline_channel,
+                           state="Cancelled", reason="forged")
+    async with httpx.AsyncClient(timeout=10) as http:
+        refused = await http.post(vendure.webhook_url(), content=body, headers=headers)
+        unsigned = await http.post(vendure.webhook_url(), content=body,
+                                   headers={"content-type": "application/json"})
+    assert (refused.status_code, unsigned.status_code) == (400, 400)
+    # Had the forged cancel been believed, the payment would be Declined and the real settle refused.
+    admin = await admin_login(vendure.url)
+    paid = await paid_order(admin, order["code"], "PaymentSettled")
+    assert [p["state"] for p in paid["payments"]] == ["Settled"] and not paid["payments"][0]["errorMessage"]
+    assert "Declined" not in await payment_transitions(admin, order["code"])
+
+
+async def test_the_same_settled_webhook_delivered_at_once_settles_once(vendure, pool):
+    shop = GraphQL(f"{vendure.url}/shop-api")
+    order = await checkout(shop)
+    payment = (await add_payment(shop, SETTLES))["payments"][0]
+    assert payment["state"] == "Pending"
+    # Sent while the payment is still Pending (the sandbox answers after 300 ms, the notifier after that).
+    headers, body = signed(vendure.webhook_secret, "payment.settled", payment["transactionId"],
+                           vendure.pipeline_channel, state="Settled", mpesaReceipt="TST0RACE01")
+    async with httpx.AsyncClient(timeout=30) as http:
+        answers = await asyncio.gather(*(http.post(vendure.webhook_url(), content=body, headers=headers)
+                                         for _ in range(6)))
+    assert [a.status_code for a in answers] == [204] * 6
+    admin = await admin_login(vendure.url)
+    paid = await paid_order(admin, order["code"], "PaymentSettled")
+    assert [p["state"] for p in paid["payments"]] == ["Settled"]
+
+    async def pipeline_delivered():  # the notifier's own payment.settled arrives too: a third duplicate
+        async with pool.connection() as conn:
+            row = await (await conn.execute(
+                "SELECT state FROM webhook_deliveries WHERE payment_id = %s AND event_type = 'payment.settled'",
+                (payment["transactionId"],))).fetchone()
+        return row is not None and row[0] == "delivered"
+    await eventually(pipeline_delivered, timeout=60, interval=0.3)
+    assert (await payment_transitions(admin, order["code"])).count("Settled") == 1

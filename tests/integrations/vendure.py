@@ -36,6 +36,7 @@ class VendureServer:
 
     def __init__(self, tmp: Path, port: int, *, pipeline_channel: str, ingress_url: str, api_key: str,
                  webhook_secret: str):
+        self.pipeline_channel, self.webhook_secret = pipeline_channel, webhook_secret
         suffix = env_suffix(DEFAULT_CHANNEL)
         env = {**os.environ, "VENDURE_DISABLE_TELEMETRY": "true",
                f"MPESA_PIPELINE_API_KEY__{suffix}": api_key,
@@ -84,7 +85,7 @@ class GraphQL:
         return body["data"]
 
 
-ORDER_FIELDS = "code state active totalWithTax payments { id state transactionId errorMessage metadata }"
+ORDER_FIELDS = "id code state active totalWithTax payments { id state transactionId errorMessage metadata }"
 
 
 async def checkout(shop: GraphQL, variant_id: str = "T_1") -> dict:
