@@ -18,6 +18,7 @@ from services.channels.webhooks import WebhookManagement
 from services.notifier.destinations import DestinationPolicy, parse_networks
 from tests.conftest import eventually, free_port
 from tests.e2e.stack import running
+from tests.e2e.test_pipeline import pushes
 from tests.integrations.vendure import GraphQL, VendureServer, add_payment, admin_login, admin_order, build, checkout
 
 SETTLES = "254700000000"    # the sandbox settles this phone's pushes
@@ -169,3 +170,26 @@ async def test_the_same_settled_webhook_delivered_at_once_settles_once(vendure, 
         return row is not None and row[0] == "delivered"
     await eventually(pipeline_delivered, timeout=60, interval=0.3)
     assert (await payment_transitions(admin, order["code"])).count("Settled") == 1
+
+
+async def test_a_checkout_retried_at_once_prompts_the_customer_once(stack, vendure):
+    shop = GraphQL(f"{vendure.url}/shop-api")
+    order = await checkout(shop)
+    # Two tabs (or a double click) pay the same order at once, then the storefront retries.
+    answers = [*await asyncio.gather(add_payment(shop, SETTLES), add_payment(shop, SETTLES)),
+               await add_payment(shop, SETTLES)]
+    assert any("payments" in a for a in answers), answers
+    assert "already waiting" in answers[2]["paymentErrorMessage"], answers[2]
+
+    admin = await admin_login(vendure.url)
+    paid = await paid_order(admin, order["code"], "PaymentSettled")
+    assert [p["state"] for p in paid["payments"]].count("Settled") == 1, paid["payments"]
+    # Both tabs may have got a Pending payment (the same pipeline payment: the same idempotency
+    # key); only one of them carries the money, the other is declined as its duplicate.
+    assert len({p["transactionId"] for p in paid["payments"] if p["transactionId"]}) == 1
+    assert pushes(stack, account_reference(order["code"])) == 1  # the sandbox's record: one prompt
+
+
+def account_reference(order_code: str) -> str:
+    """As src/handler.ts's accountReference: Daraja's 12 characters, the order code's last."""
+    return "".join(c for c in order_code if c.isascii() and (c.isalnum() or c in " -"))[-12:]

@@ -30,12 +30,22 @@ export const mpesaStkHandler = new PaymentMethodHandler({
             errorMessage,
             metadata: { public: { mpesaStatus: 'Declined', reason: errorMessage } },
         });
+        // First: Vendure counts a Pending payment as covering the order, so the amount asked
+        // for next is nothing or less.
+        const earlier = (order.payments ?? []).filter(p => p.method === method.code);
+        if (earlier.some(p => p.state === 'Pending')) {
+            // A prompt is already with the customer; a second one would be a second charge.
+            return declined('An M-Pesa prompt for this order is already waiting on the phone; answer it first.');
+        }
         if (order.currencyCode !== 'KES') {
             return declined(`M-Pesa takes Kenyan shillings; this order is in ${order.currencyCode}.`);
         }
+        if (!Number.isInteger(amount) || amount <= 0) {
+            return declined('Nothing is left to pay on this order.');
+        }
         // Vendure keeps minor units (cents); M-Pesa takes whole shillings. Rounding would charge
         // the customer a different amount from the order's, so an amount with cents is refused.
-        if (!Number.isInteger(amount) || amount <= 0 || amount % 100 !== 0) {
+        if (amount % 100 !== 0) {
             return declined(
                 `M-Pesa takes whole shillings; this payment is KES ${(amount / 100).toFixed(2)}, which has cents.`,
             );
@@ -49,11 +59,6 @@ export const mpesaStkHandler = new PaymentMethodHandler({
         if (!apiKey) {
             Logger.error(`${apiKeyVariable(channelCode)} is not set: no M-Pesa payment in this channel`, loggerCtx);
             return declined('M-Pesa payments are not configured for this shop.');
-        }
-        const earlier = (order.payments ?? []).filter(p => p.method === method.code);
-        if (earlier.some(p => p.state === 'Pending')) {
-            // A prompt is already with the customer; a second one would be a second charge.
-            return declined('An M-Pesa prompt for this order is already waiting on the phone; answer it first.');
         }
         // The same order and attempt always give the same key, so a checkout retried after a crash
         // (its payment never saved) finds the pipeline's payment again instead of prompting twice;
