@@ -32,20 +32,22 @@ def env_suffix(channel_code: str) -> str:
 
 
 class VendureServer:
-    """e2e/server.ts with the plugin, its default channel paying by mpesa-stk to `pipeline_channel`."""
+    """e2e/server.ts with the plugin; `channels` maps each Vendure channel code to its pipeline
+    channel, API key and webhook secret (the default channel first; the others are created)."""
 
-    def __init__(self, tmp: Path, port: int, *, pipeline_channel: str, ingress_url: str, api_key: str,
-                 webhook_secret: str):
-        self.pipeline_channel, self.webhook_secret = pipeline_channel, webhook_secret
-        suffix = env_suffix(DEFAULT_CHANNEL)
-        env = {**os.environ, "VENDURE_DISABLE_TELEMETRY": "true",
-               f"MPESA_PIPELINE_API_KEY__{suffix}": api_key,
-               f"MPESA_PIPELINE_WEBHOOK_SECRET__{suffix}": webhook_secret}
+    def __init__(self, tmp: Path, port: int, *, ingress_url: str, channels: dict[str, tuple[str, str, str]]):
+        self.channels = channels
+        env = {**os.environ, "VENDURE_DISABLE_TELEMETRY": "true"}
+        for code, (_, api_key, secret) in channels.items():
+            env[f"MPESA_PIPELINE_API_KEY__{env_suffix(code)}"] = api_key
+            env[f"MPESA_PIPELINE_WEBHOOK_SECRET__{env_suffix(code)}"] = secret
+        others = [arg for code, (pipeline, _, _) in channels.items() if code != DEFAULT_CHANNEL
+                  for arg in ("--channel", f"{code}={pipeline}")]
         (tmp / "sqljs").mkdir(parents=True, exist_ok=True)
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
             ["node", "dist/e2e/server.js", "--port", str(port), "--data-dir", str(tmp / "sqljs"),
-             "--pipeline-channel", pipeline_channel, "--ingress-url", ingress_url],
+             "--pipeline-channel", channels[DEFAULT_CHANNEL][0], "--ingress-url", ingress_url, *others],
             cwd=PLUGIN, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines: list[str] = []
         threading.Thread(target=self.lines.extend, args=(self.proc.stdout,), daemon=True).start()
@@ -54,6 +56,14 @@ class VendureServer:
             assert time.monotonic() < deadline and self.proc.poll() is None, \
                 f"the Vendure test server did not start: {''.join(self.lines)[-3000:]}"
             time.sleep(0.1)
+
+    @property
+    def pipeline_channel(self) -> str:
+        return self.channels[DEFAULT_CHANNEL][0]
+
+    @property
+    def webhook_secret(self) -> str:
+        return self.channels[DEFAULT_CHANNEL][2]
 
     def webhook_url(self, channel_code: str = DEFAULT_CHANNEL) -> str:
         return f"{self.url}/mpesa-pipeline/webhooks/{channel_code}"
@@ -71,9 +81,9 @@ class VendureServer:
 class GraphQL:
     """One Vendure API session: Vendure answers a session's bearer token in `vendure-auth-token`."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, channel_token: str = CHANNEL_TOKEN):
         self.url = url
-        self.headers = {"vendure-token": CHANNEL_TOKEN}
+        self.headers = {"vendure-token": channel_token}
 
     async def __call__(self, query: str, **variables) -> dict:
         async with httpx.AsyncClient(timeout=30) as http:

@@ -10,7 +10,9 @@
  * `VENDURE_READY port=<port>` once it serves, and stops on SIGTERM.
  */
 import { mergeConfig } from '@vendure/core';
-import { createTestEnvironment, registerInitializer, SqljsInitializer, testConfig } from '@vendure/testing';
+import {
+    createTestEnvironment, E2E_DEFAULT_CHANNEL_TOKEN, registerInitializer, SimpleGraphQLClient, SqljsInitializer, testConfig,
+} from '@vendure/testing';
 import gql from 'graphql-tag';
 import path from 'path';
 import { parseArgs } from 'util';
@@ -26,6 +28,8 @@ async function main() {
             'data-dir': { type: 'string' },
             'pipeline-channel': { type: 'string' },
             'ingress-url': { type: 'string' },
+            // <vendure channel code>=<pipeline channel id>: a further Vendure channel, made here
+            channel: { type: 'string', multiple: true },
         },
     });
     const port = Number(values.port);
@@ -53,7 +57,44 @@ async function main() {
     await adminClient.query(gql`
         mutation { updateChannel(input: { id: "T_1", defaultCurrencyCode: KES, availableCurrencyCodes: [KES] }) {
             ... on Channel { id } } }`);
-    await adminClient.query(
+    await addPaymentMethod(adminClient, values['pipeline-channel']!, values['ingress-url']!);
+    for (const spec of values.channel ?? []) {
+        const [code, pipelineChannel] = spec.split('=');
+        await addChannel(adminClient, code);
+        adminClient.setChannelToken(`${code}-token`);
+        await addPaymentMethod(adminClient, pipelineChannel, values['ingress-url']!);
+        adminClient.setChannelToken(E2E_DEFAULT_CHANNEL_TOKEN);
+    }
+    console.log(`VENDURE_READY port=${port}`);
+    const stop = async () => {
+        await server.destroy();
+        process.exit(0);
+    };
+    process.on('SIGTERM', stop);
+    process.on('SIGINT', stop);
+}
+
+/** A KES channel (token `<code>-token`) selling the default channel's products at the same prices. */
+async function addChannel(admin: SimpleGraphQLClient, code: string) {
+    const { zones } = await admin.query(gql`{ zones { items { id name } } }`);
+    const zone = zones.items.find((z: any) => z.name === 'Africa').id;
+    const { createChannel } = await admin.query(gql`
+        mutation ($input: CreateChannelInput!) { createChannel(input: $input) {
+            ... on Channel { id } ... on ErrorResult { message } } }`, {
+        input: { code, token: `${code}-token`, defaultLanguageCode: 'en', currencyCode: 'KES', pricesIncludeTax: true,
+                 defaultShippingZoneId: zone, defaultTaxZoneId: zone },
+    });
+    const { products } = await admin.query(gql`{ products { items { id } } }`);
+    await admin.query(gql`mutation ($input: AssignProductsToChannelInput!) { assignProductsToChannel(input: $input) { id } }`,
+        { input: { channelId: createChannel.id, productIds: products.items.map((p: any) => p.id), priceFactor: 1 } });
+    const { shippingMethods } = await admin.query(gql`{ shippingMethods { items { id } } }`);
+    await admin.query(gql`mutation ($input: AssignShippingMethodsToChannelInput!) {
+        assignShippingMethodsToChannel(input: $input) { id } }`,
+        { input: { channelId: createChannel.id, shippingMethodIds: shippingMethods.items.map((m: any) => m.id) } });
+}
+
+async function addPaymentMethod(admin: SimpleGraphQLClient, pipelineChannel: string, ingressUrl: string) {
+    await admin.query(
         gql`mutation ($input: CreatePaymentMethodInput!) { createPaymentMethod(input: $input) { id } }`,
         {
             input: {
@@ -62,21 +103,14 @@ async function main() {
                 handler: {
                     code: 'mpesa-stk',
                     arguments: [
-                        { name: 'pipelineChannelId', value: values['pipeline-channel'] },
-                        { name: 'ingressUrl', value: values['ingress-url'] },
+                        { name: 'pipelineChannelId', value: pipelineChannel },
+                        { name: 'ingressUrl', value: ingressUrl },
                     ],
                 },
                 translations: [{ languageCode: 'en', name: 'M-Pesa' }],
             },
         },
     );
-    console.log(`VENDURE_READY port=${port}`);
-    const stop = async () => {
-        await server.destroy();
-        process.exit(0);
-    };
-    process.on('SIGTERM', stop);
-    process.on('SIGINT', stop);
 }
 
 main().catch(e => {
