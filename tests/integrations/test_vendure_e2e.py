@@ -237,3 +237,23 @@ async def test_two_vendure_channels_keep_their_payments_and_webhooks_apart(stack
             admin.headers["vendure-token"] = token
         paid = await paid_order(admin, order["code"], "PaymentSettled")
         assert [p["state"] for p in paid["payments"]] == ["Settled"]
+
+
+async def test_a_settled_webhook_for_a_declined_payment_flags_it_and_settles_nothing(vendure):
+    shop = GraphQL(f"{vendure.url}/shop-api")
+    order = await checkout(shop)
+    payment = (await add_payment(shop, CANCELS))["payments"][0]
+    admin = await admin_login(vendure.url)
+
+    async def declined():
+        o = await admin_order(admin, order["code"])
+        return o if o["payments"][0]["state"] == "Declined" else None
+    await eventually(declined, timeout=60, interval=0.3)
+    headers, body = signed(vendure.webhook_secret, "payment.settled", payment["transactionId"],
+                           vendure.pipeline_channel, state="Settled", mpesaReceipt="TST0LATE01")
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.post(vendure.webhook_url(), content=body, headers=headers)).status_code == 204
+    after = await admin_order(admin, order["code"])
+    assert after["state"] == "ArrangingPayment" and after["payments"][0]["state"] == "Declined"
+    assert after["payments"][0]["metadata"]["needsReview"] is True
+    assert after["payments"][0]["metadata"]["mpesaReceipt"] == "TST0LATE01"

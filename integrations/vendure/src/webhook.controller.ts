@@ -118,11 +118,18 @@ export class MpesaWebhookController {
             return; // already settled: a redelivery or a concurrent duplicate
         }
         const [first, ...duplicates] = pending;
+        const receipt = clean(event.data.mpesaReceipt);
         if (!first) {
-            Logger.error(`payment.settled for a payment that is no longer Pending (${payments[0].id}): check it`, loggerCtx);
+            // Money moved for a payment Vendure already declined: an administrator must decide
+            // (refund, or accept it for the order); nothing here may settle it silently.
+            for (const p of payments) {
+                p.metadata = merge(p.metadata, { needsReview: true, mpesaReceipt: receipt,
+                    reviewReason: 'M-Pesa settled a payment this shop had already declined' });
+                await this.connection.getRepository(ctx, Payment).save(p, { reload: false });
+            }
+            Logger.error(`payment.settled for payment ${payments[0].id}, no longer Pending: flagged for review`, loggerCtx);
             return;
         }
-        const receipt = clean(event.data.mpesaReceipt);
         first.metadata = merge(first.metadata, { [SETTLED_BY_PIPELINE]: true, mpesaReceipt: receipt,
             public: { mpesaStatus: 'Settled', mpesaReceipt: receipt } });
         await this.connection.getRepository(ctx, Payment).save(first, { reload: false });
