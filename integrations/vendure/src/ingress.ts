@@ -34,7 +34,7 @@ export async function requestPayment(
             redirect: 'error',
             signal: AbortSignal.timeout(TIMEOUT_MS),
         });
-    } catch (e) {
+    } catch {
         // No answer: the payment may or may not exist; the same idempotency key on the next attempt
         // finds it again rather than prompting twice.
         return { accepted: false, status: null, message: 'The M-Pesa payment service did not answer; try again.' };

@@ -11,7 +11,6 @@ import {
 } from '@vendure/core';
 import type { Request, Response } from 'express';
 import { Webhook, WebhookVerificationError } from 'standardwebhooks';
-import { In } from 'typeorm';
 
 import { HANDLER_CODE, loggerCtx, SETTLED_BY_PIPELINE } from './handler';
 import { webhookSecretsFor, webhookSecretVariable } from './secrets';
