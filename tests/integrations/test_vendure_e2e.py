@@ -257,3 +257,23 @@ async def test_a_settled_webhook_for_a_declined_payment_flags_it_and_settles_not
     assert after["state"] == "ArrangingPayment" and after["payments"][0]["state"] == "Declined"
     assert after["payments"][0]["metadata"]["needsReview"] is True
     assert after["payments"][0]["metadata"]["mpesaReceipt"] == "TST0LATE01"
+
+
+async def test_a_checkout_retried_after_a_crash_finds_the_same_pipeline_payment(stack, vendure):
+    shop = GraphQL(f"{vendure.url}/shop-api")
+    order = await checkout(shop)
+    # What the handler sent before the Vendure server died, its payment never saved: the same
+    # request with the key of the order's first attempt.
+    pipeline_channel, api_key, _ = vendure.channels[DEFAULT_CHANNEL]
+    async with httpx.AsyncClient(timeout=10) as http:
+        first = await http.post(f"{stack.ingress_url}/api/payments", headers={
+            "Authorization": f"Bearer {api_key}", "Idempotency-Key": f"vendure:{order['code']}:1"}, json={
+            "channelId": pipeline_channel, "amount": 100, "phone": SETTLES,
+            "accountReference": account_reference(order["code"]), "orderReference": order["code"]})
+    assert first.status_code == 202, first.text
+
+    payment = (await add_payment(shop, SETTLES))["payments"][0]
+    assert payment["transactionId"] == first.json()["paymentId"]
+    admin = await admin_login(vendure.url)
+    await paid_order(admin, order["code"], "PaymentSettled")
+    assert pushes(stack, account_reference(order["code"])) == 1
