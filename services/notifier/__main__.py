@@ -11,8 +11,6 @@ from services.common.observability import Health, serve_ops
 from services.common.runtime import StartupRefused, quiet_garbage_collector, run_service
 from services.common.topics import ACCESS, PAYMENT_STATUS
 from services.notifier import bootstrap
-from services.notifier.destinations import DestinationPolicy
-from services.notifier.sender import Sender
 from services.notifier.settings import NOTIFIER_SETTINGS, NotifierConfig
 
 __all__ = ["NOTIFIER_SETTINGS", "main"]
@@ -34,9 +32,7 @@ async def main(cfg: NotifierConfig, stop: asyncio.Event) -> None:
     producer = EventProducer(cfg.kafka_bootstrap_servers, codec, client_id="notifier")  # dead letters only
     # The consumer's batch, the poller, the heartbeat, the writer and the secrets' reads.
     pool = await open_pool(cfg.database_url, max_size=6, autocommit=True)
-    sender = Sender(DestinationPolicy(cfg.webhook_allowed_networks), connect_timeout_s=cfg.notifier_connect_timeout_s,
-                    read_timeout_s=cfg.notifier_read_timeout_s)
-    notifier = bootstrap.build(pool, cfg, sender=sender, key_provider=key_provider)
+    notifier = bootstrap.build(pool, cfg, key_provider=key_provider)
     # One batch at a time: two in parallel could commit a payment's Settled before its Pending.
     consumer = ConsumerLoop(bootstrap=cfg.kafka_bootstrap_servers, group_id=cfg.notifier_group_id, codec=codec,
                             topics=[PAYMENT_STATUS], handler=notifier.enqueuer.handle_batch, dead_letters=producer,
@@ -51,7 +47,7 @@ async def main(cfg: NotifierConfig, stop: asyncio.Event) -> None:
     finally:
         await notifier.close()
         await runner.cleanup()
-        await sender.close()
+        await notifier.sender.close()
         producer.close()
         await pool.close()
 
