@@ -35,7 +35,9 @@ class VendureServer:
     """e2e/server.ts with the plugin; `channels` maps each Vendure channel code to its pipeline
     channel, API key and webhook secret (the default channel first; the others are created)."""
 
-    def __init__(self, tmp: Path, port: int, *, ingress_url: str, channels: dict[str, tuple[str, str, str]]):
+    def __init__(self, tmp: Path, port: int, *, ingress_url: str, channels: dict[str, tuple[str, str, str]],
+                 poll: tuple[float, float] | None = None):
+        """`poll`: (interval, pending after) in seconds switches the poller on; it is off otherwise."""
         self.channels = channels
         env = {**os.environ, "VENDURE_DISABLE_TELEMETRY": "true"}
         for code, (_, api_key, secret) in channels.items():
@@ -47,7 +49,8 @@ class VendureServer:
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
             ["node", "dist/e2e/server.js", "--port", str(port), "--data-dir", str(tmp / "sqljs"),
-             "--pipeline-channel", channels[DEFAULT_CHANNEL][0], "--ingress-url", ingress_url, *others],
+             "--pipeline-channel", channels[DEFAULT_CHANNEL][0], "--ingress-url", ingress_url, *others,
+             *(("--poll-interval-seconds", str(poll[0]), "--poll-pending-after-seconds", str(poll[1])) if poll else ())],
             cwd=PLUGIN, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines: list[str] = []
         threading.Thread(target=self.lines.extend, args=(self.proc.stdout,), daemon=True).start()

@@ -6,7 +6,8 @@
  *   node dist/e2e/server.js --port 3050 --data-dir /tmp/x --pipeline-channel shop-1 --ingress-url http://127.0.0.1:8080
  *
  * The default channel is in KES and has the payment method `mpesa-stk`; products are in
- * e2e/fixtures/products.csv (KIKOY-1 at 100.00, CHAI-1 at 99.50, with cents). It prints
+ * e2e/fixtures/products.csv (KIKOY-1 at 100.00, CHAI-1 at 99.50, with cents). The poller is off
+ * unless --poll-interval-seconds is given (with --poll-pending-after-seconds). It prints
  * `VENDURE_READY port=<port>` once it serves, and stops on SIGTERM.
  */
 import { mergeConfig } from '@vendure/core';
@@ -30,13 +31,19 @@ async function main() {
             'ingress-url': { type: 'string' },
             // <vendure channel code>=<pipeline channel id>: a further Vendure channel, made here
             channel: { type: 'string', multiple: true },
+            // The poller of payments left Pending (off unless given, so webhook tests see webhooks only).
+            'poll-interval-seconds': { type: 'string', default: '0' },
+            'poll-pending-after-seconds': { type: 'string', default: '180' },
         },
     });
     const port = Number(values.port);
     registerInitializer('sqljs', new SqljsInitializer(values['data-dir']!));
     const config = mergeConfig(testConfig, {
         apiOptions: { port },
-        plugins: [MpesaPipelinePlugin],
+        plugins: [MpesaPipelinePlugin.init({
+            pollIntervalSeconds: Number(values['poll-interval-seconds']),
+            pollPendingAfterSeconds: Number(values['poll-pending-after-seconds']),
+        })],
     });
     const { server, adminClient } = createTestEnvironment(config);
     await server.init({

@@ -1,4 +1,5 @@
-/** The one call the shop makes to the pipeline: POST /api/payments (services/ingress/openapi.json). */
+/** The calls the shop makes to the pipeline's ingress (services/ingress/openapi.json): POST /api/payments,
+ * and GET /api/payments/{id} for the poller. */
 
 export interface PaymentRequest {
     channelId: string;
@@ -58,4 +59,50 @@ export function problemMessage(status: number, body: any): string {
     }
     const text = parts.length ? parts.join(' — ') : `The M-Pesa payment service answered ${status}.`;
     return text.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, ' ').slice(0, MAX_MESSAGE);
+}
+
+/** What the poller needs of GET /api/payments/{id}: the payment's state and its words on it. */
+export interface PaymentView {
+    state: string;
+    reason: string | null;
+    mpesaReceipt: string | null;
+}
+
+const READ_TIMEOUT_MS = 10_000;
+
+/**
+ * The pipeline's payment, or null when it cannot be had now (no answer, not found for this key,
+ * or a body that is not the payment asked for: it must name the same payment and pipeline channel).
+ */
+export async function readPayment(
+    ingressUrl: string,
+    apiKey: string,
+    pipelineChannelId: string,
+    paymentId: string,
+): Promise<PaymentView | null> {
+    try {
+        const response = await fetch(new URL(`/api/payments/${encodeURIComponent(paymentId)}`, ingressUrl), {
+            headers: { Authorization: `Bearer ${apiKey}`, Accept: 'application/json' },
+            redirect: 'error',
+            signal: AbortSignal.timeout(READ_TIMEOUT_MS),
+        });
+        if (response.status !== 200) {
+            await response.body?.cancel();
+            return null;
+        }
+        const body: any = await response.json();
+        if (body?.paymentId !== paymentId || body?.channelId !== pipelineChannelId || typeof body?.state !== 'string') {
+            return null;
+        }
+        const history = Array.isArray(body.history) ? body.history : [];
+        const last = history[history.length - 1];
+        return {
+            state: body.state,
+            // The reason of the change that made the state (the webhook's `reason`).
+            reason: typeof last?.reason === 'string' && last?.state === body.state ? last.reason : null,
+            mpesaReceipt: typeof body.mpesa?.receiptNumber === 'string' ? body.mpesa.receiptNumber : null,
+        };
+    } catch {
+        return null; // the ingress is down or slow, or the body is not JSON: asked again next round
+    }
 }
