@@ -333,7 +333,8 @@ async def polling_vendure(stack, pool, tmp_path_factory):
     api_key = await stack.onboard(pool, pipeline_channel)
     unused_secret = "whsec_" + "B" * 43 + "="
     server = VendureServer(tmp_path_factory.mktemp("vendure-poll"), free_port(), ingress_url=stack.ingress_url,
-                           channels={DEFAULT_CHANNEL: (pipeline_channel, api_key, unused_secret)}, poll=(1, 1))
+                           channels={DEFAULT_CHANNEL: (pipeline_channel, api_key, unused_secret)}, poll=(1, 1),
+                           log=True)
     yield server
     print("----- vendure (polling)\n" + server.stop()[-4000:])
 
@@ -350,6 +351,9 @@ async def test_the_poller_settles_a_payment_whose_webhook_never_came(stack, poll
     pipeline = await state(stack, polling_vendure.channels[DEFAULT_CHANNEL][:2], payment["transactionId"])
     assert settled["metadata"]["mpesaReceipt"] == pipeline["mpesa"]["receiptNumber"]
     assert (await payment_transitions(admin, order["code"])).count("Settled") == 1
+    logged = "".join(polling_vendure.lines)
+    assert "MpesaPipelinePlugin" in logged or "Vendure" in logged  # logs are on: the next line means something
+    assert polling_vendure.channels[DEFAULT_CHANNEL][1] not in logged and SETTLES not in logged
 
 
 async def test_the_poller_declines_a_payment_the_customer_cancelled(polling_vendure):

@@ -80,7 +80,8 @@ export class PendingPaymentPoller implements OnApplicationBootstrap, OnApplicati
         if (!view) {
             return false;
         }
-        const type = EVENT_OF_STATE[view.state];
+        // Own keys only: a state such as "constructor" from a hostile answer maps to nothing.
+        const type = Object.prototype.hasOwnProperty.call(EVENT_OF_STATE, view.state) ? EVENT_OF_STATE[view.state] : undefined;
         if (!type || type === 'payment.pending') {
             return true; // still open (or Requested): asked again in a later round
         }
