@@ -326,15 +326,20 @@ async def test_a_payment_the_pipeline_puts_in_review_stays_pending_flagged_until
 
 @pytest.fixture(scope="module")
 async def polling_vendure(stack, pool, tmp_path_factory):
-    """A second Vendure test server whose pipeline channel has no webhook endpoint at all (every
-    webhook lost), with the poller asking every second about payments Pending for a second."""
+    """A second Vendure test server whose pipeline channels have no webhook endpoint at all (every
+    webhook lost), with the poller asking every second about payments Pending for 3 s; its second
+    channel's pipeline channel confirms successes by query (Review with CONTRADICTED)."""
     build()
-    pipeline_channel = f"e2e-vendure-poll-{stack.unique}"
-    api_key = await stack.onboard(pool, pipeline_channel)
-    unused_secret = "whsec_" + "B" * 43 + "="
+    onboarding = Onboarding(pool, public_key_file=public_key_path(stack.key_file))
+    channels = {}
+    for code in (DEFAULT_CHANNEL, CONFIRMING_CHANNEL):
+        pipeline_channel = f"e2e-vendure-poll-{code.strip('_')[:6]}-{stack.unique}"
+        api_key = await stack.onboard(pool, pipeline_channel)
+        if code == CONFIRMING_CHANNEL:
+            await onboarding.update_channel(pipeline_channel, {"confirmSuccessByQuery": True}, "tests")
+        channels[code] = (pipeline_channel, api_key, "whsec_" + "B" * 43 + "=")  # a secret nothing signs with
     server = VendureServer(tmp_path_factory.mktemp("vendure-poll"), free_port(), ingress_url=stack.ingress_url,
-                           channels={DEFAULT_CHANNEL: (pipeline_channel, api_key, unused_secret)}, poll=(1, 1),
-                           log=True)
+                           channels=channels, poll=(1, 3), log=True)
     yield server
     print("----- vendure (polling)\n" + server.stop()[-4000:])
 
@@ -367,3 +372,53 @@ async def test_the_poller_declines_a_payment_the_customer_cancelled(polling_vend
         return o if o["payments"][0]["state"] == "Declined" else None
     after = await eventually(declined, timeout=60, interval=0.3)
     assert after["state"] == "ArrangingPayment" and after["payments"][0]["errorMessage"]
+
+
+async def test_the_poller_flags_a_payment_the_pipeline_put_in_review(polling_vendure):
+    shop = GraphQL(f"{polling_vendure.url}/shop-api", f"{CONFIRMING_CHANNEL}-token")
+    order = await checkout(shop)
+    await add_payment(shop, CONTRADICTED)
+    admin = await admin_login(polling_vendure.url)
+    admin.headers["vendure-token"] = f"{CONFIRMING_CHANNEL}-token"
+
+    async def flagged():
+        o = await admin_order(admin, order["code"])
+        return o if o["payments"][0]["metadata"].get("needsReview") else None
+    after = await eventually(flagged, timeout=60, interval=0.3)
+    [reviewed] = after["payments"]
+    assert reviewed["state"] == "Pending" and after["state"] == "ArrangingPayment", after
+    assert "contradicting the success callback" in reviewed["metadata"]["reviewReason"]
+    assert reviewed["metadata"]["public"] == {"mpesaStatus": "Review"}
+
+
+async def test_the_poller_waits_out_an_ingress_that_is_down_and_settles_afterwards(polling_vendure):
+    shop = GraphQL(f"{polling_vendure.url}/shop-api")
+    order = await checkout(shop)
+    await add_payment(shop, SETTLES)
+    admin = await admin_login(polling_vendure.url)
+    # The ingress goes away (the payment method now points at a port nothing listens on).
+    pipeline_channel = polling_vendure.pipeline_channel
+    ingress_url = await set_ingress_url(admin, pipeline_channel, f"http://127.0.0.1:{free_port()}")
+    warned = len([line for line in polling_vendure.lines if "did not say how" in line])
+
+    async def unanswered():
+        return len([line for line in polling_vendure.lines if "did not say how" in line]) >= warned + 2
+    await eventually(unanswered, timeout=60, interval=0.3)  # two rounds asked and got nothing
+    assert (await admin_order(admin, order["code"]))["payments"][0]["state"] == "Pending"
+
+    await set_ingress_url(admin, pipeline_channel, ingress_url)
+    paid = await paid_order(admin, order["code"], "PaymentSettled")
+    assert [p["state"] for p in paid["payments"]] == ["Settled"]
+
+
+async def set_ingress_url(admin: GraphQL, pipeline_channel: str, url: str) -> str:
+    """Points the mpesa-stk payment method of `pipeline_channel` at `url`; answers the URL it had."""
+    methods = (await admin("{ paymentMethods { items { id code handler { args { name value } } } } }")
+               )["paymentMethods"]["items"]
+    [method] = [m for m in methods if {"name": "pipelineChannelId", "value": pipeline_channel} in m["handler"]["args"]]
+    args = {a["name"]: a["value"] for a in method["handler"]["args"]}
+    await admin("mutation($input: UpdatePaymentMethodInput!) { updatePaymentMethod(input: $input) { id } }",
+                input={"id": method["id"], "handler": {"code": "mpesa-stk", "arguments": [
+                    {"name": "pipelineChannelId", "value": args["pipelineChannelId"]},
+                    {"name": "ingressUrl", "value": url}]}})
+    return args["ingressUrl"]

@@ -126,7 +126,10 @@ export class PendingPaymentPoller implements OnApplicationBootstrap, OnApplicati
         return payments.flatMap(payment => {
             // Every order is in the default channel too; its own channel is the other one, if any.
             const channel = payment.order.channels.find(c => c.id !== defaultChannel.id) ?? defaultChannel;
-            const method = methods.find(m => m.code === payment.method && m.channels.some(c => c.id === channel.id));
+            // A method made in another channel is in the default channel too, often with the same
+            // code: the one the payment was made with is the one naming its pipeline channel.
+            const method = methods.find(m => m.code === payment.method && m.channels.some(c => c.id === channel.id) &&
+                m.handler.args.some(a => a.name === 'pipelineChannelId' && a.value === payment.metadata?.pipelineChannelId));
             return method ? [{ payment, channel, method }] : [];
         });
     }
