@@ -35,9 +35,10 @@ class VendureServer:
     """e2e/server.ts with the plugin; `channels` maps each Vendure channel code to its pipeline
     channel, API key and webhook secret (the default channel first; the others are created)."""
 
-    def __init__(self, tmp: Path, port: int, *, ingress_url: str, channels: dict[str, tuple[str, str, str]]):
+    def __init__(self, tmp: Path, port: int, *, ingress_url: str, channels: dict[str, tuple[str, str, str]],
+                 env: dict[str, str] | None = None):
         self.channels = channels
-        env = {**os.environ, "VENDURE_DISABLE_TELEMETRY": "true"}
+        env = {**os.environ, "VENDURE_DISABLE_TELEMETRY": "true", **(env or {})}
         for code, (_, api_key, secret) in channels.items():
             env[f"MPESA_PIPELINE_API_KEY__{env_suffix(code)}"] = api_key
             env[f"MPESA_PIPELINE_WEBHOOK_SECRET__{env_suffix(code)}"] = secret
