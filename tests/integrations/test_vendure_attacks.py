@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from collections.abc import Callable
 
 import httpx
@@ -23,6 +24,7 @@ from tests.integrations.test_vendure_e2e import SETTLES, SETTLES_TOO, account_re
 from tests.integrations.vendure import (
     DEFAULT_CHANNEL,
     ORDER_FIELDS,
+    PLUGIN,
     GraphQL,
     VendureServer,
     add_payment,
@@ -294,3 +296,48 @@ async def test_the_vendure_log_shows_neither_phones_nor_the_api_key(vendure, pro
     log = await eventually(logged, timeout=10)
     for secret in ("712 345 678", "712345678", SETTLES, SETTLES_TOO, vendure.channels[DEFAULT_CHANNEL][1]):
         assert secret not in log
+
+
+async def set_ingress_url(admin: GraphQL, url: str) -> None:
+    methods = (await admin("{ paymentMethods { items { id code handler { args { name value } } } } }"))
+    [method] = [m for m in methods["paymentMethods"]["items"] if m["code"] == "mpesa-stk"]
+    args = [{"name": a["name"], "value": url if a["name"] == "ingressUrl" else a["value"]}
+            for a in method["handler"]["args"]]
+    await admin("mutation($input: UpdatePaymentMethodInput!) { updatePaymentMethod(input: $input) { id } }",
+                input={"id": method["id"], "handler": {"code": "mpesa-stk", "arguments": args}})
+
+
+@pytest.mark.parametrize("hostile", ["file:///etc/passwd", "data:application/json,{}", "ftp://127.0.0.1/",
+                                     "http://user:password@127.0.0.1:{port}", "not a url"])
+async def test_an_ingress_url_that_is_not_plain_http_is_refused_before_anything_is_sent(vendure, proxy, hostile):
+    admin = await admin_login(vendure.url)
+    await set_ingress_url(admin, hostile.replace("{port}", proxy.url.rsplit(":", 1)[1]))
+    try:
+        shop = GraphQL(f"{vendure.url}/shop-api")
+        await checkout(shop)
+        refused = await add_payment(shop, SETTLES)
+    finally:
+        await set_ingress_url(admin, proxy.url)
+    assert refused["paymentErrorMessage"] == "M-Pesa payments are not configured for this shop.", refused
+    assert proxy.seen == []
+
+
+@pytest.mark.parametrize("code", ["Ordre n° 42", "ORD/2026/000042", "#42", "    ", "x" * 250, "番号-42"])
+async def test_order_codes_of_a_custom_strategy_give_a_request_the_ingress_accepts(stack, vendure, code):
+    """What the handler derives from an order code (src/handler.ts, run by node) for codes a custom
+    OrderCodeStrategy could make: the ingress accepts the request, and asked again, finds it."""
+    script = ("const h = require('./dist/src/handler'); const c = process.argv[1];"
+              "console.log(JSON.stringify({key: `vendure:${h.orderKeyPart(c)}:1`,"
+              " accountReference: h.accountReference(c), orderReference: h.orderReference(c)}))")
+    derived = json.loads(subprocess.run(["node", "-e", script, code], cwd=PLUGIN, check=True, text=True,
+                                        capture_output=True).stdout)
+    pipeline_channel, api_key, _ = vendure.channels[DEFAULT_CHANNEL]
+    request = {"channelId": pipeline_channel, "amount": 100, "phone": SETTLES_TOO,
+               "accountReference": derived["accountReference"]}
+    if derived.get("orderReference") is not None:  # none for a code longer than the pipeline's 128
+        request["orderReference"] = derived["orderReference"]
+    async with httpx.AsyncClient(timeout=10) as http:
+        answers = [await http.post(f"{stack.ingress_url}/api/payments", json=request, headers={
+            "Authorization": f"Bearer {api_key}", "Idempotency-Key": derived["key"]}) for _ in range(2)]
+    assert [a.status_code for a in answers] == [202, 202], answers[0].text
+    assert answers[0].json()["paymentId"] == answers[1].json()["paymentId"]
