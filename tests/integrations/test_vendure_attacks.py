@@ -341,3 +341,17 @@ async def test_order_codes_of_a_custom_strategy_give_a_request_the_ingress_accep
             "Authorization": f"Bearer {api_key}", "Idempotency-Key": derived["key"]}) for _ in range(2)]
     assert [a.status_code for a in answers] == [202, 202], answers[0].text
     assert answers[0].json()["paymentId"] == answers[1].json()["paymentId"]
+
+
+async def test_an_order_whose_prompt_is_open_cannot_be_cancelled(vendure):
+    shop = GraphQL(f"{vendure.url}/shop-api")
+    order = await checkout(shop)
+    await add_payment(shop, SLOW)  # Pending for 5 s
+    admin = await admin_login(vendure.url)
+    full = await admin_order(admin, order["code"])
+    cancelled = await admin("mutation($id: ID!) { cancelOrder(input: {orderId: $id}) { ... on Order { state }"
+                            " ... on ErrorResult { errorCode message } } }", id=full["id"])
+    assert cancelled["cancelOrder"].get("errorCode"), cancelled
+    # Had it been cancelled, the money below would have paid a cancelled order, with nobody told.
+    paid = await paid_order(admin, order["code"], "PaymentSettled")
+    assert [p["state"] for p in paid["payments"]] == ["Settled"]

@@ -2,7 +2,7 @@ import { PluginCommonModule, VendurePlugin } from '@vendure/core';
 import { raw } from 'body-parser';
 
 import { mpesaStkHandler } from './handler';
-import { mpesaPaymentProcess } from './states';
+import { mpesaOrderProcess, mpesaPaymentProcess } from './states';
 import { MpesaWebhookController, WEBHOOK_ROUTE } from './webhook.controller';
 
 /**
@@ -16,6 +16,7 @@ import { MpesaWebhookController, WEBHOOK_ROUTE } from './webhook.controller';
     configuration: config => {
         config.paymentOptions.paymentMethodHandlers.push(mpesaStkHandler);
         config.paymentOptions.process = [...(config.paymentOptions.process ?? []), mpesaPaymentProcess];
+        config.orderOptions.process = [...(config.orderOptions.process ?? []), mpesaOrderProcess];
         // The signature covers the exact bytes sent, so the body must reach the controller unparsed
         // (and bounded: a webhook body is a few hundred bytes).
         config.apiOptions.middleware.push({
