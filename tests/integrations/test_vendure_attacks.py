@@ -19,8 +19,8 @@ from services.channels.webhooks import WebhookManagement
 from services.notifier.destinations import DestinationPolicy, parse_networks
 from tests.conftest import eventually, free_port
 from tests.e2e.stack import running
-from tests.e2e.test_pipeline import pushes
-from tests.integrations.test_vendure_e2e import SETTLES, SETTLES_TOO, account_reference, paid_order
+from tests.e2e.test_pipeline import pushes, state
+from tests.integrations.test_vendure_e2e import CANCELS, SETTLES, SETTLES_TOO, account_reference, paid_order
 from tests.integrations.vendure import (
     DEFAULT_CHANNEL,
     ORDER_FIELDS,
@@ -47,6 +47,7 @@ class LossyProxy:
         self.upstream = upstream
         self.plan: list[str | Answer] = []
         self.seen: list[tuple[str, dict]] = []
+        self.lost: list[dict] = []  # the ingress's answers the handler never got
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -57,6 +58,8 @@ class LossyProxy:
         async with httpx.AsyncClient(timeout=30) as http:
             answer = await http.post(f"{self.upstream}/api/payments", content=body, headers={
                 name: request.headers[name] for name in ("Authorization", "Idempotency-Key", "Content-Type")})
+        if action in ("502", "reset"):
+            self.lost.append(answer.json())
         if action == "502":
             return web.Response(status=502, text="bad gateway")
         if action == "reset":
@@ -110,6 +113,7 @@ async def vendure(stack, proxy, pool, onboarding_pool, tmp_path_factory):
 def fresh_plan(proxy):
     proxy.plan.clear()
     proxy.seen.clear()
+    proxy.lost.clear()
 
 
 async def pay(shop: GraphQL, metadata: dict) -> dict:
@@ -157,6 +161,27 @@ async def test_a_retry_with_another_phone_after_a_lost_answer_waits_for_the_same
     admin = await admin_login(vendure.url)
     await paid_order(admin, order["code"], "PaymentSettled")
     assert pushes(stack, account_reference(order["code"])) == 1
+
+
+async def test_a_retry_that_finds_the_lost_request_cancelled_moves_the_next_attempt_to_a_new_key(stack, vendure, proxy):
+    shop = GraphQL(f"{vendure.url}/shop-api")
+    order = await checkout(shop)
+    proxy.plan = ["502"]
+    await add_payment(shop, CANCELS)
+    [lost] = proxy.lost
+
+    async def cancelled():  # the customer declined the prompt the shop never heard of
+        shown = await state(stack, vendure.channels[DEFAULT_CHANNEL][:2], lost["paymentId"])
+        return shown.get("state") == "Cancelled"
+    await eventually(cancelled, timeout=60, interval=0.3)
+    replayed = await add_payment(shop, CANCELS)
+    assert "was cancelled" in replayed["paymentErrorMessage"], replayed
+    fresh = await add_payment(shop, SETTLES)
+    assert [p["state"] for p in fresh["payments"]].count("Pending") == 1, fresh
+    assert proxy.keys() == [f"vendure:{order['code']}:1"] * 2 + [f"vendure:{order['code']}:3"]
+    admin = await admin_login(vendure.url)
+    await paid_order(admin, order["code"], "PaymentSettled")
+    assert pushes(stack, account_reference(order["code"])) == 2  # the cancelled prompt and the paid one
 
 
 async def test_a_definite_refusal_moves_the_next_attempt_to_a_new_key(vendure, proxy):
