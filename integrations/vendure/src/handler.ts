@@ -117,9 +117,10 @@ export const mpesaStkHandler = new PaymentMethodHandler({
 
     // An administrator cancelling a Pending payment would not stop the prompt on the customer's
     // phone: the money could still arrive for a payment the shop has given up. The pipeline's
-    // payment.cancelled / payment.failed declines it; until then it stays Pending.
+    // payment.cancelled / payment.failed ends it (the webhook writes mpesaStatus Declined first, so
+    // a transition to Cancelled made on the pipeline's word goes through); until then it stays Pending.
     cancelPayment: async (ctx, order, payment) => {
-        if (payment.state === ('Pending' as string)) {
+        if (payment.state === ('Pending' as string) && payment.metadata?.public?.mpesaStatus !== 'Declined') {
             return { success: false, state: 'Pending' as any,
                 errorMessage: 'The M-Pesa prompt may still be answered: the pipeline declines this payment when it ends.' };
         }
