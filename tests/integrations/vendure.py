@@ -36,11 +36,12 @@ class VendureServer:
     channel, API key and webhook secret (the default channel first; the others are created)."""
 
     def __init__(self, tmp: Path, port: int, *, ingress_url: str, channels: dict[str, tuple[str, str, str]],
-                 poll: tuple[float, float] | None = None, log: bool = False):
+                 poll: tuple[float, float] | None = None, log: bool = False, env: dict[str, str] | None = None):
         """`poll`: (interval, pending after) in seconds switches the poller on; it is off otherwise.
-        `log`: Vendure's logs in `lines` (@vendure/testing logs nothing unless LOG is set)."""
+        `log`: Vendure's logs in `lines` (@vendure/testing logs nothing unless LOG is set).
+        `env`: further environment variables for the server."""
         self.channels = channels
-        env = {**os.environ, "VENDURE_DISABLE_TELEMETRY": "true", **({"LOG": "1"} if log else {})}
+        env = {**os.environ, "VENDURE_DISABLE_TELEMETRY": "true", **({"LOG": "1"} if log else {}), **(env or {})}
         for code, (_, api_key, secret) in channels.items():
             env[f"MPESA_PIPELINE_API_KEY__{env_suffix(code)}"] = api_key
             env[f"MPESA_PIPELINE_WEBHOOK_SECRET__{env_suffix(code)}"] = secret

@@ -5,7 +5,7 @@ import { mpesaStkHandler } from './handler';
 import { DEFAULT_OPTIONS, MPESA_PIPELINE_OPTIONS, MpesaPipelineOptions, withDefaults } from './options';
 import { PaymentUpdater } from './payment-updater';
 import { PendingPaymentPoller } from './poller';
-import { mpesaPaymentProcess } from './states';
+import { mpesaOrderProcess, mpesaPaymentProcess } from './states';
 import { MpesaWebhookController, WEBHOOK_ROUTE } from './webhook.controller';
 
 /**
@@ -26,6 +26,7 @@ import { MpesaWebhookController, WEBHOOK_ROUTE } from './webhook.controller';
     configuration: config => {
         config.paymentOptions.paymentMethodHandlers.push(mpesaStkHandler);
         config.paymentOptions.process = [...(config.paymentOptions.process ?? []), mpesaPaymentProcess];
+        config.orderOptions.process = [...(config.orderOptions.process ?? []), mpesaOrderProcess];
         // The signature covers the exact bytes sent, so the body must reach the controller unparsed
         // (and bounded: a webhook body is a few hundred bytes).
         config.apiOptions.middleware.push({
