@@ -20,7 +20,7 @@ from services.notifier.destinations import DestinationPolicy, parse_networks
 from tests.conftest import eventually, free_port
 from tests.e2e.stack import running
 from tests.e2e.test_pipeline import pushes, state
-from tests.integrations.test_vendure_e2e import CANCELS, SETTLES, SETTLES_TOO, account_reference, paid_order
+from tests.integrations.test_vendure_e2e import CANCELS, SETTLES, SETTLES_TOO, account_reference, paid_order, signed
 from tests.integrations.vendure import (
     DEFAULT_CHANNEL,
     ORDER_FIELDS,
@@ -35,6 +35,7 @@ from tests.integrations.vendure import (
 )
 
 SLOW = "254700005005"  # the sandbox settles this phone's pushes 5 s after the push
+SILENT = "254700005001"  # a success whose callback never comes: Pending until the worker's STK query
 Answer = Callable[[], web.Response]
 
 
@@ -380,3 +381,20 @@ async def test_an_order_whose_prompt_is_open_cannot_be_cancelled(vendure):
     # Had it been cancelled, the money below would have paid a cancelled order, with nobody told.
     paid = await paid_order(admin, order["code"], "PaymentSettled")
     assert [p["state"] for p in paid["payments"]] == ["Settled"]
+
+
+async def test_a_settled_webhook_for_another_amount_flags_the_payment_and_settles_nothing(vendure):
+    shop = GraphQL(f"{vendure.url}/shop-api")
+    order = await checkout(shop)
+    payment = (await add_payment(shop, SILENT))["payments"][0]  # KES 100, Pending
+    headers, body = signed(vendure.webhook_secret, "payment.settled", payment["transactionId"],
+                           vendure.pipeline_channel, state="Settled", mpesaReceipt="TST0AMOUNT1", amount=1)
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.post(vendure.webhook_url(), content=body, headers=headers)).status_code == 204
+    after = await admin_order(await admin_login(vendure.url), order["code"])
+    assert after["state"] == "ArrangingPayment", after
+    flagged = after["payments"][0]
+    assert flagged["state"] == "Pending", after
+    assert flagged["metadata"]["needsReview"] is True
+    assert flagged["metadata"]["mpesaReceipt"] == "TST0AMOUNT1"
+    assert "KES 1 " in flagged["metadata"]["reviewReason"] and "KES 100" in flagged["metadata"]["reviewReason"]

@@ -130,12 +130,13 @@ async def test_an_order_total_with_cents_is_declined_without_asking_the_pipeline
 
 
 def signed(secret: str, event_type: str, payment_id: str, channel_id: str, **data) -> tuple[dict, bytes]:
-    """A status webhook as the notifier would send it (docs/webhooks.md §1), signed with `secret`."""
+    """A status webhook as the notifier would send it (docs/webhooks.md §1), signed with `secret`; the
+    amount is the KES 100 of the test orders unless given."""
     webhook_id = str(uuid.uuid4())
     now = datetime.now(UTC)
     body = json.dumps({"type": event_type, "timestamp": now.isoformat(), "data": {
         "eventId": webhook_id, "paymentId": payment_id, "channelId": channel_id, "state": data.pop("state"),
-        "mpesaReceipt": None, "reason": None, **data}}).encode()
+        "amount": 100, "currency": "KES", "mpesaReceipt": None, "reason": None, **data}}).encode()
     headers = {"webhook-id": webhook_id, "webhook-timestamp": str(int(now.timestamp())),
                "webhook-signature": Webhook(secret).sign(webhook_id, now, body.decode()),
                "content-type": "application/json"}

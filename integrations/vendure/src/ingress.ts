@@ -141,6 +141,7 @@ function describe(e: unknown): string {
 /** What the poller needs of GET /api/payments/{id}: the payment's state and its words on it. */
 export interface PaymentView {
     state: string;
+    amount: unknown; // whole shillings
     reason: string | null;
     mpesaReceipt: string | null;
 }
@@ -175,6 +176,7 @@ export async function readPayment(
         const last = history[history.length - 1];
         return {
             state: body.state,
+            amount: body.amount,
             // The reason of the change that made the state (the webhook's `reason`).
             reason: typeof last?.reason === 'string' && last?.state === body.state ? last.reason : null,
             mpesaReceipt: typeof body.mpesa?.receiptNumber === 'string' ? body.mpesa.receiptNumber : null,

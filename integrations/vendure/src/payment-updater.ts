@@ -9,6 +9,8 @@ const MAX_REASON = 300;
 export interface PipelineStatus {
     type: string; // payment.settled, payment.cancelled, payment.failed, payment.review, payment.pending...
     paymentId: string;
+    amount?: unknown; // whole shillings, as the pipeline has the payment (the webhook's data.amount)
+    currency?: unknown; // the webhook's data.currency (KES); the ingress's GET has no currency field
     reason?: string | null;
     mpesaReceipt?: string | null;
     lateMpesaReceipt?: string | null;
@@ -96,6 +98,17 @@ export class PaymentUpdater {
             Logger.error(`payment.settled for payment ${payments[0].id}, no longer Pending: flagged for review`, loggerCtx);
             return;
         }
+        if (!coversPayment(status, first)) {
+            // A settled status for another sum than this payment's (a pipeline payment made for
+            // another order, or a bug upstream): the goods must not ship on it, nor may the money
+            // be ignored. An administrator decides.
+            const reviewReason = clean(`M-Pesa settled KES ${String(status.amount)} ${String(status.currency ?? '')} ` +
+                `for a payment of KES ${first.amount / 100}`);
+            await this.flag(ctx, [first], reviewReason ?? 'amount differs', receipt);
+            first.metadata = merge(first.metadata, { mpesaReceipt: receipt });
+            await this.save(ctx, first);
+            return;
+        }
         // A payment flagged by an earlier payment.review is Pending still: the operator's
         // resolution (Settled) settles it, and it no longer waits for an administrator.
         first.metadata = merge(first.metadata, { [SETTLED_BY_PIPELINE]: true, mpesaReceipt: receipt,
@@ -139,6 +152,13 @@ export class PaymentUpdater {
     private save(ctx: RequestContext, payment: Payment) {
         return this.connection.getRepository(ctx, Payment).save(payment, { reload: false });
     }
+}
+
+/** The pipeline's amount (whole shillings) is this payment's (minor units), in Kenyan shillings. */
+function coversPayment(status: PipelineStatus, payment: Payment): boolean {
+    const shillings = status.amount;
+    return typeof shillings === 'number' && Number.isSafeInteger(shillings) && shillings * 100 === payment.amount
+        && (status.currency === undefined || status.currency === 'KES');
 }
 
 /** A review flag the pipeline's final word has answered: kept as history, no longer asking. */

@@ -92,7 +92,7 @@ export class PendingPaymentPoller implements OnApplicationBootstrap, OnApplicati
         }
         try {
             await this.updater.apply(ctx, channel, [method.code], {
-                type, paymentId: payment.transactionId, reason: view.reason, mpesaReceipt: view.mpesaReceipt });
+                type, paymentId: payment.transactionId, amount: view.amount, reason: view.reason, mpesaReceipt: view.mpesaReceipt });
         } catch (e) {
             Logger.error(`applying the pipeline's ${view.state} to payment ${payment.id} failed: ${(e as Error).message}`, loggerCtx);
         }
