@@ -28,6 +28,8 @@ from tests.integrations.vendure import (
     admin_order,
     build,
     checkout,
+    drop_schema,
+    empty_schema,
 )
 
 SECOND_CHANNEL = "duka-2"   # a second Vendure channel (token duka-2-token), on a pipeline channel of its own
@@ -36,6 +38,7 @@ SETTLES = "254700000000"    # the sandbox settles this phone's pushes
 # outstanding at once, the second went Pending a minute after the first (cause not yet looked into).
 SETTLES_TOO = "254711000777"
 CANCELS = "254700001032"    # and cancels this one's (ResultCode 1032, the customer cancelled)
+SCHEMA = "vendure_e2e"      # the shop's tables, in the tests' database
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +47,13 @@ def stack(infra, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-async def vendure(stack, pool, onboarding_pool, tmp_path_factory):
+async def vendure(stack, pool, onboarding_pool):
     """A pipeline channel with a webhook endpoint at a Vendure test server whose default channel
-    pays through it (its API key and signing secret in the server's environment, as in production)."""
+    pays through it (its API key and signing secret in the server's environment, as in production).
+    The shop's tables are in PostgreSQL, as a real shop's are (its row locks are what the webhook
+    controller relies on across server instances)."""
     build()
+    database = await empty_schema(pool, SCHEMA)
     management = WebhookManagement(onboarding_pool, public_key_file=public_key_path(stack.webhooks_key_file),
                                    policy=DestinationPolicy(parse_networks("127.0.0.0/8")))
     port = free_port()
@@ -58,9 +64,10 @@ async def vendure(stack, pool, onboarding_pool, tmp_path_factory):
         _, secret = await management.add_endpoint(
             pipeline_channel, {"url": f"http://127.0.0.1:{port}/mpesa-pipeline/webhooks/{code}"}, "tests")
         channels[code] = (pipeline_channel, api_key, secret)
-    server = VendureServer(tmp_path_factory.mktemp("vendure"), port, ingress_url=stack.ingress_url, channels=channels)
+    server = VendureServer(port, ingress_url=stack.ingress_url, channels=channels, database=database, schema=SCHEMA)
     yield server
     print("----- vendure\n" + server.stop()[-4000:])
+    await drop_schema(pool, SCHEMA)
 
 
 async def paid_order(admin: GraphQL, code: str, state: str) -> dict:
