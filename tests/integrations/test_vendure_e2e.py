@@ -70,6 +70,15 @@ async def vendure(stack, pool, onboarding_pool):
     await drop_schema(pool, SCHEMA)
 
 
+@pytest.fixture(scope="module")
+def vendure_too(stack, vendure):
+    """A second server instance of the same shop: same tables, same configuration, its own process."""
+    server = VendureServer(free_port(), ingress_url=stack.ingress_url, channels=vendure.channels,
+                           database=vendure.database, schema=vendure.schema, shared=True)
+    yield server
+    print("----- vendure (second instance)\n" + server.stop()[-4000:])
+
+
 async def paid_order(admin: GraphQL, code: str, state: str) -> dict:
     async def reached():
         order = await admin_order(admin, code)
@@ -191,6 +200,41 @@ async def test_the_same_settled_webhook_delivered_at_once_settles_once(vendure, 
         return row is not None and row[0] == "delivered"
     await eventually(pipeline_delivered, timeout=60, interval=0.3)
     assert (await payment_transitions(admin, order["code"])).count("Settled") == 1
+
+
+async def order_transitions(admin: GraphQL, code: str) -> list[str]:
+    order = await admin_order(admin, code)
+    data = await admin("query($id: ID!) { order(id: $id) { history(options: {take: 100}) { items { type data } } } }",
+                       id=order["id"])
+    return [i["data"]["to"] for i in data["order"]["history"]["items"] if i["type"] == "ORDER_STATE_TRANSITION"]
+
+
+async def test_one_settled_webhook_delivered_to_two_server_instances_settles_once(vendure, vendure_too):
+    # Each instance handles a payment's webhooks one at a time in its own process; across instances
+    # only the database's row lock keeps the later one from acting on a Pending it read before the
+    # earlier one committed. Without the lock the second instance saved the payment back as Pending
+    # and settled it again when its copy arrived 16 or 48 ms after the first's (of 0-120 ms, on the
+    # 2-core test machine), so the copies go out over a range of gaps, one order per gap.
+    admin = await admin_login(vendure_too.url)
+    for gap_ms in range(0, 100, 4):
+        shop = GraphQL(f"{vendure.url}/shop-api")
+        order = await checkout(shop)
+        payment = (await add_payment(shop, SETTLES))["payments"][0]
+        assert payment["state"] == "Pending"
+        headers, body = signed(vendure.webhook_secret, "payment.settled", payment["transactionId"],
+                               vendure.pipeline_channel, state="Settled", mpesaReceipt="TST0RACE02")
+
+        async def deliver(http: httpx.AsyncClient, server: VendureServer, after_s: float) -> int:
+            await asyncio.sleep(after_s)
+            return (await http.post(server.webhook_url(), content=body, headers=headers)).status_code
+        async with httpx.AsyncClient(timeout=30) as http:
+            answers = await asyncio.gather(*(deliver(http, vendure, 0) for _ in range(3)),
+                                           *(deliver(http, vendure_too, gap_ms / 1000) for _ in range(3)))
+        assert answers == [204] * 6, (gap_ms, answers)
+        paid = await paid_order(admin, order["code"], "PaymentSettled")
+        assert [p["state"] for p in paid["payments"]] == ["Settled"], gap_ms
+        assert (await payment_transitions(admin, order["code"])).count("Settled") == 1, gap_ms
+        assert (await order_transitions(admin, order["code"])).count("PaymentSettled") == 1, gap_ms
 
 
 async def test_a_checkout_retried_at_once_prompts_the_customer_once(stack, vendure):

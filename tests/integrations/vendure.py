@@ -58,7 +58,7 @@ class VendureServer:
 
     def __init__(self, port: int, *, ingress_url: str, channels: dict[str, tuple[str, str, str]],
                  database: dict[str, str], schema: str, shared: bool = False):
-        self.channels = channels
+        self.channels, self.database, self.schema = channels, database, schema
         env = {**os.environ, **database, "VENDURE_DISABLE_TELEMETRY": "true"}
         for code, (_, api_key, secret) in channels.items():
             env[f"MPESA_PIPELINE_API_KEY__{env_suffix(code)}"] = api_key
