@@ -9,7 +9,6 @@ import threading
 import time
 
 import httpx
-
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
