@@ -53,10 +53,11 @@ class VendureServer:
     """e2e/server.ts with the plugin; `channels` maps each Vendure channel code to its pipeline
     channel, API key and webhook secret (the default channel first; the others are created).
     `database` (empty_schema's) and `schema` say where its tables are; a `shared` server starts on
-    the tables another one populated, as a further instance of the same shop."""
+    the tables another one populated, as a further instance of the same shop, and one with
+    `slow_payment_reads_ms` takes that much longer over each read of payments (a loaded server)."""
 
     def __init__(self, port: int, *, ingress_url: str, channels: dict[str, tuple[str, str, str]],
-                 database: dict[str, str], schema: str, shared: bool = False):
+                 database: dict[str, str], schema: str, shared: bool = False, slow_payment_reads_ms: int = 0):
         self.channels, self.database, self.schema = channels, database, schema
         env = {**os.environ, **database, "VENDURE_DISABLE_TELEMETRY": "true"}
         for code, (_, api_key, secret) in channels.items():
@@ -67,6 +68,7 @@ class VendureServer:
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
             ["node", "dist/e2e/server.js", "--port", str(port), "--schema", schema, *(["--shared"] if shared else []),
+             "--slow-payment-reads-ms", str(slow_payment_reads_ms),
              "--pipeline-channel", channels[DEFAULT_CHANNEL][0], "--ingress-url", ingress_url, *others],
             cwd=PLUGIN, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines: list[str] = []

@@ -9,15 +9,18 @@
  * Its tables live in the given schema, which must exist and be empty: this server creates and
  * populates them. With --shared it is a further instance of the same shop: it only starts on the
  * tables another instance populated (as a shop runs several servers on one database).
+ * --slow-payment-reads-ms N makes this instance take N ms more over every read of payments, as a
+ * loaded server would: a race test uses it to widen the gap between a read and the write after it.
  *
  * The default channel is in KES and has the payment method `mpesa-stk`; products are in
  * e2e/fixtures/products.csv (KIKOY-1 at 100.00, CHAI-1 at 99.50, with cents). It prints
  * `VENDURE_READY port=<port>` once it serves, and stops on SIGTERM.
  */
-import { mergeConfig } from '@vendure/core';
+import { mergeConfig, Payment } from '@vendure/core';
 import {
     createTestEnvironment, E2E_DEFAULT_CHANNEL_TOKEN, registerInitializer, SimpleGraphQLClient, testConfig,
 } from '@vendure/testing';
+import { EntitySubscriberInterface, EventSubscriber } from 'typeorm';
 import type { PostgresConnectionOptions } from 'typeorm/driver/postgres/PostgresConnectionOptions';
 import gql from 'graphql-tag';
 import path from 'path';
@@ -33,6 +36,7 @@ async function main() {
             port: { type: 'string' },
             schema: { type: 'string' },
             shared: { type: 'boolean', default: false },
+            'slow-payment-reads-ms': { type: 'string', default: '0' },
             'pipeline-channel': { type: 'string' },
             'ingress-url': { type: 'string' },
             // <vendure channel code>=<pipeline channel id>: a further Vendure channel, made here
@@ -54,6 +58,7 @@ async function main() {
         // The first instance makes the tables; a shared one must not touch them.
         synchronize: !values.shared,
         logging: false,
+        subscribers: [slowPaymentReads(Number(values['slow-payment-reads-ms']))],
     };
     const config = { ...mergeConfig(testConfig, { apiOptions: { port }, plugins: [MpesaPipelinePlugin] }),
                      dbConnectionOptions: database };
@@ -96,6 +101,21 @@ async function main() {
         adminClient.setChannelToken(E2E_DEFAULT_CHANNEL_TOKEN);
     }
     console.log(`VENDURE_READY port=${port}`);
+}
+
+/** A TypeORM subscriber delaying each query that loads payments by `delayMs` after it ran. */
+function slowPaymentReads(delayMs: number) {
+    @EventSubscriber() // TypeORM takes only the subscriber classes it saw decorated
+    class SlowPaymentReads implements EntitySubscriberInterface<Payment> {
+        listenTo() {
+            return Payment;
+        }
+
+        async afterLoad() {
+            if (delayMs > 0) await new Promise(resolve => setTimeout(resolve, delayMs));
+        }
+    }
+    return SlowPaymentReads;
 }
 
 /** A KES channel (token `<code>-token`) selling the default channel's products at the same prices. */
