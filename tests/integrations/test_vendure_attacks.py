@@ -32,8 +32,11 @@ from tests.integrations.vendure import (
     admin_order,
     build,
     checkout,
+    drop_schema,
+    empty_schema,
 )
 
+SCHEMA = "vendure_attacks"  # this module's shop, apart from test_vendure_e2e's
 SLOW = "254700005005"  # the sandbox settles this phone's pushes 5 s after the push
 SILENT = "254700005001"  # a success whose callback never comes: Pending until the worker's STK query
 Answer = Callable[[], web.Response]
@@ -93,10 +96,11 @@ async def proxy(stack):
 
 
 @pytest.fixture(scope="module")
-async def vendure(stack, proxy, pool, onboarding_pool, tmp_path_factory):
+async def vendure(stack, proxy, pool, onboarding_pool):
     """A Vendure test server paying through the proxy, with Vendure's logger on (LOG=1) so that the
     tests can read what it writes."""
     build()
+    database = await empty_schema(pool, SCHEMA)
     management = WebhookManagement(onboarding_pool, public_key_file=public_key_path(stack.webhooks_key_file),
                                    policy=DestinationPolicy(parse_networks("127.0.0.0/8")))
     port = free_port()
@@ -104,10 +108,11 @@ async def vendure(stack, proxy, pool, onboarding_pool, tmp_path_factory):
     api_key = await stack.onboard(pool, pipeline_channel)
     _, secret = await management.add_endpoint(
         pipeline_channel, {"url": f"http://127.0.0.1:{port}/mpesa-pipeline/webhooks/{DEFAULT_CHANNEL}"}, "tests")
-    server = VendureServer(tmp_path_factory.mktemp("vendure-attacks"), port, ingress_url=proxy.url,
-                           channels={DEFAULT_CHANNEL: (pipeline_channel, api_key, secret)}, env={"LOG": "1"})
+    server = VendureServer(port, ingress_url=proxy.url, channels={DEFAULT_CHANNEL: (pipeline_channel, api_key, secret)},
+                           database=database, schema=SCHEMA, log=True)
     yield server
     print("----- vendure\n" + server.stop()[-4000:])
+    await drop_schema(pool, SCHEMA)
 
 
 @pytest.fixture(autouse=True)

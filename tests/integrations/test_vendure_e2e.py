@@ -29,6 +29,8 @@ from tests.integrations.vendure import (
     admin_order,
     build,
     checkout,
+    drop_schema,
+    empty_schema,
 )
 
 SECOND_CHANNEL = "duka-2"   # a second Vendure channel (token duka-2-token), on a pipeline channel of its own
@@ -41,6 +43,8 @@ SETTLES = "254700000000"    # the sandbox settles this phone's pushes
 # outstanding at once, the second went Pending a minute after the first (cause not yet looked into).
 SETTLES_TOO = "254711000777"
 CANCELS = "254700001032"    # and cancels this one's (ResultCode 1032, the customer cancelled)
+SCHEMA = "vendure_e2e"      # the shop's tables, in the tests' database
+POLLING_SCHEMA = "vendure_e2e_polling"  # the polling shop's
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +53,13 @@ def stack(infra, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-async def vendure(stack, pool, onboarding_pool, tmp_path_factory):
+async def vendure(stack, pool, onboarding_pool):
     """A pipeline channel with a webhook endpoint at a Vendure test server whose default channel
-    pays through it (its API key and signing secret in the server's environment, as in production)."""
+    pays through it (its API key and signing secret in the server's environment, as in production).
+    The shop's tables are in PostgreSQL, as a real shop's are (its row locks are what the webhook
+    controller relies on across server instances)."""
     build()
+    database = await empty_schema(pool, SCHEMA)
     management = WebhookManagement(onboarding_pool, public_key_file=public_key_path(stack.webhooks_key_file),
                                    policy=DestinationPolicy(parse_networks("127.0.0.0/8")))
     port = free_port()
@@ -66,9 +73,21 @@ async def vendure(stack, pool, onboarding_pool, tmp_path_factory):
         _, secret = await management.add_endpoint(
             pipeline_channel, {"url": f"http://127.0.0.1:{port}/mpesa-pipeline/webhooks/{code}"}, "tests")
         channels[code] = (pipeline_channel, api_key, secret)
-    server = VendureServer(tmp_path_factory.mktemp("vendure"), port, ingress_url=stack.ingress_url, channels=channels)
+    server = VendureServer(port, ingress_url=stack.ingress_url, channels=channels, database=database, schema=SCHEMA)
     yield server
     print("----- vendure\n" + server.stop()[-4000:])
+    await drop_schema(pool, SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def vendure_too(stack, vendure):
+    """A second server instance of the same shop: same tables, same configuration, its own process,
+    and under load: each read of payments takes it 50 ms longer (see the test below)."""
+    server = VendureServer(free_port(), ingress_url=stack.ingress_url, channels=vendure.channels,
+                           database=vendure.database, schema=vendure.schema, shared=True,
+                           slow_payment_reads_ms=50)
+    yield server
+    print("----- vendure (second instance)\n" + server.stop()[-4000:])
 
 
 async def paid_order(admin: GraphQL, code: str, state: str) -> dict:
@@ -193,6 +212,43 @@ async def test_the_same_settled_webhook_delivered_at_once_settles_once(vendure, 
         return row is not None and row[0] == "delivered"
     await eventually(pipeline_delivered, timeout=60, interval=0.3)
     assert (await payment_transitions(admin, order["code"])).count("Settled") == 1
+
+
+async def order_transitions(admin: GraphQL, code: str) -> list[str]:
+    order = await admin_order(admin, code)
+    data = await admin("query($id: ID!) { order(id: $id) { history(options: {take: 100}) { items { type data } } } }",
+                       id=order["id"])
+    return [i["data"]["to"] for i in data["order"]["history"]["items"] if i["type"] == "ORDER_STATE_TRANSITION"]
+
+
+async def post_after(delay_s: float, http: httpx.AsyncClient, url: str, body: bytes, headers: dict) -> int:
+    await asyncio.sleep(delay_s)
+    return (await http.post(url, content=body, headers=headers)).status_code
+
+
+async def test_one_settled_webhook_delivered_to_two_server_instances_settles_once(vendure, vendure_too):
+    # Each instance handles a payment's webhooks one at a time in its own process; across instances
+    # only the database's row lock keeps the later one from acting on a Pending it read before the
+    # earlier one committed. Without the lock the slow instance, having read Pending just before the
+    # other's commit, saved the payment back as Pending and settled it again; its 50 ms of slowness
+    # after each read makes that window wide enough that some of these gaps fall into it.
+    admin = await admin_login(vendure_too.url)
+    for gap_ms in range(0, 160, 10):
+        shop = GraphQL(f"{vendure.url}/shop-api")
+        order = await checkout(shop)
+        payment = (await add_payment(shop, SETTLES))["payments"][0]
+        assert payment["state"] == "Pending"
+        headers, body = signed(vendure.webhook_secret, "payment.settled", payment["transactionId"],
+                               vendure.pipeline_channel, state="Settled", mpesaReceipt="TST0RACE02")
+        async with httpx.AsyncClient(timeout=30) as http:
+            answers = await asyncio.gather(
+                *(post_after(0, http, vendure.webhook_url(), body, headers) for _ in range(3)),
+                *(post_after(gap_ms / 1000, http, vendure_too.webhook_url(), body, headers) for _ in range(3)))
+        assert answers == [204] * 6, (gap_ms, answers)
+        paid = await paid_order(admin, order["code"], "PaymentSettled")
+        assert [p["state"] for p in paid["payments"]] == ["Settled"], gap_ms
+        assert (await payment_transitions(admin, order["code"])).count("Settled") == 1, gap_ms
+        assert (await order_transitions(admin, order["code"])).count("PaymentSettled") == 1, gap_ms
 
 
 async def test_a_checkout_retried_at_once_prompts_the_customer_once(stack, vendure):
@@ -326,11 +382,12 @@ async def test_a_payment_the_pipeline_puts_in_review_stays_pending_flagged_until
 
 
 @pytest.fixture(scope="module")
-async def polling_vendure(stack, pool, tmp_path_factory):
+async def polling_vendure(stack, pool):
     """A second Vendure test server whose pipeline channels have no webhook endpoint at all (every
     webhook lost), with the poller asking every second about payments Pending for 3 s; its second
     channel's pipeline channel confirms successes by query (Review with CONTRADICTED)."""
     build()
+    database = await empty_schema(pool, POLLING_SCHEMA)
     onboarding = Onboarding(pool, public_key_file=public_key_path(stack.key_file))
     channels = {}
     for code in (DEFAULT_CHANNEL, CONFIRMING_CHANNEL):
@@ -339,10 +396,11 @@ async def polling_vendure(stack, pool, tmp_path_factory):
         if code == CONFIRMING_CHANNEL:
             await onboarding.update_channel(pipeline_channel, {"confirmSuccessByQuery": True}, "tests")
         channels[code] = (pipeline_channel, api_key, "whsec_" + "B" * 43 + "=")  # a secret nothing signs with
-    server = VendureServer(tmp_path_factory.mktemp("vendure-poll"), free_port(), ingress_url=stack.ingress_url,
-                           channels=channels, poll=(1, 3), log=True)
+    server = VendureServer(free_port(), ingress_url=stack.ingress_url, channels=channels, database=database,
+                           schema=POLLING_SCHEMA, poll=(1, 3), log=True)
     yield server
     print("----- vendure (polling)\n" + server.stop()[-4000:])
+    await drop_schema(pool, POLLING_SCHEMA)
 
 
 async def test_the_poller_settles_a_payment_whose_webhook_never_came(stack, polling_vendure):

@@ -1,15 +1,16 @@
 """The Vendure plugin (integrations/vendure) as the tests drive it: built with npm from its own lock
-file, its test server (e2e/server.ts: @vendure/testing on sql.js) in a process of its own, and
-Vendure's Shop and Admin GraphQL APIs."""
+file, its test server (e2e/server.ts: @vendure/testing on the tests' PostgreSQL, in a schema of its
+own) in one or more processes, and Vendure's Shop and Admin GraphQL APIs."""
 from __future__ import annotations
 
 import os
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import httpx
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
 
 from tests.conftest import ROOT
 
@@ -26,6 +27,23 @@ def build() -> None:
     subprocess.run(["npm", "run", "build"], cwd=PLUGIN, check=True, capture_output=True)
 
 
+async def empty_schema(pool: AsyncConnectionPool, name: str) -> dict[str, str]:
+    """Drops and recreates schema `name` in the tests' database (the migration role owns the
+    database, so may; it may not create databases). Returns how a Vendure server logs in there, as
+    libpq's variables, which node-postgres reads too."""
+    async with pool.connection() as conn:
+        await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+        await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+        info = conn.info  # the password libpq used, from PGPASSFILE when the URL has none
+        return {"PGHOST": info.host, "PGPORT": str(info.port), "PGUSER": info.user,
+                "PGPASSWORD": info.password or "", "PGDATABASE": info.dbname}
+
+
+async def drop_schema(pool: AsyncConnectionPool, name: str) -> None:
+    async with pool.connection() as conn:
+        await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
 def env_suffix(channel_code: str) -> str:
     """As src/secrets.ts names a Vendure channel's variables."""
     return "".join(c if c.isascii() and c.isalnum() else "_" for c in channel_code.upper())
@@ -33,26 +51,30 @@ def env_suffix(channel_code: str) -> str:
 
 class VendureServer:
     """e2e/server.ts with the plugin; `channels` maps each Vendure channel code to its pipeline
-    channel, API key and webhook secret (the default channel first; the others are created)."""
+    channel, API key and webhook secret (the default channel first; the others are created).
+    `database` (empty_schema's) and `schema` say where its tables are; a `shared` server starts on
+    the tables another one populated, as a further instance of the same shop, and one with
+    `slow_payment_reads_ms` takes that much longer over each read of payments (a loaded server)."""
 
-    def __init__(self, tmp: Path, port: int, *, ingress_url: str, channels: dict[str, tuple[str, str, str]],
-                 poll: tuple[float, float] | None = None, log: bool = False, env: dict[str, str] | None = None):
+    def __init__(self, port: int, *, ingress_url: str, channels: dict[str, tuple[str, str, str]],
+                 database: dict[str, str], schema: str, shared: bool = False, slow_payment_reads_ms: int = 0,
+                 poll: tuple[float, float] | None = None, log: bool = False):
         """`poll`: (interval, pending after) in seconds switches the poller on; it is off otherwise.
-        `log`: Vendure's logs in `lines` (@vendure/testing logs nothing unless LOG is set).
-        `env`: further environment variables for the server."""
-        self.channels = channels
-        env = {**os.environ, "VENDURE_DISABLE_TELEMETRY": "true", **({"LOG": "1"} if log else {}), **(env or {})}
+        `log`: Vendure's logs in `lines` (@vendure/testing logs nothing unless LOG is set)."""
+        self.channels, self.database, self.schema = channels, database, schema
+        env = {**os.environ, **database, "VENDURE_DISABLE_TELEMETRY": "true", **({"LOG": "1"} if log else {})}
         for code, (_, api_key, secret) in channels.items():
             env[f"MPESA_PIPELINE_API_KEY__{env_suffix(code)}"] = api_key
             env[f"MPESA_PIPELINE_WEBHOOK_SECRET__{env_suffix(code)}"] = secret
         others = [arg for code, (pipeline, _, _) in channels.items() if code != DEFAULT_CHANNEL
                   for arg in ("--channel", f"{code}={pipeline}")]
-        (tmp / "sqljs").mkdir(parents=True, exist_ok=True)
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
-            ["node", "dist/e2e/server.js", "--port", str(port), "--data-dir", str(tmp / "sqljs"),
+            ["node", "dist/e2e/server.js", "--port", str(port), "--schema", schema, *(["--shared"] if shared else []),
+             "--slow-payment-reads-ms", str(slow_payment_reads_ms),
              "--pipeline-channel", channels[DEFAULT_CHANNEL][0], "--ingress-url", ingress_url, *others,
-             *(("--poll-interval-seconds", str(poll[0]), "--poll-pending-after-seconds", str(poll[1])) if poll else ())],
+             *(("--poll-interval-seconds", str(poll[0]), "--poll-pending-after-seconds", str(poll[1]))
+               if poll else ())],
             cwd=PLUGIN, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines: list[str] = []
         threading.Thread(target=self.lines.extend, args=(self.proc.stdout,), daemon=True).start()
