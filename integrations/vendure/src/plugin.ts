@@ -1,5 +1,5 @@
 import { PluginCommonModule, Type, VendurePlugin } from '@vendure/core';
-import { raw } from 'body-parser';
+import { raw } from 'express';
 
 import { mpesaStkHandler } from './handler';
 import { DEFAULT_OPTIONS, MPESA_PIPELINE_OPTIONS, MpesaPipelineOptions, withDefaults } from './options';
