@@ -49,6 +49,7 @@ class LossyProxy:
 
     def __init__(self, upstream: str):
         self.upstream = upstream
+        self.url = ""  # where it listens, once the fixture has started it
         self.plan: list[str | Answer] = []
         self.seen: list[tuple[str, dict]] = []
         self.lost: list[dict] = []  # the ingress's answers the handler never got
@@ -67,6 +68,7 @@ class LossyProxy:
         if action == "502":
             return web.Response(status=502, text="bad gateway")
         if action == "reset":
+            assert request.transport is not None, "the request is being served"
             request.transport.abort()
             return web.Response(status=204)
         return web.Response(status=answer.status_code, body=answer.content,
