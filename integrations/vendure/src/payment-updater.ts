@@ -1,5 +1,5 @@
 import { Injectable } from '@nestjs/common';
-import { Channel, Logger, OrderService, Payment, RequestContext, TransactionalConnection } from '@vendure/core';
+import { Channel, ChannelService, ID, Logger, OrderService, Payment, RequestContext, TransactionalConnection } from '@vendure/core';
 
 import { loggerCtx, SETTLED_BY_PIPELINE } from './handler';
 
@@ -34,7 +34,11 @@ export const EVENT_OF_STATE: Readonly<Record<string, string>> = {
  */
 @Injectable()
 export class PaymentUpdater {
-    constructor(private connection: TransactionalConnection, private orderService: OrderService) {}
+    constructor(
+        private connection: TransactionalConnection,
+        private orderService: OrderService,
+        private channelService: ChannelService,
+    ) {}
 
     /**
      * False when no payment of this channel and these payment methods has the pipeline's payment id.
@@ -48,7 +52,7 @@ export class PaymentUpdater {
     private async applyLocked(ctx: RequestContext, channel: Channel, methodCodes: string[], status: PipelineStatus) {
         const query = this.connection.getRepository(ctx, Payment).createQueryBuilder('payment')
             .innerJoinAndSelect('payment.order', 'order')
-            .innerJoin('order.channels', 'channel', 'channel.id = :channelId', { channelId: channel.id })
+            .innerJoinAndSelect('order.channels', 'channel')
             .where('payment.transactionId = :tid', { tid: status.paymentId })
             .andWhere('payment.method IN (:...codes)', { codes: methodCodes })
             .orderBy('payment.id', 'ASC');
@@ -57,7 +61,10 @@ export class PaymentUpdater {
             // within one process (SQLite and sql.js have no row locks and one writer anyway).
             query.setLock('pessimistic_write', undefined, ['payment']);
         }
-        const payments = await query.getMany();
+        // Every order is in the default channel too, and a method made in another channel is in the
+        // default channel under the same code: only the order's own channel's secret may move it.
+        const defaultChannel = await this.channelService.getDefaultChannel(ctx);
+        const payments = (await query.getMany()).filter(p => ownChannelId(p.order.channels, defaultChannel.id) === channel.id);
         if (!payments.length) {
             return false;
         }
@@ -152,6 +159,11 @@ export class PaymentUpdater {
     private save(ctx: RequestContext, payment: Payment) {
         return this.connection.getRepository(ctx, Payment).save(payment, { reload: false });
     }
+}
+
+/** The channel an order was placed in: the one besides the default channel, which every order is in (as the poller finds it). */
+function ownChannelId(channels: Channel[], defaultChannelId: ID): ID {
+    return channels.find(c => c.id !== defaultChannelId)?.id ?? defaultChannelId;
 }
 
 /** The pipeline's amount (whole shillings) is this payment's (minor units), in Kenyan shillings. */
