@@ -403,3 +403,31 @@ async def test_a_settled_webhook_for_another_amount_flags_the_payment_and_settle
     assert flagged["metadata"]["needsReview"] is True
     assert flagged["metadata"]["mpesaReceipt"] == "TST0AMOUNT1"
     assert "KES 1 " in flagged["metadata"]["reviewReason"] and "KES 100" in flagged["metadata"]["reviewReason"]
+
+
+async def test_a_late_older_cancel_does_not_decline_a_payment_the_pipeline_put_in_review(vendure):
+    """A parked payment.cancelled redelivered after the payment's payment.review (docs/webhooks.md §4:
+    a receiver compares data.occurredAt): declined, the customer would pay again while the review may
+    still settle the first payment."""
+    shop = GraphQL(f"{vendure.url}/shop-api")
+    order = await checkout(shop)
+    payment = (await add_payment(shop, SILENT))["payments"][0]  # Pending
+    channel, _, secret = vendure.channels[DEFAULT_CHANNEL]
+    events = [("payment.review", "Review", "2026-11-29T10:00:05.000Z"),
+              ("payment.cancelled", "Cancelled", "2026-11-29T10:00:01.000Z")]
+    async with httpx.AsyncClient(timeout=10) as http:
+        for event_type, state, occurred_at in events:
+            headers, body = signed(secret, event_type, payment["transactionId"], channel, state=state,
+                                   occurredAt=occurred_at, reason="the receipt contradicts the cancel")
+            assert (await http.post(vendure.webhook_url(), content=body, headers=headers)).status_code == 204
+    after = await admin_order(await admin_login(vendure.url), order["code"])
+    flagged = after["payments"][0]
+    assert flagged["state"] == "Pending", after
+    assert flagged["metadata"]["needsReview"] is True
+    # The operator's resolution, after the review, is the pipeline's final word.
+    headers, body = signed(secret, "payment.cancelled", payment["transactionId"], channel, state="Cancelled",
+                           occurredAt="2026-11-29T10:09:00.000Z", reason="refunded by the operator")
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.post(vendure.webhook_url(), content=body, headers=headers)).status_code == 204
+    resolved = (await admin_order(await admin_login(vendure.url), order["code"]))["payments"][0]
+    assert resolved["state"] == "Declined" and resolved["metadata"]["needsReview"] is False, resolved

@@ -14,6 +14,7 @@ export interface PipelineStatus {
     reason?: string | null;
     mpesaReceipt?: string | null;
     lateMpesaReceipt?: string | null;
+    occurredAt?: unknown; // the webhook's data.occurredAt; the poller reads the state as it is now
 }
 
 /** The webhook event type of each pipeline payment state: the poller maps what it reads this way. */
@@ -76,12 +77,14 @@ export class PaymentUpdater {
                 break;
             case 'payment.cancelled':
             case 'payment.failed':
-                for (const p of pending) {
+                // A late older event (a parked delivery redelivered) must not decline a payment the
+                // pipeline has since put in Review: the customer would pay again while it may settle.
+                for (const p of pending.filter(p => !happenedBefore(status.occurredAt, p.metadata?.reviewOccurredAt))) {
                     await this.decline(ctx, p, reason);
                 }
                 break;
             case 'payment.review':
-                await this.flag(ctx, payments, reason, clean(status.lateMpesaReceipt));
+                await this.flag(ctx, payments, reason, clean(status.lateMpesaReceipt), status.occurredAt);
                 break;
             default: // payment.pending and anything newer: nothing to change
         }
@@ -143,14 +146,17 @@ export class PaymentUpdater {
     }
 
     /** The payments stay in their state (a Pending one leaves the order unpaid) and wait for an administrator. */
-    private async flag(ctx: RequestContext, payments: Payment[], reason: string, lateReceipt: string | null) {
+    private async flag(ctx: RequestContext, payments: Payment[], reason: string, lateReceipt: string | null,
+                       occurredAt?: unknown) {
         const unflagged = payments.filter(p => !(p.metadata?.needsReview === true && p.metadata?.reviewReason === reason));
         if (!unflagged.length) {
             return; // the same review again (a redelivery, or the poller reading it once more)
         }
         for (const p of unflagged) {
             p.metadata = merge(p.metadata, { needsReview: true, reviewReason: reason,
-                ...(lateReceipt ? { lateMpesaReceipt: lateReceipt } : {}), public: { mpesaStatus: 'Review' } });
+                ...(lateReceipt ? { lateMpesaReceipt: lateReceipt } : {}),
+                ...(typeof occurredAt === 'string' ? { reviewOccurredAt: clean(occurredAt) } : {}),
+                public: { mpesaStatus: 'Review' } });
             await this.save(ctx, p);
         }
         Logger.warn(`payment ${unflagged[0].id} needs an administrator: ${reason}`, loggerCtx);
@@ -164,6 +170,12 @@ export class PaymentUpdater {
 /** The channel an order was placed in: the one besides the default channel, which every order is in (as the poller finds it). */
 function ownChannelId(channels: Channel[], defaultChannelId: ID): ID {
     return channels.find(c => c.id !== defaultChannelId)?.id ?? defaultChannelId;
+}
+
+/** Both are times and `event` is the earlier: an event older than what the payment already shows. */
+function happenedBefore(event: unknown, known: unknown): boolean {
+    const [a, b] = [typeof event === 'string' ? Date.parse(event) : NaN, typeof known === 'string' ? Date.parse(known) : NaN];
+    return a < b; // false when either is missing or not a time
 }
 
 /** The pipeline's amount (whole shillings) is this payment's (minor units), in Kenyan shillings. */
