@@ -431,3 +431,15 @@ async def test_a_late_older_cancel_does_not_decline_a_payment_the_pipeline_put_i
         assert (await http.post(vendure.webhook_url(), content=body, headers=headers)).status_code == 204
     resolved = (await admin_order(await admin_login(vendure.url), order["code"]))["payments"][0]
     assert resolved["state"] == "Declined" and resolved["metadata"]["needsReview"] is False, resolved
+
+
+@pytest.mark.parametrize("seconds", [2_147_484, 3_000_000, 1e12])
+async def test_a_poll_interval_longer_than_a_timer_can_wait_is_refused_at_boot(vendure, seconds):
+    """Node runs a setInterval longer than 2^31 - 1 ms every millisecond: an interval meant as
+    "hardly ever" would ask the pipeline about every Pending payment without pause."""
+    script = ("const o = require('./dist/src/options');"
+              "try { o.withDefaults({pollIntervalSeconds: Number(process.argv[1])}); console.log('accepted') }"
+              " catch (e) { console.log(e.message) }")
+    answers = [subprocess.run(["node", "-e", script, str(s)], cwd=PLUGIN, check=True, text=True,
+                              capture_output=True).stdout.strip() for s in (seconds, 2_147_483)]
+    assert "pollIntervalSeconds" in answers[0] and answers[1] == "accepted"
