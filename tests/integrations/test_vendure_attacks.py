@@ -9,10 +9,12 @@ import json
 import re
 import subprocess
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 from aiohttp import web
+from standardwebhooks.webhooks import Webhook
 
 from services.channels.vault import public_key_path
 from services.channels.webhooks import WebhookManagement
@@ -443,3 +445,21 @@ async def test_a_poll_interval_longer_than_a_timer_can_wait_is_refused_at_boot(v
     answers = [subprocess.run(["node", "-e", script, str(s)], cwd=PLUGIN, check=True, text=True,
                               capture_output=True).stdout.strip() for s in (seconds, 2_147_483)]
     assert "pollIntervalSeconds" in answers[0] and answers[1] == "accepted"
+
+
+@pytest.mark.parametrize("skew", [timedelta(minutes=-6), timedelta(days=-3), timedelta(minutes=6)])
+async def test_a_validly_signed_cancel_sent_long_ago_or_dated_ahead_is_refused(vendure, skew):
+    """A captured payment.cancelled replayed later (or one dated ahead, to be replayed later): the
+    signature covers the timestamp, which must be within five minutes of the server's clock."""
+    shop = GraphQL(f"{vendure.url}/shop-api")
+    order = await checkout(shop)
+    payment = (await add_payment(shop, SILENT))["payments"][0]  # Pending
+    channel, _, secret = vendure.channels[DEFAULT_CHANNEL]
+    headers, body = signed(secret, "payment.cancelled", payment["transactionId"], channel, state="Cancelled")
+    when = datetime.now(UTC) + skew
+    headers |= {"webhook-timestamp": str(int(when.timestamp())),
+                "webhook-signature": Webhook(secret).sign(headers["webhook-id"], when, body.decode())}
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.post(vendure.webhook_url(), content=body, headers=headers)).status_code == 400
+    after = await admin_order(await admin_login(vendure.url), order["code"])
+    assert after["payments"][0]["state"] == "Pending", after
