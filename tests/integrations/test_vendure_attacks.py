@@ -463,3 +463,15 @@ async def test_a_validly_signed_cancel_sent_long_ago_or_dated_ahead_is_refused(v
         assert (await http.post(vendure.webhook_url(), content=body, headers=headers)).status_code == 400
     after = await admin_order(await admin_login(vendure.url), order["code"])
     assert after["payments"][0]["state"] == "Pending", after
+
+
+async def test_a_validly_signed_body_that_is_not_json_is_refused_as_bad(vendure):
+    """Refused with a 4xx, which the pipeline parks after a few tries, rather than a 5xx it would
+    retry for three days."""
+    channel, _, secret = vendure.channels[DEFAULT_CHANNEL]
+    headers, _ = signed(secret, "payment.cancelled", "p", channel, state="Cancelled")
+    body, now = "{not json", datetime.now(UTC)
+    headers |= {"webhook-timestamp": str(int(now.timestamp())),
+                "webhook-signature": Webhook(secret).sign(headers["webhook-id"], now, body)}
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.post(vendure.webhook_url(), content=body, headers=headers)).status_code == 400

@@ -82,7 +82,8 @@ function verify(secrets: string[], req: Request): StatusEvent | null {
             }
             return event as StatusEvent;
         } catch (e) {
-            if (!(e instanceof WebhookVerificationError)) throw e;
+            // A SyntaxError: the signature verified but the body is not JSON (standardwebhooks parses it).
+            if (!(e instanceof WebhookVerificationError || e instanceof SyntaxError)) throw e;
         }
     }
     return null;
