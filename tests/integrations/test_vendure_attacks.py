@@ -9,10 +9,12 @@ import json
 import re
 import subprocess
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 from aiohttp import web
+from standardwebhooks.webhooks import Webhook
 
 from services.channels.vault import public_key_path
 from services.channels.webhooks import WebhookManagement
@@ -405,3 +407,73 @@ async def test_a_settled_webhook_for_another_amount_flags_the_payment_and_settle
     assert flagged["metadata"]["needsReview"] is True
     assert flagged["metadata"]["mpesaReceipt"] == "TST0AMOUNT1"
     assert "KES 1 " in flagged["metadata"]["reviewReason"] and "KES 100" in flagged["metadata"]["reviewReason"]
+
+
+async def test_a_late_older_cancel_does_not_decline_a_payment_the_pipeline_put_in_review(vendure):
+    """A parked payment.cancelled redelivered after the payment's payment.review (docs/webhooks.md §4:
+    a receiver compares data.occurredAt): declined, the customer would pay again while the review may
+    still settle the first payment."""
+    shop = GraphQL(f"{vendure.url}/shop-api")
+    order = await checkout(shop)
+    payment = (await add_payment(shop, SILENT))["payments"][0]  # Pending
+    channel, _, secret = vendure.channels[DEFAULT_CHANNEL]
+    events = [("payment.review", "Review", "2026-11-29T10:00:05.000Z"),
+              ("payment.cancelled", "Cancelled", "2026-11-29T10:00:01.000Z")]
+    async with httpx.AsyncClient(timeout=10) as http:
+        for event_type, state, occurred_at in events:
+            headers, body = signed(secret, event_type, payment["transactionId"], channel, state=state,
+                                   occurredAt=occurred_at, reason="the receipt contradicts the cancel")
+            assert (await http.post(vendure.webhook_url(), content=body, headers=headers)).status_code == 204
+    after = await admin_order(await admin_login(vendure.url), order["code"])
+    flagged = after["payments"][0]
+    assert flagged["state"] == "Pending", after
+    assert flagged["metadata"]["needsReview"] is True
+    # The operator's resolution, after the review, is the pipeline's final word.
+    headers, body = signed(secret, "payment.cancelled", payment["transactionId"], channel, state="Cancelled",
+                           occurredAt="2026-11-29T10:09:00.000Z", reason="refunded by the operator")
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.post(vendure.webhook_url(), content=body, headers=headers)).status_code == 204
+    resolved = (await admin_order(await admin_login(vendure.url), order["code"]))["payments"][0]
+    assert resolved["state"] == "Declined" and resolved["metadata"]["needsReview"] is False, resolved
+
+
+@pytest.mark.parametrize("seconds", [2_147_484, 3_000_000, 1e12])
+async def test_a_poll_interval_longer_than_a_timer_can_wait_is_refused_at_boot(vendure, seconds):
+    """Node runs a setInterval longer than 2^31 - 1 ms every millisecond: an interval meant as
+    "hardly ever" would ask the pipeline about every Pending payment without pause."""
+    script = ("const o = require('./dist/src/options');"
+              "try { o.withDefaults({pollIntervalSeconds: Number(process.argv[1])}); console.log('accepted') }"
+              " catch (e) { console.log(e.message) }")
+    answers = [subprocess.run(["node", "-e", script, str(s)], cwd=PLUGIN, check=True, text=True,
+                              capture_output=True).stdout.strip() for s in (seconds, 2_147_483)]
+    assert "pollIntervalSeconds" in answers[0] and answers[1] == "accepted"
+
+
+@pytest.mark.parametrize("skew", [timedelta(minutes=-6), timedelta(days=-3), timedelta(minutes=6)])
+async def test_a_validly_signed_cancel_sent_long_ago_or_dated_ahead_is_refused(vendure, skew):
+    """A captured payment.cancelled replayed later (or one dated ahead, to be replayed later): the
+    signature covers the timestamp, which must be within five minutes of the server's clock."""
+    shop = GraphQL(f"{vendure.url}/shop-api")
+    order = await checkout(shop)
+    payment = (await add_payment(shop, SILENT))["payments"][0]  # Pending
+    channel, _, secret = vendure.channels[DEFAULT_CHANNEL]
+    headers, body = signed(secret, "payment.cancelled", payment["transactionId"], channel, state="Cancelled")
+    when = datetime.now(UTC) + skew
+    headers |= {"webhook-timestamp": str(int(when.timestamp())),
+                "webhook-signature": Webhook(secret).sign(headers["webhook-id"], when, body.decode())}
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.post(vendure.webhook_url(), content=body, headers=headers)).status_code == 400
+    after = await admin_order(await admin_login(vendure.url), order["code"])
+    assert after["payments"][0]["state"] == "Pending", after
+
+
+async def test_a_validly_signed_body_that_is_not_json_is_refused_as_bad(vendure):
+    """Refused with a 4xx, which the pipeline parks after a few tries, rather than a 5xx it would
+    retry for three days."""
+    channel, _, secret = vendure.channels[DEFAULT_CHANNEL]
+    headers, _ = signed(secret, "payment.cancelled", "p", channel, state="Cancelled")
+    body, now = "{not json", datetime.now(UTC)
+    headers |= {"webhook-timestamp": str(int(now.timestamp())),
+                "webhook-signature": Webhook(secret).sign(headers["webhook-id"], now, body)}
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.post(vendure.webhook_url(), content=body, headers=headers)).status_code == 400

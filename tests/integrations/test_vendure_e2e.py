@@ -43,6 +43,7 @@ SETTLES = "254700000000"    # the sandbox settles this phone's pushes
 # outstanding at once, the second went Pending a minute after the first (cause not yet looked into).
 SETTLES_TOO = "254711000777"
 CANCELS = "254700001032"    # and cancels this one's (ResultCode 1032, the customer cancelled)
+SETTLES_LATER = "254700005005"  # and settles this one's 5 s after the push
 SCHEMA = "vendure_e2e"      # the shop's tables, in the tests' database
 POLLING_SCHEMA = "vendure_e2e_polling"  # the polling shop's
 
@@ -302,6 +303,27 @@ async def test_two_vendure_channels_keep_their_payments_and_webhooks_apart(stack
             admin.headers["vendure-token"] = token
         paid = await paid_order(admin, order["code"], "PaymentSettled")
         assert [p["state"] for p in paid["payments"]] == ["Settled"]
+
+
+async def test_one_channels_secret_moves_no_payment_of_another_channel(vendure):
+    """Every order is in the default channel too, and the second channel's payment method also is,
+    under the same code: the default channel's secret must still not reach the second's payments."""
+    second = GraphQL(f"{vendure.url}/shop-api", f"{SECOND_CHANNEL}-token")
+    order = await checkout(second)
+    payment = (await add_payment(second, SETTLES_LATER))["payments"][0]
+    a_channel, _, a_secret = vendure.channels[DEFAULT_CHANNEL]
+    b_channel = vendure.channels[SECOND_CHANNEL][0]
+    async with httpx.AsyncClient(timeout=10) as http:
+        answers = []
+        for channel_id in (a_channel, b_channel):  # naming its own pipeline channel, or the payment's
+            headers, body = signed(a_secret, "payment.settled", payment["transactionId"], channel_id,
+                                   state="Settled", mpesaReceipt="TST0CROSS1")
+            answers.append((await http.post(vendure.webhook_url(), content=body, headers=headers)).status_code)
+    assert answers == [404, 404]
+    admin = await admin_login(vendure.url)
+    admin.headers["vendure-token"] = f"{SECOND_CHANNEL}-token"
+    paid = await paid_order(admin, order["code"], "PaymentSettled")  # by the pipeline's own webhook
+    assert paid["payments"][0]["metadata"]["mpesaReceipt"] != "TST0CROSS1"
 
 
 async def test_a_settled_webhook_for_a_declined_payment_flags_it_and_settles_nothing(vendure):

@@ -20,6 +20,8 @@ export const DEFAULT_OPTIONS: Required<MpesaPipelineOptions> = {
     pollBatchSize: 20,
 };
 
+const MAX_TIMER_MS = 2 ** 31 - 1; // setInterval's delay is a signed 32-bit number of milliseconds
+
 /** The options with their defaults; nonsense (negative, not a number) fails at boot, not later. */
 export function withDefaults(options: MpesaPipelineOptions): Required<MpesaPipelineOptions> {
     const merged = { ...DEFAULT_OPTIONS, ...options };
@@ -27,6 +29,10 @@ export function withDefaults(options: MpesaPipelineOptions): Required<MpesaPipel
         if (typeof value !== 'number' || !Number.isFinite(value) || value < 0) {
             throw new Error(`MpesaPipelinePlugin: ${name} must be a number of 0 or more, not ${String(value)}`);
         }
+    }
+    // Node runs a longer setInterval every millisecond (TimeoutOverflowWarning), not hardly ever.
+    if (merged.pollIntervalSeconds * 1000 > MAX_TIMER_MS) {
+        throw new Error(`MpesaPipelinePlugin: pollIntervalSeconds must be at most ${Math.floor(MAX_TIMER_MS / 1000)}`);
     }
     if (!Number.isInteger(merged.pollBatchSize) || merged.pollBatchSize < 1) {
         throw new Error('MpesaPipelinePlugin: pollBatchSize must be a whole number of 1 or more');

@@ -1,5 +1,5 @@
 import { Injectable } from '@nestjs/common';
-import { Channel, Logger, OrderService, Payment, RequestContext, TransactionalConnection } from '@vendure/core';
+import { Channel, ChannelService, ID, Logger, OrderService, Payment, RequestContext, TransactionalConnection } from '@vendure/core';
 
 import { loggerCtx, SETTLED_BY_PIPELINE } from './handler';
 
@@ -14,6 +14,7 @@ export interface PipelineStatus {
     reason?: string | null;
     mpesaReceipt?: string | null;
     lateMpesaReceipt?: string | null;
+    occurredAt?: unknown; // the webhook's data.occurredAt; the poller reads the state as it is now
 }
 
 /** The webhook event type of each pipeline payment state: the poller maps what it reads this way. */
@@ -34,7 +35,11 @@ export const EVENT_OF_STATE: Readonly<Record<string, string>> = {
  */
 @Injectable()
 export class PaymentUpdater {
-    constructor(private connection: TransactionalConnection, private orderService: OrderService) {}
+    constructor(
+        private connection: TransactionalConnection,
+        private orderService: OrderService,
+        private channelService: ChannelService,
+    ) {}
 
     /**
      * False when no payment of this channel and these payment methods has the pipeline's payment id.
@@ -48,7 +53,7 @@ export class PaymentUpdater {
     private async applyLocked(ctx: RequestContext, channel: Channel, methodCodes: string[], status: PipelineStatus) {
         const query = this.connection.getRepository(ctx, Payment).createQueryBuilder('payment')
             .innerJoinAndSelect('payment.order', 'order')
-            .innerJoin('order.channels', 'channel', 'channel.id = :channelId', { channelId: channel.id })
+            .innerJoinAndSelect('order.channels', 'channel')
             .where('payment.transactionId = :tid', { tid: status.paymentId })
             .andWhere('payment.method IN (:...codes)', { codes: methodCodes })
             .orderBy('payment.id', 'ASC');
@@ -57,7 +62,10 @@ export class PaymentUpdater {
             // within one process (SQLite and sql.js have no row locks and one writer anyway).
             query.setLock('pessimistic_write', undefined, ['payment']);
         }
-        const payments = await query.getMany();
+        // Every order is in the default channel too, and a method made in another channel is in the
+        // default channel under the same code: only the order's own channel's secret may move it.
+        const defaultChannel = await this.channelService.getDefaultChannel(ctx);
+        const payments = (await query.getMany()).filter(p => ownChannelId(p.order.channels, defaultChannel.id) === channel.id);
         if (!payments.length) {
             return false;
         }
@@ -69,12 +77,14 @@ export class PaymentUpdater {
                 break;
             case 'payment.cancelled':
             case 'payment.failed':
-                for (const p of pending) {
+                // A late older event (a parked delivery redelivered) must not decline a payment the
+                // pipeline has since put in Review: the customer would pay again while it may settle.
+                for (const p of pending.filter(p => !happenedBefore(status.occurredAt, p.metadata?.reviewOccurredAt))) {
                     await this.decline(ctx, p, reason);
                 }
                 break;
             case 'payment.review':
-                await this.flag(ctx, payments, reason, clean(status.lateMpesaReceipt));
+                await this.flag(ctx, payments, reason, clean(status.lateMpesaReceipt), status.occurredAt);
                 break;
             default: // payment.pending and anything newer: nothing to change
         }
@@ -136,14 +146,17 @@ export class PaymentUpdater {
     }
 
     /** The payments stay in their state (a Pending one leaves the order unpaid) and wait for an administrator. */
-    private async flag(ctx: RequestContext, payments: Payment[], reason: string, lateReceipt: string | null) {
+    private async flag(ctx: RequestContext, payments: Payment[], reason: string, lateReceipt: string | null,
+                       occurredAt?: unknown) {
         const unflagged = payments.filter(p => !(p.metadata?.needsReview === true && p.metadata?.reviewReason === reason));
         if (!unflagged.length) {
             return; // the same review again (a redelivery, or the poller reading it once more)
         }
         for (const p of unflagged) {
             p.metadata = merge(p.metadata, { needsReview: true, reviewReason: reason,
-                ...(lateReceipt ? { lateMpesaReceipt: lateReceipt } : {}), public: { mpesaStatus: 'Review' } });
+                ...(lateReceipt ? { lateMpesaReceipt: lateReceipt } : {}),
+                ...(typeof occurredAt === 'string' ? { reviewOccurredAt: clean(occurredAt) } : {}),
+                public: { mpesaStatus: 'Review' } });
             await this.save(ctx, p);
         }
         Logger.warn(`payment ${unflagged[0].id} needs an administrator: ${reason}`, loggerCtx);
@@ -152,6 +165,17 @@ export class PaymentUpdater {
     private save(ctx: RequestContext, payment: Payment) {
         return this.connection.getRepository(ctx, Payment).save(payment, { reload: false });
     }
+}
+
+/** The channel an order was placed in: the one besides the default channel, which every order is in (as the poller finds it). */
+function ownChannelId(channels: Channel[], defaultChannelId: ID): ID {
+    return channels.find(c => c.id !== defaultChannelId)?.id ?? defaultChannelId;
+}
+
+/** Both are times and `event` is the earlier: an event older than what the payment already shows. */
+function happenedBefore(event: unknown, known: unknown): boolean {
+    const [a, b] = [typeof event === 'string' ? Date.parse(event) : NaN, typeof known === 'string' ? Date.parse(known) : NaN];
+    return a < b; // false when either is missing or not a time
 }
 
 /** The pipeline's amount (whole shillings) is this payment's (minor units), in Kenyan shillings. */

@@ -12,7 +12,7 @@ export const WEBHOOK_ROUTE = 'mpesa-pipeline/webhooks';
 interface StatusEvent {
     type: string;
     data: { paymentId: string; channelId: string; state: string; amount?: unknown; currency?: unknown; reason?: string | null;
-            mpesaReceipt?: string | null; lateMpesaReceipt?: string | null };
+            mpesaReceipt?: string | null; lateMpesaReceipt?: string | null; occurredAt?: unknown };
 }
 
 /**
@@ -55,9 +55,9 @@ export class MpesaWebhookController {
             // Signed with this channel's secret but for a pipeline channel it does not use.
             return void res.status(422).send('not a pipeline channel of this Vendure channel');
         }
-        const { paymentId, amount, currency, reason, mpesaReceipt, lateMpesaReceipt } = event.data;
+        const { paymentId, amount, currency, reason, mpesaReceipt, lateMpesaReceipt, occurredAt } = event.data;
         const found = await this.updater.apply(ctx, channel, methods.map(m => m.code),
-            { type: event.type, paymentId, amount, currency, reason, mpesaReceipt, lateMpesaReceipt });
+            { type: event.type, paymentId, amount, currency, reason, mpesaReceipt, lateMpesaReceipt, occurredAt });
         return void res.status(found ? 204 : 404).send();
     }
 }
@@ -82,7 +82,8 @@ function verify(secrets: string[], req: Request): StatusEvent | null {
             }
             return event as StatusEvent;
         } catch (e) {
-            if (!(e instanceof WebhookVerificationError)) throw e;
+            // A SyntaxError: the signature verified but the body is not JSON (standardwebhooks parses it).
+            if (!(e instanceof WebhookVerificationError || e instanceof SyntaxError)) throw e;
         }
     }
     return null;
