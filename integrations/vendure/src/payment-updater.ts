@@ -15,6 +15,7 @@ export interface PipelineStatus {
     mpesaReceipt?: string | null;
     lateMpesaReceipt?: string | null;
     occurredAt?: unknown; // the webhook's data.occurredAt; the poller reads the state as it is now
+    polled?: boolean; // read by the poller (GET, outside the locks), not sent by the pipeline as a webhook
 }
 
 /** The webhook event type of each pipeline payment state: the poller maps what it reads this way. */
@@ -70,6 +71,11 @@ export class PaymentUpdater {
             return false;
         }
         const pending = payments.filter(p => p.state === ('Pending' as string));
+        if (status.polled && !pending.length) {
+            // The poller read the pipeline while the payment was Pending, outside these locks; a
+            // webhook has moved it since, and it said what the poller's older reading would.
+            return true;
+        }
         const reason = clean(status.reason) ?? status.type;
         switch (status.type) {
             case 'payment.settled':

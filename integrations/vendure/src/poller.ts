@@ -92,7 +92,7 @@ export class PendingPaymentPoller implements OnApplicationBootstrap, OnApplicati
         }
         try {
             await this.updater.apply(ctx, channel, [method.code], {
-                type, paymentId: payment.transactionId, amount: view.amount, reason: view.reason, mpesaReceipt: view.mpesaReceipt });
+                type, polled: true, paymentId: payment.transactionId, amount: view.amount, reason: view.reason, mpesaReceipt: view.mpesaReceipt });
         } catch (e) {
             Logger.error(`applying the pipeline's ${view.state} to payment ${payment.id} failed: ${(e as Error).message}`, loggerCtx);
         }
@@ -130,6 +130,12 @@ export class PendingPaymentPoller implements OnApplicationBootstrap, OnApplicati
             // code: the one the payment was made with is the one naming its pipeline channel.
             const method = methods.find(m => m.code === payment.method && m.channels.some(c => c.id === channel.id) &&
                 m.handler.args.some(a => a.name === 'pipelineChannelId' && a.value === payment.metadata?.pipelineChannelId));
+            if (!method) {
+                // Its method was removed from the channel or now names another pipeline channel:
+                // the poller cannot ask about it, and its webhooks are refused (422).
+                Logger.warn(`Pending payment ${payment.id} has no mpesa-stk method of its channel for its pipeline ` +
+                    'channel any more: an administrator must settle or cancel it', loggerCtx);
+            }
             return method ? [{ payment, channel, method }] : [];
         });
     }
