@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Local schema registry: Apicurio Registry 2.6 from Maven Central (its `-all` tar.gz, a Quarkus app
-# that runs on Java 17; 3.x needs Java 21), on loopback, storage in memory (docs/schema-registry.md).
-# Services register the schemas of the topics they write when they start, so an empty registry after
-# a restart fills itself again; consumers look up a writer's schema by the id in each message.
+# that runs on Java 17; 3.x needs Java 21), on loopback (docs/schema-registry.md). Its storage is
+# the H2 database the app embeds, in a file under .local/registry/data rather than in memory: schema
+# ids live as long as the Kafka messages that carry them (both go with `make clean`), so a restart
+# cannot hand an old id to another schema. Services register their topics' schemas when they start.
 # Usage: infra/registry.sh start|stop|status|wait|env
 # Env: SCHEMA_REGISTRY_PORT (8084), REGISTRY_HEAP_OPTS
 set -euo pipefail
@@ -11,6 +12,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 PORT="${SCHEMA_REGISTRY_PORT:-8084}"
 DIR="$LOCAL/registry"
 APP="$DIR/app"
+DATA="$DIR/data"
 PIDF="$DIR/registry.pid"
 LOGF="$DIR/registry.log"
 TIMEOUT=90
@@ -69,7 +71,8 @@ start() {
   local heap; read -ra heap <<<"${REGISTRY_HEAP_OPTS:--Xms64m -Xmx384m}"
   # As infra/kafka.sh: own session, the pid file names the JVM, the lock is not inherited.
   # shellcheck disable=SC2016
-  (cd "$APP" && exec setsid nohup bash -c 'echo $$ >"$0"; exec "$@"' "$PIDF" \
+  mkdir -p "$DATA"
+  (cd "$APP" && REGISTRY_DATASOURCE_URL="jdbc:h2:file:$DATA/registry" exec setsid nohup bash -c 'echo $$ >"$0"; exec "$@"' "$PIDF" \
     java "${heap[@]}" -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
     -Dquarkus.http.host=127.0.0.1 -Dquarkus.http.port="$PORT" \
     -jar "$RUNNER") >"$LOGF" 2>&1 </dev/null 9>&- &
