@@ -77,11 +77,11 @@ def test_everything_the_dockerfile_copies_is_in_the_build_context():
 
 
 def test_the_matcher_reads_docker_patterns_as_docker_does():
-    rules = dockerignore_rules("*\n!services\n**/__pycache__\ndocs/*.md\n!docs/keep.md\n")
+    rules = dockerignore_rules("*\n!services\n**/__pycache__\nnotes/*.md\n!notes/keep.md\n")
     assert ignored("README.md", rules) and not ignored("services/cli.py", rules)
     assert ignored("services/a/__pycache__/x.pyc", rules) and ignored("__pycache__/x.pyc", rules)
-    assert not ignored("docs/keep.md", dockerignore_rules("docs/*.md\n!docs/keep.md"))
-    assert ignored("docs/a/b.md", dockerignore_rules("docs")) and not ignored("docs/a/b.md", rules[3:4])
+    assert not ignored("notes/keep.md", dockerignore_rules("notes/*.md\n!notes/keep.md"))
+    assert ignored("notes/a/b.md", dockerignore_rules("notes")) and not ignored("notes/a/b.md", rules[3:4])
 
 
 def test_dependencies_are_installed_from_pyproject_alone_before_the_code_is_copied():
