@@ -1,68 +1,55 @@
-"""Avro backward-compatibility check (a reader with the new schema reads data written with the old),
-following the schema-resolution rules of the Avro specification."""
+"""Backward compatibility of two schema versions: can a reader with the new one read what the old one wrote?
+
+Apache Avro's own checker decides (`avro.compatibility`, the Python port of Java's
+org.apache.avro.SchemaCompatibility, the rules a schema registry applies); its reasons are returned as
+they are. One project rule is added on top (schemas/README.md): a logical type never changes. Neither
+Avro checker looks at logical types, so timestamp-millis -> timestamp-micros passes both, and then the
+same bytes mean two times: fastavro converts with the writer's logical type, Java's GenericDatumReader
+with the reader's, 1000 times smaller (docs/schema-compatibility.md).
+"""
 from __future__ import annotations
 
-from fastavro.schema import expand_schema
+import json
+from collections.abc import Iterator
+from typing import Any
 
-PROMOTIONS = {"int": {"long", "float", "double"}, "long": {"float", "double"}, "float": {"double"},
-              "string": {"bytes"}, "bytes": {"string"}}
-
-
-def backward_compatibility_errors(writer: dict, reader: dict) -> list[str]:
-    return _check(expand_schema(writer), expand_schema(reader), reader.get("name", "record"))
+import avro.schema
+from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
 
 
-def _kind(schema) -> str:
-    if isinstance(schema, list):
-        return "union"
-    if isinstance(schema, dict):
-        return schema["type"] if isinstance(schema["type"], str) else _kind(schema["type"])
-    return schema
-
-
-def _logical(schema):
-    return schema.get("logicalType") if isinstance(schema, dict) else None
-
-
-def _check(writer, reader, path: str) -> list[str]:
-    w, r = _kind(writer), _kind(reader)
-    if w == "union":
-        return [e for branch in writer for e in _check(branch, reader, path)]
-    if r == "union":
-        for branch in reader:
-            if not _check(writer, branch, path):
-                return []
-        return [f"{path}: writer type {w} matches no branch of the reader's union"]
-    if _logical(writer) != _logical(reader):
-        return [f"{path}: logical type changed from {_logical(writer)} to {_logical(reader)}"]
-    if w != r:
-        return [] if r in PROMOTIONS.get(w, ()) else [f"{path}: type changed from {w} to {r}"]
-    if w == "record":
-        return _check_record(writer, reader, path)
-    if w == "enum":
-        missing = set(writer["symbols"]) - set(reader["symbols"])
-        return [f"{path}: enum symbols {sorted(missing)} removed"] if missing and "default" not in reader else []
-    if w == "array":
-        return _check(writer["items"], reader["items"], f"{path}[]")
-    if w == "map":
-        return _check(writer["values"], reader["values"], f"{path}{{}}")
-    if w == "fixed" and writer["size"] != reader["size"]:
-        return [f"{path}: fixed size changed"]
-    return []
-
-
-def _check_record(writer: dict, reader: dict, path: str) -> list[str]:
-    written = {f["name"]: f for f in writer["fields"]}
-    for f in writer["fields"]:
-        for alias in f.get("aliases", []):
-            written.setdefault(alias, f)
+def backward_compatibility_errors(writer: dict[str, Any], reader: dict[str, Any]) -> list[str]:
+    """Why `reader` cannot read data written with `writer`; empty when it can."""
+    parsed_writer, parsed_reader = avro.schema.parse(json.dumps(writer)), avro.schema.parse(json.dumps(reader))
+    result = ReaderWriterCompatibilityChecker().get_compatibility(reader=parsed_reader, writer=parsed_writer)
     errors = []
-    for field in reader["fields"]:
-        names = [field["name"], *field.get("aliases", [])]
-        source = next((written[n] for n in names if n in written), None)
-        if source is None:
-            if "default" not in field:
-                errors.append(f"{path}.{field['name']}: new field without a default")
-            continue
-        errors.extend(_check(source["type"], field["type"], f"{path}.{field['name']}"))
-    return errors
+    if result.compatibility is SchemaCompatibilityType.incompatible:
+        kinds = ", ".join(sorted({kind.value for kind in result.incompatibilities}))
+        where = ", ".join(sorted(result.locations - {"/"}) or result.locations)
+        errors.append(f"{kinds} at {where}: {'; '.join(sorted(result.messages))}")
+    return errors + _logical_type_changes(parsed_writer, parsed_reader)
+
+
+def _logical_type_changes(writer: avro.schema.Schema, reader: avro.schema.Schema) -> list[str]:
+    written = dict(_logical_types(writer, ""))
+    return [f"logical type of {path or '/'} ({kind}) changed from {written[path, kind]} to {logical}"
+            for (path, kind), logical in _logical_types(reader, "")
+            if (path, kind) in written and written[path, kind] != logical]
+
+
+def _logical_types(schema: avro.schema.Schema, path: str,
+                   seen: frozenset[str] = frozenset()) -> Iterator[tuple[tuple[str, str], str | None]]:
+    """((field path, underlying type), logical type or None) for every value a schema can hold."""
+    if isinstance(schema, avro.schema.UnionSchema):
+        for branch in schema.schemas:
+            yield from _logical_types(branch, path, seen)
+    elif isinstance(schema, avro.schema.RecordSchema):
+        if schema.fullname not in seen:  # a recursive record is walked once
+            for field in schema.fields:
+                yield from _logical_types(field.type, f"{path}/{field.name}", seen | {schema.fullname})
+    elif isinstance(schema, avro.schema.ArraySchema):
+        yield from _logical_types(schema.items, f"{path}/items", seen)
+    elif isinstance(schema, avro.schema.MapSchema):
+        yield from _logical_types(schema.values, f"{path}/values", seen)
+    else:
+        logical = schema.props.get("logicalType")
+        yield (path, schema.type), logical if isinstance(logical, str) else None

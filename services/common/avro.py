@@ -33,7 +33,8 @@ from typing import Any
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
+# Package data (services/schemas links to the repository's schemas/), so an installed wheel carries it.
+SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
 SINGLE_OBJECT_MARKER = b"\xc3\x01"
 CONFLUENT_MAGIC = b"\x00"
 # Kafka's default message.max.bytes (1048588) rounded down: a larger message was not sent through a

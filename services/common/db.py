@@ -16,7 +16,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.common.runtime import StartupRefused
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+# Package data (services/migrations links to the repository's migrations/), so an installed wheel carries it.
+MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 _MIGRATION_LOCK = 7_262_021  # advisory lock id: one migrator at a time across services
 
 log = logging.getLogger(__name__)

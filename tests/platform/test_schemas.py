@@ -1,19 +1,22 @@
 """Every schema's sample round-trips, in memory and through the real broker; evolution is checked."""
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer
-from fastavro import parse_schema
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
 from services.common.avro import SCHEMA_DIR, DecodeError
 from services.common.kafka import EventProducer
 from services.common.topics import ALL_TOPICS, Topic
 from tests.schema_compat import backward_compatibility_errors
 
+ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_NAMES = sorted(p.stem for p in SCHEMA_DIR.glob("*.avsc"))
 BYTES_FIELDS = {"body", "original_key", "original_value"}
 
@@ -98,11 +101,11 @@ def test_a_corrupt_body_is_a_decode_error(codec):
 def _committed_versions(name: str) -> list[tuple[str, str, str | None]]:
     """(commit, schema text, sample text) for every committed version of a schema, newest first."""
     path = f"schemas/{name}.avsc"
-    commits = subprocess.run(["git", "log", "--format=%H", "--", path], cwd=SCHEMA_DIR.parent,
+    commits = subprocess.run(["git", "log", "--format=%H", "--", path], cwd=ROOT,
                              capture_output=True, text=True, check=True).stdout.split()
     versions = []
     for commit in commits:
-        schema, sample = (subprocess.run(["git", "show", f"{commit}:{p}"], cwd=SCHEMA_DIR.parent,
+        schema, sample = (subprocess.run(["git", "show", f"{commit}:{p}"], cwd=ROOT,
                                          capture_output=True, text=True)
                           for p in (path, f"schemas/samples/{name}.json"))
         if schema.returncode == 0:
@@ -110,18 +113,30 @@ def _committed_versions(name: str) -> list[tuple[str, str, str | None]]:
     return versions
 
 
-@pytest.mark.parametrize("name", SCHEMA_NAMES)
-def test_schema_reads_every_committed_version(codec, name):
-    """Backward compatibility: today's reader must read data written with any committed version."""
-    current = json.loads((SCHEMA_DIR / f"{name}.avsc").read_text())
-    for commit, old_text, old_sample in _committed_versions(name):
-        old = json.loads(old_text)
-        assert backward_compatibility_errors(old, current) == [], f"breaks compatibility with {commit[:8]}"
-        if old_sample:
-            import io
+def _earlier_versions(name: str) -> list[tuple[str, str, str | None]]:
+    """Every committed version and every copy in schemas/history/ the codec still reads: (where, text, sample)."""
+    kept = [(f"schemas/history/{p.name}", p.read_text(), None)
+            for p in sorted((SCHEMA_DIR / "history").glob(f"{name}.v*.avsc"))]
+    return [(commit[:8], text, sample) for commit, text, sample in _committed_versions(name)] + kept
 
-            from fastavro import schemaless_reader, schemaless_writer
+
+@pytest.mark.parametrize("name", SCHEMA_NAMES)
+def test_schema_reads_every_earlier_version(name):
+    """BACKWARD compatibility, by Apache Avro's checker (tests/schema_compat.py): today's schema reads data
+    written with any earlier one; each committed sample, written with its version, is read with today's."""
+    current = json.loads((SCHEMA_DIR / f"{name}.avsc").read_text())
+    for where, old_text, old_sample in _earlier_versions(name):
+        old = json.loads(old_text)
+        errors = backward_compatibility_errors(old, current)
+        assert errors == [], f"schemas/{name}.avsc cannot read what {where} wrote: {errors}"
+        if old_sample:
             buf = io.BytesIO()
             schemaless_writer(buf, parse_schema(old), load_sample(name, old_sample))
             buf.seek(0)
             schemaless_reader(buf, parse_schema(old), parse_schema(current))
+
+
+def test_earlier_versions_come_from_git_and_from_the_history_copies():
+    # A path git does not know (one through services/schemas, a link) would find no commit and check nothing.
+    versions = [where for where, _, _ in _earlier_versions("payment_status")]
+    assert len(versions) >= 4 and versions[-1] == "schemas/history/payment_status.v1.avsc", versions
