@@ -246,8 +246,11 @@ def ensure_topics(bootstrap: str, topics: Iterable[Topic], partitions: int | Non
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:  # another service was first
                     raise
-    _report_differences(admin, {n: wanted[n] for n in wanted if n in existing}, existing, replication_factor,
-                        timeout)
+    try:
+        _report_differences(admin, {n: wanted[n] for n in wanted if n in existing}, existing, replication_factor,
+                            timeout)
+    finally:
+        admin.poll(0)  # serves librdkafka's log lines (ClientLog) queued meanwhile
 
 
 def _report_differences(admin: AdminClient, wanted: dict[str, dict[str, str]], metadata: dict[str, Any],
