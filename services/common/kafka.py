@@ -52,6 +52,9 @@ REVOKE_TIMEOUTS = Counter(
     "finished (their new owner handles those events again)", ["group"])
 
 
+IDLE_POLL_S = 1.0  # how often a producer with nothing in flight is polled (log lines, statistics)
+
+
 class PublishError(Exception):
     """Kafka did not acknowledge the event (broker down, timeout, authorisation...)."""
 
@@ -138,8 +141,13 @@ class EventProducer:
         self._outstanding = 0
         self._polling: asyncio.TimerHandle | None = None
         self._polling_loop: asyncio.AbstractEventLoop | None = None
+        self._polling_idle = False
         self._acknowledged: dict[str, Any] = {}  # topic -> its EVENTS_OUT child, bound once
         self._latencies: dict[str, Any] = {}  # topic -> its PUBLISH_SECONDS child, likewise
+        try:
+            self._keep_polling(asyncio.get_running_loop(), idle=True)
+        except RuntimeError:  # made outside an event loop: polling starts with the first event
+            pass
 
     async def publish(self, topic: Topic, record: dict[str, Any]) -> None:
         await self.publish_many([(topic, record["channel_id"].encode(), self.codec.encode(topic.schema, record))])
@@ -198,17 +206,24 @@ class EventProducer:
             histogram = self._latencies[topic] = PUBLISH_SECONDS.labels(topic)
         return histogram
 
-    def _keep_polling(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._polling is None or self._polling_loop is not loop:  # a test may switch loops
-            self._polling_loop = loop
-            self._polling = loop.call_later(self._poll_interval_s, self._poll)
+    def _keep_polling(self, loop: asyncio.AbstractEventLoop, idle: bool = False) -> None:
+        if self._polling is not None and self._polling_loop is loop and (idle or not self._polling_idle):
+            return  # polled often enough already
+        if self._polling is not None:
+            self._polling.cancel()
+        self._polling_loop, self._polling_idle = loop, idle  # a test may switch loops
+        self._polling = loop.call_later(IDLE_POLL_S if idle else self._poll_interval_s, self._poll)
 
     def _poll(self) -> None:
         # A timer callback rather than a task that sleeps: no future and no task step per poll.
+        loop = asyncio.get_running_loop()
+        if loop is not self._polling_loop:  # a timer left on a loop a test has moved on from: it ends here
+            return
         self._producer.poll(0)
         self._polling = None
-        if self._outstanding > 0:
-            self._keep_polling(asyncio.get_running_loop())
+        # Idle, it still polls now and then: librdkafka's log lines (a broker lost meanwhile) and its
+        # statistics are served by poll, and would otherwise wait for the next event.
+        self._keep_polling(loop, idle=self._outstanding == 0)
 
     def close(self, timeout: float = 10.0) -> None:
         self._producer.flush(timeout)

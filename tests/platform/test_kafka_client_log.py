@@ -2,6 +2,7 @@
 (pure: the client talks to a closed loopback port, no broker needed)."""
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -11,7 +12,9 @@ from collections.abc import Iterator
 import pytest
 from confluent_kafka import Producer
 
-from services.common.kafka import ClientLog, client_config
+from services.common.avro import Codec
+from services.common.config import ConfigError
+from services.common.kafka import ClientLog, EventProducer, client_config
 from services.common.observability import JsonFormatter
 
 SECRET = "s3cret-Kafka-Passw0rd"
@@ -72,3 +75,21 @@ def test_a_line_quoting_a_secret_or_a_control_character_is_masked_and_kept_on_on
     [line] = [json.loads(text) for text in json_lines.getvalue().splitlines()]
     assert line["level"] == "warning"
     assert line["msg"] == 'SASL [rdkafka#producer-1] broker said: bad password ****\\u000a{"forged": true}'
+
+
+async def test_an_idle_producers_log_lines_are_served_without_an_event_to_publish(json_lines):
+    # librdkafka hands its lines over only when the client is polled; a producer with nothing to
+    # send must not keep a lost broker's lines until the next event.
+    producer = EventProducer(CLOSED_PORT, Codec(), client_id="idle-test")
+    try:
+        deadline = time.monotonic() + 20
+        while '"level": "error"' not in json_lines.getvalue():
+            assert time.monotonic() < deadline, "the idle producer's lines never came"
+            await asyncio.sleep(0.1)
+    finally:
+        producer.close(0)
+
+
+def test_the_logger_cannot_be_replaced_from_the_environment():
+    with pytest.raises(ConfigError, match="KAFKA_CLIENT_LOGGER cannot be set"):
+        client_config({}, {"KAFKA_CLIENT_LOGGER": "stderr"})
