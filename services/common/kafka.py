@@ -167,7 +167,7 @@ class EventProducer:
             waiting -= 1
             if err is not None:
                 failed.append((msg.topic(), err))
-            else:
+            else:  # about 1 µs per event (the histogram's lock and bucket search)
                 self._latency_of(cast(str, msg.topic())).observe(cast(float, msg.latency()))
             if waiting == 0:
                 _settle(acked, failed[0][1] if failed else None)
@@ -289,7 +289,7 @@ def _report_differences(admin: AdminClient, wanted: dict[str, dict[str, str]], m
             continue
         for key, (has, would) in differences(wanted[resource.name], actual).items():
             log.warning("topic %s has %s=%s where this service would create it with %s; left as it is",
-                        resource.name, key, has, would)
+                        resource.name, key, untrusted(has), would)
 
 
 def _where(exc: BaseException) -> str:
