@@ -53,10 +53,6 @@ _VALUE = re.compile(r"[A-Za-z0-9._,-]{1,64}")
 _NOT_SETTABLE = {"cleanup.policy", "unclean.leader.election.enable"}
 
 
-def known_topics() -> set[str]:
-    return set(DEFAULTS)
-
-
 def key_of(topic: str) -> str:
     """The DEFAULTS entry a topic name falls under (an upstream producer's topic under UPSTREAM)."""
     if topic in DEFAULTS:
