@@ -25,7 +25,8 @@ def grants(environ=os.environ) -> dict[str, Access]:
     """Who may do what, declared once beside the topics (services.common.topics.ACCESS), plus one
     write-only grant per upstream producer. Every topic a service touches it may also describe and
     create: services create missing topics at start, and a topic that exists cannot be created
-    twice, so Create gives nothing more. Upstream producers do not create: the ingress does."""
+    twice, so Create gives nothing more. They may read its settings (DescribeConfigs) to report one
+    that differs from theirs, never alter them. Upstream producers do not create: the ingress does."""
     upstream = parse_upstream_producers(environ.get("UPSTREAM_PRODUCERS", ""))
     return {**ACCESS, **{p: upstream_access(p) for p in upstream}}
 
@@ -44,11 +45,13 @@ def bindings(principal: str, grants: Access) -> set:
     wanted = set()
     for topic in grants.topics:
         wanted.add(allow(ResourceType.TOPIC, topic.name, AclOperation.DESCRIBE))
-        if service:
-            wanted.add(allow(ResourceType.TOPIC, topic.name, AclOperation.CREATE))
+        if service:  # DescribeConfigs: it compares an existing topic's settings with its own (read only)
+            wanted |= {allow(ResourceType.TOPIC, topic.name, op)
+                       for op in (AclOperation.CREATE, AclOperation.DESCRIBE_CONFIGS)}
     if grants.read_prefix:
         wanted |= {allow(ResourceType.TOPIC, grants.read_prefix, op, ResourcePatternType.PREFIXED)
-                   for op in (AclOperation.DESCRIBE, AclOperation.CREATE, AclOperation.READ)}
+                   for op in (AclOperation.DESCRIBE, AclOperation.CREATE, AclOperation.READ,
+                              AclOperation.DESCRIBE_CONFIGS)}
     wanted |= {allow(ResourceType.TOPIC, t.name, AclOperation.READ) for t in grants.reads}
     wanted |= {allow(ResourceType.TOPIC, t.name, AclOperation.WRITE) for t in grants.writes}
     if grants.group_prefix:

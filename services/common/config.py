@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from services.common.topic_config import parse_topic_configs
+
 _MISSING = object()
 T = TypeVar("T")
 
@@ -167,6 +169,10 @@ def database_url(role: str) -> Setting:
 
 DATABASE_URL = database_url("mpesa")  # the schema's owner: migrations
 TOPIC_PARTITIONS = Setting("KAFKA_TOPIC_PARTITIONS", positive_int, 6, help="partitions per topic at creation")
+TOPIC_REPLICATION_FACTOR = Setting("KAFKA_TOPIC_REPLICATION_FACTOR", positive_int, None,
+                                   help="replicas per partition at creation; unset: the broker's default")
+TOPIC_CONFIGS = Setting("KAFKA_TOPIC_CONFIGS", parse_topic_configs, {},
+                        help="topic settings over the defaults, topic:key=value,...;... (* for every topic)")
 METRICS_HOST = Setting("METRICS_HOST", str, "127.0.0.1", help="address of /metrics and /healthz for workers")
 LOG_LEVEL = Setting("LOG_LEVEL", lambda v: choice(v.upper(), "DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
 

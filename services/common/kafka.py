@@ -12,22 +12,24 @@ import functools
 import json
 import logging
 import random
+import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.avro import Codec, DecodeError
 from services.common.config import ConfigError, client_variable, kafka_client_config
 from services.common.ids import new_id
 from services.common.text import untrusted
+from services.common.topic_config import configs_for, differences
 from services.common.topics import DEAD_LETTER, Topic
 
 log = logging.getLogger(__name__)
@@ -36,13 +38,21 @@ EVENTS_OUT = Counter("pipeline_events_published_total", "Events acknowledged by 
 PUBLISH_FAILURES = Counter("pipeline_publish_failures_total", "Events Kafka did not acknowledge", ["topic"])
 EVENTS_IN = Counter("pipeline_events_consumed_total", "Events handled by a consumer", ["topic", "result"])
 HANDLE_SECONDS = Histogram("pipeline_batch_handle_seconds", "Time to handle one consumed batch", ["group"])
-CONSUMER_LAG = Gauge("pipeline_consumer_lag", "Messages behind the end of the partition", ["topic", "partition"])
+CONSUMER_LAG = Gauge("pipeline_consumer_lag", "Messages a consumer group is behind the end of a partition it is "
+                     "assigned", ["group", "topic", "partition"])
+PUBLISH_SECONDS = Histogram("pipeline_publish_seconds", "Time from producing an event to Kafka's acknowledgement",
+                            ["topic"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 15))
+PRODUCER_QUEUED = Gauge("pipeline_producer_queued_events", "Events a producer holds that Kafka has not "
+                        "acknowledged yet (librdkafka's statistics, every 5 s)", ["client", "topic"])
 UNEXPECTED_ERRORS = Counter(
     "pipeline_unexpected_errors_total", "Events dead-lettered because an unexpected error (most likely a bug) "
     "outlived the poison budget: alert on any increase (docs/errors.md)", ["group", "error_type"])
 REVOKE_TIMEOUTS = Counter(
     "pipeline_revoke_timeouts_total", "Rebalances that gave partitions up before the batches in hand for them "
     "finished (their new owner handles those events again)", ["group"])
+
+
+IDLE_POLL_S = 1.0  # how often a producer with nothing in flight is polled (log lines, statistics)
 
 
 class PublishError(Exception):
@@ -63,10 +73,33 @@ def client_config(own: dict[str, Any], environ: dict[str, str] | None = None) ->
     from KAFKA_CLIENT_* variables: config.kafka_client_config). A setting the code decides itself
     (acks, group.id, ...) cannot be overridden from the environment: that is refused, not ignored."""
     shared = kafka_client_config(environ)
-    clash = sorted(shared.keys() & own.keys())
+    clash = sorted(shared.keys() & {*own.keys(), "logger"})
     if clash:
         raise ConfigError(f"{client_variable(clash[0])} cannot be set: the service decides {clash[0]} itself")
-    return {**shared, **own}
+    merged = {**shared, **own}
+    secrets = [str(v) for k, v in merged.items() if _SECRET_PROPERTY.search(k)]
+    return {"logger": ClientLog(secrets), **merged}
+
+
+_SECRET_PROPERTY = re.compile(r"password|secret|jaas|oauthbearer\.config|private\.key")
+LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
+
+
+class ClientLog:
+    """Where librdkafka's own log lines go (confluent-kafka's `logger` setting) instead of stderr as
+    `%3|1795996904.040|FAIL|...`: the process's JSON logger, under the name "librdkafka", at the level
+    confluent-kafka maps from the line's syslog level (3 error, 4 warning, 5-6 info, 7 debug). The
+    client's own secrets are masked before the text is cut, and the text is made safe, as it quotes
+    what brokers sent. Lines are served by the client's poll/consume/flush calls."""
+
+    def __init__(self, secrets: Iterable[str] = ()):
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)  # longest first: no half left
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        text = msg % args if args else msg
+        for secret in self._secrets:
+            text = text.replace(secret, "****")
+        LIBRDKAFKA_LOG.log(level, "%s", untrusted(text, 1000))
 
 
 def producer_config(bootstrap: str, client_id: str, delivery_timeout_ms: int, linger_ms: int) -> dict:
@@ -81,6 +114,8 @@ def producer_config(bootstrap: str, client_id: str, delivery_timeout_ms: int, li
         "linger.ms": linger_ms,
         "compression.type": "lz4",
         "delivery.timeout.ms": delivery_timeout_ms,
+        "statistics.interval.ms": 5000,
+        "stats_cb": _record_producer_stats,
     })
 
 
@@ -106,7 +141,13 @@ class EventProducer:
         self._outstanding = 0
         self._polling: asyncio.TimerHandle | None = None
         self._polling_loop: asyncio.AbstractEventLoop | None = None
+        self._polling_idle = False
         self._acknowledged: dict[str, Any] = {}  # topic -> its EVENTS_OUT child, bound once
+        self._latencies: dict[str, Any] = {}  # topic -> its PUBLISH_SECONDS child, likewise
+        try:
+            self._keep_polling(asyncio.get_running_loop(), idle=True)
+        except RuntimeError:  # made outside an event loop: polling starts with the first event
+            pass
 
     async def publish(self, topic: Topic, record: dict[str, Any]) -> None:
         await self.publish_many([(topic, record["channel_id"].encode(), self.codec.encode(topic.schema, record))])
@@ -126,6 +167,8 @@ class EventProducer:
             waiting -= 1
             if err is not None:
                 failed.append((msg.topic(), err))
+            else:  # about 1 µs per event (the histogram's lock and bucket search)
+                self._latency_of(cast(str, msg.topic())).observe(cast(float, msg.latency()))
             if waiting == 0:
                 _settle(acked, failed[0][1] if failed else None)
 
@@ -157,17 +200,30 @@ class EventProducer:
                 counter = self._acknowledged[topic.name] = EVENTS_OUT.labels(topic.name)
             counter.inc()
 
-    def _keep_polling(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._polling is None or self._polling_loop is not loop:  # a test may switch loops
-            self._polling_loop = loop
-            self._polling = loop.call_later(self._poll_interval_s, self._poll)
+    def _latency_of(self, topic: str) -> Any:
+        histogram = self._latencies.get(topic)
+        if histogram is None:  # bound once per topic: the label lookup is the costly part
+            histogram = self._latencies[topic] = PUBLISH_SECONDS.labels(topic)
+        return histogram
+
+    def _keep_polling(self, loop: asyncio.AbstractEventLoop, idle: bool = False) -> None:
+        if self._polling is not None and self._polling_loop is loop and (idle or not self._polling_idle):
+            return  # polled often enough already
+        if self._polling is not None:
+            self._polling.cancel()
+        self._polling_loop, self._polling_idle = loop, idle  # a test may switch loops
+        self._polling = loop.call_later(IDLE_POLL_S if idle else self._poll_interval_s, self._poll)
 
     def _poll(self) -> None:
         # A timer callback rather than a task that sleeps: no future and no task step per poll.
+        loop = asyncio.get_running_loop()
+        if loop is not self._polling_loop:  # a timer left on a loop a test has moved on from: it ends here
+            return
         self._producer.poll(0)
         self._polling = None
-        if self._outstanding > 0:
-            self._keep_polling(asyncio.get_running_loop())
+        # Idle, it still polls now and then: librdkafka's log lines (a broker lost meanwhile) and its
+        # statistics are served by poll, and would otherwise wait for the next event.
+        self._keep_polling(loop, idle=self._outstanding == 0)
 
     def close(self, timeout: float = 10.0) -> None:
         self._producer.flush(timeout)
@@ -185,20 +241,55 @@ def _settle(fut: asyncio.Future, err: KafkaError | None) -> None:
         fut.set_exception(PublishError(f"Kafka did not acknowledge the event: {err.str()}"))
 
 
-def ensure_topics(bootstrap: str, topics: Iterable[Topic], partitions: int, timeout: float = 30.0) -> None:
-    """Creates missing topics with the configured partition count; existing ones are left alone."""
+def ensure_topics(bootstrap: str, topics: Iterable[Topic], partitions: int | None, timeout: float = 30.0, *,
+                  replication_factor: int | None = None,
+                  overrides: Mapping[str, Mapping[str, str]] | None = None) -> None:
+    """Creates the missing topics, each once whatever the list repeats, with `partitions` and
+    `replication_factor` (None: the broker's num.partitions / default.replication.factor) and the
+    settings topic_config gives it. A topic another process created meanwhile counts as created:
+    services start in any order, several at once. An existing topic is left as it is; a setting it
+    has otherwise is logged (docs/kafka-topics.md, "Existing topics")."""
+    wanted = {t.name: configs_for(t.name, replication_factor, overrides or {}) for t in topics}
     admin = AdminClient(client_config({"bootstrap.servers": bootstrap}))
     existing = admin.list_topics(timeout=timeout).topics
-    missing = [NewTopic(t.name, num_partitions=partitions, replication_factor=1)
-               for t in topics if t.name not in existing]
-    if not missing:
+    missing = [NewTopic(name, num_partitions=partitions or -1, replication_factor=replication_factor or -1,
+                        config=configs) for name, configs in wanted.items() if name not in existing]
+    if missing:
+        for future in admin.create_topics(missing, operation_timeout=timeout, request_timeout=timeout).values():
+            try:
+                future.result()
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:  # another service was first
+                    raise
+    try:
+        _report_differences(admin, {n: wanted[n] for n in wanted if n in existing}, existing, replication_factor,
+                            timeout)
+    finally:
+        admin.poll(0)  # serves librdkafka's log lines (ClientLog) queued meanwhile
+
+
+def _report_differences(admin: AdminClient, wanted: dict[str, dict[str, str]], metadata: dict[str, Any],
+                        replication_factor: int | None, timeout: float) -> None:
+    """Logs each setting an existing topic has otherwise than this service would create it with.
+    Reported, not altered: see docs/kafka-topics.md, "Existing topics"."""
+    for name in sorted(wanted):
+        replicas = {len(p.replicas) for p in metadata[name].partitions.values()}
+        if replication_factor is not None and replicas and min(replicas) < replication_factor:
+            log.warning("topic %s has %d replica(s) per partition, fewer than KAFKA_TOPIC_REPLICATION_FACTOR=%d; "
+                        "left as it is", name, min(replicas), replication_factor)
+    if not wanted:
         return
-    for _name, future in admin.create_topics(missing, operation_timeout=timeout).items():
+    resources = [ConfigResource(ResourceType.TOPIC, name) for name in sorted(wanted)]
+    for resource, future in admin.describe_configs(resources, request_timeout=timeout).items():
         try:
-            future.result()
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
+            actual = {k: e.value for k, e in future.result().items()}
+        except KafkaException as exc:  # no DescribeConfigs right, say: the topic is used as it is
+            log.warning("cannot read the settings of topic %s to compare them: %s", resource.name,
+                        exc.args[0].str() if exc.args else exc)
+            continue
+        for key, (has, would) in differences(wanted[resource.name], actual).items():
+            log.warning("topic %s has %s=%s where this service would create it with %s; left as it is",
+                        resource.name, key, untrusted(has), would)
 
 
 def _where(exc: BaseException) -> str:
@@ -209,12 +300,33 @@ def _where(exc: BaseException) -> str:
     return f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}" if tb else "?"
 
 
-def _record_lag(stats_json: str) -> None:
-    """librdkafka's statistics carry consumer_lag per partition (-1 when unknown)."""
+def _record_lag(group: str, stats_json: str) -> None:
+    """librdkafka's statistics of a consumer carry consumer_lag per partition (-1 when unknown). The
+    labels stay few: a group reads a fixed list of topics (the upstream ones are configured)."""
     for topic, t in json.loads(stats_json).get("topics", {}).items():
         for partition, p in t.get("partitions", {}).items():
             if partition != "-1" and p.get("consumer_lag", -1) >= 0:
-                CONSUMER_LAG.labels(topic, partition).set(p["consumer_lag"])
+                CONSUMER_LAG.labels(group, topic, partition).set(p["consumer_lag"])
+
+
+def _record_producer_stats(stats_json: str) -> None:
+    """librdkafka's statistics of a producer: events queued or in flight per topic (msgq_cnt counts
+    those waiting for a batch, xmit_msgq_cnt those ready to send; partition -1 holds those not yet
+    given a partition)."""
+    stats = json.loads(stats_json)
+    client = stats.get("client_id", "")
+    for topic, t in stats.get("topics", {}).items():
+        queued = sum(p.get("msgq_cnt", 0) + p.get("xmit_msgq_cnt", 0) for p in t.get("partitions", {}).values())
+        PRODUCER_QUEUED.labels(client, topic).set(queued)
+
+
+def _forget_lag(group: str, partitions: Iterable[tuple[str, int]]) -> None:
+    """A partition given up is no longer this group member's to report: its last lag would stay."""
+    for topic, partition in partitions:
+        try:
+            CONSUMER_LAG.remove(group, topic, str(partition))
+        except KeyError:  # never reported
+            pass
 
 
 @dataclass
@@ -408,7 +520,7 @@ class ConsumerLoop:
             "session.timeout.ms": 10000,
             "heartbeat.interval.ms": 1000,
             "statistics.interval.ms": 5000,
-            "stats_cb": _record_lag,
+            "stats_cb": functools.partial(_record_lag, group_id),
             **(extra_config or {}),
         }))
         self.assigned = False
@@ -673,6 +785,7 @@ class ConsumerLoop:
         with self._lock:
             for tp in revoked:
                 self._progress.pop(tp, None)
+        _forget_lag(self.group_id, revoked)
         log.info("revoked %s", sorted(revoked))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -682,6 +795,7 @@ class ConsumerLoop:
         with self._lock:
             for tp in lost:
                 self._progress.pop(tp, None)
+        _forget_lag(self.group_id, lost)
         log.warning("lost %s: events in hand of theirs are handled again by their new owner", sorted(lost))
 
     def _in_hand_of(self, partitions: set[tuple[str, int]]) -> bool:

@@ -21,7 +21,8 @@ async def main(cfg: IngressSettings, stop: asyncio.Event) -> None:
     upstream = UpstreamReauthoriser(cfg.upstream_producers, deps.producer)
     # The ones its ACLs allow (a benchmark's own requested topic needs a principal that may create it).
     topics = {*ACCESS["ingress"].topics, *upstream.topics, cfg.requested_topic}
-    ensure_topics(cfg.kafka_bootstrap_servers, topics, cfg.kafka_topic_partitions)
+    ensure_topics(cfg.kafka_bootstrap_servers, topics, cfg.kafka_topic_partitions,
+                  replication_factor=cfg.kafka_topic_replication_factor, overrides=cfg.kafka_topic_configs)
     app = create_app(deps, Health(), max_body_bytes=cfg.ingress_max_body_bytes)
     runner = await serve(app, cfg.ingress_host, cfg.ingress_port)
     quiet_garbage_collector()

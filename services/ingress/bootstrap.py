@@ -19,7 +19,7 @@ from services.ingress.views import PaymentViews
 SETTINGS = [
     config.KAFKA_BOOTSTRAP,
     config.database_url("ingress"),
-    config.TOPIC_PARTITIONS,
+    config.TOPIC_PARTITIONS, config.TOPIC_REPLICATION_FACTOR, config.TOPIC_CONFIGS,
     config.Setting("INGRESS_HOST", str, "127.0.0.1", help="address to listen on"),
     config.Setting("INGRESS_PORT", config.port, 8080, help="port to listen on"),
     config.Setting("INGRESS_MAX_BODY_BYTES", config.positive_int, 16 * 1024, help="largest request body accepted"),
@@ -48,6 +48,8 @@ class IngressSettings:
     kafka_bootstrap_servers: str
     database_url: str
     kafka_topic_partitions: int
+    kafka_topic_replication_factor: int | None
+    kafka_topic_configs: dict[str, dict[str, str]]
     ingress_host: str
     ingress_port: int
     ingress_max_body_bytes: int

@@ -21,7 +21,8 @@ __all__ = ["SETTINGS", "main"]
 
 async def main(cfg: LedgerConfig, stop: asyncio.Event) -> None:
     require_schema(cfg.database_url)
-    ensure_topics(cfg.kafka_bootstrap_servers, ACCESS["ledger"].topics, cfg.kafka_topic_partitions)  # its ACLs'
+    ensure_topics(cfg.kafka_bootstrap_servers, ACCESS["ledger"].topics, cfg.kafka_topic_partitions,
+                  replication_factor=cfg.kafka_topic_replication_factor, overrides=cfg.kafka_topic_configs)  # its ACLs'
     codec = Codec()
     producer = EventProducer(cfg.kafka_bootstrap_servers, codec, client_id="ledger")
     pool = await open_pool(cfg.database_url, max_size=cfg.ledger_max_in_flight + 3)  # + the 3 background loops

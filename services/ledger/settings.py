@@ -10,7 +10,7 @@ from services.ledger.deadlines import LedgerSettings
 SETTINGS = [
     config.KAFKA_BOOTSTRAP,
     config.database_url("ledger"),
-    config.TOPIC_PARTITIONS,
+    config.TOPIC_PARTITIONS, config.TOPIC_REPLICATION_FACTOR, config.TOPIC_CONFIGS,
     config.METRICS_HOST,
     config.Setting("LEDGER_GROUP_ID", str, "ledger", help="Kafka consumer group"),
     config.Setting("LEDGER_METRICS_PORT", config.port, 9102, help="port of /metrics and /healthz"),
@@ -35,6 +35,8 @@ class LedgerConfig:
     kafka_bootstrap_servers: str
     database_url: str
     kafka_topic_partitions: int
+    kafka_topic_replication_factor: int | None
+    kafka_topic_configs: dict[str, dict[str, str]]
     metrics_host: str
     ledger_group_id: str
     ledger_metrics_port: int

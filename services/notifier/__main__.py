@@ -27,7 +27,8 @@ async def main(cfg: NotifierConfig, stop: asyncio.Event) -> None:
     except VaultError as exc:
         raise StartupRefused(f"the webhook signing secrets' key: {exc} (NOTIFIER_VAULT_KEY_FILE; "
                              "`mpesa-pipeline vault init --key-file PATH` makes one)") from None
-    ensure_topics(cfg.kafka_bootstrap_servers, ACCESS["notifier"].topics, cfg.kafka_topic_partitions)  # its ACLs'
+    ensure_topics(cfg.kafka_bootstrap_servers, ACCESS["notifier"].topics, cfg.kafka_topic_partitions,
+                  replication_factor=cfg.kafka_topic_replication_factor, overrides=cfg.kafka_topic_configs)  # its ACLs'
     codec = Codec()
     producer = EventProducer(cfg.kafka_bootstrap_servers, codec, client_id="notifier")  # dead letters only
     # The consumer's batch, the poller, the heartbeat, the writer and the secrets' reads.

@@ -25,7 +25,7 @@ WEBHOOK_VAULT_PUBLIC_KEY_FILE = config.Setting(
 NOTIFIER_SETTINGS = [
     config.KAFKA_BOOTSTRAP,
     config.database_url("notifier"),
-    config.TOPIC_PARTITIONS,
+    config.TOPIC_PARTITIONS, config.TOPIC_REPLICATION_FACTOR, config.TOPIC_CONFIGS,
     config.METRICS_HOST,
     WEBHOOK_ALLOWED_NETWORKS,
     NOTIFIER_VAULT_KEY_FILE,
@@ -61,6 +61,8 @@ class NotifierConfig:
     kafka_bootstrap_servers: str
     database_url: str
     kafka_topic_partitions: int
+    kafka_topic_replication_factor: int | None
+    kafka_topic_configs: dict[str, dict[str, str]]
     metrics_host: str
     webhook_allowed_networks: tuple[IPNetwork, ...]
     notifier_vault_key_file: Path

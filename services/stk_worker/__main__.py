@@ -18,7 +18,8 @@ BATCH = 100
 async def main(settings: WorkerSettings, stop: asyncio.Event) -> None:
     require_schema(settings.database_url)
     bootstrap = settings.kafka_bootstrap_servers
-    ensure_topics(bootstrap, ACCESS["stk-worker"].topics, settings.kafka_topic_partitions)  # the ones its ACLs allow
+    ensure_topics(bootstrap, ACCESS["stk-worker"].topics, settings.kafka_topic_partitions,  # the ones its ACLs allow
+                  replication_factor=settings.kafka_topic_replication_factor, overrides=settings.kafka_topic_configs)
     codec = Codec()
     producer = EventProducer(bootstrap, codec, client_id="stk-worker")  # results and dead letters
     worker = await build(settings, publisher=producer, stop=stop)

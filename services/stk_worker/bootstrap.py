@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 SETTINGS = [
     config.KAFKA_BOOTSTRAP,
     config.database_url("stk_worker"),
-    config.TOPIC_PARTITIONS,
+    config.TOPIC_PARTITIONS, config.TOPIC_REPLICATION_FACTOR, config.TOPIC_CONFIGS,
     config.METRICS_HOST,
     VAULT_KEY_FILE,
     CREDENTIALS_TTL_S,
@@ -58,6 +58,8 @@ class WorkerSettings:
     kafka_bootstrap_servers: str
     database_url: str
     kafka_topic_partitions: int
+    kafka_topic_replication_factor: int | None
+    kafka_topic_configs: dict[str, dict[str, str]]
     metrics_host: str
     vault_key_file: Path
     channel_credentials_ttl_s: float

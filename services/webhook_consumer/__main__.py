@@ -35,7 +35,8 @@ async def main(cfg: WebhookSettings, stop: asyncio.Event) -> None:
                else f"{ALLOWED_SOURCES.env} is unset and {ENVIRONMENT.env}={cfg.mpesa_environment}")
         log.warning("callbacks are accepted from any address (%s)", how)
     # Its own topics, as every service creates the ones it uses (callback.rejected has no other writer).
-    ensure_topics(cfg.kafka_bootstrap_servers, ACCESS["webhook-gateway"].topics, cfg.kafka_topic_partitions)
+    ensure_topics(cfg.kafka_bootstrap_servers, ACCESS["webhook-gateway"].topics, cfg.kafka_topic_partitions,
+                  replication_factor=cfg.kafka_topic_replication_factor, overrides=cfg.kafka_topic_configs)
     producer = gateway_producer(cfg.kafka_bootstrap_servers, settings)
     app = create_app(GatewayDeps(producer), settings, Health())
     quiet_garbage_collector()

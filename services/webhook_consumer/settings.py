@@ -70,7 +70,8 @@ KAFKA_TIMEOUT_MS = config.Setting("WEBHOOK_KAFKA_TIMEOUT_MS", _milliseconds(200,
 KAFKA_LINGER_MS = config.Setting("WEBHOOK_KAFKA_LINGER_MS", _milliseconds(0, 100), 5,
                                  help="how long the producer gathers callbacks into one batch (latency for CPU)")
 
-SETTINGS = [config.KAFKA_BOOTSTRAP, config.TOPIC_PARTITIONS, ENVIRONMENT, HOST, PORT, TOKEN_SECRETS, ALLOWED_SOURCES,
+SETTINGS = [config.KAFKA_BOOTSTRAP, config.TOPIC_PARTITIONS, config.TOPIC_REPLICATION_FACTOR, config.TOPIC_CONFIGS,
+            ENVIRONMENT, HOST, PORT, TOKEN_SECRETS, ALLOWED_SOURCES,
             TRUSTED_PROXIES, RATE_PER_SOURCE, RATE_BURST, KAFKA_TIMEOUT_MS, KAFKA_LINGER_MS]
 
 
@@ -80,6 +81,8 @@ class WebhookSettings:
 
     kafka_bootstrap_servers: str
     kafka_topic_partitions: int
+    kafka_topic_replication_factor: int | None
+    kafka_topic_configs: dict[str, dict[str, str]]
     mpesa_environment: str
     webhook_host: str
     webhook_port: int

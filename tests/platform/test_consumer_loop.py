@@ -114,7 +114,7 @@ async def test_producer_returns_after_the_ack_and_fails_without_a_broker(kafka_b
     good = EventProducer(kafka_bootstrap, codec, client_id="test", delivery_timeout_ms=10_000, linger_ms=1)
     records = [sample_request(f"lp-{unique}", str(uuid.uuid4())) for _ in range(20)]
     await asyncio.gather(*(good.publish(PAYMENT_REQUESTED, r) for r in records))
-    assert good._outstanding == 0 and good._polling is None  # nothing left to poll for
+    assert good._outstanding == 0 and good._polling_idle  # nothing left to poll for but log lines, once a second
     good.close()
 
     broken = EventProducer("127.0.0.1:9", codec, client_id="test", delivery_timeout_ms=300, linger_ms=1)
