@@ -220,3 +220,22 @@ async def test_a_consumer_dead_letters_a_message_naming_an_unknown_id_and_goes_o
     assert letter["error_type"] == "DecodeError" and "not known to the schema registry" in letter["error"]
     assert letter["original_value"] == stranger
     assert [e.value["event_id"] for e in seen] == [good["event_id"]]
+
+
+async def test_a_consumer_learns_the_writer_schema_of_an_id_it_has_not_seen(kafka_bootstrap, codec, producer, infra,
+                                                                             unique):
+    topic = Topic(f"test.registry.{unique}", "payment_requested")
+    ensure_topics(kafka_bootstrap, [topic], 1)
+    await codec.prepare([topic])
+    event = sample_request(f"ch-{unique}", str(uuid.uuid4()))
+    await producer.publish(topic, event)
+    fresh = await open_codec(infra["SCHEMA_REGISTRY_URL"], [DEAD_LETTER])  # as a consumer just started
+    assert codec.encode(topic, event)[1:5] != codec.encode(DEAD_LETTER, load_sample("dead_letter"))[1:5]
+
+    seen: list[ConsumedEvent] = []
+    try:
+        await run_until(recording_loop(kafka_bootstrap, f"g-{unique}", topic, fresh, producer, seen),
+                        lambda: any(e.value["event_id"] == event["event_id"] for e in seen))
+    finally:
+        await fresh.close()
+    assert [e.schema for e in seen] == ["payment_requested"]
