@@ -239,3 +239,50 @@ async def test_a_consumer_learns_the_writer_schema_of_an_id_it_has_not_seen(kafk
     finally:
         await fresh.close()
     assert [e.schema for e in seen] == ["payment_requested"]
+
+
+async def test_messages_wait_while_the_registry_is_down_and_are_read_once_it_is_back(kafka_bootstrap, codec,
+                                                                                     producer, infra, unique):
+    # A registry in front of the real one that answers 503 until told otherwise: the consumer must
+    # retry the batch, not dead-letter good messages as unreadable.
+    up = asyncio.Event()
+    asked_while_down = 0
+
+    async def schema_by_id(request: web.Request) -> web.Response:
+        nonlocal asked_while_down
+        if not up.is_set():
+            asked_while_down += 1
+            return web.json_response({"error_code": 50001}, status=503)
+        text = await SchemaRegistry(infra["SCHEMA_REGISTRY_URL"]).schema(int(request.match_info["id"]))
+        return web.json_response({"schema": text})
+
+    app = web.Application()
+    app.router.add_get("/schemas/ids/{id}", schema_by_id)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+
+    topic = Topic(f"test.registry.{unique}", "payment_requested")
+    ensure_topics(kafka_bootstrap, [topic], 1)
+    await codec.prepare([topic])
+    event = sample_request(f"ch-{unique}", str(uuid.uuid4()))
+    await producer.publish(topic, event)
+    flaky = Codec(registry=SchemaRegistry(f"http://127.0.0.1:{port}"))
+
+    async def back_after_three_refusals() -> None:
+        while asked_while_down < 3:
+            await asyncio.sleep(0.05)
+        up.set()
+
+    seen: list[ConsumedEvent] = []
+    reviver = asyncio.create_task(back_after_three_refusals())
+    try:
+        await run_until(recording_loop(kafka_bootstrap, f"g-{unique}", topic, flaky, producer, seen),
+                        lambda: any(e.value["event_id"] == event["event_id"] for e in seen), timeout=60)
+    finally:
+        reviver.cancel()
+        await flaky.close()
+        await runner.cleanup()
+    assert asked_while_down >= 3
+    assert [e.value["event_id"] for e in seen] == [event["event_id"]]  # handled, so not dead-lettered
