@@ -148,8 +148,8 @@ class Codec:
         its messages."""
         if self.registry is None:
             return
-        wanted = {int.from_bytes(v[1:5], "big") for v in values
-                  if isinstance(v, bytes) and len(v) >= 5 and v[:1] == CONFLUENT_MAGIC}
+        wanted = {int.from_bytes(v[1:5], "big") for v in map(_as_bytes, values)
+                  if v is not None and len(v) >= 5 and v[:1] == CONFLUENT_MAGIC}
         for schema_id in sorted(wanted - self._by_id.keys() - self._unusable.keys()):
             while (wait := self._lookups.take("registry")) > 0:
                 await asyncio.sleep(wait)
@@ -207,9 +207,8 @@ class Codec:
 
         Raises DecodeError, and only DecodeError, for anything that is not exactly the encoding of
         one record of a known schema."""
-        if isinstance(data, (bytearray, memoryview)):  # e.g. a bytea column read back
-            data = bytes(data)
-        if not isinstance(data, bytes) or len(data) < 6:
+        data = _as_bytes(data)
+        if data is None or len(data) < 6:
             raise DecodeError("message too short to be an Avro record")
         if len(data) > MESSAGE_BYTES_MAX:
             raise DecodeError(f"message of {len(data)} bytes is larger than {MESSAGE_BYTES_MAX}")
@@ -261,6 +260,12 @@ async def open_codec(registry_url: str, writes: Iterable[Topic], wait_s: float =
         await codec.close()
         raise StartupRefused(f"schema registry: {exc} (SCHEMA_REGISTRY_URL)") from None
     return codec
+
+
+def _as_bytes(data: object) -> bytes | None:
+    if isinstance(data, (bytearray, memoryview)):  # e.g. a bytea column read back
+        return bytes(data)
+    return data if isinstance(data, bytes) else None
 
 
 def subject_of(topic: Topic) -> str:
