@@ -7,9 +7,17 @@ from datetime import timedelta
 
 import pytest
 
-from services.common.avro import Codec
+from services.common.avro import Codec, open_codec
 from services.common.kafka import ConsumedEvent, new_event_fields
-from services.common.topics import PAYMENT_STATUS, STK_PUSH_RESULT, STK_QUERY_REQUESTED
+from services.common.topics import (
+    ACCESS,
+    CALLBACK_RAW,
+    PAYMENT_REQUESTED,
+    PAYMENT_STATUS,
+    STK_PUSH_RESULT,
+    STK_QUERY_REQUESTED,
+    Topic,
+)
 from services.ledger.application import LedgerService
 from services.ledger.deadlines import LedgerSettings
 from services.ledger.facts import input_of
@@ -36,8 +44,8 @@ class Setup:
         for e in events:  # the request's time is the fake clock's, unless the test dated it
             if e.schema == "payment_requested" and not as_dated:
                 e.value["occurred_at"] = self.clock.now()
-        return await self.service.apply([input_of(e.topic, e.schema, e.value, self.codec.encode(e.schema, e.value))
-                                         for e in events])
+        return await self.service.apply([
+            input_of(e.topic, e.schema, e.value, self.codec.encode(Topic(e.topic, e.schema), e.value)) for e in events])
 
     @property
     def payment(self):
@@ -236,3 +244,28 @@ async def test_a_payment_reviewed_at_its_deadline_while_its_callback_waited_stil
     last = s.outbox(PAYMENT_STATUS)[-1]
     assert (last["status"], last["previous_status"]) == ("Settled", "Review")
     assert last["reason"].startswith("after the review deadline")
+
+
+async def test_a_restarted_ledger_reads_a_fact_parked_in_the_confluent_framing(clock, codec, infra):
+    # A callback parked by one ledger process carries a registry id the next process has not seen:
+    # the batch that may un-park it learns the id first, or the callback would stay parked for good.
+    store = InMemoryLedgerStore()
+    channel, pid = f"ch-{uuid.uuid4().hex[:12]}", str(uuid.uuid4())
+    checkout, receipt = f"ws_CO_{uuid.uuid4().hex}", uuid.uuid4().hex[:10].upper()
+    early = callback(channel, pid, success(checkout, receipt=receipt))
+    first = LedgerService(store.unit_of_work, codec, DEFAULTS, clock)
+    await first.apply([input_of(early.topic, early.schema, early.value, codec.encode(CALLBACK_RAW, early.value))])
+    assert len(store.tables.parked) == 1
+
+    restarted_codec = await open_codec(infra["SCHEMA_REGISTRY_URL"], ACCESS["ledger"].writes)
+    restarted = LedgerService(store.unit_of_work, restarted_codec, DEFAULTS, clock)
+    try:
+        for fact, topic in ((requested(channel, pid), PAYMENT_REQUESTED),
+                            (accepted(channel, pid, checkout), STK_PUSH_RESULT)):
+            fact.value["occurred_at"] = clock.now()
+            await restarted.apply([input_of(fact.topic, fact.schema, fact.value, codec.encode(topic, fact.value))])
+    finally:
+        await restarted_codec.close()
+
+    payment = store.tables.payments[pid]
+    assert (payment.state, payment.mpesa_receipt, store.tables.parked) == ("Settled", receipt, {})
