@@ -27,6 +27,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.common.avro import Codec, DecodeError
 from services.common.config import ConfigError, client_variable, kafka_client_config
 from services.common.ids import new_id
+from services.common.schema_registry import RegistryUnavailable
 from services.common.text import untrusted
 from services.common.topics import DEAD_LETTER, Topic
 
@@ -109,7 +110,7 @@ class EventProducer:
         self._acknowledged: dict[str, Any] = {}  # topic -> its EVENTS_OUT child, bound once
 
     async def publish(self, topic: Topic, record: dict[str, Any]) -> None:
-        await self.publish_many([(topic, record["channel_id"].encode(), self.codec.encode(topic.schema, record))])
+        await self.publish_many([(topic, record["channel_id"].encode(), self.codec.encode(topic, record))])
 
     async def publish_many(self, messages: list[tuple[Topic, bytes | None, bytes]]) -> None:
         """Produces in order (so per-key order is kept) and returns once the broker acknowledged every
@@ -490,6 +491,7 @@ class ConsumerLoop:
         number = self._batches
         self._in_hand[number] = time.monotonic()
         try:
+            await self._learn(messages, stop)
             events, undecodable = self._decode_all(messages)
             await asyncio.gather(*(self._dead_letter(msg, error, stop) for msg, error in undecodable))
             await self._handle_with_retry(events, messages, stop)
@@ -501,6 +503,22 @@ class ConsumerLoop:
                 del self._running[id(owners)]
                 self._done_changed.notify_all()
             self._slots.release()
+
+    async def _learn(self, messages: list[Message], stop: asyncio.Event) -> None:
+        """Fetches the writer schemas of registry ids not seen yet, retrying while the registry is
+        down: the messages are fine, so they wait rather than being dead-lettered as unreadable."""
+        delay = 0.1
+        while True:
+            try:
+                await self.codec.learn(m.value() for m in messages)
+                return
+            except RegistryUnavailable as exc:
+                if stop.is_set():
+                    raise
+                log.warning("batch of %d waits for the schema registry, retrying in %.1fs: %s", len(messages),
+                            delay, exc)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 10.0)
 
     def _decode_all(self, messages: list[Message]) -> tuple[list[ConsumedEvent], list[tuple[Message, Exception]]]:
         events: list[ConsumedEvent] = []

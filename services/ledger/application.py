@@ -110,7 +110,7 @@ class LedgerService:
                  "transaction_time": record.transaction_time, "result_code": record.result_code, "reason": reason,
                  "metadata": {str(k): str(v) for k, v in (record.metadata or {}).items()},
                  "late_mpesa_receipt": record.late_receipt}
-        return PAYMENT_STATUS.name, record.channel_id.encode(), self.codec.encode(PAYMENT_STATUS.schema, event)
+        return PAYMENT_STATUS.name, record.channel_id.encode(), self.codec.encode(PAYMENT_STATUS, event)
 
     def query_request(self, record: PaymentRecord, checkout_request_id: str, attempt: int,
                       reason: str) -> OutboxMessage:
@@ -119,7 +119,7 @@ class LedgerService:
                  "payment_id": record.payment_id, "schema_version": 1,
                  "checkout_request_id": checkout_request_id, "attempt": attempt, "reason": reason}
         return (STK_QUERY_REQUESTED.name, record.channel_id.encode(),
-                self.codec.encode(STK_QUERY_REQUESTED.schema, event))
+                self.codec.encode(STK_QUERY_REQUESTED, event))
 
 
 class Batch:
@@ -146,6 +146,9 @@ class Batch:
                    checkout_ids: list[str]) -> None:
         opened = await self.uow.open(events, payment_ids, receipts, checkout_ids)
         self.fresh = opened.fresh_events
+        # Parked facts are read back as consumed: their writer schemas may be registry ids not seen
+        # since this process started.
+        await self.service.codec.learn(payload for rows in opened.parked.values() for _, _, payload in rows)
         self.payments.update({pid: opened.payments.get(pid) for pid in payment_ids})
         # Known payments keep facts too: a callback waits for its push result (on_callback).
         self.parked = {pid: self._waiting(rows) for pid, rows in opened.parked.items()}

@@ -16,7 +16,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.common.avro import Codec
 from services.common.kafka import ConsumedEvent, Rejection, Transient
+from services.common.schema_registry import RegistryUnavailable
 from services.common.text import untrusted
+from services.common.topics import Topic
 from services.ledger.application import VERDICTS, HandOver, LedgerService
 from services.ledger.callbacks import CallbackParseError
 from services.ledger.deadlines import LedgerSettings
@@ -47,6 +49,8 @@ class Ledger:
             rejections = await self._apply_refusing_alone(events)
         except psycopg.Error as exc:  # the database's own trouble, not an event's: see _is_the_events_fault
             raise Transient(f"database error no event caused: {type(exc).__name__}: {untrusted(str(exc))}") from exc
+        except RegistryUnavailable as exc:  # parked facts' writer schemas could not be fetched (Batch.open)
+            raise Transient(f"schema registry: {exc}") from exc
         for r in rejections:
             if not isinstance(r.error, (NotAFact, CallbackParseError)):  # those say why; the rest may be a bug
                 _log_poison(r.event, r.error)
@@ -87,7 +91,7 @@ class Ledger:
     def _encoded(self, event: ConsumedEvent) -> bytes | None:
         """An event built in memory (not consumed) has no bytes; None if it cannot be encoded either."""
         try:
-            return self.codec.encode(event.schema, event.value)
+            return self.codec.encode(Topic(event.topic, event.schema), event.value)
         except Exception:
             return None
 
@@ -100,6 +104,8 @@ def _is_the_events_fault(exc: Exception) -> bool:
     schema or grants are wrong (a missing GRANT is a ProgrammingError). Each event would fail the
     same way, and dead-lettering them all would turn a bad deploy into a pile of events to replay:
     the consumer retries instead and readiness reports the stall."""
+    if isinstance(exc, RegistryUnavailable):
+        return False
     if isinstance(exc, psycopg.Error):
         # ProgramLimitExceeded: a value too big for an index entry or a row, which an event carried.
         return isinstance(exc, (psycopg.IntegrityError, psycopg.DataError, psycopg.errors.ProgramLimitExceeded))

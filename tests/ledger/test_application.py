@@ -9,7 +9,7 @@ import pytest
 
 from services.common.avro import Codec
 from services.common.kafka import ConsumedEvent, new_event_fields
-from services.common.topics import PAYMENT_STATUS, STK_PUSH_RESULT, STK_QUERY_REQUESTED
+from services.common.topics import PAYMENT_STATUS, STK_PUSH_RESULT, STK_QUERY_REQUESTED, Topic
 from services.ledger.application import LedgerService
 from services.ledger.deadlines import LedgerSettings
 from services.ledger.facts import input_of
@@ -36,8 +36,8 @@ class Setup:
         for e in events:  # the request's time is the fake clock's, unless the test dated it
             if e.schema == "payment_requested" and not as_dated:
                 e.value["occurred_at"] = self.clock.now()
-        return await self.service.apply([input_of(e.topic, e.schema, e.value, self.codec.encode(e.schema, e.value))
-                                         for e in events])
+        return await self.service.apply([
+            input_of(e.topic, e.schema, e.value, self.codec.encode(Topic(e.topic, e.schema), e.value)) for e in events])
 
     @property
     def payment(self):

@@ -12,6 +12,7 @@ import psycopg.errors
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from services.common.topics import CALLBACK_RAW
 from services.ledger.service import Ledger, _is_the_events_fault
 from tests.ledger.callbacks import failure, success
 from tests.ledger.test_callback_proof_db import confirming_channel, push_unknown, query_result
@@ -177,7 +178,7 @@ async def test_a_parked_fact_that_cannot_be_applied_any_more_stays_parked_and_bl
     await _deliver(ledger, [[requested(channel, pid)]])
     refused = callback(channel, pid, b'{"Body": {"stkCallback": {"CheckoutRequestID": "' + b"x" * 200 + b'"}}}')
     async with pool.connection() as conn:
-        for payload in (b"\xc3\x01 not avro at all", codec.encode("callback_raw", refused.value)):
+        for payload in (b"\xc3\x01 not avro at all", codec.encode(CALLBACK_RAW, refused.value)):
             await conn.execute("INSERT INTO parked_facts (event_id, payment_id, topic, payload)"
                                " VALUES (%s, %s, %s, %s)",
                                (str(uuid.uuid4()), pid, refused.topic, payload))

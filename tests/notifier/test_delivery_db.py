@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from services.common.ids import new_id
-from services.common.topics import DEAD_LETTER, PAYMENT_STATUS
+from services.common.topics import DEAD_LETTER, PAYMENT_REQUESTED, PAYMENT_STATUS
 from tests.conftest import eventually
 from tests.notifier.conftest import (
     Behaviour,
@@ -200,7 +200,7 @@ async def test_events_no_delivery_can_hold_are_dead_lettered_and_the_next_ones_d
     cfg = notifier_config(infra, key_file)
     bootstrap = infra["KAFKA_BOOTSTRAP_SERVERS"]
     since = end_offsets(bootstrap, DEAD_LETTER.name)
-    wrong_record = codec.encode("payment_requested", sample_request(channel, new_id()))
+    wrong_record = codec.encode(PAYMENT_REQUESTED, sample_request(channel, new_id()))
     too_long_id = status_event(channel, new_id(), "Pending", event_id="e" * 101)
     good = status_event(channel, new_id(), "Pending")
     async with running_notifier(cfg, producer, codec):

@@ -82,7 +82,7 @@ async def test_poison_messages_go_to_the_dead_letter_topic_and_the_consumer_cont
                        lambda m: codec.decode(m.value())[1]["source_topic"] == topic.name, expected=2, since=mark)
     records = sorted((codec.decode(m.value())[1] for m in letters), key=lambda r: r["source_offset"])
     assert [(r["error_type"], r["original_value"]) for r in records] == [
-        ("DecodeError", b"this is not avro"), ("ValueError", codec.encode("payment_requested", refused))]
+        ("DecodeError", b"this is not avro"), ("ValueError", codec.encode(PAYMENT_REQUESTED, refused))]
     assert records[1]["error"] == "amount exceeds the channel limit"
     assert all(r["consumer_group"] == f"g-{unique}" and r["original_key"] == channel.encode() for r in records)
     assert [e.value["event_id"] for e in seen] == [good["event_id"]]
@@ -204,7 +204,7 @@ async def test_an_event_that_keeps_failing_is_dead_lettered_after_the_budget_and
                        lambda m: codec.decode(m.value())[1]["source_topic"] == topic.name, expected=1, since=mark)
     records = [codec.decode(m.value())[1] for m in letters]
     assert [(r["error_type"], r["error"], r["original_value"]) for r in records] == [
-        ("RuntimeError", "unexpected\\u000afailure\\u001b[2J", codec.encode(topic.schema, poison))]
+        ("RuntimeError", "unexpected\\u000afailure\\u001b[2J", codec.encode(topic, poison))]
     again: list[ConsumedEvent] = []  # handled and dead-lettered count as done: committed, not delivered again
     await producer.publish(topic, sample_request(channel, str(uuid.uuid4())))
     await run_until(recording_loop(kafka_bootstrap, f"g-{unique}", topic, codec, producer, again), lambda: again)

@@ -96,7 +96,7 @@ def test_only_the_gateway_writes_callbacks_and_only_the_ingress_writes_payment_r
     refusal = produce_one(infra, "ingress", CALLBACK_RAW.name)
     assert refusal is not None and refusal.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
     # ...while its own topic takes its events: the refusals above are the ACLs, not a broken login.
-    event = codec.encode(PAYMENT_REQUESTED.schema, sample_request(f"acl-{unique}", str(uuid.uuid4())))
+    event = codec.encode(PAYMENT_REQUESTED, sample_request(f"acl-{unique}", str(uuid.uuid4())))
     assert produce_one(infra, "ingress", PAYMENT_REQUESTED.name, event) is None
 
 
@@ -230,10 +230,10 @@ async def test_an_upstream_producer_reaches_payment_requested_only_for_its_chann
 
     # Only its own topic takes its writes: not payment.requested, not another producer's topic.
     for topic in (PAYMENT_REQUESTED.name, upstream_requested_topic("someone-else").name):
-        err = produce_as(infra, login, topic, codec.encode(PAYMENT_REQUESTED.schema, allowed))
+        err = produce_as(infra, login, topic, codec.encode(PAYMENT_REQUESTED, allowed))
         assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, (topic, err)
     for request in ({**allowed, "source": "API"}, forbidden):  # it may claim to be the API; it is not
-        assert produce_as(infra, login, own_topic, codec.encode(PAYMENT_REQUESTED.schema, request)) is None
+        assert produce_as(infra, login, own_topic, codec.encode(PAYMENT_REQUESTED, request)) is None
 
     with monkeypatch.context() as env:  # the re-authoriser's clients log in as the ingress, as in production
         for name, value in kafka_login(infra, "ingress").items():

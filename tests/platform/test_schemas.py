@@ -11,7 +11,7 @@ from fastavro import parse_schema
 
 from services.common.avro import SCHEMA_DIR, DecodeError
 from services.common.kafka import EventProducer
-from services.common.topics import ALL_TOPICS, Topic
+from services.common.topics import ALL_TOPICS, PAYMENT_REQUESTED, Topic
 from tests.schema_compat import backward_compatibility_errors
 
 SCHEMA_NAMES = sorted(p.stem for p in SCHEMA_DIR.glob("*.avsc"))
@@ -45,7 +45,7 @@ def test_every_field_is_documented(name):
 @pytest.mark.parametrize("name", SCHEMA_NAMES)
 def test_sample_round_trips_in_memory(codec, name):
     sample = load_sample(name)
-    encoded = codec.encode(name, sample)
+    encoded = codec.encode(Topic(name, name), sample)
     assert encoded[:2] == b"\xc3\x01" and encoded[2:10] == codec.current[name].fingerprint
     decoded_name, decoded = codec.decode(encoded)
     assert decoded_name == name
@@ -90,7 +90,7 @@ def test_codec_refuses_what_it_cannot_read(codec, data):
 
 
 def test_a_corrupt_body_is_a_decode_error(codec):
-    encoded = codec.encode("payment_requested", load_sample("payment_requested"))
+    encoded = codec.encode(PAYMENT_REQUESTED, load_sample("payment_requested"))
     with pytest.raises(DecodeError):
         codec.decode(encoded[:14])
 
