@@ -36,15 +36,17 @@ from confluent_kafka import Producer  # noqa: E402
 from prometheus_client import REGISTRY  # noqa: E402
 
 from bench.host import HostLoad  # noqa: E402
-from services.common.avro import Codec  # noqa: E402
+from services.common.avro import Codec, open_codec  # noqa: E402
 from services.common.db import migrate, open_pool  # noqa: E402
 from services.common.ids import new_id  # noqa: E402
 from services.common.kafka import ConsumerLoop, EventProducer, ensure_topics, new_event_fields, producer_config  # noqa: E402
-from services.common.topics import ALL_TOPICS, Topic  # noqa: E402
+from services.common.topics import ACCESS, ALL_TOPICS, Topic  # noqa: E402
 from services.ledger.relay import OutboxRelay  # noqa: E402
 from services.ledger.service import OVERLAP_FROM, Ledger  # noqa: E402
 
 KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+# Set (as `make bench` does), events are framed the Confluent way; empty, in single-object encoding.
+SCHEMA_REGISTRY_URL = os.environ.get("SCHEMA_REGISTRY_URL", "")
 DB = os.environ.get("DATABASE_URL", "postgresql://mpesa@127.0.0.1:5433/mpesa")  # password: PGPASSFILE
 
 
@@ -76,15 +78,16 @@ def parked_count() -> float:
 
 
 async def produce(run: str, payments: int) -> dict[str, Topic]:
-    codec = Codec()
     migrate(DB)
     ensure_topics(KAFKA, ALL_TOPICS, 6)
     topics = {s: Topic(f"bench.{run}.{s}", s) for s in ("payment_requested", "stk_push_result", "callback_raw")}
     ensure_topics(KAFKA, topics.values(), 6)
+    codec = await open_codec(SCHEMA_REGISTRY_URL, topics.values())
     producer = EventProducer(KAFKA, codec, client_id="bench", linger_ms=20)
     started = time.perf_counter()
     await asyncio.gather(*(producer.publish(topics[s], v) for i in range(payments) for s, v in events_for(run, i)))
     producer.close()
+    await codec.close()
     if payments:
         print(f"produced {3 * payments} events in {time.perf_counter() - started:.1f}s")
     return topics
@@ -97,7 +100,7 @@ def ledger_process(run: str, topics: dict[str, Topic], in_flight: int, shared) -
 
 async def run_ledger(run: str, topics: dict[str, Topic], in_flight: int, shared) -> None:
     applied, first, stop_flag, results, ready = shared
-    codec = Codec()
+    codec = await open_codec(SCHEMA_REGISTRY_URL, ACCESS["ledger"].writes)
     producer = EventProducer(KAFKA, codec, client_id="bench-ledger")
     pool = await open_pool(DB, max_size=4)
     relay = OutboxRelay(pool, producer)
@@ -131,6 +134,7 @@ async def run_ledger(run: str, topics: dict[str, Topic], in_flight: int, shared)
     await asyncio.gather(*tasks)
     await pool.close()
     producer.close()
+    await codec.close()
     results.put((*cpu, parked_count()))
 
 
@@ -154,12 +158,18 @@ def wal_written() -> tuple[int, int]:
     return int(written), full_pages
 
 
+async def encoder(topics) -> Codec:
+    codec = await open_codec(SCHEMA_REGISTRY_URL, topics)
+    await codec.close()  # the topics' ids are known: encoding asks the registry nothing more
+    return codec
+
+
 def offer_live(run: str, topics: dict[str, Topic], payments: int, rate: float, applied) -> tuple[float, int]:
     """Produces the events at `rate` per second in the order they happen; returns (seconds, applied meanwhile)."""
-    codec, per_payment = Codec(), rate / 3
+    codec, per_payment = asyncio.run(encoder(topics.values())), rate / 3
     schedule = sorted(((i / per_payment + step, s, v) for i in range(payments)
                        for step, (s, v) in enumerate(events_for(run, i))), key=lambda e: e[0])
-    encoded = [(t, topics[s].name, v["channel_id"].encode(), codec.encode(s, v)) for t, s, v in schedule]
+    encoded = [(t, topics[s].name, v["channel_id"].encode(), codec.encode(topics[s], v)) for t, s, v in schedule]
     producer = Producer(producer_config(KAFKA, "bench-live", 15000, 5))
     started, applied_before = time.time(), applied.value
     for t, topic, key, value in encoded:

@@ -32,7 +32,7 @@ from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 
 from bench.host import HostLoad  # noqa: E402
 from bench.raw_http import RawDriver  # noqa: E402
-from services.common.avro import Codec  # noqa: E402
+from services.common.avro import Codec, open_codec  # noqa: E402
 from services.common.callback_token import callback_url  # noqa: E402
 from services.common.db import migrate, open_pool  # noqa: E402
 from services.common.ids import new_id  # noqa: E402
@@ -62,11 +62,19 @@ def callback_body(checkout: str, receipt: str) -> bytes:
             {"Name": "PhoneNumber", "Value": 254712345678}]}}}}).encode()
 
 
+async def status_reader() -> Codec:
+    """Reads the ledger's status events: with a registry, the id of the current PaymentStatus schema
+    (the one the ledger registered) is known once it is registered here too."""
+    codec = await open_codec(os.environ.get("SCHEMA_REGISTRY_URL", ""), [PAYMENT_STATUS])
+    await codec.close()
+    return codec
+
+
 def watch_settled(channels: set[bytes], since: dict[int, int], stop, results) -> None:
     """In a process of its own, so the driver's HTTP work does not delay the reading: notes when each
     payment's Settled event is read from the status topic, with when the ledger built it and when
     the relay produced it, and sends {payment: (read, built, produced)} once stopped."""
-    codec, seen = Codec(), {}
+    codec, seen = asyncio.run(status_reader()), {}
     consumer = Consumer(client_config({"bootstrap.servers": KAFKA, "group.id": "settle-bench",
                                        "enable.auto.commit": False, "fetch.wait.max.ms": 5}))
     consumer.assign([TopicPartition(PAYMENT_STATUS.name, p, o) for p, o in since.items()])

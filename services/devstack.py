@@ -60,6 +60,8 @@ def dev_environment() -> dict[str, str]:
            "KAFKA_CLIENT_SSL_CA_LOCATION": str(KAFKA_CA.resolve()), "WEBHOOK_ALLOWED_NETWORKS": DEV_WEBHOOK_NETWORKS}
     if os.environ.get("KAFKA_PORT"):  # infra/kafka.sh started the broker there
         env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{os.environ['KAFKA_PORT']}"
+    if os.environ.get("SCHEMA_REGISTRY_PORT"):  # infra/registry.sh started the registry there
+        env["SCHEMA_REGISTRY_URL"] = f"http://127.0.0.1:{os.environ['SCHEMA_REGISTRY_PORT']}/apis/ccompat/v7"
     return {k: v for k, v in env.items() if not os.environ.get(k)}
 
 

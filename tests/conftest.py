@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from services.common.avro import Codec
+from services.common.avro import open_codec
 from services.common.config import KAFKA_CLIENT_PREFIX
 from services.common.db import migrate, open_pool
 from services.common.kafka import EventProducer, ensure_topics
@@ -80,7 +80,9 @@ def infra() -> dict[str, str]:
     given = {k: v for k, v in os.environ.items() if _wanted(k) and v}
     if not all(k in given for k in ENDPOINTS):
         given = {**_start_local_infra(), **given}
-    os.environ.update({k: v for k, v in given.items() if k.startswith(KAFKA_CLIENT_PREFIX)})
+    # SCHEMA_REGISTRY_URL too: a service or helper started as a subprocess reads it as `make run`'s do.
+    os.environ.update({k: v for k, v in given.items()
+                       if k.startswith(KAFKA_CLIENT_PREFIX) or k == "SCHEMA_REGISTRY_URL"})
     migrate(given["DATABASE_URL"])
     _MIGRATION_URLS.add(given["DATABASE_URL"])
     ANCHOR_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
@@ -132,8 +134,12 @@ notifier_pool = _role_pool_fixture("notifier")
 
 
 @pytest.fixture(scope="session")
-def codec() -> Codec:
-    return Codec()
+async def codec(infra):
+    """The tests' codec, on the registry the services use (as `make run` configures them): it writes
+    the Confluent framing, and knows the ids of the current schemas without learning them."""
+    codec = await open_codec(infra.get("SCHEMA_REGISTRY_URL", ""), ALL_TOPICS)
+    yield codec
+    await codec.close()
 
 
 @pytest.fixture(scope="session")

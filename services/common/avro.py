@@ -47,6 +47,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from services.common.ratelimit import RateLimiter
+from services.common.runtime import StartupRefused
 from services.common.schema_registry import STRICT_ENOUGH, RegistryError, RegistryUnavailable, SchemaRegistry
 from services.common.text import untrusted
 from services.common.topics import Topic
@@ -185,6 +186,10 @@ class Codec:
         if len(self._unusable) > UNUSABLE_IDS_MAX:
             del self._unusable[next(iter(self._unusable))]
 
+    async def close(self) -> None:
+        if self.registry is not None:
+            await self.registry.close()
+
     def encode(self, topic: Topic, record: dict[str, Any]) -> bytes:
         schema = self.current[topic.schema]
         header = self._headers.get(topic.name)
@@ -243,6 +248,19 @@ class Codec:
             raise DecodeError(f"schema id {schema_id}: Confluent wire format needs a schema registry, "
                               "none is configured")
         raise DecodeError(f"schema id {schema_id} {self._unusable.get(schema_id, 'was not learned')}")
+
+
+async def open_codec(registry_url: str, writes: Iterable[Topic], wait_s: float = REGISTRY_WAIT_S) -> Codec:
+    """A service's codec at start. With a registry (SCHEMA_REGISTRY_URL), the schemas of the topics it
+    writes are registered first; StartupRefused, one line saying why, if the registry stays out of
+    reach for `wait_s` or refuses a schema."""
+    codec = Codec(registry=SchemaRegistry(registry_url) if registry_url else None)
+    try:
+        await codec.prepare(writes, wait_s)
+    except (RegistryUnavailable, RegistryError) as exc:
+        await codec.close()
+        raise StartupRefused(f"schema registry: {exc} (SCHEMA_REGISTRY_URL)") from None
+    return codec
 
 
 def subject_of(topic: Topic) -> str:

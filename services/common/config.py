@@ -156,6 +156,9 @@ def choice(raw: str, *options: str) -> str:
 
 # Settings several services share, declared once.
 KAFKA_BOOTSTRAP = Setting("KAFKA_BOOTSTRAP_SERVERS", host_ports, "127.0.0.1:9092", help="Kafka brokers")
+SCHEMA_REGISTRY = Setting("SCHEMA_REGISTRY_URL", http_url, "",
+                          help="Confluent-compatible schema registry API; messages are written in the Confluent "
+                               "wire format with it, in Avro single-object encoding without (empty)")
 
 
 def database_url(role: str) -> Setting:

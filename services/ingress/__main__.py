@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.common.avro import Codec
+from services.common.avro import open_codec
 from services.common.db import require_schema
 from services.common.kafka import ConsumerLoop, ensure_topics, per_event
 from services.common.observability import Health, serve
@@ -27,8 +27,10 @@ async def main(cfg: IngressSettings, stop: asyncio.Event) -> None:
     quiet_garbage_collector()
     try:
         if upstream.topics:
+            # Upstream producers frame their messages as they like; the codec reads both framings.
+            codec = deps.codec or await open_codec(cfg.schema_registry_url, ())
             await ConsumerLoop(bootstrap=cfg.kafka_bootstrap_servers, group_id=cfg.ingress_upstream_group_id,
-                               topics=upstream.topics, codec=Codec(), handler=per_event(upstream.handle, is_transient),
+                               topics=upstream.topics, codec=codec, handler=per_event(upstream.handle, is_transient),
                                dead_letters=deps.producer, max_batch=100).run(stop)
         await stop.wait()
     finally:

@@ -22,6 +22,7 @@ from psycopg import Error as DatabaseError
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from services.channels.apikeys import ApiKey, ApiKeyAuthenticator
+from services.common.avro import Codec
 from services.common.kafka import Publisher
 from services.common.observability import Health, add_ops_routes, http_metrics
 from services.common.payment import AMOUNT_MAX, parse_payment_request, validate_channel_id
@@ -55,6 +56,7 @@ class IngressDeps:
     intake: PaymentIntake
     views: PaymentViews
     marks_pool: AsyncConnectionPool | None = None
+    codec: Codec | None = None  # the one open_deps opened (with its registry session), closed with it
 
 
 DEPS = web.AppKey("deps", IngressDeps)

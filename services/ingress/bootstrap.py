@@ -7,9 +7,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.channels.apikeys import ApiKeyAuthenticator
 from services.common import config
-from services.common.avro import Codec
+from services.common.avro import open_codec
 from services.common.kafka import EventProducer
-from services.common.topics import PAYMENT_REQUESTED, Topic, parse_upstream_producers
+from services.common.topics import ACCESS, PAYMENT_REQUESTED, Topic, parse_upstream_producers
 from services.ingress.access import ChannelDirectory
 from services.ingress.app import IngressDeps, OwnPublisher
 from services.ingress.idempotency import IdempotencyStore
@@ -18,6 +18,7 @@ from services.ingress.views import PaymentViews
 
 SETTINGS = [
     config.KAFKA_BOOTSTRAP,
+    config.SCHEMA_REGISTRY,
     config.database_url("ingress"),
     config.TOPIC_PARTITIONS,
     config.Setting("INGRESS_HOST", str, "127.0.0.1", help="address to listen on"),
@@ -46,6 +47,7 @@ class IngressSettings:
     """SETTINGS, read once at start (config.load_into)."""
 
     kafka_bootstrap_servers: str
+    schema_registry_url: str
     database_url: str
     kafka_topic_partitions: int
     ingress_host: str
@@ -65,9 +67,12 @@ class IngressSettings:
 
 
 async def open_deps(cfg: IngressSettings, *, producer: OwnPublisher | None = None) -> IngressDeps:
-    producer = producer or EventProducer(cfg.kafka_bootstrap_servers, Codec(), client_id="ingress",
-                                         delivery_timeout_ms=cfg.ingress_kafka_timeout_ms,
-                                         linger_ms=cfg.ingress_kafka_linger_ms)
+    codec = None
+    if producer is None:
+        codec = await open_codec(cfg.schema_registry_url, [*ACCESS["ingress"].writes, cfg.requested_topic])
+        producer = EventProducer(cfg.kafka_bootstrap_servers, codec, client_id="ingress",
+                                 delivery_timeout_ms=cfg.ingress_kafka_timeout_ms,
+                                 linger_ms=cfg.ingress_kafka_linger_ms)
     # Autocommit: every statement of the hot path is a transaction of its own, so BEGIN and COMMIT
     # would be two more round trips per batch for nothing.
     pool = AsyncConnectionPool(cfg.database_url, min_size=2, max_size=cfg.ingress_db_pool_size,
@@ -81,7 +86,7 @@ async def open_deps(cfg: IngressSettings, *, producer: OwnPublisher | None = Non
     topic = cfg.requested_topic
     return IngressDeps(producer=producer, pool=pool, authenticator=ApiKeyAuthenticator(pool, ttl_s=ttl_s),
                        channels=ChannelDirectory(pool, ttl_s=ttl_s), intake=PaymentIntake(store, producer, topic),
-                       views=PaymentViews(pool, store), marks_pool=marks_pool)
+                       views=PaymentViews(pool, store), marks_pool=marks_pool, codec=codec)
 
 
 async def close_deps(deps: IngressDeps, *, close_producer: bool = True) -> None:
@@ -91,3 +96,5 @@ async def close_deps(deps: IngressDeps, *, close_producer: bool = True) -> None:
     await deps.pool.close()
     if deps.marks_pool is not None:
         await deps.marks_pool.close()
+    if deps.codec is not None:
+        await deps.codec.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from services.common.avro import Codec
+from services.common.avro import open_codec
 from services.common.db import open_pool, require_schema
 from services.common.kafka import ConsumerLoop, EventProducer, ensure_topics
 from services.common.observability import Health, serve_ops
@@ -22,7 +22,7 @@ __all__ = ["SETTINGS", "main"]
 async def main(cfg: LedgerConfig, stop: asyncio.Event) -> None:
     require_schema(cfg.database_url)
     ensure_topics(cfg.kafka_bootstrap_servers, ACCESS["ledger"].topics, cfg.kafka_topic_partitions)  # its ACLs'
-    codec = Codec()
+    codec = await open_codec(cfg.schema_registry_url, ACCESS["ledger"].writes)
     producer = EventProducer(cfg.kafka_bootstrap_servers, codec, client_id="ledger")
     pool = await open_pool(cfg.database_url, max_size=cfg.ledger_max_in_flight + 3)  # + the 3 background loops
     relay = OutboxRelay(pool, producer)
@@ -42,6 +42,7 @@ async def main(cfg: LedgerConfig, stop: asyncio.Event) -> None:
         await runner.cleanup()
         producer.close()
         await pool.close()
+        await codec.close()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from services.ledger.deadlines import LedgerSettings
 
 SETTINGS = [
     config.KAFKA_BOOTSTRAP,
+    config.SCHEMA_REGISTRY,
     config.database_url("ledger"),
     config.TOPIC_PARTITIONS,
     config.METRICS_HOST,
@@ -33,6 +34,7 @@ SETTINGS = [
 @dataclass(frozen=True)
 class LedgerConfig:
     kafka_bootstrap_servers: str
+    schema_registry_url: str
     database_url: str
     kafka_topic_partitions: int
     metrics_host: str

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 
 from services.channels.vault import LocalKeyFileProvider, VaultError
-from services.common.avro import Codec
+from services.common.avro import open_codec
 from services.common.db import open_pool, require_schema
 from services.common.kafka import ConsumerLoop, EventProducer, ensure_topics
 from services.common.observability import Health, serve_ops
@@ -28,7 +28,7 @@ async def main(cfg: NotifierConfig, stop: asyncio.Event) -> None:
         raise StartupRefused(f"the webhook signing secrets' key: {exc} (NOTIFIER_VAULT_KEY_FILE; "
                              "`mpesa-pipeline vault init --key-file PATH` makes one)") from None
     ensure_topics(cfg.kafka_bootstrap_servers, ACCESS["notifier"].topics, cfg.kafka_topic_partitions)  # its ACLs'
-    codec = Codec()
+    codec = await open_codec(cfg.schema_registry_url, ACCESS["notifier"].writes)
     producer = EventProducer(cfg.kafka_bootstrap_servers, codec, client_id="notifier")  # dead letters only
     # The consumer's batch, the poller, the heartbeat, the writer and the secrets' reads.
     pool = await open_pool(cfg.database_url, max_size=6, autocommit=True)
@@ -50,6 +50,7 @@ async def main(cfg: NotifierConfig, stop: asyncio.Event) -> None:
         await notifier.sender.close()
         producer.close()
         await pool.close()
+        await codec.close()
 
 
 if __name__ == "__main__":

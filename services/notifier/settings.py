@@ -24,6 +24,7 @@ WEBHOOK_VAULT_PUBLIC_KEY_FILE = config.Setting(
 # The notifier process (`python -m services.notifier`): docs/webhooks.md §4 says why each exists.
 NOTIFIER_SETTINGS = [
     config.KAFKA_BOOTSTRAP,
+    config.SCHEMA_REGISTRY,
     config.database_url("notifier"),
     config.TOPIC_PARTITIONS,
     config.METRICS_HOST,
@@ -59,6 +60,7 @@ NOTIFIER_SETTINGS = [
 @dataclass(frozen=True)
 class NotifierConfig:
     kafka_bootstrap_servers: str
+    schema_registry_url: str
     database_url: str
     kafka_topic_partitions: int
     metrics_host: str

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.common.avro import Codec
+from services.common.avro import open_codec
 from services.common.db import require_schema
 from services.common.kafka import ConsumerLoop, EventProducer, ensure_topics, per_event
 from services.common.observability import Health, serve_ops
@@ -19,7 +19,7 @@ async def main(settings: WorkerSettings, stop: asyncio.Event) -> None:
     require_schema(settings.database_url)
     bootstrap = settings.kafka_bootstrap_servers
     ensure_topics(bootstrap, ACCESS["stk-worker"].topics, settings.kafka_topic_partitions)  # the ones its ACLs allow
-    codec = Codec()
+    codec = await open_codec(settings.schema_registry_url, ACCESS["stk-worker"].writes)
     producer = EventProducer(bootstrap, codec, client_id="stk-worker")  # results and dead letters
     worker = await build(settings, publisher=producer, stop=stop)
     in_flight_batches = max(settings.stk_max_in_flight // BATCH, 1)
@@ -45,6 +45,7 @@ async def main(settings: WorkerSettings, stop: asyncio.Event) -> None:
         await runner.cleanup()
         await worker.aclose()
         producer.close()
+        await codec.close()
 
 
 if __name__ == "__main__":

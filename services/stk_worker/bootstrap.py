@@ -15,10 +15,11 @@ from services.channels.credentials import CredentialStore
 from services.channels.settings import CREDENTIALS_TTL_S, VAULT_KEY_FILE
 from services.channels.vault import LocalKeyFileProvider
 from services.common import config
-from services.common.avro import Codec
+from services.common.avro import open_codec
 from services.common.callback_token import parse_secrets
 from services.common.db import open_pool
 from services.common.kafka import EventProducer
+from services.common.topics import ACCESS
 from services.daraja.client import DarajaClient
 from services.daraja.settings import SETTINGS as DARAJA_SETTINGS, DarajaSettings
 from services.stk_worker.channels import VaultChannels
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 SETTINGS = [
     config.KAFKA_BOOTSTRAP,
+    config.SCHEMA_REGISTRY,
     config.database_url("stk_worker"),
     config.TOPIC_PARTITIONS,
     config.METRICS_HOST,
@@ -56,6 +58,7 @@ HEARTBEAT_S = 2.0  # PushSettings.owner_silent_s (15 s) is seven missed beats: a
 @dataclass(frozen=True)
 class WorkerSettings:
     kafka_bootstrap_servers: str
+    schema_registry_url: str
     database_url: str
     kafka_topic_partitions: int
     metrics_host: str
@@ -134,10 +137,12 @@ async def build(settings: WorkerSettings, *, claims: Claims | None = None, daraj
         closers.append(client.aclose)
         daraja = client
     if publisher is None:
-        producer = EventProducer(settings.kafka_bootstrap_servers, Codec(), client_id="stk-worker")
+        codec = await open_codec(settings.schema_registry_url, ACCESS["stk-worker"].writes)
+        producer = EventProducer(settings.kafka_bootstrap_servers, codec, client_id="stk-worker")
 
         async def close_producer() -> None:
             producer.close()
+            await codec.close()
         closers.append(close_producer)
         publisher = producer
     rate = settings.stk_rate_per_shortcode

@@ -6,6 +6,7 @@ import logging
 import sys
 
 from services.common import config
+from services.common.avro import open_codec
 from services.common.kafka import ensure_topics
 from services.common.observability import Health, serve
 from services.common.runtime import quiet_garbage_collector, run_service
@@ -36,7 +37,8 @@ async def main(cfg: WebhookSettings, stop: asyncio.Event) -> None:
         log.warning("callbacks are accepted from any address (%s)", how)
     # Its own topics, as every service creates the ones it uses (callback.rejected has no other writer).
     ensure_topics(cfg.kafka_bootstrap_servers, ACCESS["webhook-gateway"].topics, cfg.kafka_topic_partitions)
-    producer = gateway_producer(cfg.kafka_bootstrap_servers, settings)
+    codec = await open_codec(cfg.schema_registry_url, ACCESS["webhook-gateway"].writes)
+    producer = gateway_producer(cfg.kafka_bootstrap_servers, codec, settings)
     app = create_app(GatewayDeps(producer), settings, Health())
     quiet_garbage_collector()
     runner = await serve(app, cfg.webhook_host, cfg.webhook_port)
@@ -46,6 +48,7 @@ async def main(cfg: WebhookSettings, stop: asyncio.Event) -> None:
     finally:
         await runner.cleanup()
         producer.close()
+        await codec.close()
 
 
 if __name__ == "__main__":

@@ -66,9 +66,9 @@ class GatewayDeps:
     clock: Callable[[], float] = time.monotonic  # the rate limiter's
 
 
-def gateway_producer(bootstrap: str, settings: GatewaySettings) -> EventProducer:
+def gateway_producer(bootstrap: str, codec: Codec, settings: GatewaySettings) -> EventProducer:
     """The producer the gateway needs: its delivery timeout is the bound on a callback's 503."""
-    return EventProducer(bootstrap, Codec(), client_id="webhook-gateway",
+    return EventProducer(bootstrap, codec, client_id="webhook-gateway",
                          delivery_timeout_ms=settings.kafka_timeout_ms, linger_ms=settings.kafka_linger_ms)
 
 

@@ -70,8 +70,9 @@ KAFKA_TIMEOUT_MS = config.Setting("WEBHOOK_KAFKA_TIMEOUT_MS", _milliseconds(200,
 KAFKA_LINGER_MS = config.Setting("WEBHOOK_KAFKA_LINGER_MS", _milliseconds(0, 100), 5,
                                  help="how long the producer gathers callbacks into one batch (latency for CPU)")
 
-SETTINGS = [config.KAFKA_BOOTSTRAP, config.TOPIC_PARTITIONS, ENVIRONMENT, HOST, PORT, TOKEN_SECRETS, ALLOWED_SOURCES,
-            TRUSTED_PROXIES, RATE_PER_SOURCE, RATE_BURST, KAFKA_TIMEOUT_MS, KAFKA_LINGER_MS]
+SETTINGS = [config.KAFKA_BOOTSTRAP, config.SCHEMA_REGISTRY, config.TOPIC_PARTITIONS, ENVIRONMENT, HOST, PORT,
+            TOKEN_SECRETS, ALLOWED_SOURCES, TRUSTED_PROXIES, RATE_PER_SOURCE, RATE_BURST, KAFKA_TIMEOUT_MS,
+            KAFKA_LINGER_MS]
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class WebhookSettings:
     """SETTINGS as read at start (config.load_into); GatewaySettings.from_config derives what the app enforces."""
 
     kafka_bootstrap_servers: str
+    schema_registry_url: str
     kafka_topic_partitions: int
     mpesa_environment: str
     webhook_host: str

@@ -27,7 +27,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from services.common.avro import Codec
+from services.common.avro import open_codec
 from services.common.topics import STK_PUSH_RESULT
 from tests.conftest import ROOT, ServiceProcess, eventually, free_port, kafka_login, start_service
 from tests.e2e.stack import Stack, new_reference
@@ -154,8 +154,14 @@ async def pay_through(stack: Stack, pool, faults: Faults,
     # A claim's row may be overwritten later by the worker that still held the push: the results
     # published tell every outcome that was reported.
     results = collections.defaultdict(list)
-    for r in await asyncio.to_thread(_push_results, bootstrap, channel_id, mark):
-        results[r["payment_id"]].append(r)
+    published = await asyncio.to_thread(_push_results, bootstrap, channel_id, mark)
+    codec = await open_codec(stack.infra.get("SCHEMA_REGISTRY_URL", ""), ())  # learns the worker's ids
+    try:
+        await codec.learn(published)
+        for r in (codec.decode(value)[1] for value in published):
+            results[r["payment_id"]].append(r)
+    finally:
+        await codec.close()
     accepted = collections.defaultdict(list)
     for p in await _sandbox_pushes(stack):
         if p["status"] == "accepted" and p["AccountReference"] in paid.values():
@@ -253,11 +259,10 @@ async def _rows(pool, query: str, *args: object) -> list[dict]:
     raise AssertionError("the database did not come back")
 
 
-def _push_results(bootstrap: str, channel_id: str, since: dict[int, int]) -> list[dict]:
-    codec = Codec()
+def _push_results(bootstrap: str, channel_id: str, since: dict[int, int]) -> list[bytes]:
     messages = read_all(bootstrap, STK_PUSH_RESULT.name, lambda m: m.key() == channel_id.encode(),
                         expected=10**9, since=since, timeout_polls=8)  # all there is: it reads until idle
-    return [codec.decode(m.value())[1] for m in messages]
+    return [m.value() for m in messages]
 
 
 async def _sandbox_pushes(stack: Stack) -> list[dict]:

@@ -97,7 +97,7 @@ def new_key() -> str:
 class TopicWatch:
     """Reads what was published to a topic after the watch began (never the topic's whole history)."""
 
-    def __init__(self, bootstrap: str, topic: str = PAYMENT_REQUESTED.name):
+    def __init__(self, bootstrap: str, codec: Codec, topic: str = PAYMENT_REQUESTED.name):
         self.topic = topic
         self._consumer = Consumer(client_config({
             "bootstrap.servers": bootstrap, "group.id": f"ingress-tests-{uuid.uuid4().hex}",
@@ -105,7 +105,7 @@ class TopicWatch:
         partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
         self._start = {p: self._consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
                        for p in partitions}
-        self._codec = Codec()
+        self._codec = codec  # knows the ids of the current schemas, as the ingress writes them
 
     def events(self, predicate: Callable[[dict[str, Any]], bool]) -> list[tuple[bytes | None, dict[str, Any]]]:
         """(key, decoded record) of every message since the start that satisfies predicate, in offset order."""
@@ -136,8 +136,8 @@ class TopicWatch:
 
 
 @pytest.fixture
-def topic(kafka_bootstrap):
-    watch = TopicWatch(kafka_bootstrap)
+def topic(kafka_bootstrap, codec):
+    watch = TopicWatch(kafka_bootstrap, codec)
     yield watch
     watch.close()
 

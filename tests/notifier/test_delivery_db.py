@@ -205,7 +205,7 @@ async def test_events_no_delivery_can_hold_are_dead_lettered_and_the_next_ones_d
     good = status_event(channel, new_id(), "Pending")
     async with running_notifier(cfg, producer, codec):
         await producer.publish_many([(PAYMENT_STATUS, channel.encode(), wrong_record),
-                                     (PAYMENT_STATUS, channel.encode(), codec.encode("payment_status", too_long_id)),
+                                     (PAYMENT_STATUS, channel.encode(), codec.encode(PAYMENT_STATUS, too_long_id)),
                                      (PAYMENT_STATUS, channel.encode(), b"not avro at all")])
         await producer.publish(PAYMENT_STATUS, good)
         await eventually(lambda: met(len(receiver.at(channel)) == 1), timeout=60)

@@ -4,13 +4,13 @@ import os
 import signal
 import sys
 
-from services.common.avro import Codec
+from services.common.avro import open_codec
 from services.common.kafka import ConsumerLoop, EventProducer
-from services.common.topics import Topic
+from services.common.topics import DEAD_LETTER, Topic
 
 
 async def main(bootstrap: str, group: str, topic: str, record_path: str) -> None:
-    codec = Codec()
+    codec = await open_codec(os.environ.get("SCHEMA_REGISTRY_URL", ""), [DEAD_LETTER])
 
     async def handler(events):
         with open(record_path, "a") as out:

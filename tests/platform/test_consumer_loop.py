@@ -10,6 +10,7 @@ import uuid
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Message
 
+from services.common.avro import Codec
 from services.common.kafka import (
     ConsumedEvent,
     ConsumerLoop,
@@ -25,15 +26,16 @@ from tests.conftest import ROOT, eventually
 from tests.platform.kafka_helpers import end_offsets, read_all, recording_loop, run_until, sample_request
 
 
-def own_topic(kafka_bootstrap: str, unique: str) -> Topic:
+async def own_topic(kafka_bootstrap: str, codec: Codec, unique: str) -> Topic:
     topic = Topic(f"test.loop.{unique}", "payment_requested")
     ensure_topics(kafka_bootstrap, [topic], 2)
+    await codec.prepare([topic])  # its subject, as a service registers the topics it writes
     return topic
 
 
 async def test_a_consumer_killed_before_commit_gets_the_message_again(kafka_bootstrap, codec, producer, unique,
                                                                        tmp_path):
-    topic = own_topic(kafka_bootstrap, unique)
+    topic = await own_topic(kafka_bootstrap, codec, unique)
     event = sample_request(f"ch-{unique}", str(uuid.uuid4()))
     await producer.publish(topic, event)
     record = tmp_path / "handled.txt"
@@ -49,7 +51,7 @@ async def test_a_consumer_killed_before_commit_gets_the_message_again(kafka_boot
 
 
 async def test_committed_messages_are_not_delivered_again(kafka_bootstrap, codec, producer, unique):
-    topic = own_topic(kafka_bootstrap, unique)
+    topic = await own_topic(kafka_bootstrap, codec, unique)
     first, second = (sample_request(f"ch-{unique}", str(uuid.uuid4())) for _ in range(2))
     await producer.publish(topic, first)
     seen: list[ConsumedEvent] = []
@@ -63,7 +65,7 @@ async def test_committed_messages_are_not_delivered_again(kafka_bootstrap, codec
 
 async def test_poison_messages_go_to_the_dead_letter_topic_and_the_consumer_continues(
         kafka_bootstrap, codec, producer, unique):
-    topic = own_topic(kafka_bootstrap, unique)
+    topic = await own_topic(kafka_bootstrap, codec, unique)
     channel = f"ch-{unique}"
     refused = sample_request(channel, str(uuid.uuid4()))
     good = sample_request(channel, str(uuid.uuid4()))
@@ -89,7 +91,7 @@ async def test_poison_messages_go_to_the_dead_letter_topic_and_the_consumer_cont
 
 
 async def test_a_transient_failure_is_retried_not_dead_lettered(kafka_bootstrap, codec, producer, unique):
-    topic = own_topic(kafka_bootstrap, unique)
+    topic = await own_topic(kafka_bootstrap, codec, unique)
     event = sample_request(f"ch-{unique}", str(uuid.uuid4()))
     await producer.publish(topic, event)
     attempts: list[int] = []
@@ -143,7 +145,7 @@ def overlap_tracking_loop(kafka_bootstrap, group, topic, codec, producer, seen, 
 
 
 async def test_batches_overlap_only_while_the_consumer_is_behind(kafka_bootstrap, codec, producer, unique):
-    topic = own_topic(kafka_bootstrap, unique)
+    topic = await own_topic(kafka_bootstrap, codec, unique)
     backlog = [sample_request(f"ch-{unique}", str(uuid.uuid4())) for _ in range(60)]
     await asyncio.gather(*(producer.publish(topic, e) for e in backlog))
     seen: list[ConsumedEvent] = []
@@ -166,10 +168,10 @@ async def test_batches_overlap_only_while_the_consumer_is_behind(kafka_bootstrap
 
 
 async def test_a_batch_published_together_arrives_in_order(kafka_bootstrap, codec, unique):
-    topic = own_topic(kafka_bootstrap, unique)
+    topic = await own_topic(kafka_bootstrap, codec, unique)
     producer = EventProducer(kafka_bootstrap, codec, client_id="test", linger_ms=1)
     records = [sample_request(f"ch-{unique}", str(uuid.uuid4())) for _ in range(50)]
-    await producer.publish_many([(topic, r["channel_id"].encode(), codec.encode(topic.schema, r)) for r in records])
+    await producer.publish_many([(topic, r["channel_id"].encode(), codec.encode(topic, r)) for r in records])
     await producer.publish_many([])
     producer.close()
     messages = read_all(kafka_bootstrap, topic.name, lambda m: True, expected=50)
@@ -178,12 +180,12 @@ async def test_a_batch_published_together_arrives_in_order(kafka_bootstrap, code
 
 async def test_an_event_that_keeps_failing_is_dead_lettered_after_the_budget_and_the_rest_is_handled_in_order(
         kafka_bootstrap, codec, producer, unique):
-    topic = own_topic(kafka_bootstrap, unique)
+    topic = await own_topic(kafka_bootstrap, codec, unique)
     channel = f"ch-{unique}"  # one key: one partition, one order
     events = [sample_request(channel, str(uuid.uuid4())) for _ in range(12)]
     poison = events[7]
     mark = end_offsets(kafka_bootstrap, DEAD_LETTER.name)
-    await producer.publish_many([(topic, channel.encode(), codec.encode(topic.schema, e)) for e in events])
+    await producer.publish_many([(topic, channel.encode(), codec.encode(topic, e)) for e in events])
     seen, tries_alone = [], 0
 
     async def all_or_nothing(batch):  # like a handler that applies a batch in one transaction
@@ -212,7 +214,7 @@ async def test_an_event_that_keeps_failing_is_dead_lettered_after_the_budget_and
 
 
 async def test_transient_failures_never_use_up_the_poison_budget(kafka_bootstrap, codec, producer, unique):
-    topic = own_topic(kafka_bootstrap, unique)
+    topic = await own_topic(kafka_bootstrap, codec, unique)
     event = sample_request(f"ch-{unique}", str(uuid.uuid4()))
     mark = end_offsets(kafka_bootstrap, DEAD_LETTER.name)
     await producer.publish(topic, event)
@@ -288,12 +290,12 @@ async def test_an_unexpected_error_in_a_per_event_handler_is_dead_lettered_after
 
     from services.common.kafka import per_event
 
-    topic = own_topic(kafka_bootstrap, unique)
+    topic = await own_topic(kafka_bootstrap, codec, unique)
     channel = f"ch-{unique}"
     events = [sample_request(channel, str(uuid.uuid4())) for _ in range(6)]
     bug = events[2]
     mark = end_offsets(kafka_bootstrap, DEAD_LETTER.name)
-    await producer.publish_many([(topic, channel.encode(), codec.encode(topic.schema, e)) for e in events])
+    await producer.publish_many([(topic, channel.encode(), codec.encode(topic, e)) for e in events])
     tries: collections.Counter[str] = collections.Counter()
     seen: list[str] = []
 
@@ -325,7 +327,7 @@ async def test_a_rebalance_lets_the_batches_in_hand_finish_and_commits_them_befo
     """A second consumer joins while the first has slow batches in hand: the first gives a partition up
     only once those finished and were committed, so every event is handled exactly once across both
     (without the wait, the new owner would start from the last commit and handle them again)."""
-    topic = own_topic(kafka_bootstrap, unique)
+    topic = await own_topic(kafka_bootstrap, codec, unique)
     events = [sample_request(f"ch-{unique}-{n}", str(uuid.uuid4())) for n in range(200)]  # keys on both partitions
     for e in events:  # one record batch each, so that small fetches interleave the partitions
         await producer.publish(topic, e)
@@ -381,7 +383,7 @@ async def test_a_batch_that_never_finishes_holds_a_rebalance_up_only_until_the_r
     revoke_timeout_s, counts it, and the new owner handles the event again (at least once)."""
     from prometheus_client import REGISTRY
 
-    topic = own_topic(kafka_bootstrap, unique)
+    topic = await own_topic(kafka_bootstrap, codec, unique)
     events = [sample_request(f"ch-{unique}-{n}", str(uuid.uuid4())) for n in range(8)]  # keys on both partitions
     for e in events:
         await producer.publish(topic, e)
@@ -430,7 +432,7 @@ async def test_readiness_fails_naming_a_consumer_that_holds_one_batch_too_long(k
     from services.common.observability import Health, serve_ops
     from tests.conftest import free_port
 
-    topic = own_topic(kafka_bootstrap, unique)
+    topic = await own_topic(kafka_bootstrap, codec, unique)
     released, seen = asyncio.Event(), []
 
     async def until_released(events):

@@ -12,6 +12,7 @@ from tests.platform.kafka_helpers import end_offsets, read_all, recording_loop, 
 async def test_the_error_and_the_key_of_a_dead_letter_are_cleaned(kafka_bootstrap, codec, producer, unique):
     topic = Topic(f"test.letters.{unique}", "payment_requested")
     ensure_topics(kafka_bootstrap, [topic], 1)
+    await codec.prepare([topic])
     channel = f"ch-{unique}"
     refused, good = sample_request(channel, str(uuid.uuid4())), sample_request(channel, str(uuid.uuid4()))
     mark = end_offsets(kafka_bootstrap, DEAD_LETTER.name)

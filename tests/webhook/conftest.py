@@ -64,8 +64,8 @@ class RunningGateway:
 
 
 @pytest.fixture(scope="session")
-def gateway_kafka(kafka_bootstrap):
-    producer = gateway_producer(kafka_bootstrap, GatewaySettings(token_secrets=(SECRET,)))
+def gateway_kafka(kafka_bootstrap, codec):
+    producer = gateway_producer(kafka_bootstrap, codec, GatewaySettings(token_secrets=(SECRET,)))
     yield producer
     producer.close()
 

@@ -331,9 +331,9 @@ async def test_ipv6_sources_share_one_bucket_per_64(start_gateway, tail, unique)
     assert seen[0].record["source_address"] == "2001:db8:1:2::1"  # the address itself is kept, not its /64
 
 
-async def test_when_kafka_does_not_acknowledge_the_answer_is_503_in_bounded_time(start_gateway, unique):
+async def test_when_kafka_does_not_acknowledge_the_answer_is_503_in_bounded_time(start_gateway, unique, codec):
     settings = GatewaySettings(token_secrets=(SECRET,), kafka_timeout_ms=500)
-    nowhere = gateway_producer(f"127.0.0.1:{free_port()}", settings)
+    nowhere = gateway_producer(f"127.0.0.1:{free_port()}", codec, settings)
     try:
         gateway = await start_gateway(producer=nowhere, kafka_timeout_ms=500)
         failures_before = metric("webhook_publish_failures_total", topic=CALLBACK_RAW.name)
