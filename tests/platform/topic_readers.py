@@ -38,12 +38,19 @@ def tools_env() -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines())
 
 
-def admin_login(infra: dict[str, str]) -> dict[str, str]:
+class KafkaLogin(dict):
+    """librdkafka settings whose repr hides the password: pytest prints a failing frame's arguments."""
+
+    def __repr__(self) -> str:
+        return repr({k: "<hidden>" if k == "sasl.password" else v for k, v in self.items()})
+
+
+def admin_login(infra: dict[str, str]) -> KafkaLogin:
     """The admin's librdkafka settings, spelled out as a reader outside this repo would (README)."""
-    return {"bootstrap.servers": infra["KAFKA_BOOTSTRAP_SERVERS"], "security.protocol": "SASL_SSL",
+    return KafkaLogin({"bootstrap.servers": infra["KAFKA_BOOTSTRAP_SERVERS"], "security.protocol": "SASL_SSL",
             "sasl.mechanisms": "SCRAM-SHA-512", "ssl.ca.location": infra["KAFKA_CLIENT_SSL_CA_LOCATION"],
             "sasl.username": infra["KAFKA_CLIENT_SASL_USERNAME"],
-            "sasl.password": Path(infra["KAFKA_CLIENT_SASL_PASSWORD_FILE"]).read_text().strip()}
+            "sasl.password": Path(infra["KAFKA_CLIENT_SASL_PASSWORD_FILE"]).read_text().strip()})
 
 
 def read_with_kcat_and_avro_tools(tools, registry_url, topic: str, partition: int, offset: int,
