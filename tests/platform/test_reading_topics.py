@@ -67,14 +67,14 @@ def test_the_readers_read_what_confluent_kafkas_own_serializer_wrote(tools, regi
               "fields": [{"name": "event_id", "type": "string"}, {"name": "note", "type": ["null", "string"]},
                          {"name": "amount", "type": "long"}]}
     ensure_topics(kafka_login["bootstrap.servers"], [Topic(topic, "unused")], 1)
-    record = {"event_id": str(uuid.uuid4()), "note": "written by AvroSerializer", "amount": 1500}
+    event_id = str(uuid.uuid4())
+    record = {"event_id": event_id, "note": "written by AvroSerializer", "amount": 1500}
     serialize = AvroSerializer(SchemaRegistryClient({"url": registry_url}), json.dumps(schema))
     producer = Producer(kafka_login)
     producer.produce(topic, serialize(record, SerializationContext(topic, MessageField.VALUE)))
     assert producer.flush(30) == 0
 
-    partition, offset, decoded = find_with_deserializer(kafka_login, registry_url, topic, {0: 0},
-                                                        record["event_id"])
+    partition, offset, decoded = find_with_deserializer(kafka_login, registry_url, topic, {0: 0}, event_id)
     assert decoded == record
     assert read_with_kcat_and_avro_tools(tools, registry_url, topic, partition, offset, tmp_path) \
         == avro_json(schema, record)

@@ -8,7 +8,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
@@ -86,10 +86,18 @@ def find_with_deserializer(login, registry_url, topic: str, start: dict[int, int
                 continue
             record = deserialize(msg.value(), context)
             if record["event_id"] == event_id:
-                return msg.partition(), msg.offset(), record
+                partition, offset, _ = where(msg)
+                return partition, offset, record
     finally:
         consumer.close()
     raise AssertionError(f"no message {event_id} on {topic} within {READ_TIMEOUT_S}s")
+
+
+def where(msg: Message) -> tuple[int, int, bytes]:
+    """(partition, offset, value) of a consumed message (never None there)."""
+    partition, offset, value = msg.partition(), msg.offset(), msg.value()
+    assert partition is not None and offset is not None and value is not None
+    return partition, offset, value
 
 
 def end_offsets(login, topic: str) -> dict[int, int]:
@@ -112,8 +120,10 @@ def raw_messages(login, topic: str, start: dict[int, int], end: dict[int, int]) 
             if len(found) == sum(e - s for s, e in wanted.values()):
                 return found
             msg = consumer.poll(0.5)
-            if msg is not None and msg.error() is None and msg.offset() < wanted[msg.partition()][1]:
-                found.append((msg.partition(), msg.offset(), msg.value()))
+            if msg is not None and msg.error() is None:
+                partition, offset, value = where(msg)
+                if offset < wanted[partition][1]:
+                    found.append((partition, offset, value))
     finally:
         consumer.close()
     raise AssertionError(f"{topic}: read {len(found)} of the messages in {wanted}")
