@@ -8,6 +8,7 @@ here="$(dirname "${BASH_SOURCE[0]}")"
 "$here/postgres.sh" start >&2
 "$here/kafka.sh" start >&2
 "$here/registry.sh" start >&2
+"$here/tools.sh" install >&2   # kcat and avro-tools, to read the topics (README)
 "$here/kafka.sh" env admin
 "$here/registry.sh" env
 # The migration role's URL; each service's is the same with its own role (infra/postgres.sh url ROLE).
