@@ -23,6 +23,10 @@ REQUEST_TIMEOUT_S = 5.0
 CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 # BACKWARD or stricter: a consumer on the new schema reads every message already written.
 STRICT_ENOUGH = frozenset({"BACKWARD", "BACKWARD_TRANSITIVE", "FULL", "FULL_TRANSITIVE"})
+# Answers that say "not now" rather than "no": a request timeout, too many requests, and credentials
+# the registry (or a proxy in front of it) refuses, which is our configuration's fault, not a
+# message's. Taking them for a refusal would make every message naming the id unreadable.
+TRY_LATER = frozenset({401, 403, 408, 429})
 
 
 class RegistryError(Exception):
@@ -91,7 +95,7 @@ class SchemaRegistry:
             raise RegistryUnavailable(f"schema registry {method} {path}: {type(exc).__name__}") from exc
         if status == 404 and missing_ok:
             return None
-        if status >= 500:
+        if status >= 500 or status in TRY_LATER:
             raise RegistryUnavailable(f"schema registry {method} {path}: HTTP {status}")
         if status >= 300:
             raise RegistryError(f"schema registry {method} {path}: HTTP {status}: {_reason(text)}")

@@ -16,7 +16,7 @@ from services.common.avro import SCHEMA_DIR, Codec, DecodeError, open_codec, sub
 from services.common.kafka import ConsumedEvent, ensure_topics
 from services.common.ratelimit import RateLimiter
 from services.common.runtime import StartupRefused
-from services.common.schema_registry import RegistryError, SchemaRegistry
+from services.common.schema_registry import RegistryError, RegistryUnavailable, SchemaRegistry
 from services.common.topics import ALL_TOPICS, DEAD_LETTER, PAYMENT_STATUS, Topic
 from tests.conftest import free_port
 from tests.platform.kafka_helpers import end_offsets, read_all, recording_loop, run_until, sample_request
@@ -286,3 +286,21 @@ async def test_messages_wait_while_the_registry_is_down_and_are_read_once_it_is_
         await runner.cleanup()
     assert asked_while_down >= 3
     assert [e.value["event_id"] for e in seen] == [event["event_id"]]  # handled, so not dead-lettered
+
+
+@pytest.mark.parametrize("status", [401, 403, 408, 429])
+async def test_a_registry_that_cannot_answer_now_makes_messages_wait_not_unreadable(status):
+    # Too many requests, a timeout, or credentials the registry refuses say nothing about the id: a
+    # message naming it may be fine, so the batch waits (RegistryUnavailable) instead of every message
+    # of that id being dead-lettered as unreadable until the consumer restarts.
+    runner, url = await hostile_registry({"/schemas/ids/1": web.json_response({"error_code": status},
+                                                                              status=status)})
+    reader = Codec(registry=SchemaRegistry(url))
+    try:
+        with pytest.raises(RegistryUnavailable, match=f"HTTP {status}"):
+            await reader.learn([framed(1)])
+        with pytest.raises(DecodeError, match="was not learned"):
+            reader.decode(framed(1))
+    finally:
+        await reader.close()
+        await runner.cleanup()
