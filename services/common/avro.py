@@ -66,6 +66,10 @@ MESSAGE_BYTES_MAX = 1024 * 1024
 # message repeating one costs no request. A stream of distinct made-up ids is slowed to
 # LOOKUPS_PER_S requests rather than dropped, so a real new id among them is still learned.
 KNOWN_IDS_MAX = 1024
+# Each remembered id keeps its parsed schema, about twice its text in memory: with 1 MiB schemas (the
+# answer's cap) the ids above held some 2 GB. Ours are 1.5 to 3.5 kB; a registry schema far beyond
+# that is not a version of ours, and is refused.
+SCHEMA_TEXT_MAX = 64 * 1024
 UNUSABLE_IDS_MAX = 4096
 LOOKUPS_PER_S, LOOKUPS_BURST = 20.0, 50
 # How long a service waits at start for its registry (a registry started with it may be slower).
@@ -168,8 +172,8 @@ class Codec:
                 self._refuse(schema_id, f"has a schema this code cannot read: {type(exc).__name__}: {exc}")
 
     def _writer_from(self, text: str, schema_id: int) -> Schema:
-        if len(text) > MESSAGE_BYTES_MAX:
-            raise ValueError("schema text is too long")
+        if len(text) > SCHEMA_TEXT_MAX:
+            raise ValueError(f"schema text is too long (over {SCHEMA_TEXT_MAX} characters)")
         full_name = _full_name(json.loads(text))
         reader = self._by_full_name.get(full_name)
         if reader is None:

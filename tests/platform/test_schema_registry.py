@@ -304,3 +304,20 @@ async def test_a_registry_that_cannot_answer_now_makes_messages_wait_not_unreada
     finally:
         await reader.close()
         await runner.cleanup()
+
+
+async def test_a_registry_schema_far_larger_than_ours_is_refused_so_remembered_ids_stay_small():
+    # Each remembered id keeps its parsed schema: 1024 ids of 1 MiB schemas held about 2 GB. A valid
+    # PaymentStatus grown to 100 kB by an optional field's name is refused like any unusable schema.
+    bloated = json.loads((SCHEMA_DIR / "payment_status.avsc").read_text())
+    bloated["fields"].append({"name": "x" * 100_000, "type": ["null", "string"], "default": None})
+    runner, url = await hostile_registry({"/schemas/ids/1": web.json_response({"schema": json.dumps(bloated)})})
+    reader = Codec(registry=SchemaRegistry(url))
+    try:
+        await reader.learn([framed(1)])
+        with pytest.raises(DecodeError, match="schema text is too long"):
+            reader.decode(framed(1))
+    finally:
+        await reader.close()
+        await runner.cleanup()
+    assert max(len(p.read_text()) for p in SCHEMA_DIR.glob("*.avsc")) * 10 < avro.SCHEMA_TEXT_MAX
