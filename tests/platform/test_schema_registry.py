@@ -288,16 +288,20 @@ async def test_messages_wait_while_the_registry_is_down_and_are_read_once_it_is_
     assert [e.value["event_id"] for e in seen] == [event["event_id"]]  # handled, so not dead-lettered
 
 
-@pytest.mark.parametrize("status", [401, 403, 408, 429])
-async def test_a_registry_that_cannot_answer_now_makes_messages_wait_not_unreadable(status):
-    # Too many requests, a timeout, or credentials the registry refuses say nothing about the id: a
-    # message naming it may be fine, so the batch waits (RegistryUnavailable) instead of every message
-    # of that id being dead-lettered as unreadable until the consumer restarts.
-    runner, url = await hostile_registry({"/schemas/ids/1": web.json_response({"error_code": status},
-                                                                              status=status)})
+@pytest.mark.parametrize(("answer", "reason"), [
+    *((web.json_response({"error_code": status}, status=status), f"HTTP {status}")
+      for status in (302, 400, 401, 403, 408, 429)),
+    (web.Response(text="<html>Service maintenance</html>", content_type="text/html"), "not JSON"),
+])
+async def test_a_registry_that_cannot_answer_now_makes_messages_wait_not_unreadable(answer, reason):
+    # Only a 404 says the id is unknown, and only a schema says what it is. Too many requests, a
+    # timeout, credentials refused, a redirect or a proxy's page say nothing about the id, which the
+    # message alone chose: it may be fine, so the batch waits (RegistryUnavailable) instead of every
+    # message of that id being dead-lettered as unreadable until the consumer restarts.
+    runner, url = await hostile_registry({"/schemas/ids/1": answer})
     reader = Codec(registry=SchemaRegistry(url))
     try:
-        with pytest.raises(RegistryUnavailable, match=f"HTTP {status}"):
+        with pytest.raises(RegistryUnavailable, match=reason):
             await reader.learn([framed(1)])
         with pytest.raises(DecodeError, match="was not learned"):
             reader.decode(framed(1))
