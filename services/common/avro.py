@@ -71,6 +71,9 @@ KNOWN_IDS_MAX = 1024
 # that is not a version of ours, and is refused.
 SCHEMA_TEXT_MAX = 64 * 1024
 UNUSABLE_IDS_MAX = 4096
+# ...but not for good: a registry replica that has not caught up with a registration yet answers 404
+# for an id that exists, and every message naming it would be dead-lettered until a restart.
+UNUSABLE_FOR_S = 300.0
 LOOKUPS_PER_S, LOOKUPS_BURST = 20.0, 50
 # How long a service waits at start for its registry (a registry started with it may be slower).
 REGISTRY_WAIT_S = 60.0
@@ -113,7 +116,7 @@ class Codec:
         self.registry = registry
         self._headers: dict[str, bytes] = {}  # topic name -> Confluent header, once prepared
         self._by_id: dict[int, Schema] = {}  # registry id -> writer schema (name: its current version's)
-        self._unusable: dict[int, str] = {}  # registry id -> why it cannot be read
+        self._unusable: dict[int, tuple[str, float]] = {}  # registry id -> why it cannot be read, since when
         self._lookups = RateLimiter(LOOKUPS_PER_S, LOOKUPS_BURST, sources_max=1)
 
     async def prepare(self, topics: Iterable[Topic], wait_s: float = REGISTRY_WAIT_S) -> None:
@@ -155,7 +158,10 @@ class Codec:
             return
         wanted = {int.from_bytes(v[1:5], "big") for v in map(_as_bytes, values)
                   if v is not None and len(v) >= 5 and v[:1] == CONFLUENT_MAGIC}
-        for schema_id in sorted(wanted - self._by_id.keys() - self._unusable.keys()):
+        for schema_id in sorted(wanted - self._by_id.keys()):
+            refused = self._unusable.get(schema_id)
+            if refused is not None and time.monotonic() - refused[1] < UNUSABLE_FOR_S:
+                continue
             while (wait := self._lookups.take("registry")) > 0:
                 await asyncio.sleep(wait)
             try:
@@ -187,7 +193,8 @@ class Codec:
             del self._by_id[next(iter(self._by_id))]  # the oldest; fetched again if it comes back
 
     def _refuse(self, schema_id: int, reason: str) -> None:
-        self._unusable[schema_id] = untrusted(reason, 300)
+        self._unusable.pop(schema_id, None)  # re-inserted: the oldest refusal goes first
+        self._unusable[schema_id] = (untrusted(reason, 300), time.monotonic())
         if len(self._unusable) > UNUSABLE_IDS_MAX:
             del self._unusable[next(iter(self._unusable))]
 
@@ -251,7 +258,7 @@ class Codec:
         if self.registry is None:
             raise DecodeError(f"schema id {schema_id}: Confluent wire format needs a schema registry, "
                               "none is configured")
-        raise DecodeError(f"schema id {schema_id} {self._unusable.get(schema_id, 'was not learned')}")
+        raise DecodeError(f"schema id {schema_id} {self._unusable.get(schema_id, ('was not learned',))[0]}")
 
 
 async def open_codec(registry_url: str, writes: Iterable[Topic], wait_s: float = REGISTRY_WAIT_S) -> Codec:

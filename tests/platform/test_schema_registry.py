@@ -117,6 +117,20 @@ async def test_an_id_the_registry_does_not_know_is_refused_and_asked_for_once(in
     assert registry.asked == [UNKNOWN_ID]
 
 
+async def test_an_unknown_id_is_asked_for_again_once_its_refusal_is_old(infra, monkeypatch):
+    # A registry replica behind a registration answers 404 for an id that exists: that must not make
+    # the id unreadable for as long as the consumer runs.
+    monkeypatch.setattr(avro, "UNUSABLE_FOR_S", 0.0)
+    registry = CountingRegistry(infra["SCHEMA_REGISTRY_URL"])
+    reader = Codec(registry=registry)
+    try:
+        await reader.learn([framed(UNKNOWN_ID)])
+        await reader.learn([framed(UNKNOWN_ID)])
+    finally:
+        await reader.close()
+    assert registry.asked == [UNKNOWN_ID, UNKNOWN_ID] and len(reader._unusable) == 1
+
+
 async def test_remembered_unknown_ids_are_bounded(infra, monkeypatch):
     monkeypatch.setattr(avro, "UNUSABLE_IDS_MAX", 10)
     registry = CountingRegistry(infra["SCHEMA_REGISTRY_URL"])
