@@ -46,6 +46,7 @@ from typing import Any
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
+from services.common.config import mask_url
 from services.common.ratelimit import RateLimiter
 from services.common.runtime import StartupRefused
 from services.common.schema_registry import STRICT_ENOUGH, RegistryError, RegistryUnavailable, SchemaRegistry
@@ -134,7 +135,7 @@ class Codec:
                     break
                 except RegistryUnavailable as exc:
                     if time.monotonic() + delay > deadline:
-                        raise RegistryUnavailable(f"schema registry {self.registry.url} not reachable after "
+                        raise RegistryUnavailable(f"schema registry {mask_url(self.registry.url)} not reachable after "
                                                   f"{wait_s:.0f}s: {exc}") from exc
                     log.warning("schema registry not reachable, retrying in %.1fs: %s", delay, exc)
                     await asyncio.sleep(delay)

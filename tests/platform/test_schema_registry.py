@@ -206,6 +206,13 @@ async def test_what_a_hostile_registry_answers_makes_its_ids_unreadable_and_noth
     assert "not a named schema" in reasons[6]
 
 
+async def test_a_registry_password_in_the_url_stays_out_of_the_startup_error():
+    nowhere = f"http://reader:s3cret-pw@127.0.0.1:{free_port()}/apis/ccompat/v7"
+    with pytest.raises(StartupRefused) as refused:
+        await open_codec(nowhere, [DEAD_LETTER], wait_s=0.5)
+    assert "s3cret-pw" not in str(refused.value) and "reader:****@127.0.0.1" in str(refused.value)
+
+
 async def test_a_service_whose_registry_is_down_at_start_gives_up_with_a_clear_error():
     nowhere = f"http://127.0.0.1:{free_port()}/apis/ccompat/v7"
     with pytest.raises(StartupRefused, match=r"schema registry .* not reachable after 1s.*SCHEMA_REGISTRY_URL"):
