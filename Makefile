@@ -19,7 +19,7 @@ infra: install ## start Kafka and PostgreSQL on loopback (idempotent)
 	bash infra/up.sh
 
 run: install ## the whole stack in the foreground; Ctrl-C stops everything, Kafka and PostgreSQL too
-	set -a; source <(bash infra/up.sh); set +a; \
+	env="$$(bash infra/up.sh)" || exit 1; set -a; source <(echo "$$env"); set +a; \
 	trap 'bash infra/down.sh' EXIT; $(PY) -m services.cli run
 
 check: install ## the fast loop, with no Kafka or PostgreSQL: lint, types, and every test that needs neither

@@ -63,7 +63,8 @@ kcat_config() {
   while IFS='=' read -r key value; do env[$key]=$value; done < <("$INFRA/kafka.sh" env "$principal")
   [[ -s ${env[KAFKA_CLIENT_SASL_PASSWORD_FILE]} ]] \
     || die "no Kafka password for $principal yet (${env[KAFKA_CLIENT_SASL_PASSWORD_FILE]}): start Kafka first"
-  (umask 077 && mkdir -p "$(dirname "$conf")" && {
+  # A leftover .tmp would keep its own mode through the redirect: removed, so the file is made 0600.
+  (umask 077 && mkdir -p "$(dirname "$conf")" && rm -f "$conf.tmp" && {
     echo "bootstrap.servers=${env[KAFKA_BOOTSTRAP_SERVERS]}"
     echo "security.protocol=${env[KAFKA_CLIENT_SECURITY_PROTOCOL]}"
     echo "sasl.mechanisms=${env[KAFKA_CLIENT_SASL_MECHANISM]}"

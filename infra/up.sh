@@ -5,10 +5,11 @@
 # file (KAFKA_CLIENT_SASL_PASSWORD_FILE). `infra/kafka.sh env <principal>` prints a service's lines.
 set -euo pipefail
 here="$(dirname "${BASH_SOURCE[0]}")"
+# First: if a tool cannot be had (not root and no kcat, no Maven), say so before starting anything.
+"$here/tools.sh" install >&2   # kcat and avro-tools, to read the topics (README)
 "$here/postgres.sh" start >&2
 "$here/kafka.sh" start >&2
 "$here/registry.sh" start >&2
-"$here/tools.sh" install >&2   # kcat and avro-tools, to read the topics (README)
 "$here/kafka.sh" env admin
 "$here/registry.sh" env
 # The migration role's URL; each service's is the same with its own role (infra/postgres.sh url ROLE).

@@ -46,6 +46,7 @@ from typing import Any
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
+from services.common.config import mask_url
 from services.common.ratelimit import RateLimiter
 from services.common.runtime import StartupRefused
 from services.common.schema_registry import STRICT_ENOUGH, RegistryError, RegistryUnavailable, SchemaRegistry
@@ -66,7 +67,14 @@ MESSAGE_BYTES_MAX = 1024 * 1024
 # message repeating one costs no request. A stream of distinct made-up ids is slowed to
 # LOOKUPS_PER_S requests rather than dropped, so a real new id among them is still learned.
 KNOWN_IDS_MAX = 1024
+# Each remembered id keeps its parsed schema, about twice its text in memory: with 1 MiB schemas (the
+# answer's cap) the ids above held some 2 GB. Ours are 1.5 to 3.5 kB; a registry schema far beyond
+# that is not a version of ours, and is refused.
+SCHEMA_TEXT_MAX = 64 * 1024
 UNUSABLE_IDS_MAX = 4096
+# ...but not for good: a registry replica that has not caught up with a registration yet answers 404
+# for an id that exists, and every message naming it would be dead-lettered until a restart.
+UNUSABLE_FOR_S = 300.0
 LOOKUPS_PER_S, LOOKUPS_BURST = 20.0, 50
 # How long a service waits at start for its registry (a registry started with it may be slower).
 REGISTRY_WAIT_S = 60.0
@@ -109,7 +117,7 @@ class Codec:
         self.registry = registry
         self._headers: dict[str, bytes] = {}  # topic name -> Confluent header, once prepared
         self._by_id: dict[int, Schema] = {}  # registry id -> writer schema (name: its current version's)
-        self._unusable: dict[int, str] = {}  # registry id -> why it cannot be read
+        self._unusable: dict[int, tuple[str, float]] = {}  # registry id -> why it cannot be read, since when
         self._lookups = RateLimiter(LOOKUPS_PER_S, LOOKUPS_BURST, sources_max=1)
 
     async def prepare(self, topics: Iterable[Topic], wait_s: float = REGISTRY_WAIT_S) -> None:
@@ -127,7 +135,7 @@ class Codec:
                     break
                 except RegistryUnavailable as exc:
                     if time.monotonic() + delay > deadline:
-                        raise RegistryUnavailable(f"schema registry {self.registry.url} not reachable after "
+                        raise RegistryUnavailable(f"schema registry {mask_url(self.registry.url)} not reachable after "
                                                   f"{wait_s:.0f}s: {exc}") from exc
                     log.warning("schema registry not reachable, retrying in %.1fs: %s", delay, exc)
                     await asyncio.sleep(delay)
@@ -151,7 +159,10 @@ class Codec:
             return
         wanted = {int.from_bytes(v[1:5], "big") for v in map(_as_bytes, values)
                   if v is not None and len(v) >= 5 and v[:1] == CONFLUENT_MAGIC}
-        for schema_id in sorted(wanted - self._by_id.keys() - self._unusable.keys()):
+        for schema_id in sorted(wanted - self._by_id.keys()):
+            refused = self._unusable.get(schema_id)
+            if refused is not None and time.monotonic() - refused[1] < UNUSABLE_FOR_S:
+                continue
             while (wait := self._lookups.take("registry")) > 0:
                 await asyncio.sleep(wait)
             try:
@@ -168,8 +179,8 @@ class Codec:
                 self._refuse(schema_id, f"has a schema this code cannot read: {type(exc).__name__}: {exc}")
 
     def _writer_from(self, text: str, schema_id: int) -> Schema:
-        if len(text) > MESSAGE_BYTES_MAX:
-            raise ValueError("schema text is too long")
+        if len(text) > SCHEMA_TEXT_MAX:
+            raise ValueError(f"schema text is too long (over {SCHEMA_TEXT_MAX} characters)")
         full_name = _full_name(json.loads(text))
         reader = self._by_full_name.get(full_name)
         if reader is None:
@@ -183,7 +194,8 @@ class Codec:
             del self._by_id[next(iter(self._by_id))]  # the oldest; fetched again if it comes back
 
     def _refuse(self, schema_id: int, reason: str) -> None:
-        self._unusable[schema_id] = untrusted(reason, 300)
+        self._unusable.pop(schema_id, None)  # re-inserted: the oldest refusal goes first
+        self._unusable[schema_id] = (untrusted(reason, 300), time.monotonic())
         if len(self._unusable) > UNUSABLE_IDS_MAX:
             del self._unusable[next(iter(self._unusable))]
 
@@ -247,7 +259,7 @@ class Codec:
         if self.registry is None:
             raise DecodeError(f"schema id {schema_id}: Confluent wire format needs a schema registry, "
                               "none is configured")
-        raise DecodeError(f"schema id {schema_id} {self._unusable.get(schema_id, 'was not learned')}")
+        raise DecodeError(f"schema id {schema_id} {self._unusable.get(schema_id, ('was not learned',))[0]}")
 
 
 async def open_codec(registry_url: str, writes: Iterable[Topic], wait_s: float = REGISTRY_WAIT_S) -> Codec:

@@ -23,6 +23,10 @@ REQUEST_TIMEOUT_S = 5.0
 CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 # BACKWARD or stricter: a consumer on the new schema reads every message already written.
 STRICT_ENOUGH = frozenset({"BACKWARD", "BACKWARD_TRANSITIVE", "FULL", "FULL_TRANSITIVE"})
+# Answers that say "not now" rather than "no": a request timeout, too many requests, and credentials
+# the registry (or a proxy in front of it) refuses, which is our configuration's fault, not a
+# message's. Taking them for a refusal would make every message naming the id unreadable.
+TRY_LATER = frozenset({401, 403, 408, 429})
 
 
 class RegistryError(Exception):
@@ -52,7 +56,10 @@ class SchemaRegistry:
 
     async def schema(self, schema_id: int) -> str | None:
         """The schema text registered under `schema_id`, or None if the registry knows no such id."""
-        body = await self._call("GET", f"/schemas/ids/{int(schema_id)}", missing_ok=True)
+        # The message chose only the id, and only a 404 or a schema says something about it: any other
+        # refusal (a redirect, a 400, a proxy's page that is not JSON) is the registry's or the way to
+        # it, so it is taken as "not now" rather than making every message of the id unreadable.
+        body = await self._call("GET", f"/schemas/ids/{int(schema_id)}", missing_ok=True, refusal_is_transient=True)
         if body is None:
             return None
         if not isinstance(body, dict) or not isinstance(body.get("schema"), str):
@@ -77,7 +84,8 @@ class SchemaRegistry:
             await self._session.close()
             self._session = None
 
-    async def _call(self, method: str, path: str, payload: dict | None = None, *, missing_ok: bool = False) -> Any:
+    async def _call(self, method: str, path: str, payload: dict | None = None, *, missing_ok: bool = False,
+                    refusal_is_transient: bool = False) -> Any:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=self._timeout, headers={"Accept": CONTENT_TYPE})
         data = None if payload is None else json.dumps(payload)
@@ -91,14 +99,15 @@ class SchemaRegistry:
             raise RegistryUnavailable(f"schema registry {method} {path}: {type(exc).__name__}") from exc
         if status == 404 and missing_ok:
             return None
-        if status >= 500:
+        refused = RegistryUnavailable if refusal_is_transient else RegistryError
+        if status >= 500 or status in TRY_LATER:
             raise RegistryUnavailable(f"schema registry {method} {path}: HTTP {status}")
         if status >= 300:
-            raise RegistryError(f"schema registry {method} {path}: HTTP {status}: {_reason(text)}")
+            raise refused(f"schema registry {method} {path}: HTTP {status}: {_reason(text)}")
         try:
             return json.loads(text)
         except ValueError as exc:
-            raise RegistryError(f"schema registry {method} {path}: answer is not JSON") from exc
+            raise refused(f"schema registry {method} {path}: answer is not JSON") from exc
 
 
 async def _read_capped(resp: aiohttp.ClientResponse) -> str:

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from services.common import config
+from services.common.topic_config import DAY_MS, configs_for
+from services.common.topics import ACCESS
 from services.ledger.deadlines import LedgerSettings
 
 SETTINGS = [
@@ -49,6 +51,22 @@ class LedgerConfig:
     ledger_callback_ttl_after_final_s: float
     ledger_channel_cache_ttl_s: float
     ledger_processed_retention_days: float
+
+    def __post_init__(self) -> None:
+        """A redelivery the broker can still make must be one the ledger still recognises: an event
+        whose id it has forgotten would be applied again as a new fact (docs/kafka-topics.md, §2)."""
+        remembered_ms = self.ledger_processed_retention_days * DAY_MS
+        for topic in ACCESS["ledger"].reads:
+            raw = configs_for(topic.name, None, self.kafka_topic_configs).get("retention.ms", "")
+            if not raw.lstrip("-").isdigit():
+                continue  # not a number: the broker refuses it when the topic is created
+            kept_ms = int(raw)
+            if kept_ms < 0 or kept_ms >= remembered_ms:
+                kept = "kept forever" if kept_ms < 0 else f"kept {kept_ms / DAY_MS:g} days"
+                raise config.ConfigError(
+                    f"{topic.name} would be {kept} (KAFKA_TOPIC_CONFIGS), not less than the "
+                    f"{self.ledger_processed_retention_days:g} days the ledger remembers processed events "
+                    "(LEDGER_PROCESSED_RETENTION_DAYS)")
 
     def ledger_settings(self) -> LedgerSettings:
         return LedgerSettings(first_query_after=timedelta(seconds=self.ledger_query_after_s),

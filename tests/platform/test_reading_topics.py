@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import stat
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
@@ -50,6 +53,17 @@ def registry_url(infra) -> str:
 @pytest.fixture(scope="module")
 def kafka_login(infra) -> dict[str, str]:
     return admin_login(infra)
+
+
+def test_the_kcat_config_holding_the_password_is_readable_by_its_owner_only(infra):
+    # A .tmp left by an interrupted run keeps its mode through a shell redirect: it must not make the
+    # file that holds the admin password readable by others.
+    conf = tools_env()["KCAT_CONFIG"]
+    leftover = Path(conf + ".tmp")
+    leftover.write_text("")
+    leftover.chmod(0o644)
+    conf = tools_env()["KCAT_CONFIG"]
+    assert stat.S_IMODE(os.stat(conf).st_mode) == 0o600
 
 
 def test_debian_kcat_has_no_avro_support(tools):

@@ -16,7 +16,7 @@ from services.common.avro import SCHEMA_DIR, Codec, DecodeError, open_codec, sub
 from services.common.kafka import ConsumedEvent, ensure_topics
 from services.common.ratelimit import RateLimiter
 from services.common.runtime import StartupRefused
-from services.common.schema_registry import RegistryError, SchemaRegistry
+from services.common.schema_registry import RegistryError, RegistryUnavailable, SchemaRegistry
 from services.common.topics import ALL_TOPICS, DEAD_LETTER, PAYMENT_STATUS, Topic
 from tests.conftest import free_port
 from tests.platform.kafka_helpers import end_offsets, read_all, recording_loop, run_until, sample_request
@@ -117,6 +117,20 @@ async def test_an_id_the_registry_does_not_know_is_refused_and_asked_for_once(in
     assert registry.asked == [UNKNOWN_ID]
 
 
+async def test_an_unknown_id_is_asked_for_again_once_its_refusal_is_old(infra, monkeypatch):
+    # A registry replica behind a registration answers 404 for an id that exists: that must not make
+    # the id unreadable for as long as the consumer runs.
+    monkeypatch.setattr(avro, "UNUSABLE_FOR_S", 0.0)
+    registry = CountingRegistry(infra["SCHEMA_REGISTRY_URL"])
+    reader = Codec(registry=registry)
+    try:
+        await reader.learn([framed(UNKNOWN_ID)])
+        await reader.learn([framed(UNKNOWN_ID)])
+    finally:
+        await reader.close()
+    assert registry.asked == [UNKNOWN_ID, UNKNOWN_ID] and len(reader._unusable) == 1
+
+
 async def test_remembered_unknown_ids_are_bounded(infra, monkeypatch):
     monkeypatch.setattr(avro, "UNUSABLE_IDS_MAX", 10)
     registry = CountingRegistry(infra["SCHEMA_REGISTRY_URL"])
@@ -190,6 +204,13 @@ async def test_what_a_hostile_registry_answers_makes_its_ids_unreadable_and_noth
     assert "cannot read" in reasons[4]
     assert "not Avro" in reasons[5]
     assert "not a named schema" in reasons[6]
+
+
+async def test_a_registry_password_in_the_url_stays_out_of_the_startup_error():
+    nowhere = f"http://reader:s3cret-pw@127.0.0.1:{free_port()}/apis/ccompat/v7"
+    with pytest.raises(StartupRefused) as refused:
+        await open_codec(nowhere, [DEAD_LETTER], wait_s=0.5)
+    assert "s3cret-pw" not in str(refused.value) and "reader:****@127.0.0.1" in str(refused.value)
 
 
 async def test_a_service_whose_registry_is_down_at_start_gives_up_with_a_clear_error():
@@ -286,3 +307,42 @@ async def test_messages_wait_while_the_registry_is_down_and_are_read_once_it_is_
         await runner.cleanup()
     assert asked_while_down >= 3
     assert [e.value["event_id"] for e in seen] == [event["event_id"]]  # handled, so not dead-lettered
+
+
+@pytest.mark.parametrize(("answer", "reason"), [
+    *((web.json_response({"error_code": status}, status=status), f"HTTP {status}")
+      for status in (302, 400, 401, 403, 408, 429)),
+    (web.Response(text="<html>Service maintenance</html>", content_type="text/html"), "not JSON"),
+])
+async def test_a_registry_that_cannot_answer_now_makes_messages_wait_not_unreadable(answer, reason):
+    # Only a 404 says the id is unknown, and only a schema says what it is. Too many requests, a
+    # timeout, credentials refused, a redirect or a proxy's page say nothing about the id, which the
+    # message alone chose: it may be fine, so the batch waits (RegistryUnavailable) instead of every
+    # message of that id being dead-lettered as unreadable until the consumer restarts.
+    runner, url = await hostile_registry({"/schemas/ids/1": answer})
+    reader = Codec(registry=SchemaRegistry(url))
+    try:
+        with pytest.raises(RegistryUnavailable, match=reason):
+            await reader.learn([framed(1)])
+        with pytest.raises(DecodeError, match="was not learned"):
+            reader.decode(framed(1))
+    finally:
+        await reader.close()
+        await runner.cleanup()
+
+
+async def test_a_registry_schema_far_larger_than_ours_is_refused_so_remembered_ids_stay_small():
+    # Each remembered id keeps its parsed schema: 1024 ids of 1 MiB schemas held about 2 GB. A valid
+    # PaymentStatus grown to 100 kB by an optional field's name is refused like any unusable schema.
+    bloated = json.loads((SCHEMA_DIR / "payment_status.avsc").read_text())
+    bloated["fields"].append({"name": "x" * 100_000, "type": ["null", "string"], "default": None})
+    runner, url = await hostile_registry({"/schemas/ids/1": web.json_response({"schema": json.dumps(bloated)})})
+    reader = Codec(registry=SchemaRegistry(url))
+    try:
+        await reader.learn([framed(1)])
+        with pytest.raises(DecodeError, match="schema text is too long"):
+            reader.decode(framed(1))
+    finally:
+        await reader.close()
+        await runner.cleanup()
+    assert max(len(p.read_text()) for p in SCHEMA_DIR.glob("*.avsc")) * 10 < avro.SCHEMA_TEXT_MAX

@@ -13,7 +13,7 @@ from services.common.topics import (
     PAYMENT_STATUS,
     upstream_requested_topic,
 )
-from services.ledger.settings import SETTINGS
+from services.ledger.settings import SETTINGS, LedgerConfig
 
 
 @pytest.mark.parametrize(("topic", "retention_days"), [
@@ -77,3 +77,20 @@ def test_unset_means_the_defaults_and_the_brokers_replication_factor():
 def test_differences_name_only_the_settings_that_differ():
     assert differences({"retention.ms": "5", "cleanup.policy": "delete"},
                        {"retention.ms": "7", "cleanup.policy": "delete", "other": "x"}) == {"retention.ms": ("7", "5")}
+
+
+@pytest.mark.parametrize(("env", "reason"), [
+    ({"KAFKA_TOPIC_CONFIGS": "*:retention.ms=-1"}, "kept forever"),
+    ({"KAFKA_TOPIC_CONFIGS": f"{CALLBACK_RAW.name}:retention.ms={60 * DAY_MS}"}, "60 days"),
+    ({"LEDGER_PROCESSED_RETENTION_DAYS": "5"}, "7 days"),
+])
+def test_the_ledger_refuses_to_start_if_a_topic_it_reads_outlives_what_it_remembers(env, reason):
+    # A redelivery of an event whose id the ledger has forgotten would be applied as a new fact.
+    with pytest.raises(config.ConfigError, match=f"{reason}.*LEDGER_PROCESSED_RETENTION_DAYS"):
+        config.load_into(LedgerConfig, SETTINGS, {"DATABASE_URL": "postgresql://ledger@127.0.0.1/mpesa", **env})
+
+
+def test_the_ledger_starts_with_a_longer_memory_and_a_shorter_retention():
+    env = {"DATABASE_URL": "postgresql://ledger@127.0.0.1/mpesa", "LEDGER_PROCESSED_RETENTION_DAYS": "90",
+           "KAFKA_TOPIC_CONFIGS": f"*:retention.ms={60 * DAY_MS};{CALLBACK_RAW.name}:retention.ms=3600000"}
+    assert config.load_into(LedgerConfig, SETTINGS, env).ledger_processed_retention_days == 90
