@@ -85,6 +85,13 @@ class Faults:
             **self.stack.env, **kafka_login(self.stack.infra, "stk-worker"),
             "STK_WORKER_METRICS_PORT": str(free_port())})
         self.stack.procs["worker2"] = self._second  # its log is kept with the others'
+        # Joined once it holds partitions: a worker still starting when the next fault (the database
+        # restart) lands cannot check the schema and exits, as a service should, and took no share.
+        second = self._second
+
+        async def assigned() -> bool:
+            return "assigned [('mpesa.payment.requested.v1'" in second.output()
+        await eventually(assigned, timeout=60, interval=0.2)
         self.landed["second worker joined"] = time.time()
 
     async def second_worker_leaves(self) -> None:
