@@ -58,12 +58,7 @@ PYEOF
 wait_ready() {
   PY="$(find_python)"
   [[ -n $PY ]] || log "kafka: no python with confluent_kafka; readiness from the broker log"
-  local deadline=$((SECONDS + TIMEOUT))
-  until ready; do
-    if ! pid_alive >/dev/null; then tail -n 30 "$LOGF" >&2 || true; die "kafka is not running (log: $LOGF)"; fi
-    if ((SECONDS >= deadline)); then tail -n 30 "$LOGF" >&2 || true; die "kafka not ready after ${TIMEOUT}s (log: $LOGF)"; fi
-    sleep 0.5
-  done
+  await_ready kafka
 }
 
 # The env lines a client needs to log in as $1 (the password stays in its file).
@@ -248,12 +243,7 @@ stop() {
   lock "$DIR/.lock"
   local p
   if ! p="$(pid_alive)"; then rm -f "$PIDF"; log "kafka: not running"; return; fi
-  kill -TERM "$p"
-  for _ in {1..300}; do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$p" 2>/dev/null; then
-    log "kafka: still up after 30s, sending KILL"; kill -KILL "$p"
-    while kill -0 "$p" 2>/dev/null; do sleep 0.1; done
-  fi
+  stop_process kafka "$p"
   rm -f "$PIDF"
   log "kafka: stopped"
 }

@@ -32,15 +32,6 @@ pid_alive() {
 
 ready() { port_open "$PORT" && curl -sf -o /dev/null "$(url)/subjects"; }
 
-wait_ready() {
-  local deadline=$((SECONDS + TIMEOUT))
-  until ready; do
-    if ! pid_alive >/dev/null; then tail -n 30 "$LOGF" >&2 || true; die "registry is not running (log: $LOGF)"; fi
-    if ((SECONDS >= deadline)); then tail -n 30 "$LOGF" >&2 || true; die "registry not ready after ${TIMEOUT}s (log: $LOGF)"; fi
-    sleep 0.5
-  done
-}
-
 # Fetched once, through Maven like Kafka's jars; the marker names the version so a change refetches.
 fetch_app() {
   [[ "$(cat "$APP/.fetched" 2>/dev/null)" == "$SHA256" ]] && return
@@ -62,7 +53,7 @@ fetch_app() {
 start() {
   mkdir -p "$DIR"
   lock "$DIR/.lock"
-  if pid_alive >/dev/null; then wait_ready; log "registry: already running (pid $(pid_alive)) at $(url)"; return; fi
+  if pid_alive >/dev/null; then await_ready registry; log "registry: already running (pid $(pid_alive)) at $(url)"; return; fi
   port_open "$PORT" && die "port $PORT is taken by another process (set SCHEMA_REGISTRY_PORT)"
   fetch_app
   [[ -f $LOGF ]] && mv -f "$LOGF" "$LOGF.prev"
@@ -77,7 +68,7 @@ start() {
     -Dquarkus.http.host=127.0.0.1 -Dquarkus.http.port="$PORT" \
     -jar "$RUNNER") >"$LOGF" 2>&1 </dev/null 9>&- &
   for _ in {1..50}; do [[ -s $PIDF ]] && break; sleep 0.1; done
-  wait_ready
+  await_ready registry
   log "registry: ready at $(url) (pid $(pid_alive)), start took $(elapsed "$t0")s"
 }
 
@@ -86,9 +77,7 @@ stop() {
   lock "$DIR/.lock"
   local p
   if ! p="$(pid_alive)"; then rm -f "$PIDF"; log "registry: not running"; return; fi
-  kill -TERM "$p"
-  for _ in {1..300}; do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$p" 2>/dev/null; then log "registry: still up after 30s, sending KILL"; kill -KILL "$p"; fi
+  stop_process registry "$p"
   rm -f "$PIDF"
   log "registry: stopped"
 }
@@ -103,7 +92,7 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  wait) wait_ready; log "registry: ready at $(url)" ;;
+  wait) await_ready registry; log "registry: ready at $(url)" ;;
   env) echo "SCHEMA_REGISTRY_URL=$(url)" ;;
   *) echo "usage: $0 start|stop|status|wait|env" >&2; exit 2 ;;
 esac
