@@ -10,6 +10,7 @@ from services.common.topics import (
     CALLBACK_RAW,
     CALLBACK_REJECTED,
     DEAD_LETTER,
+    OPERATOR_COMMAND,
     PAYMENT_REQUESTED,
     PAYMENT_STATUS,
     STK_PUSH_RESULT,
@@ -40,6 +41,7 @@ DEFAULTS: dict[str, dict[str, str]] = {
     PAYMENT_STATUS.name: {**_EVERY_TOPIC, "retention.ms": str(14 * DAY_MS)},
     CALLBACK_REJECTED.name: _KEPT_LONGER,
     DEAD_LETTER.name: _KEPT_LONGER,
+    OPERATOR_COMMAND.name: _LEDGER_INPUT,
     UPSTREAM: {**_EVERY_TOPIC, "retention.ms": str(7 * DAY_MS)},
 }
 # With three replicas or more, two must have an event before it counts as acknowledged (acks=all):

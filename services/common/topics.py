@@ -19,9 +19,11 @@ STK_QUERY_REQUESTED = Topic("mpesa.stk.query-requested.v1", "stk_query_requested
 STK_QUERY_RESULT = Topic("mpesa.stk.query-result.v1", "stk_query_result")
 PAYMENT_STATUS = Topic("mpesa.payment.status.v1", "payment_status")
 DEAD_LETTER = Topic("mpesa.dead-letter.v1", "dead_letter")
+# An operator's query or resolution of one payment (the admin API, `mpesa-pipeline payments`), applied by the ledger.
+OPERATOR_COMMAND = Topic("mpesa.operator.command.v1", "operator_command")
 
 ALL_TOPICS = (PAYMENT_REQUESTED, STK_PUSH_RESULT, CALLBACK_RAW, CALLBACK_REJECTED, STK_QUERY_REQUESTED,
-              STK_QUERY_RESULT, PAYMENT_STATUS, DEAD_LETTER)
+              STK_QUERY_RESULT, PAYMENT_STATUS, DEAD_LETTER, OPERATOR_COMMAND)
 
 
 # Upstream services that produce payment requests to Kafka themselves each write a topic of their
@@ -77,7 +79,9 @@ ACCESS = {
     "webhook-gateway": Access(writes=(CALLBACK_RAW, CALLBACK_REJECTED)),
     "stk-worker": Access(reads=(PAYMENT_REQUESTED, STK_QUERY_REQUESTED),
                          writes=(STK_PUSH_RESULT, STK_QUERY_RESULT, DEAD_LETTER), group_prefix="stk-worker"),
-    "ledger": Access(reads=(PAYMENT_REQUESTED, STK_PUSH_RESULT, CALLBACK_RAW, STK_QUERY_RESULT),
+    "ledger": Access(reads=(PAYMENT_REQUESTED, STK_PUSH_RESULT, CALLBACK_RAW, STK_QUERY_RESULT, OPERATOR_COMMAND),
                      writes=(PAYMENT_STATUS, STK_QUERY_REQUESTED, DEAD_LETTER), group_prefix="ledger"),
     "notifier": Access(reads=(PAYMENT_STATUS,), writes=(DEAD_LETTER,), group_prefix="notifier"),
+    # The admin API's process and the `payments` commands: operators' instructions, nothing else.
+    "onboarding-api": Access(writes=(OPERATOR_COMMAND,)),
 }

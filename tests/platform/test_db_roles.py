@@ -38,11 +38,15 @@ GRANTS = {
                    "schema_migrations": "SELECT"},
     "ledger": {"payments": "SELECT INSERT UPDATE", "payment_history": "SELECT INSERT", "audit_log": "SELECT INSERT",
                "processed_events": "SELECT INSERT DELETE", "parked_facts": "SELECT INSERT DELETE",
-               "outbox": "SELECT INSERT UPDATE DELETE", "schema_migrations": "SELECT"},
+               "outbox": "SELECT INSERT UPDATE DELETE", "callback_bodies": "SELECT INSERT",
+               "schema_migrations": "SELECT"},
     "onboarding": {"channels": "SELECT INSERT UPDATE", "channel_credentials": "SELECT INSERT UPDATE",
                    "api_keys": "SELECT INSERT UPDATE", "credential_audit": "INSERT", "schema_migrations": "SELECT",
                    "webhook_endpoints": "SELECT INSERT UPDATE", "webhook_secrets": "SELECT INSERT UPDATE",
-                   "webhook_deliveries": "SELECT UPDATE", "webhook_attempts": "SELECT"},
+                   "webhook_deliveries": "SELECT UPDATE", "webhook_attempts": "SELECT",
+                   # the review desk and statements read payments and what is behind them
+                   "payments": "SELECT", "payment_history": "SELECT", "audit_log": "SELECT",
+                   "callback_bodies": "SELECT"},
     "auditor": {"audit_log": "SELECT", "audit_anchors": "SELECT INSERT", "schema_migrations": "SELECT"},
     # The notifier's UPDATE of webhook_endpoints is by column (status, failing_since...), so not listed here.
     "notifier": {"webhook_endpoints": "SELECT", "webhook_secrets": "SELECT",
