@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import Counter
@@ -38,6 +39,11 @@ CHANNEL_MISMATCHES = Counter("ledger_channel_mismatches_total",
                              "Events naming another channel than their payment's, rejected (alert on any)", ["topic"])
 CONFIRMATIONS = Counter("ledger_confirmation_queries_total", "STK queries asked at once to confirm a success callback")
 QUERIES = Counter("ledger_reconciliation_queries_total", "STK queries requested by reconciliation")
+OPERATOR_QUERIES = Counter("ledger_operator_queries_total", "STK queries an operator asked")
+OPERATOR_REFUSED = Counter("ledger_operator_commands_refused_total",
+                           "Operator instructions refused without effect, by why", ["reason"])
+# A callback body is kept for the review desk up to the size the gateway accepts (and the column holds).
+CALLBACK_BODY_MAX_BYTES = 64 * 1024
 
 HandOver = Callable[[list[OutboxRow]], None]
 
@@ -101,15 +107,16 @@ class LedgerService:
         except Exception:  # never blamed on the events, which are applied: the relay's scan sends the outbox
             log.exception("after-commit work failed")
 
-    def status_event(self, record: PaymentRecord, previous: str | None, reason: str | None) -> OutboxMessage:
+    def status_event(self, record: PaymentRecord, previous: str | None, reason: str | None,
+                     resolved_by: str | None = None) -> OutboxMessage:
         fields = {"event_id": new_id(), "occurred_at": self.clock.now(), "channel_id": record.channel_id,
-                  "payment_id": record.payment_id, "schema_version": 2}
+                  "payment_id": record.payment_id, "schema_version": 3}
         event = {**fields, "status": record.state, "previous_status": previous, "amount": record.amount,
                  "phone_masked": mask_phone(record.phone), "order_reference": record.order_reference,
                  "checkout_request_id": record.checkout_request_id, "mpesa_receipt": record.mpesa_receipt,
                  "transaction_time": record.transaction_time, "result_code": record.result_code, "reason": reason,
                  "metadata": {str(k): str(v) for k, v in (record.metadata or {}).items()},
-                 "late_mpesa_receipt": record.late_receipt}
+                 "late_mpesa_receipt": record.late_receipt, "resolved_by": resolved_by}
         return PAYMENT_STATUS.name, record.channel_id.encode(), self.codec.encode(PAYMENT_STATUS, event)
 
     def query_request(self, record: PaymentRecord, checkout_request_id: str, attempt: int,
@@ -139,6 +146,7 @@ class Batch:
         self.receipts_read: set[str] = set()
         self.checkouts_read: set[str] = set()
         self.writes = Writes()
+        self.callback_bodies: dict[str, tuple[str, str, datetime, str, str]] = {}  # event_id -> its row
         self.outbox_rows: list[OutboxRow] = []
         self.counts: collections.Counter[tuple[Any, ...]] = collections.Counter()
 
@@ -187,6 +195,8 @@ class Batch:
             await self._read_owners([cb.receipt] if cb.receipt else [], [cb.checkout_request_id])
         elif isinstance(fact, sm.PushAccepted):
             await self._read_owners([], [fact.checkout_request_id])
+        elif isinstance(fact, sm.OperatorResolution) and fact.receipt:
+            await self._read_owners([fact.receipt], [])
         owners = sm.Owners(i.payment_id, self.receipts, self.checkouts)
         return sm.decide(await self._snapshot(record, fact), fact, owners)
 
@@ -208,8 +218,11 @@ class Batch:
         record = self.payments.get(i.payment_id)
         self.counts[(VERDICTS, type(i.fact).__name__, decision.verdict.value)] += 1
         if decision.refusal:
-            self.counts[(REFUSED, decision.refusal)] += 1
+            refused = OPERATOR_REFUSED if isinstance(i.fact, sm.OperatorInstruction) else REFUSED
+            self.counts[(refused, decision.refusal)] += 1
         self._audit(i, decision, record)
+        if isinstance(i.fact, sm.CallbackReceived) and decision.verdict is not sm.Verdict.PARKED:
+            self._keep_callback(i, decision)
         if decision.verdict is sm.Verdict.PARKED:
             self.parked.setdefault(i.payment_id, []).append(i)  # what it waits for may follow in this batch
         elif decision.verdict is sm.Verdict.APPLIED:
@@ -251,12 +264,13 @@ class Batch:
             else:
                 log.warning("contradiction recorded, state kept: %s", d.reason, extra={"payment_id": i.payment_id})
         if d.query:
-            after = self._ask_query(after, d.query)
+            after = self._ask_query(after, d.query, d.query_reason)
         self._set(after)
         if d.new_state and d.new_state != previous:
             self.counts[(TRANSITIONS, str(d.new_state))] += 1
             self.writes.history.append((i.payment_id, d.new_state, previous, d.reason, i.event_id))
-            self.writes.outbox.append(self.service.status_event(after, previous, d.reason))
+            resolved_by = i.fact.actor if isinstance(i.fact, sm.OperatorResolution) else None
+            self.writes.outbox.append(self.service.status_event(after, previous, d.reason, resolved_by))
 
     def _set(self, record: PaymentRecord) -> None:
         self.payments[record.payment_id] = record
@@ -268,12 +282,16 @@ class Batch:
             if value := getattr(record, column):
                 self.checkouts[value] = record.payment_id
 
-    def _ask_query(self, record: PaymentRecord, checkout_request_id: str) -> PaymentRecord:
-        """At once, through the outbox; the reconciler asks again with back-off if it stays unanswered."""
-        record = record.with_changes(None, deadlines.query_asked(record, self.now, self.settings))
-        self.counts[(CONFIRMATIONS,)] += 1
+    def _ask_query(self, record: PaymentRecord, checkout_request_id: str, reason: str) -> PaymentRecord:
+        """At once, through the outbox; the reconciler asks again with back-off if it stays unanswered
+        (a payment in Review is not reconciled: only its attempts are counted)."""
+        asked = deadlines.query_asked(record, self.now, self.settings)
+        if record.state == PaymentState.REVIEW:
+            asked = asked.without("next_query_at")
+        record = record.with_changes(None, asked)
+        self.counts[(OPERATOR_QUERIES if reason == "OPERATOR" else CONFIRMATIONS,)] += 1
         self.writes.outbox.append(self.service.query_request(record, checkout_request_id, record.query_attempts,
-                                                             "CONFIRM_CALLBACK"))
+                                                             reason))
         return record
 
     async def reconcile(self, record: PaymentRecord) -> None:
@@ -308,9 +326,20 @@ class Batch:
 
     def _audit(self, i: LedgerInput, d: sm.Decision, record: PaymentRecord | None) -> None:
         before = record.state if record else None
-        self.writes.audit.append({"payment_id": i.payment_id, "event_id": i.event_id, "fact": type(i.fact).__name__,
-                                  "verdict": d.verdict.value, "from_state": before,
-                                  "to_state": d.new_state or before, "detail": d.reason or "", "at": self.now})
+        entry = {"payment_id": i.payment_id, "event_id": i.event_id, "fact": type(i.fact).__name__,
+                 "verdict": d.verdict.value, "from_state": before, "to_state": d.new_state or before,
+                 "detail": d.detail or d.reason or "", "at": self.now}
+        if isinstance(i.fact, sm.OperatorInstruction) and i.fact.actor:
+            entry["actor"] = i.fact.actor  # who gave the instruction; the other facts' entries have none
+        self.writes.audit.append(entry)
+
+    def _keep_callback(self, i: LedgerInput, d: sm.Decision) -> None:
+        """The callback as received, for the review desk, with what the ledger decided of it. Text
+        PostgreSQL can store: undecodable bytes and NUL become U+FFFD, cut to the column's bound."""
+        body = i.callback_body or b""
+        text = body.decode("utf-8", "replace").replace("\x00", "\ufffd")
+        kept = text.encode()[:CALLBACK_BODY_MAX_BYTES].decode("utf-8", "ignore")  # never half a character
+        self.callback_bodies[i.event_id] = (i.event_id, i.payment_id, self.now, d.verdict.value, kept)
 
     async def flush(self) -> None:
         waiting = {i.event_id: i for inputs in self.parked.values() for i in inputs}
@@ -318,6 +347,7 @@ class Batch:
         self.writes.parked = [(event_id, i.payment_id, i.source, self._bytes_of(i))
                               for event_id, i in waiting.items() if event_id not in self.parked_before]
         self.writes.payments = [p for pid in sorted(self.dirty) if (p := self.payments[pid]) is not None]
+        self.writes.callback_bodies = list(self.callback_bodies.values())
         self.outbox_rows = await self.uow.write(self.writes)
 
     @staticmethod
@@ -328,8 +358,13 @@ class Batch:
 
 
 def _receipts(inputs: Iterable[LedgerInput]) -> list[str]:
-    return [i.fact.callback.receipt for i in inputs
-            if isinstance(i.fact, sm.CallbackReceived) and i.fact.callback.receipt]
+    receipts = []
+    for i in inputs:
+        if isinstance(i.fact, sm.CallbackReceived) and i.fact.callback.receipt:
+            receipts.append(i.fact.callback.receipt)
+        elif isinstance(i.fact, sm.OperatorResolution) and i.fact.receipt:
+            receipts.append(i.fact.receipt)
+    return receipts
 
 
 def _checkout_ids(inputs: Iterable[LedgerInput]) -> list[str]:

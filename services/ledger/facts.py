@@ -11,11 +11,14 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from services.common.payment import event_problem
+from services.common.text import untrusted
 from services.ledger import state_machine as sm
 from services.ledger.callbacks import parse_callback
 from services.ledger.record import NewPayment
 
 RECONCILIATION: Final = "reconciliation"  # the source of the reconciler's timer facts
+ACTOR_MAX: Final = 199   # characters of an operator's name, with untrusted()'s ellipsis: audit_log.actor's 200
+REASON_MAX: Final = 499  # characters of an operator's reason, with the ellipsis: 500 (schemas/operator_command.avsc)
 
 
 class NotAFact(ValueError):
@@ -31,6 +34,7 @@ class LedgerInput:
     claimed_channel: str | None   # the channel the event names; the reconciler's facts name none
     request: NewPayment | None = None  # what a payment request brings to its new row
     raw: bytes | None = None      # the event as consumed, kept as is if it must wait (parked)
+    callback_body: bytes | None = None  # a callback's body as received, kept for the review desk
 
 
 def input_of(source: str, schema: str, value: dict[str, Any], raw: bytes | None) -> LedgerInput:
@@ -39,7 +43,8 @@ def input_of(source: str, schema: str, value: dict[str, Any], raw: bytes | None)
     if not payment_id:
         raise NotAFact(f"{schema} event without a payment id")
     fact, request = _fact(schema, value)
-    return LedgerInput(value["event_id"], source, payment_id, fact, value.get("channel_id"), request, raw)
+    body = value["body"] if schema == "callback_raw" else None
+    return LedgerInput(value["event_id"], source, payment_id, fact, value.get("channel_id"), request, raw, body)
 
 
 def _fact(schema: str, v: dict[str, Any]) -> tuple[sm.Fact, NewPayment | None]:
@@ -51,12 +56,23 @@ def _fact(schema: str, v: dict[str, Any]) -> tuple[sm.Fact, NewPayment | None]:
         return sm.CallbackReceived(parse_callback(v["body"])), None
     if schema == "stk_query_result":
         return sm.QueryAnswered(v["status"], v["checkout_request_id"], v["result_code"], v["result_desc"]), None
+    if schema == "operator_command":
+        return _operator_fact(v), None
     raise NotAFact(f"the ledger does not consume {schema} events")
 
 
 def _new_payment(v: dict[str, Any]) -> NewPayment:
     return NewPayment(v["payment_id"], v["channel_id"], v["amount"], v["phone"], v["account_reference"],
                       v["description"], v["order_reference"], v["metadata"], v["occurred_at"])
+
+
+def _operator_fact(v: dict[str, Any]) -> sm.Fact:
+    """Who and why are foreign text, kept in the audit trail and the status event: cleaned and
+    bounded here (audit_log.actor holds up to 200 characters). The receipt is checked by decide()."""
+    actor, reason = untrusted(v["actor"], ACTOR_MAX).strip(), untrusted(v["reason"], REASON_MAX).strip()
+    if v["action"] == "QUERY":
+        return sm.OperatorQuery(actor, reason, v["mpesa_receipt"])
+    return sm.OperatorResolution(v["action"], v["mpesa_receipt"], actor, reason)
 
 
 def _push_fact(v: dict[str, Any]) -> sm.Fact:

@@ -44,7 +44,10 @@ class Writes:
     history: list[HistoryRow] = field(default_factory=list)
     parked: list[tuple[str, str, str, bytes]] = field(default_factory=list)  # (event_id, payment_id, topic, payload)
     outbox: list[OutboxMessage] = field(default_factory=list)
-    audit: list[dict[str, Any]] = field(default_factory=list)  # each with its `at`
+    audit: list[dict[str, Any]] = field(default_factory=list)  # each with its `at`, and `actor` when one acted
+    # (event_id, payment_id, received_at, verdict, body) of each callback decided; a redelivered
+    # callback decided again keeps its first row
+    callback_bodies: list[tuple[str, str, datetime, str, str]] = field(default_factory=list)
 
 
 class UnitOfWork(Protocol):

@@ -32,6 +32,7 @@ class PostgresUnitOfWork:
         await store.write_payments(self.conn, writes.payments, writes.unparked)
         await store.add_history(self.conn, writes.history)
         await store.park(self.conn, writes.parked)
+        await store.keep_callbacks(self.conn, writes.callback_bodies)
         outbox_rows = await store.enqueue(self.conn, writes.outbox)
         await store.append_audit(self.conn, writes.audit)  # last: it holds the chain's lock until commit
         return outbox_rows

@@ -7,7 +7,9 @@ value: a field it has no column for does not type-check. Every rule lives here, 
 that look across payments (one receipt proves one payment; one CheckoutRequestID is one push),
 which `owners` feeds. A contradiction never vanishes: it moves an open payment to Review with an
 alert label; on a final payment it is recorded and alerted, and the state stays. A success
-callback proves itself before it settles anything (docs/callback-proof.md).
+callback proves itself before it settles anything (docs/callback-proof.md). An operator's
+instruction is a fact too: it asks an STK query, or resolves a payment in Review (docs/design.md,
+"The review desk's instructions").
 """
 from __future__ import annotations
 
@@ -167,8 +169,28 @@ class ReconciliationExpired:
     age_seconds: int
 
 
+# An operator's instructions (schemas/operator_command.avsc). Actor and reason are foreign text,
+# cleaned and bounded when the event becomes a fact (services/ledger/facts.py).
+@dataclass(frozen=True)
+class OperatorQuery:
+    """Ask Daraja about the payment's push now."""
+    actor: str
+    reason: str
+    receipt: str | None = None  # a query carries none; one that does is refused
+
+
+@dataclass(frozen=True)
+class OperatorResolution:
+    """Resolve a payment in Review: SETTLE (with the receipt that proves the money moved) or CANCEL."""
+    action: str
+    receipt: str | None
+    actor: str
+    reason: str
+
+
+OperatorInstruction = OperatorQuery | OperatorResolution
 Fact = (Requested | PushAccepted | PushRefused | PushOutcomeUnknown | CallbackReceived | QueryAnswered
-        | ReconciliationExpired)
+        | ReconciliationExpired | OperatorQuery | OperatorResolution)
 
 
 @dataclass(frozen=True)
@@ -180,6 +202,8 @@ class Decision:
     alert: str | None = None              # a contradiction worth paging someone about
     query: str | None = None              # a CheckoutRequestID to confirm by an STK query at once
     refusal: str | None = None            # why a fact was refused, as a metric label
+    query_reason: str = "CONFIRM_CALLBACK"  # why the query is asked (schemas/stk_query_requested.avsc)
+    detail: str | None = None             # what the audit entry says, when it says more than the reason
 
 
 def applied(new_state: PaymentState | None = None, reason: str | None = None,
@@ -482,9 +506,12 @@ def in_review(p: Payment, fact: Fact, owners: Owners | None) -> Decision:
 
     Daraja's refusal of the push ends it only if no push may have reached the customer (none
     accepted, none of unknown outcome, no callback awaiting its query): then Daraja never prompted
-    the customer, and the payment is Failed."""
+    the customer, and the payment is Failed.
+
+    A query's answer that is kept says what it answered: an operator may have asked it, and reads
+    the answer in the audit trail."""
     if p.review_alert != DEADLINE_ALERT:
-        return duplicate("payment is under review; fact kept in the audit trail")
+        return duplicate(_kept_in_review(fact, "fact kept in the audit trail"))
     if isinstance(fact, PushRefused):
         if p.checkout_request_id is None and not p.push_unknown and p.candidate_checkout_request_id is None:
             return applied(State.FAILED, f"Daraja refused the push after the review deadline, so it never "
@@ -498,8 +525,69 @@ def in_review(p: Payment, fact: Fact, owners: Owners | None) -> Decision:
     if d.new_state in FINAL_STATES:
         return dataclasses.replace(d, reason=f"after the review deadline: {d.reason}")
     if d.new_state == State.REVIEW:
-        return duplicate(f"payment is under review; {d.reason}")
+        return duplicate(_kept_in_review(fact, str(d.reason)))
     return dataclasses.replace(d, new_state=None)
+
+
+def _kept_in_review(fact: Fact, why: str) -> str:
+    if not isinstance(fact, QueryAnswered):
+        return f"payment is under review; {why}"
+    return (f"payment is under review; the STK query answered {untrusted(fact.status, 20)} (result code "
+            f"{untrusted(fact.result_code, 64)}: {untrusted(fact.result_desc)}); {why}")
+
+
+# --- Operator instructions -------------------------------------------------------------------
+# An operator acts on what the audit trail, the callbacks and the STK query showed. The ledger
+# still checks what it can: a query needs a push to ask about; a resolution applies only to a
+# payment in Review (a final state stays final, an open one is still being decided by Daraja's
+# answers); and a settlement's receipt has M-Pesa's form and proves no other payment.
+
+def on_operator(p: Payment | None, f: OperatorInstruction, owners: Owners | None) -> Decision:
+    if not f.actor or not f.reason:
+        return rejected("an operator's instruction names who gave it and why", refusal="no_actor_or_reason")
+    if p is None:  # never parked: the desk showed the operator a payment that exists
+        return rejected("no such payment", refusal="unknown_payment")
+    if isinstance(f, OperatorQuery):
+        return _operator_query(p, f)
+    return _operator_resolution(p, f, owners or Owners(""))
+
+
+def _operator_query(p: Payment, f: OperatorQuery) -> Decision:
+    if f.receipt is not None:
+        return rejected("a query carries no receipt (only SETTLE does)", refusal="receipt_not_expected")
+    if p.state not in OPEN and p.state != State.REVIEW:
+        return rejected(f"the payment is {p.state}: only an open payment or one in Review is queried",
+                        refusal="final")
+    checkout = p.checkout_request_id or p.candidate_checkout_request_id
+    if checkout is None:
+        return rejected("no CheckoutRequestID is known for this payment: there is no push to query",
+                        refusal="nothing_to_query")
+    return Decision(Verdict.APPLIED, None, NO_CHANGES, f.reason, query=checkout, query_reason="OPERATOR",
+                    detail=f"STK query of {checkout} asked: {f.reason}")
+
+
+def _operator_resolution(p: Payment, f: OperatorResolution, owners: Owners) -> Decision:
+    if p.state != State.REVIEW:
+        return rejected(f"the payment is {p.state}, not in Review: only a payment in Review is resolved",
+                        refusal="not_in_review")
+    if f.action not in ("SETTLE", "CANCEL"):
+        return rejected(f"no such resolution: {untrusted(f.action, 20)}", refusal="unknown_action")
+    if f.action == "CANCEL":
+        if f.receipt is not None:
+            return rejected("a cancellation carries no receipt (only SETTLE does)", refusal="receipt_not_expected")
+        return applied(State.CANCELLED, f.reason)
+    if f.receipt is None:
+        return rejected("SETTLE needs the M-Pesa receipt that proves the money moved", refusal="no_receipt")
+    if not RECEIPT.fullmatch(f.receipt):
+        return rejected(f"receipt {untrusted(f.receipt, 40)} is not of M-Pesa's form (10 upper-case letters "
+                        f"and digits)", refusal="receipt_malformed")
+    if p.mpesa_receipt is not None and p.mpesa_receipt != f.receipt:
+        return rejected(f"the payment holds receipt {p.mpesa_receipt} already", refusal="receipt_differs")
+    other = owners.of_receipt(f.receipt)
+    if other is not None:
+        return rejected(f"receipt {f.receipt} already proves payment {other}", refusal="receipt_reused")
+    return Decision(Verdict.APPLIED, State.SETTLED, Changes(mpesa_receipt=f.receipt), f.reason,
+                    detail=f"settled with receipt {f.receipt}: {f.reason}")
 
 
 # --- Rules across payments -------------------------------------------------------------------
@@ -553,6 +641,8 @@ def decide(payment: Payment | None, fact: Fact, owners: Owners | None = None) ->
     """owners: who holds the receipts and CheckoutRequestIDs this fact may write (None: nobody else)."""
     if isinstance(fact, Requested):
         return on_requested(payment, fact)
+    if isinstance(fact, (OperatorQuery, OperatorResolution)):
+        return on_operator(payment, fact, owners)
     if payment is None:
         return PARK if isinstance(fact, (PushAccepted, PushRefused, PushOutcomeUnknown, CallbackReceived)) \
             else rejected("fact about an unknown payment")

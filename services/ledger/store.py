@@ -21,6 +21,8 @@ GENESIS = "0" * 64
 # per row than parameter arrays or executemany.
 _STAGE = ("CREATE TEMP TABLE IF NOT EXISTS payments_stage (LIKE payments INCLUDING DEFAULTS)"
           " ON COMMIT DELETE ROWS")
+_CALLBACKS_STAGE = ("CREATE TEMP TABLE IF NOT EXISTS callback_bodies_stage (LIKE callback_bodies)"
+                    " ON COMMIT DELETE ROWS")
 _MERGE = (f"INSERT INTO payments ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM payments_stage"
           " ON CONFLICT (payment_id) DO UPDATE SET "
           + ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS[2:] if c not in ("amount", "phone", "requested_at"))
@@ -114,6 +116,17 @@ async def park(conn: AsyncConnection, rows: list[tuple[str, str, str, bytes]]) -
     await _copy(conn, "parked_facts", "event_id, payment_id, topic, payload", rows)
 
 
+async def keep_callbacks(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
+    """rows: (event_id, payment_id, received_at, verdict, body). A callback decided again (parked
+    rows are not kept, but a redelivery after its processed-event id was forgotten is decided anew)
+    keeps its first row: staged by COPY, then merged ignoring the ids already kept."""
+    if not rows:
+        return
+    await conn.execute(_CALLBACKS_STAGE)
+    await _copy(conn, "callback_bodies_stage", "event_id, payment_id, received_at, verdict, body", rows)
+    await conn.execute("INSERT INTO callback_bodies SELECT * FROM callback_bodies_stage ON CONFLICT DO NOTHING")
+
+
 async def _copy(conn: AsyncConnection, table: str, columns: str, rows: list[tuple[Any, ...]]) -> None:
     """COPY costs a fraction of executemany per row: the ledger's hot path appends with it."""
     if rows:
@@ -143,7 +156,9 @@ def audit_hash(prev_hash: str, entry: dict[str, Any]) -> str:
 
 
 async def append_audit(conn: AsyncConnection, entries: list[dict[str, Any]]) -> None:
-    """entries: dicts of payment_id, event_id, fact, verdict, from_state, to_state, detail and at (when)."""
+    """entries: dicts of payment_id, event_id, fact, verdict, from_state, to_state, detail, at (when)
+    and, for an operator's instruction, actor. The actor is hashed only when there is one, so the
+    rows written before the column existed keep their hashes."""
     if not entries:
         return
     async with conn.pipeline():  # the head is read after the lock is granted: it is the latest
@@ -156,12 +171,14 @@ async def append_audit(conn: AsyncConnection, entries: list[dict[str, Any]]) -> 
         seq += 1
         at = entry["at"].astimezone(timezone.utc)  # the form verify_audit recomputes the hash from
         row = {**entry, "seq": seq, "at": at.isoformat()}
+        if row.get("actor") is None:
+            row.pop("actor", None)
         digest = audit_hash(prev, row)
         rows.append((seq, entry["payment_id"], entry["event_id"], entry["fact"], entry["verdict"],
-                     entry["from_state"], entry["to_state"], entry["detail"], at, prev, digest))
+                     entry["from_state"], entry["to_state"], entry["detail"], at, row.get("actor"), prev, digest))
         prev = digest
     await _copy(conn, "audit_log", "seq, payment_id, event_id, fact, verdict, from_state, to_state, detail, at,"
-                " prev_hash, hash", rows)
+                " actor, prev_hash, hash", rows)
 
 
 async def verify_audit(conn: AsyncConnection, from_seq: int = 1) -> tuple[int, str | None]:
@@ -177,7 +194,7 @@ async def verify_audit(conn: AsyncConnection, from_seq: int = 1) -> tuple[int, s
     async with conn.cursor("verify_audit", row_factory=dict_row) as cur:
         cur.itersize = 5000
         await cur.execute("SELECT seq, payment_id, event_id::text, fact, verdict, from_state, to_state, detail, at,"
-                          " prev_hash, hash FROM audit_log WHERE seq >= %s ORDER BY seq", (from_seq,))
+                          " actor, prev_hash, hash FROM audit_log WHERE seq >= %s ORDER BY seq", (from_seq,))
         expected_seq, count = from_seq, 0
         async for row in cur:
             count += 1
@@ -194,4 +211,6 @@ async def verify_audit(conn: AsyncConnection, from_seq: int = 1) -> tuple[int, s
 def _audit_entry(row: dict[str, Any]) -> dict[str, Any]:
     entry = {k: row[k] for k in ("payment_id", "event_id", "fact", "verdict", "from_state", "to_state", "detail")}
     entry.update(seq=row["seq"], at=row["at"].astimezone(timezone.utc).isoformat())
+    if row["actor"] is not None:  # hashed only when set: rows from before audit_log.actor verify unchanged
+        entry["actor"] = row["actor"]
     return entry

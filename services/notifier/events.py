@@ -59,6 +59,7 @@ def webhook_body(event: dict[str, Any]) -> str:
         "resultCode": event.get("result_code"),
         "reason": event.get("reason"),
         "lateMpesaReceipt": event.get("late_mpesa_receipt"),
+        "resolvedBy": event.get("resolved_by"),
         "metadata": dict(event.get("metadata") or {}),
         "occurredAt": occurred_at,
     }

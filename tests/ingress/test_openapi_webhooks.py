@@ -82,6 +82,7 @@ def test_the_webhooks_section_names_every_event_type_and_nothing_else():
     {"previous_status": None, "order_reference": None, "mpesa_receipt": None, "transaction_time": None,
      "result_code": None, "reason": None, "metadata": {}},
     {"late_mpesa_receipt": "NLJ7RT61SW", "previous_status": "Cancelled", "reason": "Malipo yamekamilika \u2713"},
+    {"resolved_by": "wanjiru", "previous_status": "Review", "reason": "paid at the till, receipt checked"},
 ])
 def test_every_body_the_notifier_sends_validates_against_its_documented_schema(status, changes):
     event_type = EVENT_TYPE_OF_STATE[status]

@@ -40,6 +40,7 @@ class Tables:
     audit: list[dict[str, Any]] = field(default_factory=list)
     outbox: list[OutboxRow] = field(default_factory=list)
     confirm_by_query: dict[str, bool] = field(default_factory=dict)  # channel_id -> setting
+    callback_bodies: dict[str, tuple[str, str, datetime, str, str]] = field(default_factory=dict)  # event_id -> row
 
 
 class InMemoryUnitOfWork:
@@ -94,6 +95,8 @@ class InMemoryUnitOfWork:
         rows = [(first + n, *message) for n, message in enumerate(writes.outbox)]
         self.tables.outbox += rows
         self.tables.audit += writes.audit
+        for row in writes.callback_bodies:
+            self.tables.callback_bodies.setdefault(row[0], row)  # the first kept, as ON CONFLICT DO NOTHING
         return rows
 
 

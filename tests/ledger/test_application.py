@@ -97,7 +97,7 @@ async def test_a_success_after_a_cancel_keeps_its_receipt_in_the_row_and_in_the_
     assert (s.payment.state, s.payment.late_receipt, s.payment.mpesa_receipt) == ("Review", s.receipt, None)
     last = s.outbox(PAYMENT_STATUS)[-1]
     assert (last["status"], last["previous_status"], last["late_mpesa_receipt"]) == ("Review", "Cancelled", s.receipt)
-    assert last["schema_version"] == 2
+    assert last["schema_version"] == 3
 
 
 async def test_a_receipt_another_payment_holds_sends_the_second_to_review(setup):
