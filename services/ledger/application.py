@@ -334,8 +334,10 @@ class Batch:
         self.writes.audit.append(entry)
 
     def _keep_callback(self, i: LedgerInput, d: sm.Decision) -> None:
-        """The callback as received, for the review desk, with what the ledger decided of it. Text
-        PostgreSQL can store: undecodable bytes and NUL become U+FFFD, cut to the column's bound."""
+        """The callback as received, for the review desk, with what the ledger decided of it. A
+        decided callback was read as UTF-8 JSON of at most 64 KiB (services/ledger/callbacks.py); its
+        text is still made storable here rather than trusted to stay so: undecodable bytes and NUL
+        (which PostgreSQL's text refuses) become U+FFFD, and it is cut to the column's bound."""
         body = i.callback_body or b""
         text = body.decode("utf-8", "replace").replace("\x00", "\ufffd")
         kept = text.encode()[:CALLBACK_BODY_MAX_BYTES].decode("utf-8", "ignore")  # never half a character
