@@ -9,8 +9,7 @@ from services.common.db import open_pool, require_schema
 from services.common.kafka import ConsumerLoop, EventProducer, ensure_topics
 from services.common.observability import Health, serve_ops
 from services.common.runtime import quiet_garbage_collector, run_service
-from services.common.topics import (ACCESS, CALLBACK_RAW, OPERATOR_COMMAND, PAYMENT_REQUESTED, STK_PUSH_RESULT,
-                                   STK_QUERY_RESULT)
+from services.common.topics import ACCESS
 from services.ledger import bootstrap
 from services.ledger.relay import OutboxRelay
 from services.ledger.retention import Retention
@@ -30,7 +29,7 @@ async def main(cfg: LedgerConfig, stop: asyncio.Event) -> None:
     relay = OutboxRelay(pool, producer)
     ledger = bootstrap.build(pool, codec, cfg.ledger_settings(), on_commit=relay.hand_over)
     consumer = ConsumerLoop(bootstrap=cfg.kafka_bootstrap_servers, group_id=cfg.ledger_group_id, codec=codec,
-                            topics=[PAYMENT_REQUESTED, STK_PUSH_RESULT, CALLBACK_RAW, STK_QUERY_RESULT, OPERATOR_COMMAND],
+                            topics=list(ACCESS["ledger"].reads),  # the topics its ACLs let it read: all its inputs
                             handler=ledger.consumer.handle_batch, dead_letters=producer,
                             max_in_flight=cfg.ledger_max_in_flight, overlap_from=OVERLAP_FROM)
     retention = Retention(pool, timedelta(days=cfg.ledger_processed_retention_days))

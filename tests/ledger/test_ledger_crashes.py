@@ -7,7 +7,7 @@ import signal
 import subprocess
 import uuid
 
-from services.common.topics import CALLBACK_RAW, PAYMENT_REQUESTED, STK_PUSH_RESULT, STK_QUERY_RESULT
+from services.common.topics import ACCESS, CALLBACK_RAW, PAYMENT_REQUESTED, STK_PUSH_RESULT
 from tests.conftest import ROOT, eventually, free_port, service_env, start_service
 from tests.ledger.callbacks import success
 from tests.ledger.test_ledger_db import accepted, callback, receipt, requested
@@ -53,8 +53,7 @@ async def assert_each_fact_applied_once(pool, channel: str) -> None:
 
 def ledger(infra, group: str, new_group: bool = True):
     if new_group:
-        start_group_at_end(infra["KAFKA_BOOTSTRAP_SERVERS"], group,
-                           [t.name for t in (PAYMENT_REQUESTED, STK_PUSH_RESULT, CALLBACK_RAW, STK_QUERY_RESULT)])
+        start_group_at_end(infra["KAFKA_BOOTSTRAP_SERVERS"], group, [t.name for t in ACCESS["ledger"].reads])
     return start_service("services.ledger", service_env(infra, LEDGER_GROUP_ID=group, LEDGER_METRICS_PORT=free_port()))
 
 

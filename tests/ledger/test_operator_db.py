@@ -7,11 +7,9 @@ import uuid
 
 from services.common.kafka import ConsumedEvent, ensure_topics, new_event_fields
 from services.common.topics import (
-    CALLBACK_RAW,
+    ACCESS,
     OPERATOR_COMMAND,
-    PAYMENT_REQUESTED,
     PAYMENT_STATUS,
-    STK_PUSH_RESULT,
     STK_QUERY_REQUESTED,
     STK_QUERY_RESULT,
 )
@@ -192,7 +190,7 @@ async def test_every_decided_callback_keeps_its_body_and_verdict_but_not_while_p
 async def test_a_running_ledger_applies_an_operator_command_from_its_topic(infra, producer, pool, unique):
     channel, pid, group = f"ch-{unique}", str(uuid.uuid4()), f"ledger-operator-{unique}"
     bootstrap = infra["KAFKA_BOOTSTRAP_SERVERS"]
-    topics = (PAYMENT_REQUESTED, STK_PUSH_RESULT, CALLBACK_RAW, STK_QUERY_RESULT, OPERATOR_COMMAND)
+    topics = ACCESS["ledger"].reads
     ensure_topics(bootstrap, topics, None)
     start_group_at_end(bootstrap, group, [t.name for t in topics])
     service = start_service("services.ledger", service_env(infra, LEDGER_GROUP_ID=group,

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from services.common.payment import PaymentState
+from services.common.payment import FINAL_STATES, PaymentState
 from services.ledger import state_machine as sm
 
 REVIEW = sm.Payment("Review", 100, "254712345678", "ws_CO_1", review_alert="callback_mismatch")
@@ -114,7 +114,7 @@ def test_a_query_without_a_known_checkout_request_id_is_refused():
     assert_refused(sm.decide(replace(REVIEW, checkout_request_id=None), query(), owners()), "nothing_to_query")
 
 
-@pytest.mark.parametrize("state", sorted(sm.FINAL_STATES))
+@pytest.mark.parametrize("state", sorted(FINAL_STATES))
 def test_a_query_of_a_final_payment_is_refused(state):
     assert_refused(sm.decide(replace(PENDING, state=state), query(), owners()), "final")
 

@@ -197,7 +197,7 @@ async def _recompute_chain_from(conn, seq: int) -> None:
     # the test must not rely on other tests having written rows before its own).
     prev = (await (await conn.execute("SELECT prev_hash FROM audit_log WHERE seq = %s", (seq,))).fetchone())[0]
     cur = conn.cursor(row_factory=dict_row)
-    await cur.execute("SELECT seq, payment_id, event_id::text, fact, verdict, from_state, to_state, detail, at"
+    await cur.execute("SELECT seq, payment_id, event_id::text, fact, verdict, from_state, to_state, detail, at, actor"
                       " FROM audit_log WHERE seq >= %s ORDER BY seq", (seq,))
     for row in await cur.fetchall():
         digest = store.audit_hash(prev, store._audit_entry(row))
