@@ -210,3 +210,26 @@ async def test_a_running_ledger_applies_an_operator_command_from_its_topic(infra
     finally:
         service.terminate()
         service.wait(30)
+
+
+async def test_one_receipt_settles_one_payment_even_when_two_instructions_name_it_in_one_batch(ledger, pool, unique):
+    channel, first, second = f"ch-{unique}", str(uuid.uuid4()), str(uuid.uuid4())
+    await in_review(ledger, pool, channel, first, unique)
+    other = uuid.uuid4().hex[:10]
+    await in_review(ledger, pool, channel, second, other)
+    shared = receipt(uuid.uuid4().hex)
+    twice = [command(channel, first, "SETTLE", shared), command(channel, second, "SETTLE", shared)]
+    assert await ledger.handle_batch(twice) == []
+    assert (await state_of(pool, first), await state_of(pool, second)) == (("Settled", shared), ("Review", None))
+    verdict, detail, _, _ = await verdict_of(pool, twice[1].value["event_id"])
+    assert verdict == "rejected" and f"already proves payment {first}" in detail
+
+
+async def test_an_actor_of_any_length_and_characters_is_kept_cleaned_and_bounded(ledger, pool, unique):
+    channel, pid = f"ch-{unique}", str(uuid.uuid4())
+    await in_review(ledger, pool, channel, pid, unique)
+    cancel = command(channel, pid, "CANCEL", actor="\u202eevil\x1b[31m" + "x" * 5000, reason="r\x00" * 2000)
+    assert await ledger.handle_batch([cancel]) == []
+    verdict, detail, _, actor = await verdict_of(pool, cancel.value["event_id"])
+    assert verdict == "applied" and len(actor) <= 200 and len(detail) <= 501
+    assert actor.isprintable() and detail.isprintable()
