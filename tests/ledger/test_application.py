@@ -12,6 +12,7 @@ from services.common.kafka import ConsumedEvent, new_event_fields
 from services.common.topics import (
     ACCESS,
     CALLBACK_RAW,
+    OPERATOR_COMMAND,
     PAYMENT_REQUESTED,
     PAYMENT_STATUS,
     STK_PUSH_RESULT,
@@ -269,3 +270,28 @@ async def test_a_restarted_ledger_reads_a_fact_parked_in_the_confluent_framing(c
 
     payment = store.tables.payments[pid]
     assert (payment.state, payment.mpesa_receipt, store.tables.parked) == ("Settled", receipt, {})
+
+
+async def test_a_callback_is_kept_with_its_verdict_once_decided_and_not_while_it_waits(setup):
+    s = setup
+    body = success(s.checkout, receipt=s.receipt)
+    early = callback(s.channel, s.pid, body)
+    await s.apply(early)
+    assert s.store.tables.callback_bodies == {}  # parked: nothing decided yet
+    await s.apply(requested(s.channel, s.pid), accepted(s.channel, s.pid, s.checkout))
+    event_id = early.value["event_id"]
+    assert s.store.tables.callback_bodies == {event_id: (event_id, s.pid, s.clock.now(), "applied", body.decode())}
+
+
+async def test_an_operator_query_of_a_payment_in_review_counts_the_attempt_and_schedules_nothing(setup):
+    s = setup
+    await s.apply(requested(s.channel, s.pid), accepted(s.channel, s.pid, s.checkout),
+                  callback(s.channel, s.pid, success(s.checkout, amount=99, receipt=s.receipt)))
+    assert (s.payment.state, s.payment.next_query_at, s.payment.query_attempts) == ("Review", None, 0)
+    query = ConsumedEvent(OPERATOR_COMMAND.name, 0, 0, s.channel.encode(), "operator_command", {
+        **new_event_fields(s.channel, s.pid), "action": "QUERY", "actor": "wanjiru", "reason": "payer called",
+        "mpesa_receipt": None})
+    await s.apply(query)
+    assert (s.payment.state, s.payment.next_query_at, s.payment.query_attempts) == ("Review", None, 1)
+    assert [(q["reason"], q["attempt"]) for q in s.outbox(STK_QUERY_REQUESTED)] == [("OPERATOR", 1)]
+    assert s.store.tables.audit[-1]["actor"] == "wanjiru"
