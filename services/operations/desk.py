@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 VERDICT_WAIT_S = 10.0
 VERDICT_POLL_S = 0.2
+POOL_WAIT_S = 5.0  # for a connection: the database away is answered 503 after this
 STATEMENT_TIMEOUT_MS = 5000  # a search the indexes cannot serve is cut, not left to load the database
 AUDIT_ROWS_SHOWN = 500  # a payment flooded with hostile callbacks has a long trail; the newest are shown
 CALLBACKS_SHOWN = 50  # raw bodies are up to 64 KiB each
@@ -208,7 +209,7 @@ async def _reading(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncConn
     """A pooled connection in a read-only transaction whose statements are cut at STATEMENT_TIMEOUT_MS;
     the database being away or slow is a 503, never a 500."""
     try:
-        async with pool.connection(timeout=10) as conn, conn.transaction():
+        async with pool.connection(timeout=POOL_WAIT_S) as conn, conn.transaction():
             await conn.execute("SET TRANSACTION READ ONLY")
             await conn.execute(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}")
             yield conn
