@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import getpass
 import json
+import logging
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -91,6 +92,9 @@ class _UsageError(Exception):
 def _command(operation: Callable[[Any, argparse.Namespace], Awaitable[int]]) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
         cfg = config.load_into(PaymentsSettings, PAYMENTS_SETTINGS)
+        # The libraries' own warnings (the pool retrying a refused connection, librdkafka's lines) would
+        # print before, and bury, the one line this command says about the same failure.
+        logging.getLogger().addHandler(logging.NullHandler())
         return asyncio.run(_run(cfg, operation, args))
     return command
 
