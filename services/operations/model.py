@@ -219,7 +219,8 @@ _SEARCH_FIELDS = [("channel", "channel_id", _parse_channel), ("state", "state", 
                   ("from", "requested_from", _parse_time), ("to", "requested_to", _parse_time),
                   ("orderReference", "order_reference", _parse_order_reference),
                   ("receipt", "receipt", _parse_receipt), ("checkoutRequestId", "checkout_request_id", _parse_checkout),
-                  ("phone", "phone", _parse_phone), ("cursor", "cursor", _parse_cursor), ("limit", "limit", _parse_limit)]
+                  ("phone", "phone", _parse_phone), ("cursor", "cursor", _parse_cursor),
+                  ("limit", "limit", _parse_limit)]
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,8 @@ def parse_resolution(body: Any) -> tuple[Instruction | None, Errors]:
     """POST …/resolve: {"outcome": "Settled"|"Cancelled", "mpesaReceipt" (Settled only), "reason", "operator"}."""
     if not isinstance(body, dict):
         return None, {"body": "must be a JSON object"}
-    action = OUTCOMES.get(body.get("outcome")) if isinstance(body.get("outcome"), str) else None
+    outcome = body.get("outcome")
+    action = OUTCOMES.get(outcome) if isinstance(outcome, str) else None
     if action is None:
         _, errors = _instruction(body, Action.QUERY, ("outcome", "mpesaReceipt", "reason", "operator"))
         return None, {"outcome": "is required: Settled or Cancelled", **errors}
@@ -268,7 +270,9 @@ def _instruction(body: Any, action: Action, allowed: tuple[str, ...]) -> tuple[I
         errors["mpesaReceipt"] = "is given only with outcome Settled"
     if errors:
         return None, errors
-    return Instruction(action, operator, reason.strip(), receipt.strip().upper() if action is Action.SETTLE else None), {}
+    assert isinstance(operator, str) and isinstance(reason, str)  # checked above
+    settling_receipt = receipt.strip().upper() if action is Action.SETTLE and isinstance(receipt, str) else None
+    return Instruction(action, operator, reason.strip(), settling_receipt), {}
 
 
 def reason_problem(reason: Any) -> str | None:

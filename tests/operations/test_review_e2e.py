@@ -44,10 +44,10 @@ class OperatorTopicFeeder:
             messages = await asyncio.to_thread(self._consumer.consume, 100, 0.2)
             events = []
             for msg in messages:
-                if msg.error() is None:
+                topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+                if msg.error() is None and topic is not None and partition is not None and offset is not None:
                     schema, value = self._codec.decode(msg.value())
-                    events.append(ConsumedEvent(msg.topic(), msg.partition(), msg.offset(), msg.key(), schema, value,
-                                                msg.value()))
+                    events.append(ConsumedEvent(topic, partition, offset, msg.key(), schema, value, msg.value()))
             if events:
                 self.fed += [e.value for e in events]
                 await self._ledger.handle_batch(events)
