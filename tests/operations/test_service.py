@@ -1,0 +1,39 @@
+"""`python -m services.channels` with the review desk: Kafka and the schema registry unreachable do
+not stop it starting or serving its channel routes; an instruction then answers 503 and says why."""
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+import httpx
+
+from tests.channels.test_service import _healthy
+from tests.conftest import eventually, free_port, service_env, start_service
+from tests.operations.conftest import make_payment
+
+
+async def test_without_kafka_the_api_serves_channels_and_payments_and_refuses_instructions_with_503(
+        infra, ledger, tmp_path, unique):
+    made = await make_payment(ledger, f"ch-{unique}")
+    token, port = secrets.token_urlsafe(32), free_port()
+    env = service_env(infra, ADMIN_PORT=port, ADMIN_TOKEN_SHA256=hashlib.sha256(token.encode()).hexdigest(),
+                      VAULT_PUBLIC_KEY_FILE=tmp_path / "absent.pub.json", KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9",
+                      SCHEMA_REGISTRY_URL=f"http://127.0.0.1:{free_port()}/apis/ccompat/v7")
+    env.pop("ADMIN_TOKEN", None)
+    service = start_service("services.channels", env)
+    admin = {"Authorization": f"Bearer {token}"}
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=admin) as http:
+            await eventually(lambda: _healthy(http))
+            assert (await http.get("/admin/channels")).status_code == 200
+            found = await http.get("/admin/payments", params={"receipt": made.receipt})
+            assert [p["paymentId"] for p in found.json()["payments"]] == [made.payment_id]
+            asked = await http.post(f"/admin/payments/{made.payment_id}/query",
+                                    json={"reason": "customer called", "operator": "otieno"})
+            assert asked.status_code == 503 and "schema registry" in asked.json()["detail"]
+            assert (await http.get("/admin/channels")).status_code == 200
+    finally:
+        service.terminate()
+        output = service.communicate(timeout=30)[0]
+        assert service.returncode == 0, output
+    assert made.phone[3:] not in output
