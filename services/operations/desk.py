@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import psycopg
+from confluent_kafka import KafkaException
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from services.common.avro import open_codec
+from services.common.config import ConfigError
 from services.common.kafka import EventProducer, PublishError, new_event_fields
 from services.common.runtime import StartupRefused
 from services.common.topics import OPERATOR_COMMAND
@@ -85,8 +87,14 @@ class KafkaCommands:
                     codec = await open_codec(self._registry_url, [OPERATOR_COMMAND], self._registry_wait_s)
                 except StartupRefused as exc:
                     raise Unavailable(f"cannot send instructions now: {exc}") from None
-                self._producer = EventProducer(self._bootstrap, codec, client_id="onboarding-api",
-                                               delivery_timeout_ms=self._delivery_timeout_ms)
+                try:
+                    self._producer = EventProducer(self._bootstrap, codec, client_id="onboarding-api",
+                                                   delivery_timeout_ms=self._delivery_timeout_ms)
+                except (KafkaException, ConfigError) as exc:  # e.g. a KAFKA_CLIENT_* setting librdkafka refuses
+                    await codec.close()
+                    log.error("cannot make the operator command producer: %s", exc)
+                    raise Unavailable("cannot send instructions now: the Kafka client is misconfigured "
+                                      "(see the API's log)") from None
             return self._producer
 
     async def close(self) -> None:

@@ -1,5 +1,6 @@
 """`python -m services.channels` with the review desk: Kafka and the schema registry unreachable do
-not stop it starting or serving its channel routes; an instruction then answers 503 and says why."""
+not stop it starting or serving its channel routes; an instruction then answers 503 and says why, as it
+does when the Kafka client cannot be made."""
 from __future__ import annotations
 
 import hashlib
@@ -37,3 +38,17 @@ async def test_without_kafka_the_api_serves_channels_and_payments_and_refuses_in
         output = service.communicate(timeout=30)[0]
         assert service.returncode == 0, output
     assert made.phone[3:] not in output
+
+
+async def test_a_kafka_client_setting_librdkafka_refuses_is_a_503_not_a_500(monkeypatch):
+    from services.operations.desk import KafkaCommands
+    from services.operations.model import Unavailable
+    monkeypatch.setenv("KAFKA_CLIENT_SECURITY_PROTOCOL", "carrier-pigeon")
+    commands = KafkaCommands("127.0.0.1:9", "")
+    try:
+        await commands.send({"event_id": "e", "channel_id": "c"})
+        raise AssertionError("expected Unavailable")
+    except Unavailable as error:
+        assert "misconfigured" in error.detail
+    finally:
+        await commands.close()
