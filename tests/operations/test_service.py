@@ -52,3 +52,19 @@ async def test_a_kafka_client_setting_librdkafka_refuses_is_a_503_not_a_500(monk
         assert "misconfigured" in error.detail
     finally:
         await commands.close()
+
+
+async def test_kafka_not_acknowledging_an_instruction_is_a_503_that_says_it_may_still_arrive():
+    from services.common.kafka import new_event_fields
+    from services.operations.desk import KafkaCommands
+    from services.operations.model import Unavailable
+    commands = KafkaCommands("127.0.0.1:9", "", delivery_timeout_ms=1000)
+    record = {**new_event_fields("c", "p"), "action": "QUERY", "actor": "o via cli", "reason": "r",
+              "mpesa_receipt": None}
+    try:
+        await commands.send(record)
+        raise AssertionError("expected Unavailable")
+    except Unavailable as error:
+        assert record["event_id"] in error.detail and "may or may not reach the ledger" in error.detail
+    finally:
+        await commands.close()
