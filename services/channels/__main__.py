@@ -1,4 +1,4 @@
-"""python -m services.channels: the onboarding API (default port 8082).
+"""python -m services.channels: the onboarding API (default port 8082), with the review desk's routes.
 
 It seals credentials with the vault's public key file and webhook signing secrets with the
 notifier's, and holds neither key-encryption key.
@@ -19,6 +19,7 @@ from services.common.observability import Health, serve
 from services.common.runtime import run_service
 from services.daraja.client import DarajaTimeouts
 from services.notifier.destinations import DestinationPolicy
+from services.operations.desk import KafkaCommands, ReviewDesk
 
 log = logging.getLogger("services.channels")
 
@@ -44,13 +45,17 @@ async def main(cfg: s.ApiSettings, stop: asyncio.Event) -> None:
     onboarding = Onboarding(pool, public_key_file=cfg.vault_public_key_file, credential_check=check)
     webhooks = WebhookManagement(pool, public_key_file=cfg.webhook_vault_public_key_file,
                                  policy=DestinationPolicy(cfg.webhook_allowed_networks))
-    runner = await serve(create_app(onboarding, admin_token, Health(), webhooks=webhooks), cfg.admin_host,
+    # Kafka and the registry are reached at the first instruction: the channel routes never wait on them.
+    commands = KafkaCommands(cfg.kafka_bootstrap_servers, cfg.schema_registry_url)
+    desk = ReviewDesk(pool, commands, verdict_wait_s=cfg.operator_verdict_wait_s)
+    runner = await serve(create_app(onboarding, admin_token, Health(), webhooks=webhooks, desk=desk), cfg.admin_host,
                          cfg.admin_port)
     log.info("onboarding API listening on %s:%d", cfg.admin_host, cfg.admin_port)
     try:
         await stop.wait()
     finally:
         await runner.cleanup()
+        await commands.close()
         await pool.close()
 
 

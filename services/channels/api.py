@@ -1,5 +1,6 @@
 """The onboarding API under /admin/: channels, their credentials, upstream API keys and webhook
-endpoints (README.md, "Webhook endpoints", lists the webhook routes with their commands).
+endpoints (README.md, "Webhook endpoints", lists the webhook routes with their commands), and the
+review desk's payments (services/operations/api.py; README.md, "Review desk").
 
 Authentication is the admin bearer token (`Authorization: Bearer <token>`), a credential apart from
 the upstream API keys. Without a bearer token the answer is 401 (with WWW-Authenticate); with a
@@ -34,6 +35,9 @@ from services.common.observability import Health, add_ops_routes, http_metrics
 from services.common.problems import problem
 from services.common.ratelimit import RateLimiter, retry_after_header
 from services.common.text import untrusted
+from services.operations import api as review_desk
+from services.operations.desk import ReviewDesk
+from services.operations.model import DeskError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,7 @@ AUTH_REFUSALS = Counter("admin_auth_refusals_total", "Admin API requests refused
 
 def create_app(onboarding: Onboarding, admin_token: AdminToken, health: Health | None = None, *,
                login_failures: RateLimiter | None = None,
-               webhooks: WebhookManagement | None = None) -> web.Application:
+               webhooks: WebhookManagement | None = None, desk: ReviewDesk | None = None) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[http_metrics, require_admin, problems])
     app[ONBOARDING] = onboarding
     app[ADMIN_TOKEN] = admin_token
@@ -74,6 +78,8 @@ def create_app(onboarding: Onboarding, admin_token: AdminToken, health: Health |
     if webhooks is not None:
         app[WEBHOOKS] = webhooks
         _add_webhook_routes(r)
+    if desk is not None:
+        review_desk.add_routes(app, desk)  # /admin/payments (services/operations/api.py)
     add_ops_routes(app, health or Health())
     return app
 
@@ -105,7 +111,7 @@ async def require_admin(request: web.Request, handler):
 async def problems(request: web.Request, handler):
     try:
         return await handler(request)
-    except OnboardingError as error:
+    except (OnboardingError, DeskError) as error:
         # Details may quote a channel or key id taken from the path: cleaned like any foreign text.
         return problem(error.status, error.title, untrusted(error.detail, 500), errors=error.errors or None)
     except web.HTTPException:

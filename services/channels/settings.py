@@ -11,6 +11,7 @@ from services.common import config
 from services.daraja.settings import SETTINGS as DARAJA_SETTINGS
 from services.notifier.destinations import IPNetwork
 from services.notifier.settings import WEBHOOK_ALLOWED_NETWORKS, WEBHOOK_VAULT_PUBLIC_KEY_FILE
+from services.operations.settings import DESK_SETTINGS
 
 ADMIN_TOKEN_MIN_CHARS = 32
 
@@ -41,7 +42,8 @@ CREDENTIALS_TTL_S = config.Setting("CHANNEL_CREDENTIALS_TTL_S", config.positive_
 # webhook may reach besides public addresses (the same rule as the notifier's, checked at creation).
 ONBOARDING_SETTINGS = [config.database_url("onboarding"), VAULT_PUBLIC_KEY_FILE, *DARAJA_SETTINGS,
                        WEBHOOK_VAULT_PUBLIC_KEY_FILE, WEBHOOK_ALLOWED_NETWORKS]
-API_SETTINGS = [*ONBOARDING_SETTINGS, ADMIN_HOST, ADMIN_PORT, ADMIN_TOKEN, ADMIN_TOKEN_SHA256]
+# The API also hosts the review desk, which sends operators' instructions to the ledger over Kafka.
+API_SETTINGS = [*ONBOARDING_SETTINGS, ADMIN_HOST, ADMIN_PORT, ADMIN_TOKEN, ADMIN_TOKEN_SHA256, *DESK_SETTINGS]
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,9 @@ class ApiSettings(OnboardingSettings):
     admin_port: int
     admin_token: str | None = field(repr=False)  # a secret
     admin_token_sha256: str | None
+    kafka_bootstrap_servers: str
+    schema_registry_url: str
+    operator_verdict_wait_s: float
 
 
 class AdminToken:

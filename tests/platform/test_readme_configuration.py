@@ -17,6 +17,7 @@ from services.daraja_sandbox import settings as sandbox_settings
 from services.ingress import bootstrap as ingress
 from services.ledger import __main__ as ledger, anchors
 from services.notifier import settings as notifier
+from services.operations import settings as operations
 from services.stk_worker import __main__ as stk_worker
 from services.webhook_consumer import settings as gateway
 
@@ -37,7 +38,7 @@ READERS: dict[str, list[config.Setting]] = {
     **{name: [*settings, config.LOG_LEVEL] for name, settings in SERVICES.items()},
     "Daraja sandbox": sandbox_settings.SETTINGS,
     "commands": [*cli.MIGRATE_SETTINGS, *cli.AUDIT_VERIFY_SETTINGS, *cli.ANCHOR_KEY_SETTINGS, *cli.RUN_SETTINGS,
-                 *channels_settings.ONBOARDING_SETTINGS, *channels_cli.VAULT_SETTINGS],
+                 *channels_settings.ONBOARDING_SETTINGS, *channels_cli.VAULT_SETTINGS, *operations.PAYMENTS_SETTINGS],
 }
 EVERY_SERVICE = "every service"  # the table's shorthand: every reader but the commands
 
