@@ -19,6 +19,7 @@ from services.common.observability import Health, serve
 from services.common.runtime import run_service
 from services.daraja.client import DarajaTimeouts
 from services.notifier.destinations import DestinationPolicy
+from services.operations.statement import Statements
 
 log = logging.getLogger("services.channels")
 
@@ -44,8 +45,8 @@ async def main(cfg: s.ApiSettings, stop: asyncio.Event) -> None:
     onboarding = Onboarding(pool, public_key_file=cfg.vault_public_key_file, credential_check=check)
     webhooks = WebhookManagement(pool, public_key_file=cfg.webhook_vault_public_key_file,
                                  policy=DestinationPolicy(cfg.webhook_allowed_networks))
-    runner = await serve(create_app(onboarding, admin_token, Health(), webhooks=webhooks), cfg.admin_host,
-                         cfg.admin_port)
+    app = create_app(onboarding, admin_token, Health(), webhooks=webhooks, statements=Statements(pool.connection))
+    runner = await serve(app, cfg.admin_host, cfg.admin_port)
     log.info("onboarding API listening on %s:%d", cfg.admin_host, cfg.admin_port)
     try:
         await stop.wait()

@@ -34,6 +34,7 @@ from services.common.observability import Health, add_ops_routes, http_metrics
 from services.common.problems import problem
 from services.common.ratelimit import RateLimiter, retry_after_header
 from services.common.text import untrusted
+from services.operations.statement import Statements, add_statement_route
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ AUTH_REFUSALS = Counter("admin_auth_refusals_total", "Admin API requests refused
 
 def create_app(onboarding: Onboarding, admin_token: AdminToken, health: Health | None = None, *,
                login_failures: RateLimiter | None = None,
-               webhooks: WebhookManagement | None = None) -> web.Application:
+               webhooks: WebhookManagement | None = None,
+               statements: Statements | None = None) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[http_metrics, require_admin, problems])
     app[ONBOARDING] = onboarding
     app[ADMIN_TOKEN] = admin_token
@@ -74,6 +76,8 @@ def create_app(onboarding: Onboarding, admin_token: AdminToken, health: Health |
     if webhooks is not None:
         app[WEBHOOKS] = webhooks
         _add_webhook_routes(r)
+    if statements is not None:
+        add_statement_route(app, statements)  # README, "Merchant statements"
     add_ops_routes(app, health or Health())
     return app
 
