@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -82,7 +82,8 @@ class Period:
 
 
 def parse_moment(name: str, value: Any) -> datetime:
-    message = f"{name} must be an RFC 3339 date and time with its offset, e.g. 2026-11-01T00:00:00+03:00"
+    message = (f"{name} must be an RFC 3339 date and time with its offset, e.g. 2026-11-01T00:00:00+03:00 "
+               "(in a URL, + is written %2B)")
     if not isinstance(value, str) or len(value) > _MOMENT_TEXT_MAX or not _RFC3339.fullmatch(value):
         raise BadPeriod(message)
     try:
@@ -101,14 +102,13 @@ def parse_period(start: Any, end: Any) -> Period:
     return period
 
 
-def parse_query(query: Mapping[str, str] | Any) -> tuple[Period, str]:
-    """The API's query string (a MultiDict: a name given twice is refused, not guessed)."""
-    names = list(query.keys())
-    unknown = sorted({n for n in names if n not in ("from", "to", "format")})
+def parse_query(query: Any) -> tuple[Period, str]:
+    """The API's query string (request.query, a MultiDictProxy): a name given twice is refused, not guessed."""
+    unknown = sorted(n for n in set(query.keys()) if n not in ("from", "to", "format"))
     if unknown:
         raise BadQuery(f"unknown query parameter(s) {', '.join(repr(n[:40]) for n in unknown[:5])}; "
                        "give from, to and format")
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    repeated = sorted(n for n in set(query.keys()) if len(query.getall(n)) > 1)
     if repeated:
         raise BadQuery(f"give {', '.join(repeated)} once")
     if "from" not in query or "to" not in query:
@@ -375,7 +375,7 @@ def cmd_statement(args: argparse.Namespace) -> int:
     try:
         period = parse_period(args.start, args.end)
         return asyncio.run(_export(cfg.database_url, args.channel, period, args.format, args.output))
-    except StatementError as error:
+    except OnboardingError as error:  # a bad period, no such channel
         return _fail(error.detail)
     except (StatementInconsistent, OSError) as error:
         return _fail(str(error))
