@@ -495,3 +495,18 @@ def test_the_command_says_in_one_line_that_postgresql_is_unreachable(run_cli, tm
 def test_the_command_lists_the_formats_in_its_help(run_cli):
     result = run_cli("--help")
     assert result.returncode == 0 and "{json,csv}" in result.stdout
+
+
+async def test_the_rows_come_from_a_server_side_cursor_a_slice_at_a_time(ledger_pool, statements, channel):
+    """Bounded memory: after the first slice the rest of the rows are still in PostgreSQL, behind the
+    cursor, not in this process (a client-side cursor would have fetched them all at execute)."""
+    start = datetime.now(UTC) - timedelta(hours=3)
+    await insert_many(ledger_pool, channel, 2_500, start)
+    async with Statements(statements._connect, slice_rows=1_000).open(channel, Period(start, datetime.now(UTC))) \
+            as reader:
+        sizes = []
+        async for rows in reader.slices():
+            cursor = await reader._conn.execute("SELECT name FROM pg_cursors")
+            assert [name for name, in await cursor.fetchall()] == ["statement"]
+            sizes.append(len(rows))
+    assert sizes == [1_000, 1_000, 500]
