@@ -15,6 +15,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import aiohttp
+import httpx
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import given, settings, strategies as st
@@ -40,7 +41,7 @@ from services.operations.statement import (
     spreadsheet_safe,
 )
 from tests.channels.conftest import paybill_body
-from tests.conftest import ROOT, database_url_of, free_port
+from tests.conftest import ROOT, database_url_of, eventually, free_port, service_env, start_service
 from tests.ledger.callbacks import failure, success
 from tests.ledger.fakes import FakeClock
 
@@ -397,6 +398,32 @@ async def test_past_the_exports_at_once_another_is_asked_to_retry(client, channe
             exports.release()
     assert (await client.get(f"/admin/channels/{channel}/statement?from={GOOD_FROM}&to={GOOD_TO}",
                              headers=ADMIN)).status == 200
+
+
+async def test_the_onboarding_service_serves_statements_as_its_own_role(infra, ledger, channel, tmp_path):
+    """`python -m services.channels` mounts the route with its pool (the onboarding role's)."""
+    token, port = secrets.token_urlsafe(32), free_port()
+    env = service_env(infra, ADMIN_PORT=port, ADMIN_TOKEN_SHA256=hashlib.sha256(token.encode()).hexdigest(),
+                      VAULT_PUBLIC_KEY_FILE=tmp_path / "absent.pub.json")
+    env.pop("ADMIN_TOKEN", None)
+    await every_outcome(ledger, channel, dict.fromkeys(STATES, 100))
+    service = start_service("services.channels", env)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10,
+                                     headers={"Authorization": f"Bearer {token}"}) as http:
+            async def healthy() -> bool:
+                try:
+                    return (await http.get("/healthz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+            await eventually(healthy)
+            answer = await http.get(f"/admin/channels/{channel}/statement", params=query_of(around_now(), "json"))
+            assert answer.status_code == 200, answer.text
+            assert len(answer.json()["payments"]) == 12
+    finally:
+        service.terminate()
+        output = service.communicate(timeout=30)[0]
+    assert service.returncode == 0, output
 
 
 # The command line, and a big statement
