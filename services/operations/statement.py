@@ -48,7 +48,7 @@ DECIDED_STATES: Final = (PaymentState.SETTLED, PaymentState.CANCELLED, PaymentSt
 
 # RFC 3339 §5.6 date-time, with at most microseconds (what PostgreSQL keeps). datetime.fromisoformat
 # alone also takes a date without a time, no offset, or the basic form (20261101T000000Z).
-_RFC3339: Final = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})")
+_RFC3339: Final = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII)
 _MOMENT_TEXT_MAX: Final = 40
 # A spreadsheet runs a cell that starts with one of these as a formula (docs/statements.md,
 # "Formula injection"); order references are the merchant's customers' text, forwarded by its shop.
