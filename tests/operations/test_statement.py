@@ -537,3 +537,20 @@ async def test_the_rows_come_from_a_server_side_cursor_a_slice_at_a_time(ledger_
             assert [name for name, in await cursor.fetchall()] == ["statement"]
             sizes.append(len(rows))
     assert sizes == [1_000, 1_000, 500]
+
+
+async def test_a_statement_cut_off_leaves_no_file_behind(infra, ledger, channel, monkeypatch, tmp_path):
+    await every_outcome(ledger, channel, dict.fromkeys(STATES, 100))
+    monkeypatch.setattr(statement, "_ROWS", statement._ROWS.replace("ORDER BY", "AND state <> 'Review' ORDER BY"))
+    output = tmp_path / "statement.json"
+    with pytest.raises(statement.StatementInconsistent):
+        await statement._export(database_url_of(infra, "onboarding"), channel, around_now(), "json", output)
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_an_empty_period_is_a_statement_with_zero_totals(statements, channel):
+    period = around_now()
+    body = json.loads(await statement_text(statements, channel, period, "json"))
+    assert body["payments"] == [] and body["successRate"] is None
+    assert body["totals"] == {state: {"count": 0, "amount": 0} for state in STATES}
+    assert await statement_text(statements, channel, period, "csv") == ",".join(COLUMNS) + "\r\n"
