@@ -229,7 +229,7 @@ class Statements:
         if validate_channel_id(channel_id):  # a NUL byte would make PostgreSQL fail the lookup
             raise NotFound(f"no channel {channel_id!r}")
         async with self._connect() as conn, conn.transaction():
-            # First statement of the transaction: the snapshot every later query sees.
+            # Before any query: the snapshot is taken at the first one, and every later one sees it.
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             generated_at, exists = await (await conn.execute(_CHANNEL_EXISTS, (channel_id,))).fetchone()
             if not exists:
