@@ -365,8 +365,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     statement.add_argument("--to", dest="end", metavar="TO", required=True,
                            help="RFC 3339 date-time with offset, excluded")
     statement.add_argument("--format", required=True, choices=FORMATS, help="csv or json")
-    statement.add_argument("--output", type=Path, metavar="FILE", help="write to this file (complete or not at all); "
-                                                       "default stdout")
+    statement.add_argument("--output", type=Path, metavar="FILE",
+                           help="write to this file (complete or not at all); default stdout")
     statement.set_defaults(func=cmd_statement)
 
 
