@@ -18,8 +18,9 @@ CREATE TABLE callback_bodies (
 );
 CREATE INDEX callback_bodies_payment ON callback_bodies (payment_id, received_at);
 
--- The desk's searches: a channel's payments over time, by order reference, by phone.
+-- The desk's searches: payments over time (of a channel or all), by order reference, by phone.
 CREATE INDEX payments_channel_requested ON payments (channel_id, requested_at);
+CREATE INDEX payments_requested ON payments (requested_at, payment_id);  -- a search over every channel
 CREATE INDEX payments_order_reference ON payments (order_reference) WHERE order_reference IS NOT NULL;
 CREATE INDEX payments_phone ON payments (phone);
 

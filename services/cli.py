@@ -14,6 +14,7 @@ from services.common import config
 from services.ledger.anchors import KEY_FILE, PUBLIC_KEY_FILE
 from services.notifier.settings import NOTIFIER_VAULT_KEY_FILE
 from services.operations.cli import register as register_payments
+from services.operations.statement import register as register_reports
 
 STACK = [
     ("daraja-sandbox", "services.daraja_sandbox"),
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run every service in the foreground (Ctrl-C stops all)").set_defaults(func=cmd_run)
     register_channels(sub)
     register_payments(sub)
+    register_reports(sub)
     audit = sub.add_parser("audit", help="the ledger's hash-chained audit trail").add_subparsers(dest="audit",
                                                                                                  required=True)
     verify = audit.add_parser("verify", help="recompute the hash chain and check its signed anchors; exit 1 if "

@@ -20,6 +20,7 @@ from services.common.runtime import run_service
 from services.daraja.client import DarajaTimeouts
 from services.notifier.destinations import DestinationPolicy
 from services.operations.desk import KafkaCommands, ReviewDesk
+from services.operations.statement import Statements
 
 log = logging.getLogger("services.channels")
 
@@ -48,7 +49,8 @@ async def main(cfg: s.ApiSettings, stop: asyncio.Event) -> None:
     # Kafka and the registry are reached at the first instruction: the channel routes never wait on them.
     commands = KafkaCommands(cfg.kafka_bootstrap_servers, cfg.schema_registry_url)
     desk = ReviewDesk(pool, commands, verdict_wait_s=cfg.operator_verdict_wait_s)
-    runner = await serve(create_app(onboarding, admin_token, Health(), webhooks=webhooks, desk=desk), cfg.admin_host,
+    runner = await serve(create_app(onboarding, admin_token, Health(), webhooks=webhooks, desk=desk,
+                                    statements=Statements(pool.connection)), cfg.admin_host,
                          cfg.admin_port)
     log.info("onboarding API listening on %s:%d", cfg.admin_host, cfg.admin_port)
     try:

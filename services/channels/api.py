@@ -38,6 +38,7 @@ from services.common.text import untrusted
 from services.operations import api as review_desk
 from services.operations.desk import ReviewDesk
 from services.operations.model import DeskError
+from services.operations.statement import Statements, add_statement_route
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ AUTH_REFUSALS = Counter("admin_auth_refusals_total", "Admin API requests refused
 
 def create_app(onboarding: Onboarding, admin_token: AdminToken, health: Health | None = None, *,
                login_failures: RateLimiter | None = None,
-               webhooks: WebhookManagement | None = None, desk: ReviewDesk | None = None) -> web.Application:
+               webhooks: WebhookManagement | None = None, desk: ReviewDesk | None = None,
+               statements: Statements | None = None) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[http_metrics, require_admin, problems])
     app[ONBOARDING] = onboarding
     app[ADMIN_TOKEN] = admin_token
@@ -80,6 +82,8 @@ def create_app(onboarding: Onboarding, admin_token: AdminToken, health: Health |
         _add_webhook_routes(r)
     if desk is not None:
         review_desk.add_routes(app, desk)  # /admin/payments (services/operations/api.py)
+    if statements is not None:
+        add_statement_route(app, statements)  # README, "Merchant statements"
     add_ops_routes(app, health or Health())
     return app
 
