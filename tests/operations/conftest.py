@@ -68,13 +68,6 @@ async def make_payment(ledger: Ledger, channel: str, *, review: bool = True, pho
     return made
 
 
-async def store_callback_body(ledger_pool, made: Made, body: bytes, verdict: str = "applied") -> None:
-    """As the ledger writes a callback it decided (callback_bodies, migration 0018)."""
-    async with ledger_pool.connection() as conn:
-        await conn.execute("INSERT INTO callback_bodies (event_id, payment_id, received_at, verdict, body)"
-                           " VALUES (%s, %s, now(), %s, %s)", (uuid.uuid4(), made.payment_id, verdict, body.decode()))
-
-
 @dataclass
 class ScriptedLedger:
     """Stands in for Kafka and the ledger: keeps each OperatorCommand and writes the verdict the test
