@@ -8,6 +8,7 @@ shape we need, and errors say what failed without quoting the body at length.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 from urllib.parse import quote
@@ -27,10 +28,20 @@ STRICT_ENOUGH = frozenset({"BACKWARD", "BACKWARD_TRANSITIVE", "FULL", "FULL_TRAN
 # the registry (or a proxy in front of it) refuses, which is our configuration's fault, not a
 # message's. Taking them for a refusal would make every message naming the id unreadable.
 TRY_LATER = frozenset({401, 403, 408, 429})
+# A 409 is a refusal of the schema (Confluent: incompatible), but Apicurio also answers 409 "artifact
+# already exists" to the loser of two first registrations of one subject at once (every service of
+# `make run` registers the dead-letter topic's subject as it starts). Asked again, the loser finds the
+# winner's version; an incompatible schema is refused again, and that refusal stands.
+REGISTER_ATTEMPTS = 3
+REGISTER_RETRY_PAUSE_S = 0.2
 
 
 class RegistryError(Exception):
     """The registry refused a request (its reason in the message); retrying will not help."""
+
+
+class RegistryConflict(RegistryError):
+    """HTTP 409: the schema is incompatible, or (Apicurio) another client created the subject just now."""
 
 
 class RegistryUnavailable(Exception):
@@ -50,9 +61,16 @@ class SchemaRegistry:
     async def register(self, subject: str, schema: str) -> int:
         """The id of `schema` under `subject`, registering it as the subject's next version if new.
         RegistryError if the subject's compatibility rule refuses it (409, with the registry's reason)."""
-        body = await self._call("POST", f"/subjects/{quote(subject, safe='')}/versions",
-                                {"schemaType": "AVRO", "schema": schema})
-        return _schema_id(body)
+        for attempt in range(1, REGISTER_ATTEMPTS + 1):
+            try:
+                body = await self._call("POST", f"/subjects/{quote(subject, safe='')}/versions",
+                                        {"schemaType": "AVRO", "schema": schema})
+                return _schema_id(body)
+            except RegistryConflict:
+                if attempt == REGISTER_ATTEMPTS:
+                    raise
+                await asyncio.sleep(REGISTER_RETRY_PAUSE_S * attempt)
+        raise AssertionError("unreachable")
 
     async def schema(self, schema_id: int) -> str | None:
         """The schema text registered under `schema_id`, or None if the registry knows no such id."""
@@ -102,6 +120,8 @@ class SchemaRegistry:
         refused = RegistryUnavailable if refusal_is_transient else RegistryError
         if status >= 500 or status in TRY_LATER:
             raise RegistryUnavailable(f"schema registry {method} {path}: HTTP {status}")
+        if status == 409 and not refusal_is_transient:
+            raise RegistryConflict(f"schema registry {method} {path}: HTTP 409: {_reason(text)}")
         if status >= 300:
             raise refused(f"schema registry {method} {path}: HTTP {status}: {_reason(text)}")
         try:

@@ -16,7 +16,7 @@ from services.common.avro import SCHEMA_DIR, Codec, DecodeError, open_codec, sub
 from services.common.kafka import ConsumedEvent, ensure_topics
 from services.common.ratelimit import RateLimiter
 from services.common.runtime import StartupRefused
-from services.common.schema_registry import RegistryError, RegistryUnavailable, SchemaRegistry
+from services.common.schema_registry import REGISTER_ATTEMPTS, RegistryError, RegistryUnavailable, SchemaRegistry
 from services.common.topics import ALL_TOPICS, DEAD_LETTER, PAYMENT_STATUS, Topic
 from tests.conftest import free_port
 from tests.platform.kafka_helpers import end_offsets, read_all, recording_loop, run_until, sample_request
@@ -74,6 +74,45 @@ async def test_an_incompatible_schema_is_refused_by_the_registry_with_its_reason
         await registry.register(subject_of(topic), json.dumps(changed))
 
     assert "409" in str(refused.value) and "required_without_default" in str(refused.value)
+
+
+async def test_services_registering_a_new_subject_at_once_all_get_its_one_id(codec, infra, unique):
+    """Every service of `make run` registers the dead-letter subject as it starts; Apicurio answers
+    409 "already exists" to the losers of that race, which once stopped a first `make run`."""
+    subject = subject_of(Topic(f"test.registry.race.{unique}", "dead_letter"))
+    clients = [SchemaRegistry(infra["SCHEMA_REGISTRY_URL"]) for _ in range(8)]
+    try:
+        ids = await asyncio.gather(*(c.register(subject, codec.current["dead_letter"].text) for c in clients))
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+    assert len(set(ids)) == 1
+
+
+async def test_a_conflict_answered_once_is_asked_again_and_one_that_stays_is_refused():
+    attempts = []
+
+    async def versions(request: web.Request) -> web.Response:
+        attempts.append(request.path)
+        if len(attempts) == 1 or "always" in request.path:
+            return web.json_response({"error_code": 409, "message": "artifact already exists"}, status=409)
+        return web.json_response({"id": 7})
+
+    app = web.Application()
+    app.router.add_post("/subjects/{subject}/versions", versions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    client = SchemaRegistry(f"http://127.0.0.1:{port}")
+    try:
+        assert await client.register("once-value", "{}") == 7
+        assert len(attempts) == 2
+        with pytest.raises(RegistryError, match="409"):
+            await client.register("always-value", "{}")
+        assert len(attempts) == 2 + REGISTER_ATTEMPTS
+    finally:
+        await client.close()
+        await runner.cleanup()
 
 
 async def test_a_stricter_compatibility_an_operator_set_is_kept(codec, registry, unique):
