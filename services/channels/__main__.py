@@ -15,7 +15,7 @@ from services.channels.onboarding import Onboarding, daraja_credential_check
 from services.channels.webhooks import WebhookManagement
 from services.common import config
 from services.common.db import open_pool, require_schema
-from services.common.observability import Health, serve
+from services.common.observability import DatabaseCheck, Health, serve
 from services.common.runtime import run_service
 from services.daraja.client import DarajaTimeouts
 from services.notifier.destinations import DestinationPolicy
@@ -44,7 +44,9 @@ async def main(cfg: s.ApiSettings, stop: asyncio.Event) -> None:
     onboarding = Onboarding(pool, public_key_file=cfg.vault_public_key_file, credential_check=check)
     webhooks = WebhookManagement(pool, public_key_file=cfg.webhook_vault_public_key_file,
                                  policy=DestinationPolicy(cfg.webhook_allowed_networks))
-    runner = await serve(create_app(onboarding, admin_token, Health(), webhooks=webhooks), cfg.admin_host,
+    health = Health()
+    health.add("database", DatabaseCheck(pool))
+    runner = await serve(create_app(onboarding, admin_token, health, webhooks=webhooks), cfg.admin_host,
                          cfg.admin_port)
     log.info("onboarding API listening on %s:%d", cfg.admin_host, cfg.admin_port)
     try:

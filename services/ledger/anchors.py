@@ -29,7 +29,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.common import config
 from services.common.db import every, open_pool, require_schema
-from services.common.observability import Health, serve_ops
+from services.common.observability import DatabaseCheck, Health, serve_ops
 from services.common.runtime import StartupRefused, run_service
 from services.ledger.store import verify_audit
 
@@ -240,7 +240,9 @@ async def main(cfg: dict[str, Any], stop: asyncio.Event) -> None:
     key = load_signing_key(cfg["AUDIT_ANCHOR_KEY_FILE"])
     require_schema(cfg["DATABASE_URL"])
     pool = await open_pool(cfg["DATABASE_URL"], max_size=1)
-    runner = await serve_ops(Health(), cfg["METRICS_HOST"], cfg["AUDIT_ANCHOR_METRICS_PORT"])
+    health = Health()
+    health.add("database", DatabaseCheck(pool))
+    runner = await serve_ops(health, cfg["METRICS_HOST"], cfg["AUDIT_ANCHOR_METRICS_PORT"])
     log.info("anchoring the audit chain every %.0f s with key %s", cfg["AUDIT_ANCHOR_INTERVAL_S"],
              key_id(key.public_key()))
     try:
