@@ -5,9 +5,8 @@ import json
 import uuid
 
 import pytest
-from prometheus_client import REGISTRY
-
 from confluent_kafka import KafkaError, TopicPartition
+from prometheus_client import REGISTRY
 
 from services.common.kafka import (
     BrokerReachability,
