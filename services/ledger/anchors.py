@@ -45,7 +45,8 @@ KEY_FILE = config.Setting("AUDIT_ANCHOR_KEY_FILE", Path, Path(".local/audit/anch
 PUBLIC_KEY_FILE = config.Setting("AUDIT_ANCHOR_PUBLIC_KEY_FILE", Path, Path(".local/audit/anchor-key.pub.pem"),
                                  help="public keys that `audit verify` accepts for anchors (PEM, one or more)")
 SETTINGS = [config.database_url("auditor"), KEY_FILE, config.METRICS_HOST,
-            config.Setting("AUDIT_ANCHOR_METRICS_PORT", config.port, 9104, help="port of /metrics, /healthz and /readyz"),
+            config.Setting("AUDIT_ANCHOR_METRICS_PORT", config.port, 9104,
+                           help="port of /metrics, /healthz and /readyz"),
             config.Setting("AUDIT_ANCHOR_INTERVAL_S", config.positive_float, 60.0,
                            help="how often the chain's head is anchored (rows after the newest anchor are "
                                 "protected by their hashes only)")]
