@@ -671,8 +671,8 @@ class ConsumerLoop:
 
     def ready(self, stalled_after_s: float) -> bool:
         """For readiness: connected to a broker, given an assignment by the group (an empty one
-        counts: a member beyond the partition count is idle, not broken) and no batch held longer
-        than `stalled_after_s`."""
+        counts: a member beyond the partition count is idle, not broken) and not lost since, and no
+        batch held longer than `stalled_after_s`."""
         return self.reachability.connected() and self.assigned and self.stalled_for() <= stalled_after_s
 
     def _on_statistics(self, stats_json: str) -> None:
@@ -905,6 +905,8 @@ class ConsumerLoop:
             for tp in lost:
                 self._progress.pop(tp, None)
         self._owned -= lost
+        if not self._owned:  # out of the group (its session expired): not ready until it is let back in
+            self.assigned = False
         _forget_lag(self.group_id, lost)
         log.warning("lost %s: events in hand of theirs are handled again by their new owner", sorted(lost))
 

@@ -94,8 +94,10 @@ def test_a_revoked_partitions_lag_disappears_and_statistics_taken_before_do_not_
     idle_loop._on_statistics(stats)  # librdkafka's statistics from before the revocation, served after it
     assert (lag(group, topic, 0), lag(group, topic, 1)) == (4, None)
 
+    assert idle_loop.assigned
     idle_loop._on_lost(idle_loop._consumer, [TopicPartition(topic, 0)])
     assert lag(group, topic, 0) is None
+    assert not idle_loop.assigned  # out of the group: not ready until it is assigned again
 
 
 def brokers(*states: str) -> dict:
