@@ -4,19 +4,21 @@
 # service (docs/kafka-security.md). First start: a local CA and broker certificate in .local/kafka/tls/,
 # a password per principal in .local/secrets/kafka-<principal>.password (0600), then users and ACLs.
 # Usage: infra/kafka.sh start|stop|status|wait|env
-# Env: KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093), KAFKA_HEAP_OPTS, PYTHON (with confluent_kafka)
+# Env: KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093), KAFKA_DIR (.local/kafka), KAFKA_HEAP_OPTS, PYTHON (with confluent_kafka)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 PORT="${KAFKA_PORT:-9092}"
 CPORT="${KAFKA_CONTROLLER_PORT:-9093}"
-DIR="$LOCAL/kafka"
-LIBS="$DIR/libs"
+# KAFKA_DIR: another broker's own state (data, settings, pid, log), e.g. one a test stops and starts
+# beside the shared one; the jars and the TLS material (a certificate for 127.0.0.1, any port) are shared.
+DIR="${KAFKA_DIR:-$LOCAL/kafka}"
+LIBS="$LOCAL/kafka/libs"
 DATA="$DIR/data"
 PROPS="$DIR/server.properties"
 PIDF="$DIR/kafka.pid"
 LOGF="$DIR/kafka.log"
-TLS="$DIR/tls"
+TLS="$LOCAL/kafka/tls"
 SECRETS="$LOCAL/secrets"
 TIMEOUT=90
 # Super users: the broker itself (inter-broker SCRAM login, and its certificate's name on the

@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 from services.channels.cli import register as register_channels
@@ -80,6 +81,7 @@ def cmd_migrate(_: argparse.Namespace) -> int:
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     import psycopg
 
+    from services.common.db import DatabaseUnreachable
     from services.ledger.anchors import load_public_keys, verify_anchors
     from services.ledger.store import verify_audit
     cfg = config.load_into(AuditVerifySettings, AUDIT_VERIFY_SETTINGS)
@@ -87,7 +89,11 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     keys = load_public_keys(path) if path.exists() else {}
 
     async def verify():
-        async with await psycopg.AsyncConnection.connect(cfg.database_url) as conn:
+        try:
+            conn = await psycopg.AsyncConnection.connect(cfg.database_url, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnreachable(cfg.database_url, exc) from None
+        async with conn:
             # One snapshot: the rows walked and the anchors checked are the same trail.
             await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
             async with conn.transaction():
@@ -138,8 +144,17 @@ def cmd_run(_: argparse.Namespace) -> int:
     return asyncio.run(supervise(logs + services, env, own_env))
 
 
+def version() -> str:
+    """The installed package's version ("unknown" in a checkout never installed)."""
+    try:
+        return metadata.version("mpesa-pipeline")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpesa-pipeline", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="apply database migrations (as the schema's owner: DATABASE_URL)"
                    ).set_defaults(func=cmd_migrate)
@@ -156,16 +171,51 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=cmd_audit_verify)
     audit.add_parser("anchor-key", help="make the Ed25519 key pair that signs the chain's anchors "
                      "(AUDIT_ANCHOR_KEY_FILE)").set_defaults(func=cmd_anchor_key)
+    _name_commands(parser)
     return parser
+
+
+def _name_commands(parser: argparse.ArgumentParser) -> None:
+    """Gives every command its full name ("mpesa-pipeline channels list"), for its error lines."""
+    subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subcommands:
+        parser.set_defaults(command_name=parser.prog)
+    for action in subcommands:
+        for child in action.choices.values():
+            _name_commands(child)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    name = getattr(args, "command_name", "mpesa-pipeline")
     try:
         return args.func(args)
     except config.ConfigError as exc:
-        print(f"mpesa-pipeline: configuration error: {exc}", file=sys.stderr)
+        print(f"{name}: configuration error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        line = unreachable_line(exc)
+        if line is None:
+            raise  # a bug: its traceback is what helps
+        print(f"{name}: {line}", file=sys.stderr)  # one line, no traceback: what did not answer, where, why
+        return 1
+
+
+def unreachable_line(exc: Exception) -> str | None:
+    """What a command says when PostgreSQL or Kafka does not answer (None for any other error):
+    PostgreSQL's host, port and reason (never its user or password), or Kafka's reason."""
+    import psycopg
+    from confluent_kafka import KafkaException
+
+    from services.common.db import DatabaseUnreachable, reason_of
+    from services.common.kafka import PublishError
+    if isinstance(exc, DatabaseUnreachable):
+        return str(exc)
+    if isinstance(exc, psycopg.OperationalError):  # the connection was lost while the command ran
+        return f"lost the connection to PostgreSQL ({reason_of(exc)})"
+    if isinstance(exc, (PublishError, KafkaException)):
+        return f"cannot reach Kafka ({reason_of(exc)})"
+    return None
 
 
 if __name__ == "__main__":

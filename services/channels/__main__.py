@@ -15,7 +15,7 @@ from services.channels.onboarding import Onboarding, daraja_credential_check
 from services.channels.webhooks import WebhookManagement
 from services.common import config
 from services.common.db import open_pool, require_schema
-from services.common.observability import Health, serve
+from services.common.observability import DatabaseCheck, Health, serve
 from services.common.runtime import run_service
 from services.daraja.client import DarajaTimeouts
 from services.notifier.destinations import DestinationPolicy
@@ -46,10 +46,13 @@ async def main(cfg: s.ApiSettings, stop: asyncio.Event) -> None:
     onboarding = Onboarding(pool, public_key_file=cfg.vault_public_key_file, credential_check=check)
     webhooks = WebhookManagement(pool, public_key_file=cfg.webhook_vault_public_key_file,
                                  policy=DestinationPolicy(cfg.webhook_allowed_networks))
-    # Kafka and the registry are reached at the first instruction: the channel routes never wait on them.
+    # Kafka and the registry are reached at the first instruction: the channel routes never wait on them,
+    # and readiness does not either (the admin API serves channels, keys and searches without them).
     commands = KafkaCommands(cfg.kafka_bootstrap_servers, cfg.schema_registry_url)
     desk = ReviewDesk(pool, commands, verdict_wait_s=cfg.operator_verdict_wait_s)
-    runner = await serve(create_app(onboarding, admin_token, Health(), webhooks=webhooks, desk=desk,
+    health = Health()
+    health.add("database", DatabaseCheck(pool))
+    runner = await serve(create_app(onboarding, admin_token, health, webhooks=webhooks, desk=desk,
                                     statements=Statements(pool.connection)), cfg.admin_host,
                          cfg.admin_port)
     log.info("onboarding API listening on %s:%d", cfg.admin_host, cfg.admin_port)

@@ -4,7 +4,7 @@ review desk's payments (services/operations/api.py; README.md, "Review desk").
 
 Authentication is the admin bearer token (`Authorization: Bearer <token>`), a credential apart from
 the upstream API keys. Without a bearer token the answer is 401 (with WWW-Authenticate); with a
-token that is not the admin token, an upstream API key included, it is 403. /metrics and /healthz
+token that is not the admin token, an upstream API key included, it is 403. /metrics, /healthz and /readyz
 are open, as on every service.
 
 Failed logins (a wrong token) are limited per source address by a token bucket that only failures

@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from services.channels import settings as s
+from services.channels.model import ENVIRONMENTS, SHORTCODE_TYPES
+from services.channels.webhook_model import DELIVERY_STATES
 from services.common import config
+from services.notifier.events import EVENT_TYPES
 from services.notifier.settings import NOTIFIER_VAULT_KEY_FILE
 
 if TYPE_CHECKING:
@@ -185,7 +188,7 @@ def _register_webhooks(subparsers) -> None:
     rotate.set_defaults(func=_webhooks_command(_rotate_secret))
     deliveries = sub.add_parser("deliveries", help="an endpoint's delivery log, newest first")
     deliveries.add_argument("endpoint_id")
-    deliveries.add_argument("--state", help="pending, delivered, parked or cancelled")
+    deliveries.add_argument("--state", choices=DELIVERY_STATES, help="only deliveries in this state")
     deliveries.add_argument("--since", help="events that occurred at or after this time (ISO 8601 with offset)")
     deliveries.add_argument("--cursor", help="the nextCursor of the previous page")
     deliveries.add_argument("--limit", help="deliveries per page (default 50, at most 200)")
@@ -209,9 +212,8 @@ def _register_webhooks(subparsers) -> None:
 
 
 def _add_endpoint_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--event", dest="event_types", action="append",
-                        help="an event type to deliver (repeatable; default every type: payment.pending, "
-                             "payment.settled, payment.cancelled, payment.failed, payment.review)")
+    parser.add_argument("--event", dest="event_types", action="append", choices=EVENT_TYPES,
+                        help="an event type to deliver (repeatable; default every type)")
     parser.add_argument("--description", help="what the endpoint is for (at most 200 characters)")
 
 
@@ -280,9 +282,15 @@ def _register_vault(subparsers) -> None:
                                  help="then drop old keys from the key file if no row uses them any more")
 
 
+# Options with a fixed set of values: argparse refuses others and the help lists them.
+_CHANNEL_CHOICES = {"shortcodeType": SHORTCODE_TYPES, "environment": ENVIRONMENTS}
+_CHANNEL_METAVARS = {"confirmSuccessByQuery": "{true,false}"}
+
+
 def _add_channel_options(parser: argparse.ArgumentParser) -> None:
     for option, field, kind in _CHANNEL_OPTIONS:
-        parser.add_argument(option, dest=field, type=kind, help=f"API field {field}")
+        parser.add_argument(option, dest=field, type=kind, choices=_CHANNEL_CHOICES.get(field),
+                            metavar=_CHANNEL_METAVARS.get(field), help=f"API field {field}")
 
 
 def _channel_body(args: argparse.Namespace) -> dict[str, Any]:

@@ -176,7 +176,7 @@ TOPIC_REPLICATION_FACTOR = Setting("KAFKA_TOPIC_REPLICATION_FACTOR", positive_in
                                    help="replicas per partition at creation; unset: the broker's default")
 TOPIC_CONFIGS = Setting("KAFKA_TOPIC_CONFIGS", parse_topic_configs, {},
                         help="topic settings over the defaults, topic:key=value,...;... (* for every topic)")
-METRICS_HOST = Setting("METRICS_HOST", str, "127.0.0.1", help="address of /metrics and /healthz for workers")
+METRICS_HOST = Setting("METRICS_HOST", str, "127.0.0.1", help="address of /metrics, /healthz and /readyz for workers")
 LOG_LEVEL = Setting("LOG_LEVEL", lambda v: choice(v.upper(), "DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from services.common.runtime import StartupRefused
@@ -27,10 +29,42 @@ class SchemaNotReady(StartupRefused):
     """The database cannot serve this code yet; the message says why and what to run."""
 
 
+class DatabaseUnreachable(Exception):
+    """PostgreSQL did not let us in. The message is one line naming where (host and port, never the
+    user or password) and why, as a command-line tool prints it."""
+
+    def __init__(self, database_url: str, error: Exception):
+        super().__init__(f"cannot reach PostgreSQL at {server_of(database_url)} ({reason_of(error)})")
+
+
+def server_of(database_url: str) -> str:
+    """host:port of a connection URL (libpq's defaults when absent), for messages."""
+    try:
+        params = conninfo_to_dict(database_url)
+    except psycopg.ProgrammingError:
+        return "(an unreadable DATABASE_URL)"
+    return f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}"
+
+
+_LIBPQ_PREFIX = re.compile(r'^(connection failed: )?connection to server (at|on) .*?failed: ', re.IGNORECASE)
+
+
+def reason_of(error: Exception) -> str:
+    """libpq's reason, without its preamble and hints: 'Connection refused', 'password authentication
+    failed for user "x"', 'timeout expired'..."""
+    lines = str(error).strip().splitlines()
+    first = lines[0].strip() if lines else type(error).__name__
+    return _LIBPQ_PREFIX.sub("", first).strip() or type(error).__name__
+
+
 def migrate(database_url: str, migrations_dir: Path = MIGRATIONS_DIR) -> list[str]:
     """Applies every migration not yet applied, each in its own transaction; returns their names."""
     applied_now = []
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    try:
+        conn = psycopg.connect(database_url, autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnreachable(database_url, exc) from None
+    with conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
         try:
             conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -69,7 +103,7 @@ def require_schema(database_url: str, migrations_dir: Path = MIGRATIONS_DIR) -> 
             owner = conn.execute("SELECT pg_has_role(current_user, tableowner, 'MEMBER') FROM pg_tables"
                                  " WHERE schemaname = current_schema() AND tablename = 'schema_migrations'").fetchone()
     except psycopg.OperationalError as exc:
-        raise SchemaNotReady(f"cannot reach PostgreSQL: {str(exc).strip().splitlines()[0]}") from None
+        raise SchemaNotReady(str(DatabaseUnreachable(database_url, exc))) from None
     except psycopg.errors.InsufficientPrivilege:
         raise SchemaNotReady("this role may not read schema_migrations: run `mpesa-pipeline migrate` "
                              "(as the migration role) to apply migrations/0009_roles.sql") from None
@@ -85,7 +119,14 @@ async def open_pool(database_url: str, *, min_size: int = 1, max_size: int = 10,
                     autocommit: bool = False) -> AsyncConnectionPool:
     """autocommit saves the COMMIT round trip for single statements; transaction() still works.
     A connection broken by a PostgreSQL restart fails its next query (callers treat that as
-    transient and retry) and the pool discards it on return."""
+    transient and retry) and the pool discards it on return. Raises DatabaseUnreachable at once,
+    saying why, when PostgreSQL does not let a first connection in (the pool alone would retry for
+    30 s and then say only that it timed out)."""
+    try:
+        probe = await psycopg.AsyncConnection.connect(database_url, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnreachable(database_url, exc) from None
+    await probe.close()
     pool = AsyncConnectionPool(database_url, min_size=min_size, max_size=max_size, open=False,
                                kwargs={"autocommit": autocommit})
     await pool.open(wait=True, timeout=30)

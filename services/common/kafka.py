@@ -48,6 +48,13 @@ PRODUCER_QUEUED = Gauge("pipeline_producer_queued_events", "Events a producer ho
 UNEXPECTED_ERRORS = Counter(
     "pipeline_unexpected_errors_total", "Events dead-lettered because an unexpected error (most likely a bug) "
     "outlived the poison budget: alert on any increase (docs/errors.md)", ["group", "error_type"])
+CONSUMER_RETRIES = Counter(
+    "pipeline_consumer_retries_total", "Batches a consumer tried again: reason transient (a dependency is down: "
+    "retried for as long as it takes) or unexpected (any other error: retried against the poison budget, then "
+    "split); a steady rate means a stall (docs/errors.md)", ["group", "reason"])
+CONSUMER_STALLED = Gauge(
+    "pipeline_consumer_stalled_seconds", "How long the oldest batch a consumer holds has been in hand (0 with "
+    "none): grows while a batch is retried; its partitions' later events wait behind it", ["group"])
 REVOKE_TIMEOUTS = Counter(
     "pipeline_revoke_timeouts_total", "Rebalances that gave partitions up before the batches in hand for them "
     "finished (their new owner handles those events again)", ["group"])
@@ -103,9 +110,49 @@ class ClientLog:
         LIBRDKAFKA_LOG.log(level, "%s", untrusted(text, 1000))
 
 
-def producer_config(bootstrap: str, client_id: str, delivery_timeout_ms: int, linger_ms: int) -> dict:
+class BrokerReachability:
+    """Whether a librdkafka client has a broker connection up now, for readiness. The client's
+    statistics (every statistics.interval.ms, served by its poll/consume calls) list each broker's
+    connection state; the error callback says at once when every broker went down, so a readiness
+    check turns within a second or so, and back with the first statistics after reconnecting.
+    Statistics older than `stale_after_s` prove nothing: the client is no longer polled."""
+
+    def __init__(self, stale_after_s: float = 15.0, clock: Callable[[], float] = time.monotonic):
+        self._stale_after_s = stale_after_s
+        self._clock = clock
+        self._up = False
+        self._seen_at: float | None = None
+        self.up_since: float | None = None  # when it last went from down to up
+
+    def on_statistics(self, stats: Mapping[str, Any]) -> None:
+        brokers = stats.get("brokers")
+        up = isinstance(brokers, dict) and any(isinstance(b, dict) and b.get("state") == "UP"
+                                               for b in brokers.values())
+        self._seen_at = self._clock()
+        self._set(up)
+
+    def on_error(self, error: KafkaError) -> None:
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._set(False)
+
+    def _set(self, up: bool) -> None:
+        if up and not self._up:
+            self.up_since = self._clock()
+        self._up = up
+
+    def connected(self) -> bool:
+        return self._up and self._seen_at is not None and self._clock() - self._seen_at <= self._stale_after_s
+
+
+def producer_config(bootstrap: str, client_id: str, delivery_timeout_ms: int, linger_ms: int,
+                    reachability: BrokerReachability | None = None) -> dict:
     """Idempotent producer with acks=all, set explicitly so no library default decides durability;
     delivery.timeout.ms bounds how long a caller waits before hearing that Kafka did not ack."""
+    def on_statistics(stats_json: str) -> None:
+        stats = _record_producer_stats(stats_json)
+        if reachability is not None:
+            reachability.on_statistics(stats)
+
     return client_config({
         "bootstrap.servers": bootstrap,
         "client.id": client_id,
@@ -116,7 +163,8 @@ def producer_config(bootstrap: str, client_id: str, delivery_timeout_ms: int, li
         "compression.type": "lz4",
         "delivery.timeout.ms": delivery_timeout_ms,
         "statistics.interval.ms": 5000,
-        "stats_cb": _record_producer_stats,
+        "stats_cb": on_statistics,
+        **({"error_cb": reachability.on_error} if reachability is not None else {}),
     })
 
 
@@ -137,7 +185,11 @@ class EventProducer:
     def __init__(self, bootstrap: str, codec: Codec, *, client_id: str, delivery_timeout_ms: int = 15000,
                  linger_ms: int = 2, poll_interval_s: float = 0.0005):
         self.codec = codec
-        self._producer = Producer(producer_config(bootstrap, client_id, delivery_timeout_ms, linger_ms))
+        self.reachability = BrokerReachability()
+        self._producer = Producer(producer_config(bootstrap, client_id, delivery_timeout_ms, linger_ms,
+                                                  self.reachability))
+        self._last_failure_at: float | None = None  # monotonic: a delivery Kafka did not acknowledge
+        self._last_success_at: float | None = None
         self._poll_interval_s = poll_interval_s
         self._outstanding = 0
         self._polling: asyncio.TimerHandle | None = None
@@ -168,8 +220,10 @@ class EventProducer:
             waiting -= 1
             if err is not None:
                 failed.append((msg.topic(), err))
+                self._last_failure_at = time.monotonic()
             else:  # about 1 µs per event (the histogram's lock and bucket search)
                 self._latency_of(cast(str, msg.topic())).observe(cast(float, msg.latency()))
+                self._last_success_at = time.monotonic()
             if waiting == 0:
                 _settle(acked, failed[0][1] if failed else None)
 
@@ -184,9 +238,10 @@ class EventProducer:
                 except KafkaException as exc:
                     # Refused before it left (an idempotent producer in its fatal state, an unknown
                     # topic): the event is fine, the producer is not. A PublishError is retried, and
-                    # the stall shows on /healthz, rather than the event being dead-lettered as a
+                    # the stall shows on /readyz, rather than the event being dead-lettered as a
                     # bug's victim (a payment request whose push was made among them).
                     PUBLISH_FAILURES.labels(topic.name).inc()
+                    self._last_failure_at = time.monotonic()
                     raise PublishError(f"the producer refused the event: {exc.args[0] if exc.args else exc}") from exc
             self._outstanding += 1
         self._keep_polling(loop)
@@ -200,6 +255,18 @@ class EventProducer:
             if counter is None:
                 counter = self._acknowledged[topic.name] = EVENTS_OUT.labels(topic.name)
             counter.inc()
+
+    def ready(self) -> bool:
+        """For readiness: a broker connection is up, and no delivery failed since the last one that
+        succeeded or since the connection came back (a failure with the connection up, an ACL or a
+        topic gone say, stays visible until a delivery succeeds)."""
+        if not self.reachability.connected():
+            return False
+        failed_at = self._last_failure_at
+        if failed_at is None:
+            return True
+        recovered_at = max(self._last_success_at or 0.0, self.reachability.up_since or 0.0)
+        return failed_at < recovered_at
 
     def _latency_of(self, topic: str) -> Any:
         histogram = self._latencies.get(topic)
@@ -301,16 +368,22 @@ def _where(exc: BaseException) -> str:
     return f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}" if tb else "?"
 
 
-def _record_lag(group: str, stats_json: str) -> None:
+def _record_lag(group: str, stats_json: str, assigned: set[tuple[str, int]] | None = None) -> dict[str, Any]:
     """librdkafka's statistics of a consumer carry consumer_lag per partition (-1 when unknown). The
-    labels stay few: a group reads a fixed list of topics (the upstream ones are configured)."""
-    for topic, t in json.loads(stats_json).get("topics", {}).items():
+    labels stay few: a group reads a fixed list of topics (the upstream ones are configured). With
+    `assigned`, only those partitions are reported: statistics taken before a revocation and served
+    after it would otherwise bring a revoked partition's lag back. Returns the statistics."""
+    stats = json.loads(stats_json)
+    for topic, t in stats.get("topics", {}).items():
         for partition, p in t.get("partitions", {}).items():
-            if partition != "-1" and p.get("consumer_lag", -1) >= 0:
+            if partition == "-1" or p.get("consumer_lag", -1) < 0:
+                continue
+            if assigned is None or (topic, int(partition)) in assigned:
                 CONSUMER_LAG.labels(group, topic, partition).set(p["consumer_lag"])
+    return stats
 
 
-def _record_producer_stats(stats_json: str) -> None:
+def _record_producer_stats(stats_json: str) -> dict[str, Any]:
     """librdkafka's statistics of a producer: events queued or in flight per topic (msgq_cnt counts
     those waiting for a batch, xmit_msgq_cnt those ready to send; partition -1 holds those not yet
     given a partition)."""
@@ -319,6 +392,7 @@ def _record_producer_stats(stats_json: str) -> None:
     for topic, t in stats.get("topics", {}).items():
         queued = sum(p.get("msgq_cnt", 0) + p.get("xmit_msgq_cnt", 0) for p in t.get("partitions", {}).values())
         PRODUCER_QUEUED.labels(client, topic).set(queued)
+    return stats
 
 
 def _forget_lag(group: str, partitions: Iterable[tuple[str, int]]) -> None:
@@ -350,7 +424,7 @@ class Rejection:
 
 class Transient(Exception):
     """Infrastructure trouble (a dependency is down): the batch is retried for as long as it takes,
-    never dead-lettered, and the stall shows on /healthz (docs/errors.md)."""
+    never dead-lettered, and the stall shows on /readyz (docs/errors.md)."""
 
 
 class EventRejected(Exception):
@@ -367,7 +441,7 @@ def per_event(handle: Callable[[ConsumedEvent], Awaitable[None]], is_transient: 
     of docs/errors.md:
     - `EventRejected` (the event's fault): the event becomes a rejection, dead-lettered at once;
     - `Transient`, or what `is_transient` recognises (a dependency down): the batch raises Transient
-      and is retried without end, visible on /healthz;
+      and is retried without end, visible on /readyz;
     - anything else (most likely a bug): the batch raises it, so the loop retries it against its poison
       budget, splits it and dead-letters the event that still fails alone, counted in
       pipeline_unexpected_errors_total.
@@ -510,6 +584,8 @@ class ConsumerLoop:
         self._revoked_in_fetch: set[tuple[str, int]] = set()
         self._assigned_in_fetch: set[tuple[str, int]] = set()  # likewise, partitions assigned during it
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{group_id}-consumer")
+        self.reachability = BrokerReachability()
+        self._owned: set[tuple[str, int]] = set()  # partitions assigned now (consumer thread only)
         self._consumer = Consumer(client_config({
             "bootstrap.servers": bootstrap,
             "group.id": group_id,
@@ -521,10 +597,12 @@ class ConsumerLoop:
             "session.timeout.ms": 10000,
             "heartbeat.interval.ms": 1000,
             "statistics.interval.ms": 5000,
-            "stats_cb": functools.partial(_record_lag, group_id),
+            "stats_cb": self._on_statistics,
+            "error_cb": self.reachability.on_error,
             **(extra_config or {}),
         }))
         self.assigned = False
+        CONSUMER_STALLED.labels(group_id).set_function(self.stalled_for)
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -591,6 +669,15 @@ class ConsumerLoop:
             self._running[id(owners)] = set(owners)
         return owners
 
+    def ready(self, stalled_after_s: float) -> bool:
+        """For readiness: connected to a broker, given an assignment by the group (an empty one
+        counts: a member beyond the partition count is idle, not broken) and not lost since, and no
+        batch held longer than `stalled_after_s`."""
+        return self.reachability.connected() and self.assigned and self.stalled_for() <= stalled_after_s
+
+    def _on_statistics(self, stats_json: str) -> None:
+        self.reachability.on_statistics(_record_lag(self.group_id, stats_json, self._owned))
+
     def stalled_for(self) -> float:
         """Seconds the oldest batch in hand has been so (0 with none): grows while a batch is retried
         because its handler keeps failing (a dependency down) or while a handler never returns."""
@@ -627,6 +714,7 @@ class ConsumerLoop:
             except RegistryUnavailable as exc:
                 if stop.is_set():
                     raise
+                CONSUMER_RETRIES.labels(self.group_id, "transient").inc()
                 log.warning("batch of %d waits for the schema registry, retrying in %.1fs: %s", len(messages),
                             delay, exc)
                 await asyncio.sleep(delay * (0.5 + random.random()))
@@ -702,6 +790,7 @@ class ConsumerLoop:
                     failures += 1
                 if failures >= attempts:
                     return exc
+                CONSUMER_RETRIES.labels(self.group_id, "transient" if transient else "unexpected").inc()
                 # The error's text may quote an event: made safe, and no traceback (it repeats the text).
                 log.log(logging.WARNING if transient else logging.ERROR,
                         "batch of %d failed (%s), retrying in %.1fs: %s: %s (raised at %s)", len(events),
@@ -780,6 +869,7 @@ class ConsumerLoop:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned_in_fetch |= {(p.topic, p.partition) for p in partitions}
+        self._owned |= {(p.topic, p.partition) for p in partitions}
         self.assigned = True
         log.info("assigned %s", [(p.topic, p.partition) for p in partitions])
 
@@ -803,6 +893,7 @@ class ConsumerLoop:
         with self._lock:
             for tp in revoked:
                 self._progress.pop(tp, None)
+        self._owned -= revoked
         _forget_lag(self.group_id, revoked)
         log.info("revoked %s", sorted(revoked))
 
@@ -813,6 +904,9 @@ class ConsumerLoop:
         with self._lock:
             for tp in lost:
                 self._progress.pop(tp, None)
+        self._owned -= lost
+        if not self._owned:  # out of the group (its session expired): not ready until it is let back in
+            self.assigned = False
         _forget_lag(self.group_id, lost)
         log.warning("lost %s: events in hand of theirs are handled again by their new owner", sorted(lost))
 

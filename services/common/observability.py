@@ -1,16 +1,23 @@
-"""JSON logs and the /metrics + /healthz endpoints every service serves."""
+"""JSON logs and the /metrics, /healthz (alive) and /readyz (ready) endpoints every service serves."""
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import logging
+import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from importlib import metadata
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from psycopg_pool import AsyncConnectionPool
 
 # Extra attributes a log call may carry (logger.info("...", extra={"channel_id": ...})).
+log = logging.getLogger(__name__)
+
 CONTEXT_FIELDS = ("channel_id", "payment_id", "event_id", "topic", "error_code")
 
 
@@ -65,13 +72,34 @@ async def http_metrics(request: web.Request, handler):
         HTTP_SECONDS.labels(route).observe(time.perf_counter() - started)
 
 
+BUILD_INFO = Gauge("mpesa_pipeline_build_info", "Always 1; its labels say which release of the code and which "
+                   "Python runs the process", ["version", "python"])
+READY = Gauge("pipeline_ready", "1 while a readiness check of the process passes, 0 while it fails (its name is "
+              "the one /readyz gives); alert when a check stays 0", ["check"])
+
+Check = Callable[[], bool | Awaitable[bool]]
+
+
+def record_build_info() -> None:
+    """The release (the installed package's version) and Python of this process, as build_info."""
+    try:
+        release = metadata.version("mpesa-pipeline")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        release = "unknown"
+    BUILD_INFO.labels(release, platform.python_version()).set(1)
+
+
 class Health:
-    """Named liveness checks; /healthz answers 503 naming the ones that fail."""
+    """The process's readiness checks, by name. /healthz says the process is alive (its event loop
+    answers): always 200 while it can answer at all. /readyz says whether the dependencies it needs
+    now answer: 503 naming the checks that fail. docs/health.md says which check belongs where."""
 
     def __init__(self) -> None:
-        self._checks: dict[str, Callable[[], bool]] = {}
+        self._checks: dict[str, Check] = {}
 
-    def add(self, name: str, check: Callable[[], bool]) -> None:
+    def add(self, name: str, check: Check) -> None:
+        """`check` returns whether the dependency answers now; it must be cheap (/readyz and /metrics
+        are scraped every few seconds), or cached like DatabaseCheck. One that raises counts as failing."""
         self._checks[name] = check
 
     def add_progress(self, name: str, stalled_for: Callable[[], float], limit_s: float) -> None:
@@ -80,25 +108,91 @@ class Health:
         it cannot handle, and its partitions' later events wait behind it. 200 would hide that."""
         self.add(name, lambda: stalled_for() <= limit_s)
 
-    def failing(self) -> list[str]:
-        return [name for name, check in self._checks.items() if not check()]
+    async def failing(self) -> list[str]:
+        """The names of the checks failing now; pipeline_ready follows every evaluation."""
+        failing = []
+        for name, check in self._checks.items():
+            ok = await _passes(check)
+            READY.labels(name).set(1 if ok else 0)
+            if not ok:
+                failing.append(name)
+        return failing
+
+
+async def _passes(check: Check) -> bool:
+    try:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        return bool(result)
+    except Exception as exc:  # a check that cannot tell is not a pass; said once per scrape at most
+        log.warning("readiness check raised %s: %s", type(exc).__name__, exc)
+        return False
+
+
+class DatabaseCheck:
+    """Whether the pool hands out a connection that answers SELECT 1 within `timeout_s`. The answer
+    is kept for `cache_s`, and scrapes arriving meanwhile share one probe: /readyz stays one query
+    per couple of seconds however often it is called, and never queues behind a busy pool for long."""
+
+    def __init__(self, pool: AsyncConnectionPool, *, timeout_s: float = 1.0, cache_s: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self._pool = pool
+        self._timeout_s = timeout_s
+        self._cache_s = cache_s
+        self._clock = clock
+        self._answer: tuple[float, bool] | None = None
+        self._probe: asyncio.Task[bool] | None = None
+
+    async def __call__(self) -> bool:
+        if self._answer is not None and self._clock() - self._answer[0] < self._cache_s:
+            return self._answer[1]
+        if self._probe is None:
+            self._probe = asyncio.ensure_future(self._probe_once())
+        probe = self._probe
+        try:
+            return await asyncio.shield(probe)
+        finally:
+            if self._probe is probe and probe.done():
+                self._probe = None
+
+    async def _probe_once(self) -> bool:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                async with self._pool.connection(timeout=self._timeout_s) as conn:
+                    await conn.execute("SELECT 1")
+            ok = True
+        except Exception as exc:  # unreachable, refused, pool exhausted, timed out: not ready
+            log.info("database readiness probe failed: %s: %s", type(exc).__name__, str(exc).strip()[:200])
+            ok = False
+        self._answer = (self._clock(), ok)
+        return ok
 
 
 def add_ops_routes(app: web.Application, health: Health) -> None:
+    record_build_info()
+
     async def metrics(_: web.Request) -> web.Response:
+        await health.failing()  # pipeline_ready is fresh in every scrape, whether /readyz is called or not
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
-        failing = health.failing()
+        # Alive: this answer needs the event loop to run this handler, nothing else. A dependency
+        # down is /readyz's business; restarting the process would not bring it back.
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        failing = await health.failing()
         return web.json_response({"status": "fail" if failing else "ok", "failing": failing},
                                  status=503 if failing else 200)
 
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
 
 
 async def serve_ops(health: Health, host: str, port: int) -> web.AppRunner:
-    """For services without an HTTP API of their own: just /metrics and /healthz."""
+    """For services without an HTTP API of their own: just /metrics, /healthz and /readyz."""
     app = web.Application()
     add_ops_routes(app, health)
     return await serve(app, host, port)

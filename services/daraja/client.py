@@ -19,9 +19,23 @@ from typing import Any, TypeGuard, TypeVar
 import aiohttp
 import httpx
 
+from services.daraja import metrics
 from services.daraja.errors import DarajaError, ErrorKind
-from services.daraja.models import AccessToken, AppCredentials, PushAccepted, QueryResult, Shortcode, StkPushRequest
-from services.daraja.parsing import parse_push_response, parse_query_response, parse_token_response
+from services.daraja.models import (
+    AccessToken,
+    AppCredentials,
+    PushAccepted,
+    QueryResult,
+    QueryStatus,
+    Shortcode,
+    StkPushRequest,
+)
+from services.daraja.parsing import (
+    QUERY_PENDING_ERROR_CODE,
+    parse_push_response,
+    parse_query_response,
+    parse_token_response,
+)
 from services.daraja.payloads import build_push_payload, build_query_payload, nairobi_timestamp
 from services.daraja.transport import AiohttpSender, HttpxSender
 
@@ -164,12 +178,15 @@ class DarajaClient:
             answer = await self._sender.request("POST", self._urls[path], headers, body)
         except httpx.HTTPError as exc:
             # `from None`: httpx exceptions hold the request, and the request holds the token.
-            raise self._observed_error(operation, transport_error(operation, exc), started) from None
+            raise self._observed_error(operation, transport_error(operation, exc), started,
+                                       metrics.transport_outcome(exc)) from None
         try:
             result = parse(answer.status, answer.body)
         except DarajaError as error:
-            raise self._observed_error(operation, error.redacted(secrets), started) from None
-        self._observe(operation, result.status.value if isinstance(result, QueryResult) else "ok", started)
+            raise self._observed_error(operation, error.redacted(secrets), started,
+                                       metrics.answer_outcome(error)) from None
+        self._observe(operation, result.status.value if isinstance(result, QueryResult) else "ok", started,
+                      "ok", _code_of(result))
         return result
 
     async def _token(self, app: AppCredentials) -> str:
@@ -202,10 +219,11 @@ class DarajaClient:
             token = parse_token_response(answer.status, answer.body)
         except (httpx.HTTPError, DarajaError) as exc:
             error = exc if isinstance(exc, DarajaError) else transport_error("oauth", exc)
+            outcome = metrics.answer_outcome(exc) if isinstance(exc, DarajaError) else metrics.transport_outcome(exc)
             error = error.redacted((basic, app.consumer_secret, app.consumer_key, app.passkey))
             self._token_failures[app.consumer_key] = _TokenFailure(error, app.consumer_secret, self._clock())
-            raise self._observed_error("oauth", error, started) from None
-        self._observe("oauth", "ok", started)
+            raise self._observed_error("oauth", error, started, outcome) from None
+        self._observe("oauth", "ok", started, "ok")
         self._token_failures.pop(app.consumer_key, None)
         self._tokens[app.consumer_key] = _CachedToken(token.value, app.consumer_secret,
                                                       self._clock() + self._refresh_after_s(token.expires_in_s))
@@ -232,13 +250,29 @@ class DarajaClient:
             lock = self._locks[app.consumer_key] = asyncio.Lock()
         return lock
 
-    def _observed_error(self, operation: str, error: DarajaError, started: float) -> DarajaError:
-        self._observe(operation, error.error_code or error.kind.value, started)
+    def _observed_error(self, operation: str, error: DarajaError, started: float, call_outcome: str) -> DarajaError:
+        self._observe(operation, error.error_code or error.kind.value, started, call_outcome, error.error_code)
         return error
 
-    def _observe(self, operation: str, outcome: str, started: float) -> None:
+    def _observe(self, operation: str, outcome: str, started: float, call_outcome: str,
+                 code: str | None = None) -> None:
+        """`outcome` is the observer's detail; `call_outcome` (ok|refused|timeout|error) and `code`
+        (what Daraja answered, if anything) are the metrics' (services/daraja/metrics.py)."""
+        seconds = self._clock() - started
+        metrics.record(operation, call_outcome, seconds, code)
         if self._observer is not None:
-            self._observer(operation, outcome, self._clock() - started)
+            self._observer(operation, outcome, seconds)
+
+
+def _code_of(result: object) -> str | None:
+    """The code a usable answer carried: a push's ResponseCode, a query's ResultCode, or the errorCode
+    of a query Daraja is still processing (500.001.1001 answered as 'not yet')."""
+    if isinstance(result, PushAccepted):
+        return result.response_code
+    if isinstance(result, QueryResult):
+        return result.result_code or (QUERY_PENDING_ERROR_CODE if result.status is QueryStatus.STILL_PROCESSING
+                                      else None)
+    return None
 
 
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError)

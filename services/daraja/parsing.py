@@ -26,6 +26,8 @@ _PERMANENT_CODES = frozenset({
     "404.001.01", "404.003.01", "404.001.04", "405.001", "500.002.1001",
 }) | INVALID_TOKEN_CODES  # a token still refused after the client's one refresh is a credentials problem
 _RETRYABLE_CODES = frozenset({"500.003.01", "500.003.1001", "500.003.02", "500.003.03"})
+# Every errorCode this client knows (services/daraja/metrics.py counts the others as "other").
+KNOWN_ERROR_CODES = _PERMANENT_CODES | _RETRYABLE_CODES | {QUERY_PENDING_ERROR_CODE}
 # 500.001.1001 is one code for many things; its message decides (docs/daraja.md §2 table).
 _LOCKED_SUBSCRIBER = "unable to lock subscriber"
 _PERMANENT_1001_MESSAGES = ("wrong credentials", "merchant does not exist")

@@ -56,7 +56,8 @@ def parse_args(argv: list[str], env: SandboxEnvironment) -> argparse.Namespace:
     parser.add_argument("--callback-concurrency", type=int, default=defaults.callback_concurrency)
     parser.add_argument("--apps-file", type=Path, help="JSON list of apps to register at start")
     parser.add_argument("--no-demo-app", action="store_true", help=f"do not register {DEMO_CONSUMER_KEY}")
-    parser.add_argument("--log-level", default=env.log_level)
+    parser.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        default=env.log_level.upper(), help="default: $LOG_LEVEL, else INFO")
     return parser.parse_args(argv)
 
 

@@ -42,7 +42,10 @@ RETRY_AFTER_S = "1"
 
 
 class OwnPublisher(Publisher, Protocol):
-    """The ingress's own producer: it publishes, and is flushed and closed at shutdown."""
+    """The ingress's own producer: it publishes, says whether it can (readiness), and is flushed and
+    closed at shutdown."""
+
+    def ready(self) -> bool: ...
 
     def close(self, timeout: float = 10.0) -> None: ...
 

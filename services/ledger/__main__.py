@@ -7,7 +7,7 @@ from datetime import timedelta
 from services.common.avro import open_codec
 from services.common.db import open_pool, require_schema
 from services.common.kafka import ConsumerLoop, EventProducer, ensure_topics
-from services.common.observability import Health, serve_ops
+from services.common.observability import DatabaseCheck, Health, serve_ops
 from services.common.runtime import quiet_garbage_collector, run_service
 from services.common.topics import ACCESS
 from services.ledger import bootstrap
@@ -34,7 +34,9 @@ async def main(cfg: LedgerConfig, stop: asyncio.Event) -> None:
                             max_in_flight=cfg.ledger_max_in_flight, overlap_from=OVERLAP_FROM)
     retention = Retention(pool, timedelta(days=cfg.ledger_processed_retention_days))
     health = Health()
-    health.add_progress("ledger_consumer", consumer.stalled_for, cfg.ledger_stalled_after_s)
+    health.add("kafka_producer", producer.ready)
+    health.add("ledger_consumer", lambda: consumer.ready(cfg.ledger_stalled_after_s))
+    health.add("database", DatabaseCheck(pool))
     runner = await serve_ops(health, cfg.metrics_host, cfg.ledger_metrics_port)
     quiet_garbage_collector()
     try:

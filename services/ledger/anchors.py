@@ -29,7 +29,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.common import config
 from services.common.db import every, open_pool, require_schema
-from services.common.observability import Health, serve_ops
+from services.common.observability import DatabaseCheck, Health, serve_ops
 from services.common.runtime import StartupRefused, run_service
 from services.ledger.store import verify_audit
 
@@ -45,7 +45,8 @@ KEY_FILE = config.Setting("AUDIT_ANCHOR_KEY_FILE", Path, Path(".local/audit/anch
 PUBLIC_KEY_FILE = config.Setting("AUDIT_ANCHOR_PUBLIC_KEY_FILE", Path, Path(".local/audit/anchor-key.pub.pem"),
                                  help="public keys that `audit verify` accepts for anchors (PEM, one or more)")
 SETTINGS = [config.database_url("auditor"), KEY_FILE, config.METRICS_HOST,
-            config.Setting("AUDIT_ANCHOR_METRICS_PORT", config.port, 9104, help="port of /metrics and /healthz"),
+            config.Setting("AUDIT_ANCHOR_METRICS_PORT", config.port, 9104,
+                           help="port of /metrics, /healthz and /readyz"),
             config.Setting("AUDIT_ANCHOR_INTERVAL_S", config.positive_float, 60.0,
                            help="how often the chain's head is anchored (rows after the newest anchor are "
                                 "protected by their hashes only)")]
@@ -240,7 +241,9 @@ async def main(cfg: dict[str, Any], stop: asyncio.Event) -> None:
     key = load_signing_key(cfg["AUDIT_ANCHOR_KEY_FILE"])
     require_schema(cfg["DATABASE_URL"])
     pool = await open_pool(cfg["DATABASE_URL"], max_size=1)
-    runner = await serve_ops(Health(), cfg["METRICS_HOST"], cfg["AUDIT_ANCHOR_METRICS_PORT"])
+    health = Health()
+    health.add("database", DatabaseCheck(pool))
+    runner = await serve_ops(health, cfg["METRICS_HOST"], cfg["AUDIT_ANCHOR_METRICS_PORT"])
     log.info("anchoring the audit chain every %.0f s with key %s", cfg["AUDIT_ANCHOR_INTERVAL_S"],
              key_id(key.public_key()))
     try:

@@ -7,7 +7,7 @@ from services.channels.vault import LocalKeyFileProvider, VaultError
 from services.common.avro import open_codec
 from services.common.db import open_pool, require_schema
 from services.common.kafka import ConsumerLoop, EventProducer, ensure_topics
-from services.common.observability import Health, serve_ops
+from services.common.observability import DatabaseCheck, Health, serve_ops
 from services.common.runtime import StartupRefused, quiet_garbage_collector, run_service
 from services.common.topics import ACCESS, PAYMENT_STATUS
 from services.notifier import bootstrap
@@ -39,7 +39,9 @@ async def main(cfg: NotifierConfig, stop: asyncio.Event) -> None:
                             topics=[PAYMENT_STATUS], handler=notifier.enqueuer.handle_batch, dead_letters=producer,
                             max_batch=BATCH, max_in_flight=1)
     health = Health()
-    health.add_progress("notifier_consumer", consumer.stalled_for, cfg.notifier_stalled_after_s)
+    health.add("kafka_producer", producer.ready)  # dead letters
+    health.add("notifier_consumer", lambda: consumer.ready(cfg.notifier_stalled_after_s))
+    health.add("database", DatabaseCheck(pool))
     health.add_progress("notifier_results", notifier.writer.stalled_for, cfg.notifier_stalled_after_s)
     runner = await serve_ops(health, cfg.metrics_host, cfg.notifier_metrics_port)
     quiet_garbage_collector()

@@ -58,7 +58,7 @@ class ResultWriter:
         return delivery_id in self._finishing
 
     def stalled_for(self) -> float:
-        """Seconds the writes have been failing (0 when they succeed), for /healthz."""
+        """Seconds the writes have been failing (0 when they succeed), for /readyz."""
         return 0.0 if self._failing_since is None else time.monotonic() - self._failing_since
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from services.common.avro import open_codec
 from services.common.db import require_schema
 from services.common.kafka import ConsumerLoop, EventProducer, ensure_topics, per_event
-from services.common.observability import Health, serve_ops
+from services.common.observability import DatabaseCheck, Health, serve_ops
 from services.common.runtime import run_service
 from services.common.topics import ACCESS, PAYMENT_REQUESTED, STK_QUERY_REQUESTED
 from services.stk_worker.bootstrap import SETTINGS, WorkerSettings, build
@@ -33,8 +34,11 @@ async def main(settings: WorkerSettings, stop: asyncio.Event) -> None:
                      dead_letters=producer, max_batch=BATCH, max_in_flight=2),
     ]
     health = Health()
+    health.add("kafka_producer", producer.ready)
     for name, loop in zip(("stk_push_consumer", "stk_query_consumer"), loops, strict=True):
-        health.add_progress(name, loop.stalled_for, settings.stk_worker_stalled_after_s)
+        health.add(name, functools.partial(loop.ready, settings.stk_worker_stalled_after_s))
+    if worker.pool is not None:
+        health.add("database", DatabaseCheck(worker.pool))
     runner = await serve_ops(health, settings.metrics_host, settings.stk_worker_metrics_port)
     consumed = asyncio.Event()
     heartbeat = asyncio.create_task(worker.beat_until(consumed))

@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from psycopg_pool import AsyncConnectionPool
+
 from services.channels.credentials import CredentialStore
 from services.channels.settings import CREDENTIALS_TTL_S, VAULT_KEY_FILE
 from services.channels.vault import LocalKeyFileProvider
@@ -40,7 +42,7 @@ SETTINGS = [
     CREDENTIALS_TTL_S,
     *DARAJA_SETTINGS,
     config.Setting("STK_WORKER_GROUP_ID", str, "stk-worker", help="consumer group (queries use <group>-queries)"),
-    config.Setting("STK_WORKER_METRICS_PORT", config.port, 9103, help="port of /metrics and /healthz"),
+    config.Setting("STK_WORKER_METRICS_PORT", config.port, 9103, help="port of /metrics, /healthz and /readyz"),
     config.Setting("CALLBACK_PUBLIC_BASE_URL", config.http_url, "http://127.0.0.1:8081",
                    help="public root of the webhook gateway, as Daraja must call it"),
     config.Setting("WEBHOOK_TOKEN_SECRETS", parse_secrets, secret=True,
@@ -50,7 +52,7 @@ SETTINGS = [
                    help="pushes+queries per second per shortcode"),
     config.Setting("STK_MAX_ATTEMPTS", config.positive_int, 4, help="tries of a push Daraja did not act on"),
     config.Setting("STK_WORKER_STALLED_AFTER_S", config.positive_float, 300.0,
-                   help="/healthz fails once a consumer has held one batch this long (retrying it)"),
+                   help="/readyz fails once a consumer has held one batch this long (retrying it)"),
 ]
 HEARTBEAT_S = 2.0  # PushSettings.owner_silent_s (15 s) is seven missed beats: a live worker is never judged gone
 
@@ -94,6 +96,7 @@ class Worker:
     claims: Claims
     publisher: Publisher
     closers: list[Callable[[], Awaitable[None]]]
+    pool: AsyncConnectionPool | None = None  # the one build opened (None when claims and channels were given)
 
     async def beat_until(self, done: asyncio.Event, interval_s: float = HEARTBEAT_S) -> None:
         """Keeps this process's heartbeat going until `done`: set it only after the consumers
@@ -126,6 +129,7 @@ async def build(settings: WorkerSettings, *, claims: Claims | None = None, daraj
     yet sent. The claims' first heartbeat is written here, before anything can be claimed."""
     closers: list[Callable[[], Awaitable[None]]] = []
     owner = instance_name()
+    pool = None
     if claims is None or channels is None:
         pool = await open_pool(settings.database_url, min_size=4, max_size=20, autocommit=True)
         closers.append(pool.close)
@@ -157,4 +161,4 @@ async def build(settings: WorkerSettings, *, claims: Claims | None = None, daraj
     return Worker(
         pusher=Pusher(claims, daraja, channels, publisher, throttle, push_settings, clock=clock, stop=stop),
         querier=Querier(claims, daraja, channels, publisher, throttle, clock=clock, stop=stop),
-        claims=claims, publisher=publisher, closers=closers)
+        claims=claims, publisher=publisher, closers=closers, pool=pool)

@@ -40,7 +40,10 @@ async def main(cfg: WebhookSettings, stop: asyncio.Event) -> None:
                   replication_factor=cfg.kafka_topic_replication_factor, overrides=cfg.kafka_topic_configs)
     codec = await open_codec(cfg.schema_registry_url, ACCESS["webhook-gateway"].writes)
     producer = gateway_producer(cfg.kafka_bootstrap_servers, codec, settings)
-    app = create_app(GatewayDeps(producer), settings, Health())
+    health = Health()
+    # Kafka only: the gateway reads no database, and its schemas were registered at start.
+    health.add("kafka_producer", producer.ready)
+    app = create_app(GatewayDeps(producer), settings, health)
     quiet_garbage_collector()
     runner = await serve(app, cfg.webhook_host, cfg.webhook_port)
     log.info("webhook gateway on http://%s:%d", cfg.webhook_host, cfg.webhook_port)

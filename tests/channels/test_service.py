@@ -43,7 +43,11 @@ async def test_the_running_service_guards_admin_routes(infra, tmp_path):
             assert (await http.get("/admin/channels", headers={"Authorization": "Bearer nope"})).status_code == 403
             listed = await http.get("/admin/channels", headers={"Authorization": f"Bearer {token}"})
             assert listed.status_code == 200 and "channels" in listed.json()
-            assert "admin_auth_refusals_total" in (await http.get("/metrics")).text
+            metrics = (await http.get("/metrics")).text
+            assert "admin_auth_refusals_total" in metrics
+            # Ready: its one dependency, the database, answers (and pipeline_ready says so too).
+            assert (await http.get("/readyz")).json() == {"status": "ok", "failing": []}
+            assert 'pipeline_ready{check="database"} 1.0' in metrics
     finally:
         service.terminate()
         output = service.communicate(timeout=30)[0]

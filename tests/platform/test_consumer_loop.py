@@ -428,6 +428,7 @@ async def _true(value) -> bool:
 async def test_readiness_fails_naming_a_consumer_that_holds_one_batch_too_long(kafka_bootstrap, codec, producer,
                                                                                 unique, stuck):
     import httpx
+    from prometheus_client import REGISTRY
 
     from services.common.observability import Health, serve_ops
     from tests.conftest import free_port
@@ -452,20 +453,42 @@ async def test_readiness_fails_naming_a_consumer_that_holds_one_batch_too_long(k
     stop = asyncio.Event()
     running = asyncio.create_task(loop.run(stop))
 
-    async def healthz():
+    async def get(path):
         async with httpx.AsyncClient() as http:
-            answer = await http.get(f"http://127.0.0.1:{port}/healthz")
+            answer = await http.get(f"http://127.0.0.1:{port}{path}")
         return answer.status_code, answer.json()
 
+    async def readyz():
+        return await get("/readyz")
+
+    group = {"group": f"g-{unique}"}
+
+    def stalled_s() -> float:
+        return REGISTRY.get_sample_value("pipeline_consumer_stalled_seconds", group) or 0.0
+
+    def retries() -> float:
+        return REGISTRY.get_sample_value("pipeline_consumer_retries_total", {**group, "reason": "transient"}) or 0.0
+
     try:
-        await asyncio.sleep(2)
-        assert await healthz() == (200, {"status": "ok", "failing": []})  # idle is not stalled
+        await eventually(lambda: _true(loop.assigned), timeout=30)
+        assert await readyz() == (200, {"status": "ok", "failing": []})  # idle is not stalled
+        assert stalled_s() == 0
         await producer.publish(topic, sample_request(f"ch-{unique}", str(uuid.uuid4())))
-        assert await eventually(lambda: _answer_is(healthz, 503), timeout=30) == (
+        assert await eventually(lambda: _answer_is(readyz, 503), timeout=30) == (
             503, {"status": "fail", "failing": ["test_consumer"]})
+        assert stalled_s() > 1.0
+        assert REGISTRY.get_sample_value("pipeline_ready", {"check": "test_consumer"}) == 0
+        # Alive all the same: restarting the process would not bring the database back.
+        assert await get("/healthz") == (200, {"status": "ok"})
+        if stuck == "retrying":
+            assert retries() >= 1
+        else:  # a handler that never returns is not retried
+            assert retries() == 0
         released.set()
-        await eventually(lambda: _answer_is(healthz, 200), timeout=30)
+        await eventually(lambda: _answer_is(readyz, 200), timeout=30)
         assert len(seen) == 1
+        assert stalled_s() == 0
+        assert REGISTRY.get_sample_value("pipeline_ready", {"check": "test_consumer"}) == 1
     finally:
         released.set()
         stop.set()

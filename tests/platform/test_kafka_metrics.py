@@ -4,10 +4,14 @@ from __future__ import annotations
 import json
 import uuid
 
+import pytest
+from confluent_kafka import KafkaError, TopicPartition
 from prometheus_client import REGISTRY
 
 from services.common.kafka import (
+    BrokerReachability,
     ConsumedEvent,
+    ConsumerLoop,
     _forget_lag,
     _record_lag,
     _record_producer_stats,
@@ -63,3 +67,63 @@ async def test_a_consumer_reports_its_lag_under_its_group_and_a_producer_its_lat
     await run_until(recording_loop(kafka_bootstrap, group, topic, codec, producer, seen),
                     lambda: len(seen) == 3 and lag(group, topic.name, 0) == 0)
     assert lag(group, topic.name, 0) is None  # given up on close: no value left behind
+
+
+async def _no_handler(events):
+    return []
+
+
+@pytest.fixture
+def idle_loop(unique):
+    """A consumer loop never run: its rebalance and statistics callbacks are called by the test."""
+    loop = ConsumerLoop(bootstrap="127.0.0.1:1", group_id=f"g-{unique}", topics=[], codec=None,  # type: ignore[arg-type]
+                        handler=_no_handler, dead_letters=None)  # type: ignore[arg-type]
+    yield loop
+    loop._consumer.close()
+
+
+def test_a_revoked_partitions_lag_disappears_and_statistics_taken_before_do_not_bring_it_back(idle_loop):
+    group, topic = idle_loop.group_id, "t.revoked"
+    stats = json.dumps({"topics": {topic: {"partitions": {"0": {"consumer_lag": 4}, "1": {"consumer_lag": 9}}}}})
+    idle_loop._on_assign(idle_loop._consumer, [TopicPartition(topic, 0), TopicPartition(topic, 1)])
+    idle_loop._on_statistics(stats)
+    assert (lag(group, topic, 0), lag(group, topic, 1)) == (4, 9)
+
+    idle_loop._on_revoke(idle_loop._consumer, [TopicPartition(topic, 1)])
+    assert (lag(group, topic, 0), lag(group, topic, 1)) == (4, None)
+    idle_loop._on_statistics(stats)  # librdkafka's statistics from before the revocation, served after it
+    assert (lag(group, topic, 0), lag(group, topic, 1)) == (4, None)
+
+    assert idle_loop.assigned
+    idle_loop._on_lost(idle_loop._consumer, [TopicPartition(topic, 0)])
+    assert lag(group, topic, 0) is None
+    assert not idle_loop.assigned  # out of the group: not ready until it is assigned again
+
+
+def brokers(*states: str) -> dict:
+    return {"brokers": {f"b{i}": {"state": state, "nodeid": i} for i, state in enumerate(states)}}
+
+
+def test_a_client_is_connected_while_its_statistics_show_a_broker_up_and_are_fresh():
+    now = [100.0]
+    reach = BrokerReachability(stale_after_s=15, clock=lambda: now[0])
+    assert not reach.connected()  # nothing known yet
+    reach.on_statistics(brokers("INIT", "UP"))
+    assert reach.connected() and reach.up_since == 100.0
+    reach.on_statistics(brokers("DOWN", "CONNECT"))
+    assert not reach.connected()
+    now[0] = 110.0
+    reach.on_statistics(brokers("UP"))
+    assert reach.connected() and reach.up_since == 110.0
+    reach.on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN))  # said at once, between statistics
+    assert not reach.connected()
+    reach.on_statistics(brokers("UP"))
+    now[0] = 126.0  # no statistics for longer than stale_after_s: the client is no longer polled
+    assert not reach.connected()
+
+
+@pytest.mark.parametrize("stats", [{}, {"brokers": []}, {"brokers": {"b": "UP"}}, {"brokers": {"b": {}}}])
+def test_statistics_without_a_broker_up_prove_no_connection(stats):
+    reach = BrokerReachability()
+    reach.on_statistics(stats)
+    assert not reach.connected()

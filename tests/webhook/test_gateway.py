@@ -359,9 +359,12 @@ async def test_ops_routes_serve_health_and_the_gateway_metrics_without_tokens(st
     assert (await gateway.callback(channel, "p1")).status_code == 200
 
     health = await gateway.http.get(gateway.base + "/healthz")
+    ready = await gateway.http.get(gateway.base + "/readyz")
     metrics = await gateway.http.get(gateway.base + "/metrics")
 
-    assert health.status_code == 200 and health.json() == {"status": "ok", "failing": []}
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    assert ready.status_code == 200 and ready.json() == {"status": "ok", "failing": []}
+    assert 'mpesa_pipeline_build_info{python="' in metrics.text
     assert 'webhook_callbacks_rejected_total{reason="rate_limited"}' in metrics.text
     assert "webhook_callbacks_accepted_total" in metrics.text
     assert 'http_request_seconds_count{route="/api/webhooks/mpesa/{channelId}/{paymentId}/{token}"}' in metrics.text
