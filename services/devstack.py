@@ -22,8 +22,7 @@ from services.common.db import migrate, open_pool
 from services.common.topics import ACCESS
 from services.daraja_sandbox.settings import DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
 from services.ingress import bootstrap as ingress
-from services.ledger import anchors
-from services.ledger import settings as ledger
+from services.ledger import anchors, settings as ledger
 from services.ledger.anchors import create_key
 from services.notifier import settings as notifier
 from services.stk_worker import bootstrap as stk_worker
