@@ -11,7 +11,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 PORT="${PROMETHEUS_PORT:-9090}"
-DIR="${PROMETHEUS_DIR:-$LOCAL/prometheus}"
+DIR="$(realpath -m "${PROMETHEUS_DIR:-$LOCAL/prometheus}")"  # absolute: the pid check matches its path
 CONFIG="$DIR/prometheus.yml"
 RULES="$ROOT/ops/prometheus/alerts.yml"
 PIDF="$DIR/prometheus.pid"
