@@ -3,6 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# `make run PROMETHEUS=1` also starts a local Prometheus (infra/prometheus.sh) scraping every service.
+PROMETHEUS ?=
 # Local database passwords (infra/postgres.sh); URLs carry none.
 export PGPASSFILE ?= $(CURDIR)/.local/secrets/pgpass
 
@@ -20,9 +22,12 @@ infra: install ## start Kafka and PostgreSQL on loopback (idempotent)
 
 run: install ## the whole stack in the foreground; Ctrl-C stops everything, Kafka and PostgreSQL too
 	env="$$(bash infra/up.sh)" || exit 1; set -a; source <(echo "$$env"); set +a; \
-	trap 'bash infra/down.sh' EXIT; $(PY) -m services.cli run
+	trap 'bash infra/down.sh' EXIT; \
+	if [[ "$(PROMETHEUS)" == 1 ]]; then bash infra/prometheus.sh start || exit 1; fi; \
+	$(PY) -m services.cli run
 
 check: install ## the fast loop, with no Kafka or PostgreSQL: lint, types, and every test that needs neither
+	bash infra/tools.sh install prometheus  # promtool: the alert rules' tests
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	CHECK_ONLY=1 $(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
@@ -34,7 +39,7 @@ bench: infra ## benchmarks (throughput and latency figures; not tests)
 	set -a; eval "$$(bash infra/up.sh)"; set +a; \
 	for b in bench/*_bench.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-down: ## stop Kafka and PostgreSQL
+down: ## stop Kafka and PostgreSQL (and Prometheus)
 	bash infra/down.sh
 
 clean: down ## also delete local data

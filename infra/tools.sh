@@ -7,8 +7,11 @@
 # to Kafka 4 with SCRAM either (the broker checks the nonce strictly since 4.0; librdkafka fixed its side
 # in 2.6.1, confluentinc/librdkafka#4895), so $KCAT runs Debian's kcat with the librdkafka that the
 # confluent-kafka wheel in .venv ships (same soname, librdkafka keeps its ABI within .so.1).
-# Usage: infra/tools.sh install | env [principal]
-#   install: kcat with apt-get (as root) and avro-tools with Maven, when missing
+# Debian's prometheus package gives promtool, which checks and unit-tests ops/prometheus/alerts.yml (make
+# check, make test), and the Prometheus server that infra/prometheus.sh runs.
+# Usage: infra/tools.sh install [prometheus] | env [principal]
+#   install: kcat and prometheus with apt-get (as root) and avro-tools with Maven, when missing;
+#            `install prometheus` only Prometheus and promtool (all `make check` needs)
 #   env:     KCAT (Debian's kcat on the newer librdkafka), KCAT_CONFIG (a 0600 librdkafka file with the principal's login, admin by default) and
 #            AVRO_TOOLS (the jar), as env lines; the password stays in files, never on a command line
 set -euo pipefail
@@ -28,6 +31,19 @@ install_kcat() {
   log "tools: kcat not found, installing it from Debian packages..."
   { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q kcat; } >&2
   command -v kcat >/dev/null || die "kcat install failed"
+}
+
+# Without recommends: they add prometheus-node-exporter, a daemon on port 9100 that nothing here uses.
+# The package also brings a service of its own (on every address, port 9090); our scripts never
+# start it, and apt starts it only where services start on install (not in containers, whose
+# policy-rc.d forbids it): infra/prometheus.sh runs its own, on loopback.
+install_prometheus() {
+  command -v promtool >/dev/null && command -v prometheus >/dev/null && return
+  ((EUID == 0)) || die "promtool/prometheus not found; install Debian's package" \
+    "(sudo apt-get install --no-install-recommends prometheus) or run as root"
+  log "tools: promtool or prometheus not found, installing Debian's prometheus package..."
+  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; } >&2
+  command -v promtool >/dev/null && command -v prometheus >/dev/null || die "prometheus install failed"
 }
 
 # $KCAT: /usr/bin/kcat with .venv's librdkafka first on the library path (make install puts it there).
@@ -76,7 +92,10 @@ kcat_config() {
 }
 
 case "${1:-}" in
-  install) install_kcat; kcat_wrapper; install_avro_tools ;;
+  install)
+    if [[ ${2:-} == prometheus ]]; then install_prometheus; exit; fi
+    [[ -z ${2:-} ]] || { echo "usage: $0 install [prometheus]" >&2; exit 2; }
+    install_kcat; kcat_wrapper; install_prometheus; install_avro_tools ;;
   env) echo "KCAT=$KCAT"; echo "KCAT_CONFIG=$(kcat_config "${2:-admin}")"; echo "AVRO_TOOLS=$AVRO_JAR" ;;
-  *) echo "usage: $0 install|env [principal]" >&2; exit 2 ;;
+  *) echo "usage: $0 install [prometheus]|env [principal]" >&2; exit 2 ;;
 esac

@@ -5,8 +5,8 @@
 # file (KAFKA_CLIENT_SASL_PASSWORD_FILE). `infra/kafka.sh env <principal>` prints a service's lines.
 set -euo pipefail
 here="$(dirname "${BASH_SOURCE[0]}")"
-# First: if a tool cannot be had (not root and no kcat, no Maven), say so before starting anything.
-"$here/tools.sh" install >&2   # kcat and avro-tools, to read the topics (README)
+# First: if a tool cannot be had (not root and no kcat or prometheus, no Maven), say so before starting anything.
+"$here/tools.sh" install >&2   # kcat and avro-tools, to read the topics (README); promtool, for the alert rules
 "$here/postgres.sh" start >&2
 "$here/kafka.sh" start >&2
 "$here/registry.sh" start >&2

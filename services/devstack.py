@@ -9,15 +9,24 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from services.channels import settings as admin_settings
 from services.channels.onboarding import Conflict, Onboarding
 from services.channels.vault import LocalKeyFileProvider, public_key_path
+from services.common import config
 from services.common.db import migrate, open_pool
 from services.common.topics import ACCESS
 from services.daraja_sandbox.settings import DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
+from services.ingress import bootstrap as ingress
+from services.ledger import anchors, settings as ledger
 from services.ledger.anchors import create_key
+from services.notifier import settings as notifier
+from services.stk_worker import bootstrap as stk_worker
+from services.webhook_consumer import settings as gateway
 
 SECRETS = Path(".local/secrets")
 KAFKA_CA = Path(".local/kafka/tls/ca.crt")  # made by infra/kafka.sh, as are the principals' passwords
@@ -27,6 +36,32 @@ SERVICE_ROLES = {"ledger": "ledger", "stk-worker": "stk_worker", "ingress": "ing
                  "audit-anchor": "auditor", "notifier": "notifier"}
 # The demo's webhook receivers run on this machine: loopback is allowed as a destination here only.
 DEV_WEBHOOK_NETWORKS = "127.0.0.0/8,::1/128"
+
+# Where each service of `mpesa-pipeline run` serves /metrics: its settings, and the names of its address
+# and port among them (infra/prometheus.sh scrapes these). The Daraja sandbox, a stand-in for
+# Safaricom, has none.
+METRICS_ENDPOINTS = {
+    "ingress": (ingress.SETTINGS, "INGRESS_HOST", "INGRESS_PORT"),
+    "webhook-gateway": (gateway.SETTINGS, "WEBHOOK_HOST", "WEBHOOK_PORT"),
+    "onboarding-api": (admin_settings.API_SETTINGS, "ADMIN_HOST", "ADMIN_PORT"),
+    "ledger": (ledger.SETTINGS, "METRICS_HOST", "LEDGER_METRICS_PORT"),
+    "stk-worker": (stk_worker.SETTINGS, "METRICS_HOST", "STK_WORKER_METRICS_PORT"),
+    "audit-anchor": (anchors.SETTINGS, "METRICS_HOST", "AUDIT_ANCHOR_METRICS_PORT"),
+    "notifier": (notifier.NOTIFIER_SETTINGS, "METRICS_HOST", "NOTIFIER_METRICS_PORT"),
+}
+WILDCARDS = {"", "0.0.0.0", "::"}  # listening on every address: scraped on loopback
+
+
+def metrics_targets(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """host:port of each service's /metrics, from the same variables (and defaults) the services read."""
+    targets = {}
+    for service, (settings, host_env, port_env) in METRICS_ENDPOINTS.items():
+        wanted = [s for s in settings if s.env in (host_env, port_env)]
+        values = config.load(wanted, environ)
+        host = values[host_env].strip("[]")
+        host = "127.0.0.1" if host in WILDCARDS else host
+        targets[service] = f"[{host}]:{values[port_env]}" if ":" in host else f"{host}:{values[port_env]}"
+    return targets
 
 
 def role_url(database_url: str, role: str) -> str:
@@ -127,3 +162,13 @@ def prepare(database_url: str, key_file: Path, anchor_key_file: Path,
     LocalKeyFileProvider.open(webhooks_key_file, create=True)
     asyncio.run(ensure_demo_channel(role_url(database_url, SERVICE_ROLES["onboarding-api"]), key_file))
     return env, demo_banner()
+
+
+if __name__ == "__main__":  # infra/prometheus.sh: `python -m services.devstack metrics-targets`
+    if sys.argv[1:] != ["metrics-targets"]:
+        sys.exit("usage: python -m services.devstack metrics-targets")
+    try:
+        for service, target in metrics_targets().items():
+            print(service, target)
+    except config.ConfigError as exc:
+        sys.exit(f"metrics-targets: {exc}")

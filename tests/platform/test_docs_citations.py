@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SCANNED = ["services", "tests", "bench", "infra", "docs", "schemas", "migrations", "README.md", "compose.yaml",
+SCANNED = ["services", "tests", "bench", "infra", "docs", "ops", "schemas", "migrations", "README.md", "compose.yaml",
            "Makefile", "Dockerfile", "pyproject.toml"]
 TEXT_SUFFIXES = {".py", ".md", ".sh", ".sql", ".yaml", ".yml", ".toml", ".json", ".avsc", ".xml", ".txt", ""}
 

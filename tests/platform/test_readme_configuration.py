@@ -45,7 +45,7 @@ EVERY_SERVICE = "every service"  # the table's shorthand: every reader but the c
 # Rows for variables that are not a Setting: read by librdkafka/libpq or the infra scripts.
 NOT_SETTINGS = {"KAFKA_CLIENT_<NAME>", "KAFKA_CLIENT_<NAME>_FILE", "PGPASSFILE", "KAFKA_PORT",
                 "KAFKA_CONTROLLER_PORT", "KAFKA_DIR", "PGPORT", "PG_STOP_MODE", "TEST_STOPPABLE_KAFKA_PORT",
-                "TEST_STOPPABLE_KAFKA_CONTROLLER_PORT"}
+                "TEST_STOPPABLE_KAFKA_CONTROLLER_PORT", "PROMETHEUS_PORT", "PROMETHEUS_DIR"}
 
 
 def table_rows() -> dict[str, tuple[str, str]]:
