@@ -37,9 +37,13 @@ OPERATOR_MAX = 64
 OPERATOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 RECEIPT = re.compile(r"[A-Z0-9]{10}")  # M-Pesa's receipt form, as migration 0008 checks it
 CHECKOUT_REQUEST_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # Daraja's ws_CO_<digits>...; nothing else is stored
-# A payer's number inside free text (a raw callback, a reason): a run of digits that is a Kenyan
-# mobile number in one of the forms Daraja or a merchant writes it; longer runs (timestamps) are not.
-_PHONE_IN_TEXT = re.compile(r"(?<![0-9])(?:\+?254|0)?[17][0-9]{8}(?![0-9])")
+# A payer's number inside free text (a raw callback, a reason): a Kenyan mobile number in any form
+# the ingress accepts for one (services/common/payment.py normalise_phone: +254, 254, 00254, a trunk 0,
+# grouped by spaces, dashes, dots or parentheses), or a merchant may write it; longer runs of digits
+# (timestamps) are not.
+_PHONE_SEPARATORS = r"[ \-.()]{0,3}"
+_PHONE_IN_TEXT = re.compile(rf"(?<![0-9])(?:(?:\+|00)?254{_PHONE_SEPARATORS}(?:0{_PHONE_SEPARATORS})?"
+                            rf"|0{_PHONE_SEPARATORS})?[17](?:{_PHONE_SEPARATORS}[0-9]){{8}}(?![0-9])")
 _PRINTABLE_ONE_LINE = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]+")
 
 SEARCH_PARAMETERS = ("channel", "state", "from", "to", "orderReference", "receipt", "checkoutRequestId", "phone",
@@ -359,7 +363,7 @@ def history_entry(row: Mapping[str, Any]) -> dict[str, Any]:
 def audit_entry(row: Mapping[str, Any]) -> dict[str, Any]:
     return {"seq": row["seq"], "at": shown(row["at"]), "fact": row["fact"], "verdict": row["verdict"],
             "fromState": row["from_state"], "toState": row["to_state"], "detail": shown(row["detail"]),
-            "actor": row["actor"], "eventId": None if row["event_id"] is None else str(row["event_id"])}
+            "actor": shown(row["actor"]), "eventId": None if row["event_id"] is None else str(row["event_id"])}
 
 
 def callback_entry(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from services.operations.model import (
     Cursor,
     Instruction,
     actor_of,
+    audit_entry,
     decode_cursor,
     mask_phones_in,
     parse_query_instruction,
@@ -132,8 +133,27 @@ def test_the_actor_names_the_operator_and_the_way_in():
     assert actor_of("wanjiku", "cli") == "wanjiku via cli"
 
 
+@pytest.mark.parametrize("written", ["0712345678", "712345678", "254712345678", "+254712345678", "+254 712 345 678",
+                                     "00254712345678", "2540712345678", "+254 (0)712-345-678", "2547 12 345 678",
+                                     "0712-345-678", "254.712.345.678"])
+def test_every_form_the_ingress_accepts_for_a_number_is_masked_inside_free_text(written):
+    # A raw callback or a merchant's metadata may write the payer's number in any form the ingress
+    # would take as one; each of those shows masked, never whole.
+    masked = mask_phones_in(f'{{"PhoneNumber": "{written}", "Note": "call {written} back"}}')
+    assert masked.count("254******678") == 2 and "345" not in masked
+
+
 def test_phone_numbers_in_free_text_are_masked_and_timestamps_are_not():
     body = ('{"Item":[{"Name":"PhoneNumber","Value":254712345678},{"Name":"TransactionDate","Value":20261127102115},'
             '"0712345678 +254712345678 712345678"]}')
     masked = mask_phones_in(body)
     assert "12345678" not in masked and masked.count("254******678") == 4 and "20261127102115" in masked
+
+
+def test_an_audit_entry_masks_a_number_in_its_actor_as_in_its_detail():
+    # The actor is the text of the command's event: a forged one may carry a payer's number there.
+    row = {"seq": 1, "at": datetime(2026, 11, 30, tzinfo=timezone.utc), "fact": "OperatorResolution",
+           "verdict": "applied", "from_state": "Review", "to_state": "Cancelled", "detail": "called 0712345678",
+           "actor": "0712 345 678 via cli", "event_id": None}
+    entry = audit_entry(row)
+    assert (entry["actor"], entry["detail"]) == ("254******678 via cli", "called 254******678")
