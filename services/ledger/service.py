@@ -56,16 +56,24 @@ class Ledger:
                 _log_poison(r.event, r.error)
         return rejections
 
-    async def _apply_refusing_alone(self, events: list[ConsumedEvent]) -> list[Rejection]:
+    async def _apply_refusing_alone(self, events: list[ConsumedEvent], decided_again: bool = False
+                                    ) -> list[Rejection]:
         """An event that cannot be applied must not block the rest of its batch: the halves are
         applied in turn (keeping the order) until it stands alone, so k bad events among n cost
-        about 2k·log2(n) transactions, not n. Alone, it is rejected (dead-lettered) with its error."""
+        about 2k·log2(n) transactions, not n. Alone, it is rejected (dead-lettered) with its error.
+
+        A unique index's refusal of an event alone is first decided once more: another ledger's
+        batch (another partition) may have committed the same receipt after this one read who holds
+        it, and decided again the event sees that holder and gets a verdict of its own (a receipt
+        proving another payment: rejected, or Review) instead of a dead letter."""
         try:
             return await self._apply_in_one_transaction(events)
         except Exception as exc:
             if isinstance(exc, Transient) or not _is_the_events_fault(exc):
                 raise
             if len(events) == 1:
+                if isinstance(exc, psycopg.errors.UniqueViolation) and not decided_again:
+                    return await self._apply_refusing_alone(events, decided_again=True)
                 return [Rejection(events[0], exc)]
         half = len(events) // 2
         return await self._apply_refusing_alone(events[:half]) + await self._apply_refusing_alone(events[half:])

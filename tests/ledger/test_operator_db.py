@@ -3,6 +3,7 @@ refusals that change nothing, replays applied once, who acted in the audit trail
 rows with and without an actor verifying), and the callback bodies kept for the review desk."""
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from services.common.kafka import ConsumedEvent, ensure_topics, new_event_fields
@@ -233,3 +234,32 @@ async def test_an_actor_of_any_length_and_characters_is_kept_cleaned_and_bounded
     verdict, detail, _, actor = await verdict_of(pool, cancel.value["event_id"])
     assert verdict == "applied" and len(actor) <= 200 and len(detail) <= 501
     assert actor.isprintable() and detail.isprintable()
+
+
+async def test_a_receipt_another_ledger_batch_settles_meanwhile_gets_a_verdict_not_a_dead_letter(ledger, pool, unique):
+    # Two payments of two channels are settled with one receipt by two batches at once (two ledger
+    # consumers, a partition each). Neither saw the other's receipt when it read the owners; the
+    # unique index refuses the later commit. That instruction is decided again, now seeing who
+    # holds the receipt, and rejected with why: the desk finds a verdict, not a dead letter.
+    channel, first, second = f"ch-{unique}", str(uuid.uuid4()), str(uuid.uuid4())
+    await in_review(ledger, pool, channel, first, unique)
+    await in_review(ledger, pool, f"{channel}-b", second, uuid.uuid4().hex[:10])
+    shared = receipt(uuid.uuid4().hex)
+    async with pool.connection() as other_batch:
+        await other_batch.execute("BEGIN")
+        await other_batch.execute("UPDATE payments SET mpesa_receipt = %s, state = 'Settled' WHERE payment_id = %s",
+                                  (shared, first))
+        settle = command(f"{channel}-b", second, "SETTLE", shared)
+        applying = asyncio.ensure_future(ledger.handle_batch([settle]))
+
+        async def waits_for_the_other_batch():
+            async with pool.connection() as conn:
+                row = await (await conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")).fetchone()
+                return row[0] > 0  # the ledger's write waits for the other batch's row
+
+        await eventually(waits_for_the_other_batch)
+        await other_batch.execute("COMMIT")
+    assert await applying == []
+    assert (await state_of(pool, first), await state_of(pool, second)) == (("Settled", shared), ("Review", None))
+    verdict, detail, _, _ = await verdict_of(pool, settle.value["event_id"])
+    assert verdict == "rejected" and f"already proves payment {first}" in detail
