@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
@@ -168,6 +168,11 @@ def producer_config(bootstrap: str, client_id: str, delivery_timeout_ms: int, li
     })
 
 
+# How long a failed delivery keeps a connected producer not ready when nothing succeeds after it
+# (EventProducer.ready): several readiness probes' periods, so a load balancer takes the process out.
+FAILURE_REMEMBERED_S: Final = 60.0
+
+
 class Publisher(Protocol):
     async def publish(self, topic: Topic, record: dict[str, Any]) -> None: ...
 
@@ -183,8 +188,10 @@ class EventProducer:
     """
 
     def __init__(self, bootstrap: str, codec: Codec, *, client_id: str, delivery_timeout_ms: int = 15000,
-                 linger_ms: int = 2, poll_interval_s: float = 0.0005):
+                 linger_ms: int = 2, poll_interval_s: float = 0.0005,
+                 failure_remembered_s: float = FAILURE_REMEMBERED_S):
         self.codec = codec
+        self._failure_remembered_s = failure_remembered_s
         self.reachability = BrokerReachability()
         self._producer = Producer(producer_config(bootstrap, client_id, delivery_timeout_ms, linger_ms,
                                                   self.reachability))
@@ -257,16 +264,19 @@ class EventProducer:
             counter.inc()
 
     def ready(self) -> bool:
-        """For readiness: a broker connection is up, and no delivery failed since the last one that
-        succeeded or since the connection came back (a failure with the connection up, an ACL or a
-        topic gone say, stays visible until a delivery succeeds)."""
+        """For readiness: a broker connection is up, and no delivery failed in the last
+        `failure_remembered_s` since the last one that succeeded or since the connection came back
+        (a failure with the connection up, an ACL or a topic gone say, stays visible until a delivery
+        succeeds, or for that long). Not for ever: a process out of rotation for it (the ingress, the
+        webhook gateway) is sent nothing, so no delivery of its own could ever bring it back; a
+        delivery still failing after that turns it not ready again."""
         if not self.reachability.connected():
             return False
         failed_at = self._last_failure_at
         if failed_at is None:
             return True
         recovered_at = max(self._last_success_at or 0.0, self.reachability.up_since or 0.0)
-        return failed_at < recovered_at
+        return failed_at < recovered_at or time.monotonic() - failed_at > self._failure_remembered_s
 
     def _latency_of(self, topic: str) -> Any:
         histogram = self._latencies.get(topic)

@@ -87,6 +87,30 @@ async def test_a_producer_is_not_ready_after_a_delivery_failed_until_one_succeed
         producer.close()
 
 
+async def test_a_producer_that_sends_nothing_after_a_failed_delivery_is_ready_again_once_the_failure_is_old(
+        kafka_bootstrap, codec, unique):
+    """Goal: a process taken out of rotation for a failed delivery (the ingress, the webhook
+    gateway: a load balancer stops sending it requests, so it produces nothing) is not kept out for
+    ever once the broker takes the topic again. Method: fail a delivery to a topic that does not
+    exist, create it, publish nothing: ready again when the failure is older than the producer
+    remembers one; a later failure would turn it back."""
+    late = Topic(f"test.ready.late.{unique}", "payment_requested")
+    await codec.prepare([late])
+    producer = EventProducer(kafka_bootstrap, codec, client_id=f"ready-late-{unique}", delivery_timeout_ms=2000,
+                             failure_remembered_s=3.0)
+    try:
+        await eventually(lambda: _true(producer.ready()), timeout=30)
+        try:
+            await producer.publish(late, sample_request(f"ch-{unique}", str(uuid.uuid4())))
+        except Exception:  # PublishError: the topic does not exist yet
+            pass
+        assert producer.reachability.connected() and not producer.ready()
+        ensure_topics(kafka_bootstrap, [late], 1)
+        await eventually(lambda: _true(producer.ready()), timeout=30)
+    finally:
+        producer.close()
+
+
 def test_build_info_names_the_installed_release_and_python():
     record_build_info()
     labels = {"version": metadata.version("mpesa-pipeline"), "python": platform.python_version()}
