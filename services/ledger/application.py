@@ -195,8 +195,8 @@ class Batch:
             await self._read_owners([cb.receipt] if cb.receipt else [], [cb.checkout_request_id])
         elif isinstance(fact, sm.PushAccepted):
             await self._read_owners([], [fact.checkout_request_id])
-        elif isinstance(fact, sm.OperatorResolution) and fact.receipt:
-            await self._read_owners([fact.receipt], [])
+        elif isinstance(fact, sm.OperatorResolution) and (settling := _receipt_to_check(fact)):
+            await self._read_owners([settling], [])
         owners = sm.Owners(i.payment_id, self.receipts, self.checkouts)
         return sm.decide(await self._snapshot(record, fact), fact, owners)
 
@@ -364,9 +364,16 @@ def _receipts(inputs: Iterable[LedgerInput]) -> list[str]:
     for i in inputs:
         if isinstance(i.fact, sm.CallbackReceived) and i.fact.callback.receipt:
             receipts.append(i.fact.callback.receipt)
-        elif isinstance(i.fact, sm.OperatorResolution) and i.fact.receipt:
-            receipts.append(i.fact.receipt)
+        elif isinstance(i.fact, sm.OperatorResolution) and (settling := _receipt_to_check(i.fact)):
+            receipts.append(settling)
     return receipts
+
+
+def _receipt_to_check(fact: sm.OperatorResolution) -> str | None:
+    """The receipt whose owners a settlement needs, if it has M-Pesa's form: another one is rejected
+    by decide() without them, and looking it up could fail the batch (a NUL byte, which no text
+    parameter can hold, in a command produced straight to the topic)."""
+    return fact.receipt if fact.receipt is not None and sm.RECEIPT.fullmatch(fact.receipt) else None
 
 
 def _checkout_ids(inputs: Iterable[LedgerInput]) -> list[str]:
