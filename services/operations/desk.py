@@ -41,6 +41,7 @@ from services.operations.model import (
     payment_detail,
     payment_summary,
     refusal,
+    shown,
 )
 
 log = logging.getLogger(__name__)
@@ -193,9 +194,10 @@ class ReviewDesk:
             if asyncio.get_running_loop().time() >= deadline:
                 return Outcome("accepted", event_id, "accepted, the ledger has not applied it yet")
             await self._sleep(self._poll_interval_s)
+        detail = shown(verdict["detail"])  # it quotes the operator's reason, which may hold a number
         if verdict["verdict"] == "rejected":
-            return Outcome("rejected", event_id, verdict["detail"])
-        return Outcome("applied", event_id, verdict["detail"], await self.payment(payment_id))
+            return Outcome("rejected", event_id, detail)
+        return Outcome("applied", event_id, detail, await self.payment(payment_id))
 
     async def verdict(self, payment_id: str, event_id: str) -> dict[str, Any] | None:
         """The ledger's audit entry for an instruction (payment_id first: the audit trail's index)."""

@@ -85,6 +85,17 @@ async def test_a_rejection_by_the_ledger_gives_its_reason(desk, ledger, scripted
     assert (outcome.status, outcome.detail) == ("rejected", "receipt already proves another payment")
 
 
+async def test_the_verdict_quoting_the_reason_masks_a_number_the_operator_wrote(desk, ledger, scripted, unique):
+    # The ledger's detail quotes the operator's reason as given ("called 0712 345 678, refunded"):
+    # the answer masks it as `payments show` does, whether the ledger applied or refused.
+    made = await make_payment(ledger, f"ch-{unique}")
+    for verdict in ("applied", "rejected"):
+        scripted.verdict, scripted.detail = verdict, "called 0712 345 678, refunded"
+        outcome = await desk.instruct(made.payment_id, Instruction(Action.CANCEL, "o", "called 0712 345 678"),
+                                      "o via cli")
+        assert (outcome.status, outcome.detail) == (verdict, "called 254******678, refunded")
+
+
 async def test_a_verdict_not_seen_in_time_is_accepted_not_applied(desk, ledger, scripted, unique):
     made = await make_payment(ledger, f"ch-{unique}")
     scripted.verdict = None
