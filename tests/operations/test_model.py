@@ -17,6 +17,7 @@ from services.operations.model import (
     parse_query_instruction,
     parse_resolution,
     parse_search,
+    payment_summary,
     refusal,
 )
 
@@ -157,3 +158,14 @@ def test_an_audit_entry_masks_a_number_in_its_actor_as_in_its_detail():
            "actor": "0712 345 678 via cli", "event_id": None}
     entry = audit_entry(row)
     assert (entry["actor"], entry["detail"]) == ("254******678 via cli", "called 254******678")
+
+
+def test_a_receipt_that_reads_like_a_number_is_shown_as_it_is():
+    # R712345678 is of M-Pesa's form; masked, the operator could not match it to the SMS or settle with it.
+    row = {"phone": "254712345678", "payment_id": "p-1", "channel_id": "shop", "state": "Review", "amount": 100,
+           "order_reference": "call 0712345678", "account_reference": "INV1", "checkout_request_id": "ws_CO_1",
+           "mpesa_receipt": None, "late_receipt": "R712345678", "candidate_receipt": "1712345678",
+           "requested_at": datetime(2026, 11, 30, tzinfo=timezone.utc), "final_at": None, "review_reason": None}
+    shown = payment_summary(row)
+    assert (shown["lateMpesaReceipt"], shown["candidateReceipt"]) == ("R712345678", "1712345678")
+    assert (shown["phone"], shown["orderReference"]) == ("254******678", "call 254******678")
