@@ -15,6 +15,7 @@ from services.ledger.record import CHECKOUT_COLUMNS, COLUMNS, RECEIPT_COLUMNS, P
 
 _AUDIT_LOCK = 7_262_022  # advisory lock: one appender of the hash chain at a time
 _PAYMENT_LOCKS = 7_262_023  # first key of the per-payment advisory locks (the two-key space is apart)
+_RECEIPT_LOCKS = 7_262_024  # likewise, per receipt a batch may write
 GENESIS = "0" * 64
 
 # Rows are COPYed into a per-connection staging table, then merged in one statement: much cheaper
@@ -48,6 +49,10 @@ async def open_batch(conn: AsyncConnection, events: list[tuple[str, str]], payme
     cover a payment another transaction is inserting, and a fact parked for it then would never be
     applied. Every writer of payments takes these advisory locks first, in one order (so two
     batches cannot deadlock); each statement sees what was committed before the locks were granted.
+    The receipts the batch may write are locked after its payments, in one order too: one receipt
+    proves one payment, and two batches of other payments (other partitions) writing the same one
+    would each read it free before the other commits; only mpesa_receipt has a unique index to
+    refuse the second, late_receipt and candidate_receipt have none.
     """
     ids = sorted(set(payment_ids))
     async with conn.pipeline():
@@ -56,6 +61,9 @@ async def open_batch(conn: AsyncConnection, events: list[tuple[str, str]], payme
             " ON CONFLICT DO NOTHING RETURNING event_id::text", ([e for e, _ in events], [t for _, t in events]))
         await conn.execute("SELECT pg_advisory_xact_lock(%s, h) FROM (SELECT DISTINCT hashtext(p) AS h"
                            " FROM unnest(%s::text[]) AS p ORDER BY h) AS locks", (_PAYMENT_LOCKS, ids))
+        if receipts:
+            await conn.execute("SELECT pg_advisory_xact_lock(%s, h) FROM (SELECT DISTINCT hashtext(r) AS h"
+                               " FROM unnest(%s::text[]) AS r ORDER BY h) AS locks", (_RECEIPT_LOCKS, list(receipts)))
         payments = conn.cursor(row_factory=dict_row)
         await payments.execute(f"SELECT {', '.join(COLUMNS)} FROM payments WHERE payment_id = ANY(%s)", (ids,))
         parked = await conn.execute("SELECT payment_id, event_id::text, topic, payload FROM parked_facts"

@@ -16,7 +16,7 @@ from services.common.topics import (
 )
 from services.ledger import store
 from tests.conftest import eventually, free_port, service_env, start_service
-from tests.ledger.callbacks import success
+from tests.ledger.callbacks import failure, success
 from tests.ledger.test_ledger_db import accepted, callback, receipt, requested, state_of
 from tests.platform.kafka_helpers import start_group_at_end
 
@@ -275,3 +275,31 @@ async def test_a_receipt_postgresql_cannot_hold_is_rejected_with_why_not_dead_le
     assert await state_of(pool, pid) == ("Review", None)
     verdict, detail, _, _ = await verdict_of(pool, settle.value["event_id"])
     assert verdict == "rejected" and "M-Pesa's form" in detail and "\x00" not in detail
+
+
+async def test_a_receipt_another_batch_is_proving_meanwhile_settles_nothing_else(ledger, pool, unique):
+    # Payment A's late success callback (receipt R, money moved after it was Cancelled) is being
+    # applied by one ledger's batch while another settles payment B of another channel with R. R
+    # goes in A's late_receipt, which no unique index guards: the settlement waits for that batch,
+    # then sees R proves A, and is rejected, rather than both payments holding R.
+    channel, first, second = f"ch-{unique}", str(uuid.uuid4()), str(uuid.uuid4())
+    checkout, shared = f"ws_CO_{unique}", receipt(uuid.uuid4().hex)
+    await ledger.handle_batch([requested(channel, first), accepted(channel, first, checkout),
+                               callback(channel, first, failure(checkout, 1032))])
+    await in_review(ledger, pool, f"{channel}-b", second, uuid.uuid4().hex[:10])
+    late_success = ledger.ledger_input(callback(channel, first, success(checkout, receipt=shared)))
+    settle = command(f"{channel}-b", second, "SETTLE", shared)
+    async with ledger.service.unit_of_work() as other_batch:
+        await ledger.service.apply_within(other_batch, [late_success])
+        applying = asyncio.ensure_future(ledger.handle_batch([settle]))
+
+        async def waits_or_done():
+            async with pool.connection() as conn:
+                row = await (await conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")).fetchone()
+                return row[0] > 0 or applying.done()
+
+        await eventually(waits_or_done)
+    assert await applying == []
+    assert await state_of(pool, first) == ("Review", None) and await state_of(pool, second) == ("Review", None)
+    verdict, detail, _, _ = await verdict_of(pool, settle.value["event_id"])
+    assert verdict == "rejected" and f"already proves payment {first}" in detail
