@@ -169,8 +169,10 @@ def producer_config(bootstrap: str, client_id: str, delivery_timeout_ms: int, li
 
 
 # How long a failed delivery keeps a connected producer not ready when nothing succeeds after it
-# (EventProducer.ready): several readiness probes' periods, so a load balancer takes the process out.
-FAILURE_REMEMBERED_S: Final = 60.0
+# (EventProducer.ready): several readiness probes' periods, so a load balancer takes the process out,
+# and longer than ServiceNotReady's `for: 1m` (ops/prometheus/alerts.yml), so a producer that fails
+# again each time it is let back in still pages.
+FAILURE_REMEMBERED_S: Final = 120.0
 
 
 class Publisher(Protocol):
