@@ -525,6 +525,9 @@ async def test_an_event_the_producer_refuses_before_sending_is_a_publish_error_n
         def produce(self, *args, **kwargs):
             raise KafkaException(KafkaError(KafkaError._FATAL, "fatal idempotent producer error", fatal=True))
 
+        def poll(self, timeout):  # the producer's polling timer outlives the test
+            return 0
+
     producer._producer = Fatal()  # type: ignore[assignment]  # the client's own state cannot be forced
     with pytest.raises(PublishError, match="refused the event"):
         await producer.publish(STK_PUSH_RESULT, {**new_event_fields("shop", "p1"), "outcome": "ACCEPTED",
