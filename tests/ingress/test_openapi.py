@@ -18,6 +18,7 @@ from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
 from tests.ingress.conftest import ingress_config, make_api_key, make_channel, new_key, payment_body, start_ingress
+from tests.openapi_refs import refs_in
 
 DOCUMENT_PATH = Path(__file__).resolve().parents[2] / "services" / "ingress" / "openapi.json"
 DOCUMENT_URI = "urn:ingress-openapi"
@@ -84,18 +85,7 @@ def test_the_document_is_served_as_is_and_is_well_formed(document):
     for schema in document["components"]["schemas"].values():
         Draft202012Validator.check_schema(schema)
     registry = Registry().with_resource(DOCUMENT_URI, DRAFT202012.create_resource(document))
-    refs: list[str] = []
-
-    def collect(node):
-        if isinstance(node, dict):
-            refs.extend(v for k, v in node.items() if k == "$ref")
-            for value in node.values():
-                collect(value)
-        elif isinstance(node, list):
-            for value in node:
-                collect(value)
-
-    collect(document)
+    refs = refs_in(document)
     assert refs
     resolver = registry.resolver(DOCUMENT_URI)
     for ref in refs:

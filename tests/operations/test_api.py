@@ -21,6 +21,7 @@ from services.common.observability import serve
 from services.common.ratelimit import RateLimiter
 from services.operations.desk import ReviewDesk
 from tests.conftest import free_port
+from tests.openapi_refs import refs_in
 from tests.operations.conftest import ADMIN, admin_app, make_payment
 
 DOCUMENT = json.loads((Path(__file__).resolve().parents[2] / "services" / "operations" / "openapi.json").read_text())
@@ -82,18 +83,7 @@ def test_the_document_is_openapi_3_1_and_every_ref_resolves():
     assert DOCUMENT["openapi"].startswith("3.1.")
     for schema in DOCUMENT["components"]["schemas"].values():
         Draft202012Validator.check_schema(schema)
-    refs: list[str] = []
-
-    def collect(node):
-        if isinstance(node, dict):
-            refs.extend(v for k, v in node.items() if k == "$ref")
-            for value in node.values():
-                collect(value)
-        elif isinstance(node, list):
-            for value in node:
-                collect(value)
-
-    collect(DOCUMENT)
+    refs = refs_in(DOCUMENT)
     resolver = REGISTRY.resolver(URI)
     assert refs and all(resolver.lookup(ref).contents for ref in refs)
     assert "/admin/channels/{channelId}/statement" in DOCUMENT["paths"]
