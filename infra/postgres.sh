@@ -13,7 +13,8 @@ url() { echo "postgresql://${1:-mpesa}@127.0.0.1:${PGPORT}/mpesa"; }
 PASSFILE="$LOCAL/secrets/pgpass"
 # login role -> the group role holding its grants. `mpesa` (the owner) is in no group.
 declare -A GROUP_OF=([ingress]=mpesa_ingress [stk_worker]=mpesa_stk_worker [ledger]=mpesa_ledger
-                     [onboarding]=mpesa_onboarding [auditor]=mpesa_auditor [notifier]=mpesa_notifier)
+                     [onboarding]=mpesa_onboarding [auditor]=mpesa_auditor [notifier]=mpesa_notifier
+                     [privacy]=mpesa_privacy)
 PGLINK="$LOCAL/pg"   # a real folder, or a symlink to /var/tmp when postgres can't reach the clone
 
 # PostgreSQL refuses to run as root, so as root we run it as the 'postgres' system user.

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 from services.channels import settings as admin_settings
 from services.channels.onboarding import Conflict, Onboarding
 from services.channels.vault import LocalKeyFileProvider, public_key_path
-from services.common import config
+from services.common import config, pseudonyms
 from services.common.db import migrate, open_pool
 from services.common.topics import ACCESS
 from services.daraja_sandbox.settings import DEMO_CONSUMER_KEY, DEMO_CONSUMER_SECRET, SANDBOX_PASSKEY
@@ -30,6 +30,7 @@ from services.webhook_consumer import settings as gateway
 
 SECRETS = Path(".local/secrets")
 KAFKA_CA = Path(".local/kafka/tls/ca.crt")  # made by infra/kafka.sh, as are the principals' passwords
+PSEUDONYM_KEY = SECRETS / "pseudonym.key"  # services/common/pseudonyms.py
 DEMO_CHANNEL = "demo"
 # The login role of each service of `mpesa-pipeline run` (made by infra/postgres.sh).
 SERVICE_ROLES = {"ledger": "ledger", "stk-worker": "stk_worker", "ingress": "ingress", "onboarding-api": "onboarding",
@@ -92,7 +93,8 @@ def dev_environment() -> dict[str, str]:
     env = {"WEBHOOK_TOKEN_SECRETS": local_secret("webhook-token-secret"), "ADMIN_TOKEN": local_secret("admin-token"),
            "DARAJA_SANDBOX_ADMIN_TOKEN": local_secret("daraja-sandbox-admin-token"), "MPESA_ENVIRONMENT": "sandbox",
            "KAFKA_CLIENT_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_CLIENT_SASL_MECHANISM": "SCRAM-SHA-512",
-           "KAFKA_CLIENT_SSL_CA_LOCATION": str(KAFKA_CA.resolve()), "WEBHOOK_ALLOWED_NETWORKS": DEV_WEBHOOK_NETWORKS}
+           "KAFKA_CLIENT_SSL_CA_LOCATION": str(KAFKA_CA.resolve()), "WEBHOOK_ALLOWED_NETWORKS": DEV_WEBHOOK_NETWORKS,
+           "PSEUDONYM_KEY_FILE": str(PSEUDONYM_KEY.resolve())}
     if os.environ.get("KAFKA_PORT"):  # infra/kafka.sh started the broker there
         env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{os.environ['KAFKA_PORT']}"
     if os.environ.get("SCHEMA_REGISTRY_PORT"):  # infra/registry.sh started the registry there
@@ -159,6 +161,7 @@ def prepare(database_url: str, key_file: Path, anchor_key_file: Path,
     env = dev_environment()
     migrate(database_url)
     create_key(anchor_key_file)  # no-op once it exists
+    pseudonyms.create_key(Path(env.get("PSEUDONYM_KEY_FILE") or os.environ["PSEUDONYM_KEY_FILE"]))
     LocalKeyFileProvider.open(webhooks_key_file, create=True)
     asyncio.run(ensure_demo_channel(role_url(database_url, SERVICE_ROLES["onboarding-api"]), key_file))
     return env, demo_banner()

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from services.common import pseudonyms
 from services.common.avro import open_codec
 from services.common.config import KAFKA_CLIENT_PREFIX
 from services.common.db import migrate, open_pool
@@ -29,6 +30,8 @@ from services.devstack import role_url
 from services.ledger.anchors import create_key
 
 ANCHOR_KEY_FILE = Path(__file__).resolve().parents[1] / ".local" / "audit" / "anchor-key.pem"
+# The session's pseudonym key, `make run`'s too; services started by tests get it through the environment.
+PSEUDONYM_KEY_FILE = Path(__file__).resolve().parents[1] / ".local" / "secrets" / "pseudonym.key"
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS = 3
@@ -87,6 +90,8 @@ def infra() -> dict[str, str]:
     _MIGRATION_URLS.add(given["DATABASE_URL"])
     ANCHOR_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
     create_key(ANCHOR_KEY_FILE)  # the same key as `make run`'s: both anchor the same local database
+    pseudonyms.create_key(PSEUDONYM_KEY_FILE)
+    os.environ["PSEUDONYM_KEY_FILE"] = str(PSEUDONYM_KEY_FILE)
     ensure_topics(given["KAFKA_BOOTSTRAP_SERVERS"], ALL_TOPICS, PARTITIONS)
     return given
 
@@ -130,6 +135,7 @@ ingress_pool = _role_pool_fixture("ingress")
 stk_worker_pool = _role_pool_fixture("stk_worker")
 onboarding_pool = _role_pool_fixture("onboarding")
 auditor_pool = _role_pool_fixture("auditor")
+privacy_pool = _role_pool_fixture("privacy")
 notifier_pool = _role_pool_fixture("notifier")
 
 

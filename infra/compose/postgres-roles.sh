@@ -6,7 +6,8 @@
 # from the environment and travel on psql's stdin.
 set -euo pipefail
 declare -A GROUP_OF=([ingress]=mpesa_ingress [stk_worker]=mpesa_stk_worker [ledger]=mpesa_ledger
-                     [onboarding]=mpesa_onboarding [auditor]=mpesa_auditor [notifier]=mpesa_notifier)
+                     [onboarding]=mpesa_onboarding [auditor]=mpesa_auditor [notifier]=mpesa_notifier
+                     [privacy]=mpesa_privacy)
 password() {
   local v="${1^^}_DB_PASSWORD"
   [[ ${!v:-} =~ ^[A-Za-z0-9_-]{16,}$ ]] || { echo "set $v: 16 or more letters, digits, - or _" >&2; exit 1; }

@@ -24,7 +24,7 @@ from services.ledger.service import Ledger
 from tests.conftest import ANCHOR_KEY_FILE, ROOT, database_url_of, eventually, free_port, service_env, start_service
 from tests.ledger.test_ledger_db import requested
 
-SERVICE_ROLES = ("ingress", "stk_worker", "ledger", "onboarding", "auditor", "notifier")
+SERVICE_ROLES = ("ingress", "stk_worker", "ledger", "onboarding", "auditor", "notifier", "privacy")
 AUDIT_TABLES = ("audit_log", "audit_anchors", "credential_audit", "payment_history")
 TIME_COLUMN = {"audit_anchors": "anchored_at"}  # every other audit table calls it `at`
 
@@ -52,6 +52,7 @@ GRANTS = {
     "notifier": {"webhook_endpoints": "SELECT", "webhook_secrets": "SELECT",
                  "webhook_deliveries": "SELECT INSERT UPDATE", "webhook_attempts": "SELECT INSERT",
                  "credential_audit": "INSERT", "schema_migrations": "SELECT"},
+    "privacy": {"schema_migrations": "SELECT"},
 }
 PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
 
