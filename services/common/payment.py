@@ -102,6 +102,23 @@ def normalise_phone(raw: str) -> str | None:
     return f"254{match.group(1)}" if match else None
 
 
+# A payer's number inside free text (a raw callback, a reason): a Kenyan mobile number in any form
+# the ingress accepts for one (normalise_phone: +254, 254, 00254, a trunk 0,
+# grouped by spaces, dashes, dots or parentheses), or a merchant may write it; longer runs of digits
+# (timestamps) are not.
+_SEPARATORS_IN_TEXT = r"[ \-.()]{0,3}"
+_PHONE_IN_TEXT = re.compile(rf"(?<![0-9])(?:(?:\+|00)?254{_SEPARATORS_IN_TEXT}(?:0{_SEPARATORS_IN_TEXT})?"
+                            rf"|0{_SEPARATORS_IN_TEXT})?[17](?:{_SEPARATORS_IN_TEXT}[0-9]){{8}}(?![0-9])")
+
+
+def mask_phones_in(text: str) -> str:
+    """`text` with every Kenyan mobile number in it masked (mask_phone), for raw callbacks and reasons."""
+    def masked(match: re.Match[str]) -> str:
+        phone = normalise_phone(match.group(0))
+        return mask_phone(phone) if phone else "*" * len(match.group(0))
+    return _PHONE_IN_TEXT.sub(masked, text)
+
+
 def validate_channel_id(value: Any) -> str | None:
     if value is None:
         return "is required"

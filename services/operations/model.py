@@ -21,6 +21,7 @@ from services.common.payment import (
     ORDER_REFERENCE_LENGTH_MAX,
     PaymentState,
     mask_phone,
+    mask_phones_in,
     normalise_phone,
     validate_channel_id,
 )
@@ -37,13 +38,6 @@ OPERATOR_MAX = 64
 OPERATOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 RECEIPT = re.compile(r"[A-Z0-9]{10}")  # M-Pesa's receipt form, as migration 0008 checks it
 CHECKOUT_REQUEST_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # Daraja's ws_CO_<digits>...; nothing else is stored
-# A payer's number inside free text (a raw callback, a reason): a Kenyan mobile number in any form
-# the ingress accepts for one (services/common/payment.py normalise_phone: +254, 254, 00254, a trunk 0,
-# grouped by spaces, dashes, dots or parentheses), or a merchant may write it; longer runs of digits
-# (timestamps) are not.
-_PHONE_SEPARATORS = r"[ \-.()]{0,3}"
-_PHONE_IN_TEXT = re.compile(rf"(?<![0-9])(?:(?:\+|00)?254{_PHONE_SEPARATORS}(?:0{_PHONE_SEPARATORS})?"
-                            rf"|0{_PHONE_SEPARATORS})?[17](?:{_PHONE_SEPARATORS}[0-9]){{8}}(?![0-9])")
 _PRINTABLE_ONE_LINE = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]+")
 
 SEARCH_PARAMETERS = ("channel", "state", "from", "to", "orderReference", "receipt", "checkoutRequestId", "phone",
@@ -310,13 +304,6 @@ def actor_of(operator: str, via: str) -> str:
     """What the audit trail records as who: "<operator> via cli" or "<operator> via admin-api from <address>"."""
     return f"{operator} via {via}"
 
-
-def mask_phones_in(text: str) -> str:
-    """`text` with every Kenyan mobile number in it masked (mask_phone), for raw callbacks and reasons."""
-    def masked(match: re.Match[str]) -> str:
-        phone = normalise_phone(match.group(0))
-        return mask_phone(phone) if phone else "*" * len(match.group(0))
-    return _PHONE_IN_TEXT.sub(masked, text)
 
 
 # How a payment row is shown: camelCase as the other admin routes, times as RFC 3339, the phone masked

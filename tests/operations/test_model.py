@@ -6,6 +6,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from services.common.payment import mask_phones_in
 from services.operations.model import (
     Action,
     Cursor,
@@ -13,7 +14,6 @@ from services.operations.model import (
     actor_of,
     audit_entry,
     decode_cursor,
-    mask_phones_in,
     parse_query_instruction,
     parse_resolution,
     parse_search,
