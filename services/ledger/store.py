@@ -14,7 +14,8 @@ from psycopg.types.json import Jsonb
 from services.ledger.record import CHECKOUT_COLUMNS, COLUMNS, RECEIPT_COLUMNS, PaymentRecord, record_of
 
 _AUDIT_LOCK = 7_262_022  # advisory lock: one appender of the hash chain at a time
-_PAYMENT_LOCKS = 7_262_023  # first key of the per-payment advisory locks (the two-key space is apart)
+PAYMENT_LOCKS = 7_262_023  # first key of the per-payment advisory locks (the two-key space is apart);
+# every writer of payments takes them first (services/privacy/scrub.py too)
 _RECEIPT_LOCKS = 7_262_024  # likewise, per receipt a batch may write
 GENESIS = "0" * 64
 
@@ -60,7 +61,7 @@ async def open_batch(conn: AsyncConnection, events: list[tuple[str, str]], payme
             "INSERT INTO processed_events (event_id, topic) SELECT * FROM unnest(%s::uuid[], %s::text[])"
             " ON CONFLICT DO NOTHING RETURNING event_id::text", ([e for e, _ in events], [t for _, t in events]))
         await conn.execute("SELECT pg_advisory_xact_lock(%s, h) FROM (SELECT DISTINCT hashtext(p) AS h"
-                           " FROM unnest(%s::text[]) AS p ORDER BY h) AS locks", (_PAYMENT_LOCKS, ids))
+                           " FROM unnest(%s::text[]) AS p ORDER BY h) AS locks", (PAYMENT_LOCKS, ids))
         if receipts:
             await conn.execute("SELECT pg_advisory_xact_lock(%s, h) FROM (SELECT DISTINCT hashtext(r) AS h"
                                " FROM unnest(%s::text[]) AS r ORDER BY h) AS locks", (_RECEIPT_LOCKS, list(receipts)))

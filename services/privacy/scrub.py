@@ -1,0 +1,88 @@
+"""Replacing a payer's data on payments, the one way retention and erasure both do it.
+
+A payment's money record stays whole: state, amount, receipt, CheckoutRequestID, times, result codes,
+history and the audit trail are never touched (the audit chain holds no payer data: its free texts are
+masked at write). What identifies the payer goes: the phone becomes a pseudonym (keyed for retention, so
+repeat payers still join; random for erasure, so nothing links back), the account reference a fixed
+placeholder, the description and metadata nothing, and the order reference, the merchant's own id of
+the order, keeps its value with any phone number inside it masked. The raw callbacks and parked facts,
+which repeat the phone, are dropped, and so is the link the ingress's idempotency record keeps.
+
+It runs in the caller's transaction, after the same per-payment advisory locks the ledger takes: the
+ledger writes a payment from what it read after its locks, so it cannot write the payer's data back.
+"""
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from psycopg import AsyncConnection
+
+from services.common.payment import mask_phones_in
+from services.ledger.store import PAYMENT_LOCKS
+
+ACCOUNT_REFERENCE_PLACEHOLDER: Final = "removed"  # 1-12 characters, as payment_shape asks
+OUTCOMES: Final = ("pseudonymised", "erased")
+
+_LOCK = ("SELECT pg_advisory_xact_lock(%s, h) FROM (SELECT DISTINCT hashtext(p) AS h"
+         " FROM unnest(%s::text[]) AS p ORDER BY h) AS locks")
+_PAYMENTS = "SELECT payment_id, phone, order_reference FROM payments WHERE payment_id = ANY(%s) ORDER BY payment_id"
+_SCRUB = """
+UPDATE payments AS p SET phone = s.phone, order_reference = s.order_reference,
+    account_reference = CASE WHEN p.account_reference IS NULL THEN NULL ELSE %s END,
+    description = NULL, metadata = '{}', payer_data = %s, payer_data_changed_at = now()
+FROM unnest(%s::text[], %s::text[], %s::text[]) AS s (payment_id, phone, order_reference)
+WHERE p.payment_id = s.payment_id
+"""
+# The ingress's record of the request keeps its idempotency key, so a retry still finds its payment,
+# but a SHA-256 of a body whose only unknown is a 12-digit number is reversed by trying them all: it
+# becomes the digest of random bytes, which no retry's body matches (a refusal, never a second payment).
+_INGRESS = """
+UPDATE ingress_requests AS i SET account_reference = %s, order_reference = s.order_reference,
+    body_sha256 = s.digest
+FROM unnest(%s::text[], %s::text[], %s::bytea[]) AS s (payment_id, order_reference, digest)
+WHERE i.payment_id = s.payment_id
+"""
+
+
+@dataclass(frozen=True)
+class ScrubReport:
+    """Rows changed or deleted, per table."""
+    payments: int
+    ingress_requests: int
+    callback_bodies: int
+    parked_facts: int
+
+
+async def scrub_payments(conn: AsyncConnection, payment_ids: Sequence[str], replace_phone: Callable[[str], str],
+                         outcome: str) -> ScrubReport:
+    """Replaces the payer's data on these payments (those that exist) and drops their raw callbacks.
+
+    replace_phone: from the stored phone (a number, or a pseudonym already) to the pseudonym to store;
+    it must give `ph_<32 hex>`. outcome: 'pseudonymised' or 'erased', recorded in payer_data.
+    Runs in the caller's transaction (an error leaves it to roll back)."""
+    if outcome not in OUTCOMES:
+        raise ValueError(f"outcome must be one of {OUTCOMES}")
+    ids = sorted(set(payment_ids))
+    if not ids:
+        return ScrubReport(0, 0, 0, 0)
+    # Two statements: the read below sees what the ledger committed before the locks were granted.
+    await conn.execute(_LOCK, (PAYMENT_LOCKS, ids))
+    rows = await (await conn.execute(_PAYMENTS, (ids,))).fetchall()
+    found = [r[0] for r in rows]
+    phones = [replace_phone(r[1]) for r in rows]
+    orders = [None if r[2] is None else mask_phones_in(r[2]) for r in rows]
+    payments = await conn.execute(_SCRUB, (ACCOUNT_REFERENCE_PLACEHOLDER, outcome, found, phones, orders))
+    digests = [hashlib.sha256(secrets.token_bytes(32)).digest() for _ in found]
+    ingress = await conn.execute(_INGRESS, (ACCOUNT_REFERENCE_PLACEHOLDER, found, orders, digests))
+    bodies = await conn.execute("DELETE FROM callback_bodies WHERE payment_id = ANY(%s)", (found,))
+    parked = await conn.execute("DELETE FROM parked_facts WHERE payment_id = ANY(%s)", (found,))
+    return ScrubReport(payments.rowcount, ingress.rowcount, bodies.rowcount, parked.rowcount)
+
+
+def random_phone_pseudonym(_: str) -> str:
+    """An erasure's replacement: the pseudonym's shape, with nothing that links it to the payer."""
+    return f"ph_{secrets.token_hex(16)}"
