@@ -26,6 +26,7 @@ STACK = [
     ("onboarding-api", "services.channels"),
     ("audit-anchor", "services.ledger.anchors"),
     ("notifier", "services.notifier"),
+    ("privacy", "services.privacy"),
 ]
 
 

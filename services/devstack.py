@@ -25,6 +25,7 @@ from services.ingress import bootstrap as ingress
 from services.ledger import anchors, settings as ledger
 from services.ledger.anchors import create_key
 from services.notifier import settings as notifier
+from services.privacy import settings as privacy
 from services.stk_worker import bootstrap as stk_worker
 from services.webhook_consumer import settings as gateway
 
@@ -34,7 +35,7 @@ PSEUDONYM_KEY = SECRETS / "pseudonym.key"  # services/common/pseudonyms.py
 DEMO_CHANNEL = "demo"
 # The login role of each service of `mpesa-pipeline run` (made by infra/postgres.sh).
 SERVICE_ROLES = {"ledger": "ledger", "stk-worker": "stk_worker", "ingress": "ingress", "onboarding-api": "onboarding",
-                 "audit-anchor": "auditor", "notifier": "notifier"}
+                 "audit-anchor": "auditor", "notifier": "notifier", "privacy": "privacy"}
 # The demo's webhook receivers run on this machine: loopback is allowed as a destination here only.
 DEV_WEBHOOK_NETWORKS = "127.0.0.0/8,::1/128"
 
@@ -49,6 +50,7 @@ METRICS_ENDPOINTS = {
     "stk-worker": (stk_worker.SETTINGS, "METRICS_HOST", "STK_WORKER_METRICS_PORT"),
     "audit-anchor": (anchors.SETTINGS, "METRICS_HOST", "AUDIT_ANCHOR_METRICS_PORT"),
     "notifier": (notifier.NOTIFIER_SETTINGS, "METRICS_HOST", "NOTIFIER_METRICS_PORT"),
+    "privacy": (privacy.SETTINGS, "METRICS_HOST", "PRIVACY_METRICS_PORT"),
 }
 WILDCARDS = {"", "0.0.0.0", "::"}  # listening on every address: scraped on loopback
 

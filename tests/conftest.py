@@ -56,7 +56,7 @@ _MIGRATION_URLS: set[str] = set()  # the tests' DATABASE_URL, once the infra fix
 # The login role each service runs as (infra/postgres.sh), by module.
 SERVICE_ROLES = {"services.ingress": "ingress", "services.ledger": "ledger", "services.stk_worker": "stk_worker",
                  "services.channels": "onboarding", "services.ledger.anchors": "auditor",
-                 "services.notifier": "notifier"}
+                 "services.notifier": "notifier", "services.privacy": "privacy"}
 
 
 # Every fixture that reaches the broker or the database depends on `infra`, so a test needs them exactly

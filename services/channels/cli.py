@@ -64,9 +64,11 @@ _CHANNEL_OPTIONS: list[tuple[str, str, Callable[[str], Any]]] = [  # (option, AP
     ("--consent-date", "consentDate", str), ("--max-amount", "maxAmount", int),
     ("--pushes-per-second", "pushesPerSecond", float),
     ("--confirm-success-by-query", "confirmSuccessByQuery", yes_no),
+    ("--payer-data-retention-days", "payerDataRetentionDays", int),
 ]
 _CLEARABLE = {"till-number": ["tillNumber"], "consent": ["consentReference", "consentDate"],
-              "max-amount": ["maxAmount"], "pushes-per-second": ["pushesPerSecond"]}
+              "max-amount": ["maxAmount"], "pushes-per-second": ["pushesPerSecond"],
+              "payer-data-retention-days": ["payerDataRetentionDays"]}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

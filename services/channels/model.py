@@ -28,6 +28,7 @@ STATUSES = (ONBOARDING, ACTIVE, SUSPENDED)
 DISPLAY_NAME_MAX = 100
 CONSENT_REFERENCE_MAX = 128
 PUSHES_PER_SECOND_MAX = 1000
+RETENTION_DAYS_MAX = 3650  # ten years: beyond it the retention is no limit at all
 SECRET_LENGTH_MAX = 512
 LABEL_MAX = 100
 API_KEY_CHANNELS_MAX = 100
@@ -51,6 +52,7 @@ class Channel:
     max_amount: int | None = None  # KES per payment, below Daraja's own ceiling
     pushes_per_second: float | None = None
     confirm_success_by_query: bool = False  # every success confirmed by an STK query before Settled
+    payer_data_retention_days: int | None = None  # None: PAYER_DATA_RETENTION_DAYS (services/privacy)
 
     @property
     def shortcode(self) -> Shortcode:
@@ -125,6 +127,12 @@ def _pushes_per_second(value: Any) -> tuple[Any, str | None]:
     return float(value), None
 
 
+def _retention_days(value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= RETENTION_DAYS_MAX:
+        return None, f"must be a whole number of days between 1 and {RETENTION_DAYS_MAX}"
+    return value, None
+
+
 def _boolean(value: Any) -> tuple[Any, str | None]:
     return (value, None) if isinstance(value, bool) else (None, "must be true or false")
 
@@ -141,9 +149,11 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], tuple[Any, str | None]]]] = {
     "maxAmount": ("max_amount", _max_amount),
     "pushesPerSecond": ("pushes_per_second", _pushes_per_second),
     "confirmSuccessByQuery": ("confirm_success_by_query", _boolean),
+    "payerDataRetentionDays": ("payer_data_retention_days", _retention_days),
 }
 _REQUIRED_ON_CREATE = ("displayName", "shortcodeType", "businessShortcode", "environment")
-_REMOVABLE = ("tillNumber", "consentReference", "consentDate", "maxAmount", "pushesPerSecond")
+_REMOVABLE = ("tillNumber", "consentReference", "consentDate", "maxAmount", "pushesPerSecond",
+              "payerDataRetentionDays")
 _STATUS_READ_ONLY = "is read-only: use suspend and resume"
 
 
@@ -285,6 +295,7 @@ def channel_view(channel: Channel) -> dict[str, Any]:
         "consentDate": channel.consent_date.isoformat() if channel.consent_date else None,
         "maxAmount": channel.max_amount, "pushesPerSecond": channel.pushes_per_second,
         "confirmSuccessByQuery": channel.confirm_success_by_query,
+        "payerDataRetentionDays": channel.payer_data_retention_days,
     }
 
 

@@ -26,9 +26,11 @@ class PhoneCheck(str, Enum):
 
 
 def check_phone(payment_phone: str, seen: object) -> PhoneCheck:
-    """payment_phone: the payment's normalised number, 2547XXXXXXXX or 2541XXXXXXXX (12 digits).
+    """payment_phone: the payment's normalised number, 2547XXXXXXXX or 2541XXXXXXXX (12 digits), or
+    the pseudonym that replaced it.
     seen: the callback's PhoneNumber as parsed (a str, or None when the item is absent)."""
-    if seen is None or isinstance(seen, bool):
+    if seen is None or isinstance(seen, bool) or not payment_phone.isdigit():
+        # A pseudonym stands where the payer's number was (services/privacy): nothing to compare with.
         return PhoneCheck.UNVERIFIABLE
     text = str(seen).strip().removeprefix("+")
     if not _SHAPE.fullmatch(text):
