@@ -61,6 +61,10 @@ def test_consent_may_come_later():
     ({"pushesPerSecond": 0}, "pushesPerSecond"),
     ({"confirmSuccessByQuery": "yes"}, "confirmSuccessByQuery"),
     ({"confirmSuccessByQuery": 1}, "confirmSuccessByQuery"),
+    ({"payerDataRetentionDays": 0}, "payerDataRetentionDays"),
+    ({"payerDataRetentionDays": 3651}, "payerDataRetentionDays"),
+    ({"payerDataRetentionDays": 30.5}, "payerDataRetentionDays"),
+    ({"payerDataRetentionDays": True}, "payerDataRetentionDays"),
     ({"status": "active"}, "status"),
     ({"colour": "green"}, "colour"),
 ])
@@ -143,3 +147,11 @@ def test_query_confirmation_is_off_unless_asked_and_cannot_be_removed():
     assert on.confirm_success_by_query is True and channel_view(on)["confirmSuccessByQuery"] is True
     _, errors = parse_channel_changes(on, {"confirmSuccessByQuery": None}, TODAY)
     assert "confirmSuccessByQuery" in errors
+
+
+def test_a_channel_keeps_payers_data_for_its_own_days_or_the_default_when_cleared():
+    assert _channel().payer_data_retention_days is None  # PAYER_DATA_RETENTION_DAYS
+    own, errors = parse_channel_changes(_channel(), {"payerDataRetentionDays": 30}, TODAY)
+    assert errors == {} and own is not None and channel_view(own)["payerDataRetentionDays"] == 30
+    cleared, errors = parse_channel_changes(own, {"payerDataRetentionDays": None}, TODAY)
+    assert errors == {} and cleared is not None and cleared.payer_data_retention_days is None

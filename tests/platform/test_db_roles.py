@@ -52,8 +52,12 @@ GRANTS = {
     "notifier": {"webhook_endpoints": "SELECT", "webhook_secrets": "SELECT",
                  "webhook_deliveries": "SELECT INSERT UPDATE", "webhook_attempts": "SELECT INSERT",
                  "credential_audit": "INSERT", "schema_migrations": "SELECT"},
-    "privacy": {"schema_migrations": "SELECT"},
+    # Column grants (checked below) on payments, channels and ingress_requests; whole-table DELETE here.
+    "privacy": {"callback_bodies": "DELETE", "parked_facts": "DELETE", "schema_migrations": "SELECT"},
 }
+PAYMENT_COLUMNS = ("payment_id", "channel_id", "state", "amount", "phone", "account_reference", "description",
+                   "order_reference", "metadata", "checkout_request_id", "mpesa_receipt", "transaction_time",
+                   "result_code", "result_desc", "requested_at", "final_at", "payer_data", "payer_data_changed_at")
 PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
 
 
@@ -93,7 +97,15 @@ def test_each_role_holds_exactly_the_grants_its_service_needs(infra, database_ur
         # The ledger reads one policy of a channel (confirm every success by query), nothing else of it.
         ledger_reads = {c: _one(conn, "SELECT has_column_privilege('ledger', 'channels', %s, 'SELECT')",
                                 (c,)) for c in ("confirm_success_by_query", "business_shortcode")}
+        # The privacy role writes a payment's payer data and nothing of its money record.
+        privacy_writes = {c for c in PAYMENT_COLUMNS if _one(
+            conn, "SELECT has_column_privilege('privacy', 'payments', %s, 'UPDATE')", (c,))}
+        privacy_reads_channels = {c: _one(conn, "SELECT has_column_privilege('privacy', 'channels', %s, 'SELECT')",
+                                          (c,)) for c in ("payer_data_retention_days", "business_shortcode")}
     assert held == GRANTS
+    assert privacy_writes == {"phone", "account_reference", "description", "metadata", "order_reference",
+                              "payer_data", "payer_data_changed_at"}
+    assert privacy_reads_channels == {"payer_data_retention_days": True, "business_shortcode": False}
     assert ledger_reads == {"confirm_success_by_query": True, "business_shortcode": False}
     assert columns == {"version": True, "fingerprint": True, "ciphertext": False, "wrapped_key": False}
 
