@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import Counter, Gauge
 from psycopg import AsyncConnection
@@ -105,7 +106,7 @@ class Retention:
         return max([float(a) for a in ages if a is not None], default=0.0)
 
 
-async def _one(conn: AsyncConnection, query: str, params: tuple[object, ...]) -> object:
+async def _one(conn: AsyncConnection, query: str, params: tuple[object, ...]) -> Any:
     row = await (await conn.execute(query, params)).fetchone()
     return row[0] if row else None
 

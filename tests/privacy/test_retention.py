@@ -102,8 +102,9 @@ async def test_retention_pseudonymises_the_payments_past_their_channels_retentio
 
     after = {p: await payer_data(pool, p) for p in before}
     for p in (old, own_old):
-        assert after[p] == {**before[p], "phone": PSEUDONYMS.phone(PAYER), "account_reference":
-                            ACCOUNT_REFERENCE_PLACEHOLDER, "description": None, "order_reference": f"order of {mask_phones_in(PAYER)}", "metadata": {},
+        assert after[p] == {**before[p], "phone": PSEUDONYMS.phone(PAYER),
+                            "account_reference": ACCOUNT_REFERENCE_PLACEHOLDER, "description": None,
+                            "order_reference": f"order of {mask_phones_in(PAYER)}", "metadata": {},
                             "payer_data": "pseudonymised", "changed": True, "callbacks": 0, "parked": 0}
         assert {k: after[p][k] for k in MONEY} == {k: before[p][k] for k in MONEY}
     for p in (recent, own_recent, still_open):
@@ -151,9 +152,10 @@ async def test_a_second_run_changes_nothing_and_the_audit_chain_still_verifies(l
 
     assert [await payer_data(pool, p) for p in pids] == once
     assert again.oldest_due_s == 0.0
+    auditor = {"DATABASE_URL": database_url_of(infra, "auditor"), "PATH": "/usr/bin",
+               "PGPASSFILE": os.environ.get("PGPASSFILE", "")}
     result = subprocess.run([sys.executable, "-m", "services.cli", "audit", "verify"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300, env={"DATABASE_URL": database_url_of(infra, "auditor"),
-                                                         "PATH": "/usr/bin", "PGPASSFILE": os.environ.get("PGPASSFILE", "")})
+                            text=True, timeout=300, env=auditor)
     assert result.returncode == 0 and result.stdout.startswith("audit trail intact"), result.stdout + result.stderr
 
 
