@@ -20,7 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.common.db import every
 from services.common.pseudonyms import Pseudonyms
-from services.privacy.scrub import scrub_payments
+from services.privacy.scrub import lock_payments, scrub_payments
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,11 @@ SELECT payment_id FROM payments
 WHERE channel_id = %s AND payer_data = 'kept' AND final_at IS NOT NULL AND final_at < now() - make_interval(days => %s)
   AND state IN ('Settled', 'Cancelled', 'Failed')
 ORDER BY final_at LIMIT %s
+"""
+_STILL_DUE = """
+SELECT payment_id FROM payments
+WHERE payment_id = ANY(%s) AND payer_data = 'kept' AND final_at < now() - make_interval(days => %s)
+  AND state IN ('Settled', 'Cancelled', 'Failed')
 """
 _OLDEST = """
 SELECT extract(epoch FROM now() - make_interval(days => %s) - min(final_at)) FROM payments
@@ -94,7 +99,11 @@ class Retention:
 
     async def _pseudonymise_some(self, channel_id: str, days: int) -> RunReport:
         async with self.pool.connection() as conn, conn.transaction():
-            due = [r[0] for r in await (await conn.execute(_DUE, (channel_id, days, self.chunk))).fetchall()]
+            candidates = [r[0] for r in await (await conn.execute(_DUE, (channel_id, days, self.chunk))).fetchall()]
+            # Read again under the ledger's locks: a late fact may have reopened one meanwhile (a
+            # Failed payment a late success sent to Review), and money may move on it again.
+            await lock_payments(conn, candidates)
+            due = [r[0] for r in await (await conn.execute(_STILL_DUE, (candidates, days))).fetchall()]
             report = await scrub_payments(conn, due, self.pseudonyms.phone, "pseudonymised")
         PSEUDONYMISED.inc(report.payments)
         return RunReport(report.payments, report.ingress_requests, report.callback_bodies, report.parked_facts)

@@ -70,7 +70,7 @@ async def scrub_payments(conn: AsyncConnection, payment_ids: Sequence[str], repl
     if not ids:
         return ScrubReport(0, 0, 0, 0)
     # Two statements: the read below sees what the ledger committed before the locks were granted.
-    await conn.execute(_LOCK, (PAYMENT_LOCKS, ids))
+    await lock_payments(conn, ids)
     rows = await (await conn.execute(_PAYMENTS, (ids,))).fetchall()
     found = [r[0] for r in rows]
     phones = [replace_phone(r[1]) for r in rows]
@@ -81,6 +81,12 @@ async def scrub_payments(conn: AsyncConnection, payment_ids: Sequence[str], repl
     bodies = await conn.execute("DELETE FROM callback_bodies WHERE payment_id = ANY(%s)", (found,))
     parked = await conn.execute("DELETE FROM parked_facts WHERE payment_id = ANY(%s)", (found,))
     return ScrubReport(payments.rowcount, ingress.rowcount, bodies.rowcount, parked.rowcount)
+
+
+async def lock_payments(conn: AsyncConnection, payment_ids: Sequence[str]) -> None:
+    """The ledger's per-payment advisory locks (services/ledger/store.py open_batch), same keys and
+    order, until the caller's transaction ends; taking one again in that transaction is free."""
+    await conn.execute(_LOCK, (PAYMENT_LOCKS, sorted(set(payment_ids))))
 
 
 def random_phone_pseudonym(_: str) -> str:

@@ -17,7 +17,7 @@ from services.common.pseudonyms import Pseudonyms
 from services.operations.desk import ReviewDesk
 from services.operations.model import Search
 from services.privacy.retention import Retention
-from services.privacy.scrub import ACCOUNT_REFERENCE_PLACEHOLDER, scrub_payments
+from services.privacy.scrub import ACCOUNT_REFERENCE_PLACEHOLDER, lock_payments, scrub_payments
 from tests.conftest import ROOT, database_url_of, eventually
 from tests.ledger.callbacks import failure, success
 from tests.ledger.test_ledger_db import accepted, callback, requested
@@ -175,7 +175,7 @@ async def test_a_late_callback_the_ledger_applies_meanwhile_does_not_write_the_p
         async with conn.transaction():
             await scrub_payments(conn, [pid], PSEUDONYMS.phone, "pseudonymised")
             late = asyncio.create_task(ledger.handle_batch([callback(channel, pid, failure(checkout, 1032))]))
-            await eventually(lambda: _the_ledger_waits_on_a_lock(pool))
+            await eventually(lambda: _someone_waits_on_a_lock(pool))
         assert await asyncio.wait_for(late, 60) == []
     after = await payer_data(pool, pid)
     async with pool.connection() as conn:
@@ -186,7 +186,7 @@ async def test_a_late_callback_the_ledger_applies_meanwhile_does_not_write_the_p
         "Settled", PSEUDONYMS.phone(PAYER), ACCOUNT_REFERENCE_PLACEHOLDER, {}, "pseudonymised")
 
 
-async def _the_ledger_waits_on_a_lock(pool) -> bool:
+async def _someone_waits_on_a_lock(pool) -> bool:
     # Whichever lock: the payment's advisory lock with the scrub as built, the row's without it (the
     # owner cannot see other roles' sessions, but every lock a session waits for is in pg_locks).
     async with pool.connection() as conn:
@@ -219,3 +219,23 @@ async def test_the_scrub_refuses_an_outcome_it_does_not_know(privacy_pool, outco
     async with privacy_pool.connection() as conn:
         with pytest.raises(ValueError):
             await scrub_payments(conn, ["p"], PSEUDONYMS.phone, outcome)
+
+
+async def test_a_payment_reopened_while_retention_waits_for_its_lock_is_left_alone(ledger, pool, privacy_pool,
+                                                                                    unique):
+    # The owner's transaction stands for the ledger: it holds the payment's lock while a late fact
+    # takes a long-final payment to Review; the retention chose it before, and must look again.
+    channel = f"ch-{unique}"
+    await new_channel(pool, channel, retention_days=1)
+    pid = await settled(ledger, channel, f"O{unique[:9]}".upper())
+    await final_days_ago(pool, pid, 2)
+    async with pool.connection() as conn:
+        async with conn.transaction():
+            await lock_payments(conn, [pid])
+            run = asyncio.create_task(retention(privacy_pool).run_once())
+            await eventually(lambda: _someone_waits_on_a_lock(pool))
+            await conn.execute("UPDATE payments SET state = 'Review', review_reason = 'late fact'"
+                               " WHERE payment_id = %s", (pid,))
+        await asyncio.wait_for(run, 60)
+    after = await payer_data(pool, pid)
+    assert (after["state"], after["payer_data"], after["phone"]) == ("Review", "kept", PAYER)
