@@ -15,7 +15,7 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from services.channels import apikeys, repository as repo
+from services.channels import apikeys, compliance, repository as repo
 from services.channels.model import (
     ACTIVE,
     SUSPENDED,
@@ -96,11 +96,13 @@ def daraja_credential_check(base_url: str, timeouts: DarajaTimeouts = DarajaTime
 class Onboarding:
     def __init__(self, pool: AsyncConnectionPool, *, public_key_file: Path,
                  credential_check: CredentialCheck | None = None,
-                 today: Callable[[], date] = lambda: datetime.now(NAIROBI).date()):
+                 today: Callable[[], date] = lambda: datetime.now(NAIROBI).date(),
+                 now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)):
         self._pool = pool
         self._public_key_file = Path(public_key_file)
         self._credential_check = credential_check
         self._today = today
+        self._now = now
 
     # Channels
 
@@ -141,6 +143,12 @@ class Onboarding:
     async def channels(self) -> list[ChannelRecord]:
         async with self._pool.connection() as conn:
             return await repo.channel_records(conn)
+
+    async def compliance(self) -> dict[str, Any]:
+        """The compliance report of every channel (services/channels/compliance.py)."""
+        async with self._pool.connection() as conn:
+            rows = await compliance.compliance_rows(conn)
+        return compliance.report(rows, self._now())
 
     async def suspend(self, channel_id: str, actor: str) -> ChannelRecord:
         return await self._set_status(channel_id, SUSPENDED, actor)
