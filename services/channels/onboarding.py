@@ -164,8 +164,9 @@ class Onboarding:
                 return record
             if status == ACTIVE:
                 errors = activation_errors(record.channel, record.credentials is not None)
-                if errors:
-                    raise InvalidInput(f"channel {channel_id!r} cannot be activated yet; nothing was changed", errors)
+                if errors:  # the fields in the first line too: the command line's one line says it all
+                    raise InvalidInput(f"channel {channel_id!r} cannot be activated yet: it lacks "
+                                       f"{', '.join(errors)}; nothing was changed", errors)
             await repo.set_status(conn, channel_id, status)
             action = "channel_activated" if status == ACTIVE else "channel_suspended"
             await repo.audit(conn, actor, action, channel_id=channel_id, detail=f"was {record.channel.status}")
