@@ -29,16 +29,27 @@ WITHOUT_AGREEMENT = {field: None for field in AGREEMENT_FIELDS}
 
 @pytest.fixture(scope="module")
 def erasure_and_retention_tables(infra) -> Iterator[None]:
-    """What the report reads from the other parts of issue #17 where their migrations are not here:
-    the retention column of channels (0021) and the erasure requests (0022), with their real shape."""
-    with psycopg.connect(infra["DATABASE_URL"]) as conn:  # the owner
-        conn.execute("ALTER TABLE channels ADD COLUMN IF NOT EXISTS payer_data_retention_days integer"
-                     " CHECK (payer_data_retention_days > 0)")
-        conn.execute("CREATE TABLE IF NOT EXISTS payer_requests (id bigserial PRIMARY KEY, kind text NOT NULL,"
-                     " payer_pseudonym text NOT NULL, channel_id text, actor text NOT NULL, reason text,"
-                     " payments integer NOT NULL, at timestamptz NOT NULL DEFAULT now())")
-        conn.execute("GRANT SELECT ON payer_requests TO mpesa_onboarding")
+    """What the report reads from the other parts of issue #17, made here with their real shape only
+    where their migrations have not made it (the retention column of channels, 0021; the erasure
+    requests, 0022), and dropped again afterwards so that the database's grants stay the migrations'."""
+    with psycopg.connect(infra["DATABASE_URL"], autocommit=True) as conn:  # the owner
+        made_table = conn.execute("SELECT to_regclass('payer_requests') IS NULL").fetchone()[0]
+        made_column = conn.execute("SELECT NOT EXISTS (SELECT FROM information_schema.columns WHERE table_name ="
+                                   " 'channels' AND column_name = 'payer_data_retention_days')").fetchone()[0]
+        if made_column:
+            conn.execute("ALTER TABLE channels ADD COLUMN payer_data_retention_days integer"
+                         " CHECK (payer_data_retention_days > 0)")
+        if made_table:
+            conn.execute("CREATE TABLE payer_requests (id bigserial PRIMARY KEY, kind text NOT NULL,"
+                         " payer_pseudonym text NOT NULL, channel_id text, actor text NOT NULL, reason text,"
+                         " payments integer NOT NULL, at timestamptz NOT NULL DEFAULT now())")
+            conn.execute("GRANT SELECT ON payer_requests TO mpesa_onboarding")  # as migration 0023 does
     yield
+    with psycopg.connect(infra["DATABASE_URL"], autocommit=True) as conn:
+        if made_table:
+            conn.execute("DROP TABLE payer_requests")
+        if made_column:
+            conn.execute("ALTER TABLE channels DROP COLUMN payer_data_retention_days")
 
 
 async def legacy_active_channel(onboarding: Onboarding, database_url: str, channel_id: str, creds) -> None:
