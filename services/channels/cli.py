@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from services.channels import settings as s
-from services.channels.model import AGREEMENT_FIELDS, ENVIRONMENTS, LAWFUL_BASES, SHORTCODE_TYPES
 from services.channels.compliance import FLAGS
+from services.channels.model import AGREEMENT_FIELDS, ENVIRONMENTS, LAWFUL_BASES, SHORTCODE_TYPES
 from services.channels.webhook_model import DELIVERY_STATES
 from services.common import config
+from services.common.text import untrusted
 from services.notifier.events import EVENT_TYPES
 from services.notifier.settings import NOTIFIER_VAULT_KEY_FILE
 
@@ -347,18 +348,18 @@ async def _compliance(onboarding, args: argparse.Namespace, actor: str) -> Any:
 
 def compliance_table(report: dict[str, Any]) -> str:
     """The report as aligned columns; '-' for nothing recorded, 'default' for the default retention.
-    Every value is ours or was validated when stored (channel fields), so none needs cleaning here."""
+    Text that merchants' paperwork supplied is escaped: a bidi override must not reorder a terminal."""
     def cell(channel: dict[str, Any], field: str) -> str:
         value = channel[field]
         if field == "flags":
             return ",".join(value) or "ok"
         if value is None:
             return "default" if field == "payerDataRetentionDays" else "-"
-        return str(value)[:19] if field == "lastErasureAt" else str(value)
+        return str(value)[:19] if field == "lastErasureAt" else untrusted(str(value), 128)
     rows = [[title for title, _ in _COMPLIANCE_COLUMNS]]
     rows += [[cell(channel, field) for _, field in _COMPLIANCE_COLUMNS] for channel in report["channels"]]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COMPLIANCE_COLUMNS))]
-    lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     flagged = report["activeFlagged"]
     lines.append(f"active channels with a flag: {', '.join(flagged) if flagged else 'none'}")
     return "\n".join(lines)

@@ -65,7 +65,8 @@ async def compliance_rows(conn: AsyncConnection) -> list[ComplianceRow]:
 def assess(row: ComplianceRow, now: datetime) -> dict[str, Any]:
     """The channel's entry in the report, with what is wrong as flags (FLAGS)."""
     missing = [name for name, value in zip(AGREEMENT_FIELDS, (
-        row.agreement_reference, row.agreement_version, row.agreement_signed_on, row.lawful_basis)) if value is None]
+        row.agreement_reference, row.agreement_version, row.agreement_signed_on, row.lawful_basis), strict=True)
+        if value is None]
     age_days = (now - row.credentials_created_at).days if row.credentials_created_at else None
     flags = [flag for flag, raised in [
         (NO_AGREEMENT, bool(missing)),

@@ -33,9 +33,9 @@ def erasure_and_retention_tables(infra) -> Iterator[None]:
     where their migrations have not made it (the retention column of channels, 0021; the erasure
     requests, 0022), and dropped again afterwards so that the database's grants stay the migrations'."""
     with psycopg.connect(infra["DATABASE_URL"], autocommit=True) as conn:  # the owner
-        made_table = conn.execute("SELECT to_regclass('payer_requests') IS NULL").fetchone()[0]
-        made_column = conn.execute("SELECT NOT EXISTS (SELECT FROM information_schema.columns WHERE table_name ="
-                                   " 'channels' AND column_name = 'payer_data_retention_days')").fetchone()[0]
+        made_table = _one(conn, "SELECT to_regclass('payer_requests') IS NULL")
+        made_column = _one(conn, "SELECT NOT EXISTS (SELECT FROM information_schema.columns WHERE table_name ="
+                                 " 'channels' AND column_name = 'payer_data_retention_days')")
         if made_column:
             conn.execute("ALTER TABLE channels ADD COLUMN payer_data_retention_days integer"
                          " CHECK (payer_data_retention_days > 0)")
@@ -50,6 +50,12 @@ def erasure_and_retention_tables(infra) -> Iterator[None]:
             conn.execute("DROP TABLE payer_requests")
         if made_column:
             conn.execute("ALTER TABLE channels DROP COLUMN payer_data_retention_days")
+
+
+def _one(conn: psycopg.Connection, query: str) -> bool:
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    return bool(row[0])
 
 
 async def legacy_active_channel(onboarding: Onboarding, database_url: str, channel_id: str, creds) -> None:
@@ -177,6 +183,8 @@ async def test_the_compliance_report_shows_and_flags_each_channel(
     assert aged[complete]["flags"] == ["credentials_older_than_365_days"]
     assert aged[complete]["credentialsAgeDays"] == 400
 
+    hostile = {**report, "channels": [{**entries[legacy], "consentReference": "AGR-\u202eevil"}]}
+    assert "AGR-\\u202eevil" in compliance_table(hostile)  # escaped: the terminal shows it as it is
     table = compliance_table(report)
     line = next(row for row in table.splitlines() if row.startswith(legacy + " "))
     assert "no_agreement" in line and "default" in line
@@ -213,9 +221,12 @@ async def test_the_api_refuses_activation_without_an_agreement_and_allows_it_wit
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"agreementReference": "DPA\u0000"}, "agreementReference"), ({"agreementReference": {"a": 1}}, "agreementReference"),
-    ({"agreementReference": "DPA-\u202e1"}, "agreementReference"), ({"agreementVersion": "9" * 10_000}, "agreementVersion"),
-    ({"agreementSignedOn": "2024-13-01"}, "agreementSignedOn"), ({"agreementSignedOn": "9999-01-01"}, "agreementSignedOn"),
+    ({"agreementReference": "DPA\u0000"}, "agreementReference"),
+    ({"agreementReference": {"a": 1}}, "agreementReference"),
+    ({"agreementReference": "DPA-\u202e1"}, "agreementReference"),
+    ({"agreementVersion": "9" * 10_000}, "agreementVersion"),
+    ({"agreementSignedOn": "2024-13-01"}, "agreementSignedOn"),
+    ({"agreementSignedOn": "9999-01-01"}, "agreementSignedOn"),
     ({"lawfulBasis": "contract; DROP TABLE channels"}, "lawfulBasis"), ({"lawfulBasis": None}, "lawfulBasis"),
 ])
 async def test_hostile_agreement_fields_get_400_and_change_nothing(client, creds, unique, change, field):

@@ -141,13 +141,15 @@ def test_the_agreement_may_come_later_and_in_parts_while_onboarding():
 @pytest.mark.parametrize("change, field", [
     ({"agreementReference": ""}, "agreementReference"), ({"agreementReference": "   "}, "agreementReference"),
     ({"agreementReference": "x" * 129}, "agreementReference"), ({"agreementReference": "DPA\n1"}, "agreementReference"),
-    ({"agreementReference": "DPA\u2028"}, "agreementReference"), ({"agreementReference": "DPA-\u202e1"}, "agreementReference"),
+    ({"agreementReference": "DPA\u2028"}, "agreementReference"),
+    ({"agreementReference": "DPA-\u202e1"}, "agreementReference"),
     ({"agreementReference": 17}, "agreementReference"), ({"agreementReference": ["DPA"]}, "agreementReference"),
     ({"agreementReference": "DPA\ud83d"}, "agreementReference"),
     ({"agreementVersion": "v" * 33}, "agreementVersion"), ({"agreementVersion": 2}, "agreementVersion"),
     ({"agreementVersion": "\x00"}, "agreementVersion"),
     ({"agreementSignedOn": "2025-01-16"}, "agreementSignedOn"),  # in the future
-    ({"agreementSignedOn": "2024-02-30"}, "agreementSignedOn"), ({"agreementSignedOn": "15/01/2025"}, "agreementSignedOn"),
+    ({"agreementSignedOn": "2024-02-30"}, "agreementSignedOn"),
+    ({"agreementSignedOn": "15/01/2025"}, "agreementSignedOn"),
     ({"agreementSignedOn": 20240101}, "agreementSignedOn"),
     ({"lawfulBasis": "Contract"}, "lawfulBasis"), ({"lawfulBasis": "research"}, "lawfulBasis"),
     ({"lawfulBasis": ["contract"]}, "lawfulBasis"), ({"lawfulBasis": ""}, "lawfulBasis"),
