@@ -84,7 +84,8 @@ async def create_channel_and_key(database_url: str, channel_id: str) -> str:
     key_id, key = new_api_key()
     channel = Channel(channel_id=channel_id, display_name="ingress bench", shortcode_type="paybill",
                       business_shortcode="174379", environment="sandbox", status="active",
-                      consent_reference="BENCH", consent_date=date(2025, 1, 1))
+                      consent_reference="BENCH", consent_date=date(2025, 1, 1), agreement_reference="BENCH-DPA",
+                      agreement_version="1", agreement_signed_on=date(2025, 1, 1), lawful_basis="contract")
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         await channels_repository.insert_channel(conn, channel)
         await channels_repository.insert_api_key(conn, key_id, key_sha256(key), "ingress bench", [channel_id], "bench")

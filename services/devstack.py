@@ -114,6 +114,11 @@ def kafka_logins(services: list[str]) -> dict[str, dict[str, str]]:
             for name in services if name in ACCESS}
 
 
+# The demo merchant's processing agreement: a stand-in, so that the demo channel can be active.
+DEMO_AGREEMENT = {"agreementReference": "DEMO-DPA", "agreementVersion": "1", "agreementSignedOn": "2026-01-01",
+                  "lawfulBasis": "contract"}
+
+
 async def ensure_demo_channel(database_url: str, key_file: Path) -> None:
     """A channel on the Daraja sandbox's demo app, and an API key for it (kept in .local/secrets)."""
     LocalKeyFileProvider.open(key_file, create=True)
@@ -124,13 +129,14 @@ async def ensure_demo_channel(database_url: str, key_file: Path) -> None:
             await onboarding.create_channel({
                 "channelId": DEMO_CHANNEL, "displayName": "Demo shop (Daraja sandbox)", "shortcodeType": "paybill",
                 "businessShortcode": "174379", "environment": "sandbox", "consentReference": "DEMO",
-                "consentDate": "2026-01-01"}, "make-run")
+                "consentDate": "2026-01-01", **DEMO_AGREEMENT}, "make-run")
             await onboarding.set_credentials(DEMO_CHANNEL, {
                 "consumerKey": DEMO_CONSUMER_KEY, "consumerSecret": DEMO_CONSUMER_SECRET,
                 "passkey": SANDBOX_PASSKEY}, "make-run")
             await onboarding.resume(DEMO_CHANNEL, "make-run")
-        except Conflict:
-            pass  # made by an earlier run
+        except Conflict:  # made by an earlier run, perhaps before agreements were recorded
+            if (await onboarding.channel(DEMO_CHANNEL)).channel.missing_agreement_fields:
+                await onboarding.update_channel(DEMO_CHANNEL, DEMO_AGREEMENT, "make-run")
         if not (SECRETS / "demo-api-key").exists():
             _, key = await onboarding.issue_api_key({"label": "make run demo", "channelIds": [DEMO_CHANNEL]},
                                                     "make-run")

@@ -7,6 +7,7 @@ repository.py   the SQL, one function per statement group; callers own the trans
 onboarding.py   the operations the admin API and the command line share
 credentials.py  the read side for the STK worker: decrypt once, cache, audit each decryption
 rotation.py     re-wrapping every data key under a new key-encryption key
+compliance.py   the compliance report: agreement, consent, credential age, retention, last erasure
 apikeys.py      upstream API keys: issue (shown once), store hashed, authenticate with a cache
 webhook_model.py          pure: validation of webhook endpoint management input, and its limits
 webhook_repository.py     the SQL of webhook endpoints, their sealed secrets and the delivery log

@@ -68,6 +68,7 @@ def create_app(onboarding: Onboarding, admin_token: AdminToken, health: Health |
     r = app.router
     r.add_get("/admin/channels", list_channels)
     r.add_post("/admin/channels", create_channel)
+    r.add_get("/admin/channels/compliance", channels_compliance)  # before {channelId}, which would match it
     r.add_get("/admin/channels/{channelId}", show_channel)
     r.add_patch("/admin/channels/{channelId}", update_channel)
     r.add_put("/admin/channels/{channelId}/credentials", set_credentials)
@@ -151,6 +152,10 @@ class _Problem(OnboardingError):
 async def list_channels(request: web.Request) -> web.Response:
     records = await request.app[ONBOARDING].channels()
     return web.json_response({"channels": [r.view() for r in records]})
+
+
+async def channels_compliance(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[ONBOARDING].compliance())
 
 
 async def create_channel(request: web.Request) -> web.Response:

@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from services.channels import settings as s
-from services.channels.model import ENVIRONMENTS, SHORTCODE_TYPES
+from services.channels.compliance import FLAGS
+from services.channels.model import AGREEMENT_FIELDS, ENVIRONMENTS, LAWFUL_BASES, SHORTCODE_TYPES
 from services.channels.webhook_model import DELIVERY_STATES
 from services.common import config
+from services.common.text import untrusted
 from services.notifier.events import EVENT_TYPES
 from services.notifier.settings import NOTIFIER_VAULT_KEY_FILE
 
@@ -61,12 +63,15 @@ _CHANNEL_OPTIONS: list[tuple[str, str, Callable[[str], Any]]] = [  # (option, AP
     ("--name", "displayName", str), ("--shortcode-type", "shortcodeType", str),
     ("--shortcode", "businessShortcode", str), ("--till-number", "tillNumber", str),
     ("--environment", "environment", str), ("--consent-reference", "consentReference", str),
-    ("--consent-date", "consentDate", str), ("--max-amount", "maxAmount", int),
+    ("--consent-date", "consentDate", str), ("--agreement-reference", "agreementReference", str),
+    ("--agreement-version", "agreementVersion", str), ("--agreement-signed-on", "agreementSignedOn", str),
+    ("--lawful-basis", "lawfulBasis", str), ("--max-amount", "maxAmount", int),
     ("--pushes-per-second", "pushesPerSecond", float),
     ("--confirm-success-by-query", "confirmSuccessByQuery", yes_no),
     ("--payer-data-retention-days", "payerDataRetentionDays", int),
 ]
 _CLEARABLE = {"till-number": ["tillNumber"], "consent": ["consentReference", "consentDate"],
+              "agreement": list(AGREEMENT_FIELDS),
               "max-amount": ["maxAmount"], "pushes-per-second": ["pushesPerSecond"],
               "payer-data-retention-days": ["payerDataRetentionDays"]}
 
@@ -103,12 +108,19 @@ def _register_channels(subparsers) -> None:
     for name, help_text, operation in [
         ("show", "show one channel", lambda o, a, actor: o.channel(a.channel_id)),
         ("suspend", "stop new payments for a channel", lambda o, a, actor: o.suspend(a.channel_id, actor)),
-        ("resume", "activate a channel (first time, or after a suspension); needs consent and credentials",
+        ("resume", "activate a channel (first time, or after a suspension); needs consent, the processing "
+                   "agreement and credentials",
          lambda o, a, actor: o.resume(a.channel_id, actor)),
     ]:
         command = sub.add_parser(name, help=help_text)
         command.add_argument("channel_id")
         command.set_defaults(func=_onboarding_command(operation))
+    report = sub.add_parser("compliance", help="per channel: agreement, consent, credential age, retention, last "
+                                               "erasure, and what is missing",
+                            description="Flags: " + ", ".join(FLAGS) + ". Exit status 0 even when flags are raised: "
+                                        "`activeFlagged` lists the active channels that have one.")
+    report.add_argument("--json", action="store_true", help="the report as JSON instead of a table")
+    report.set_defaults(func=_onboarding_command(_compliance))
     for name, method, help_text in [
         ("set-credentials", "set_credentials", "set a channel's first Daraja credentials"),
         ("rotate-credentials", "rotate_credentials", "new version of a channel's Daraja credentials (the older "
@@ -285,7 +297,7 @@ def _register_vault(subparsers) -> None:
 
 
 # Options with a fixed set of values: argparse refuses others and the help lists them.
-_CHANNEL_CHOICES = {"shortcodeType": SHORTCODE_TYPES, "environment": ENVIRONMENTS}
+_CHANNEL_CHOICES = {"shortcodeType": SHORTCODE_TYPES, "environment": ENVIRONMENTS, "lawfulBasis": LAWFUL_BASES}
 _CHANNEL_METAVARS = {"confirmSuccessByQuery": "{true,false}"}
 
 
@@ -321,6 +333,40 @@ def _credentials_body(args: argparse.Namespace) -> dict[str, Any]:
     return {**body, "validate": args.validate}
 
 
+_COMPLIANCE_COLUMNS = [("channel", "channelId"), ("status", "status"), ("agreement", "agreementReference"),
+                       ("version", "agreementVersion"), ("signed", "agreementSignedOn"), ("basis", "lawfulBasis"),
+                       ("consent", "consentReference"), ("cred. age (d)", "credentialsAgeDays"),
+                       ("retention (d)", "payerDataRetentionDays"), ("last erasure", "lastErasureAt"),
+                       ("flags", "flags")]
+
+
+async def _compliance(onboarding, args: argparse.Namespace, actor: str) -> Any:
+    report = await onboarding.compliance()
+    if args.json:
+        return report
+    print(compliance_table(report))
+    return _PRINTED
+
+
+def compliance_table(report: dict[str, Any]) -> str:
+    """The report as aligned columns; '-' for nothing recorded, 'default' for the default retention.
+    Text that merchants' paperwork supplied is escaped: a bidi override must not reorder a terminal."""
+    def cell(channel: dict[str, Any], field: str) -> str:
+        value = channel[field]
+        if field == "flags":
+            return ",".join(value) or "ok"
+        if value is None:
+            return "default" if field == "payerDataRetentionDays" else "-"
+        return str(value)[:19] if field == "lastErasureAt" else untrusted(str(value), 128)
+    rows = [[title for title, _ in _COMPLIANCE_COLUMNS]]
+    rows += [[cell(channel, field) for _, field in _COMPLIANCE_COLUMNS] for channel in report["channels"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COMPLIANCE_COLUMNS))]
+    lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    flagged = report["activeFlagged"]
+    lines.append(f"active channels with a flag: {', '.join(flagged) if flagged else 'none'}")
+    return "\n".join(lines)
+
+
 async def _issue(onboarding, args: argparse.Namespace, actor: str) -> dict[str, Any]:
     view, api_key = await onboarding.issue_api_key({"label": args.label, "channelIds": args.channels}, actor)
     print("the API key is shown once: store it now", file=sys.stderr)
@@ -329,6 +375,9 @@ async def _issue(onboarding, args: argparse.Namespace, actor: str) -> dict[str, 
 
 class _UsageError(Exception):
     pass
+
+
+_PRINTED = object()  # what an operation returns when it printed its own output
 
 
 def _actor() -> str:
@@ -380,7 +429,8 @@ async def _run_onboarding(cfg: s.OnboardingSettings, operation, args: argparse.N
         return 2
     finally:
         await pool.close()
-    print(json.dumps(_plain(result), indent=2))
+    if result is not _PRINTED:
+        print(json.dumps(_plain(result), indent=2))
     return 0
 
 

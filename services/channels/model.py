@@ -6,6 +6,7 @@ names exactly what the caller sent. Messages never repeat a submitted value: it 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import date
@@ -27,6 +28,12 @@ ONBOARDING, ACTIVE, SUSPENDED = "onboarding", "active", "suspended"
 STATUSES = (ONBOARDING, ACTIVE, SUSPENDED)
 DISPLAY_NAME_MAX = 100
 CONSENT_REFERENCE_MAX = 128
+AGREEMENT_REFERENCE_MAX = 128
+AGREEMENT_VERSION_MAX = 32
+# The lawful bases of the Data Protection Act 2019, s.30, that a merchant may rely on for its payers'
+# data (the research basis is not offered: taking a payment is never research).
+LAWFUL_BASES = ("consent", "contract", "legal_obligation", "vital_interests", "public_interest",
+                "legitimate_interests")
 PUSHES_PER_SECOND_MAX = 1000
 RETENTION_DAYS_MAX = 3650  # ten years: beyond it the retention is no limit at all
 SECRET_LENGTH_MAX = 512
@@ -47,12 +54,17 @@ class Channel:
     environment: str  # sandbox | production
     till_number: str | None = None  # PartyB of a till; None for a paybill
     status: str = ONBOARDING
-    consent_reference: str | None = None  # the merchant's signed agreement
+    consent_reference: str | None = None  # the merchant's signed consent to be onboarded
     consent_date: date | None = None
     max_amount: int | None = None  # KES per payment, below Daraja's own ceiling
     pushes_per_second: float | None = None
     confirm_success_by_query: bool = False  # every success confirmed by an STK query before Settled
     payer_data_retention_days: int | None = None  # None: PAYER_DATA_RETENTION_DAYS (services/privacy)
+    # The processing agreement under which we process the merchant's payers' data (its controller's).
+    agreement_reference: str | None = None
+    agreement_version: str | None = None
+    agreement_signed_on: date | None = None
+    lawful_basis: str | None = None  # one of LAWFUL_BASES
 
     @property
     def shortcode(self) -> Shortcode:
@@ -62,6 +74,11 @@ class Channel:
     @property
     def is_active(self) -> bool:
         return self.status == ACTIVE
+
+    @property
+    def missing_agreement_fields(self) -> tuple[str, ...]:
+        """The API names of the agreement's fields not recorded yet; () when it is complete."""
+        return tuple(name for name in AGREEMENT_FIELDS if getattr(self, _FIELDS[name][0]) is None)
 
 
 @dataclass(frozen=True)
@@ -106,6 +123,19 @@ def _consent_reference(value: Any) -> tuple[Any, str | None]:
     return value.strip(), None
 
 
+def _bounded_text(maximum: int) -> Callable[[Any], tuple[Any, str | None]]:
+    """A document reference: printable, and without format characters (a right-to-left override
+    would make the compliance report show another reference than the one stored)."""
+    def parse(value: Any) -> tuple[Any, str | None]:
+        if not isinstance(value, str) or not value.strip() or not _PRINTABLE.fullmatch(value) \
+                or any(unicodedata.category(c) == "Cf" for c in value):
+            return None, "must be a non-empty string without control or format characters"
+        if len(value) > maximum:
+            return None, f"must be at most {maximum} characters"
+        return value.strip(), None
+    return parse
+
+
 def _iso_date(value: Any) -> tuple[Any, str | None]:
     if isinstance(value, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
         try:
@@ -146,17 +176,23 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], tuple[Any, str | None]]]] = {
     "environment": ("environment", _one_of(*ENVIRONMENTS)),
     "consentReference": ("consent_reference", _consent_reference),
     "consentDate": ("consent_date", _iso_date),
+    "agreementReference": ("agreement_reference", _bounded_text(AGREEMENT_REFERENCE_MAX)),
+    "agreementVersion": ("agreement_version", _bounded_text(AGREEMENT_VERSION_MAX)),
+    "agreementSignedOn": ("agreement_signed_on", _iso_date),
+    "lawfulBasis": ("lawful_basis", _one_of(*LAWFUL_BASES)),
     "maxAmount": ("max_amount", _max_amount),
     "pushesPerSecond": ("pushes_per_second", _pushes_per_second),
     "confirmSuccessByQuery": ("confirm_success_by_query", _boolean),
     "payerDataRetentionDays": ("payer_data_retention_days", _retention_days),
 }
 _REQUIRED_ON_CREATE = ("displayName", "shortcodeType", "businessShortcode", "environment")
-_REMOVABLE = ("tillNumber", "consentReference", "consentDate", "maxAmount", "pushesPerSecond",
+AGREEMENT_FIELDS = ("agreementReference", "agreementVersion", "agreementSignedOn", "lawfulBasis")
+_REMOVABLE = ("tillNumber", "consentReference", "consentDate", *AGREEMENT_FIELDS, "maxAmount", "pushesPerSecond",
               "payerDataRetentionDays")
 _STATUS_READ_ONLY = "is read-only: use suspend and resume"
 
 
+RESERVED_CHANNEL_IDS = ("compliance",)  # GET /admin/channels/compliance is the compliance report
 _CHANNEL_ID_RULE = "must be 1-64 lower-case letters, digits, '-' or '_', starting with a letter or digit"
 
 
@@ -175,6 +211,8 @@ def parse_new_channel(body: Any, today: date) -> tuple[Channel | None, Errors]:
         errors["status"] = _STATUS_READ_ONLY
     if problem := channel_id_error(body.get("channelId")):
         errors["channelId"] = problem
+    elif body["channelId"] in RESERVED_CHANNEL_IDS:
+        errors["channelId"] = "is reserved: /admin/channels/" + body["channelId"] + " is another route"
     for name in _REQUIRED_ON_CREATE:
         if body.get(name) is None:
             errors[name] = "is required"
@@ -207,6 +245,11 @@ def parse_channel_changes(channel: Channel, body: Any, today: date) -> tuple[Cha
     removed: dict[str, Any] = {_FIELDS[name][0]: None for name in _REMOVABLE if name in body and body[name] is None}
     changed = replace(channel, **values, **removed)
     errors = consistency_errors(changed, today)
+    # Only a change that touches the agreement must leave it complete: a channel active from before
+    # agreements were recorded keeps working, and is refused at its next activation.
+    if changed.is_active and any(name in body for name in AGREEMENT_FIELDS):
+        errors |= {name: "is required while the channel is active (the signed processing agreement)"
+                   for name in changed.missing_agreement_fields}
     return (None, errors) if errors else (changed, {})
 
 
@@ -223,6 +266,8 @@ def consistency_errors(channel: Channel, today: date) -> Errors:
         errors["consentReference"] = "is required together with consentDate"
     if channel.consent_date is not None and channel.consent_date > today:
         errors["consentDate"] = "must not be in the future"
+    if channel.agreement_signed_on is not None and channel.agreement_signed_on > today:
+        errors["agreementSignedOn"] = "must not be in the future"
     if channel.status == ACTIVE and channel.consent_reference is None:
         errors["consentReference"] = "is required while the channel is active (the merchant's signed consent)"
     return errors
@@ -233,6 +278,8 @@ def activation_errors(channel: Channel, has_credentials: bool) -> Errors:
     errors: Errors = {}
     if channel.consent_reference is None or channel.consent_date is None:
         errors["consentReference"] = "is required before activation: record the merchant's signed consent"
+    for name in channel.missing_agreement_fields:
+        errors[name] = "is required before activation: record the merchant's signed processing agreement"
     if not has_credentials:
         errors["credentials"] = "must be set before activation"
     return errors
@@ -293,6 +340,9 @@ def channel_view(channel: Channel) -> dict[str, Any]:
         "tillNumber": channel.till_number, "environment": channel.environment, "status": channel.status,
         "consentReference": channel.consent_reference,
         "consentDate": channel.consent_date.isoformat() if channel.consent_date else None,
+        "agreementReference": channel.agreement_reference, "agreementVersion": channel.agreement_version,
+        "agreementSignedOn": channel.agreement_signed_on.isoformat() if channel.agreement_signed_on else None,
+        "lawfulBasis": channel.lawful_basis,
         "maxAmount": channel.max_amount, "pushesPerSecond": channel.pushes_per_second,
         "confirmSuccessByQuery": channel.confirm_success_by_query,
         "payerDataRetentionDays": channel.payer_data_retention_days,

@@ -15,7 +15,7 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from services.channels import apikeys, repository as repo
+from services.channels import apikeys, compliance, repository as repo
 from services.channels.model import (
     ACTIVE,
     SUSPENDED,
@@ -96,11 +96,13 @@ def daraja_credential_check(base_url: str, timeouts: DarajaTimeouts = DarajaTime
 class Onboarding:
     def __init__(self, pool: AsyncConnectionPool, *, public_key_file: Path,
                  credential_check: CredentialCheck | None = None,
-                 today: Callable[[], date] = lambda: datetime.now(NAIROBI).date()):
+                 today: Callable[[], date] = lambda: datetime.now(NAIROBI).date(),
+                 now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)):
         self._pool = pool
         self._public_key_file = Path(public_key_file)
         self._credential_check = credential_check
         self._today = today
+        self._now = now
 
     # Channels
 
@@ -142,6 +144,12 @@ class Onboarding:
         async with self._pool.connection() as conn:
             return await repo.channel_records(conn)
 
+    async def compliance(self) -> dict[str, Any]:
+        """The compliance report of every channel (services/channels/compliance.py)."""
+        async with self._pool.connection() as conn:
+            rows = await compliance.compliance_rows(conn)
+        return compliance.report(rows, self._now())
+
     async def suspend(self, channel_id: str, actor: str) -> ChannelRecord:
         return await self._set_status(channel_id, SUSPENDED, actor)
 
@@ -156,8 +164,9 @@ class Onboarding:
                 return record
             if status == ACTIVE:
                 errors = activation_errors(record.channel, record.credentials is not None)
-                if errors:
-                    raise InvalidInput(f"channel {channel_id!r} cannot be activated yet; nothing was changed", errors)
+                if errors:  # the fields in the first line too: the command line's one line says it all
+                    raise InvalidInput(f"channel {channel_id!r} cannot be activated yet: it lacks "
+                                       f"{', '.join(errors)}; nothing was changed", errors)
             await repo.set_status(conn, channel_id, status)
             action = "channel_activated" if status == ACTIVE else "channel_suspended"
             await repo.audit(conn, actor, action, channel_id=channel_id, detail=f"was {record.channel.status}")

@@ -47,11 +47,13 @@ class ChannelRecord:
 
 _CHANNEL_COLUMNS = ("channel_id, display_name, shortcode_type, business_shortcode, environment, till_number, status,"
                     " consent_reference, consent_date, max_amount, pushes_per_second, confirm_success_by_query,"
-                    " payer_data_retention_days")
+                    " payer_data_retention_days, agreement_reference, agreement_version, agreement_signed_on,"
+                    " lawful_basis")
 _RECORD_QUERY = (
     "SELECT c.channel_id, c.display_name, c.shortcode_type, c.business_shortcode, c.environment, c.till_number,"
     " c.status, c.consent_reference, c.consent_date, c.max_amount, c.pushes_per_second, c.confirm_success_by_query,"
-    " c.payer_data_retention_days, c.created_at, c.updated_at,"
+    " c.payer_data_retention_days, c.agreement_reference, c.agreement_version, c.agreement_signed_on, c.lawful_basis,"
+    " c.created_at, c.updated_at,"
     " cc.version, cc.fingerprint, cc.app_key_id, cc.key_id, cc.validated_at, cc.created_at AS credentials_created_at,"
     " cc.created_by AS credentials_created_by"
     # Named columns, never the sealed ones: the ingress may read only these (migrations/0009_roles.sql).
@@ -63,7 +65,7 @@ _RECORD_QUERY = (
 async def insert_channel(conn: AsyncConnection, channel: Channel) -> bool:
     """False when the channel id is taken."""
     cur = await conn.execute(
-        f"INSERT INTO channels ({_CHANNEL_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        f"INSERT INTO channels ({_CHANNEL_COLUMNS}) VALUES ({', '.join(['%s'] * len(_channel_values(channel)))})"
         " ON CONFLICT (channel_id) DO NOTHING", _channel_values(channel))
     return cur.rowcount == 1
 
@@ -72,8 +74,9 @@ async def update_channel(conn: AsyncConnection, channel: Channel) -> None:
     await conn.execute(
         "UPDATE channels SET display_name = %s, shortcode_type = %s, business_shortcode = %s, environment = %s,"
         " till_number = %s, status = %s, consent_reference = %s, consent_date = %s, max_amount = %s,"
-        " pushes_per_second = %s, confirm_success_by_query = %s, payer_data_retention_days = %s, updated_at = now()"
-        " WHERE channel_id = %s",
+        " pushes_per_second = %s, confirm_success_by_query = %s, payer_data_retention_days = %s,"
+        " agreement_reference = %s, agreement_version = %s, agreement_signed_on = %s, lawful_basis = %s,"
+        " updated_at = now() WHERE channel_id = %s",
         (*_channel_values(channel)[1:], channel.channel_id))
 
 
@@ -240,7 +243,8 @@ def api_key_view(row: dict[str, Any]) -> dict[str, Any]:
 def _channel_values(c: Channel) -> tuple:
     return (c.channel_id, c.display_name, c.shortcode_type, c.business_shortcode, c.environment, c.till_number,
             c.status, c.consent_reference, c.consent_date, c.max_amount, c.pushes_per_second,
-            c.confirm_success_by_query, c.payer_data_retention_days)
+            c.confirm_success_by_query, c.payer_data_retention_days, c.agreement_reference, c.agreement_version,
+            c.agreement_signed_on, c.lawful_basis)
 
 
 def _record(row: dict[str, Any]) -> ChannelRecord:
@@ -250,7 +254,9 @@ def _record(row: dict[str, Any]) -> ChannelRecord:
         till_number=row["till_number"], status=row["status"], consent_reference=row["consent_reference"],
         consent_date=row["consent_date"], max_amount=row["max_amount"], pushes_per_second=row["pushes_per_second"],
         confirm_success_by_query=row["confirm_success_by_query"],
-        payer_data_retention_days=row["payer_data_retention_days"])
+        payer_data_retention_days=row["payer_data_retention_days"], agreement_reference=row["agreement_reference"],
+        agreement_version=row["agreement_version"], agreement_signed_on=row["agreement_signed_on"],
+        lawful_basis=row["lawful_basis"])
     credentials = None
     if row["version"] is not None:
         credentials = CredentialSummary(row["version"], row["fingerprint"], row["app_key_id"], row["key_id"],

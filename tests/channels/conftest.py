@@ -58,7 +58,12 @@ def assert_no_secret(text: str | bytes, *values: str) -> None:
 def paybill_body(channel_id: str, **extra) -> dict:
     return {"channelId": channel_id, "displayName": "Duka La Mama", "shortcodeType": "paybill",
             "businessShortcode": "174379", "environment": "sandbox", "consentReference": "AGR-2024-001",
-            "consentDate": "2024-05-01", **extra}
+            "consentDate": "2024-05-01", **AGREEMENT, **extra}
+
+
+# A signed processing agreement: what activation needs besides consent and credentials.
+AGREEMENT = {"agreementReference": "DPA-2024-017", "agreementVersion": "2.1", "agreementSignedOn": "2024-05-01",
+             "lawfulBasis": "contract"}
 
 
 @pytest.fixture

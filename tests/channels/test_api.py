@@ -23,7 +23,7 @@ ROUTES = [("GET", "/admin/channels"), ("POST", "/admin/channels"), ("GET", "/adm
           ("PATCH", "/admin/channels/shop"), ("PUT", "/admin/channels/shop/credentials"),
           ("POST", "/admin/channels/shop/credentials/rotate"), ("POST", "/admin/channels/shop/suspend"),
           ("POST", "/admin/channels/shop/resume"), ("GET", "/admin/api-keys"), ("POST", "/admin/api-keys"),
-          ("POST", "/admin/api-keys/0123456789ab/revoke")]
+          ("POST", "/admin/api-keys/0123456789ab/revoke"), ("GET", "/admin/channels/compliance")]
 
 
 @pytest.fixture

@@ -58,9 +58,13 @@ def test_a_channel_from_creation_to_activation(run, unique, tmp_path):
     assert json.loads(rotated.stdout)["credentials"]["version"] == 2
 
     refused = run("channels", "resume", channel_id)
-    assert refused.returncode == 1 and "consentReference" in refused.stderr
+    assert refused.returncode == 1 and refused.stderr.splitlines()[0] == (
+        f"mpesa-pipeline: channel '{channel_id}' cannot be activated yet: it lacks consentReference, "
+        "agreementReference, agreementVersion, agreementSignedOn, lawfulBasis; nothing was changed")
     updated = run("channels", "update", channel_id, "--consent-reference", "AGR-7", "--consent-date", "2024-02-01",
-                  "--confirm-success-by-query", "true", "--payer-data-retention-days", "30")
+                  "--confirm-success-by-query", "true", "--payer-data-retention-days", "30",
+                  "--agreement-reference", "DPA-7", "--agreement-version", "1",
+                  "--agreement-signed-on", "2024-02-01", "--lawful-basis", "contract")
     assert updated.returncode == 0, updated.stderr
     assert json.loads(updated.stdout)["confirmSuccessByQuery"] is True
     assert json.loads(updated.stdout)["payerDataRetentionDays"] == 30

@@ -8,6 +8,8 @@ import pytest
 
 from services.channels.model import (
     ACTIVE,
+    AGREEMENT_FIELDS,
+    LAWFUL_BASES,
     Channel,
     activation_errors,
     channel_view,
@@ -25,7 +27,8 @@ def test_a_paybill_with_consent_becomes_an_onboarding_channel():
     channel, errors = parse_new_channel(paybill_body("shop-1", maxAmount=5000, pushesPerSecond=2), TODAY)
     assert errors == {} and channel is not None
     assert channel == Channel("shop-1", "Duka La Mama", "paybill", "174379", "sandbox", None, "onboarding",
-                              "AGR-2024-001", date(2024, 5, 1), 5000, 2.0)
+                              "AGR-2024-001", date(2024, 5, 1), 5000, 2.0, False, "DPA-2024-017", "2.1",
+                              date(2024, 5, 1), "contract")
     assert channel.shortcode.party_b == "174379"
 
 
@@ -116,6 +119,80 @@ def test_activation_needs_consent_and_credentials():
     assert activation_errors(_channel(), has_credentials=True) == {}
     assert set(activation_errors(_channel(consent_reference=None, consent_date=None), has_credentials=False)) == {
         "consentReference", "credentials"}
+
+
+def test_activation_needs_every_field_of_the_agreement_and_names_each_missing_one():
+    assert set(activation_errors(_channel(agreement_reference=None, agreement_version=None, agreement_signed_on=None,
+                                          lawful_basis=None), has_credentials=True)) == set(AGREEMENT_FIELDS)
+    assert set(activation_errors(_channel(lawful_basis=None), has_credentials=True)) == {"lawfulBasis"}
+    assert set(activation_errors(_channel(agreement_version=None), has_credentials=True)) == {"agreementVersion"}
+
+
+def test_the_agreement_may_come_later_and_in_parts_while_onboarding():
+    body = {k: v for k, v in paybill_body("shop-1").items() if k not in AGREEMENT_FIELDS}
+    channel, errors = parse_new_channel({**body, "agreementReference": "DPA-1"}, TODAY)
+    assert errors == {} and channel is not None and channel.missing_agreement_fields == (
+        "agreementVersion", "agreementSignedOn", "lawfulBasis")
+    changed, errors = parse_channel_changes(channel, {"agreementVersion": " 3 ", "agreementSignedOn": "2025-01-15",
+                                                      "lawfulBasis": "legitimate_interests"}, TODAY)
+    assert errors == {} and changed is not None and changed.missing_agreement_fields == ()
+    assert (changed.agreement_version, changed.agreement_signed_on) == ("3", TODAY)
+    view = channel_view(changed)
+    assert (view["agreementReference"], view["agreementVersion"], view["agreementSignedOn"], view["lawfulBasis"]) == (
+        "DPA-1", "3", "2025-01-15", "legitimate_interests")
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"agreementReference": ""}, "agreementReference"), ({"agreementReference": "   "}, "agreementReference"),
+    ({"agreementReference": "x" * 129}, "agreementReference"), ({"agreementReference": "DPA\n1"}, "agreementReference"),
+    ({"agreementReference": "DPA\u2028"}, "agreementReference"),
+    ({"agreementReference": "DPA-\u202e1"}, "agreementReference"),
+    ({"agreementReference": 17}, "agreementReference"), ({"agreementReference": ["DPA"]}, "agreementReference"),
+    ({"agreementReference": "DPA\ud83d"}, "agreementReference"),
+    ({"agreementVersion": "v" * 33}, "agreementVersion"), ({"agreementVersion": 2}, "agreementVersion"),
+    ({"agreementVersion": "\x00"}, "agreementVersion"),
+    ({"agreementSignedOn": "2025-01-16"}, "agreementSignedOn"),  # in the future
+    ({"agreementSignedOn": "2024-02-30"}, "agreementSignedOn"),
+    ({"agreementSignedOn": "15/01/2025"}, "agreementSignedOn"),
+    ({"agreementSignedOn": 20240101}, "agreementSignedOn"),
+    ({"lawfulBasis": "Contract"}, "lawfulBasis"), ({"lawfulBasis": "research"}, "lawfulBasis"),
+    ({"lawfulBasis": ["contract"]}, "lawfulBasis"), ({"lawfulBasis": ""}, "lawfulBasis"),
+])
+def test_a_bad_agreement_field_is_refused_naming_it(change, field):
+    channel, errors = parse_new_channel(paybill_body("shop-1", **change), TODAY)
+    assert channel is None and set(errors) == {field}, errors
+    changed, errors = parse_channel_changes(_channel(), change, TODAY)
+    assert changed is None and set(errors) == {field}, errors
+
+
+def test_every_lawful_basis_of_the_act_is_accepted():
+    for basis in LAWFUL_BASES:
+        channel, errors = parse_new_channel(paybill_body("shop-1", lawfulBasis=basis), TODAY)
+        assert errors == {} and channel is not None and channel.lawful_basis == basis
+
+
+def test_an_active_channel_cannot_lose_or_half_change_its_agreement():
+    active = _channel(status=ACTIVE)
+    changed, errors = parse_channel_changes(active, {"lawfulBasis": None}, TODAY)
+    assert changed is None and set(errors) == {"lawfulBasis"}
+    changed, errors = parse_channel_changes(active, {field: None for field in AGREEMENT_FIELDS}, TODAY)
+    assert changed is None and set(errors) == set(AGREEMENT_FIELDS)
+    changed, errors = parse_channel_changes(active, {"agreementVersion": "3"}, TODAY)  # a new version: fine
+    assert errors == {} and changed is not None and changed.agreement_version == "3"
+
+
+def test_an_active_channel_from_before_agreements_may_still_be_changed_but_not_given_half_an_agreement():
+    legacy = _channel(status=ACTIVE, agreement_reference=None, agreement_version=None, agreement_signed_on=None,
+                      lawful_basis=None)
+    changed, errors = parse_channel_changes(legacy, {"displayName": "Duka Mpya"}, TODAY)
+    assert errors == {} and changed is not None and changed.display_name == "Duka Mpya"
+    changed, errors = parse_channel_changes(legacy, {"agreementReference": "DPA-9"}, TODAY)
+    assert changed is None and set(errors) == {"agreementVersion", "agreementSignedOn", "lawfulBasis"}
+
+
+def test_the_compliance_route_cannot_be_a_channel_id():
+    channel, errors = parse_new_channel(paybill_body("compliance"), TODAY)
+    assert channel is None and set(errors) == {"channelId"}
 
 
 def test_credentials_are_parsed_and_errors_never_repeat_them():

@@ -163,8 +163,9 @@ async def test_an_unreachable_daraja_is_not_a_refusal(onboarding_pool, provider,
 async def test_the_database_refuses_what_the_model_refuses(database_url, unique, values, constraint):
     with psycopg.connect(database_url) as conn, pytest.raises(psycopg.errors.CheckViolation, match=constraint):
         conn.execute("INSERT INTO channels (channel_id, display_name, environment, business_shortcode, shortcode_type,"
-                     f" till_number, status, consent_reference, consent_date) VALUES (%s, 'x', 'sandbox', '174379',"
-                     f" {values})", (f"db-{unique}",))
+                     " till_number, status, consent_reference, consent_date, agreement_reference, agreement_version,"
+                     f" agreement_signed_on, lawful_basis) VALUES (%s, 'x', 'sandbox', '174379', {values},"
+                     " 'DPA-1', '1', '2024-01-01', 'contract')", (f"db-{unique}",))
 
 
 async def test_the_audit_trail_cannot_be_edited_or_deleted(onboarding, pool, database_url, unique):

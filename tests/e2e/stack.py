@@ -117,7 +117,8 @@ class Stack:
         await onboarding.create_channel({
             "channelId": channel_id, "displayName": "E2E Duka", "shortcodeType": "paybill",
             "businessShortcode": "174379", "environment": "sandbox", "consentReference": "AGR-E2E",
-            "consentDate": "2026-01-01"}, "tests")
+            "consentDate": "2026-01-01", "agreementReference": "DPA-E2E", "agreementVersion": "1",
+            "agreementSignedOn": "2026-01-01", "lawfulBasis": "contract"}, "tests")
         await onboarding.set_credentials(channel_id, {"consumerKey": DEMO_CONSUMER_KEY,
                                                       "consumerSecret": DEMO_CONSUMER_SECRET,
                                                       "passkey": SANDBOX_PASSKEY}, "tests")

@@ -60,9 +60,12 @@ async def ingress(infra):
 
 async def make_channel(pool, channel_id: str, *, status: str = "active", max_amount: int | None = None) -> None:
     consent = ("MSA-1", date(2025, 1, 6)) if status != "onboarding" else (None, None)
+    agreement = ("DPA-1", "1", date(2025, 1, 6), "contract") if status != "onboarding" else (None,) * 4
     channel = Channel(channel_id=channel_id, display_name=f"Shop {channel_id}", shortcode_type="paybill",
                       business_shortcode="174379", environment="sandbox", status=status,
-                      consent_reference=consent[0], consent_date=consent[1], max_amount=max_amount)
+                      consent_reference=consent[0], consent_date=consent[1], max_amount=max_amount,
+                      agreement_reference=agreement[0], agreement_version=agreement[1],
+                      agreement_signed_on=agreement[2], lawful_basis=agreement[3])
     async with pool.connection() as conn:
         assert await channels_repository.insert_channel(conn, channel)
 
