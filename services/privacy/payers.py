@@ -31,6 +31,7 @@ from services.operations.model import OPERATOR, OPERATOR_MAX, Errors, InvalidInp
 from services.privacy.scrub import scrub_payments
 
 ERASED = "erased"
+OPEN_STATES = frozenset({"Requested", "Pending"})
 CHUNK = 500  # payments per erasure transaction: the ledger's locks on them are held that long
 # Topics that carry payers' numbers in clear (schemas/README.md), what each holds about a payer.
 RAW_PII_TOPICS = [
@@ -143,11 +144,17 @@ class Payers:
             await cur.execute("SELECT payment_id, endpoint_id, event_type, occurred_at, state, body"
                               " FROM webhook_deliveries WHERE payment_id = ANY(%s) ORDER BY id", (ids,))
             webhooks = await cur.fetchall()
+            parked_ids = ids + ([] if request.channel_id else await _orphan_parked_facts(conn, number_forms(request.phone)))
+            await cur.execute("SELECT payment_id, topic, parked_at FROM parked_facts WHERE payment_id = ANY(%s)"
+                              " ORDER BY parked_at, event_id", (parked_ids,))
+            parked = await cur.fetchall()
             request_id = await _record(conn, request, pseudonym, actor, len(payments))
         latest = max((p["updated_at"] for p in payments), default=None)
         return {"requestId": request_id, "kind": "export", "payer": pseudonym, "channel": request.channel_id,
                 "payments": [_json(p) for p in payments], "callbacks": [_json(c) for c in callbacks],
                 "webhookDeliveries": [_json(w) for w in webhooks],
+                # Callbacks waiting for their payment (a Daraja body with the number, held as received).
+                "parkedFacts": [_json(f) for f in parked],
                 "kafka": kafka_windows(latest, self._topic_overrides, self._replication_factor),
                 "kafkaStatement": KAFKA_STATEMENT,
                 "kept": "payments erased earlier keep their money record only and are no longer linked to this "
@@ -158,17 +165,21 @@ class Payers:
         forms = number_forms(request.phone)
         async with self._pool.connection() as conn:
             rows = await (await conn.execute(
-                "SELECT payment_id, updated_at FROM payments WHERE phone = ANY(%s)"
+                "SELECT payment_id, state, updated_at FROM payments WHERE phone = ANY(%s)"
                 " AND (%s::text IS NULL OR channel_id = %s) ORDER BY payment_id",
                 ([request.phone, pseudonym], request.channel_id, request.channel_id))).fetchall()
-            ids = [payment_id for payment_id, _ in rows]
+            # An open payment still needs the number: the ledger checks its callback's number against
+            # it (phone_check). It is erased by a request made once it is final.
+            still_open = [payment_id for payment_id, state, _ in rows if state in OPEN_STATES]
+            ids = [payment_id for payment_id, state, _ in rows if state not in OPEN_STATES]
+            ids += [] if request.channel_id else await _orphan_parked_facts(conn, forms)
             totals = {"payments": 0, "callbacks": 0, "parkedFacts": 0, "webhookBodies": 0}
             request_id = None
             for start in range(0, max(len(ids), 1), CHUNK):
                 chunk = ids[start:start + CHUNK]
                 async with conn.transaction():
                     if request_id is None:  # with the first chunk: no erasure without its record
-                        request_id = await _record(conn, request, pseudonym, actor, len(ids))
+                        request_id = await _record(conn, request, pseudonym, actor, len(rows))
                     if not chunk:
                         break
                     report = await scrub_payments(conn, chunk, replace_phone=_random_pseudonym, outcome=ERASED)
@@ -176,14 +187,33 @@ class Payers:
                 totals["payments"] += report.payments
                 totals["callbacks"] += report.callback_bodies
                 totals["parkedFacts"] += report.parked_facts
-        latest = max((updated_at for _, updated_at in rows), default=None)
+        latest = max((updated_at for _, _, updated_at in rows), default=None)
         return {"requestId": request_id, "kind": "erase", "payer": pseudonym, "channel": request.channel_id,
-                "erased": totals,
-                "message": (f"erased the payer's data on {totals['payments']} payment(s); their money records "
-                            "(state, amount, receipt, times, history, audit trail) are kept") if ids else
-                           "nothing to erase: no payment holds this number (already erased, or never paid)",
+                "erased": totals, "stillOpen": len(still_open), "message": _erase_message(totals, len(still_open)),
                 "kafka": kafka_windows(latest, self._topic_overrides, self._replication_factor),
                 "kafkaStatement": KAFKA_STATEMENT}
+
+
+def _erase_message(totals: Mapping[str, int], still_open: int) -> str:
+    if not totals["payments"] and not totals["parkedFacts"] and not still_open:
+        return "nothing to erase: no payment holds this number (already erased, or never paid)"
+    message = (f"erased the payer's data on {totals['payments']} payment(s); their money records (state, amount, "
+               "receipt, times, history, audit trail) are kept")
+    if still_open:
+        message += (f"; {still_open} payment(s) still open (Requested or Pending) keep the number until final: "
+                    "erase again then")
+    return message
+
+
+async def _orphan_parked_facts(conn, forms: Sequence[str]) -> list[str]:
+    """Payments whose facts (a callback with the number) wait for a request that has not come: found by
+    the number inside the parked payload, since no payment row links them to the payer yet."""
+    rows = await (await conn.execute(
+        "SELECT DISTINCT payment_id FROM parked_facts f WHERE NOT EXISTS"
+        " (SELECT FROM payments p WHERE p.payment_id = f.payment_id)"
+        " AND EXISTS (SELECT FROM unnest(%s::bytea[]) AS n WHERE position(n IN f.payload) > 0)",
+        ([form.encode() for form in forms],))).fetchall()
+    return [row[0] for row in rows]
 
 
 async def _mask_webhook_bodies(conn, payment_ids: Sequence[str], forms: Sequence[str]) -> int:

@@ -52,7 +52,10 @@ GRANTS = {
     "notifier": {"webhook_endpoints": "SELECT", "webhook_secrets": "SELECT",
                  "webhook_deliveries": "SELECT INSERT UPDATE", "webhook_attempts": "SELECT INSERT",
                  "credential_audit": "INSERT", "schema_migrations": "SELECT"},
-    "privacy": {"schema_migrations": "SELECT"},
+    # Retention and a payer's requests rewrite the payer's columns of payments and the bodies of
+    # webhook deliveries by column (not listed here), drop raw bodies, and record each request.
+    "privacy": {"schema_migrations": "SELECT", "payments": "SELECT", "callback_bodies": "SELECT DELETE",
+                "parked_facts": "SELECT DELETE", "payer_requests": "SELECT INSERT", "webhook_deliveries": "SELECT"},
 }
 PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
 
