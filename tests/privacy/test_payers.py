@@ -255,3 +255,21 @@ def test_the_command_refuses_a_bad_number_in_one_line_without_quoting_it(infra):
 def test_erasure_without_yes_asks_and_a_wrong_answer_erases_nothing(infra):
     done = erase_command(infra, "erase", "--phone", "0712345678", "--reason", "r", stdin="no\n")
     assert done.returncode == 1 and "nothing was erased" in done.stderr and done.stdout == ""
+
+
+async def test_the_payer_routes_answer_as_their_openapi_document_says(client, ledger, unique):
+    from tests.operations.test_api import Contract
+    contract = Contract()
+    made = await make_payment(ledger, f"ch-{unique}")
+    body = {"phone": made.phone, "operator": "o", "reason": "asked"}
+    bad_token = {"Authorization": "Bearer not-the-token"}
+    for path in ("/admin/payers/export", "/admin/payers/erase"):
+        for response in [await client.post(path, headers=ADMIN, json=body),
+                         await client.post(path, headers=ADMIN, json={"phone": "x"}),
+                         await client.post(path, headers={**ADMIN, "Content-Type": "text/plain"}, data=b"x"),
+                         await client.post(path, headers={**ADMIN, "Content-Type": "application/json"},
+                                           data=b"[" * 20_000),
+                         await client.post(path, json=body), await client.post(path, headers=bad_token, json=body)]:
+            await contract.check("post", path, response)
+    statuses = {(path, status) for _, path, status, _ in contract.seen}
+    assert {status for _, status in statuses} == {"200", "400", "401", "403", "413", "415"}
