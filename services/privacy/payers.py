@@ -105,7 +105,8 @@ def kafka_windows(latest: datetime | None, overrides: Mapping[str, Mapping[str, 
     return windows
 
 
-def _masked(text: str, forms: Sequence[str]) -> str:
+def mask_number(text: str, forms: Sequence[str]) -> str:
+    """`text` with every number masked (mask_phones_in), and the given forms of one number wherever they are."""
     text = mask_phones_in(text)
     for form in forms:  # a number in a form mask_phones_in leaves (inside a longer run of digits)
         text = text.replace(form, "*" * len(form))
@@ -219,7 +220,7 @@ async def _orphan_parked_facts(conn, forms: Sequence[str]) -> list[str]:
 async def _mask_webhook_bodies(conn, payment_ids: Sequence[str], forms: Sequence[str]) -> int:
     rows = await (await conn.execute("SELECT id, body FROM webhook_deliveries WHERE payment_id = ANY(%s)",
                                      (list(payment_ids),))).fetchall()
-    changed = [(masked, row_id) for row_id, body in rows if (masked := _masked(body, forms)) != body]
+    changed = [(masked, row_id) for row_id, body in rows if (masked := mask_number(body, forms)) != body]
     if changed:
         async with conn.cursor() as cur:
             await cur.executemany("UPDATE webhook_deliveries SET body = %s WHERE id = %s", changed)

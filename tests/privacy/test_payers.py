@@ -273,3 +273,14 @@ async def test_the_payer_routes_answer_as_their_openapi_document_says(client, le
             await contract.check("post", path, response)
     statuses = {(path, status) for _, path, status, _ in contract.seen}
     assert {status for _, status in statuses} == {"200", "400", "401", "403", "413", "415"}
+
+
+async def test_the_export_command_writes_a_file_only_its_owner_reads(infra, ledger, unique, tmp_path):
+    made = await make_payment(ledger, f"ch-{unique}")
+    output = tmp_path / "export.json"
+    done = erase_command(infra, "export", "--phone", "-", "--channel", f"ch-{unique}", "--output", str(output),
+                         "--operator", "wanjiku", stdin=made.phone + "\n")
+    assert done.returncode == 0 and done.stdout == "", done.stderr
+    assert output.stat().st_mode & 0o777 == 0o600
+    export = json.loads(output.read_text())
+    assert [p["paymentId"] for p in export["payments"]] == [made.payment_id] and export["channel"] == f"ch-{unique}"
