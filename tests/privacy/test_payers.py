@@ -75,6 +75,24 @@ async def park_callback(ledger: Ledger, channel: str, phone: str) -> str:
     return payment_id
 
 
+async def webhook_sent(pool, channel: str, payment_id: str, phone: str) -> None:
+    """A webhook delivered to the merchant about the payment, as the notifier writes it, whose body
+    carries a CheckoutRequestID in Daraja's current form: ending in the payer's number."""
+    endpoint_id = "ep_" + uuid.uuid4().hex[:20]
+    body = json.dumps({"type": "payment.review", "data": {"paymentId": payment_id, "phone": "254******" + phone[-3:],
+                                                           "checkoutRequestId": f"ws_CO_191220191020363925_{phone}"}})
+    async with pool.connection() as conn:
+        await conn.execute("INSERT INTO channels (channel_id, display_name, shortcode_type, business_shortcode,"
+                           " environment) VALUES (%s, 'Duka', 'paybill', '174379', 'sandbox')", (channel,))
+        await conn.execute("INSERT INTO webhook_endpoints (endpoint_id, channel_id, url, event_types, created_by)"
+                           " VALUES (%s, %s, 'https://merchant.example/hook', %s, 'tests')",
+                           (endpoint_id, channel, ["payment.review"]))
+        await conn.execute("INSERT INTO webhook_deliveries (webhook_id, event_id, endpoint_id, channel_id, payment_id,"
+                           " event_type, occurred_at, body, state, finished_at) VALUES (%s, %s, %s, %s, %s,"
+                           " 'payment.review', now(), %s, 'delivered', now())",
+                           (uuid.uuid4().hex, uuid.uuid4().hex, endpoint_id, channel, payment_id, body))
+
+
 def contains_any(text: str, forms: list[str]) -> list[str]:
     return [form for form in forms if form in text]
 
@@ -89,6 +107,7 @@ async def test_erasure_leaves_no_trace_of_the_payer_keeps_the_money_records_and_
     parked_for = await park_callback(ledger, channel, payer_a)
     of_b = await make_payment(ledger, channel, phone=payer_b)
     ids_a = [in_review.payment_id, cancelled.payment_id]
+    await webhook_sent(pool, channel, in_review.payment_id, payer_a)
     async with pool.connection() as conn:
         assert await places_holding(conn, forms), "the scan finds the number before erasure"
     before_a, before_b = await rows_of(pool, ids_a), await rows_of(pool, [of_b.payment_id])
@@ -105,6 +124,7 @@ async def test_erasure_leaves_no_trace_of_the_payer_keeps_the_money_records_and_
     assert {c["paymentId"] for c in export["callbacks"]} == set(ids_a)
     assert len(export["callbacks"]) == len(before_a["callback_bodies"])
     assert [f["paymentId"] for f in export["parkedFacts"]] == [parked_for]
+    assert [w["paymentId"] for w in export["webhookDeliveries"]] == [in_review.payment_id]
     assert [k["topic"] for k in export["kafka"]] == [topic for topic, _ in RAW_PII_TOPICS]
     assert of_b.payment_id not in json.dumps(export)
 
@@ -122,7 +142,7 @@ async def test_erasure_leaves_no_trace_of_the_payer_keeps_the_money_records_and_
         answer = json.loads(done.stdout)
         assert answer["erased"]["payments"] == 2
         assert answer["erased"]["callbacks"] == len(before_a["callback_bodies"])
-        assert answer["erased"]["parkedFacts"] == 1
+        assert answer["erased"]["parkedFacts"] == 1 and answer["erased"]["webhookBodies"] == 1
         assert answer["kafkaStatement"] == KAFKA_STATEMENT
         assert all(k["mayHoldUntil"] for k in answer["kafka"])
         assert not contains_any(done.stdout + done.stderr, forms)
