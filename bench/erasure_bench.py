@@ -24,7 +24,7 @@ from bench.host import HostLoad  # noqa: E402
 from services.common import pseudonyms  # noqa: E402
 from services.common.pseudonyms import Pseudonyms  # noqa: E402
 from services.devstack import role_url  # noqa: E402
-from services.privacy.payers import Payers, PayerRequest  # noqa: E402
+from services.privacy.payers import PayerRequest, Payers  # noqa: E402
 
 DB = os.environ.get("DATABASE_URL", "postgresql://mpesa@127.0.0.1:5433/mpesa")  # password: PGPASSFILE
 KEY_FILE = Path(os.environ.get("PSEUDONYM_KEY_FILE", ROOT / ".local" / "secrets" / "pseudonym.key"))
@@ -37,15 +37,17 @@ async def seed(owner: AsyncConnectionPool, payments: int, payers: int, run: str)
         await conn.execute(
             "INSERT INTO payments (payment_id, channel_id, state, amount, phone, account_reference, order_reference,"
             " metadata, checkout_request_id, mpesa_receipt, result_code, requested_at)"
-            " SELECT %(run)s || '-' || i, 'bench-erase', 'Settled', 100 + i %% 900, (%(phones)s::text[])[1 + i %% %(n)s],"
-            " 'INV' || i %% 1000, 'ord-' || i, '{\"k\": \"v\"}', %(run)s || '-ck-' || i, upper(%(run)s) || i, '0', now()"
+            " SELECT %(run)s || '-' || i, 'bench-erase', 'Settled', 100 + i %% 900,"
+            " (%(phones)s::text[])[1 + i %% %(n)s], 'INV' || i %% 1000, 'ord-' || i, '{\"k\": \"v\"}',"
+            " %(run)s || '-ck-' || i, upper(%(run)s) || i, '0', now()"
             " FROM generate_series(0, %(payments)s - 1) AS i",
             {"run": run, "phones": phones, "n": payers, "payments": payments})
         await conn.execute(
             "INSERT INTO callback_bodies (event_id, payment_id, received_at, verdict, body)"
             " SELECT gen_random_uuid(), payment_id, now(), 'applied',"
-            " '{\"Body\":{\"stkCallback\":{\"CallbackMetadata\":{\"Item\":[{\"Name\":\"PhoneNumber\",\"Value\":' || phone"
-            " || '}]}}}}' FROM payments WHERE channel_id = 'bench-erase' AND payment_id LIKE %s", (run + "-%",))
+            " '{\"Body\":{\"stkCallback\":{\"CallbackMetadata\":{\"Item\":"
+            "[{\"Name\":\"PhoneNumber\",\"Value\":' || phone || '}]}}}}'"
+            " FROM payments WHERE channel_id = 'bench-erase' AND payment_id LIKE %s", (run + "-%",))
         await conn.execute("ANALYZE payments")
     return phones
 
@@ -56,7 +58,8 @@ async def main(args: argparse.Namespace) -> None:
     async with AsyncConnectionPool(DB, min_size=1, max_size=1, open=False) as owner:
         started = time.perf_counter()
         phones = await seed(owner, args.payments, args.payers, run)
-        print(f"seeded {args.payments} payments over {args.payers} payers in {time.perf_counter() - started:.1f} s")
+        seconds = time.perf_counter() - started
+    print(f"seeded {args.payments} payments over {args.payers} payers in {seconds:.1f} s")
     async with AsyncConnectionPool(role_url(DB, "privacy"), min_size=1, max_size=1, open=False) as pool:
         payers = Payers(pool, Pseudonyms.from_file(KEY_FILE))
         host, erased = HostLoad(), 0

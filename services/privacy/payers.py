@@ -27,7 +27,7 @@ from services.common.payment import mask_phones_in, normalise_phone, validate_ch
 from services.common.pseudonyms import PHONE, Pseudonyms
 from services.common.topic_config import UPSTREAM, configs_for
 from services.common.topics import CALLBACK_RAW, CALLBACK_REJECTED, DEAD_LETTER, PAYMENT_REQUESTED
-from services.operations.model import OPERATOR, OPERATOR_MAX, Errors, InvalidInput, reason_problem
+from services.operations.model import OPERATOR, OPERATOR_MAX, Errors, reason_problem
 from services.privacy.scrub import scrub_payments
 
 ERASED = "erased"
@@ -145,7 +145,8 @@ class Payers:
             await cur.execute("SELECT payment_id, endpoint_id, event_type, occurred_at, state, body"
                               " FROM webhook_deliveries WHERE payment_id = ANY(%s) ORDER BY id", (ids,))
             webhooks = await cur.fetchall()
-            parked_ids = ids + ([] if request.channel_id else await _orphan_parked_facts(conn, number_forms(request.phone)))
+            orphans = [] if request.channel_id else await _orphan_parked_facts(conn, number_forms(request.phone))
+            parked_ids = ids + orphans
             await cur.execute("SELECT payment_id, topic, parked_at FROM parked_facts WHERE payment_id = ANY(%s)"
                               " ORDER BY parked_at, event_id", (parked_ids,))
             parked = await cur.fetchall()

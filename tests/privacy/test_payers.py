@@ -135,51 +135,51 @@ async def test_erasure_leaves_no_trace_of_the_payer_keeps_the_money_records_and_
 
     # Erased by the command, the number typed in its local form on stdin.
     caplog.clear()
-    with caplog.at_level(logging.DEBUG):
-        done = erase_command(infra, "erase", "--phone", "-", "--reason", "erasure request 42", "--operator",
-                             "wanjiku", "--yes", stdin="0" + payer_a[3:] + "\n")
-        assert done.returncode == 0, done.stderr
-        answer = json.loads(done.stdout)
-        assert answer["erased"]["payments"] == 2
-        assert answer["erased"]["callbacks"] == len(before_a["callback_bodies"])
-        assert answer["erased"]["parkedFacts"] == 1 and answer["erased"]["webhookBodies"] == 1
-        assert answer["kafkaStatement"] == KAFKA_STATEMENT
-        assert all(k["mayHoldUntil"] for k in answer["kafka"])
-        assert not contains_any(done.stdout + done.stderr, forms)
+    caplog.set_level(logging.DEBUG)
+    done = erase_command(infra, "erase", "--phone", "-", "--reason", "erasure request 42", "--operator",
+                         "wanjiku", "--yes", stdin="0" + payer_a[3:] + "\n")
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["erased"]["payments"] == 2
+    assert answer["erased"]["callbacks"] == len(before_a["callback_bodies"])
+    assert answer["erased"]["parkedFacts"] == 1 and answer["erased"]["webhookBodies"] == 1
+    assert answer["kafkaStatement"] == KAFKA_STATEMENT
+    assert all(k["mayHoldUntil"] for k in answer["kafka"])
+    assert not contains_any(done.stdout + done.stderr, forms)
 
-        async with pool.connection() as conn:
-            assert await places_holding(conn, forms) == []
-            # The money records stay: state, amount, receipts, times, history and audit trail.
-            after_a = await rows_of(pool, ids_a)
-            assert after_a["payment_history"] == before_a["payment_history"]
-            assert after_a["audit_log"] == before_a["audit_log"]
-            assert after_a["callback_bodies"] == [] and after_a["parked_facts"] == []
-            money = ("state", "amount", "mpesa_receipt", "checkout_request_id", "requested_at", "updated_at",
-                     "result_code", "late_receipt")
-            for payment_id in ids_a:
-                row = await (await conn.execute(f"SELECT {', '.join(money)}, phone, payer_data FROM payments"
-                                                " WHERE payment_id = %s", (payment_id,))).fetchone()
-                kept = dict(zip(money, row[:len(money)], strict=True))
-                [was] = [r for r in before_a["payments"] if r[0] == payment_id]
-                assert row[-1] == "erased" and row[-2].startswith("ph_")
-                assert kept["amount"] == was[3] and kept["state"] == was[2]
-            # The record of the request names the payer by pseudonym only.
-            recorded = await (await conn.execute("SELECT kind, payer_pseudonym, actor, reason, payments FROM"
-                                                 " payer_requests WHERE id = %s", (answer["requestId"],))).fetchone()
-            assert recorded == ("erase", Pseudonyms.from_file(PSEUDONYM_KEY_FILE).phone(payer_a), "wanjiku via cli",
-                                "erasure request 42", 2)
+    async with pool.connection() as conn:
+        assert await places_holding(conn, forms) == []
+        # The money records stay: state, amount, receipts, times, history and audit trail.
+        after_a = await rows_of(pool, ids_a)
+        assert after_a["payment_history"] == before_a["payment_history"]
+        assert after_a["audit_log"] == before_a["audit_log"]
+        assert after_a["callback_bodies"] == [] and after_a["parked_facts"] == []
+        money = ("state", "amount", "mpesa_receipt", "checkout_request_id", "requested_at", "updated_at",
+                 "result_code", "late_receipt")
+        for payment_id in ids_a:
+            row = await (await conn.execute(f"SELECT {', '.join(money)}, phone, payer_data FROM payments"
+                                            " WHERE payment_id = %s", (payment_id,))).fetchone()
+            kept = dict(zip(money, row[:len(money)], strict=True))
+            [was] = [r for r in before_a["payments"] if r[0] == payment_id]
+            assert row[-1] == "erased" and row[-2].startswith("ph_")
+            assert kept["amount"] == was[3] and kept["state"] == was[2]
+        # The record of the request names the payer by pseudonym only.
+        recorded = await (await conn.execute("SELECT kind, payer_pseudonym, actor, reason, payments FROM"
+                                             " payer_requests WHERE id = %s", (answer["requestId"],))).fetchone()
+        assert recorded == ("erase", Pseudonyms.from_file(PSEUDONYM_KEY_FILE).phone(payer_a), "wanjiku via cli",
+                            "erasure request 42", 2)
 
-        # The ledger goes on with the erased payment: the operator settles it; its status event holds no number.
-        command = {**new_event_fields(channel, in_review.payment_id), "action": "SETTLE", "actor": "wanjiku via cli",
-                   "reason": "statement shows it", "mpesa_receipt": in_review.receipt}
-        await ledger.handle_batch([event(OPERATOR_COMMAND, "operator_command", command)])
-        async with pool.connection() as conn:
-            state = await (await conn.execute("SELECT state FROM payments WHERE payment_id = %s",
-                                              (in_review.payment_id,))).fetchone()
-            assert state == ("Settled",)
-            assert await places_holding(conn, forms) == []  # outbox included: the status event written now
-            count, problem = await verify_audit(conn)
-            assert problem is None and count > 0
+    # The ledger goes on with the erased payment: the operator settles it; its status event holds no number.
+    command = {**new_event_fields(channel, in_review.payment_id), "action": "SETTLE", "actor": "wanjiku via cli",
+               "reason": "statement shows it", "mpesa_receipt": in_review.receipt}
+    await ledger.handle_batch([event(OPERATOR_COMMAND, "operator_command", command)])
+    async with pool.connection() as conn:
+        state = await (await conn.execute("SELECT state FROM payments WHERE payment_id = %s",
+                                          (in_review.payment_id,))).fetchone()
+        assert state == ("Settled",)
+        assert await places_holding(conn, forms) == []  # outbox included: the status event written now
+        count, problem = await verify_audit(conn)
+        assert problem is None and count > 0
     assert not [r for r in caplog.records if contains_any(r.getMessage(), forms)]
 
     # The other payer: byte for byte what it was.
@@ -196,6 +196,7 @@ async def test_erasure_leaves_no_trace_of_the_payer_keeps_the_money_records_and_
     second = await again.json()
     assert second["erased"]["payments"] == 0 and second["message"].startswith("nothing to erase")
     assert await rows_of(pool, [of_b.payment_id]) == before_b
+    assert not [r for r in caplog.records if contains_any(r.getMessage(), forms)]  # the API's lines too
 
 
 async def test_an_open_payment_keeps_the_number_until_final_and_the_answer_says_so(client, ledger, pool, unique):

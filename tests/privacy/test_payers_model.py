@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from services.common.topic_config import DAY_MS
 from services.common.topics import CALLBACK_RAW, PAYMENT_REQUESTED
