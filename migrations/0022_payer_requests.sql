@@ -29,3 +29,7 @@ GRANT USAGE ON SEQUENCE payer_requests_id_seq TO mpesa_privacy;
 -- about the payer's payments (they carried the CheckoutRequestID, whose tail is the payer's number).
 GRANT SELECT ON webhook_deliveries TO mpesa_privacy;
 GRANT UPDATE (body) ON webhook_deliveries TO mpesa_privacy;
+-- The ingress's idempotency records keep a payment's account and order references: an erasure
+-- gives them the scrubbed payment's.
+GRANT SELECT ON ingress_requests TO mpesa_privacy;
+GRANT UPDATE (account_reference, order_reference) ON ingress_requests TO mpesa_privacy;

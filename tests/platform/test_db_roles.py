@@ -55,7 +55,8 @@ GRANTS = {
     # Retention and a payer's requests rewrite the payer's columns of payments and the bodies of
     # webhook deliveries by column (not listed here), drop raw bodies, and record each request.
     "privacy": {"schema_migrations": "SELECT", "payments": "SELECT", "callback_bodies": "SELECT DELETE",
-                "parked_facts": "SELECT DELETE", "payer_requests": "SELECT INSERT", "webhook_deliveries": "SELECT"},
+                "parked_facts": "SELECT DELETE", "payer_requests": "SELECT INSERT", "webhook_deliveries": "SELECT",
+                "ingress_requests": "SELECT"},
 }
 PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
 

@@ -93,6 +93,16 @@ async def webhook_sent(pool, channel: str, payment_id: str, phone: str) -> None:
                            (uuid.uuid4().hex, uuid.uuid4().hex, endpoint_id, channel, payment_id, body))
 
 
+async def request_recorded(pool, channel: str, payment_id: str, order_reference: str) -> None:
+    """The ingress's idempotency record of the payment, as the ingress writes it."""
+    async with pool.connection() as conn:
+        await conn.execute("INSERT INTO ingress_requests (channel_id, idempotency_key, body_sha256, payment_id,"
+                           " event_id, occurred_at, api_key_id, amount, account_reference, order_reference,"
+                           " published_at)"
+                           " VALUES (%s, %s, %s, %s, %s, now(), 'k1', 100, 'INV1', %s, now())",
+                           (channel, uuid.uuid4().hex, bytes(32), payment_id, uuid.uuid4(), order_reference))
+
+
 def contains_any(text: str, forms: list[str]) -> list[str]:
     return [form for form in forms if form in text]
 
@@ -108,6 +118,7 @@ async def test_erasure_leaves_no_trace_of_the_payer_keeps_the_money_records_and_
     of_b = await make_payment(ledger, channel, phone=payer_b)
     ids_a = [in_review.payment_id, cancelled.payment_id]
     await webhook_sent(pool, channel, in_review.payment_id, payer_a)
+    await request_recorded(pool, channel, in_review.payment_id, f"call 0{payer_a[3:]}")
     async with pool.connection() as conn:
         assert await places_holding(conn, forms), "the scan finds the number before erasure"
     before_a, before_b = await rows_of(pool, ids_a), await rows_of(pool, [of_b.payment_id])
