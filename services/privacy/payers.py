@@ -186,6 +186,7 @@ class Payers:
                         break
                     report = await scrub_payments(conn, chunk, replace_phone=_random_pseudonym, outcome=ERASED)
                     totals["webhookBodies"] += await _mask_webhook_bodies(conn, chunk, forms)
+                    await _follow_in_idempotency_records(conn, chunk)
                 totals["payments"] += report.payments
                 totals["callbacks"] += report.callback_bodies
                 totals["parkedFacts"] += report.parked_facts
@@ -216,6 +217,14 @@ async def _orphan_parked_facts(conn, forms: Sequence[str]) -> list[str]:
         " AND EXISTS (SELECT FROM unnest(%s::bytea[]) AS n WHERE position(n IN f.payload) > 0)",
         ([form.encode() for form in forms],))).fetchall()
     return [row[0] for row in rows]
+
+
+async def _follow_in_idempotency_records(conn, payment_ids: Sequence[str]) -> None:
+    """The ingress's idempotency record of each payment keeps its account and order references: they
+    take the scrubbed payment's (the retry of a request is recognised by its body's hash, not these)."""
+    await conn.execute(
+        "UPDATE ingress_requests i SET account_reference = p.account_reference, order_reference = p.order_reference"
+        " FROM payments p WHERE p.payment_id = i.payment_id AND i.payment_id = ANY(%s)", (list(payment_ids),))
 
 
 async def _mask_webhook_bodies(conn, payment_ids: Sequence[str], forms: Sequence[str]) -> int:
