@@ -16,6 +16,7 @@ from services.ledger.anchors import KEY_FILE, PUBLIC_KEY_FILE
 from services.notifier.settings import NOTIFIER_VAULT_KEY_FILE
 from services.operations.cli import register as register_payments
 from services.operations.statement import register as register_reports
+from services.privacy.cli import register as register_payers
 
 STACK = [
     ("daraja-sandbox", "services.daraja_sandbox"),
@@ -127,7 +128,7 @@ def cmd_anchor_key(_: argparse.Namespace) -> int:
 
 
 def cmd_run(_: argparse.Namespace) -> int:
-    from services.devstack import kafka_logins, prepare, service_database_urls
+    from services.devstack import kafka_logins, prepare, privacy_database_urls, service_database_urls
     from services.supervisor import supervise
     cfg = config.load_into(RunSettings, RUN_SETTINGS)
     env, banner = prepare(cfg.database_url, cfg.vault_key_file, cfg.audit_anchor_key_file,
@@ -139,7 +140,9 @@ def cmd_run(_: argparse.Namespace) -> int:
     urls = service_database_urls(cfg.database_url)
     logs = [(name, ["tail", "-n", "0", "-F", path]) for name, path in INFRA_LOGS]
     logins = kafka_logins([name for name, _ in STACK])
-    own_env = {name: {**logins.get(name, {}), **({"DATABASE_URL": urls[name]} if name in urls else {})}
+    privacy = privacy_database_urls(cfg.database_url)
+    own_env = {name: {**logins.get(name, {}), **({"DATABASE_URL": urls[name]} if name in urls else {}),
+                      **privacy.get(name, {})}
                for name, _ in STACK}
     services = [(name, [sys.executable, "-m", module]) for name, module in STACK]
     return asyncio.run(supervise(logs + services, env, own_env))
@@ -163,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_channels(sub)
     register_payments(sub)
     register_reports(sub)
+    register_payers(sub)
     audit = sub.add_parser("audit", help="the ledger's hash-chained audit trail").add_subparsers(dest="audit",
                                                                                                  required=True)
     verify = audit.add_parser("verify", help="recompute the hash chain and check its signed anchors; exit 1 if "

@@ -78,6 +78,11 @@ def service_database_urls(database_url: str) -> dict[str, str]:
     return {service: role_url(database_url, role) for service, role in SERVICE_ROLES.items()}
 
 
+def privacy_database_urls(database_url: str) -> dict[str, dict[str, str]]:
+    """The onboarding API serves a payer's export and erasure on a second pool as the privacy role."""
+    return {"onboarding-api": {"PRIVACY_DATABASE_URL": role_url(database_url, "privacy")}}
+
+
 def local_secret(name: str, make=lambda: secrets.token_urlsafe(32)) -> str:
     """Reads .local/secrets/<name>, creating it (0600) on first use."""
     path = SECRETS / name

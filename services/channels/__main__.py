@@ -16,6 +16,7 @@ from services.channels.webhooks import WebhookManagement
 from services.common import config
 from services.common.db import open_pool, require_schema
 from services.common.observability import DatabaseCheck, Health, serve
+from services.common.pseudonyms import Pseudonyms
 from services.common.runtime import run_service
 from services.daraja.client import DarajaTimeouts
 from services.notifier.destinations import DestinationPolicy
@@ -52,8 +53,9 @@ async def main(cfg: s.ApiSettings, stop: asyncio.Event) -> None:
     desk = ReviewDesk(pool, commands, verdict_wait_s=cfg.operator_verdict_wait_s)
     health = Health()
     health.add("database", DatabaseCheck(pool))
+    privacy_pool, payers = await _payers()
     runner = await serve(create_app(onboarding, admin_token, health, webhooks=webhooks, desk=desk,
-                                    statements=Statements(pool.connection)), cfg.admin_host,
+                                    statements=Statements(pool.connection), payers=payers), cfg.admin_host,
                          cfg.admin_port)
     log.info("onboarding API listening on %s:%d", cfg.admin_host, cfg.admin_port)
     try:
@@ -62,6 +64,25 @@ async def main(cfg: s.ApiSettings, stop: asyncio.Event) -> None:
         await runner.cleanup()
         await commands.close()
         await pool.close()
+        if privacy_pool is not None:
+            await privacy_pool.close()
+
+
+async def _payers():
+    """A payer's export and erasure, as the privacy role on a pool of their own; (None, None) unless
+    PRIVACY_DATABASE_URL is set and the pseudonym key exists."""
+    from services.privacy.payers import Payers
+    from services.privacy.settings import API_PAYERS_SETTINGS, ApiPayersSettings
+    cfg = config.load_into(ApiPayersSettings, API_PAYERS_SETTINGS)
+    if cfg.privacy_database_url is None:
+        return None, None
+    if not cfg.pseudonym_key_file.exists():
+        log.warning("no pseudonym key at %s: POST /admin/payers/* are not served until it exists "
+                    "(PSEUDONYM_KEY_FILE)", cfg.pseudonym_key_file)
+        return None, None
+    pool = await open_pool(cfg.privacy_database_url, max_size=2)
+    return pool, Payers(pool, Pseudonyms.from_file(cfg.pseudonym_key_file), cfg.kafka_topic_configs,
+                        cfg.kafka_topic_replication_factor)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The onboarding API under /admin/: channels, their credentials, upstream API keys and webhook
 endpoints (README.md, "Webhook endpoints", lists the webhook routes with their commands), and the
-review desk's payments (services/operations/api.py; README.md, "Review desk").
+review desk's payments (services/operations/api.py; README.md, "Review desk"), and with a privacy pool a
+payer's export and erasure (services/privacy/api.py; README.md, "Payers' data: access and erasure").
 
 Authentication is the admin bearer token (`Authorization: Bearer <token>`), a credential apart from
 the upstream API keys. Without a bearer token the answer is 401 (with WWW-Authenticate); with a
@@ -39,6 +40,8 @@ from services.operations import api as review_desk
 from services.operations.desk import ReviewDesk
 from services.operations.model import DeskError
 from services.operations.statement import Statements, add_statement_route
+from services.privacy import api as payer_requests
+from services.privacy.payers import Payers
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ AUTH_REFUSALS = Counter("admin_auth_refusals_total", "Admin API requests refused
 def create_app(onboarding: Onboarding, admin_token: AdminToken, health: Health | None = None, *,
                login_failures: RateLimiter | None = None,
                webhooks: WebhookManagement | None = None, desk: ReviewDesk | None = None,
-               statements: Statements | None = None) -> web.Application:
+               statements: Statements | None = None, payers: Payers | None = None) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[http_metrics, require_admin, problems])
     app[ONBOARDING] = onboarding
     app[ADMIN_TOKEN] = admin_token
@@ -85,6 +88,8 @@ def create_app(onboarding: Onboarding, admin_token: AdminToken, health: Health |
         review_desk.add_routes(app, desk)  # /admin/payments (services/operations/api.py)
     if statements is not None:
         add_statement_route(app, statements)  # README, "Merchant statements"
+    if payers is not None:
+        payer_requests.add_routes(app, payers)  # /admin/payers (services/privacy/api.py)
     add_ops_routes(app, health or Health())
     return app
 

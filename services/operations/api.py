@@ -55,13 +55,13 @@ async def show_payment(request: web.Request) -> web.Response:
 
 async def query_payment(request: web.Request) -> web.Response:
     payment_id = _payment_id(request)
-    instruction, errors = parse_query_instruction(await _json_body(request))
+    instruction, errors = parse_query_instruction(await json_body(request))
     return await _instruct(request, payment_id, instruction, errors)
 
 
 async def resolve_payment(request: web.Request) -> web.Response:
     payment_id = _payment_id(request)
-    instruction, errors = parse_resolution(await _json_body(request))
+    instruction, errors = parse_resolution(await json_body(request))
     return await _instruct(request, payment_id, instruction, errors)
 
 
@@ -81,7 +81,7 @@ def _payment_id(request: web.Request) -> str:
     return payment_id
 
 
-async def _json_body(request: web.Request) -> Any:
+async def json_body(request: web.Request) -> Any:
     if request.content_type != "application/json":
         raise _Refusal(415, "Unsupported media type", "send the body as application/json")
     try:

@@ -1,2 +1,3 @@
-"""The privacy service: the retention of payers' data (retention.py, run by __main__), and the one
-scrub (scrub.py) that both the retention and a payer's erasure apply to payments."""
+"""Payers' data: its retention (retention.py, run by __main__: pseudonymised N days after a payment's
+final state), a payer's own requests (payers.py: access and erasure), and the one scrub (scrub.py)
+both apply to payments."""

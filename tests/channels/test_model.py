@@ -27,7 +27,7 @@ def test_a_paybill_with_consent_becomes_an_onboarding_channel():
     channel, errors = parse_new_channel(paybill_body("shop-1", maxAmount=5000, pushesPerSecond=2), TODAY)
     assert errors == {} and channel is not None
     assert channel == Channel("shop-1", "Duka La Mama", "paybill", "174379", "sandbox", None, "onboarding",
-                              "AGR-2024-001", date(2024, 5, 1), 5000, 2.0, False, "DPA-2024-017", "2.1",
+                              "AGR-2024-001", date(2024, 5, 1), 5000, 2.0, False, None, "DPA-2024-017", "2.1",
                               date(2024, 5, 1), "contract")
     assert channel.shortcode.party_b == "174379"
 

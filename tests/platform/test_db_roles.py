@@ -46,14 +46,17 @@ GRANTS = {
                    "webhook_deliveries": "SELECT UPDATE", "webhook_attempts": "SELECT",
                    # the review desk and statements read payments and what is behind them
                    "payments": "SELECT", "payment_history": "SELECT", "audit_log": "SELECT",
-                   "callback_bodies": "SELECT"},
+                   "callback_bodies": "SELECT", "payer_requests": "SELECT"},
     "auditor": {"audit_log": "SELECT", "audit_anchors": "SELECT INSERT", "schema_migrations": "SELECT"},
     # The notifier's UPDATE of webhook_endpoints is by column (status, failing_since...), so not listed here.
     "notifier": {"webhook_endpoints": "SELECT", "webhook_secrets": "SELECT",
                  "webhook_deliveries": "SELECT INSERT UPDATE", "webhook_attempts": "SELECT INSERT",
                  "credential_audit": "INSERT", "schema_migrations": "SELECT"},
-    # Column grants (checked below) on payments, channels and ingress_requests; whole-table DELETE here.
-    "privacy": {"callback_bodies": "DELETE", "parked_facts": "DELETE", "schema_migrations": "SELECT"},
+    # Retention and a payer's requests rewrite the payer's columns of payments, ingress records and
+    # webhook deliveries by column (checked below, not listed here), drop raw bodies, and record each request.
+    "privacy": {"schema_migrations": "SELECT", "payments": "SELECT", "callback_bodies": "SELECT DELETE",
+                "parked_facts": "SELECT DELETE", "payer_requests": "SELECT INSERT", "webhook_deliveries": "SELECT",
+                "ingress_requests": "SELECT"},
 }
 PAYMENT_COLUMNS = ("payment_id", "channel_id", "state", "amount", "phone", "account_reference", "description",
                    "order_reference", "metadata", "checkout_request_id", "mpesa_receipt", "transaction_time",

@@ -18,6 +18,7 @@ from services.ingress import bootstrap as ingress
 from services.ledger import __main__ as ledger, anchors
 from services.notifier import settings as notifier
 from services.operations import settings as operations
+from services.privacy import settings as privacy
 from services.stk_worker import __main__ as stk_worker
 from services.webhook_consumer import settings as gateway
 
@@ -29,7 +30,7 @@ SERVICES: dict[str, list[config.Setting]] = {
     "stk_worker": stk_worker.SETTINGS,
     "gateway": gateway.SETTINGS,
     "ledger": ledger.SETTINGS,
-    "onboarding API": channels_settings.API_SETTINGS,
+    "onboarding API": [*channels_settings.API_SETTINGS, *privacy.API_PAYERS_SETTINGS],
     "audit anchoring": anchors.SETTINGS,
     "notifier": notifier.NOTIFIER_SETTINGS,
 }
@@ -38,7 +39,8 @@ READERS: dict[str, list[config.Setting]] = {
     **{name: [*settings, config.LOG_LEVEL] for name, settings in SERVICES.items()},
     "Daraja sandbox": sandbox_settings.SETTINGS,
     "commands": [*cli.MIGRATE_SETTINGS, *cli.AUDIT_VERIFY_SETTINGS, *cli.ANCHOR_KEY_SETTINGS, *cli.RUN_SETTINGS,
-                 *channels_settings.ONBOARDING_SETTINGS, *channels_cli.VAULT_SETTINGS, *operations.PAYMENTS_SETTINGS],
+                 *channels_settings.ONBOARDING_SETTINGS, *channels_cli.VAULT_SETTINGS, *operations.PAYMENTS_SETTINGS,
+                 *privacy.PAYERS_SETTINGS],
 }
 EVERY_SERVICE = "every service"  # the table's shorthand: every reader but the commands
 
