@@ -57,6 +57,11 @@ def yes_no(value: str) -> bool:
     raise argparse.ArgumentTypeError("must be true or false")
 
 
+def key_names(value: str) -> list[str]:
+    """A comma-separated list of metadata key names ("cart,campaign"); "" for none."""
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
 _CHANNEL_OPTIONS: list[tuple[str, str, Callable[[str], Any]]] = [  # (option, API field, type)
     ("--name", "displayName", str), ("--shortcode-type", "shortcodeType", str),
     ("--shortcode", "businessShortcode", str), ("--till-number", "tillNumber", str),
@@ -64,6 +69,7 @@ _CHANNEL_OPTIONS: list[tuple[str, str, Callable[[str], Any]]] = [  # (option, AP
     ("--consent-date", "consentDate", str), ("--max-amount", "maxAmount", int),
     ("--pushes-per-second", "pushesPerSecond", float),
     ("--confirm-success-by-query", "confirmSuccessByQuery", yes_no),
+    ("--analytics-metadata-keys", "analyticsMetadataKeys", key_names),
 ]
 _CLEARABLE = {"till-number": ["tillNumber"], "consent": ["consentReference", "consentDate"],
               "max-amount": ["maxAmount"], "pushes-per-second": ["pushesPerSecond"]}
@@ -284,7 +290,7 @@ def _register_vault(subparsers) -> None:
 
 # Options with a fixed set of values: argparse refuses others and the help lists them.
 _CHANNEL_CHOICES = {"shortcodeType": SHORTCODE_TYPES, "environment": ENVIRONMENTS}
-_CHANNEL_METAVARS = {"confirmSuccessByQuery": "{true,false}"}
+_CHANNEL_METAVARS = {"confirmSuccessByQuery": "{true,false}", "analyticsMetadataKeys": "KEY[,KEY...]"}
 
 
 def _add_channel_options(parser: argparse.ArgumentParser) -> None:

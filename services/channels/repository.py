@@ -46,11 +46,12 @@ class ChannelRecord:
 
 
 _CHANNEL_COLUMNS = ("channel_id, display_name, shortcode_type, business_shortcode, environment, till_number, status,"
-                    " consent_reference, consent_date, max_amount, pushes_per_second, confirm_success_by_query")
+                    " consent_reference, consent_date, max_amount, pushes_per_second, confirm_success_by_query,"
+                    " analytics_metadata_keys")
 _RECORD_QUERY = (
     "SELECT c.channel_id, c.display_name, c.shortcode_type, c.business_shortcode, c.environment, c.till_number,"
     " c.status, c.consent_reference, c.consent_date, c.max_amount, c.pushes_per_second, c.confirm_success_by_query,"
-    " c.created_at, c.updated_at,"
+    " c.analytics_metadata_keys, c.created_at, c.updated_at,"
     " cc.version, cc.fingerprint, cc.app_key_id, cc.key_id, cc.validated_at, cc.created_at AS credentials_created_at,"
     " cc.created_by AS credentials_created_by"
     # Named columns, never the sealed ones: the ingress may read only these (migrations/0009_roles.sql).
@@ -62,7 +63,7 @@ _RECORD_QUERY = (
 async def insert_channel(conn: AsyncConnection, channel: Channel) -> bool:
     """False when the channel id is taken."""
     cur = await conn.execute(
-        f"INSERT INTO channels ({_CHANNEL_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        f"INSERT INTO channels ({_CHANNEL_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
         " ON CONFLICT (channel_id) DO NOTHING", _channel_values(channel))
     return cur.rowcount == 1
 
@@ -71,7 +72,8 @@ async def update_channel(conn: AsyncConnection, channel: Channel) -> None:
     await conn.execute(
         "UPDATE channels SET display_name = %s, shortcode_type = %s, business_shortcode = %s, environment = %s,"
         " till_number = %s, status = %s, consent_reference = %s, consent_date = %s, max_amount = %s,"
-        " pushes_per_second = %s, confirm_success_by_query = %s, updated_at = now() WHERE channel_id = %s",
+        " pushes_per_second = %s, confirm_success_by_query = %s, analytics_metadata_keys = %s, updated_at = now()"
+        " WHERE channel_id = %s",
         (*_channel_values(channel)[1:], channel.channel_id))
 
 
@@ -238,7 +240,7 @@ def api_key_view(row: dict[str, Any]) -> dict[str, Any]:
 def _channel_values(c: Channel) -> tuple:
     return (c.channel_id, c.display_name, c.shortcode_type, c.business_shortcode, c.environment, c.till_number,
             c.status, c.consent_reference, c.consent_date, c.max_amount, c.pushes_per_second,
-            c.confirm_success_by_query)
+            c.confirm_success_by_query, list(c.analytics_metadata_keys))
 
 
 def _record(row: dict[str, Any]) -> ChannelRecord:
@@ -247,7 +249,8 @@ def _record(row: dict[str, Any]) -> ChannelRecord:
         business_shortcode=row["business_shortcode"], environment=row["environment"],
         till_number=row["till_number"], status=row["status"], consent_reference=row["consent_reference"],
         consent_date=row["consent_date"], max_amount=row["max_amount"], pushes_per_second=row["pushes_per_second"],
-        confirm_success_by_query=row["confirm_success_by_query"])
+        confirm_success_by_query=row["confirm_success_by_query"],
+        analytics_metadata_keys=tuple(row["analytics_metadata_keys"] or ()))
     credentials = None
     if row["version"] is not None:
         credentials = CredentialSummary(row["version"], row["fingerprint"], row["app_key_id"], row["key_id"],

@@ -24,7 +24,7 @@ from services.ledger.deadlines import LedgerSettings
 from services.ledger.facts import input_of
 from services.ledger.service import DEFAULTS, Ledger
 from tests.ledger.callbacks import failure, success
-from tests.ledger.fakes import InMemoryLedgerStore, InMemoryUnitOfWork
+from tests.ledger.fakes import PSEUDONYMS, InMemoryLedgerStore, InMemoryUnitOfWork
 from tests.ledger.test_ledger_db import accepted, callback, requested
 
 
@@ -37,7 +37,7 @@ def refused(channel, payment_id, code="500.001.1001", message="Merchant does not
 class Setup:
     def __init__(self, clock, settings: LedgerSettings = DEFAULTS):
         self.store, self.clock, self.codec = InMemoryLedgerStore(), clock, Codec()
-        self.service = LedgerService(self.store.unit_of_work, self.codec, settings, clock)
+        self.service = LedgerService(self.store.unit_of_work, self.codec, settings, clock, pseudonyms=PSEUDONYMS)
         self.channel, self.pid = f"ch-{uuid.uuid4().hex[:12]}", str(uuid.uuid4())
         self.checkout, self.receipt = f"ws_CO_{uuid.uuid4().hex}", uuid.uuid4().hex[:10].upper()
 
@@ -98,7 +98,7 @@ async def test_a_success_after_a_cancel_keeps_its_receipt_in_the_row_and_in_the_
     assert (s.payment.state, s.payment.late_receipt, s.payment.mpesa_receipt) == ("Review", s.receipt, None)
     last = s.outbox(PAYMENT_STATUS)[-1]
     assert (last["status"], last["previous_status"], last["late_mpesa_receipt"]) == ("Review", "Cancelled", s.receipt)
-    assert last["schema_version"] == 3
+    assert last["schema_version"] == 4
 
 
 async def test_a_receipt_another_payment_holds_sends_the_second_to_review(setup):
@@ -174,7 +174,7 @@ async def test_a_payment_reconciled_by_another_ledger_meanwhile_is_left_alone(se
 
 async def test_the_kafka_adapter_refuses_an_event_that_is_no_ledger_input_and_applies_the_rest(clock):
     store = InMemoryLedgerStore()
-    ledger = Ledger(None, Codec(), clock=clock, unit_of_work=store.unit_of_work)
+    ledger = Ledger(None, Codec(), clock=clock, unit_of_work=store.unit_of_work, pseudonyms=PSEUDONYMS)
     channel, pid = f"ch-{uuid.uuid4().hex[:12]}", str(uuid.uuid4())
     bad = requested(channel, str(uuid.uuid4()))
     del bad.value["payment_id"]
@@ -201,7 +201,8 @@ async def test_a_request_dated_in_the_future_is_reviewed_at_the_deadline_from_wh
 async def test_bootstrap_builds_both_entry_points_on_one_application_service(clock):
     from services.ledger import bootstrap
     store = InMemoryLedgerStore()
-    parts = bootstrap.build(None, Codec(), LedgerSettings(), clock=clock, unit_of_work=store.unit_of_work)
+    parts = bootstrap.build(None, Codec(), LedgerSettings(), clock=clock, unit_of_work=store.unit_of_work,
+                            pseudonyms=PSEUDONYMS)
     assert parts.consumer.service is parts.service is parts.reconciler.service
     channel, pid = f"ch-{uuid.uuid4().hex[:12]}", str(uuid.uuid4())
     assert await parts.consumer.handle_batch([requested(channel, pid)]) == []
@@ -254,12 +255,12 @@ async def test_a_restarted_ledger_reads_a_fact_parked_in_the_confluent_framing(c
     channel, pid = f"ch-{uuid.uuid4().hex[:12]}", str(uuid.uuid4())
     checkout, receipt = f"ws_CO_{uuid.uuid4().hex}", uuid.uuid4().hex[:10].upper()
     early = callback(channel, pid, success(checkout, receipt=receipt))
-    first = LedgerService(store.unit_of_work, codec, DEFAULTS, clock)
+    first = LedgerService(store.unit_of_work, codec, DEFAULTS, clock, pseudonyms=PSEUDONYMS)
     await first.apply([input_of(early.topic, early.schema, early.value, codec.encode(CALLBACK_RAW, early.value))])
     assert len(store.tables.parked) == 1
 
     restarted_codec = await open_codec(infra["SCHEMA_REGISTRY_URL"], ACCESS["ledger"].writes)
-    restarted = LedgerService(store.unit_of_work, restarted_codec, DEFAULTS, clock)
+    restarted = LedgerService(store.unit_of_work, restarted_codec, DEFAULTS, clock, pseudonyms=PSEUDONYMS)
     try:
         for fact, topic in ((requested(channel, pid), PAYMENT_REQUESTED),
                             (accepted(channel, pid, checkout), STK_PUSH_RESULT)):
