@@ -71,7 +71,7 @@ def test_a_new_topic_has_the_brokers_replication_factor_and_its_own_settings(kaf
 
     assert replicas_of(kafka_bootstrap, name) == {1}  # the local broker's default.replication.factor
     settings = settings_of(kafka_bootstrap, name)
-    assert settings["retention.ms"] == str(7 * DAY_MS)
+    assert settings["retention.ms"] == str(4 * DAY_MS)
     assert settings["cleanup.policy"] == "delete"
     assert settings["unclean.leader.election.enable"] == "false"
 
