@@ -60,9 +60,10 @@ def test_a_channel_from_creation_to_activation(run, unique, tmp_path):
     refused = run("channels", "resume", channel_id)
     assert refused.returncode == 1 and "consentReference" in refused.stderr
     updated = run("channels", "update", channel_id, "--consent-reference", "AGR-7", "--consent-date", "2024-02-01",
-                  "--confirm-success-by-query", "true")
+                  "--confirm-success-by-query", "true", "--analytics-metadata-keys", "cart, campaign")
     assert updated.returncode == 0, updated.stderr
     assert json.loads(updated.stdout)["confirmSuccessByQuery"] is True
+    assert json.loads(updated.stdout)["analyticsMetadataKeys"] == ["cart", "campaign"]
     assert json.loads(run("channels", "resume", channel_id).stdout)["status"] == "active"
     listed = run("channels", "list")
     mine = [c for c in json.loads(listed.stdout) if c["channelId"] == channel_id]

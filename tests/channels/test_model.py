@@ -61,6 +61,13 @@ def test_consent_may_come_later():
     ({"pushesPerSecond": 0}, "pushesPerSecond"),
     ({"confirmSuccessByQuery": "yes"}, "confirmSuccessByQuery"),
     ({"confirmSuccessByQuery": 1}, "confirmSuccessByQuery"),
+    ({"analyticsMetadataKeys": "cart"}, "analyticsMetadataKeys"),
+    ({"analyticsMetadataKeys": [f"k{i}" for i in range(21)]}, "analyticsMetadataKeys"),
+    ({"analyticsMetadataKeys": ["cart", "cart"]}, "analyticsMetadataKeys"),
+    ({"analyticsMetadataKeys": [""]}, "analyticsMetadataKeys"),
+    ({"analyticsMetadataKeys": ["x" * 65]}, "analyticsMetadataKeys"),
+    ({"analyticsMetadataKeys": ["a\nb"]}, "analyticsMetadataKeys"),
+    ({"analyticsMetadataKeys": [7]}, "analyticsMetadataKeys"),
     ({"status": "active"}, "status"),
     ({"colour": "green"}, "colour"),
 ])
@@ -143,3 +150,12 @@ def test_query_confirmation_is_off_unless_asked_and_cannot_be_removed():
     assert on.confirm_success_by_query is True and channel_view(on)["confirmSuccessByQuery"] is True
     _, errors = parse_channel_changes(on, {"confirmSuccessByQuery": None}, TODAY)
     assert "confirmSuccessByQuery" in errors
+
+
+def test_no_metadata_key_reaches_analytics_unless_the_channel_lists_it():
+    assert _channel().analytics_metadata_keys == () and channel_view(_channel())["analyticsMetadataKeys"] == []
+    listed, errors = parse_channel_changes(_channel(), {"analyticsMetadataKeys": ["cart", "campaign"]}, TODAY)
+    assert errors == {} and listed is not None
+    assert channel_view(listed)["analyticsMetadataKeys"] == ["cart", "campaign"]
+    cleared, errors = parse_channel_changes(listed, {"analyticsMetadataKeys": []}, TODAY)
+    assert errors == {} and cleared is not None and cleared.analytics_metadata_keys == ()

@@ -19,6 +19,7 @@ from services.common.topics import (
     STK_QUERY_REQUESTED,
     Topic,
 )
+from services.ledger import application
 from services.ledger.application import LedgerService
 from services.ledger.deadlines import LedgerSettings
 from services.ledger.facts import input_of
@@ -296,3 +297,38 @@ async def test_an_operator_query_of_a_payment_in_review_counts_the_attempt_and_s
     assert (s.payment.state, s.payment.next_query_at, s.payment.query_attempts) == ("Review", None, 1)
     assert [(q["reason"], q["attempt"]) for q in s.outbox(STK_QUERY_REQUESTED)] == [("OPERATOR", 1)]
     assert s.store.tables.audit[-1]["actor"] == "wanjiru"
+
+
+async def test_the_status_event_carries_no_payers_number_nor_a_clear_checkout_id_and_only_allowed_metadata(setup):
+    s = setup
+    s.store.tables.metadata_keys[s.channel] = frozenset({"cart"})
+    checkout = "ws_CO_30112026101500123712345678"  # Daraja's current form: ends in the payer's number
+    await s.apply(requested(s.channel, s.pid, order_reference=f"call 0712 345 678 re {checkout}",
+                            metadata={"cart": "+254712345678 42", "note": "payer 0712345678"}),
+                  accepted(s.channel, s.pid, checkout),
+                  callback(s.channel, s.pid, failure(checkout, 1032)))
+    for event in s.outbox(PAYMENT_STATUS):
+        text = repr(event)
+        assert "712345678" not in text and "345678" not in text and checkout not in text, event
+        assert event["metadata"] == {"cart": "*********678 42"} and event["phone_masked"] == "*********678"
+        assert event["order_reference"] == f"call *********678 re {PSEUDONYMS.checkout(checkout)}"
+    assert [e["checkout_ref"] for e in s.outbox(PAYMENT_STATUS)][1:] == [PSEUDONYMS.checkout(checkout)] * 2
+
+
+async def test_a_channel_that_allow_lists_no_key_gets_no_metadata_on_the_status_topic(setup):
+    s = setup
+    await s.apply(requested(s.channel, s.pid, metadata={"cart": "42"}))
+    assert [e["metadata"] for e in s.outbox(PAYMENT_STATUS)] == [{}]
+
+
+async def test_a_long_reason_is_cut_and_payers_numbers_in_it_are_masked_in_the_event_history_and_audit(setup):
+    s = setup
+    message = "Invalid PhoneNumber 0712345678 " + "x" * 400
+    await s.apply(requested(s.channel, s.pid), refused(s.channel, s.pid, "400.002.02", message))
+    reason = s.outbox(PAYMENT_STATUS)[-1]["reason"]
+    assert len(reason) <= application.STATUS_REASON_MAX and "12345678" not in reason and "*********678" in reason
+    history_reasons = [r for *_, r, _ in s.store.tables.history if r]
+    audit_details = [a["detail"] for a in s.store.tables.audit]
+    assert history_reasons and audit_details
+    assert not any("12345678" in text for text in history_reasons + audit_details)
+    assert any("*********678" in text for text in history_reasons)
