@@ -275,10 +275,11 @@ class Batch:
                                     deadlines.scheduled(previous, record, d, self.now, self.settings))
         if d.alert:
             self.counts[(ALERTS, d.alert)] += 1
+            said = mask_phones_in(d.reason or "")  # Daraja's texts may quote a payer's number
             if d.new_state == PaymentState.REVIEW:
-                log.warning("payment sent to review: %s", d.reason, extra={"payment_id": i.payment_id})
+                log.warning("payment sent to review: %s", said, extra={"payment_id": i.payment_id})
             else:
-                log.warning("contradiction recorded, state kept: %s", d.reason, extra={"payment_id": i.payment_id})
+                log.warning("contradiction recorded, state kept: %s", said, extra={"payment_id": i.payment_id})
         if d.query:
             after = self._ask_query(after, d.query, d.query_reason)
         self._set(after)
