@@ -21,6 +21,8 @@ RUN useradd --system --no-create-home app \
  && chmod 700 /webhooks-vault && chmod 755 /webhooks-vault-public
 # The audit anchor key's volume: only the audit-anchor service mounts it (compose.yaml).
 RUN mkdir /audit && chown app /audit && chmod 700 /audit
+# The pseudonym key's volume (the ledger makes the key on first start; compose.yaml).
+RUN mkdir /pseudonyms && chown app /pseudonyms && chmod 700 /pseudonyms
 # Dependencies before the code, from pyproject.toml alone: this layer is rebuilt only when it changes,
 # not on every change to the code.
 COPY pyproject.toml /tmp/pyproject.toml

@@ -120,7 +120,7 @@ def setup_endpoints(run: str, channels: list[str], receiver_port: int, key_file:
 def status_event(channel: str, state: str, previous: str | None) -> dict[str, Any]:
     return {"event_id": new_id(), "occurred_at": datetime.now(timezone.utc), "channel_id": channel,
             "payment_id": new_id(), "schema_version": 2, "status": state, "previous_status": previous,
-            "amount": 10, "phone_masked": "254******678", "order_reference": "BENCH-1",
+            "amount": 10, "phone_masked": "*********678", "order_reference": "BENCH-1",
             "checkout_request_id": None, "mpesa_receipt": "SBENCH0001" if state == "Settled" else None,
             "transaction_time": None, "result_code": "0" if state == "Settled" else None,
             "reason": None, "metadata": {"order": "1"}, "late_mpesa_receipt": None}

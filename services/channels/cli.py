@@ -59,6 +59,11 @@ def yes_no(value: str) -> bool:
     raise argparse.ArgumentTypeError("must be true or false")
 
 
+def key_names(value: str) -> list[str]:
+    """A comma-separated list of metadata key names ("cart,campaign"); "" for none."""
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
 _CHANNEL_OPTIONS: list[tuple[str, str, Callable[[str], Any]]] = [  # (option, API field, type)
     ("--name", "displayName", str), ("--shortcode-type", "shortcodeType", str),
     ("--shortcode", "businessShortcode", str), ("--till-number", "tillNumber", str),
@@ -69,6 +74,7 @@ _CHANNEL_OPTIONS: list[tuple[str, str, Callable[[str], Any]]] = [  # (option, AP
     ("--pushes-per-second", "pushesPerSecond", float),
     ("--confirm-success-by-query", "confirmSuccessByQuery", yes_no),
     ("--payer-data-retention-days", "payerDataRetentionDays", int),
+    ("--analytics-metadata-keys", "analyticsMetadataKeys", key_names),
 ]
 _CLEARABLE = {"till-number": ["tillNumber"], "consent": ["consentReference", "consentDate"],
               "agreement": list(AGREEMENT_FIELDS),
@@ -298,7 +304,7 @@ def _register_vault(subparsers) -> None:
 
 # Options with a fixed set of values: argparse refuses others and the help lists them.
 _CHANNEL_CHOICES = {"shortcodeType": SHORTCODE_TYPES, "environment": ENVIRONMENTS, "lawfulBasis": LAWFUL_BASES}
-_CHANNEL_METAVARS = {"confirmSuccessByQuery": "{true,false}"}
+_CHANNEL_METAVARS = {"confirmSuccessByQuery": "{true,false}", "analyticsMetadataKeys": "KEY[,KEY...]"}
 
 
 def _add_channel_options(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any
 
-from services.common.payment import AMOUNT_MAX, CHANNEL_ID
+from services.common.payment import AMOUNT_MAX, CHANNEL_ID, METADATA_ENTRIES_MAX, METADATA_KEY_LENGTH_MAX
 from services.common.text import untrusted
 from services.daraja.models import AppCredentials, Shortcode, ShortcodeType
 
@@ -65,6 +65,7 @@ class Channel:
     agreement_version: str | None = None
     agreement_signed_on: date | None = None
     lawful_basis: str | None = None  # one of LAWFUL_BASES
+    analytics_metadata_keys: tuple[str, ...] = ()  # metadata keys the status topic may carry; none by default
 
     @property
     def shortcode(self) -> Shortcode:
@@ -167,6 +168,19 @@ def _boolean(value: Any) -> tuple[Any, str | None]:
     return (value, None) if isinstance(value, bool) else (None, "must be true or false")
 
 
+def _metadata_keys(value: Any) -> tuple[Any, str | None]:
+    """Key names as the ingress accepts them in metadata (at most as many as a payment may carry)."""
+    rule = (f"must be a list of at most {METADATA_ENTRIES_MAX} distinct key names of 1-{METADATA_KEY_LENGTH_MAX}"
+            " printable characters")
+    if not isinstance(value, list) or len(value) > METADATA_ENTRIES_MAX:
+        return None, rule
+    if not all(isinstance(k, str) and 0 < len(k) <= METADATA_KEY_LENGTH_MAX and k.isprintable() for k in value):
+        return None, rule
+    if len(set(value)) != len(value):
+        return None, rule
+    return tuple(value), None
+
+
 # API field name -> (Channel attribute, parser).
 _FIELDS: dict[str, tuple[str, Callable[[Any], tuple[Any, str | None]]]] = {
     "displayName": ("display_name", _display_name),
@@ -184,6 +198,7 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], tuple[Any, str | None]]]] = {
     "pushesPerSecond": ("pushes_per_second", _pushes_per_second),
     "confirmSuccessByQuery": ("confirm_success_by_query", _boolean),
     "payerDataRetentionDays": ("payer_data_retention_days", _retention_days),
+    "analyticsMetadataKeys": ("analytics_metadata_keys", _metadata_keys),
 }
 _REQUIRED_ON_CREATE = ("displayName", "shortcodeType", "businessShortcode", "environment")
 AGREEMENT_FIELDS = ("agreementReference", "agreementVersion", "agreementSignedOn", "lawfulBasis")
@@ -346,6 +361,7 @@ def channel_view(channel: Channel) -> dict[str, Any]:
         "maxAmount": channel.max_amount, "pushesPerSecond": channel.pushes_per_second,
         "confirmSuccessByQuery": channel.confirm_success_by_query,
         "payerDataRetentionDays": channel.payer_data_retention_days,
+        "analyticsMetadataKeys": list(channel.analytics_metadata_keys),
     }
 
 

@@ -48,12 +48,12 @@ class ChannelRecord:
 _CHANNEL_COLUMNS = ("channel_id, display_name, shortcode_type, business_shortcode, environment, till_number, status,"
                     " consent_reference, consent_date, max_amount, pushes_per_second, confirm_success_by_query,"
                     " payer_data_retention_days, agreement_reference, agreement_version, agreement_signed_on,"
-                    " lawful_basis")
+                    " lawful_basis, analytics_metadata_keys")
 _RECORD_QUERY = (
     "SELECT c.channel_id, c.display_name, c.shortcode_type, c.business_shortcode, c.environment, c.till_number,"
     " c.status, c.consent_reference, c.consent_date, c.max_amount, c.pushes_per_second, c.confirm_success_by_query,"
     " c.payer_data_retention_days, c.agreement_reference, c.agreement_version, c.agreement_signed_on, c.lawful_basis,"
-    " c.created_at, c.updated_at,"
+    " c.analytics_metadata_keys, c.created_at, c.updated_at,"
     " cc.version, cc.fingerprint, cc.app_key_id, cc.key_id, cc.validated_at, cc.created_at AS credentials_created_at,"
     " cc.created_by AS credentials_created_by"
     # Named columns, never the sealed ones: the ingress may read only these (migrations/0009_roles.sql).
@@ -76,7 +76,7 @@ async def update_channel(conn: AsyncConnection, channel: Channel) -> None:
         " till_number = %s, status = %s, consent_reference = %s, consent_date = %s, max_amount = %s,"
         " pushes_per_second = %s, confirm_success_by_query = %s, payer_data_retention_days = %s,"
         " agreement_reference = %s, agreement_version = %s, agreement_signed_on = %s, lawful_basis = %s,"
-        " updated_at = now() WHERE channel_id = %s",
+        " analytics_metadata_keys = %s, updated_at = now() WHERE channel_id = %s",
         (*_channel_values(channel)[1:], channel.channel_id))
 
 
@@ -244,7 +244,7 @@ def _channel_values(c: Channel) -> tuple:
     return (c.channel_id, c.display_name, c.shortcode_type, c.business_shortcode, c.environment, c.till_number,
             c.status, c.consent_reference, c.consent_date, c.max_amount, c.pushes_per_second,
             c.confirm_success_by_query, c.payer_data_retention_days, c.agreement_reference, c.agreement_version,
-            c.agreement_signed_on, c.lawful_basis)
+            c.agreement_signed_on, c.lawful_basis, list(c.analytics_metadata_keys))
 
 
 def _record(row: dict[str, Any]) -> ChannelRecord:
@@ -256,7 +256,7 @@ def _record(row: dict[str, Any]) -> ChannelRecord:
         confirm_success_by_query=row["confirm_success_by_query"],
         payer_data_retention_days=row["payer_data_retention_days"], agreement_reference=row["agreement_reference"],
         agreement_version=row["agreement_version"], agreement_signed_on=row["agreement_signed_on"],
-        lawful_basis=row["lawful_basis"])
+        lawful_basis=row["lawful_basis"], analytics_metadata_keys=tuple(row["analytics_metadata_keys"] or ()))
     credentials = None
     if row["version"] is not None:
         credentials = CredentialSummary(row["version"], row["fingerprint"], row["app_key_id"], row["key_id"],

@@ -37,11 +37,13 @@ FINAL_STATES = frozenset({PaymentState.SETTLED, PaymentState.CANCELLED, PaymentS
 
 
 def mask_phone(phone: str) -> str:
-    """The one masked form of a payer's number, for logs, reprs and analytics: the country code and
-    the last three digits ("254******678"), which cannot be traced back to one payer."""
+    """The one masked form of a payer's number, for logs, reprs, desk answers and analytics: only the
+    last three digits ("*********678"). A thousand payers share them, so they cannot be traced back
+    to one; the country code is not kept either, as it told nothing (every payer is 254) and a
+    longer visible prefix is what made the earlier form partly reconstructable."""
     if len(phone) < 9:
         return "*" * len(phone)
-    return phone[:3] + "*" * (len(phone) - 6) + phone[-3:]
+    return "*" * (len(phone) - 3) + phone[-3:]
 
 
 AMOUNT_MAX = 250_000  # KES per transaction (docs/daraja.md §2, current FAQ); channels may lower it

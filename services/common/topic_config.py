@@ -26,11 +26,13 @@ UPSTREAM = f"{UPSTREAM_PREFIX}*"  # every upstream producer's topic
 # Every topic carries events that move money or prove it moved: none may be compacted away (they are
 # keyed by channel, so compaction would keep one event per channel) or lost to an unclean election.
 _EVERY_TOPIC = {"cleanup.policy": "delete", "unclean.leader.election.enable": "false"}
-# Facts the ledger consumes: kept 7 days, below LEDGER_PROCESSED_RETENTION_DAYS (30), so that a
-# redelivery the broker can still make is one the ledger still recognises.
-_LEDGER_INPUT = {**_EVERY_TOPIC, "retention.ms": str(7 * DAY_MS)}
-# Read by people or systems outside the pipeline, who may be away for a while.
-_KEPT_LONGER = {**_EVERY_TOPIC, "retention.ms": str(30 * DAY_MS)}
+# Facts the ledger consumes carry payers' data in clear (the phone, or a CheckoutRequestID ending in
+# it): kept 4 days, long enough for a consumer down over a four-day holiday weekend, short for the
+# data (schemas/README.md, "Personal data"), and below LEDGER_PROCESSED_RETENTION_DAYS (30), so that
+# a redelivery the broker can still make is one the ledger still recognises (docs/kafka-topics.md §2).
+_LEDGER_INPUT = {**_EVERY_TOPIC, "retention.ms": str(4 * DAY_MS)}
+# Operators' instructions name no payer: Kafka's own default, written down.
+_OPERATOR_INPUT = {**_EVERY_TOPIC, "retention.ms": str(7 * DAY_MS)}
 
 DEFAULTS: dict[str, dict[str, str]] = {
     PAYMENT_REQUESTED.name: _LEDGER_INPUT,
@@ -39,10 +41,14 @@ DEFAULTS: dict[str, dict[str, str]] = {
     STK_QUERY_RESULT.name: _LEDGER_INPUT,
     STK_QUERY_REQUESTED.name: _LEDGER_INPUT,  # the STK worker's input: as long, for a worker down a while
     PAYMENT_STATUS.name: {**_EVERY_TOPIC, "retention.ms": str(14 * DAY_MS)},
-    CALLBACK_REJECTED.name: _KEPT_LONGER,
-    DEAD_LETTER.name: _KEPT_LONGER,
-    OPERATOR_COMMAND.name: _LEDGER_INPUT,
-    UPSTREAM: {**_EVERY_TOPIC, "retention.ms": str(7 * DAY_MS)},
+    # Raw callbacks refused at the edge move no money; their metrics alert at once, and 3 days of them
+    # is enough to see a forgery's pattern.
+    CALLBACK_REJECTED.name: {**_EVERY_TOPIC, "retention.ms": str(3 * DAY_MS)},
+    # Each dead letter waits for an operator to look and replay (docs/poison.md): a week covers a
+    # holiday and the fix of what refused it.
+    DEAD_LETTER.name: {**_EVERY_TOPIC, "retention.ms": str(7 * DAY_MS)},
+    OPERATOR_COMMAND.name: _OPERATOR_INPUT,
+    UPSTREAM: _LEDGER_INPUT,
 }
 # With three replicas or more, two must have an event before it counts as acknowledged (acks=all):
 # Kafka's documentation's own recipe. Below three it is left to the broker (one node has one replica).

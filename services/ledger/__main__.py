@@ -8,6 +8,7 @@ from services.common.avro import open_codec
 from services.common.db import open_pool, require_schema
 from services.common.kafka import ConsumerLoop, EventProducer, ensure_topics
 from services.common.observability import DatabaseCheck, Health, serve_ops
+from services.common.pseudonyms import Pseudonyms
 from services.common.runtime import quiet_garbage_collector, run_service
 from services.common.topics import ACCESS
 from services.ledger import bootstrap
@@ -27,7 +28,8 @@ async def main(cfg: LedgerConfig, stop: asyncio.Event) -> None:
     producer = EventProducer(cfg.kafka_bootstrap_servers, codec, client_id="ledger")
     pool = await open_pool(cfg.database_url, max_size=cfg.ledger_max_in_flight + 3)  # + the 3 background loops
     relay = OutboxRelay(pool, producer)
-    ledger = bootstrap.build(pool, codec, cfg.ledger_settings(), on_commit=relay.hand_over)
+    ledger = bootstrap.build(pool, codec, cfg.ledger_settings(), on_commit=relay.hand_over,
+                             pseudonyms=Pseudonyms.from_file(cfg.pseudonym_key_file))
     consumer = ConsumerLoop(bootstrap=cfg.kafka_bootstrap_servers, group_id=cfg.ledger_group_id, codec=codec,
                             topics=list(ACCESS["ledger"].reads),  # the topics its ACLs let it read: all its inputs
                             handler=ledger.consumer.handle_batch, dead_letters=producer,

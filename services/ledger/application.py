@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
 from prometheus_client import Counter
 
+from services.common import config
 from services.common.avro import Codec, DecodeError
 from services.common.ids import new_id
-from services.common.payment import PaymentState, mask_phone
+from services.common.payment import PaymentState, mask_phone, mask_phones_in
+from services.common.pseudonyms import PSEUDONYM_KEY_FILE, Pseudonyms
 from services.common.text import untrusted
 from services.common.topics import PAYMENT_STATUS, STK_QUERY_REQUESTED
 from services.ledger import deadlines, state_machine as sm
@@ -42,6 +45,9 @@ QUERIES = Counter("ledger_reconciliation_queries_total", "STK queries requested 
 OPERATOR_QUERIES = Counter("ledger_operator_queries_total", "STK queries an operator asked")
 OPERATOR_REFUSED = Counter("ledger_operator_commands_refused_total",
                            "Operator instructions refused without effect, by why", ["reason"])
+# A status event's reason is for a dashboard, not a document: longer texts (Daraja's descriptions, an
+# operator's words) are cut here so analytics never hold a free-text field of unbounded size.
+STATUS_REASON_MAX = 200
 # A callback body is kept for the review desk up to the size the gateway accepts (and the column holds).
 CALLBACK_BODY_MAX_BYTES = 64 * 1024
 
@@ -52,8 +58,10 @@ class LedgerService:
     """Applies ledger inputs through a unit of work; the domain decides, this records the decision."""
 
     def __init__(self, unit_of_work: UnitOfWorkFactory, codec: Codec, settings: LedgerSettings, clock: Clock,
-                 on_commit: HandOver = lambda rows: None):
+                 on_commit: HandOver = lambda rows: None, pseudonyms: Pseudonyms | None = None):
         self.unit_of_work = unit_of_work
+        # The key of the status topic's checkout_ref; by default the file PSEUDONYM_KEY_FILE names.
+        self.pseudonyms = pseudonyms or Pseudonyms.from_file(config.load([PSEUDONYM_KEY_FILE])[PSEUDONYM_KEY_FILE.env])
         self.codec = codec
         self.settings = settings
         self.clock = clock
@@ -108,15 +116,23 @@ class LedgerService:
             log.exception("after-commit work failed")
 
     def status_event(self, record: PaymentRecord, previous: str | None, reason: str | None,
-                     resolved_by: str | None = None) -> OutboxMessage:
+                     resolved_by: str | None = None, metadata_keys: frozenset[str] = frozenset()) -> OutboxMessage:
+        """The analytics event of a state change, minimised (schemas/README.md, "Personal data"): the
+        phone down to its last three digits, the CheckoutRequestID only as its keyed pseudonym (the
+        clear field stays null: current ids end in the payer's MSISDN), free texts bounded and with
+        payers' numbers masked, and only the metadata keys the channel allow-lists."""
         fields = {"event_id": new_id(), "occurred_at": self.clock.now(), "channel_id": record.channel_id,
-                  "payment_id": record.payment_id, "schema_version": 3}
+                  "payment_id": record.payment_id, "schema_version": 4}
+        checkout = record.checkout_request_id
         event = {**fields, "status": record.state, "previous_status": previous, "amount": record.amount,
-                 "phone_masked": mask_phone(record.phone), "order_reference": record.order_reference,
-                 "checkout_request_id": record.checkout_request_id, "mpesa_receipt": record.mpesa_receipt,
-                 "transaction_time": record.transaction_time, "result_code": record.result_code, "reason": reason,
-                 "metadata": {str(k): str(v) for k, v in (record.metadata or {}).items()},
-                 "late_mpesa_receipt": record.late_receipt, "resolved_by": resolved_by}
+                 "phone_masked": mask_phone(record.phone),
+                 "order_reference": _masked(record.order_reference, None, self.pseudonyms),
+                 "checkout_request_id": None, "checkout_ref": self.pseudonyms.checkout(checkout) if checkout else None,
+                 "mpesa_receipt": record.mpesa_receipt, "transaction_time": record.transaction_time,
+                 "result_code": record.result_code, "reason": _masked(reason, STATUS_REASON_MAX, self.pseudonyms),
+                 "metadata": {str(k): _masked(str(v), None, self.pseudonyms) for k, v in (record.metadata or {}).items()
+                              if str(k) in metadata_keys},
+                 "late_mpesa_receipt": record.late_receipt, "resolved_by": _masked(resolved_by, None, self.pseudonyms)}
         return PAYMENT_STATUS.name, record.channel_id.encode(), self.codec.encode(PAYMENT_STATUS, event)
 
     def query_request(self, record: PaymentRecord, checkout_request_id: str, attempt: int,
@@ -226,7 +242,7 @@ class Batch:
         if decision.verdict is sm.Verdict.PARKED:
             self.parked.setdefault(i.payment_id, []).append(i)  # what it waits for may follow in this batch
         elif decision.verdict is sm.Verdict.APPLIED:
-            self._persist(i, record, decision)
+            await self._persist(i, record, decision)
             if self.parked.get(i.payment_id):  # a waiting fact may apply now (its payment or push result came)
                 await self._unpark(i.payment_id)
         return decision
@@ -250,7 +266,7 @@ class Batch:
         return snapshot(record, confirm_by_query=bool(confirm),
                         callbacks_closed=deadlines.callbacks_closed(record, self.now, self.settings))
 
-    def _persist(self, i: LedgerInput, record: PaymentRecord | None, d: sm.Decision) -> None:
+    async def _persist(self, i: LedgerInput, record: PaymentRecord | None, d: sm.Decision) -> None:
         previous = record.state if record else None
         if record is None:
             assert i.request is not None, "only a payment request creates a payment (decide parks the rest)"
@@ -259,18 +275,23 @@ class Batch:
                                     deadlines.scheduled(previous, record, d, self.now, self.settings))
         if d.alert:
             self.counts[(ALERTS, d.alert)] += 1
+            said = mask_phones_in(d.reason or "")  # Daraja's texts may quote a payer's number
             if d.new_state == PaymentState.REVIEW:
-                log.warning("payment sent to review: %s", d.reason, extra={"payment_id": i.payment_id})
+                log.warning("payment sent to review: %s", said, extra={"payment_id": i.payment_id})
             else:
-                log.warning("contradiction recorded, state kept: %s", d.reason, extra={"payment_id": i.payment_id})
+                log.warning("contradiction recorded, state kept: %s", said, extra={"payment_id": i.payment_id})
         if d.query:
             after = self._ask_query(after, d.query, d.query_reason)
         self._set(after)
         if d.new_state and d.new_state != previous:
             self.counts[(TRANSITIONS, str(d.new_state))] += 1
-            self.writes.history.append((i.payment_id, d.new_state, previous, d.reason, i.event_id))
+            # The chain and the history hold no payer data (docs: schemas/README.md): a number an
+            # operator or Daraja wrote into a reason is masked before it is written, never after.
+            history_reason = mask_phones_in(d.reason) if d.reason is not None else None
+            self.writes.history.append((i.payment_id, d.new_state, previous, history_reason, i.event_id))
             resolved_by = i.fact.actor if isinstance(i.fact, sm.OperatorResolution) else None
-            self.writes.outbox.append(self.service.status_event(after, previous, d.reason, resolved_by))
+            keys = await self.uow.analytics_metadata_keys(after.channel_id) if after.metadata else frozenset()
+            self.writes.outbox.append(self.service.status_event(after, previous, d.reason, resolved_by, keys))
 
     def _set(self, record: PaymentRecord) -> None:
         self.payments[record.payment_id] = record
@@ -328,9 +349,9 @@ class Batch:
         before = record.state if record else None
         entry = {"payment_id": i.payment_id, "event_id": i.event_id, "fact": type(i.fact).__name__,
                  "verdict": d.verdict.value, "from_state": before, "to_state": d.new_state or before,
-                 "detail": d.detail or d.reason or "", "at": self.now}
+                 "detail": mask_phones_in(d.detail or d.reason or ""), "at": self.now}
         if isinstance(i.fact, sm.OperatorInstruction) and i.fact.actor:
-            entry["actor"] = i.fact.actor  # who gave the instruction; the other facts' entries have none
+            entry["actor"] = mask_phones_in(i.fact.actor)  # who gave it; the other facts' entries have none
         self.writes.audit.append(entry)
 
     def _keep_callback(self, i: LedgerInput, d: sm.Decision) -> None:
@@ -381,3 +402,22 @@ def _checkout_ids(inputs: Iterable[LedgerInput]) -> list[str]:
             else i.fact.checkout_request_id
             for i in inputs if isinstance(i.fact, (sm.CallbackReceived, sm.PushAccepted))]
 
+
+
+def _masked(text: str | None, limit: int | None = None, pseudonyms: Pseudonyms | None = None) -> str | None:
+    """Free text bound for analytics: payers' numbers masked, CheckoutRequestIDs written into it
+    replaced by their pseudonym, any other run of nine or more digits cut to its last three (an id of
+    another form may end in an MSISDN too, where mask_phones_in, which leaves long digit runs such as
+    timestamps alone, would not see it), then cut to `limit` (after masking, so a cut never leaves a
+    number's head in clear)."""
+    if text is None:
+        return None
+    masked = mask_phones_in(text)
+    if pseudonyms is not None:
+        masked = _CHECKOUT_IN_TEXT.sub(lambda m: pseudonyms.checkout(m.group(0)), masked)
+    masked = _LONG_DIGITS.sub(lambda m: "*" * (len(m.group(0)) - 3) + m.group(0)[-3:], masked)
+    return masked[:limit] if limit is not None else masked
+
+
+_CHECKOUT_IN_TEXT = re.compile(r"ws_CO_[0-9A-Za-z_]+")  # Daraja's form (docs/daraja.md §2)
+_LONG_DIGITS = re.compile(r"[0-9]{9,}")

@@ -68,6 +68,10 @@ class UnitOfWork(Protocol):
         """Whether this channel wants every success confirmed by an STK query."""
         ...
 
+    async def analytics_metadata_keys(self, channel_id: str) -> frozenset[str]:
+        """The metadata keys this channel lets the status topic carry (none by default)."""
+        ...
+
     async def write(self, writes: Writes) -> list[OutboxRow]:
         """Writes the batch; returns its outbox rows with their ids, in order."""
         ...

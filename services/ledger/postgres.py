@@ -28,6 +28,9 @@ class PostgresUnitOfWork:
     async def confirm_by_query(self, channel_id: str) -> bool:
         return await self.policies.confirm_by_query(self.conn, channel_id, self.policy_ttl_s)
 
+    async def analytics_metadata_keys(self, channel_id: str) -> frozenset[str]:
+        return await self.policies.analytics_metadata_keys(self.conn, channel_id, self.policy_ttl_s)
+
     async def write(self, writes: Writes) -> list[OutboxRow]:
         await store.write_payments(self.conn, writes.payments, writes.unparked)
         await store.add_history(self.conn, writes.history)

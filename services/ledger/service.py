@@ -16,6 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.common.avro import Codec
 from services.common.kafka import ConsumedEvent, Rejection, Transient
+from services.common.pseudonyms import Pseudonyms
 from services.common.schema_registry import RegistryUnavailable
 from services.common.text import untrusted
 from services.common.topics import Topic
@@ -37,12 +38,12 @@ OVERLAP_FROM = 100
 class Ledger:
     def __init__(self, pool: AsyncConnectionPool | None, codec: Codec, settings: LedgerSettings = DEFAULTS,
                  on_commit: HandOver = lambda rows: None, clock: Clock | None = None,
-                 unit_of_work: UnitOfWorkFactory | None = None):
+                 unit_of_work: UnitOfWorkFactory | None = None, pseudonyms: Pseudonyms | None = None):
         assert pool is not None or unit_of_work is not None, "a pool, or a unit of work of its own"
         self.codec = codec
         self.settings = settings
         uow = unit_of_work or postgres_unit_of_work(pool, settings.channel_cache_ttl_s)  # type: ignore[arg-type]
-        self.service = LedgerService(uow, codec, settings, clock or SystemClock(), on_commit)
+        self.service = LedgerService(uow, codec, settings, clock or SystemClock(), on_commit, pseudonyms)
 
     async def handle_batch(self, events: list[ConsumedEvent]) -> list[Rejection]:
         try:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 from services.common import config
+from services.common.pseudonyms import PSEUDONYM_KEY_FILE
 from services.common.topic_config import DAY_MS, configs_for
 from services.common.topics import ACCESS
 from services.ledger.deadlines import LedgerSettings
@@ -15,6 +17,7 @@ SETTINGS = [
     config.database_url("ledger"),
     config.TOPIC_PARTITIONS, config.TOPIC_REPLICATION_FACTOR, config.TOPIC_CONFIGS,
     config.METRICS_HOST,
+    PSEUDONYM_KEY_FILE,  # the status topic's checkout_ref (schemas/README.md, "Personal data")
     config.Setting("LEDGER_GROUP_ID", str, "ledger", help="Kafka consumer group"),
     config.Setting("LEDGER_METRICS_PORT", config.port, 9102, help="port of /metrics, /healthz and /readyz"),
     config.Setting("LEDGER_MAX_IN_FLIGHT", config.positive_int, 2,
@@ -42,6 +45,7 @@ class LedgerConfig:
     kafka_topic_replication_factor: int | None
     kafka_topic_configs: dict[str, dict[str, str]]
     metrics_host: str
+    pseudonym_key_file: Path
     ledger_group_id: str
     ledger_metrics_port: int
     ledger_max_in_flight: int

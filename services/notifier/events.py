@@ -3,7 +3,8 @@
 The body follows the Standard Webhooks payload shape (`type`, `timestamp`, `data`). It carries what
 an upstream system needs to close an order and nothing more: no phone number, not even masked (the
 upstream sent it and has it), no CheckoutRequestID (current Daraja ids embed the payer's MSISDN),
-no secret. The caller's own metadata is returned to the caller.
+no secret. Its texts and metadata are the status topic's, minimised by the ledger: payers' numbers
+masked, only the metadata keys the channel allow-lists (schemas/README.md, "Personal data").
 """
 from __future__ import annotations
 

@@ -168,7 +168,7 @@ class Payers:
             # it (phone_check). It is erased by a request made once it is final.
             still_open = [payment_id for payment_id, state, _ in rows if state in OPEN_STATES]
             ids = [payment_id for payment_id, state, _ in rows if state not in OPEN_STATES]
-            ids += [] if request.channel_id else await _orphan_parked_facts(conn, forms)
+            orphans = [] if request.channel_id else await _orphan_parked_facts(conn, forms)
             totals = {"payments": 0, "callbacks": 0, "parkedFacts": 0, "webhookBodies": 0}
             request_id = None
             for start in range(0, max(len(ids), 1), CHUNK):
@@ -176,6 +176,9 @@ class Payers:
                 async with conn.transaction():
                     if request_id is None:  # with the first chunk: no erasure without its record
                         request_id = await _record(conn, request, pseudonym, actor, len(rows))
+                    if start == 0 and orphans:  # facts waiting for a payment that never came: no row to scrub
+                        totals["parkedFacts"] += (await conn.execute(
+                            "DELETE FROM parked_facts WHERE payment_id = ANY(%s)", (orphans,))).rowcount
                     if not chunk:
                         break
                     # A random pseudonym, not the keyed one: an erased payment leads back to no one, even with the key.

@@ -172,7 +172,7 @@ def status_event(channel_id: str, status: str = "Settled", **changes) -> dict:
     from datetime import datetime, timezone
     event = {"event_id": str(uuid.uuid4()), "occurred_at": datetime.now(timezone.utc), "channel_id": channel_id,
              "payment_id": str(uuid.uuid4()), "schema_version": 2, "status": status, "previous_status": "Pending",
-             "amount": 1500, "phone_masked": "254******149", "order_reference": "ord-98765",
+             "amount": 1500, "phone_masked": "*********149", "order_reference": "ord-98765",
              "checkout_request_id": "ws_CO_1007202409152617172396192", "mpesa_receipt": "NLJ7RT61SV",
              "transaction_time": datetime.now(timezone.utc), "result_code": "0", "reason": "processed",
              "metadata": {"cart": "42"}, "late_mpesa_receipt": None}

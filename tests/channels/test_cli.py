@@ -64,10 +64,12 @@ def test_a_channel_from_creation_to_activation(run, unique, tmp_path):
     updated = run("channels", "update", channel_id, "--consent-reference", "AGR-7", "--consent-date", "2024-02-01",
                   "--confirm-success-by-query", "true", "--payer-data-retention-days", "30",
                   "--agreement-reference", "DPA-7", "--agreement-version", "1",
-                  "--agreement-signed-on", "2024-02-01", "--lawful-basis", "contract")
+                  "--agreement-signed-on", "2024-02-01", "--lawful-basis", "contract",
+                  "--analytics-metadata-keys", "cart, campaign")
     assert updated.returncode == 0, updated.stderr
     assert json.loads(updated.stdout)["confirmSuccessByQuery"] is True
     assert json.loads(updated.stdout)["payerDataRetentionDays"] == 30
+    assert json.loads(updated.stdout)["analyticsMetadataKeys"] == ["cart", "campaign"]
     assert json.loads(run("channels", "resume", channel_id).stdout)["status"] == "active"
     listed = run("channels", "list")
     mine = [c for c in json.loads(listed.stdout) if c["channelId"] == channel_id]

@@ -68,6 +68,13 @@ def test_consent_may_come_later():
     ({"payerDataRetentionDays": 3651}, "payerDataRetentionDays"),
     ({"payerDataRetentionDays": 30.5}, "payerDataRetentionDays"),
     ({"payerDataRetentionDays": True}, "payerDataRetentionDays"),
+    ({"analyticsMetadataKeys": "cart"}, "analyticsMetadataKeys"),
+    ({"analyticsMetadataKeys": [f"k{i}" for i in range(21)]}, "analyticsMetadataKeys"),
+    ({"analyticsMetadataKeys": ["cart", "cart"]}, "analyticsMetadataKeys"),
+    ({"analyticsMetadataKeys": [""]}, "analyticsMetadataKeys"),
+    ({"analyticsMetadataKeys": ["x" * 65]}, "analyticsMetadataKeys"),
+    ({"analyticsMetadataKeys": ["a\nb"]}, "analyticsMetadataKeys"),
+    ({"analyticsMetadataKeys": [7]}, "analyticsMetadataKeys"),
     ({"status": "active"}, "status"),
     ({"colour": "green"}, "colour"),
 ])
@@ -232,3 +239,12 @@ def test_a_channel_keeps_payers_data_for_its_own_days_or_the_default_when_cleare
     assert errors == {} and own is not None and channel_view(own)["payerDataRetentionDays"] == 30
     cleared, errors = parse_channel_changes(own, {"payerDataRetentionDays": None}, TODAY)
     assert errors == {} and cleared is not None and cleared.payer_data_retention_days is None
+
+
+def test_no_metadata_key_reaches_analytics_unless_the_channel_lists_it():
+    assert _channel().analytics_metadata_keys == () and channel_view(_channel())["analyticsMetadataKeys"] == []
+    listed, errors = parse_channel_changes(_channel(), {"analyticsMetadataKeys": ["cart", "campaign"]}, TODAY)
+    assert errors == {} and listed is not None
+    assert channel_view(listed)["analyticsMetadataKeys"] == ["cart", "campaign"]
+    cleared, errors = parse_channel_changes(listed, {"analyticsMetadataKeys": []}, TODAY)
+    assert errors == {} and cleared is not None and cleared.analytics_metadata_keys == ()

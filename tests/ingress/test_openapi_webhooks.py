@@ -54,7 +54,7 @@ def status_event(status: str, **changes) -> dict:
     at = datetime(2026, 11, 29, 10, 0, 0, 123000, tzinfo=timezone.utc)
     event = {"event_id": "0b5b2f6e-8c1f-4d7e-9a57-3d7f0c9b1a06", "occurred_at": at, "channel_id": "shop-nairobi-01",
              "payment_id": "pay_01JD0000000000000000000001", "schema_version": 2, "status": status,
-             "previous_status": "Pending", "amount": 1500, "phone_masked": "254******149",
+             "previous_status": "Pending", "amount": 1500, "phone_masked": "*********149",
              "order_reference": "ord-98765", "checkout_request_id": "ws_CO_1007202409152617172396192",
              "mpesa_receipt": "NLJ7RT61SV", "transaction_time": at - timedelta(seconds=6), "result_code": "0",
              "reason": "The service request is processed successfully.", "metadata": {"cart": "42"},

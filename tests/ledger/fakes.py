@@ -11,8 +11,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from services.common.pseudonyms import Pseudonyms
 from services.ledger.ports import Opened, OutboxRow, UnitOfWork, Writes
 from services.ledger.record import CHECKOUT_COLUMNS, RECEIPT_COLUMNS, PaymentRecord
+
+PSEUDONYMS = Pseudonyms(bytes(range(32)))  # a fixed test key: the in-memory tests need no key file
 
 
 class FakeClock:
@@ -40,6 +43,7 @@ class Tables:
     audit: list[dict[str, Any]] = field(default_factory=list)
     outbox: list[OutboxRow] = field(default_factory=list)
     confirm_by_query: dict[str, bool] = field(default_factory=dict)  # channel_id -> setting
+    metadata_keys: dict[str, frozenset[str]] = field(default_factory=dict)  # channel_id -> analytics keys
     callback_bodies: dict[str, tuple[str, str, datetime, str, str]] = field(default_factory=dict)  # event_id -> row
 
 
@@ -77,6 +81,9 @@ class InMemoryUnitOfWork:
 
     async def confirm_by_query(self, channel_id: str) -> bool:
         return self.tables.confirm_by_query.get(channel_id, False)
+
+    async def analytics_metadata_keys(self, channel_id: str) -> frozenset[str]:
+        return self.tables.metadata_keys.get(channel_id, frozenset())
 
     async def write(self, writes: Writes) -> list[OutboxRow]:
         for record in writes.payments:

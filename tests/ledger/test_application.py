@@ -19,12 +19,13 @@ from services.common.topics import (
     STK_QUERY_REQUESTED,
     Topic,
 )
+from services.ledger import application
 from services.ledger.application import LedgerService
 from services.ledger.deadlines import LedgerSettings
 from services.ledger.facts import input_of
 from services.ledger.service import DEFAULTS, Ledger
 from tests.ledger.callbacks import failure, success
-from tests.ledger.fakes import InMemoryLedgerStore, InMemoryUnitOfWork
+from tests.ledger.fakes import PSEUDONYMS, InMemoryLedgerStore, InMemoryUnitOfWork
 from tests.ledger.test_ledger_db import accepted, callback, requested
 
 
@@ -37,7 +38,7 @@ def refused(channel, payment_id, code="500.001.1001", message="Merchant does not
 class Setup:
     def __init__(self, clock, settings: LedgerSettings = DEFAULTS):
         self.store, self.clock, self.codec = InMemoryLedgerStore(), clock, Codec()
-        self.service = LedgerService(self.store.unit_of_work, self.codec, settings, clock)
+        self.service = LedgerService(self.store.unit_of_work, self.codec, settings, clock, pseudonyms=PSEUDONYMS)
         self.channel, self.pid = f"ch-{uuid.uuid4().hex[:12]}", str(uuid.uuid4())
         self.checkout, self.receipt = f"ws_CO_{uuid.uuid4().hex}", uuid.uuid4().hex[:10].upper()
 
@@ -98,7 +99,7 @@ async def test_a_success_after_a_cancel_keeps_its_receipt_in_the_row_and_in_the_
     assert (s.payment.state, s.payment.late_receipt, s.payment.mpesa_receipt) == ("Review", s.receipt, None)
     last = s.outbox(PAYMENT_STATUS)[-1]
     assert (last["status"], last["previous_status"], last["late_mpesa_receipt"]) == ("Review", "Cancelled", s.receipt)
-    assert last["schema_version"] == 3
+    assert last["schema_version"] == 4
 
 
 async def test_a_receipt_another_payment_holds_sends_the_second_to_review(setup):
@@ -174,7 +175,7 @@ async def test_a_payment_reconciled_by_another_ledger_meanwhile_is_left_alone(se
 
 async def test_the_kafka_adapter_refuses_an_event_that_is_no_ledger_input_and_applies_the_rest(clock):
     store = InMemoryLedgerStore()
-    ledger = Ledger(None, Codec(), clock=clock, unit_of_work=store.unit_of_work)
+    ledger = Ledger(None, Codec(), clock=clock, unit_of_work=store.unit_of_work, pseudonyms=PSEUDONYMS)
     channel, pid = f"ch-{uuid.uuid4().hex[:12]}", str(uuid.uuid4())
     bad = requested(channel, str(uuid.uuid4()))
     del bad.value["payment_id"]
@@ -201,7 +202,8 @@ async def test_a_request_dated_in_the_future_is_reviewed_at_the_deadline_from_wh
 async def test_bootstrap_builds_both_entry_points_on_one_application_service(clock):
     from services.ledger import bootstrap
     store = InMemoryLedgerStore()
-    parts = bootstrap.build(None, Codec(), LedgerSettings(), clock=clock, unit_of_work=store.unit_of_work)
+    parts = bootstrap.build(None, Codec(), LedgerSettings(), clock=clock, unit_of_work=store.unit_of_work,
+                            pseudonyms=PSEUDONYMS)
     assert parts.consumer.service is parts.service is parts.reconciler.service
     channel, pid = f"ch-{uuid.uuid4().hex[:12]}", str(uuid.uuid4())
     assert await parts.consumer.handle_batch([requested(channel, pid)]) == []
@@ -254,12 +256,12 @@ async def test_a_restarted_ledger_reads_a_fact_parked_in_the_confluent_framing(c
     channel, pid = f"ch-{uuid.uuid4().hex[:12]}", str(uuid.uuid4())
     checkout, receipt = f"ws_CO_{uuid.uuid4().hex}", uuid.uuid4().hex[:10].upper()
     early = callback(channel, pid, success(checkout, receipt=receipt))
-    first = LedgerService(store.unit_of_work, codec, DEFAULTS, clock)
+    first = LedgerService(store.unit_of_work, codec, DEFAULTS, clock, pseudonyms=PSEUDONYMS)
     await first.apply([input_of(early.topic, early.schema, early.value, codec.encode(CALLBACK_RAW, early.value))])
     assert len(store.tables.parked) == 1
 
     restarted_codec = await open_codec(infra["SCHEMA_REGISTRY_URL"], ACCESS["ledger"].writes)
-    restarted = LedgerService(store.unit_of_work, restarted_codec, DEFAULTS, clock)
+    restarted = LedgerService(store.unit_of_work, restarted_codec, DEFAULTS, clock, pseudonyms=PSEUDONYMS)
     try:
         for fact, topic in ((requested(channel, pid), PAYMENT_REQUESTED),
                             (accepted(channel, pid, checkout), STK_PUSH_RESULT)):
@@ -295,3 +297,38 @@ async def test_an_operator_query_of_a_payment_in_review_counts_the_attempt_and_s
     assert (s.payment.state, s.payment.next_query_at, s.payment.query_attempts) == ("Review", None, 1)
     assert [(q["reason"], q["attempt"]) for q in s.outbox(STK_QUERY_REQUESTED)] == [("OPERATOR", 1)]
     assert s.store.tables.audit[-1]["actor"] == "wanjiru"
+
+
+async def test_the_status_event_carries_no_payers_number_nor_a_clear_checkout_id_and_only_allowed_metadata(setup):
+    s = setup
+    s.store.tables.metadata_keys[s.channel] = frozenset({"cart"})
+    checkout = "ws_CO_30112026101500123712345678"  # Daraja's current form: ends in the payer's number
+    await s.apply(requested(s.channel, s.pid, order_reference=f"call 0712 345 678 re {checkout}",
+                            metadata={"cart": "+254712345678 42", "note": "payer 0712345678"}),
+                  accepted(s.channel, s.pid, checkout),
+                  callback(s.channel, s.pid, failure(checkout, 1032)))
+    for event in s.outbox(PAYMENT_STATUS):
+        text = repr(event)
+        assert "712345678" not in text and "345678" not in text and checkout not in text, event
+        assert event["metadata"] == {"cart": "*********678 42"} and event["phone_masked"] == "*********678"
+        assert event["order_reference"] == f"call *********678 re {PSEUDONYMS.checkout(checkout)}"
+    assert [e["checkout_ref"] for e in s.outbox(PAYMENT_STATUS)][1:] == [PSEUDONYMS.checkout(checkout)] * 2
+
+
+async def test_a_channel_that_allow_lists_no_key_gets_no_metadata_on_the_status_topic(setup):
+    s = setup
+    await s.apply(requested(s.channel, s.pid, metadata={"cart": "42"}))
+    assert [e["metadata"] for e in s.outbox(PAYMENT_STATUS)] == [{}]
+
+
+async def test_a_long_reason_is_cut_and_payers_numbers_in_it_are_masked_in_the_event_history_and_audit(setup):
+    s = setup
+    message = "Invalid PhoneNumber 0712345678 " + "x" * 400
+    await s.apply(requested(s.channel, s.pid), refused(s.channel, s.pid, "400.002.02", message))
+    reason = s.outbox(PAYMENT_STATUS)[-1]["reason"]
+    assert len(reason) <= application.STATUS_REASON_MAX and "12345678" not in reason and "*********678" in reason
+    history_reasons = [r for *_, r, _ in s.store.tables.history if r]
+    audit_details = [a["detail"] for a in s.store.tables.audit]
+    assert history_reasons and audit_details
+    assert not any("12345678" in text for text in history_reasons + audit_details)
+    assert any("*********678" in text for text in history_reasons)

@@ -10,6 +10,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from services.common.kafka import ConsumedEvent, EventProducer, PublishError, new_event_fields
+from services.common.pseudonyms import Pseudonyms
 from services.common.topics import CALLBACK_RAW, PAYMENT_REQUESTED, PAYMENT_STATUS, STK_PUSH_RESULT
 from services.ledger import application, store
 from services.ledger.ports import OutboxRow
@@ -17,7 +18,7 @@ from services.ledger.postgres import PostgresUnitOfWork
 from services.ledger.reconciler import Reconciler, due_payments
 from services.ledger.relay import OutboxRelay
 from services.ledger.service import Ledger
-from tests.conftest import database_url_of, eventually
+from tests.conftest import PSEUDONYM_KEY_FILE, database_url_of, eventually
 from tests.ledger.callbacks import failure, success
 from tests.platform.kafka_helpers import end_offsets, read_all
 
@@ -237,7 +238,8 @@ async def test_status_events_are_published_after_commit_through_the_outbox(ledge
                         since=mark)
     statuses = [codec.decode(m.value())[1] for m in messages]
     assert [(s["status"], s["previous_status"]) for s in statuses] == [("Requested", None), ("Pending", "Requested")]
-    assert statuses[0]["phone_masked"] == "254******678" and statuses[1]["checkout_request_id"] == f"ws_CO_{unique}"
+    assert statuses[0]["phone_masked"] == "*********678" and statuses[1]["checkout_request_id"] is None
+    assert statuses[1]["checkout_ref"] == Pseudonyms.from_file(PSEUDONYM_KEY_FILE).checkout(f"ws_CO_{unique}")
 
 
 async def test_editing_an_audit_row_makes_verification_fail(ledger, pool, unique):

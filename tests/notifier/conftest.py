@@ -160,7 +160,7 @@ def status_event(channel_id: str, payment_id: str, status: str, at: datetime | N
     """A payment_status record as the ledger's outbox publishes it."""
     return {"event_id": event_id or new_id(), "occurred_at": at or datetime.now(timezone.utc),
             "channel_id": channel_id, "payment_id": payment_id, "schema_version": 2, "status": status,
-            "previous_status": PREVIOUS[status], "amount": 10, "phone_masked": "254******678",
+            "previous_status": PREVIOUS[status], "amount": 10, "phone_masked": "*********678",
             "order_reference": "ORDER-1", "checkout_request_id": "ws_CO_1",
             "mpesa_receipt": "SBX0000001" if status == "Settled" else None,
             "transaction_time": None, "result_code": "0" if status == "Settled" else None, "reason": None,

@@ -97,9 +97,11 @@ def test_each_role_holds_exactly_the_grants_its_service_needs(infra, database_ur
         # The ingress sees a channel's credential version, never the sealed secret.
         columns = {c: _one(conn, "SELECT has_column_privilege('ingress', 'channel_credentials', %s, 'SELECT')",
                            (c,)) for c in ("version", "fingerprint", "ciphertext", "wrapped_key")}
-        # The ledger reads one policy of a channel (confirm every success by query), nothing else of it.
+        # The ledger reads two policies of a channel (confirm every success by query, the metadata keys
+        # analytics may see), nothing else of it.
         ledger_reads = {c: _one(conn, "SELECT has_column_privilege('ledger', 'channels', %s, 'SELECT')",
-                                (c,)) for c in ("confirm_success_by_query", "business_shortcode")}
+                                (c,)) for c in ("confirm_success_by_query", "analytics_metadata_keys",
+                                                "business_shortcode")}
         # The privacy role writes a payment's payer data and nothing of its money record.
         privacy_writes = {c for c in PAYMENT_COLUMNS if _one(
             conn, "SELECT has_column_privilege('privacy', 'payments', %s, 'UPDATE')", (c,))}
@@ -109,7 +111,8 @@ def test_each_role_holds_exactly_the_grants_its_service_needs(infra, database_ur
     assert privacy_writes == {"phone", "account_reference", "description", "metadata", "order_reference",
                               "payer_data", "payer_data_changed_at"}
     assert privacy_reads_channels == {"payer_data_retention_days": True, "business_shortcode": False}
-    assert ledger_reads == {"confirm_success_by_query": True, "business_shortcode": False}
+    assert ledger_reads == {"confirm_success_by_query": True, "analytics_metadata_keys": True,
+                            "business_shortcode": False}
     assert columns == {"version": True, "fingerprint": True, "ciphertext": False, "wrapped_key": False}
 
 

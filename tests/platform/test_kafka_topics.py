@@ -71,7 +71,7 @@ def test_a_new_topic_has_the_brokers_replication_factor_and_its_own_settings(kaf
 
     assert replicas_of(kafka_bootstrap, name) == {1}  # the local broker's default.replication.factor
     settings = settings_of(kafka_bootstrap, name)
-    assert settings["retention.ms"] == str(7 * DAY_MS)
+    assert settings["retention.ms"] == str(4 * DAY_MS)
     assert settings["cleanup.policy"] == "delete"
     assert settings["unclean.leader.election.enable"] == "false"
 
@@ -107,5 +107,5 @@ def test_an_existing_topic_whose_settings_differ_is_reported_and_left_as_it_is(k
         ensure_topics(kafka_bootstrap, [Topic(name, PAYMENT_REQUESTED.schema)], 1)
 
     reported = [r.getMessage() for r in caplog.records if name in r.getMessage()]
-    assert any(f"retention.ms=3600000 where this service would create it with {7 * DAY_MS}" in m for m in reported)
+    assert any(f"retention.ms=3600000 where this service would create it with {4 * DAY_MS}" in m for m in reported)
     assert settings_of(kafka_bootstrap, name)["retention.ms"] == "3600000"

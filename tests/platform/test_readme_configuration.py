@@ -33,6 +33,7 @@ SERVICES: dict[str, list[config.Setting]] = {
     "onboarding API": [*channels_settings.API_SETTINGS, *privacy.API_PAYERS_SETTINGS],
     "audit anchoring": anchors.SETTINGS,
     "notifier": notifier.NOTIFIER_SETTINGS,
+    "privacy": privacy.SETTINGS,
 }
 READERS: dict[str, list[config.Setting]] = {
     # run_service reads LOG_LEVEL for every service it starts, before the service's own list.
@@ -144,7 +145,7 @@ def test_every_service_started_by_run_service_has_its_list_here():
     assert starters == {"services/ingress/__main__.py", "services/stk_worker/__main__.py",
                         "services/webhook_consumer/__main__.py", "services/ledger/__main__.py",
                         "services/channels/__main__.py", "services/ledger/anchors.py",
-                        "services/notifier/__main__.py"}
+                        "services/notifier/__main__.py", "services/privacy/__main__.py"}
 
 
 def test_a_drifted_table_is_caught():

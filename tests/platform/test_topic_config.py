@@ -9,7 +9,9 @@ from services.common.topics import (
     ACCESS,
     ALL_TOPICS,
     CALLBACK_RAW,
+    CALLBACK_REJECTED,
     DEAD_LETTER,
+    OPERATOR_COMMAND,
     PAYMENT_STATUS,
     upstream_requested_topic,
 )
@@ -17,8 +19,8 @@ from services.ledger.settings import SETTINGS, LedgerConfig
 
 
 @pytest.mark.parametrize(("topic", "retention_days"), [
-    (CALLBACK_RAW.name, 7), (PAYMENT_STATUS.name, 14), (DEAD_LETTER.name, 30),
-    (upstream_requested_topic("shop-erp").name, 7), ("bench.requested", None)])
+    (CALLBACK_RAW.name, 4), (PAYMENT_STATUS.name, 14), (DEAD_LETTER.name, 7), (CALLBACK_REJECTED.name, 3),
+    (OPERATOR_COMMAND.name, 7), (upstream_requested_topic("shop-erp").name, 4), ("bench.requested", None)])
 def test_each_topic_is_deleted_never_compacted_and_kept_as_long_as_its_readers_need(topic, retention_days):
     configs = configs_for(topic, None, {})
     assert configs["cleanup.policy"] == "delete"
