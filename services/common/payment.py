@@ -107,17 +107,24 @@ def normalise_phone(raw: str) -> str | None:
 # A payer's number inside free text (a raw callback, a reason): a Kenyan mobile number in any form
 # the ingress accepts for one (normalise_phone: +254, 254, 00254, a trunk 0,
 # grouped by spaces, dashes, dots or parentheses), or a merchant may write it; longer runs of digits
-# (timestamps) are not.
+# (timestamps) are not, nor digits inside a word or an id (a UUID's "1330026-31d5" reads as a number).
 _SEPARATORS_IN_TEXT = r"[ \-.()]{0,3}"
-_PHONE_IN_TEXT = re.compile(rf"(?<![0-9])(?:(?:\+|00)?254{_SEPARATORS_IN_TEXT}(?:0{_SEPARATORS_IN_TEXT})?"
-                            rf"|0{_SEPARATORS_IN_TEXT})?[17](?:{_SEPARATORS_IN_TEXT}[0-9]){{8}}(?![0-9])")
+_PHONE_IN_TEXT = re.compile(rf"(?<![0-9A-Za-z])(?:(?:\+|00)?254{_SEPARATORS_IN_TEXT}(?:0{_SEPARATORS_IN_TEXT})?"
+                            rf"|0{_SEPARATORS_IN_TEXT})?[17](?:{_SEPARATORS_IN_TEXT}[0-9]){{8}}(?![0-9A-Za-z])")
+
+
+# Daraja's current CheckoutRequestIDs: ws_CO_, DDMMYYYYHHMMSS and milliseconds, then the payer's number
+# without 254 (docs/daraja.md §2): inside a run of digits, where _PHONE_IN_TEXT does not look.
+_NUMBER_IN_CHECKOUT_ID = re.compile(r"(ws_CO_[0-9]{17})([17][0-9]{8})")
 
 
 def mask_phones_in(text: str) -> str:
-    """`text` with every Kenyan mobile number in it masked (mask_phone), for raw callbacks and reasons."""
+    """`text` with every Kenyan mobile number in it masked (mask_phone), for raw callbacks and reasons,
+    the one a CheckoutRequestID of Daraja's current form ends in included."""
     def masked(match: re.Match[str]) -> str:
         phone = normalise_phone(match.group(0))
         return mask_phone(phone) if phone else "*" * len(match.group(0))
+    text = _NUMBER_IN_CHECKOUT_ID.sub(lambda m: m.group(1) + mask_phone(m.group(2)), text)
     return _PHONE_IN_TEXT.sub(masked, text)
 
 

@@ -275,7 +275,7 @@ class Batch:
                                     deadlines.scheduled(previous, record, d, self.now, self.settings))
         if d.alert:
             self.counts[(ALERTS, d.alert)] += 1
-            said = mask_phones_in(d.reason or "")  # Daraja's texts may quote a payer's number
+            said = self._kept(d.reason or "")  # Daraja's texts may quote a payer's number, its ids end in one
             if d.new_state == PaymentState.REVIEW:
                 log.warning("payment sent to review: %s", said, extra={"payment_id": i.payment_id})
             else:
@@ -287,7 +287,7 @@ class Batch:
             self.counts[(TRANSITIONS, str(d.new_state))] += 1
             # The chain and the history hold no payer data (docs: schemas/README.md): a number an
             # operator or Daraja wrote into a reason is masked before it is written, never after.
-            history_reason = mask_phones_in(d.reason) if d.reason is not None else None
+            history_reason = self._kept(d.reason)
             self.writes.history.append((i.payment_id, d.new_state, previous, history_reason, i.event_id))
             resolved_by = i.fact.actor if isinstance(i.fact, sm.OperatorResolution) else None
             keys = await self.uow.analytics_metadata_keys(after.channel_id) if after.metadata else frozenset()
@@ -349,10 +349,17 @@ class Batch:
         before = record.state if record else None
         entry = {"payment_id": i.payment_id, "event_id": i.event_id, "fact": type(i.fact).__name__,
                  "verdict": d.verdict.value, "from_state": before, "to_state": d.new_state or before,
-                 "detail": mask_phones_in(d.detail or d.reason or ""), "at": self.now}
+                 "detail": self._kept(d.detail or d.reason or ""), "at": self.now}
         if isinstance(i.fact, sm.OperatorInstruction) and i.fact.actor:
-            entry["actor"] = mask_phones_in(i.fact.actor)  # who gave it; the other facts' entries have none
+            entry["actor"] = self._kept(i.fact.actor)  # who gave it; the other facts' entries have none
         self.writes.audit.append(entry)
+
+    def _kept(self, text: str | None) -> str | None:
+        """A text as the audit chain and the history keep it, for ever: with no payer data, so that
+        erasing a payer never has to touch them. Numbers are masked, and CheckoutRequestIDs become
+        their pseudonyms, since Daraja's end in the payer's number (the payment row keeps the id
+        itself until its payer's data is scrubbed: services/privacy/scrub.py)."""
+        return _masked(text, None, self.service.pseudonyms)
 
     def _keep_callback(self, i: LedgerInput, d: sm.Decision) -> None:
         """The callback as received, for the review desk, with what the ledger decided of it. A
@@ -412,9 +419,10 @@ def _masked(text: str | None, limit: int | None = None, pseudonyms: Pseudonyms |
     number's head in clear)."""
     if text is None:
         return None
-    masked = mask_phones_in(text)
+    masked = text  # the ids first: their pseudonym is of the id as Daraja wrote it, number and all
     if pseudonyms is not None:
         masked = _CHECKOUT_IN_TEXT.sub(lambda m: pseudonyms.checkout(m.group(0)), masked)
+    masked = mask_phones_in(masked)
     masked = _LONG_DIGITS.sub(lambda m: "*" * (len(m.group(0)) - 3) + m.group(0)[-3:], masked)
     return masked[:limit] if limit is not None else masked
 

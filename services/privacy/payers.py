@@ -182,7 +182,8 @@ class Payers:
                     if not chunk:
                         break
                     # A random pseudonym, not the keyed one: an erased payment leads back to no one, even with the key.
-                    report = await scrub_payments(conn, chunk, replace_phone=random_phone_pseudonym, outcome=ERASED)
+                    report = await scrub_payments(conn, chunk, replace_phone=random_phone_pseudonym, outcome=ERASED,
+                                                  replace_checkout=self._pseudonyms.checkout)
                     totals["webhookBodies"] += await _mask_webhook_bodies(conn, chunk, forms)
                     await _follow_in_idempotency_records(conn, chunk)
                 totals["payments"] += report.payments

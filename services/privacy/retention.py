@@ -104,7 +104,7 @@ class Retention:
             # Failed payment a late success sent to Review), and money may move on it again.
             await lock_payments(conn, candidates)
             due = [r[0] for r in await (await conn.execute(_STILL_DUE, (candidates, days))).fetchall()]
-            report = await scrub_payments(conn, due, self.pseudonyms.phone, "pseudonymised")
+            report = await scrub_payments(conn, due, self.pseudonyms.phone, "pseudonymised", self.pseudonyms.checkout)
         PSEUDONYMISED.inc(report.payments)
         return RunReport(report.payments, report.ingress_requests, report.callback_bodies, report.parked_facts)
 

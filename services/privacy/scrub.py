@@ -22,6 +22,7 @@ from typing import Final
 from psycopg import AsyncConnection
 
 from services.common.payment import mask_phones_in
+from services.common.pseudonyms import CHECKOUT
 from services.ledger.store import PAYMENT_LOCKS
 
 ACCOUNT_REFERENCE_PLACEHOLDER: Final = "removed"  # 1-12 characters, as payment_shape asks
@@ -29,13 +30,22 @@ OUTCOMES: Final = ("pseudonymised", "erased")
 
 _LOCK = ("SELECT pg_advisory_xact_lock(%s, h) FROM (SELECT DISTINCT hashtext(p) AS h"
          " FROM unnest(%s::text[]) AS p ORDER BY h) AS locks")
-_PAYMENTS = "SELECT payment_id, phone, order_reference FROM payments WHERE payment_id = ANY(%s) ORDER BY payment_id"
+_PAYMENTS = ("SELECT payment_id, phone, order_reference, checkout_request_id, candidate_checkout_request_id"
+             " FROM payments WHERE payment_id = ANY(%s) ORDER BY payment_id")
 _SCRUB = """
 UPDATE payments AS p SET phone = s.phone, order_reference = s.order_reference,
+    checkout_request_id = s.checkout, candidate_checkout_request_id = s.candidate_checkout,
     account_reference = CASE WHEN p.account_reference IS NULL THEN NULL ELSE %s END,
     description = NULL, metadata = '{}', payer_data = %s, payer_data_changed_at = now()
-FROM unnest(%s::text[], %s::text[], %s::text[]) AS s (payment_id, phone, order_reference)
+FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[])
+    AS s (payment_id, phone, order_reference, checkout, candidate_checkout)
 WHERE p.payment_id = s.payment_id
+"""
+# The STK worker's record of the push keeps Daraja's CheckoutRequestID too.
+_CLAIMS = """
+UPDATE stk_push_claims AS c SET checkout_request_id = s.checkout
+FROM unnest(%s::text[], %s::text[]) AS s (payment_id, checkout)
+WHERE c.payment_id = s.payment_id AND c.checkout_request_id IS NOT NULL
 """
 # The ingress's record of the request keeps its idempotency key, so a retry still finds its payment,
 # but a SHA-256 of a body whose only unknown is a 12-digit number is reversed by trying them all: it
@@ -58,11 +68,14 @@ class ScrubReport:
 
 
 async def scrub_payments(conn: AsyncConnection, payment_ids: Sequence[str], replace_phone: Callable[[str], str],
-                         outcome: str) -> ScrubReport:
+                         outcome: str, replace_checkout: Callable[[str], str]) -> ScrubReport:
     """Replaces the payer's data on these payments (those that exist) and drops their raw callbacks.
 
     replace_phone: from the stored phone (a number, or a pseudonym already) to the pseudonym to store;
     it must give `ph_<32 hex>`. outcome: 'pseudonymised' or 'erased', recorded in payer_data.
+    replace_checkout: a CheckoutRequestID to its keyed pseudonym (Pseudonyms.checkout). Daraja's ids
+    end in the payer's number, so the id goes too, for the pseudonym: given Safaricom's id of a push,
+    the pseudonym of it still finds the payment, and nothing else leads from the pseudonym back.
     Runs in the caller's transaction (an error leaves it to roll back)."""
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome must be one of {OUTCOMES}")
@@ -75,12 +88,22 @@ async def scrub_payments(conn: AsyncConnection, payment_ids: Sequence[str], repl
     found = [r[0] for r in rows]
     phones = [replace_phone(r[1]) for r in rows]
     orders = [None if r[2] is None else mask_phones_in(r[2]) for r in rows]
-    payments = await conn.execute(_SCRUB, (ACCOUNT_REFERENCE_PLACEHOLDER, outcome, found, phones, orders))
+    checkouts = [_pseudonymised(r[3], replace_checkout) for r in rows]
+    candidates = [_pseudonymised(r[4], replace_checkout) for r in rows]
+    payments = await conn.execute(_SCRUB, (ACCOUNT_REFERENCE_PLACEHOLDER, outcome, found, phones, orders, checkouts,
+                                           candidates))
+    await conn.execute(_CLAIMS, (found, checkouts))
     digests = [hashlib.sha256(secrets.token_bytes(32)).digest() for _ in found]
     ingress = await conn.execute(_INGRESS, (ACCOUNT_REFERENCE_PLACEHOLDER, found, orders, digests))
     bodies = await conn.execute("DELETE FROM callback_bodies WHERE payment_id = ANY(%s)", (found,))
     parked = await conn.execute("DELETE FROM parked_facts WHERE payment_id = ANY(%s)", (found,))
     return ScrubReport(payments.rowcount, ingress.rowcount, bodies.rowcount, parked.rowcount)
+
+
+def _pseudonymised(checkout_request_id: str | None, replace: Callable[[str], str]) -> str | None:
+    if checkout_request_id is None or checkout_request_id.startswith(f"{CHECKOUT}_"):  # done already
+        return checkout_request_id
+    return replace(checkout_request_id)
 
 
 async def lock_payments(conn: AsyncConnection, payment_ids: Sequence[str]) -> None:

@@ -42,6 +42,12 @@ def new_phone() -> str:
     return "2547" + "".join(secrets.choice("0123456789") for _ in range(8))
 
 
+def daraja_checkout_id(phone: str) -> str:
+    """A CheckoutRequestID of Daraja's current form: a time to the millisecond, then the payer's number
+    without 254 (docs/daraja.md §2)."""
+    return f"ws_CO_{secrets.randbelow(10 ** 17):017d}{phone[3:]}"
+
+
 def new_receipt() -> str:
     return "R" + secrets.token_hex(5).upper()[:9]
 
@@ -56,8 +62,9 @@ async def make_payment(ledger: Ledger, channel: str, *, review: bool = True, pho
     """A payment cancelled by the customer whose success callback, with its receipt, came after:
     money moved, so the ledger keeps the receipt as late_receipt and sends the payment to Review.
     With review=False it stays Cancelled."""
-    made = Made(str(uuid.uuid4()), channel, phone or new_phone(), order_reference or f"ord-{uuid.uuid4().hex[:12]}",
-                f"ws_CO_{uuid.uuid4().hex[:16]}", new_receipt())
+    phone = phone or new_phone()
+    made = Made(str(uuid.uuid4()), channel, phone, order_reference or f"ord-{uuid.uuid4().hex[:12]}",
+                daraja_checkout_id(phone), new_receipt())
     await ledger.handle_batch([requested(channel, made.payment_id, phone=made.phone,
                                          order_reference=made.order_reference),
                                accepted(channel, made.payment_id, made.checkout_request_id)])

@@ -60,7 +60,8 @@ GRANTS = {
 }
 PAYMENT_COLUMNS = ("payment_id", "channel_id", "state", "amount", "phone", "account_reference", "description",
                    "order_reference", "metadata", "checkout_request_id", "mpesa_receipt", "transaction_time",
-                   "result_code", "result_desc", "requested_at", "final_at", "payer_data", "payer_data_changed_at")
+                   "result_code", "result_desc", "requested_at", "final_at", "payer_data", "payer_data_changed_at",
+                   "candidate_checkout_request_id")
 PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
 
 
@@ -109,7 +110,8 @@ def test_each_role_holds_exactly_the_grants_its_service_needs(infra, database_ur
                                           (c,)) for c in ("payer_data_retention_days", "business_shortcode")}
     assert held == GRANTS
     assert privacy_writes == {"phone", "account_reference", "description", "metadata", "order_reference",
-                              "payer_data", "payer_data_changed_at"}
+                              "payer_data", "payer_data_changed_at", "checkout_request_id",
+                              "candidate_checkout_request_id"}
     assert privacy_reads_channels == {"payer_data_retention_days": True, "business_shortcode": False}
     assert ledger_reads == {"confirm_success_by_query": True, "analytics_metadata_keys": True,
                             "business_shortcode": False}

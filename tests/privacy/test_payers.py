@@ -29,7 +29,7 @@ from tests.conftest import PSEUDONYM_KEY_FILE, ROOT, database_url_of, service_en
 from tests.ledger.callbacks import success
 from tests.ledger.fakes import FakeClock
 from tests.ledger.test_ledger_db import callback, event
-from tests.operations.conftest import ADMIN, ADMIN_TOKEN, make_payment, new_phone
+from tests.operations.conftest import ADMIN, ADMIN_TOKEN, daraja_checkout_id, make_payment, new_phone
 from tests.pii_scan import places_holding
 
 PAYER_ROWS = {"payments": "payment_id", "payment_history": "payment_id", "audit_log": "payment_id",
@@ -71,7 +71,7 @@ async def park_callback(ledger: Ledger, channel: str, phone: str) -> str:
     """A success callback carrying the payer's number for a payment the ledger has not seen yet: parked."""
     payment_id = str(uuid.uuid4())
     await ledger.handle_batch([callback(channel, payment_id, success(
-        f"ws_CO_{uuid.uuid4().hex[:16]}", receipt="P" + uuid.uuid4().hex[:9].upper(), phone=int(phone)))])
+        daraja_checkout_id(phone), receipt="P" + uuid.uuid4().hex[:9].upper(), phone=int(phone)))])
     return payment_id
 
 

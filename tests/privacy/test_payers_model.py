@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 
 from hypothesis import given, settings, strategies as st
 
+from services.common.payment import mask_phone
 from services.common.topic_config import DAY_MS
 from services.common.topics import CALLBACK_RAW, PAYMENT_REQUESTED
 from services.privacy.payers import kafka_windows, mask_number, number_forms, parse_request
@@ -24,7 +25,7 @@ def test_no_form_of_the_number_survives_masking_whatever_surrounds_it(phone, bef
 
 def test_a_webhook_body_keeps_its_shape_with_the_number_masked():
     body = '{"checkoutRequestId":"ws_CO_191220191020363925_254712345678","phone":"254******678"}'
-    assert mask_number(body, number_forms("254712345678")) == body.replace("254712345678", "254******678")
+    assert mask_number(body, number_forms("254712345678")) == body.replace("254712345678", mask_phone("254712345678"))
 
 
 def test_each_raw_pii_topic_is_held_until_the_latest_payment_plus_its_retention_as_configured():
@@ -33,7 +34,7 @@ def test_each_raw_pii_topic_is_held_until_the_latest_payment_plus_its_retention_
                                                              CALLBACK_RAW.name: {"retention.ms": "-1"}})}
     assert windows[PAYMENT_REQUESTED.name]["mayHoldUntil"] == "2026-11-02T00:00:00+00:00"
     assert "never deleted" in windows[CALLBACK_RAW.name]["mayHoldUntil"]
-    assert windows["mpesa.dead-letter.v1"]["mayHoldUntil"] == "2026-12-01T00:00:00+00:00"  # 30 days by default
+    assert windows["mpesa.dead-letter.v1"]["mayHoldUntil"] == "2026-11-08T00:00:00+00:00"  # 7 days by default
     assert all(w["mayHoldUntil"] is None for w in kafka_windows(None, {}))
 
 

@@ -21,6 +21,7 @@ from services.privacy.scrub import ACCOUNT_REFERENCE_PLACEHOLDER, lock_payments,
 from tests.conftest import ROOT, database_url_of, eventually
 from tests.ledger.callbacks import failure, success
 from tests.ledger.test_ledger_db import accepted, callback, requested
+from tests.operations.conftest import daraja_checkout_id
 
 PSEUDONYMS = Pseudonyms(bytes(range(32)))
 PAYER = "254712345678"
@@ -35,7 +36,7 @@ async def new_channel(pool, channel_id: str, retention_days: int | None = None) 
 
 async def settled(ledger, channel: str, receipt: str, phone: str = PAYER, **request) -> str:
     """A payment the ledger settled, with its raw callback kept; its id."""
-    pid, checkout = str(uuid.uuid4()), f"ws_CO_{uuid.uuid4().hex[:12]}"
+    pid, checkout = str(uuid.uuid4()), daraja_checkout_id(phone)  # Daraja's form: it ends in the number
     facts = [requested(channel, pid, phone=phone, account_reference="Jane Doe", description="for Jane",
                        order_reference=f"order of {phone}", metadata={"name": "Jane Doe"}, **request),
              accepted(channel, pid, checkout), callback(channel, pid, success(checkout, receipt=receipt,
@@ -74,7 +75,7 @@ def retention(privacy_pool, default_days: int = 90, chunk: int = 500) -> Retenti
     return Retention(privacy_pool, PSEUDONYMS, default_days, interval_s=3600, chunk=chunk, pause_s=0)
 
 
-MONEY = ("state", "amount", "receipt", "checkout", "final_at", "result_code")
+MONEY = ("state", "amount", "receipt", "checkout", "final_at", "result_code")  # checkout: its pseudonym after
 
 
 async def test_retention_pseudonymises_the_payments_past_their_channels_retention_and_only_those(
@@ -105,8 +106,10 @@ async def test_retention_pseudonymises_the_payments_past_their_channels_retentio
         assert after[p] == {**before[p], "phone": PSEUDONYMS.phone(PAYER),
                             "account_reference": ACCOUNT_REFERENCE_PLACEHOLDER, "description": None,
                             "order_reference": f"order of {mask_phones_in(PAYER)}", "metadata": {},
-                            "payer_data": "pseudonymised", "changed": True, "callbacks": 0, "parked": 0}
-        assert {k: after[p][k] for k in MONEY} == {k: before[p][k] for k in MONEY}
+                            "payer_data": "pseudonymised", "changed": True, "callbacks": 0, "parked": 0,
+                            "checkout": PSEUDONYMS.checkout(before[p]["checkout"])}
+        assert before[p]["checkout"].endswith(PAYER[3:])
+        assert {k: after[p][k] for k in MONEY if k != "checkout"} == {k: before[p][k] for k in MONEY if k != "checkout"}
     for p in (recent, own_recent, still_open):
         assert after[p] == before[p]
     assert before[old]["callbacks"] == 1 and before[old]["parked"] == 1
@@ -173,7 +176,7 @@ async def test_a_late_callback_the_ledger_applies_meanwhile_does_not_write_the_p
                                       ]) == []
     async with privacy_pool.connection() as conn:
         async with conn.transaction():
-            await scrub_payments(conn, [pid], PSEUDONYMS.phone, "pseudonymised")
+            await scrub_payments(conn, [pid], PSEUDONYMS.phone, "pseudonymised", PSEUDONYMS.checkout)
             late = asyncio.create_task(ledger.handle_batch([callback(channel, pid, failure(checkout, 1032))]))
             await eventually(lambda: _someone_waits_on_a_lock(pool))
         assert await asyncio.wait_for(late, 60) == []
@@ -206,7 +209,8 @@ async def test_the_scrub_replaces_the_ingress_records_digest_and_references(pool
                            " order_reference, requested_at, final_at) VALUES (%s, %s, 'Cancelled', 100, %s,"
                            " 'Jane Doe', 'for 0712345678', now(), now())", (pid, channel, PAYER))
     async with privacy_pool.connection() as conn, conn.transaction():
-        report = await scrub_payments(conn, [pid, "no-such-payment"], PSEUDONYMS.phone, "pseudonymised")
+        report = await scrub_payments(conn, [pid, "no-such-payment"], PSEUDONYMS.phone, "pseudonymised",
+                                      PSEUDONYMS.checkout)
     async with pool.connection() as conn:
         row = await (await conn.execute("SELECT body_sha256, account_reference, order_reference FROM ingress_requests"
                                         " WHERE payment_id = %s", (pid,))).fetchone()
@@ -218,7 +222,7 @@ async def test_the_scrub_replaces_the_ingress_records_digest_and_references(pool
 async def test_the_scrub_refuses_an_outcome_it_does_not_know(privacy_pool, outcome):
     async with privacy_pool.connection() as conn:
         with pytest.raises(ValueError):
-            await scrub_payments(conn, ["p"], PSEUDONYMS.phone, outcome)
+            await scrub_payments(conn, ["p"], PSEUDONYMS.phone, outcome, PSEUDONYMS.checkout)
 
 
 async def test_a_payment_reopened_while_retention_waits_for_its_lock_is_left_alone(ledger, pool, privacy_pool,
