@@ -23,11 +23,11 @@ ALTER TABLE channels ADD COLUMN payer_data_retention_days int
 -- The privacy role reads what it decides on and writes only the payer's data: never a payment's
 -- state, amount, receipt, CheckoutRequestID, times or result codes, nor the audit trail.
 GRANT SELECT (payment_id, channel_id, state, final_at, phone, account_reference, order_reference, payer_data,
-              checkout_request_id, candidate_checkout_request_id)
+              checkout_request_id, candidate_checkout_request_id, review_reason, contradiction)
     ON payments TO mpesa_privacy;
 -- Daraja's CheckoutRequestIDs end in the payer's number: they become their keyed pseudonyms too.
 GRANT UPDATE (phone, account_reference, description, metadata, order_reference, payer_data, payer_data_changed_at,
-              checkout_request_id, candidate_checkout_request_id)
+              checkout_request_id, candidate_checkout_request_id, review_reason, contradiction)
     ON payments TO mpesa_privacy;
 GRANT SELECT (payment_id, checkout_request_id), UPDATE (checkout_request_id) ON stk_push_claims TO mpesa_privacy;
 GRANT SELECT (channel_id, payer_data_retention_days) ON channels TO mpesa_privacy;

@@ -41,8 +41,8 @@ def mask_phone(phone: str) -> str:
     last three digits ("*********678"). A thousand payers share them, so they cannot be traced back
     to one; the country code is not kept either, as it told nothing (every payer is 254) and a
     longer visible prefix is what made the earlier form partly reconstructable."""
-    if len(phone) < 9:
-        return "*" * len(phone)
+    if len(phone) < 9 or not phone.isdigit():  # a pseudonym (ph_…) shows nothing either
+        return "*" * min(len(phone), 12)
     return "*" * (len(phone) - 3) + phone[-3:]
 
 
@@ -107,10 +107,12 @@ def normalise_phone(raw: str) -> str | None:
 # A payer's number inside free text (a raw callback, a reason): a Kenyan mobile number in any form
 # the ingress accepts for one (normalise_phone: +254, 254, 00254, a trunk 0,
 # grouped by spaces, dashes, dots or parentheses), or a merchant may write it; longer runs of digits
-# (timestamps) are not, nor digits inside a word or an id (a UUID's "1330026-31d5" reads as a number).
+# (timestamps) are not. Digits glued to letters are masked too ("INV0712345678"): that over-masks
+# the odd UUID segment in free text ("1330026-31" of "c1330026-31d5"), which is safe; ids shown in
+# fields of their own are never passed through it.
 _SEPARATORS_IN_TEXT = r"[ \-.()]{0,3}"
-_PHONE_IN_TEXT = re.compile(rf"(?<![0-9A-Za-z])(?:(?:\+|00)?254{_SEPARATORS_IN_TEXT}(?:0{_SEPARATORS_IN_TEXT})?"
-                            rf"|0{_SEPARATORS_IN_TEXT})?[17](?:{_SEPARATORS_IN_TEXT}[0-9]){{8}}(?![0-9A-Za-z])")
+_PHONE_IN_TEXT = re.compile(rf"(?<![0-9])(?:(?:\+|00)?254{_SEPARATORS_IN_TEXT}(?:0{_SEPARATORS_IN_TEXT})?"
+                            rf"|0{_SEPARATORS_IN_TEXT})?[17](?:{_SEPARATORS_IN_TEXT}[0-9]){{8}}(?![0-9])")
 
 
 # Daraja's current CheckoutRequestIDs: ws_CO_, DDMMYYYYHHMMSS and milliseconds, then the payer's number

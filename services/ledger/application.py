@@ -10,6 +10,7 @@ the outbox rows handed to the relay then (docs/design.md).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -22,7 +23,7 @@ from services.common import config
 from services.common.avro import Codec, DecodeError
 from services.common.ids import new_id
 from services.common.payment import PaymentState, mask_phone, mask_phones_in
-from services.common.pseudonyms import PSEUDONYM_KEY_FILE, Pseudonyms
+from services.common.pseudonyms import CHECKOUT, PSEUDONYM_KEY_FILE, Pseudonyms
 from services.common.text import untrusted
 from services.common.topics import PAYMENT_STATUS, STK_QUERY_REQUESTED
 from services.ledger import deadlines, state_machine as sm
@@ -127,7 +128,7 @@ class LedgerService:
         event = {**fields, "status": record.state, "previous_status": previous, "amount": record.amount,
                  "phone_masked": mask_phone(record.phone),
                  "order_reference": _masked(record.order_reference, None, self.pseudonyms),
-                 "checkout_request_id": None, "checkout_ref": self.pseudonyms.checkout(checkout) if checkout else None,
+                 "checkout_request_id": None, "checkout_ref": _checkout_ref(checkout, self.pseudonyms),
                  "mpesa_receipt": record.mpesa_receipt, "transaction_time": record.transaction_time,
                  "result_code": record.result_code, "reason": _masked(reason, STATUS_REASON_MAX, self.pseudonyms),
                  "metadata": {str(k): _masked(str(v), None, self.pseudonyms) for k, v in (record.metadata or {}).items()
@@ -263,8 +264,20 @@ class Batch:
             return None
         confirm = (isinstance(fact, sm.CallbackReceived) and fact.callback.succeeded
                    and record.state in sm.OPEN and await self.uow.confirm_by_query(record.channel_id))
-        return snapshot(record, confirm_by_query=bool(confirm),
-                        callbacks_closed=deadlines.callbacks_closed(record, self.now, self.settings))
+        payment = snapshot(record, confirm_by_query=bool(confirm),
+                           callbacks_closed=deadlines.callbacks_closed(record, self.now, self.settings))
+        return self._as_before_scrub(payment, fact)
+
+    def _as_before_scrub(self, payment: sm.Payment, fact: sm.Fact) -> sm.Payment:
+        """A payment whose payer's data was scrubbed keeps its push's CheckoutRequestID as a pseudonym
+        (services/privacy/scrub.py). A callback naming the id whose pseudonym it is, is about that push:
+        the domain sees the id it would have seen, so that a late success after an erased cancel still
+        goes to Review with its receipt (money moved) instead of reading as a mismatch."""
+        stored = payment.checkout_request_id
+        if (isinstance(fact, sm.CallbackReceived) and stored is not None and stored.startswith(f"{CHECKOUT}_")
+                and self.service.pseudonyms.checkout(fact.callback.checkout_request_id) == stored):
+            return dataclasses.replace(payment, checkout_request_id=fact.callback.checkout_request_id)
+        return payment
 
     async def _persist(self, i: LedgerInput, record: PaymentRecord | None, d: sm.Decision) -> None:
         previous = record.state if record else None
@@ -273,6 +286,11 @@ class Batch:
             record = new_record(i.request, self.now)
         after = record.with_changes(d.new_state, d.changes,
                                     deadlines.scheduled(previous, record, d, self.now, self.settings))
+        if after.review_reason != record.review_reason or after.contradiction != record.contradiction:
+            # Texts kept on the row quote what the facts said (CheckoutRequestIDs, Daraja's words): kept
+            # as the chain keeps them, so that a scrub of the payer's data has nothing left to find there.
+            after = dataclasses.replace(after, review_reason=self._kept(after.review_reason),
+                                        contradiction=self._kept(after.contradiction))
         if d.alert:
             self.counts[(ALERTS, d.alert)] += 1
             said = self._kept(d.reason or "")  # Daraja's texts may quote a payer's number, its ids end in one
@@ -425,6 +443,14 @@ def _masked(text: str | None, limit: int | None = None, pseudonyms: Pseudonyms |
     masked = mask_phones_in(masked)
     masked = _LONG_DIGITS.sub(lambda m: "*" * (len(m.group(0)) - 3) + m.group(0)[-3:], masked)
     return masked[:limit] if limit is not None else masked
+
+
+def _checkout_ref(checkout_request_id: str | None, pseudonyms: Pseudonyms) -> str | None:
+    """The status topic's pseudonym of the push: the same on every event of a payment, also once
+    retention or an erasure stored the pseudonym in place of the id (services/privacy/scrub.py)."""
+    if checkout_request_id is None or checkout_request_id.startswith(f"{CHECKOUT}_"):
+        return checkout_request_id
+    return pseudonyms.checkout(checkout_request_id)
 
 
 _CHECKOUT_IN_TEXT = re.compile(r"ws_CO_[0-9A-Za-z_]+")  # Daraja's form (docs/daraja.md §2)

@@ -562,6 +562,9 @@ def _operator_query(p: Payment, f: OperatorQuery) -> Decision:
     if checkout is None:
         return rejected("no CheckoutRequestID is known for this payment: there is no push to query",
                         refusal="nothing_to_query")
+    if checkout.startswith("ck_"):  # services/common/pseudonyms.py CHECKOUT: Daraja knows no pseudonym
+        return rejected("the push's CheckoutRequestID was replaced by its pseudonym with the payer's data: "
+                        "Daraja cannot be asked about it", refusal="nothing_to_query")
     return Decision(Verdict.APPLIED, None, NO_CHANGES, f.reason, query=checkout, query_reason="OPERATOR",
                     detail=f"STK query of {checkout} asked: {f.reason}")
 

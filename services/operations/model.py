@@ -338,11 +338,13 @@ def shown(value: Any) -> Any:
 # digits reads as a number in text, and masked it could not be compared with the payer's SMS or
 # given back to settle.
 _RECEIPT_COLUMNS = frozenset({"mpesa_receipt", "late_receipt", "candidate_receipt"})
+# Our own ids are shown as they are too: a UUID's digits may read as a number in text.
+_AS_STORED = _RECEIPT_COLUMNS | {"payment_id", "channel_id"}
 
 
 def payment_summary(row: Mapping[str, Any]) -> dict[str, Any]:
     return {"phone": mask_phone(row["phone"]),
-            **{name: row[column] if column in _RECEIPT_COLUMNS else shown(row[column]) for name, column in _SUMMARY}}
+            **{name: row[column] if column in _AS_STORED else shown(row[column]) for name, column in _SUMMARY}}
 
 
 def payment_detail(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -5,8 +5,8 @@ A payer is found by their number in any form the ingress accepts: payments still
 payments the retention already pseudonymised (their phone is Pseudonyms.phone(number)). Erasure
 replaces the number by a random pseudonym that nothing can lead back to (so a second erasure finds
 nothing), drops the raw callbacks and parked facts, and masks the number in the webhook bodies sent
-about those payments. The money record stays: state, amount, receipt, CheckoutRequestID, times,
-history and the audit trail (which hold no payer data by construction).
+about those payments. The money record stays: state, amount, receipt, times, history and the audit
+trail (which hold no payer data by construction); the CheckoutRequestID becomes its keyed pseudonym.
 
 Both requests are recorded in payer_requests naming the payer by Pseudonyms.phone, never the number.
 Kafka topics that carry raw payers' data are not rewritten: each answer says until when this
@@ -30,7 +30,9 @@ from services.operations.model import OPERATOR, OPERATOR_MAX, Errors, reason_pro
 from services.privacy.scrub import random_phone_pseudonym, scrub_payments
 
 ERASED = "erased"
-OPEN_STATES = frozenset({"Requested", "Pending"})
+# Payments whose outcome is not settled yet keep the payer's data: the ledger compares a callback's
+# number and CheckoutRequestID with them, and the review desk may still query Daraja under the id.
+OPEN_STATES = frozenset({"Requested", "Pending", "Review"})
 CHUNK = 500  # payments per erasure transaction: the ledger's locks on them are held that long
 # Topics that carry payers' numbers in clear (schemas/README.md), what each holds about a payer.
 RAW_PII_TOPICS = [
@@ -202,8 +204,8 @@ def _erase_message(totals: Mapping[str, int], still_open: int) -> str:
     message = (f"erased the payer's data on {totals['payments']} payment(s); their money records (state, amount, "
                "receipt, times, history, audit trail) are kept")
     if still_open:
-        message += (f"; {still_open} payment(s) still open (Requested or Pending) keep the number until final: "
-                    "erase again then")
+        message += (f"; {still_open} payment(s) still open (Requested, Pending or in Review) keep the number "
+                    "until final: erase again then")
     return message
 
 

@@ -1,12 +1,14 @@
 """Replacing a payer's data on payments, the one way retention and erasure both do it.
 
-A payment's money record stays whole: state, amount, receipt, CheckoutRequestID, times, result codes,
-history and the audit trail are never touched (the audit chain holds no payer data: its free texts are
-masked at write). What identifies the payer goes: the phone becomes a pseudonym (keyed for retention, so
-repeat payers still join; random for erasure, so nothing links back), the account reference a fixed
-placeholder, the description and metadata nothing, and the order reference, the merchant's own id of
-the order, keeps its value with any phone number inside it masked. The raw callbacks and parked facts,
-which repeat the phone, are dropped, and so is the link the ingress's idempotency record keeps.
+A payment's money record stays: state, amount, receipt, times, result codes, history and the audit
+trail are never touched (the audit chain holds no payer data: its free texts are masked at write).
+What identifies the payer goes: the phone becomes a pseudonym (keyed for retention, so repeat payers
+still join; random for erasure, so nothing links back), the CheckoutRequestIDs their keyed pseudonyms
+(Daraja's end in the payer's number), the account reference a fixed placeholder, the description and
+metadata nothing, numbers quoted in the review reason and the contradiction masked, and the order
+reference, the merchant's own id of the order, keeps its value with any phone number inside it masked.
+The raw callbacks and parked facts, which repeat the phone, are dropped, and so is the link the
+ingress's idempotency record keeps.
 
 It runs in the caller's transaction, after the same per-payment advisory locks the ledger takes: the
 ledger writes a payment from what it read after its locks, so it cannot write the payer's data back.
@@ -30,15 +32,16 @@ OUTCOMES: Final = ("pseudonymised", "erased")
 
 _LOCK = ("SELECT pg_advisory_xact_lock(%s, h) FROM (SELECT DISTINCT hashtext(p) AS h"
          " FROM unnest(%s::text[]) AS p ORDER BY h) AS locks")
-_PAYMENTS = ("SELECT payment_id, phone, order_reference, checkout_request_id, candidate_checkout_request_id"
-             " FROM payments WHERE payment_id = ANY(%s) ORDER BY payment_id")
+_PAYMENTS = ("SELECT payment_id, phone, order_reference, checkout_request_id, candidate_checkout_request_id,"
+             " review_reason, contradiction FROM payments WHERE payment_id = ANY(%s) ORDER BY payment_id")
 _SCRUB = """
 UPDATE payments AS p SET phone = s.phone, order_reference = s.order_reference,
     checkout_request_id = s.checkout, candidate_checkout_request_id = s.candidate_checkout,
+    review_reason = s.review_reason, contradiction = s.contradiction,
     account_reference = CASE WHEN p.account_reference IS NULL THEN NULL ELSE %s END,
     description = NULL, metadata = '{}', payer_data = %s, payer_data_changed_at = now()
-FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[])
-    AS s (payment_id, phone, order_reference, checkout, candidate_checkout)
+FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[])
+    AS s (payment_id, phone, order_reference, checkout, candidate_checkout, review_reason, contradiction)
 WHERE p.payment_id = s.payment_id
 """
 # The STK worker's record of the push keeps Daraja's CheckoutRequestID too.
@@ -75,7 +78,8 @@ async def scrub_payments(conn: AsyncConnection, payment_ids: Sequence[str], repl
     it must give `ph_<32 hex>`. outcome: 'pseudonymised' or 'erased', recorded in payer_data.
     replace_checkout: a CheckoutRequestID to its keyed pseudonym (Pseudonyms.checkout). Daraja's ids
     end in the payer's number, so the id goes too, for the pseudonym: given Safaricom's id of a push,
-    the pseudonym of it still finds the payment, and nothing else leads from the pseudonym back.
+    its pseudonym (computed with the key) matches the stored one, and nothing leads from the pseudonym
+    back. The review desk's search takes the id as it is, so it finds such a payment by receipt.
     Runs in the caller's transaction (an error leaves it to roll back)."""
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome must be one of {OUTCOMES}")
@@ -90,8 +94,11 @@ async def scrub_payments(conn: AsyncConnection, payment_ids: Sequence[str], repl
     orders = [None if r[2] is None else mask_phones_in(r[2]) for r in rows]
     checkouts = [_pseudonymised(r[3], replace_checkout) for r in rows]
     candidates = [_pseudonymised(r[4], replace_checkout) for r in rows]
+    # The ledger writes these texts masked since this release; rows from before may quote an id in clear.
+    reviews = [None if r[5] is None else mask_phones_in(r[5]) for r in rows]
+    contradictions = [None if r[6] is None else mask_phones_in(r[6]) for r in rows]
     payments = await conn.execute(_SCRUB, (ACCOUNT_REFERENCE_PLACEHOLDER, outcome, found, phones, orders, checkouts,
-                                           candidates))
+                                           candidates, reviews, contradictions))
     await conn.execute(_CLAIMS, (found, checkouts))
     digests = [hashlib.sha256(secrets.token_bytes(32)).digest() for _ in found]
     ingress = await conn.execute(_INGRESS, (ACCOUNT_REFERENCE_PLACEHOLDER, found, orders, digests))

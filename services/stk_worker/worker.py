@@ -18,7 +18,7 @@ from prometheus_client import Counter
 from services.channels.vault import VaultError
 from services.common.callback_token import callback_url
 from services.common.kafka import ConsumedEvent, Publisher, PublishError, new_event_fields
-from services.common.payment import event_problem
+from services.common.payment import event_problem, mask_phones_in
 from services.common.text import untrusted
 from services.common.topics import STK_PUSH_RESULT, STK_QUERY_RESULT
 from services.daraja.errors import DarajaError, ErrorKind
@@ -254,7 +254,8 @@ class Pusher:
             await report_early()
         if not await recording:
             log.error("push of %s: Daraja's answer %s (CheckoutRequestID %s) could not be recorded before the "
-                      "worker stopped", payment_id, outcome.status.value, outcome.checkout_request_id)
+                      "worker stopped", payment_id, outcome.status.value,
+                      mask_phones_in(outcome.checkout_request_id or ""))  # Daraja's ids end in the number
             raise AnswerNotRecorded(payment_id, outcome)
         return outcome
 

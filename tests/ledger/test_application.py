@@ -2,6 +2,7 @@
 no database. Both entry points: the facts the consumer brings, and the reconciler's timer."""
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import timedelta
 
@@ -110,6 +111,30 @@ async def test_a_receipt_another_payment_holds_sends_the_second_to_review(setup)
     await s.apply(callback(s.channel, other, success(s.checkout + "b", receipt=s.receipt)))
     assert s.store.tables.payments[other].state == "Review"
     assert s.store.tables.payments[other].review_alert == "receipt_reused"
+
+
+async def test_a_success_after_a_cancel_whose_payers_data_was_erased_still_goes_to_review_with_its_receipt(setup):
+    s = setup
+    await s.apply(requested(s.channel, s.pid), accepted(s.channel, s.pid, s.checkout),
+                  callback(s.channel, s.pid, failure(s.checkout, 1032)))
+    # As services/privacy/scrub.py leaves it: a random phone pseudonym, the push's id as its pseudonym.
+    s.store.tables.payments[s.pid] = dataclasses.replace(
+        s.payment, phone="ph_" + "0" * 32, checkout_request_id=PSEUDONYMS.checkout(s.checkout))
+    await s.apply(callback(s.channel, s.pid, success(s.checkout, receipt=s.receipt)))
+    assert (s.payment.state, s.payment.late_receipt) == ("Review", s.receipt)
+    assert s.payment.checkout_request_id == PSEUDONYMS.checkout(s.checkout)  # not written back in clear
+    last = s.outbox(PAYMENT_STATUS)[-1]
+    assert last["checkout_ref"] == PSEUDONYMS.checkout(s.checkout)  # the same as before the erasure
+
+
+async def test_the_reasons_kept_on_the_row_quote_checkout_ids_only_as_their_pseudonyms(setup):
+    s = setup
+    forged = "ws_CO_30112026101010123712345678"  # Daraja's form: it ends in a payer's number
+    await s.apply(requested(s.channel, s.pid), accepted(s.channel, s.pid, s.checkout))
+    await s.apply(callback(s.channel, s.pid, failure(forged, 1032)))
+    assert s.payment.state == "Review" and PSEUDONYMS.checkout(forged) in s.payment.review_reason
+    assert "712345678" not in s.payment.review_reason
+    assert not [e for e in s.store.tables.audit if "712345678" in e["detail"]]
 
 
 @pytest.mark.parametrize("review_after_s, push_after_s", [(300, 200), (240, 5), (900, 600)])

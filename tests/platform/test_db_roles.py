@@ -61,7 +61,7 @@ GRANTS = {
 PAYMENT_COLUMNS = ("payment_id", "channel_id", "state", "amount", "phone", "account_reference", "description",
                    "order_reference", "metadata", "checkout_request_id", "mpesa_receipt", "transaction_time",
                    "result_code", "result_desc", "requested_at", "final_at", "payer_data", "payer_data_changed_at",
-                   "candidate_checkout_request_id")
+                   "candidate_checkout_request_id", "review_reason", "contradiction")
 PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
 
 
@@ -111,7 +111,7 @@ def test_each_role_holds_exactly_the_grants_its_service_needs(infra, database_ur
     assert held == GRANTS
     assert privacy_writes == {"phone", "account_reference", "description", "metadata", "order_reference",
                               "payer_data", "payer_data_changed_at", "checkout_request_id",
-                              "candidate_checkout_request_id"}
+                              "candidate_checkout_request_id", "review_reason", "contradiction"}
     assert privacy_reads_channels == {"payer_data_retention_days": True, "business_shortcode": False}
     assert ledger_reads == {"confirm_success_by_query": True, "analytics_metadata_keys": True,
                             "business_shortcode": False}
