@@ -107,12 +107,12 @@ def normalise_phone(raw: str) -> str | None:
 # A payer's number inside free text (a raw callback, a reason): a Kenyan mobile number in any form
 # the ingress accepts for one (normalise_phone: +254, 254, 00254, a trunk 0,
 # grouped by spaces, dashes, dots or parentheses), or a merchant may write it; longer runs of digits
-# (timestamps) are not. Digits glued to letters are masked too ("INV0712345678"): that over-masks
-# the odd UUID segment in free text ("1330026-31" of "c1330026-31d5"), which is safe; ids shown in
-# fields of their own are never passed through it.
+# (timestamps) are not. Digits after letters are masked too ("INV0712345678"), digits followed by a
+# letter are not: those are ids (a UUID's "1330026-31" in "c1330026-31d5", "8766430028" in
+# "8766430028ac"), which the audit trail quotes and must keep whole.
 _SEPARATORS_IN_TEXT = r"[ \-.()]{0,3}"
 _PHONE_IN_TEXT = re.compile(rf"(?<![0-9])(?:(?:\+|00)?254{_SEPARATORS_IN_TEXT}(?:0{_SEPARATORS_IN_TEXT})?"
-                            rf"|0{_SEPARATORS_IN_TEXT})?[17](?:{_SEPARATORS_IN_TEXT}[0-9]){{8}}(?![0-9])")
+                            rf"|0{_SEPARATORS_IN_TEXT})?[17](?:{_SEPARATORS_IN_TEXT}[0-9]){{8}}(?![0-9A-Za-z])")
 
 
 # Daraja's current CheckoutRequestIDs: ws_CO_, DDMMYYYYHHMMSS and milliseconds, then the payer's number

@@ -23,7 +23,7 @@ from services.common import config
 from services.common.avro import Codec, DecodeError
 from services.common.ids import new_id
 from services.common.payment import PaymentState, mask_phone, mask_phones_in
-from services.common.pseudonyms import CHECKOUT, PSEUDONYM_KEY_FILE, Pseudonyms
+from services.common.pseudonyms import CHECKOUT, PHONE, PSEUDONYM_KEY_FILE, Pseudonyms
 from services.common.text import untrusted
 from services.common.topics import PAYMENT_STATUS, STK_QUERY_REQUESTED
 from services.ledger import deadlines, state_machine as sm
@@ -238,7 +238,10 @@ class Batch:
             refused = OPERATOR_REFUSED if isinstance(i.fact, sm.OperatorInstruction) else REFUSED
             self.counts[(refused, decision.refusal)] += 1
         self._audit(i, decision, record)
-        if isinstance(i.fact, sm.CallbackReceived) and decision.verdict is not sm.Verdict.PARKED:
+        # A payment whose payer's data was scrubbed keeps no new copy of it: a callback arriving after the
+        # retention or an erasure is decided and audited, its body not kept (services/privacy/scrub.py).
+        scrubbed = record is not None and record.phone.startswith(f"{PHONE}_")
+        if isinstance(i.fact, sm.CallbackReceived) and decision.verdict is not sm.Verdict.PARKED and not scrubbed:
             self._keep_callback(i, decision)
         if decision.verdict is sm.Verdict.PARKED:
             self.parked.setdefault(i.payment_id, []).append(i)  # what it waits for may follow in this batch
