@@ -118,6 +118,7 @@ _PHONE_IN_TEXT = re.compile(rf"(?<![0-9])(?:(?:\+|00)?254{_SEPARATORS_IN_TEXT}(?
 # Daraja's current CheckoutRequestIDs: ws_CO_, DDMMYYYYHHMMSS and milliseconds, then the payer's number
 # without 254 (docs/daraja.md §2): inside a run of digits, where _PHONE_IN_TEXT does not look.
 _NUMBER_IN_CHECKOUT_ID = re.compile(r"(ws_CO_[0-9]{17})([17][0-9]{8})")
+_UUID_IN_TEXT = re.compile(r"([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})")
 
 
 def mask_phones_in(text: str) -> str:
@@ -126,8 +127,13 @@ def mask_phones_in(text: str) -> str:
     def masked(match: re.Match[str]) -> str:
         phone = normalise_phone(match.group(0))
         return mask_phone(phone) if phone else "*" * len(match.group(0))
-    text = _NUMBER_IN_CHECKOUT_ID.sub(lambda m: m.group(1) + mask_phone(m.group(2)), text)
-    return _PHONE_IN_TEXT.sub(masked, text)
+    def masked_between_uuids(piece: str) -> str:
+        piece = _NUMBER_IN_CHECKOUT_ID.sub(lambda m: m.group(1) + mask_phone(m.group(2)), piece)
+        return _PHONE_IN_TEXT.sub(masked, piece)
+    # A UUID's groups may read as a number ("…-363e38876126": e then 38876126 after "-363", one UUID
+    # in about 180): payment and event ids are quoted whole, and no payer's number is written as one.
+    pieces = _UUID_IN_TEXT.split(text)
+    return "".join(piece if index % 2 else masked_between_uuids(piece) for index, piece in enumerate(pieces))
 
 
 def validate_channel_id(value: Any) -> str | None:
