@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # `make run PROMETHEUS=1` also starts a local Prometheus (infra/prometheus.sh) scraping every service.
 PROMETHEUS ?=
+# `make run WORKERS=2 GATEWAYS=2 LEDGERS=2`: several processes of those services share their partitions.
+WORKERS ?= 1
+GATEWAYS ?= 1
+LEDGERS ?= 1
 # Local database passwords (infra/postgres.sh); URLs carry none.
 export PGPASSFILE ?= $(CURDIR)/.local/secrets/pgpass
 
@@ -24,7 +28,7 @@ run: install ## the whole stack in the foreground; Ctrl-C stops everything, Kafk
 	env="$$(bash infra/up.sh)" || exit 1; set -a; source <(echo "$$env"); set +a; \
 	trap 'bash infra/down.sh' EXIT; \
 	if [[ "$(PROMETHEUS)" == 1 ]]; then bash infra/prometheus.sh start || exit 1; fi; \
-	$(PY) -m services.cli run
+	$(PY) -m services.cli run --workers $(WORKERS) --gateways $(GATEWAYS) --ledgers $(LEDGERS)
 
 check: install ## the fast loop, with no Kafka or PostgreSQL: lint, types, and every test that needs neither
 	bash infra/tools.sh install prometheus  # promtool: the alert rules' tests

@@ -18,19 +18,6 @@ from services.operations.cli import register as register_payments
 from services.operations.statement import register as register_reports
 from services.privacy.cli import register as register_payers
 
-STACK = [
-    ("daraja-sandbox", "services.daraja_sandbox"),
-    ("ledger", "services.ledger"),
-    ("stk-worker", "services.stk_worker"),
-    ("webhook-gateway", "services.webhook_consumer"),
-    ("ingress", "services.ingress"),
-    ("onboarding-api", "services.channels"),
-    ("audit-anchor", "services.ledger.anchors"),
-    ("notifier", "services.notifier"),
-    ("privacy", "services.privacy"),
-]
-
-
 INFRA_LOGS = [("kafka", ".local/kafka/kafka.log"), ("postgresql", ".local/pg/postgres.log")]
 
 # Each command's settings, read once when it runs (config.load_into).
@@ -127,8 +114,8 @@ def cmd_anchor_key(_: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(_: argparse.Namespace) -> int:
-    from services.devstack import kafka_logins, prepare, privacy_database_urls, service_database_urls
+def cmd_run(args: argparse.Namespace) -> int:
+    from services.devstack import prepare, stack_processes
     from services.supervisor import supervise
     cfg = config.load_into(RunSettings, RUN_SETTINGS)
     env, banner = prepare(cfg.database_url, cfg.vault_key_file, cfg.audit_anchor_key_file,
@@ -137,15 +124,21 @@ def cmd_run(_: argparse.Namespace) -> int:
     # Migrated as the schema's owner (prepare); each service logs in as its own role and none
     # inherits the owner's URL.
     os.environ.pop("DATABASE_URL", None)
-    urls = service_database_urls(cfg.database_url)
+    processes = stack_processes(cfg.database_url, instances(args))
     logs = [(name, ["tail", "-n", "0", "-F", path]) for name, path in INFRA_LOGS]
-    logins = kafka_logins([name for name, _ in STACK])
-    privacy = privacy_database_urls(cfg.database_url)
-    own_env = {name: {**logins.get(name, {}), **({"DATABASE_URL": urls[name]} if name in urls else {}),
-                      **privacy.get(name, {})}
-               for name, _ in STACK}
-    services = [(name, [sys.executable, "-m", module]) for name, module in STACK]
-    return asyncio.run(supervise(logs + services, env, own_env))
+    own_env = {p.name: p.env for p in processes}
+    return asyncio.run(supervise(logs + [(p.name, p.argv) for p in processes], env, own_env))
+
+
+def instances(args: argparse.Namespace) -> dict[str, int]:
+    return {"stk-worker": args.workers, "webhook-gateway": args.gateways, "ledger": args.ledgers}
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 16:
+        raise argparse.ArgumentTypeError("must be 1 to 16")
+    return value
 
 
 def version() -> str:
@@ -162,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="apply database migrations (as the schema's owner: DATABASE_URL)"
                    ).set_defaults(func=cmd_migrate)
-    sub.add_parser("run", help="run every service in the foreground (Ctrl-C stops all)").set_defaults(func=cmd_run)
+    run = sub.add_parser("run", help="run every service in the foreground (Ctrl-C stops all)")
+    for option, what in (("--workers", "STK workers"), ("--gateways", "webhook gateways"), ("--ledgers", "ledgers")):
+        run.add_argument(option, type=_positive, default=1, help=f"processes of {what} (default 1): Kafka's "
+                         "consumer group spreads the partitions across them")
+    run.set_defaults(func=cmd_run)
     register_channels(sub)
     register_payments(sub)
     register_reports(sub)

@@ -11,6 +11,7 @@ import os
 import secrets
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -65,6 +66,59 @@ def metrics_targets(environ: Mapping[str, str] | None = None) -> dict[str, str]:
         host = "127.0.0.1" if host in WILDCARDS else host
         targets[service] = f"[{host}]:{values[port_env]}" if ":" in host else f"{host}:{values[port_env]}"
     return targets
+
+
+# Every service of `mpesa-pipeline run` and its module, in start order.
+STACK = [
+    ("daraja-sandbox", "services.daraja_sandbox"),
+    ("ledger", "services.ledger"),
+    ("stk-worker", "services.stk_worker"),
+    ("webhook-gateway", "services.webhook_consumer"),
+    ("ingress", "services.ingress"),
+    ("onboarding-api", "services.channels"),
+    ("audit-anchor", "services.ledger.anchors"),
+    ("notifier", "services.notifier"),
+    ("privacy", "services.privacy"),
+]
+# Services that may run as several processes, sharing their consumer groups' partitions.
+SCALABLE = ("stk-worker", "webhook-gateway", "ledger")
+
+
+@dataclass(frozen=True)
+class StackProcess:
+    name: str  # the service's name, or "<service>-<n>" for the n-th of several
+    service: str
+    argv: list[str]
+    env: dict[str, str]  # its own variables (Kafka login, database role, ports), over the shared ones
+
+
+def stack_processes(database_url: str, instances: Mapping[str, int] | None = None) -> list[StackProcess]:
+    """The processes of `mpesa-pipeline run` (and of bench/pipeline_bench.py), `instances[service]` of
+    each scalable one (default 1). database_url: the migration role's; each process gets its own role's."""
+    instances = instances or {}
+    urls = service_database_urls(database_url)
+    logins = kafka_logins([name for name, _ in STACK])
+    privacy = privacy_database_urls(database_url)
+    processes = []
+    for service, module in STACK:
+        count = instances.get(service, 1) if service in SCALABLE else 1
+        own = {**logins.get(service, {}), **({"DATABASE_URL": urls[service]} if service in urls else {}),
+               **privacy.get(service, {})}
+        for n in range(1, count + 1):
+            name = service if count == 1 else f"{service}-{n}"
+            processes.append(StackProcess(name, service, [sys.executable, "-m", module],
+                                          {**own, **instance_ports(service, n)}))
+    return processes
+
+
+def instance_ports(service: str, n: int) -> dict[str, str]:
+    """The n-th process of a service serves its metrics on the first's port + 100 × (n - 1) (9102, 9202, …),
+    clear of the other services' ports."""
+    if n == 1 or service not in METRICS_ENDPOINTS:
+        return {}
+    settings, _, port_env = METRICS_ENDPOINTS[service]
+    first = config.load([s for s in settings if s.env == port_env])[port_env]
+    return {port_env: str(int(first) + 100 * (n - 1))}
 
 
 def role_url(database_url: str, role: str) -> str:

@@ -24,8 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from services.cli import STACK
-from services.devstack import METRICS_ENDPOINTS, metrics_targets
+from services.devstack import METRICS_ENDPOINTS, STACK, metrics_targets
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
