@@ -27,7 +27,8 @@ infra: install ## start Kafka and PostgreSQL on loopback (idempotent)
 run: install ## the whole stack in the foreground; Ctrl-C stops everything, Kafka and PostgreSQL too
 	env="$$(bash infra/up.sh)" || exit 1; set -a; source <(echo "$$env"); set +a; \
 	trap 'bash infra/down.sh' EXIT; \
-	if [[ "$(PROMETHEUS)" == 1 ]]; then bash infra/prometheus.sh start || exit 1; fi; \
+	if [[ "$(PROMETHEUS)" == 1 ]]; then WORKERS=$(WORKERS) GATEWAYS=$(GATEWAYS) LEDGERS=$(LEDGERS) \
+	  bash infra/prometheus.sh start || exit 1; fi; \
 	$(PY) -m services.cli run --workers $(WORKERS) --gateways $(GATEWAYS) --ledgers $(LEDGERS)
 
 check: install ## the fast loop, with no Kafka or PostgreSQL: lint, types, and every test that needs neither

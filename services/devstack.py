@@ -6,6 +6,7 @@ production deployment passes its own through the environment instead.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import secrets
@@ -53,19 +54,35 @@ METRICS_ENDPOINTS = {
     "notifier": (notifier.NOTIFIER_SETTINGS, "METRICS_HOST", "NOTIFIER_METRICS_PORT"),
     "privacy": (privacy.SETTINGS, "METRICS_HOST", "PRIVACY_METRICS_PORT"),
 }
+# Several gateways share the one callback port Daraja knows (SO_REUSEPORT: the kernel spreads the
+# connections), so a scrape there reaches any of them: each also serves /metrics on a port of its own.
+OWN_METRICS_PORT = {"webhook-gateway": gateway.METRICS_PORT.env}
 WILDCARDS = {"", "0.0.0.0", "::"}  # listening on every address: scraped on loopback
 
 
-def metrics_targets(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """host:port of each service's /metrics, from the same variables (and defaults) the services read."""
+def metrics_targets(environ: Mapping[str, str] | None = None,
+                    instances: Mapping[str, int] | None = None) -> dict[str, list[str]]:
+    """host:port of each process's /metrics, `instances[service]` of each scalable service (default 1),
+    from the same variables (and defaults) the processes read."""
+    environ = os.environ if environ is None else environ
     targets = {}
     for service, (settings, host_env, port_env) in METRICS_ENDPOINTS.items():
-        wanted = [s for s in settings if s.env in (host_env, port_env)]
-        values = config.load(wanted, environ)
-        host = values[host_env].strip("[]")
-        host = "127.0.0.1" if host in WILDCARDS else host
-        targets[service] = f"[{host}]:{values[port_env]}" if ":" in host else f"{host}:{values[port_env]}"
+        count = instance_count(service, instances)
+        targets[service] = [_target(settings, host_env, port_env, service,
+                                    {**environ, **instance_ports(service, n, count, environ)})
+                            for n in range(1, count + 1)]
     return targets
+
+
+def _target(settings: list[config.Setting], host_env: str, port_env: str, service: str,
+            environ: Mapping[str, str]) -> str:
+    own = OWN_METRICS_PORT.get(service)
+    if own and environ.get(own):
+        port_env = own
+    values = config.load([s for s in settings if s.env in (host_env, port_env)], environ)
+    host = values[host_env].strip("[]")
+    host = "127.0.0.1" if host in WILDCARDS else host
+    return f"[{host}]:{values[port_env]}" if ":" in host else f"{host}:{values[port_env]}"
 
 
 # Every service of `mpesa-pipeline run` and its module, in start order.
@@ -95,29 +112,40 @@ class StackProcess:
 def stack_processes(database_url: str, instances: Mapping[str, int] | None = None) -> list[StackProcess]:
     """The processes of `mpesa-pipeline run` (and of bench/pipeline_bench.py), `instances[service]` of
     each scalable one (default 1). database_url: the migration role's; each process gets its own role's."""
-    instances = instances or {}
     urls = service_database_urls(database_url)
     logins = kafka_logins([name for name, _ in STACK])
     privacy = privacy_database_urls(database_url)
     processes = []
     for service, module in STACK:
-        count = instances.get(service, 1) if service in SCALABLE else 1
+        count = instance_count(service, instances)
         own = {**logins.get(service, {}), **({"DATABASE_URL": urls[service]} if service in urls else {}),
                **privacy.get(service, {})}
         for n in range(1, count + 1):
             name = service if count == 1 else f"{service}-{n}"
             processes.append(StackProcess(name, service, [sys.executable, "-m", module],
-                                          {**own, **instance_ports(service, n)}))
+                                          {**own, **instance_ports(service, n, count)}))
     return processes
 
 
-def instance_ports(service: str, n: int) -> dict[str, str]:
-    """The n-th process of a service serves its metrics on the first's port + 100 × (n - 1) (9102, 9202, …),
-    clear of the other services' ports."""
-    if n == 1 or service not in METRICS_ENDPOINTS:
+def instance_count(service: str, instances: Mapping[str, int] | None) -> int:
+    return (instances or {}).get(service, 1) if service in SCALABLE else 1
+
+
+def instance_ports(service: str, n: int, count: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The ports of the n-th of `count` processes of a service. One alone keeps the configured ports.
+    Of several, the n-th serves its metrics on the first's port + 100 × (n - 1) (9102, 9202, …), clear
+    of the other services' ports; the gateways all take callbacks on WEBHOOK_PORT (the one address
+    Daraja calls back) with SO_REUSEPORT, and each serves /metrics, /healthz and /readyz on a port
+    of its own too: WEBHOOK_METRICS_PORT + 100 × (n - 1), or WEBHOOK_PORT + 100 × n (8181, 8281, …)."""
+    if count == 1 or service not in METRICS_ENDPOINTS:
         return {}
     settings, _, port_env = METRICS_ENDPOINTS[service]
-    first = config.load([s for s in settings if s.env == port_env])[port_env]
+    if service in OWN_METRICS_PORT:
+        own = OWN_METRICS_PORT[service]
+        values = config.load([s for s in settings if s.env in (port_env, own)], environ)
+        first = values[own] if values[own] is not None else values[port_env] + 100
+        return {gateway.REUSE_PORT.env: "true", own: str(first + 100 * (n - 1))}
+    first = config.load([s for s in settings if s.env == port_env], environ)[port_env]
     return {port_env: str(int(first) + 100 * (n - 1))}
 
 
@@ -234,11 +262,32 @@ def prepare(database_url: str, key_file: Path, anchor_key_file: Path,
     return env, demo_banner()
 
 
-if __name__ == "__main__":  # infra/prometheus.sh: `python -m services.devstack metrics-targets`
-    if sys.argv[1:] != ["metrics-targets"]:
-        sys.exit("usage: python -m services.devstack metrics-targets")
+def _main(argv: list[str]) -> int:
+    """infra/prometheus.sh: `python -m services.devstack metrics-targets [--workers N ...]` prints one
+    "service host:port" line per process."""
+    parser = argparse.ArgumentParser(prog="python -m services.devstack")
+    parser.add_argument("command", choices=["metrics-targets"])
+    for option in SCALE_OPTIONS:
+        parser.add_argument(option, type=int, default=1)
+    args = parser.parse_args(argv)
     try:
-        for service, target in metrics_targets().items():
-            print(service, target)
+        targets = metrics_targets(instances=scale_of(args))
     except config.ConfigError as exc:
-        sys.exit(f"metrics-targets: {exc}")
+        print(f"metrics-targets: {exc}", file=sys.stderr)
+        return 1
+    for service, addresses in targets.items():
+        for address in addresses:
+            print(service, address)
+    return 0
+
+
+# `mpesa-pipeline run`'s options for the processes of each scalable service.
+SCALE_OPTIONS = {"--workers": "stk-worker", "--gateways": "webhook-gateway", "--ledgers": "ledger"}
+
+
+def scale_of(args: argparse.Namespace) -> dict[str, int]:
+    return {service: getattr(args, option.lstrip("-")) for option, service in SCALE_OPTIONS.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -198,8 +198,10 @@ async def serve_ops(health: Health, host: str, port: int) -> web.AppRunner:
     return await serve(app, host, port)
 
 
-async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
+async def serve(app: web.Application, host: str, port: int, *, reuse_port: bool = False) -> web.AppRunner:
+    """reuse_port: SO_REUSEPORT, so that several processes on this host listen on the same port and the
+    kernel spreads the connections across them (Linux: processes of the same user only)."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
     return runner

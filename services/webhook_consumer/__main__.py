@@ -8,7 +8,7 @@ import sys
 from services.common import config
 from services.common.avro import open_codec
 from services.common.kafka import ensure_topics
-from services.common.observability import Health, serve
+from services.common.observability import Health, serve, serve_ops
 from services.common.runtime import quiet_garbage_collector, run_service
 from services.common.topics import ACCESS
 from services.webhook_consumer.app import GatewayDeps, create_app, gateway_producer
@@ -45,12 +45,16 @@ async def main(cfg: WebhookSettings, stop: asyncio.Event) -> None:
     health.add("kafka_producer", producer.ready)
     app = create_app(GatewayDeps(producer), settings, health)
     quiet_garbage_collector()
-    runner = await serve(app, cfg.webhook_host, cfg.webhook_port)
-    log.info("webhook gateway on http://%s:%d", cfg.webhook_host, cfg.webhook_port)
+    runners = [await serve(app, cfg.webhook_host, cfg.webhook_port, reuse_port=cfg.webhook_reuse_port)]
+    log.info("webhook gateway on http://%s:%d%s", cfg.webhook_host, cfg.webhook_port,
+             " (shared: SO_REUSEPORT)" if cfg.webhook_reuse_port else "")
+    if cfg.webhook_metrics_port is not None:  # this process's own, when several share the callback port
+        runners.append(await serve_ops(health, cfg.webhook_host, cfg.webhook_metrics_port))
     try:
         await stop.wait()
     finally:
-        await runner.cleanup()
+        for runner in runners:
+            await runner.cleanup()
         producer.close()
         await codec.close()
 

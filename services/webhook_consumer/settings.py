@@ -39,6 +39,10 @@ ENVIRONMENT = config.Setting(
     help="sandbox or production; in production an unset WEBHOOK_ALLOWED_SOURCES refuses to start")
 HOST = config.Setting("WEBHOOK_HOST", str, "127.0.0.1", help="address to listen on")
 PORT = config.Setting("WEBHOOK_PORT", config.port, 8081, help="port to listen on")
+REUSE_PORT = config.Setting("WEBHOOK_REUSE_PORT", config.boolean, False,
+                            help="listen with SO_REUSEPORT, so that several gateways on one host share WEBHOOK_PORT")
+METRICS_PORT = config.Setting("WEBHOOK_METRICS_PORT", config.port, None,
+                              help="also serve /metrics, /healthz and /readyz on this port, this process's own")
 TOKEN_SECRETS = config.Setting(
     "WEBHOOK_TOKEN_SECRETS", lambda raw: tuple(parse_secrets(raw)), secret=True,
     help="HMAC secrets of the callback URL token, comma-separated, current first, each >= 32 characters")
@@ -71,7 +75,7 @@ KAFKA_LINGER_MS = config.Setting("WEBHOOK_KAFKA_LINGER_MS", _milliseconds(0, 100
                                  help="how long the producer gathers callbacks into one batch (latency for CPU)")
 
 SETTINGS = [config.KAFKA_BOOTSTRAP, config.SCHEMA_REGISTRY, config.TOPIC_PARTITIONS, config.TOPIC_REPLICATION_FACTOR,
-            config.TOPIC_CONFIGS, ENVIRONMENT, HOST, PORT, TOKEN_SECRETS, ALLOWED_SOURCES, TRUSTED_PROXIES,
+            config.TOPIC_CONFIGS, ENVIRONMENT, HOST, PORT, REUSE_PORT, METRICS_PORT, TOKEN_SECRETS, ALLOWED_SOURCES, TRUSTED_PROXIES,
             RATE_PER_SOURCE, RATE_BURST, KAFKA_TIMEOUT_MS, KAFKA_LINGER_MS]
 
 
@@ -87,6 +91,8 @@ class WebhookSettings:
     mpesa_environment: str
     webhook_host: str
     webhook_port: int
+    webhook_reuse_port: bool
+    webhook_metrics_port: int | None
     webhook_token_secrets: tuple[bytes, ...] = field(repr=False)
     webhook_allowed_sources: tuple[Network, ...]
     webhook_trusted_proxies: tuple[Network, ...]

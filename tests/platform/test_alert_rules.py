@@ -167,9 +167,9 @@ def test_the_dashboard_takes_its_prometheus_as_an_input_and_every_panel_queries_
 def test_prometheus_scrapes_every_service_of_make_run_where_its_variables_say():
     assert set(METRICS_ENDPOINTS) == {name for name, _ in STACK} - {"daraja-sandbox"}  # the sandbox has no /metrics
     targets = metrics_targets({"INGRESS_PORT": "18080", "METRICS_HOST": "0.0.0.0", "ADMIN_HOST": "::1"})
-    assert targets["ingress"] == "127.0.0.1:18080"
-    assert targets["ledger"] == "127.0.0.1:9102"  # anywhere: scraped on loopback
-    assert targets["onboarding-api"] == "[::1]:8082"
+    assert targets["ingress"] == ["127.0.0.1:18080"]
+    assert targets["ledger"] == ["127.0.0.1:9102"]  # anywhere: scraped on loopback
+    assert targets["onboarding-api"] == ["[::1]:8082"]
 
 
 def _get(url: str) -> dict[str, Any]:
