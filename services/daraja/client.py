@@ -11,10 +11,10 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, TypeGuard, TypeVar
+from typing import Any, Protocol, TypeGuard, TypeVar
 
 import aiohttp
 import httpx
@@ -70,6 +70,14 @@ class DarajaTimeouts:
                                      sock_read=self.read_s)
 
 
+class SharedTokens(Protocol):
+    """Where several processes calling Daraja for the same apps share one token per app
+    (services/stk_worker/tokens.py); a process alone needs none."""
+
+    async def obtain(self, app: AppCredentials, refused: str | None, mint: Callable[[], Awaitable[AccessToken]],
+                     min_remaining_s: float) -> AccessToken: ...
+
+
 @dataclass(frozen=True)
 class _CachedToken:
     value: str
@@ -94,7 +102,8 @@ class DarajaClient:
     def __init__(self, base_url: str, *, http: httpx.AsyncClient | None = None,
                  timeouts: DarajaTimeouts = DarajaTimeouts(), token_refresh_margin_s: float = 300.0,
                  max_connections: int = 100, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], datetime] = _utc_now, observer: CallObserver | None = None):
+                 wall_clock: Callable[[], datetime] = _utc_now, observer: CallObserver | None = None,
+                 shared_tokens: SharedTokens | None = None):
         base_url = base_url.rstrip("/")
         self._urls = {path: base_url + path for path in (TOKEN_PATH, PUSH_PATH, QUERY_PATH)}
         # aiohttp unless the caller brings an httpx client (transport.py says why); a caller's client
@@ -108,6 +117,7 @@ class DarajaClient:
         self._tokens: dict[str, _CachedToken] = {}
         self._token_failures: dict[str, _TokenFailure] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._shared = shared_tokens
 
     @classmethod
     def from_settings(cls, settings: Any, **kwargs: Any) -> DarajaClient:
@@ -199,7 +209,7 @@ class DarajaClient:
             if self._usable(cached, app):
                 return cached.value
             self._raise_recent_failure(app)
-            return (await self._mint(app)).value
+            return (await self._obtain(app, None)).value
 
     async def _replace_refused_token(self, app: AppCredentials, refused: str) -> str:
         async with self._lock_for(app):
@@ -208,7 +218,15 @@ class DarajaClient:
                 return cached.value  # a concurrent call already replaced it
             self._tokens.pop(app.consumer_key, None)
             self._raise_recent_failure(app)
-            return (await self._mint(app)).value
+            return (await self._obtain(app, refused)).value
+
+    async def _obtain(self, app: AppCredentials, refused: str | None) -> AccessToken:
+        """A new token for this process: minted, or the one another process shares (not `refused`)."""
+        if self._shared is None:
+            return await self._mint(app)
+        token = await self._shared.obtain(app, refused, lambda: self._mint(app), self._margin_s)
+        self._cache(app, token)
+        return token
 
     async def _mint(self, app: AppCredentials) -> AccessToken:
         basic = base64.b64encode(f"{app.consumer_key}:{app.consumer_secret}".encode()).decode("ascii")
@@ -225,10 +243,13 @@ class DarajaClient:
             raise self._observed_error("oauth", error, started, outcome) from None
         self._observe("oauth", "ok", started, "ok")
         self._token_failures.pop(app.consumer_key, None)
-        self._tokens[app.consumer_key] = _CachedToken(token.value, app.consumer_secret,
-                                                      self._clock() + self._refresh_after_s(token.expires_in_s))
+        self._cache(app, token)
         log.info("daraja token obtained for app %s", app.key_id)
         return token
+
+    def _cache(self, app: AppCredentials, token: AccessToken) -> None:
+        self._tokens[app.consumer_key] = _CachedToken(token.value, app.consumer_secret,
+                                                      self._clock() + self._refresh_after_s(token.expires_in_s))
 
     def _refresh_after_s(self, expires_in_s: int) -> float:
         # Refresh `margin` early, but never later than half-way through a short-lived token.

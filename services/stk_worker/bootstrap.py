@@ -28,6 +28,7 @@ from services.stk_worker.channels import VaultChannels
 from services.stk_worker.claims import PostgresClaims
 from services.stk_worker.ports import Channels, Claims, Clock, Daraja, Publisher, SystemClock
 from services.stk_worker.throttle import ShortcodeThrottle
+from services.stk_worker.tokens import SharedTokens
 from services.stk_worker.worker import Pusher, PushSettings, Querier
 
 log = logging.getLogger(__name__)
@@ -130,16 +131,18 @@ async def build(settings: WorkerSettings, *, claims: Claims | None = None, daraj
     closers: list[Callable[[], Awaitable[None]]] = []
     owner = instance_name()
     pool = None
+    shared_tokens = None
     if claims is None or channels is None:
         pool = await open_pool(settings.database_url, min_size=4, max_size=20, autocommit=True)
         closers.append(pool.close)
         claims = claims or PostgresClaims(pool, owner)
+        vault = LocalKeyFileProvider.open(settings.vault_key_file, create=True)
         if channels is None:
-            store = CredentialStore(pool, LocalKeyFileProvider.open(settings.vault_key_file, create=True),
-                                    actor=f"stk-worker:{owner}", ttl_s=settings.channel_credentials_ttl_s)
+            store = CredentialStore(pool, vault, actor=f"stk-worker:{owner}", ttl_s=settings.channel_credentials_ttl_s)
             channels = VaultChannels(store)
+        shared_tokens = SharedTokens(pool, vault)  # one token per app for every worker process
     if daraja is None:
-        client = DarajaClient.from_settings(settings.daraja())
+        client = DarajaClient.from_settings(settings.daraja(), shared_tokens=shared_tokens)
         closers.append(client.aclose)
         daraja = client
     if publisher is None:

@@ -34,6 +34,7 @@ GRANTS = {
     "ingress": {"ingress_requests": "SELECT INSERT UPDATE", "payments": "SELECT", "payment_history": "SELECT",
                 "channels": "SELECT", "api_keys": "SELECT", "schema_migrations": "SELECT"},
     "stk_worker": {"stk_push_claims": "SELECT INSERT UPDATE", "stk_worker_instances": "SELECT INSERT UPDATE",
+                   "daraja_tokens": "SELECT INSERT UPDATE",
                    "channels": "SELECT", "channel_credentials": "SELECT", "credential_audit": "INSERT",
                    "schema_migrations": "SELECT"},
     "ledger": {"payments": "SELECT INSERT UPDATE", "payment_history": "SELECT INSERT", "audit_log": "SELECT INSERT",
