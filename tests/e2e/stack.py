@@ -1,6 +1,11 @@
 """The whole pipeline as separate processes on loopback: Daraja sandbox, webhook gateway, STK worker,
 ledger and ingress, each with its own consumer groups starting at the topics' current end, and each
-logged in to Kafka as its own principal (so a topic outside a service's ACLs fails the test)."""
+logged in to Kafka as its own principal (so a topic outside a service's ACLs fails the test).
+
+`instances` starts several processes of the gateway, the worker and the ledger, as `make run
+GATEWAYS= WORKERS= LEDGERS=` does (services/devstack.py instance_ports): the first of each keeps the
+service's name ("worker"), the others are "worker-2", "worker-3"...; each has a metrics port of its own,
+and the gateways share the callback port (SO_REUSEPORT), each with its own ops port."""
 from __future__ import annotations
 
 import os
@@ -31,6 +36,11 @@ from tests.platform.kafka_helpers import start_group_at_end
 
 PRINCIPALS = {"gateway": "webhook-gateway", "ledger": "ledger", "worker": "stk-worker", "ingress": "ingress",
               "notifier": "notifier"}
+MODULES = {"gateway": "services.webhook_consumer", "ledger": "services.ledger", "worker": "services.stk_worker",
+           "ingress": "services.ingress", "notifier": "services.notifier"}
+METRICS_PORTS = {"ledger": "LEDGER_METRICS_PORT", "worker": "STK_WORKER_METRICS_PORT",
+                 "notifier": "NOTIFIER_METRICS_PORT"}
+SCALABLE = ("gateway", "worker", "ledger")
 
 
 @dataclass
@@ -43,9 +53,13 @@ class Stack:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     sandbox_admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     with_notifier: bool = False  # also the notifier (status webhooks), with its own vault key
+    instances: dict[str, int] = field(default_factory=dict)  # processes of "gateway", "worker", "ledger" (1)
 
     def __post_init__(self):
         self.ports = {name: free_port() for name in ("sandbox", "gateway", "ingress", "ledger", "worker", "notifier")}
+        self.ports.update({name: free_port() for name in self.names() if name not in self.ports})
+        if self.instances.get("gateway", 1) > 1:  # the callback port is shared: each its own ops port
+            self.ports.update({f"{name}-ops": free_port() for name in self.names("gateway")})
         self.key_file = self.tmp / "vault" / "kek.json"
         LocalKeyFileProvider.open(self.key_file, create=True)
         self.webhooks_key_file = self.tmp / "vault" / "webhooks-kek.json"
@@ -80,18 +94,33 @@ class Stack:
              "--callback-delay-ms", "300", *self.sandbox_args], cwd=ROOT,
             env={**os.environ, ADMIN_TOKEN_ENV: self.sandbox_admin_token},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for name, module in (("gateway", "services.webhook_consumer"), ("ledger", "services.ledger"),
-                             ("worker", "services.stk_worker"), ("ingress", "services.ingress"),
-                             *([("notifier", "services.notifier")] if self.with_notifier else [])):
-            self.start_one(name, module)
+        for service in ("gateway", "ledger", "worker", "ingress", *(["notifier"] if self.with_notifier else [])):
+            for name in self.names(service):
+                self.start_one(name)
         for url in (f"{self.sandbox_url}/sandbox/health", f"{self.gateway_url}/healthz", f"{self.ingress_url}/healthz",
-                    *[f"http://127.0.0.1:{self.ports[name]}/healthz" for name in self.procs
-                      if name in ("ledger", "worker", "notifier")]):
+                    *[f"{self.ops_url(name)}/healthz" for name in self.procs if name not in ("sandbox", "ingress")]):
             wait_for(url)
 
-    def start_one(self, name: str, module: str) -> None:
+    def names(self, service: str | None = None) -> list[str]:
+        """The processes of a service (of every scalable one by default): "worker", "worker-2", ..."""
+        services = [service] if service else SCALABLE
+        return [s if n == 1 else f"{s}-{n}" for s in services for n in range(1, self.instances.get(s, 1) + 1)]
+
+    def ops_url(self, name: str) -> str:
+        """Where the process `name` serves /metrics, /healthz and /readyz."""
+        port = self.ports.get(f"{name}-ops") or self.ports[name]
+        return f"http://127.0.0.1:{port}"
+
+    def start_one(self, name: str, module: str | None = None) -> None:
+        service = name.partition("-")[0]
+        own: dict[str, str] = {}
+        if f"{name}-ops" in self.ports:
+            own = {"WEBHOOK_REUSE_PORT": "true", "WEBHOOK_METRICS_PORT": str(self.ports[f"{name}-ops"])}
+        elif service in METRICS_PORTS:
+            own = {METRICS_PORTS[service]: str(self.ports[name])}
         # start_service swaps the tests' DATABASE_URL (the migration role's) for the service's own role.
-        self.procs[name] = start_service(module, {**self.env, **kafka_login(self.infra, PRINCIPALS[name])})
+        self.procs[name] = start_service(module or MODULES[service],
+                                         {**self.env, **kafka_login(self.infra, PRINCIPALS[service]), **own})
 
     def kill(self, name: str) -> None:
         self.procs[name].send_signal(signal.SIGKILL)
@@ -127,10 +156,10 @@ class Stack:
         return api_key
 
 
-def running(infra: dict, tmp: Path, *, with_notifier: bool = False):
+def running(infra: dict, tmp: Path, *, with_notifier: bool = False, **options):
     """A started stack for a module's fixture (`yield from running(...)`); at the end its services
     are stopped and the last lines of each log printed (the whole logs stay in `tmp`)."""
-    s = Stack(infra, tmp, uuid.uuid4().hex[:10], with_notifier=with_notifier)
+    s = Stack(infra, tmp, uuid.uuid4().hex[:10], with_notifier=with_notifier, **options)
     s.start()
     try:
         yield s
