@@ -131,7 +131,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def instances(args: argparse.Namespace) -> dict[str, int]:
-    return {"stk-worker": args.workers, "webhook-gateway": args.gateways, "ledger": args.ledgers}
+    from services.devstack import scale_of
+    return scale_of(args)
 
 
 def _positive(text: str) -> int:

@@ -14,8 +14,8 @@ def _output(proc: asyncio.subprocess.Process) -> asyncio.StreamReader:
     return proc.stdout
 
 
-async def _pipe(name: str, colour: str, stream: asyncio.StreamReader) -> None:
-    prefix = f"\x1b[{colour}m{name:<16}|\x1b[0m " if sys.stdout.isatty() else f"{name:<16}| "
+async def _pipe(name: str, colour: str, stream: asyncio.StreamReader, width: int = 16) -> None:
+    prefix = f"\x1b[{colour}m{name:<{width}}|\x1b[0m " if sys.stdout.isatty() else f"{name:<{width}}| "
     while line := await stream.readline():
         sys.stdout.write(prefix + line.decode(errors="replace"))
         sys.stdout.flush()
@@ -32,7 +32,9 @@ async def supervise(services: list[tuple[str, list[str]]], env: dict[str, str] |
                                                     stdout=asyncio.subprocess.PIPE,
                                                     stderr=asyncio.subprocess.STDOUT)
         procs.append((name, proc))
-    pipes = [asyncio.create_task(_pipe(n, COLOURS[i % len(COLOURS)], _output(p))) for i, (n, p) in enumerate(procs)]
+    width = max([16, *(len(n) for n, _ in procs)])  # "webhook-gateway-2" and the like stay aligned
+    pipes = [asyncio.create_task(_pipe(n, COLOURS[i % len(COLOURS)], _output(p), width))
+             for i, (n, p) in enumerate(procs)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

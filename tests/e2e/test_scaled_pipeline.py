@@ -148,14 +148,19 @@ async def test_two_of_each_settle_a_batch_with_one_push_and_one_application_per_
     messages = read_all(kafka_bootstrap, PAYMENT_STATUS.name, lambda m: m.key() in keys, expected=transitions,
                         since=mark)
     seen: dict[str, dict[str, set[str]]] = collections.defaultdict(lambda: collections.defaultdict(set))
-    for message in messages:
+    arrived: dict[str, list[str]] = collections.defaultdict(list)  # statuses in topic order, repeats left out
+    for message in messages:  # a payment's events share its channel's partition: in offset order here
         record = codec.decode(message.value())[1]
+        if record["event_id"] not in seen[record["payment_id"]][record["status"]]:
+            arrived[record["payment_id"]].append(record["status"])
         seen[record["payment_id"]][record["status"]].add(record["event_id"])
     for payment_id, states_seen in seen.items():
         assert sorted(states_seen) == sorted(history[payment_id]), payment_id
         assert all(len(ids) == 1 for ids in states_seen.values()), (payment_id, states_seen)
     assert set(seen) == set(paid)
-    print(f"status events: {len(messages)} messages for {transitions} transitions")
+    overtaken = sum(arrived[pid] != history[pid] for pid in paid)  # allowed with several ledgers (docs/scaling.md §3)
+    print(f"status events: {len(messages)} messages for {transitions} transitions; "
+          f"{overtaken} payments' events arrived out of order")
 
 
 async def test_a_worker_and_a_ledger_killed_mid_batch_never_push_twice_nor_apply_twice(stack, pool, kafka_bootstrap):
