@@ -262,6 +262,14 @@ def prepare(database_url: str, key_file: Path, anchor_key_file: Path,
     return env, demo_banner()
 
 
+# `mpesa-pipeline run`'s options for the processes of each scalable service.
+SCALE_OPTIONS = {"--workers": "stk-worker", "--gateways": "webhook-gateway", "--ledgers": "ledger"}
+
+
+def scale_of(args: argparse.Namespace) -> dict[str, int]:
+    return {service: getattr(args, option.lstrip("-")) for option, service in SCALE_OPTIONS.items()}
+
+
 def _main(argv: list[str]) -> int:
     """infra/prometheus.sh: `python -m services.devstack metrics-targets [--workers N ...]` prints one
     "service host:port" line per process."""
@@ -279,14 +287,6 @@ def _main(argv: list[str]) -> int:
         for address in addresses:
             print(service, address)
     return 0
-
-
-# `mpesa-pipeline run`'s options for the processes of each scalable service.
-SCALE_OPTIONS = {"--workers": "stk-worker", "--gateways": "webhook-gateway", "--ledgers": "ledger"}
-
-
-def scale_of(args: argparse.Namespace) -> dict[str, int]:
-    return {service: getattr(args, option.lstrip("-")) for option, service in SCALE_OPTIONS.items()}
 
 
 if __name__ == "__main__":
