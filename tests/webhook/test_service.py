@@ -12,6 +12,7 @@ from services.common.topics import CALLBACK_RAW
 from services.webhook_consumer.settings import SETTINGS, GatewaySettings, WebhookSettings
 from services.webhook_consumer.sources import ANY_SOURCE, parse_networks
 from tests.conftest import ROOT, eventually, free_port, service_env, start_service
+from tests.e2e.stack import wait_for
 from tests.webhook.conftest import ACCEPTED_BODY, DARAJA_CONTENT_TYPE, PREVIOUS_SECRET, SECRET, callback_path, count
 
 SECRETS_ENV = f"{SECRET.decode()},{PREVIOUS_SECRET.decode()}"
@@ -152,3 +153,51 @@ async def _healthy(http: httpx.AsyncClient) -> bool:
         return (await http.get("/healthz")).status_code == 200
     except httpx.TransportError:
         return False
+
+
+async def _callbacks_accepted(port: int) -> float:
+    async with httpx.AsyncClient(timeout=10) as http:
+        metrics = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    return next(float(line.split()[1]) for line in metrics.splitlines()
+                if line.startswith("webhook_callbacks_accepted_total "))
+
+
+async def test_two_gateways_share_the_callback_port_and_each_answers_on_a_port_of_its_own(infra, unique):
+    """As `make run GATEWAYS=2` starts them (docs/scaling.md §1): callbacks on new connections to the one
+    port reach both, and each process's own port shows its own count."""
+    port, own = free_port(), [free_port(), free_port()]
+    gateways = [start_service("services.webhook_consumer", service_env(
+        infra, WEBHOOK_PORT=port, WEBHOOK_REUSE_PORT="true", WEBHOOK_METRICS_PORT=mine,
+        WEBHOOK_TOKEN_SECRETS=SECRETS_ENV, MPESA_ENVIRONMENT="sandbox")) for mine in own]
+    try:
+        for mine in own:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{mine}", timeout=10) as http:
+                await eventually(lambda h=http: _healthy(h), timeout=60)
+        for i in range(40):  # each on a connection of its own: the kernel picks a process per connection
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+                answer = await http.post(callback_path(f"shop-{unique}", f"p{i}"), content=b'{"Body": {}}',
+                                         headers={"Content-Type": DARAJA_CONTENT_TYPE})
+            assert answer.status_code == 200
+        counts = [await _callbacks_accepted(mine) for mine in own]
+    finally:
+        for gateway in gateways:
+            gateway.terminate()
+            gateway.communicate(timeout=30)
+    assert sum(counts) == 40 and all(counts), counts
+
+
+def test_a_gateway_not_asked_to_share_cannot_take_a_port_another_gateway_holds(infra):
+    """SO_REUSEPORT is off by default: a forgotten second gateway fails to start, rather than take a
+    share of the callbacks unnoticed."""
+    port = free_port()
+    env = service_env(infra, WEBHOOK_PORT=port, WEBHOOK_TOKEN_SECRETS=SECRETS_ENV, MPESA_ENVIRONMENT="sandbox")
+    first = start_service("services.webhook_consumer", env)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz")
+        second = subprocess.run([sys.executable, "-m", "services.webhook_consumer"], env=env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        first.terminate()
+        first.communicate(timeout=30)
+    assert second.returncode != 0
+    assert "address already in use" in (second.stdout + second.stderr).lower()
