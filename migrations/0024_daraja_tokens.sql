@@ -3,7 +3,7 @@
 -- minting their own would keep refusing each other's. One row per app (credentials), the token sealed
 -- with the vault's key as channel credentials are, and the app named by a digest of its key and
 -- secret: no credential here is readable without the vault. A row is replaced when its token is
--- refused or near its expiry; rows of apps no longer used expire with their tokens (an hour).
+-- refused or near its expiry; the row of an app no longer used stays, its token expired within the hour.
 CREATE TABLE daraja_tokens (
     app         text PRIMARY KEY CHECK (app ~ '^[0-9a-f]{64}$'),
     key_id      text NOT NULL,
