@@ -158,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                    ).set_defaults(func=cmd_migrate)
     run = sub.add_parser("run", help="run every service in the foreground (Ctrl-C stops all)")
     for option, what in (("--workers", "STK workers"), ("--gateways", "webhook gateways"), ("--ledgers", "ledgers")):
-        run.add_argument(option, type=_positive, default=1, help=f"processes of {what} (default 1): Kafka's "
-                         "consumer group spreads the partitions across them")
+        how = ("they share the callback port (SO_REUSEPORT)" if option == "--gateways"
+               else "Kafka's consumer group spreads the partitions across them")
+        run.add_argument(option, type=_positive, default=1, help=f"processes of {what} (default 1): {how}")
     run.set_defaults(func=cmd_run)
     register_channels(sub)
     register_payments(sub)
