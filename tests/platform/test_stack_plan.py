@@ -89,3 +89,11 @@ def test_the_targets_command_prints_a_line_per_process():
     assert [line for line in out if line.startswith(("stk-worker", "webhook-gateway"))] == [
         "webhook-gateway 127.0.0.1:8181", "webhook-gateway 127.0.0.1:8281",
         "stk-worker 127.0.0.1:9103", "stk-worker 127.0.0.1:9203"]
+
+
+def test_the_run_command_passes_its_options_to_the_plan():
+    from services.cli import build_parser, instances
+    args = build_parser().parse_args(["run", "--workers", "2", "--gateways", "3"])
+    assert instances(args) == {"stk-worker": 2, "webhook-gateway": 3, "ledger": 1}
+    with pytest.raises(SystemExit):  # 1 to 16
+        build_parser().parse_args(["run", "--ledgers", "17"])
