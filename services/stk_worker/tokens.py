@@ -44,8 +44,9 @@ class SharedTokens:
 
     async def obtain(self, app: AppCredentials, refused: str | None, mint: Callable[[], Awaitable[AccessToken]],
                      min_remaining_s: float) -> AccessToken:
-        """The app's token: the stored one if it has `min_remaining_s` left and is not `refused`, else
-        one `mint` asks Daraja for, stored for the other workers. Daraja's errors pass through."""
+        """The app's token: the stored one if it has `min_remaining_s` left (half its life, if shorter:
+        the client's own refresh rule) and is not `refused`, else one `mint` asks Daraja for, stored for
+        the other workers. Daraja's errors pass through."""
         ref = app_ref(app)
         minted = None
         try:
@@ -65,10 +66,12 @@ class SharedTokens:
     async def _stored(self, conn: psycopg.AsyncConnection, ref: str, refused: str | None,
                       min_remaining_s: float) -> AccessToken | None:
         cur = await conn.execute("SELECT key_id, wrapped_key, nonce, ciphertext,"
-                                 " extract(epoch FROM expires_at - now())::float8 FROM daraja_tokens WHERE app = %s",
+                                 " extract(epoch FROM expires_at - now())::float8,"
+                                 " extract(epoch FROM expires_at - minted_at)::float8"
+                                 " FROM daraja_tokens WHERE app = %s",
                                  (ref,))
         row = await cur.fetchone()
-        if row is None or row[4] < min_remaining_s:
+        if row is None or row[4] <= min(min_remaining_s, row[5] / 2):
             return None
         try:
             value = open_bytes(SealedCredentials(row[0], bytes(row[1]), bytes(row[2]), bytes(row[3])), _aad(ref),

@@ -82,3 +82,14 @@ async def test_without_the_store_a_worker_mints_its_own(sandbox, receiver, app_c
     finally:
         await client.aclose()
     assert accepted.checkout_request_id
+
+
+async def test_short_lived_tokens_are_shared_too(workers, sandbox, receiver, app_credentials, paybill):
+    """A token living less than twice the refresh margin (300 s) is refreshed half-way through its life,
+    as the client does with its own: shared until then, not minted anew by each worker."""
+    sandbox.state.update_settings({"token_ttl_s": 120})  # reset() for the next test brings 3599 back
+    before = tokens_issued(sandbox)
+    for round_ in range(3):
+        await _push_from_both(workers, app_credentials, paybill, receiver, f"SHORT{round_}", each=3)
+    assert tokens_issued(sandbox) == before + 1
+    assert sandbox.all_pushes(status="rejected") == []
