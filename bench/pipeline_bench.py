@@ -35,6 +35,7 @@ import asyncio
 import ctypes
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -58,7 +59,7 @@ from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient  # noqa: E402
 
 from bench.host import HostLoad, host_speed_s  # noqa: E402
-from bench.ingress_bench import cpu_seconds, free_port  # noqa: E402
+from bench.ingress_bench import cpu_seconds  # noqa: E402
 from bench.raw_http import Connection  # noqa: E402
 from services.channels.onboarding import Onboarding  # noqa: E402
 from services.channels.vault import public_key_path  # noqa: E402
@@ -90,7 +91,12 @@ TARGET_OWN_CPU_MS = 2.5
 OWN_SERVICES = ("ingress", "stk-worker", "webhook-gateway", "ledger")  # the project's own, in the CPU target
 OTHER_FINAL = ("Cancelled", "Failed", "Review")  # Review: final until a person acts
 PHONE = "254712345678"  # outside the sandbox's scenario selectors: its default outcome, success
+LISTEN_PORTS = (20000, 30000)  # where the services of the run listen (the ports' step is 100)
 CONNECTIONS_MAX = 2000  # the driver's keep-alive connections; beyond, a request counts as refused
+# Answers that are no HTTP status, by the code the driver notes them under.
+DRIVER_REFUSED, UNANSWERED, CONNECTION_LOST = -1, -2, 0
+ANSWER_NAMES = {DRIVER_REFUSED: "refused by the driver (too many in flight)", UNANSWERED: "unanswered",
+                CONNECTION_LOST: "connection lost"}
 # The sandbox is one shortcode and one source address, while production spreads its load over many
 # merchants' shortcodes and Safaricom's callback addresses: the bench lifts these two per-tenant guards
 # so that it measures the pipeline, not them (their defaults, 50 pushes/s and 100 callbacks/s, would cap it).
@@ -101,12 +107,16 @@ ADMIN_LOGIN = ("KAFKA_CLIENT_SASL_USERNAME", "KAFKA_CLIENT_SASL_PASSWORD_FILE")
 
 # --- the stack -----------------------------------------------------------------------------------
 
-def free_port_block(instances: int) -> int:
-    """A port p free for p, p + 100, …: the n-th process of a service listens at + 100 × (n - 1)."""
+def free_port_block(instances: int, taken: set[int]) -> int:
+    """A port p free for p, p + 100, …: the n-th process of a service listens at + 100 × (n - 1). Taken
+    below Linux's ephemeral range (32768-60999), where the services' own outgoing connections would
+    take it before the service listens on it."""
     while True:
-        port = free_port()
-        if port + 100 * instances < 65536 and all(_bindable(port + 100 * n) for n in range(1, instances)):
-            return port
+        first = random.randrange(*LISTEN_PORTS)
+        block = {first + 100 * n for n in range(instances)}
+        if not block & taken and all(_bindable(port) for port in block):
+            taken |= block
+            return first
 
 
 def _bindable(port: int) -> bool:
@@ -128,9 +138,10 @@ class Stack:
 
     def __init__(self, run: str, instances: dict[str, int], log_level: str, logs: Path):
         self.run, self.instances, self.logs = run, instances, logs
-        self.ports = {port_env: free_port_block(instances.get(service, 1))
+        taken: set[int] = set()
+        self.ports = {port_env: free_port_block(instances.get(service, 1), taken)
                       for service, (_, _, port_env) in METRICS_ENDPOINTS.items()}
-        self.ports[sandbox_settings.PORT.env] = free_port()
+        self.ports[sandbox_settings.PORT.env] = free_port_block(1, taken)
         self.groups = {"LEDGER_GROUP_ID": f"ledger-bench-{run}", "STK_WORKER_GROUP_ID": f"stk-worker-bench-{run}",
                        "NOTIFIER_GROUP_ID": f"notifier-bench-{run}"}
         self.env = {**{k: str(v) for k, v in self.ports.items()}, **self.groups, **LIFTED_GUARDS,
@@ -214,26 +225,28 @@ def _answers_200(url: str) -> bool:
         return False
 
 
-async def onboard(database_url: str, key_file: Path, channel_id: str) -> tuple[str, str]:
-    """The run's own channel on the sandbox's demo app, and an API key for it: (key id, key)."""
+async def onboard(database_url: str, key_file: Path, channel_ids: list[str]) -> tuple[str, str]:
+    """The run's own channels on the sandbox's demo app, and an API key for them: (key id, key)."""
     pool = await open_pool(role_url(database_url, SERVICE_ROLES["onboarding-api"]), max_size=2)
     try:
         onboarding = Onboarding(pool, public_key_file=public_key_path(key_file))
-        await onboard_sandbox_channel(onboarding, channel_id, "pipeline bench", "pipeline-bench")
-        record, key = await onboarding.issue_api_key({"label": "pipeline bench", "channelIds": [channel_id]},
+        for channel_id in channel_ids:
+            await onboard_sandbox_channel(onboarding, channel_id, "pipeline bench", "pipeline-bench")
+        record, key = await onboarding.issue_api_key({"label": "pipeline bench", "channelIds": channel_ids},
                                                      "pipeline-bench")
         return record["keyId"], key
     finally:
         await pool.close()
 
 
-async def retire(database_url: str, key_file: Path, channel_id: str, key_id: str) -> None:
-    """The run's key revoked and its channel suspended: nothing can use them after the run."""
+async def retire(database_url: str, key_file: Path, channel_ids: list[str], key_id: str) -> None:
+    """The run's key revoked and its channels suspended: nothing can use them after the run."""
     pool = await open_pool(role_url(database_url, SERVICE_ROLES["onboarding-api"]), max_size=2)
     try:
         onboarding = Onboarding(pool, public_key_file=public_key_path(key_file))
         await onboarding.revoke_api_key(key_id, "pipeline-bench")
-        await onboarding.suspend(channel_id, "pipeline-bench")
+        for channel_id in channel_ids:
+            await onboarding.suspend(channel_id, "pipeline-bench")
     finally:
         await pool.close()
 
@@ -302,13 +315,14 @@ class StatusReader:
     """Reads mpesa.payment.status.v1 from its end on a thread of its own, as an upstream would, and
     notes when each of the run's payments was first seen Pending and final (wall clock, epoch seconds)."""
 
-    def __init__(self, bootstrap: str, codec, channel_id: str):
-        self.codec, self.key = codec, channel_id.encode()
+    def __init__(self, bootstrap: str, codec, run: str, channel_ids: list[str]):
+        self.codec, self.keys = codec, frozenset(c.encode() for c in channel_ids)
         self.pending_at: dict[str, float] = {}
         self.final: dict[str, tuple[str, float]] = {}
+        self.why: dict[str, str] = {}  # of a final state other than Settled: its result code and reason
         self.undecodable = 0
         self._consumer = Consumer(client_config({
-            "bootstrap.servers": bootstrap, "group.id": f"pipeline-bench-reader-{channel_id}",
+            "bootstrap.servers": bootstrap, "group.id": f"pipeline-bench-reader-{run}",
             "enable.auto.commit": False, "fetch.wait.max.ms": 20}))
         self._consumer.assign([TopicPartition(PAYMENT_STATUS.name, p, offset)
                                for p, offset in end_offsets(bootstrap, PAYMENT_STATUS.name).items()])
@@ -320,7 +334,7 @@ class StatusReader:
         while not self._stop.is_set():
             for msg in self._consumer.consume(500, 0.1):
                 value = msg.value()
-                if msg.error() is None and msg.key() == self.key and value is not None:
+                if msg.error() is None and msg.key() in self.keys and value is not None:
                     self._note(value, time.time())
 
     def _note(self, value: bytes, seen_at: float) -> None:
@@ -334,6 +348,8 @@ class StatusReader:
             self.pending_at.setdefault(payment_id, seen_at)
         elif (state == "Settled" or state in OTHER_FINAL) and payment_id not in self.final:
             self.final[payment_id] = (state, seen_at)
+            if state != "Settled":
+                self.why[payment_id] = f"{state} {event['result_code']}: {event['reason']}"
 
     def close(self) -> None:
         self._stop.set()
@@ -357,19 +373,20 @@ class Offer:
     """The payments of one phase: each one's scheduled time, answer and payment id, by index. Its
     AccountReference is the phase's tag and the index, which is how the sandbox's push log names it."""
 
-    def __init__(self, tag: str, ingress_port: int, channel_id: str, api_key: str, phones: list[str]):
+    def __init__(self, tag: str, ingress_port: int, channel_ids: list[str], api_key: str, phones: list[str]):
         self.tag = tag
         self.scheduled_at: list[float] = []  # epoch seconds
         self.payment_ids: list[str | None] = []
         self.statuses: Counter[int] = Counter()
         self.index_of: dict[str, int] = {}
         self.send_lag_max_s = 0.0
-        self._phones, self._channel = phones, channel_id
+        self._phones, self._channels = phones, channel_ids
         self._head = (f"POST /api/payments HTTP/1.1\r\nHost: 127.0.0.1:{ingress_port}\r\n"
                       f"Authorization: Bearer {api_key}\r\nContent-Type: application/json\r\n").encode()
 
     def request(self, index: int) -> bytes:
-        body = (f'{{"channelId":"{self._channel}","amount":10,"phone":"{self._phones[index % 100]}",'
+        channel = self._channels[index % len(self._channels)]
+        body = (f'{{"channelId":"{channel}","amount":10,"phone":"{self._phones[index % 100]}",'
                 f'"accountReference":"{self.tag}{index}","description":"bench"}}').encode()
         return (self._head + b"Content-Length: " + str(len(body)).encode() + b"\r\nIdempotency-Key: "
                 + f"{self.tag}{index}-{uuid.uuid4().hex[:8]}".encode() + b"\r\n\r\n" + body)
@@ -400,7 +417,7 @@ async def offer(o: Offer, port: int, rate: float, duration_s: float) -> None:
 
     def on_answer(conn: Connection, status: int, body: bytes) -> None:
         o.answered(index_on.pop(conn), status, body)
-        if status:  # 0: the connection was lost
+        if status != CONNECTION_LOST:
             idle.append(conn)
 
     wall_offset = time.time() - time.perf_counter()
@@ -420,7 +437,7 @@ async def offer(o: Offer, port: int, rate: float, duration_s: float) -> None:
             except OSError:
                 pass
         if not idle:
-            o.statuses[-1] += 1  # refused by the driver itself: too many requests in flight
+            o.statuses[DRIVER_REFUSED] += 1
             continue
         conn = idle.pop()
         index_on[conn] = i
@@ -428,7 +445,8 @@ async def offer(o: Offer, port: int, rate: float, duration_s: float) -> None:
     deadline = time.monotonic() + 30
     while index_on and time.monotonic() < deadline:  # the last answers
         await asyncio.sleep(0.05)
-    o.statuses[-2] += len(index_on)  # never answered
+    if index_on:
+        o.statuses[UNANSWERED] += len(index_on)
     for conn in opened:
         conn.close()
 
@@ -462,7 +480,7 @@ def callback_times(sandbox_url: str, admin_token: str, o: Offer) -> dict[int, fl
 async def run_phase(ctx: dict, tag: str, rate: float, duration_s: float, drain_timeout_s: float,
                     progress_s: float = 5.0) -> dict:
     stack, reader, meter = ctx["stack"], ctx["reader"], ctx["meter"]
-    o = Offer(tag, stack.ingress_port, ctx["channel_id"], ctx["api_key"], ctx["phones"])
+    o = Offer(tag, stack.ingress_port, ctx["channel_ids"], ctx["api_key"], ctx["phones"])
     host, cpu_before, started = HostLoad(), meter.read(), time.monotonic()
     progress = asyncio.create_task(_report_progress(o, reader, stack, started, progress_s))
     try:
@@ -506,9 +524,10 @@ def measure(o: Offer, reader: StatusReader, sent: dict[int, float], cpu: dict[st
     result = {
         "rate": rate, "duration_s": duration_s, "offered": o.offered,
         "offered_per_s": round(o.offered / duration_s, 1), "send_lag_max_ms": round(o.send_lag_max_s * 1000, 1),
-        "answers": {str(k): v for k, v in sorted(o.statuses.items())}, "accepted": len(accepted),
+        "answers": {ANSWER_NAMES.get(k, str(k)): v for k, v in sorted(o.statuses.items())}, "accepted": len(accepted),
         "refused": o.offered - len(accepted), "pending_seen": len(to_pending), "settled": len(settled_at),
         "other_final": dict(other), "missing": len(accepted) - len(finals),
+        "other_final_reasons": dict(Counter(reader.why[p] for p in finals if p in reader.why).most_common(5)),
         "settled_per_s": round(len(settled_at) / span, 1) if span else None,
         "request_to_pending": percentiles(to_pending), "callback_to_settled": percentiles(to_settled),
         "cpu_ms_per_payment": per_payment,
@@ -543,7 +562,7 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "NOT MET"
 
 
-def print_phase(r: dict, args: argparse.Namespace) -> None:
+def print_phase(r: dict, args: argparse.Namespace, idle_cores: dict[str, float]) -> None:
     pending, settled = r["request_to_pending"], r["callback_to_settled"]
     lost_ok = r["refused"] == 0 and r["missing"] == 0
     rate_ok = (r["settled_per_s"] or 0) >= TARGET_SETTLED_PER_S * 0.99 and r["duration_s"] >= 60 and lost_ok
@@ -552,6 +571,8 @@ def print_phase(r: dict, args: argparse.Namespace) -> None:
     print(f"  accepted {r['accepted']}, Pending seen {r['pending_seen']}, Settled {r['settled']}, other final "
           f"{r['other_final'] or 0}, missing {r['missing']}, refused {r['refused']}"
           f"{'' if lost_ok else '   (payments refused or lost)'}")
+    if r["other_final_reasons"]:
+        print(f"  other final states, the commonest reasons: {r['other_final_reasons']}")
     print(f"  {'settled/s':<19}{r['settled_per_s']!s:>8}            target ≥ {TARGET_SETTLED_PER_S:.0f}/s for 60 s, "
           f"none lost: {verdict(rate_ok)}")
     for name, figures, target in (("request → Pending", pending, TARGET_REQUEST_TO_PENDING_P99_MS),
@@ -560,9 +581,10 @@ def print_phase(r: dict, args: argparse.Namespace) -> None:
         print(f"  {name:<19}p50 {figures['p50_ms']!s:>7} ms  p99 {figures['p99_ms']!s:>7} ms  max "
               f"{figures['max_ms']!s:>7} ms  (n {figures['n']})  target p99 < {target:.0f} ms: {verdict(ok)}")
     if r["cpu_ms_per_payment"]:
-        print(f"  CPU ms per payment (over {r['measured_s']} s, first request to end of drain):")
+        print(f"  CPU ms per payment (over {r['measured_s']} s, first request to end of drain), and cores busy "
+              f"when idle:")
         for name, ms in sorted(r["cpu_ms_per_payment"].items(), key=lambda kv: -kv[1]):
-            print(f"    {name:<22}{ms:8.3f}")
+            print(f"    {name:<22}{ms:8.3f}   idle {idle_cores.get(name, 0):.3f}")
         own = r["cpu_ms_per_payment_own"]
         print(f"    {'own (' + '+'.join(OWN_SERVICES) + ')':<22}{own:8.3f}   target ≤ {TARGET_OWN_CPU_MS} ms: "
               f"{verdict(own <= TARGET_OWN_CPU_MS)}")
@@ -603,9 +625,11 @@ async def bench(args: argparse.Namespace, stack: Stack, cleanup: list[Callable[[
     for group, topics in stack.consumer_groups().items():
         start_group_at_end(bootstrap, group, topics)
     cleanup.append(lambda: _delete_groups(bootstrap, list(stack.consumer_groups())))
-    channel_id = f"bench-{stack.run}"
-    key_id, api_key = await onboard(cfg.database_url, cfg.vault_key_file, channel_id)
-    cleanup.append(lambda: asyncio.run(retire(cfg.database_url, cfg.vault_key_file, channel_id, key_id)))
+    # Every topic is keyed by channel, so one channel's payments share one partition, and so one process of
+    # each stage: the load spreads over several channels, as a facilitator's many merchants spread it.
+    channel_ids = [f"bench-{stack.run}-{n}" for n in range(args.channels)]
+    key_id, api_key = await onboard(cfg.database_url, cfg.vault_key_file, channel_ids)
+    cleanup.append(lambda: asyncio.run(retire(cfg.database_url, cfg.vault_key_file, channel_ids, key_id)))
     infra = infra_pids(cfg.database_url)
     stack.start(cfg.database_url, dev_env)
     cleanup.append(stack.stop)
@@ -617,10 +641,10 @@ async def bench(args: argparse.Namespace, stack: Stack, cleanup: list[Callable[[
                       "subscriber_lock": False}, timeout=10).raise_for_status()
     codec = await open_codec(os.environ.get("SCHEMA_REGISTRY_URL", ""), [PAYMENT_STATUS])
     try:
-        reader = StatusReader(bootstrap, codec, channel_id)
+        reader = StatusReader(bootstrap, codec, stack.run, channel_ids)
         try:
             return await load(args, {"stack": stack, "reader": reader, "meter": CpuMeter(stack, infra),
-                                     "channel_id": channel_id, "api_key": api_key, "admin_token": admin_token,
+                                     "channel_ids": channel_ids, "api_key": api_key, "admin_token": admin_token,
                                      "phones": scenario_phones(args.mix)})
         finally:
             reader.close()
@@ -632,18 +656,19 @@ async def load(args: argparse.Namespace, ctx: dict) -> dict:
     """The warm-up, then the one load or the steps."""
     print(f"warm-up: {args.warmup_payments} payments at 25/s (caches, connections, Daraja token; not measured)")
     await run_phase(ctx, "W", 25, args.warmup_payments / 25, args.drain_timeout_s, progress_s=1e9)
-    results: dict[str, Any] = {"phases": []}
+    idle = await idle_cores(ctx["meter"], args.idle_s)
+    results: dict[str, Any] = {"idle_cpu_cores": idle, "phases": []}
     if not args.step:
         print(f"load: {args.rate:.0f}/s for {args.duration_s:.0f} s", flush=True)
         results["phases"].append(await run_phase(ctx, "P", args.rate, args.duration_s, args.drain_timeout_s))
-        print_phase(results["phases"][0], args)
+        print_phase(results["phases"][0], args, idle)
         return results
     best = None
     for n, rate in enumerate(step_rates(args), 1):
         print(f"step {n}: {rate:.0f}/s for {args.step_duration_s:.0f} s", flush=True)
         result = await run_phase(ctx, f"S{n}-", rate, args.step_duration_s, args.drain_timeout_s)
         results["phases"].append(result)
-        print_phase(result, args)
+        print_phase(result, args, idle)
         if not result["held"]:
             break
         best = rate
@@ -652,6 +677,15 @@ async def load(args: argparse.Namespace, ctx: dict) -> dict:
           f"{TARGET_CALLBACK_TO_SETTLED_P99_MS:.0f} ms, p99 request → Pending < {TARGET_REQUEST_TO_PENDING_P99_MS:.0f} "
           f"ms, nothing refused or lost)")
     return results
+
+
+async def idle_cores(meter: CpuMeter, seconds: float) -> dict[str, float]:
+    """Cores each process keeps busy with no payment in flight (polls, timers, the JVM's own work): the
+    part of its CPU per payment that shrinks as the rate grows."""
+    before, started = meter.read(), time.monotonic()
+    await asyncio.sleep(seconds)
+    after, elapsed = meter.read(), time.monotonic() - started
+    return {name: round((after[name] - before[name]) / elapsed, 3) for name in after if name in before}
 
 
 def _delete_groups(bootstrap: str, groups: list[str]) -> None:
@@ -711,12 +745,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="push to callback (default 1000: a payer takes longer, but the figures time the "
                              "callback from when it is sent, so a longer delay only lengthens the drain; it "
                              "stays well below LEDGER_QUERY_AFTER_S, so no STK query joins the load)")
+    parser.add_argument("--channels", type=int, default=12, choices=range(1, 101), metavar="K",
+                        help="channels the payments take turns on (default 12): each channel's events share a "
+                             "partition, so a single one would leave every process of a stage but one idle")
     parser.add_argument("--mix", type=parse_mix, default={}, metavar="SCENARIO=PERCENT,...",
                         help="outcomes other than success, e.g. cancelled=5,insufficient_funds=5 (the sandbox's "
                              "scenarios, chosen by phone)")
     parser.add_argument("--drain-timeout-s", type=float, default=60.0,
                         help="after the load, wait this long at most for every payment to be final (default 60)")
     parser.add_argument("--warmup-payments", type=int, default=50, help="offered at 25/s before measuring (default 50)")
+    parser.add_argument("--idle-s", type=float, default=5.0,
+                        help="seconds measuring each process's CPU with no payment in flight (default 5)")
     parser.add_argument("--step", action="store_true", help="raise the rate step by step until it breaks")
     parser.add_argument("--step-start", type=float, default=100.0, help="first step's rate (default 100)")
     parser.add_argument("--step-increment", type=float, default=100.0, help="added at each step (default 100)")
