@@ -673,7 +673,7 @@ async def load(args: argparse.Namespace, ctx: dict) -> dict:
             break
         best = rate
     results["highest_rate_held"] = best
-    print(f"\nhighest rate held: {best if best is not None else 'none'}/s (p99 callback → Settled < "
+    print(f"\nhighest rate held: {'none' if best is None else f'{best:.0f}/s'} (p99 callback → Settled < "
           f"{TARGET_CALLBACK_TO_SETTLED_P99_MS:.0f} ms, p99 request → Pending < {TARGET_REQUEST_TO_PENDING_P99_MS:.0f} "
           f"ms, nothing refused or lost)")
     return results
@@ -697,6 +697,11 @@ def _delete_groups(bootstrap: str, groups: list[str]) -> None:
             pass
 
 
+def _stop_on_signal(signum: int, _frame: object) -> None:
+    print(f"\n{signal.Signals(signum).name}: stopping everything", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
+
+
 def main() -> int:
     args = build_parser().parse_args()
     print("host speed probe (best of three 10-million-step Python loops): ", end="", flush=True)
@@ -707,7 +712,7 @@ def main() -> int:
     stack = Stack(run, {"stk-worker": args.workers, "webhook-gateway": args.gateways, "ledger": args.ledgers},
                   args.log_level, logs)
     cleanup: list[Callable[[], None]] = []
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `make` interrupted: still clean up
+    signal.signal(signal.SIGTERM, _stop_on_signal)  # `make` interrupted: still clean up
     started = datetime.now().astimezone().isoformat(timespec="seconds")
     try:
         results = asyncio.run(bench(args, stack, cleanup))
