@@ -386,7 +386,8 @@ class Offer:
 
     def request(self, index: int) -> bytes:
         channel = self._channels[index % len(self._channels)]
-        body = (f'{{"channelId":"{channel}","amount":10,"phone":"{self._phones[index % 100]}",'
+        phone = self._phones[index * 37 % 100]  # 37 is prime to 100: a mix's scenarios spread, not in runs
+        body = (f'{{"channelId":"{channel}","amount":10,"phone":"{phone}",'
                 f'"accountReference":"{self.tag}{index}","description":"bench"}}').encode()
         return (self._head + b"Content-Length: " + str(len(body)).encode() + b"\r\nIdempotency-Key: "
                 + f"{self.tag}{index}-{uuid.uuid4().hex[:8]}".encode() + b"\r\n\r\n" + body)
@@ -416,7 +417,10 @@ async def offer(o: Offer, port: int, rate: float, duration_s: float) -> None:
     index_on: dict[Connection, int] = {}
 
     def on_answer(conn: Connection, status: int, body: bytes) -> None:
-        o.answered(index_on.pop(conn), status, body)
+        index = index_on.pop(conn, None)
+        if index is None:  # closed below, unanswered: counted already
+            return
+        o.answered(index, status, body)
         if status != CONNECTION_LOST:
             idle.append(conn)
 
@@ -447,6 +451,7 @@ async def offer(o: Offer, port: int, rate: float, duration_s: float) -> None:
         await asyncio.sleep(0.05)
     if index_on:
         o.statuses[UNANSWERED] += len(index_on)
+        index_on.clear()
     for conn in opened:
         conn.close()
 
@@ -573,8 +578,9 @@ def print_phase(r: dict, args: argparse.Namespace, idle_cores: dict[str, float])
           f"{'' if lost_ok else '   (payments refused or lost)'}")
     if r["other_final_reasons"]:
         print(f"  other final states, the commonest reasons: {r['other_final_reasons']}")
-    print(f"  {'settled/s':<19}{r['settled_per_s']!s:>8}            target ≥ {TARGET_SETTLED_PER_S:.0f}/s for 60 s, "
-          f"none lost: {verdict(rate_ok)}")
+    # Within 1%: the first and the last payment's latencies differ a little even when the pipeline keeps up.
+    print(f"  {'settled/s':<19}{r['settled_per_s']!s:>8}            target ≥ {TARGET_SETTLED_PER_S:.0f}/s (± 1%) for "
+          f"60 s, none lost: {verdict(rate_ok)}")
     for name, figures, target in (("request → Pending", pending, TARGET_REQUEST_TO_PENDING_P99_MS),
                                   ("callback → Settled", settled, TARGET_CALLBACK_TO_SETTLED_P99_MS)):
         ok = figures["p99_ms"] is not None and figures["p99_ms"] < target
