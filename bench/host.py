@@ -2,11 +2,15 @@
 
 This development machine is a 2-vCPU KVM guest: its hypervisor takes CPU time away ("steal",
 /proc/stat) and other tasks queue for the two CPUs (pressure, /proc/pressure/cpu). The same code's
-figures swing with both, so every benchmark prints them beside its own.
+figures swing with both, so every benchmark prints them beside its own. Hosts also differ in speed:
+`host_speed_s()` is a fixed yardstick to print beside figures that are compared across hosts.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
+
+HOST_SPEED_STEPS = 10_000_000
 
 
 def _cpu_ticks() -> tuple[int, int] | None:
@@ -46,3 +50,18 @@ class HostLoad:
         steal = self.steal_percent()
         return f"host: {'unknown' if steal is None else f'{steal}%'} CPU stolen by the hypervisor, " \
                f"pressure {cpu_pressure()}"
+
+
+def host_speed_s(steps: int = HOST_SPEED_STEPS, repeats: int = 3) -> float:
+    """Seconds a plain Python loop of `steps` additions takes on one core, the best of `repeats` (other
+    work only ever slows a try down). Run it before the load. The loop runs in a function (local
+    variables); the same loop at a module's top level takes about three times as long, so compare this
+    figure only with itself."""
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        total = 0
+        for step in range(steps):
+            total += step
+        best = min(best, time.perf_counter() - started)
+    return round(best, 3)

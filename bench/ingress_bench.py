@@ -47,6 +47,7 @@ import psycopg  # noqa: E402
 from confluent_kafka.admin import AdminClient  # noqa: E402
 
 from bench.host import HostLoad  # noqa: E402
+from bench.raw_http import Connection  # noqa: E402
 from services.channels import repository as channels_repository  # noqa: E402
 from services.channels.apikeys import key_id_of, key_sha256, new_api_key  # noqa: E402
 from services.channels.model import Channel  # noqa: E402
@@ -109,57 +110,13 @@ class Requests:
         return self._head + self._run + b"-" + str(self._count).encode() + self._tail
 
 
-class Connection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection, one request at a time, driven from data_received.
-
-    Callbacks instead of streams keep the driver's own CPU per request small, so that it does not
-    take the machine's second core away from the ingress, Kafka and PostgreSQL.
-    """
-
-    def __init__(self, on_answer):
-        self.on_answer = on_answer  # (connection, status) -> None
-        self.transport: asyncio.Transport  # set by connection_made, before anything is sent
-        self._buffer = b""
-        self.sent_at = 0.0
-
-    @classmethod
-    async def open(cls, port: int, on_answer) -> Connection:
-        _, conn = await asyncio.get_running_loop().create_connection(lambda: cls(on_answer), "127.0.0.1", port)
-        conn.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport), "a TCP connection"
-        self.transport = transport
-
-    def send(self, request: bytes, sent_at: float) -> None:
-        self.sent_at = sent_at
-        self.transport.write(request)
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        end = self._buffer.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        head = self._buffer[:end]
-        at = head.lower().find(b"content-length:")
-        length = int(head[at + 15:head.find(b"\r\n", at) if head.find(b"\r\n", at) > 0 else None]) if at >= 0 else 0
-        if len(self._buffer) < end + 4 + length:
-            return
-        self._buffer = self._buffer[end + 4 + length:]
-        self.on_answer(self, int(head[9:12]))
-
-    def close(self) -> None:
-        self.transport.close()
-
-
 async def full_speed(port: int, requests: Requests, connections: int, total: int, duration_s: float) -> dict:
     statuses: dict[int, int] = {}
     done = asyncio.get_running_loop().create_future()
     state = {"sent": 0, "answered": 0}
     deadline = time.perf_counter() + duration_s
 
-    def on_answer(conn: Connection, status: int) -> None:
+    def on_answer(conn: Connection, status: int, body: bytes) -> None:
         statuses[status] = statuses.get(status, 0) + 1
         state["answered"] += 1
         if state["sent"] < total and time.perf_counter() < deadline:
@@ -188,7 +145,7 @@ async def fixed_rate(port: int, requests: Requests, rate: float, duration_s: flo
     done = asyncio.get_running_loop().create_future()
     idle: list[Connection] = []
 
-    def on_answer(conn: Connection, status: int) -> None:
+    def on_answer(conn: Connection, status: int, body: bytes) -> None:
         latencies_ms.append((time.perf_counter() - conn.sent_at) * 1000)
         statuses[status] = statuses.get(status, 0) + 1
         idle.append(conn)

@@ -206,6 +206,17 @@ DEMO_AGREEMENT = {"agreementReference": "DEMO-DPA", "agreementVersion": "1", "ag
                   "lawfulBasis": "contract"}
 
 
+async def onboard_sandbox_channel(onboarding: Onboarding, channel_id: str, display_name: str, actor: str) -> None:
+    """An active channel on the Daraja sandbox's demo app (shortcode 174379); Conflict if it exists."""
+    await onboarding.create_channel({
+        "channelId": channel_id, "displayName": display_name, "shortcodeType": "paybill",
+        "businessShortcode": "174379", "environment": "sandbox", "consentReference": "DEMO",
+        "consentDate": "2026-01-01", **DEMO_AGREEMENT}, actor)
+    await onboarding.set_credentials(channel_id, {
+        "consumerKey": DEMO_CONSUMER_KEY, "consumerSecret": DEMO_CONSUMER_SECRET, "passkey": SANDBOX_PASSKEY}, actor)
+    await onboarding.resume(channel_id, actor)
+
+
 async def ensure_demo_channel(database_url: str, key_file: Path) -> None:
     """A channel on the Daraja sandbox's demo app, and an API key for it (kept in .local/secrets)."""
     LocalKeyFileProvider.open(key_file, create=True)
@@ -213,14 +224,7 @@ async def ensure_demo_channel(database_url: str, key_file: Path) -> None:
     try:
         onboarding = Onboarding(pool, public_key_file=public_key_path(key_file))
         try:
-            await onboarding.create_channel({
-                "channelId": DEMO_CHANNEL, "displayName": "Demo shop (Daraja sandbox)", "shortcodeType": "paybill",
-                "businessShortcode": "174379", "environment": "sandbox", "consentReference": "DEMO",
-                "consentDate": "2026-01-01", **DEMO_AGREEMENT}, "make-run")
-            await onboarding.set_credentials(DEMO_CHANNEL, {
-                "consumerKey": DEMO_CONSUMER_KEY, "consumerSecret": DEMO_CONSUMER_SECRET,
-                "passkey": SANDBOX_PASSKEY}, "make-run")
-            await onboarding.resume(DEMO_CHANNEL, "make-run")
+            await onboard_sandbox_channel(onboarding, DEMO_CHANNEL, "Demo shop (Daraja sandbox)", "make-run")
         except Conflict:  # made by an earlier run, perhaps before agreements were recorded
             if (await onboarding.channel(DEMO_CHANNEL)).channel.missing_agreement_fields:
                 await onboarding.update_channel(DEMO_CHANNEL, DEMO_AGREEMENT, "make-run")

@@ -16,6 +16,8 @@ that is where a callback token lives, the pipeline's and most integrators' (docs
                                               "amount", "default": true; optional "callback_delay_ms",
                                               "latency_ms"}          DELETE /sandbox/scenarios
   GET    /sandbox/pushes?AccountReference=..&PhoneNumber=..&CallBackURL=..&status=accepted
+                                        each accepted push with `callbacks` (each delivery's HTTP status
+                                        or error) and `callbacksSentAt` (when each delivery started)
   POST   /sandbox/faults {"operation": "push", "status": 503, "body": "...", "content_type": "text/html",
                           "remaining": 1, "process": false, "drop_connection": false}
   DELETE /sandbox/faults
@@ -193,10 +195,15 @@ async def list_pushes(request: web.Request) -> web.Response:
         pushes = request.app[SANDBOX].pushes_matching(request.query)
     except ValueError as exc:
         raise _bad_request(str(exc)) from None
-    rendered = [{**p, "receivedAt": datetime.fromtimestamp(p["receivedAt"], timezone.utc).isoformat(),
-                 **({"CallBackURL": redact_callback_url(p["CallBackURL"])} if "CallBackURL" in p else {})}
+    rendered = [{**p, "receivedAt": _iso(p["receivedAt"]),
+                 **({"CallBackURL": redact_callback_url(p["CallBackURL"])} if "CallBackURL" in p else {}),
+                 **({"callbacksSentAt": [_iso(t) for t in p["callbacksSentAt"]]} if "callbacksSentAt" in p else {})}
                 for p in pushes]
     return web.json_response({"count": len(rendered), "pushes": rendered})
+
+
+def _iso(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat()
 
 
 async def add_fault(request: web.Request) -> web.Response:

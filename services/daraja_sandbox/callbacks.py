@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,8 +60,9 @@ class CallbackJob:
     business_shortcode: str
 
 
-# Called with (checkout_request_id, HTTP status or an error name) once per delivery attempt.
-DeliveryListener = Callable[[str, "int | str"], None]
+# Called with (checkout_request_id, HTTP status or an error name, when the attempt started: epoch
+# seconds) once per delivery attempt, when it is over.
+DeliveryListener = Callable[[str, "int | str", float], None]
 
 
 class CallbackSender:
@@ -121,7 +123,8 @@ class CallbackSender:
     async def _work(self) -> None:
         while True:
             job = await self._queue.get()
-            self._on_delivery(job.checkout_request_id, await self._deliver(job))
+            sent_at = time.time()
+            self._on_delivery(job.checkout_request_id, await self._deliver(job), sent_at)
 
     async def _deliver(self, job: CallbackJob) -> int | str:
         headers = {"Content-Type": CALLBACK_CONTENT_TYPE, "BusinessShortCode": job.business_shortcode}

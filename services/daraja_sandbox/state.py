@@ -83,6 +83,7 @@ class Transaction:
     query_polls: int = 0
     late_callback_released: bool = False
     deliveries: list = field(default_factory=list)  # HTTP status or error name, one per attempt
+    delivery_times: list = field(default_factory=list)  # when each attempt started (epoch seconds)
 
 
 @dataclass
@@ -272,17 +273,19 @@ class Sandbox:
             self.counters["pushes_accepted"] += 1
             record.update(status="accepted", MerchantRequestID=outcome.merchant_request_id,
                           CheckoutRequestID=outcome.checkout_request_id, scenario=outcome.scenario.name,
-                          ResultCode=outcome.scenario.result_code, callbacks=outcome.deliveries)
+                          ResultCode=outcome.scenario.result_code, callbacks=outcome.deliveries,
+                          callbacksSentAt=outcome.delivery_times)
         else:
             record.update(status="rejected", errorCode=outcome.code, errorMessage=outcome.message)
         self.pushes.append(record)
 
-    def record_delivery(self, checkout_request_id: str, result: int | str) -> None:
+    def record_delivery(self, checkout_request_id: str, result: int | str, sent_at: float) -> None:
         delivered = isinstance(result, int) and 200 <= result < 300
         self.counters["callbacks_delivered" if delivered else "callbacks_failed"] += 1
         txn = self.transactions.get(checkout_request_id)
         if txn is not None:
             txn.deliveries.append(result)
+            txn.delivery_times.append(sent_at)
 
     # --- STK query -------------------------------------------------------------------------
 
