@@ -72,6 +72,7 @@ from services.common.topics import ACCESS, ALL_TOPICS, PAYMENT_REQUESTED, PAYMEN
 from services.daraja_sandbox import settings as sandbox_settings  # noqa: E402
 from services.daraja_sandbox.scenarios import SELECTOR_PHONE_PREFIX, SELECTORS  # noqa: E402
 from services.devstack import (  # noqa: E402
+    ADMIN_LOGIN,
     METRICS_ENDPOINTS,
     SCALABLE,
     SERVICE_ROLES,
@@ -82,6 +83,7 @@ from services.devstack import (  # noqa: E402
     role_url,
     stack_processes,
 )
+from services.webhook_consumer import settings as gateway_settings  # noqa: E402
 from tests.platform.kafka_helpers import end_offsets, start_group_at_end  # noqa: E402
 
 TARGET_SETTLED_PER_S = 300.0
@@ -102,7 +104,6 @@ ANSWER_NAMES = {DRIVER_REFUSED: "refused by the driver (too many in flight)", UN
 # so that it measures the pipeline, not them (their defaults, 50 pushes/s and 100 callbacks/s, would cap it).
 LIFTED_GUARDS = {"STK_RATE_PER_SHORTCODE": "1000000", "WEBHOOK_RATE_PER_SOURCE": "1000000",
                  "WEBHOOK_RATE_BURST": "100000"}
-ADMIN_LOGIN = ("KAFKA_CLIENT_SASL_USERNAME", "KAFKA_CLIENT_SASL_PASSWORD_FILE")
 
 
 # --- the stack -----------------------------------------------------------------------------------
@@ -142,6 +143,8 @@ class Stack:
         self.ports = {port_env: free_port_block(instances.get(service, 1), taken)
                       for service, (_, _, port_env) in METRICS_ENDPOINTS.items()}
         self.ports[sandbox_settings.PORT.env] = free_port_block(1, taken)
+        # Several gateways share WEBHOOK_PORT and serve their metrics on ports of their own (instance_ports).
+        self.ports[gateway_settings.METRICS_PORT.env] = free_port_block(instances.get("webhook-gateway", 1), taken)
         self.groups = {"LEDGER_GROUP_ID": f"ledger-bench-{run}", "STK_WORKER_GROUP_ID": f"stk-worker-bench-{run}",
                        "NOTIFIER_GROUP_ID": f"notifier-bench-{run}"}
         self.env = {**{k: str(v) for k, v in self.ports.items()}, **self.groups, **LIFTED_GUARDS,
@@ -166,13 +169,9 @@ class Stack:
 
     def start(self, database_url: str, dev_env: dict[str, str]) -> None:
         os.environ.update(self.env)  # instance_ports reads the first instance's port from here
+        self.plan = stack_processes(database_url, self.instances)
         # The services log in to Kafka as themselves (kafka_logins), not as the admin the bench reads as,
         # and to PostgreSQL as their own roles, not as the schema's owner.
-        admin = {name: os.environ.pop(name) for name in ADMIN_LOGIN if name in os.environ}
-        try:
-            self.plan = stack_processes(database_url, self.instances)
-        finally:
-            os.environ.update(admin)
         shared = {k: v for k, v in os.environ.items() if k not in (*ADMIN_LOGIN, "DATABASE_URL")}
         for p in self.plan:
             with open(self.logs / f"{p.name}.log", "wb") as log:
@@ -181,7 +180,7 @@ class Stack:
                                                       preexec_fn=_die_with_parent)
 
     def wait_ready(self, timeout_s: float = 120) -> None:
-        addresses = {p.name: metrics_targets({**os.environ, **p.env})[p.service] for p in self.plan
+        addresses = {p.name: metrics_targets({**os.environ, **p.env})[p.service][0] for p in self.plan
                      if p.service in METRICS_ENDPOINTS}
         urls = {name: f"http://{address}/readyz" for name, address in addresses.items()}
         urls[self.sandbox_name] = f"{self.sandbox_url}/sandbox/health"

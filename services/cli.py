@@ -115,7 +115,7 @@ def cmd_anchor_key(_: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from services.devstack import prepare, stack_processes
+    from services.devstack import drop_admin_login, prepare, stack_processes
     from services.supervisor import supervise
     cfg = config.load_into(RunSettings, RUN_SETTINGS)
     env, banner = prepare(cfg.database_url, cfg.vault_key_file, cfg.audit_anchor_key_file,
@@ -124,6 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Migrated as the schema's owner (prepare); each service logs in as its own role and none
     # inherits the owner's URL.
     os.environ.pop("DATABASE_URL", None)
+    drop_admin_login(os.environ)
     processes = stack_processes(cfg.database_url, instances(args))
     logs = [(name, ["tail", "-n", "0", "-F", path]) for name, path in INFRA_LOGS]
     own_env = {p.name: p.env for p in processes}

@@ -11,7 +11,7 @@ import asyncio
 import os
 import secrets
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -191,10 +191,23 @@ def dev_environment() -> dict[str, str]:
     return {k: v for k, v in env.items() if not os.environ.get(k)}
 
 
+ADMIN_LOGIN = ("KAFKA_CLIENT_SASL_USERNAME", "KAFKA_CLIENT_SASL_PASSWORD_FILE")
+ADMIN_PRINCIPAL = "admin"  # infra/kafka.sh's, whose login infra/up.sh prints for tests and tools
+
+
+def drop_admin_login(environ: MutableMapping[str, str]) -> None:
+    """`make run` sources infra/up.sh's lines, which log in as the admin principal: no service may
+    inherit that login (least privilege, docs/kafka-security.md), so it leaves the environment."""
+    if environ.get(ADMIN_LOGIN[0]) == ADMIN_PRINCIPAL:
+        for name in ADMIN_LOGIN:
+            environ.pop(name, None)
+
+
 def kafka_logins(services: list[str]) -> dict[str, dict[str, str]]:
     """Each service that has a Kafka principal logs in as it, with the password infra/kafka.sh made
-    for it; nobody gets another's, and none the admin's. An operator's own login in the environment wins."""
-    if os.environ.get("KAFKA_CLIENT_SASL_USERNAME"):
+    for it; nobody gets another's, and none the admin's. An operator's own login in the environment
+    (another than the admin's, which drop_admin_login removed) wins."""
+    if os.environ.get(ADMIN_LOGIN[0]) not in (None, "", ADMIN_PRINCIPAL):
         return {}
     return {name: {"KAFKA_CLIENT_SASL_USERNAME": name,
                    "KAFKA_CLIENT_SASL_PASSWORD_FILE": str((SECRETS / f"kafka-{name}.password").resolve())}

@@ -4,6 +4,7 @@ on ports of its own, except the gateways' callback port, which they share (Daraj
 every process is scraped on its own metrics port."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from services.common import config
-from services.devstack import METRICS_ENDPOINTS, SCALABLE, STACK, metrics_targets, stack_processes
+from services.devstack import METRICS_ENDPOINTS, SCALABLE, STACK, drop_admin_login, metrics_targets, stack_processes
 from tests.conftest import ROOT
 
 DATABASE = "postgresql://mpesa@127.0.0.1:5433/mpesa"
@@ -97,3 +98,22 @@ def test_the_run_command_passes_its_options_to_the_plan():
     assert instances(args) == {"stk-worker": 2, "webhook-gateway": 3, "ledger": 1}
     with pytest.raises(SystemExit):  # 1 to 16
         build_parser().parse_args(["run", "--ledgers", "17"])
+
+
+def test_no_service_inherits_the_admin_login_make_run_sources(monkeypatch):
+    # `make run` sources infra/up.sh's lines, the admin principal's login among them.
+    monkeypatch.setenv("KAFKA_CLIENT_SASL_USERNAME", "admin")
+    monkeypatch.setenv("KAFKA_CLIENT_SASL_PASSWORD_FILE", "/secrets/kafka-admin.password")
+    logins = {p.name: p.env.get("KAFKA_CLIENT_SASL_USERNAME") for p in stack_processes(DATABASE)}
+    assert logins["ledger"] == "ledger" and logins["ingress"] == "ingress" and "admin" not in logins.values()
+    environ = dict(os.environ)
+    drop_admin_login(environ)
+    assert "KAFKA_CLIENT_SASL_USERNAME" not in environ and "KAFKA_CLIENT_SASL_PASSWORD_FILE" not in environ
+
+
+def test_an_operators_own_login_is_kept(monkeypatch):
+    monkeypatch.setenv("KAFKA_CLIENT_SASL_USERNAME", "ops-pipeline")
+    assert all("KAFKA_CLIENT_SASL_USERNAME" not in p.env for p in stack_processes(DATABASE))
+    environ = {"KAFKA_CLIENT_SASL_USERNAME": "ops-pipeline"}
+    drop_admin_login(environ)
+    assert environ == {"KAFKA_CLIENT_SASL_USERNAME": "ops-pipeline"}
