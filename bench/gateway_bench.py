@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 
-from bench.host import HostLoad, cpu_pressure  # noqa: E402
+from bench.host import HostLoad, cpu_pressure, cpu_seconds  # noqa: E402
 from bench.raw_http import HEADERS, RawDriver  # noqa: E402
 from services.common.callback_token import callback_url  # noqa: E402
 from services.common.kafka import client_config, ensure_topics  # noqa: E402
@@ -68,11 +68,6 @@ def start_gateway(port: int, bootstrap: str, secret: str, linger_ms: int, cpu: i
            "WEBHOOK_RATE_PER_SOURCE": "1000000000", "WEBHOOK_RATE_BURST": "1000000000", "LOG_LEVEL": "WARNING"}
     return subprocess.Popen([sys.executable, "-m", "services.webhook_consumer"], cwd=ROOT, env=env,
                             preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 class CpuMeter:

@@ -7,6 +7,7 @@ figures swing with both, so every benchmark prints them beside its own. Hosts al
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -21,6 +22,14 @@ def _cpu_ticks() -> tuple[int, int] | None:
         return None
     ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
     return ticks[7], sum(ticks)
+
+
+def cpu_seconds(pid: int, *, main_thread_only: bool = False) -> float:
+    """User + system CPU time of a process and its threads (librdkafka's included), or of its
+    main thread alone: the one that runs all the Python, so the one that caps the throughput."""
+    path = f"/proc/{pid}/task/{pid}/stat" if main_thread_only else f"/proc/{pid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def cpu_pressure() -> str:

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 import psycopg  # noqa: E402
 from confluent_kafka.admin import AdminClient  # noqa: E402
 
-from bench.host import HostLoad  # noqa: E402
+from bench.host import HostLoad, cpu_seconds  # noqa: E402
 from bench.raw_http import Connection  # noqa: E402
 from services.channels import repository as channels_repository  # noqa: E402
 from services.channels.apikeys import key_id_of, key_sha256, new_api_key  # noqa: E402
@@ -58,14 +58,6 @@ from services.common.topics import PAYMENT_REQUESTED, Topic  # noqa: E402
 
 TARGET_ACCEPTED_PER_S = 3000
 TARGET_P99_MS = 25.0
-
-
-def cpu_seconds(pid: int, *, main_thread_only: bool = False) -> float:
-    """User + system CPU time of a process and its threads (librdkafka's included), or of its
-    main thread alone: the one that runs all the Python, so the one that caps the throughput."""
-    path = f"/proc/{pid}/task/{pid}/stat" if main_thread_only else f"/proc/{pid}/stat"
-    fields = Path(path).read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine_busy_seconds() -> float:

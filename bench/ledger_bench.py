@@ -43,11 +43,13 @@ from services.common.kafka import ConsumerLoop, EventProducer, ensure_topics, ne
 from services.common.topics import ACCESS, ALL_TOPICS, Topic  # noqa: E402
 from services.ledger.relay import OutboxRelay  # noqa: E402
 from services.ledger.service import OVERLAP_FROM, Ledger  # noqa: E402
+from services.ledger.settings import SETTINGS as LEDGER_SETTINGS  # noqa: E402
 
 KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 # Set (as `make bench` does), events are framed the Confluent way; empty, in single-object encoding.
 SCHEMA_REGISTRY_URL = os.environ.get("SCHEMA_REGISTRY_URL", "")
 DB = os.environ.get("DATABASE_URL", "postgresql://mpesa@127.0.0.1:5433/mpesa")  # password: PGPASSFILE
+DEFAULT_LINGER_MS = next(s.default for s in LEDGER_SETTINGS if s.env == "LEDGER_BATCH_LINGER_MS")
 
 
 def events_for(run: str, i: int) -> list[tuple[str, dict]]:
@@ -93,22 +95,23 @@ async def produce(run: str, payments: int) -> dict[str, Topic]:
     return topics
 
 
-def ledger_process(run: str, topics: dict[str, Topic], in_flight: int, shared) -> None:
+def ledger_process(run: str, topics: dict[str, Topic], in_flight: int, linger_ms: int, shared) -> None:
     """One ledger instance (of --processes, all in one consumer group), as `python -m services.ledger` runs it."""
-    asyncio.run(run_ledger(run, topics, in_flight, shared))
+    asyncio.run(run_ledger(run, topics, in_flight, linger_ms, shared))
 
 
-async def run_ledger(run: str, topics: dict[str, Topic], in_flight: int, shared) -> None:
+async def run_ledger(run: str, topics: dict[str, Topic], in_flight: int, linger_ms: int, shared) -> None:
     applied, first, stop_flag, results, ready = shared
     codec = await open_codec(SCHEMA_REGISTRY_URL, ACCESS["ledger"].writes)
     producer = EventProducer(KAFKA, codec, client_id="bench-ledger")
     pool = await open_pool(DB, max_size=4)
     relay = OutboxRelay(pool, producer)
     ledger = Ledger(pool, codec, on_commit=relay.hand_over)
-    cpu_first = None
+    cpu_first, batches = None, 0
 
     async def counting(events):
-        nonlocal cpu_first
+        nonlocal cpu_first, batches
+        batches += 1
         if cpu_first is None:
             cpu_first = time.process_time(), time.thread_time()
             with first.get_lock():
@@ -120,7 +123,7 @@ async def run_ledger(run: str, topics: dict[str, Topic], in_flight: int, shared)
 
     loop = ConsumerLoop(bootstrap=KAFKA, group_id=f"bench-{run}", topics=list(topics.values()), codec=codec,
                         handler=counting, dead_letters=producer, max_batch=1000, max_in_flight=in_flight,
-                        overlap_from=OVERLAP_FROM)
+                        overlap_from=OVERLAP_FROM, linger_s=linger_ms / 1000)
     stop = asyncio.Event()
     tasks = [asyncio.create_task(loop.run(stop)), asyncio.create_task(relay.run(stop))]
     while not loop.assigned:
@@ -135,7 +138,7 @@ async def run_ledger(run: str, topics: dict[str, Topic], in_flight: int, shared)
     await pool.close()
     producer.close()
     await codec.close()
-    results.put((*cpu, parked_count()))
+    results.put((*cpu, parked_count(), batches))
 
 
 async def count_settled(run: str) -> int:
@@ -181,13 +184,14 @@ def offer_live(run: str, topics: dict[str, Topic], payments: int, rate: float, a
     return time.time() - started, applied.value - applied_before
 
 
-def main(payments: int, processes: int, in_flight: int, rate: float, timeout_s: float) -> None:
+def main(payments: int, processes: int, in_flight: int, linger_ms: int, rate: float, timeout_s: float) -> None:
     run = uuid.uuid4().hex[:8]
     topics = asyncio.run(produce(run, payments if not rate else 0))
     host, wal_before = HostLoad(), wal_written()
     ctx = multiprocessing.get_context("spawn")
     shared = (ctx.Value("q", 0), ctx.Value("d", 0.0), ctx.Event(), ctx.Queue(), ctx.Value("i", 0))
-    ledgers = [ctx.Process(target=ledger_process, args=(run, topics, in_flight, shared)) for _ in range(processes)]
+    ledgers = [ctx.Process(target=ledger_process, args=(run, topics, in_flight, linger_ms, shared))
+               for _ in range(processes)]
     for p in ledgers:
         p.start()
     applied, first, stop_flag, results, ready = shared
@@ -208,7 +212,7 @@ def main(payments: int, processes: int, in_flight: int, rate: float, timeout_s: 
     settled = asyncio.run(count_settled(run))
     wal = [after - before for after, before in zip(wal_written(), wal_before, strict=True)]
     done = applied.value
-    shape = f"ledger ({processes} process(es), {in_flight} batch(es) in flight each)"
+    shape = f"ledger ({processes} process(es), {in_flight} batch(es) in flight each, {linger_ms} ms linger)"
     if rate:
         print(f"{shape}: offered {rate:,.0f} events/s in order for {offered_s:.1f}s; applied "
               f"{applied_meanwhile / offered_s:,.0f} events/s meanwhile; all {done} applied "
@@ -218,7 +222,8 @@ def main(payments: int, processes: int, in_flight: int, rate: float, timeout_s: 
               f"{settled}/{payments} payments Settled (target >= 5,000 events/s)")
     print(f"  CPU per event: {sum(c[0] for c in cpu) / max(done, 1) * 1e6:.0f} us in the ledger processes"
           f" ({sum(c[1] for c in cpu) / max(done, 1) * 1e6:.0f} on their event loops);"
-          f" {sum(c[2] for c in cpu):.0f} facts arrived before their payment")
+          f" {sum(c[2] for c in cpu):.0f} facts arrived before their payment;"
+          f" {done / max(sum(c[3] for c in cpu), 1):.1f} events per batch")
     print(f"  PostgreSQL WAL meanwhile: {wal[0] / max(done, 1) / 1024:.1f} KiB per event, {wal[1]} full-page images"
           " (the whole cluster's, autovacuum and checkpoints included)")
     print(f"  {host.describe()}")
@@ -229,7 +234,9 @@ if __name__ == "__main__":
     parser.add_argument("--payments", type=int, default=5000)
     parser.add_argument("--processes", type=int, default=1, help="ledger instances in the consumer group")
     parser.add_argument("--in-flight", type=int, default=2, help="LEDGER_MAX_IN_FLIGHT of each ledger")
+    parser.add_argument("--linger-ms", type=int, default=DEFAULT_LINGER_MS,
+                        help="LEDGER_BATCH_LINGER_MS of each ledger (default: the service's)")
     parser.add_argument("--rate", type=float, default=0, help="events/s offered in order (0: backlog mode)")
     parser.add_argument("--timeout-s", type=float, default=120)
     args = parser.parse_args()
-    main(args.payments, args.processes, args.in_flight, args.rate, args.timeout_s)
+    main(args.payments, args.processes, args.in_flight, args.linger_ms, args.rate, args.timeout_s)

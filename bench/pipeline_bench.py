@@ -58,8 +58,7 @@ import psycopg  # noqa: E402
 from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient  # noqa: E402
 
-from bench.host import HostLoad, host_speed_s  # noqa: E402
-from bench.ingress_bench import cpu_seconds  # noqa: E402
+from bench.host import HostLoad, cpu_seconds, host_speed_s  # noqa: E402
 from bench.raw_http import Connection  # noqa: E402
 from services.channels.onboarding import Onboarding  # noqa: E402
 from services.channels.vault import public_key_path  # noqa: E402

@@ -4,7 +4,9 @@ Starts `services.webhook_consumer` and `services.ledger` as subprocesses on loop
 groups starting at the topics' end), puts --payments payments in Pending by producing their request
 and accepted push result, then posts their success callbacks to the gateway at --rate per second and
 measures, per payment, from sending the callback to its Settled event on the payment-status topic
-(what upstream and analytics see). Bounded by --payments and --timeout-s; loopback only.
+(what upstream and analytics see), with the CPU the gateway and the ledger spent per callback meanwhile
+(their processes and threads, /proc, from the first callback to the last Settled read). Bounded by
+--payments and --timeout-s; loopback only.
 
     .venv/bin/python bench/settle_bench.py [--payments 5000] [--rate 500]
 """
@@ -30,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 
-from bench.host import HostLoad  # noqa: E402
+from bench.host import HostLoad, cpu_seconds  # noqa: E402
 from bench.raw_http import RawDriver  # noqa: E402
 from services.common.avro import Codec, open_codec  # noqa: E402
 from services.common.callback_token import callback_url  # noqa: E402
@@ -164,6 +166,7 @@ async def main(args) -> None:
         watcher.start()
         from_watcher.get(timeout=60)  # its startup must not count as latency
         sent_at, failures, host = {}, 0, HostLoad()
+        cpu_before = [cpu_seconds(p.pid) for p in procs]
         base = f"http://127.0.0.1:{gateway_port}"
         driver = RawDriver("127.0.0.1", gateway_port)  # light: the system under test keeps the CPU
 
@@ -183,6 +186,7 @@ async def main(args) -> None:
             while not from_watcher.empty():
                 read = from_watcher.get()
             await asyncio.sleep(0.1)
+        cpu_spent = [cpu_seconds(p.pid) - before for p, before in zip(procs, cpu_before, strict=True)]
         stop_watching.set()
         while not isinstance(seen := from_watcher.get(timeout=30), dict):
             pass
@@ -197,6 +201,8 @@ async def main(args) -> None:
         relaying = percentiles(sorted(seen[pid][2] - seen[pid][1] for pid in done))
         reading = percentiles(sorted(seen[pid][0] - seen[pid][2] for pid in done))
         print(f"  ledger: {await batch_summary(http_port=ledger_port)}")
+        print("  CPU per callback: " + ", ".join(f"{name} {spent / args.payments * 1e6:.0f} us" for name, spent in
+                                                zip(("gateway", "ledger"), cpu_spent, strict=True)))
         print("  of which (p50/p99 ms): callback -> ledger applies it "
               f"{applying[49] * 1000:.0f}/{applying[98] * 1000:.0f}; -> committed and handed to Kafka by the relay "
               f"{relaying[49] * 1000:.0f}/{relaying[98] * 1000:.0f}; -> read from the status topic "

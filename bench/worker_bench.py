@@ -2,10 +2,14 @@
 
 Starts the Daraja sandbox (--latency-ms, no callbacks) and `python -m services.stk_worker` as
 subprocesses on loopback, onboards a channel on the sandbox's demo app (vault key file in a temp
-folder), produces --payments payment requests, and reports push results per second from the first
-to the last, with the sandbox's own count of accepted pushes. Bounded by --payments and --timeout-s.
+folder), produces --payments payment requests (all at once, or --rate per second in an open loop),
+and reports push results per second from the first to the last, with the sandbox's own count of
+accepted pushes, and the worker's CPU per push (its process and threads, /proc, from the first
+request produced to the last result read: the figure that holds on a shared machine, where rates
+swing). Bounded by --payments and --timeout-s.
+BENCH_WORKER_COMMAND replaces `-m services.stk_worker` (e.g. "-m cProfile -o w.prof -m services.stk_worker").
 
-    .venv/bin/python bench/worker_bench.py [--payments 5000] [--latency-ms 300] [--in-flight 400]
+    .venv/bin/python bench/worker_bench.py [--payments 5000] [--latency-ms 300] [--in-flight 400] [--rate 300]
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 
-from bench.host import HostLoad  # noqa: E402
+from bench.host import HostLoad, cpu_seconds  # noqa: E402
 from services.common.avro import Codec  # noqa: E402
 from services.common.db import migrate, open_pool  # noqa: E402
 from services.common.kafka import EventProducer, client_config, ensure_topics, new_event_fields  # noqa: E402
@@ -92,24 +96,37 @@ async def main(args) -> None:
            "DARAJA_BASE_URL": f"http://127.0.0.1:{sandbox_port}", "STK_WORKER_GROUP_ID": group,
            "STK_WORKER_METRICS_PORT": str(metrics_port), "WEBHOOK_TOKEN_SECRETS": secrets.token_hex(32),
            "STK_MAX_IN_FLIGHT": str(args.in_flight), "STK_RATE_PER_SHORTCODE": "100000", "LOG_LEVEL": "WARNING"}
-    worker = subprocess.Popen([sys.executable, "-m", "services.stk_worker"], cwd=ROOT, env=env)
+    command = os.environ.get("BENCH_WORKER_COMMAND", "-m services.stk_worker").split()
+    worker = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env)
     try:
         wait_for(f"http://127.0.0.1:{metrics_port}/healthz")
         mark = end_offsets(KAFKA, STK_PUSH_RESULT.name)
         producer = EventProducer(KAFKA, Codec(), client_id="wbench", linger_ms=20)
-        started = time.monotonic()
-        await asyncio.gather(*(producer.publish(PAYMENT_REQUESTED, {
-            **new_event_fields(channel_id, str(uuid.uuid4())), "amount": 10, "phone": f"254713{i:06d}",
-            "account_reference": f"W{i}", "description": None, "order_reference": None, "idempotency_key": None,
-            "metadata": {}, "source": "TOPIC"}) for i in range(args.payments)))
+        started, cpu_before = time.monotonic(), cpu_seconds(worker.pid)
+        def request(i: int) -> dict:
+            return {**new_event_fields(channel_id, str(uuid.uuid4())), "amount": 10, "phone": f"254713{i:06d}",
+                    "account_reference": f"W{i}", "description": None, "order_reference": None,
+                    "idempotency_key": None, "metadata": {}, "source": "TOPIC"}
+        if args.rate:  # open loop: each request at its time, whatever the acknowledgements do
+            sent = []
+            for i in range(args.payments):
+                await asyncio.sleep(max(0.0, started + i / args.rate - time.monotonic()))
+                sent.append(asyncio.create_task(producer.publish(PAYMENT_REQUESTED, request(i))))
+            await asyncio.gather(*sent)
+        else:
+            await asyncio.gather(*(producer.publish(PAYMENT_REQUESTED, request(i)) for i in range(args.payments)))
         producer.close()
         print(f"produced {args.payments} requests in {time.monotonic() - started:.1f}s")
         seen, first, last = await asyncio.to_thread(count_results, channel_id.encode(), mark, args.payments,
                                                     args.timeout_s)
+        cpu_s = cpu_seconds(worker.pid) - cpu_before
         accepted = httpx.get(f"http://127.0.0.1:{sandbox_port}/sandbox/stats", headers=admin).json()
         rate = seen / (last - first) if last > first else 0
-        print(f"worker: {seen} push results in {last - first:.2f}s = {rate:,.0f} pushes/s at {args.latency_ms} ms "
-              f"Daraja latency, {args.in_flight} in flight (target >= 500/s); sandbox stats: {accepted}")
+        pace = (f"{seen} push results of requests offered at {args.rate:,.0f}/s" if args.rate  # read after the fact
+                else f"{seen} push results in {last - first:.2f}s = {rate:,.0f} pushes/s")
+        print(f"worker: {pace} at {args.latency_ms} ms Daraja latency, {args.in_flight} in flight (target >= 500/s);"
+              f" sandbox stats: {accepted}")
+        print(f"  CPU per push: {cpu_s / max(seen, 1) * 1e6:.0f} us in the worker process ({cpu_s:.2f} s)")
         print(f"  {host.describe()}")
     finally:
         worker.terminate()
@@ -123,5 +140,7 @@ if __name__ == "__main__":
     parser.add_argument("--payments", type=int, default=5000)
     parser.add_argument("--latency-ms", type=int, default=300)
     parser.add_argument("--in-flight", type=int, default=400)
+    parser.add_argument("--rate", type=float, default=0,
+                        help="requests/s produced in an open loop (0: all at once, a backlog)")
     parser.add_argument("--timeout-s", type=float, default=120)
     asyncio.run(main(parser.parse_args()))

@@ -33,7 +33,8 @@ async def main(cfg: LedgerConfig, stop: asyncio.Event) -> None:
     consumer = ConsumerLoop(bootstrap=cfg.kafka_bootstrap_servers, group_id=cfg.ledger_group_id, codec=codec,
                             topics=list(ACCESS["ledger"].reads),  # the topics its ACLs let it read: all its inputs
                             handler=ledger.consumer.handle_batch, dead_letters=producer,
-                            max_in_flight=cfg.ledger_max_in_flight, overlap_from=OVERLAP_FROM)
+                            max_in_flight=cfg.ledger_max_in_flight, overlap_from=OVERLAP_FROM,
+                            linger_s=cfg.ledger_batch_linger_ms / 1000)
     retention = Retention(pool, timedelta(days=cfg.ledger_processed_retention_days))
     health = Health()
     health.add("kafka_producer", producer.ready)

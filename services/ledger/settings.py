@@ -22,6 +22,8 @@ SETTINGS = [
     config.Setting("LEDGER_METRICS_PORT", config.port, 9102, help="port of /metrics, /healthz and /readyz"),
     config.Setting("LEDGER_MAX_IN_FLIGHT", config.positive_int, 2,
                    help="batches applied at once while behind (per-payment locks keep them apart)"),
+    config.Setting("LEDGER_BATCH_LINGER_MS", config.whole_number, 20,
+                   help="a batch waits this long for more events after its first: fewer, larger transactions"),
     config.Setting("LEDGER_QUERY_AFTER_S", config.positive_float, 90.0, help="Pending this long: start STK queries"),
     config.Setting("LEDGER_REVIEW_AFTER_S", config.positive_float, 900.0,
                    help="no final answer this long after the request: Review"),
@@ -49,6 +51,7 @@ class LedgerConfig:
     ledger_group_id: str
     ledger_metrics_port: int
     ledger_max_in_flight: int
+    ledger_batch_linger_ms: int
     ledger_query_after_s: float
     ledger_review_after_s: float
     ledger_stalled_after_s: float

@@ -2,9 +2,11 @@
 finished with Daraja's answer, owned by one worker process whose heartbeat says it still lives."""
 from __future__ import annotations
 
+import asyncio
 import enum
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -46,42 +48,137 @@ def _seen(row: tuple[Any, ...]) -> PushOutcome | HeldBy | None:
     return PushOutcome(status, *row[1:6])
 
 
+Call = TypeVar("Call")
+Result = TypeVar("Result")
+
+
+class Coalesced(Generic[Call, Result]):
+    """Calls for distinct payments made while the previous statement runs (or in the same turn of
+    the event loop) go to PostgreSQL together, as one statement. A statement's cost on this side
+    (psycopg, the pool, the event loop) is about the same for one row as for a hundred, and each
+    push makes two (claim and finish): one at a time, they were most of the worker's CPU per push.
+    A second call for a payment already waiting goes in the next statement, so no statement names
+    a payment twice. A statement of several that fails for anything but an outage (a value psycopg
+    or PostgreSQL refuses, say) is made again call by call: one bad row fails only its own call."""
+
+    def __init__(self, run: Callable[[list[Call]], Awaitable[list[Result]]]):
+        self._run = run
+        self._waiting: dict[str, tuple[Call, asyncio.Future[Result]]] = {}
+        self._later: list[tuple[str, Call, asyncio.Future[Result]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+
+    async def __call__(self, payment_id: str, call: Call) -> Result:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Result] = loop.create_future()
+        if payment_id in self._waiting:
+            self._later.append((payment_id, call, answer))
+        else:
+            self._waiting[payment_id] = (call, answer)
+        if self._flushing is None:
+            self._flushing = loop.create_task(self._flush())
+        return await answer
+
+    async def _flush(self) -> None:
+        batch: list[tuple[Call, asyncio.Future[Result]]] = []
+        try:
+            while self._waiting:
+                batch, self._waiting = list(self._waiting.values()), {}
+                later, self._later = self._later, []
+                for payment_id, call, answer in later:
+                    if payment_id in self._waiting:
+                        self._later.append((payment_id, call, answer))
+                    else:
+                        self._waiting[payment_id] = (call, answer)
+                await self._answer(batch)
+        except BaseException:  # cancelled (the loop is closing): nobody is left waiting for ever
+            for _, answer in [*batch, *self._waiting.values(), *((a, b) for _, a, b in self._later)]:
+                answer.cancel()
+            raise
+        finally:
+            self._flushing = None
+
+    async def _answer(self, batch: list[tuple[Call, asyncio.Future[Result]]]) -> None:
+        try:
+            results = await self._run([call for call, _ in batch])
+        except Exception as exc:
+            if len(batch) > 1 and not _outage(exc):
+                for one in batch:
+                    await self._answer([one])
+                return
+            for _, answer in batch:
+                if not answer.done():  # its caller may have been cancelled
+                    answer.set_exception(exc)
+            return
+        for (_, answer), result in zip(batch, results, strict=True):
+            if not answer.done():
+                answer.set_result(result)
+
+
+def _outage(exc: Exception) -> bool:
+    """PostgreSQL is down or slow (connection lost, pool exhausted, statement cancelled): the calls
+    one by one would only fail the same way, each after its own wait."""
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+
+
 class PostgresClaims:
-    """`owner` names this worker process; `beat` keeps its heartbeat row alive."""
+    """`owner` names this worker process; `beat` keeps its heartbeat row alive. Claims and finishes
+    of many payments at once are made together (Coalesced)."""
 
     def __init__(self, pool: AsyncConnectionPool, owner: str):
         self.pool = pool
         self.owner = owner
+        self._claims: Coalesced[tuple[str, str, int], PushOutcome | HeldBy | None] = Coalesced(self._claim_many)
+        self._finishes: Coalesced[tuple[str, PushOutcome], None] = Coalesced(self._finish_many)
 
     async def claim(self, payment_id: str, channel_id: str, credential_version: int) -> PushOutcome | HeldBy | None:
+        return await self._claims(payment_id, (payment_id, channel_id, credential_version))
+
+    async def finish(self, payment_id: str, outcome: PushOutcome) -> None:
+        await self._finishes(payment_id, (payment_id, outcome))
+
+    async def _claim_many(self, calls: list[tuple[str, str, int]]) -> list[PushOutcome | HeldBy | None]:
+        ids = [payment_id for payment_id, _, _ in calls]
         async with self.pool.connection() as conn:
             # Ours: a new claim, a released one (nothing was sent), or one this very process wrote
             # in an attempt that failed before pushing (the Pusher knows it sent nothing: a push it
-            # sent stays in its hand until recorded, and it never claims twice meanwhile).
+            # sent stays in its hand until recorded, and it never claims twice meanwhile). In the
+            # payments' order, so that two workers claiming the same ones wait rather than deadlock.
             cur = await conn.execute(
                 "INSERT INTO stk_push_claims (payment_id, channel_id, status, credential_version, owner)"
-                " VALUES (%s, %s, 'claimed', %s, %s) ON CONFLICT (payment_id) DO UPDATE"
+                " SELECT p, c, 'claimed', v, %s FROM unnest(%s::text[], %s::text[], %s::int[]) AS t(p, c, v)"
+                " ORDER BY p ON CONFLICT (payment_id) DO UPDATE"
                 " SET status = 'claimed', owner = EXCLUDED.owner, credential_version = EXCLUDED.credential_version,"
                 " claimed_at = now(), finished_at = NULL"
                 " WHERE stk_push_claims.status = 'released'"
-                " OR (stk_push_claims.status = 'claimed' AND stk_push_claims.owner = EXCLUDED.owner)",
-                (payment_id, channel_id, credential_version, self.owner))
-            if cur.rowcount == 1:
-                return None
-            cur = await conn.execute(f"SELECT {_FIELDS} FROM stk_push_claims WHERE payment_id = %s", (payment_id,))
-            row = await cur.fetchone()
-        return None if row is None else _seen(row)
+                " OR (stk_push_claims.status = 'claimed' AND stk_push_claims.owner = EXCLUDED.owner)"
+                " RETURNING payment_id",
+                (self.owner, ids, [c for _, c, _ in calls], [v for _, _, v in calls]))
+            ours = {row[0] for row in await cur.fetchall()}
+            seen: dict[str, PushOutcome | HeldBy | None] = {}
+            if len(ours) < len(ids):
+                cur = await conn.execute(f"SELECT payment_id, {_FIELDS} FROM stk_push_claims"
+                                         " WHERE payment_id = ANY(%s)", ([p for p in ids if p not in ours],))
+                seen = {row[0]: _seen(row[1:]) for row in await cur.fetchall()}
+        return [None if payment_id in ours else seen.get(payment_id) for payment_id in ids]
 
-    async def finish(self, payment_id: str, outcome: PushOutcome) -> None:
+    async def _finish_many(self, calls: list[tuple[str, PushOutcome]]) -> list[None]:
+        outcomes = [outcome for _, outcome in calls]
         # 'unknown' too: a worker that judged this process dead (its heartbeat was not seen to move)
         # wrote it; the answer Daraja gave is better than that guess, and the ledger takes it.
         async with self.pool.connection() as conn:
             await conn.execute(
-                "UPDATE stk_push_claims SET status = %s, merchant_request_id = %s, checkout_request_id = %s,"
-                " error_code = %s, error_message = %s, attempts = %s, finished_at = now()"
-                " WHERE payment_id = %s AND owner = %s AND status IN ('claimed', 'unknown')",
-                (outcome.status.value, outcome.merchant_request_id, outcome.checkout_request_id, outcome.error_code,
-                 outcome.error_message, outcome.attempts, payment_id, self.owner))
+                "UPDATE stk_push_claims AS c SET status = f.status, merchant_request_id = f.merchant_request_id,"
+                " checkout_request_id = f.checkout_request_id, error_code = f.error_code,"
+                " error_message = f.error_message, attempts = f.attempts, finished_at = now()"
+                " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int[])"
+                " AS f(payment_id, status, merchant_request_id, checkout_request_id, error_code, error_message,"
+                " attempts)"
+                " WHERE c.payment_id = f.payment_id AND c.owner = %s AND c.status IN ('claimed', 'unknown')",
+                ([payment_id for payment_id, _ in calls], [o.status.value for o in outcomes],
+                 [o.merchant_request_id for o in outcomes], [o.checkout_request_id for o in outcomes],
+                 [o.error_code for o in outcomes], [o.error_message for o in outcomes],
+                 [o.attempts for o in outcomes], self.owner))
+        return [None] * len(calls)
 
     async def release(self, payment_id: str) -> None:
         async with self.pool.connection() as conn:

@@ -167,6 +167,34 @@ async def test_batches_overlap_only_while_the_consumer_is_behind(kafka_bootstrap
     assert max(overlaps) == 1
 
 
+async def test_a_lingering_consumer_takes_what_arrives_soon_after_the_first_event_in_the_same_batch(
+        kafka_bootstrap, codec, producer, unique):
+    topic = await own_topic(kafka_bootstrap, codec, unique)
+    batches: list[int] = []
+
+    async def handler(events: list[ConsumedEvent]) -> list:
+        batches.append(len(events))
+        return []
+    loop = ConsumerLoop(bootstrap=kafka_bootstrap, group_id=f"g-{unique}", topics=[topic], codec=codec,
+                        handler=handler, dead_letters=producer, poll_timeout=0.1, linger_s=5.0)
+    stop = asyncio.Event()
+    running = asyncio.create_task(loop.run(stop))
+    async def assigned() -> bool:
+        return loop.assigned
+
+    async def all_handled() -> bool:
+        return sum(batches) >= 4
+    await eventually(assigned)
+    await producer.publish(topic, sample_request(f"ch-{unique}", str(uuid.uuid4())))
+    await asyncio.sleep(0.3)  # well inside the linger: these join the first event's batch
+    await asyncio.gather(*(producer.publish(topic, sample_request(f"ch-{unique}", str(uuid.uuid4())))
+                           for _ in range(3)))
+    await eventually(all_handled)
+    stop.set()
+    await running
+    assert batches == [4]
+
+
 async def test_a_batch_published_together_arrives_in_order(kafka_bootstrap, codec, unique):
     topic = await own_topic(kafka_bootstrap, codec, unique)
     producer = EventProducer(kafka_bootstrap, codec, client_id="test", linger_ms=1)
