@@ -29,7 +29,7 @@ SETTINGS = [
                         "take effect within it"),
     config.Setting("INGRESS_KAFKA_TIMEOUT_MS", config.positive_int, 5000,
                    help="how long a request waits for Kafka's acknowledgement before answering 503"),
-    config.Setting("INGRESS_KAFKA_LINGER_MS", config.whole_number, 1,
+    config.Setting("INGRESS_KAFKA_LINGER_MS", config.whole_number, 5,
                    help="producer batching delay; each request waits for its own acknowledgement"),
     config.Setting("INGRESS_REQUESTED_TOPIC", str, PAYMENT_REQUESTED.name,
                    help="topic of the PaymentRequested events; only a benchmark should change it"),
