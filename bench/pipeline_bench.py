@@ -285,8 +285,9 @@ def infra_pids(database_url: str) -> dict[str, int]:
             print(f"  ({name}: no pid file at {pid_file}; its CPU is left out)")
     with psycopg.connect(database_url, connect_timeout=10) as conn:
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
-    assert row is not None, "a function's one row"
-    pids["postgresql"] = int(_stat_fields(row[0])[1])
+        assert row is not None, "a function's one row"
+        # Read while connected: the backend exits with the connection, and its /proc entry with it.
+        pids["postgresql"] = int(_stat_fields(row[0])[1])
     return pids
 
 
@@ -467,17 +468,25 @@ def percentiles(values: list[float]) -> dict:
     return {"n": len(ordered), "p50_ms": at(0.50), "p99_ms": at(0.99), "max_ms": round(ordered[-1] * 1000, 1)}
 
 
-def callback_times(sandbox_url: str, admin_token: str, o: Offer) -> dict[int, float]:
-    """When the sandbox started sending each payment's first callback, by index (its push log)."""
-    answer = httpx.get(f"{sandbox_url}/sandbox/pushes", params={"status": "accepted"}, timeout=120,
-                       headers={"Authorization": f"Bearer {admin_token}"})
+def push_log(sandbox_url: str, admin_token: str, o: Offer) -> tuple[dict[int, float], float | None, int]:
+    """From the sandbox's push log: when it started sending each payment's first callback (by index),
+    the pushes per second it received, and how many payments it was asked to push more than once."""
+    answer = httpx.get(f"{sandbox_url}/sandbox/pushes", timeout=120, headers={"Authorization": f"Bearer {admin_token}"})
     answer.raise_for_status()
-    sent = {}
+    sent: dict[int, float] = {}
+    received: list[float] = []
+    pushes: Counter[int] = Counter()
     for push in answer.json()["pushes"]:
         reference = str(push.get("AccountReference", ""))
-        if reference.startswith(o.tag) and reference[len(o.tag):].isdigit() and push.get("callbacksSentAt"):
-            sent[int(reference[len(o.tag):])] = datetime.fromisoformat(push["callbacksSentAt"][0]).timestamp()
-    return sent
+        if not (reference.startswith(o.tag) and reference[len(o.tag):].isdigit()):
+            continue
+        index = int(reference[len(o.tag):])
+        pushes[index] += 1
+        received.append(datetime.fromisoformat(push["receivedAt"]).timestamp())
+        if push.get("callbacksSentAt") and index not in sent:
+            sent[index] = datetime.fromisoformat(push["callbacksSentAt"][0]).timestamp()
+    span = max(received) - min(received) if len(received) > 1 else 0.0
+    return sent, round(len(received) / span, 1) if span else None, sum(1 for n in pushes.values() if n > 1)
 
 
 async def run_phase(ctx: dict, tag: str, rate: float, duration_s: float, drain_timeout_s: float,
@@ -495,9 +504,12 @@ async def run_phase(ctx: dict, tag: str, rate: float, duration_s: float, drain_t
     finally:
         progress.cancel()
     cpu_after, elapsed = meter.read(), time.monotonic() - started
-    sent = callback_times(stack.sandbox_url, ctx["admin_token"], o)
-    return measure(o, reader, sent, {n: cpu_after[n] - cpu_before[n] for n in cpu_after if n in cpu_before},
-                   stack, rate, duration_s, elapsed, host)
+    sent, pushes_per_s, pushed_twice = push_log(stack.sandbox_url, ctx["admin_token"], o)
+    result = measure(o, reader, sent, {n: cpu_after[n] - cpu_before[n] for n in cpu_after if n in cpu_before},
+                     stack, rate, duration_s, elapsed, host)
+    result.update(pushes_per_s=pushes_per_s, pushed_twice=pushed_twice)
+    result["held"] = result["held"] and pushed_twice == 0
+    return result
 
 
 async def _report_progress(o: Offer, reader: StatusReader, stack: Stack, started: float, every_s: float) -> None:
@@ -577,6 +589,8 @@ def print_phase(r: dict, args: argparse.Namespace, idle_cores: dict[str, float])
     if r["other_final_reasons"]:
         print(f"  other final states, the commonest reasons: {r['other_final_reasons']}")
     # Within 1%: the first and the last payment's latencies differ a little even when the pipeline keeps up.
+    print(f"  {'pushes/s':<19}{r['pushes_per_s']!s:>8}            payments pushed more than once: "
+          f"{r['pushed_twice']} (must be 0)")
     print(f"  {'settled/s':<19}{r['settled_per_s']!s:>8}            target ≥ {TARGET_SETTLED_PER_S:.0f}/s (± 1%) for "
           f"60 s, none lost: {verdict(rate_ok)}")
     for name, figures, target in (("request → Pending", pending, TARGET_REQUEST_TO_PENDING_P99_MS),
