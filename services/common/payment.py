@@ -11,6 +11,7 @@ import enum
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -127,13 +128,18 @@ def mask_phones_in(text: str) -> str:
     def masked(match: re.Match[str]) -> str:
         phone = normalise_phone(match.group(0))
         return mask_phone(phone) if phone else "*" * len(match.group(0))
-    def masked_between_uuids(piece: str) -> str:
+    def masked_piece(piece: str) -> str:
         piece = _NUMBER_IN_CHECKOUT_ID.sub(lambda m: m.group(1) + mask_phone(m.group(2)), piece)
         return _PHONE_IN_TEXT.sub(masked, piece)
-    # A UUID's groups may read as a number ("…-363e38876126": e then 38876126 after "-363", one UUID
-    # in about 180): payment and event ids are quoted whole, and no payer's number is written as one.
+    return outside_uuids(text, masked_piece)
+
+
+def outside_uuids(text: str, change: Callable[[str], str]) -> str:
+    """`text` with `change` applied to what lies between the UUIDs in it. A UUID's groups may read as
+    a number ("…-363e38876126": 38876126 after "-363", one UUID in about 180): payment and event ids are
+    quoted whole in reasons and audit entries, and no payer's number is written as a UUID."""
     pieces = _UUID_IN_TEXT.split(text)
-    return "".join(piece if index % 2 else masked_between_uuids(piece) for index, piece in enumerate(pieces))
+    return "".join(piece if index % 2 else change(piece) for index, piece in enumerate(pieces))
 
 
 def validate_channel_id(value: Any) -> str | None:

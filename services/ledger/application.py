@@ -22,7 +22,7 @@ from prometheus_client import Counter
 from services.common import config
 from services.common.avro import Codec, DecodeError
 from services.common.ids import new_id
-from services.common.payment import PaymentState, mask_phone, mask_phones_in
+from services.common.payment import PaymentState, mask_phone, mask_phones_in, outside_uuids
 from services.common.pseudonyms import CHECKOUT, PHONE, PSEUDONYM_KEY_FILE, Pseudonyms
 from services.common.text import untrusted
 from services.common.topics import PAYMENT_STATUS, STK_QUERY_REQUESTED
@@ -444,7 +444,8 @@ def _masked(text: str | None, limit: int | None = None, pseudonyms: Pseudonyms |
     if pseudonyms is not None:
         masked = _CHECKOUT_IN_TEXT.sub(lambda m: pseudonyms.checkout(m.group(0)), masked)
     masked = mask_phones_in(masked)
-    masked = _LONG_DIGITS.sub(lambda m: "*" * (len(m.group(0)) - 3) + m.group(0)[-3:], masked)
+    masked = outside_uuids(masked, lambda piece: _LONG_DIGITS.sub(
+        lambda m: "*" * (len(m.group(0)) - 3) + m.group(0)[-3:], piece))
     return masked[:limit] if limit is not None else masked
 
 

@@ -357,3 +357,11 @@ async def test_a_long_reason_is_cut_and_payers_numbers_in_it_are_masked_in_the_e
     assert history_reasons and audit_details
     assert not any("12345678" in text for text in history_reasons + audit_details)
     assert any("*********678" in text for text in history_reasons)
+
+
+def test_a_payment_id_quoted_in_a_reason_stays_whole_while_long_digit_runs_are_cut():
+    # "f085285276bd" holds nine digits in a row: cut as an id ending in a number would be, the audit
+    # entry could no longer name the payment it refers to (CI saw it).
+    other = "f9e0695f-ca0b-4747-88e8-f085285276bd"
+    masked = application._masked(f"receipt 56E386BAE0 already proves payment {other}; ref 20261130123456789")
+    assert masked == f"receipt 56E386BAE0 already proves payment {other}; ref **************789"
