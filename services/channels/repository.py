@@ -171,7 +171,7 @@ async def rows_per_kek_in_every_table(conn: AsyncConnection) -> dict[str, int]:
 # Writes of sealed rows (credentials, webhook signing secrets) hold this lock shared while they read
 # the public key and insert; retiring a KEK holds it exclusively, so no row sealed to a key can land
 # after that key was found unused.
-_KEK_LOCK = 7_262_022
+_KEK_LOCK = 7_262_026  # advisory lock id (7_262_021-25 are taken: common/db.py, ledger/store.py, stk_worker/tokens.py)
 
 
 async def lock_keks(conn: AsyncConnection, *, exclusive: bool) -> None:

@@ -119,7 +119,8 @@ _PHONE_IN_TEXT = re.compile(rf"(?<![0-9])(?:(?:\+|00)?254{_SEPARATORS_IN_TEXT}(?
 # Daraja's current CheckoutRequestIDs: ws_CO_, DDMMYYYYHHMMSS and milliseconds, then the payer's number
 # without 254 (docs/daraja.md §2): inside a run of digits, where _PHONE_IN_TEXT does not look.
 _NUMBER_IN_CHECKOUT_ID = re.compile(r"(ws_CO_[0-9]{17})([17][0-9]{8})")
-_UUID_IN_TEXT = re.compile(r"([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})")
+# A UUID standing alone: inside a longer run ("254712345678-aaaa-…") its first group would hide a number.
+_UUID_IN_TEXT = re.compile(r"(?<![0-9A-Za-z])([0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12})(?![0-9A-Za-z])")
 
 
 def mask_phones_in(text: str) -> str:

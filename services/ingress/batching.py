@@ -1,7 +1,8 @@
 """Natural batching of small database writes: whatever queued while the last batch ran goes next.
 
 At low load a batch is one item and adds no wait; under load one round trip carries many items, so
-the database cost per request falls as the request rate rises. Nothing waits on a timer.
+the database cost per request falls as the request rate rises. A batcher given `linger_s` also waits
+that long after its first item (the claims 3 ms, the marks 50 ms: services/ingress/idempotency.py).
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ class Batcher(Generic[Item, Result]):
 
     Up to `workers` batches are in flight at once (each on its own database connection), each at
     most `batch_max` items. A failed flush fails every item of that batch. `linger_s` makes a worker
-    wait that long after the first item before it flushes, for writes no one waits for: fewer,
-    larger batches.
+    wait that long after the first item before it flushes: fewer, larger batches, for writes no one
+    waits for or waits short beside what follows them.
     """
 
     def __init__(self, name: str, flush: Callable[[Sequence[Item]], Awaitable[Sequence[Result]]], *,

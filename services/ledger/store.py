@@ -56,6 +56,9 @@ async def open_batch(conn: AsyncConnection, events: list[tuple[str, str]], payme
     refuse the second, late_receipt and candidate_receipt have none.
     """
     ids = sorted(set(payment_ids))
+    # In one order too: two ledgers holding one event at once (a rebalance) each wait on the other's
+    # uncommitted key; in different orders, two such keys would deadlock them.
+    events = sorted(events)
     async with conn.pipeline():
         claimed = await conn.execute(
             "INSERT INTO processed_events (event_id, topic) SELECT * FROM unnest(%s::uuid[], %s::text[])"

@@ -114,10 +114,21 @@ class Coalesced(Generic[Call, Result]):
                 answer.set_result(result)
 
 
+def database_unavailable(exc: BaseException) -> bool:
+    """PostgreSQL cannot serve us now (down, restarting, connection closed, pool exhausted,
+    statement cancelled): trying the same statement later will work. A statement beyond one of
+    PostgreSQL's limits (SQLSTATE class 54: too complex, too many columns or arguments) fails again
+    however often it is tried, though psycopg makes it an OperationalError too."""
+    if isinstance(exc, psycopg.Error) and (exc.sqlstate or "").startswith("54"):
+        return False
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+
+
 def _outage(exc: Exception) -> bool:
     """PostgreSQL is down or slow (connection lost, pool exhausted, statement cancelled): the calls
-    one by one would only fail the same way, each after its own wait."""
-    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+    one by one would only fail the same way, each after its own wait. A deadlock with another
+    worker's statement counts too: every call is retried, none pushed twice (the claim decides)."""
+    return database_unavailable(exc)
 
 
 class PostgresClaims:

@@ -1,10 +1,8 @@
 """The worker's failures, classified by what its caller should do next (docs/stk-worker.md)."""
 from __future__ import annotations
 
-import psycopg
-
 from services.common.kafka import PublishError, Transient
-from services.stk_worker.claims import PushOutcome
+from services.stk_worker.claims import PushOutcome, database_unavailable
 
 
 class Interrupted(Transient):
@@ -26,16 +24,6 @@ class AnswerNotRecorded(Transient):
     def __init__(self, payment_id: str, outcome: PushOutcome):
         super().__init__(payment_id)
         self.outcome = outcome
-
-
-def database_unavailable(exc: BaseException) -> bool:
-    """PostgreSQL cannot serve us now (down, restarting, connection closed, pool exhausted,
-    statement cancelled): trying the same statement later will work. A statement beyond one of
-    PostgreSQL's limits (SQLSTATE class 54: too complex, too many columns or arguments) fails again
-    however often it is tried, though psycopg makes it an OperationalError too."""
-    if isinstance(exc, psycopg.Error) and (exc.sqlstate or "").startswith("54"):
-        return False
-    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
 
 
 def is_transient(exc: Exception) -> bool:

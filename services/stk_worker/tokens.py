@@ -26,6 +26,7 @@ from services.daraja.models import AccessToken, AppCredentials
 
 log = logging.getLogger(__name__)
 
+LOCK_WAIT_MS = 5000
 _TOKEN_LOCKS = 7_262_025  # first key of the per-app advisory locks (7_262_021-24 are taken: ledger/store.py)
 
 
@@ -51,7 +52,10 @@ class SharedTokens:
         minted = None
         try:
             async with self.pool.connection() as conn, conn.transaction():
-                # Held while minting: the other workers wait for this token rather than mint their own.
+                # Held while minting: the other workers wait for this token rather than mint their own,
+                # but not for ever: a worker frozen mid-mint (its Daraja call is bounded by the client's
+                # timeouts, a stopped process is not) costs the others LOCK_WAIT, then they mint alone.
+                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_WAIT_MS}ms'")
                 await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_TOKEN_LOCKS, ref))
                 stored = await self._stored(conn, ref, refused, min_remaining_s)
                 if stored is not None:

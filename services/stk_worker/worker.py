@@ -24,8 +24,8 @@ from services.common.topics import STK_PUSH_RESULT, STK_QUERY_RESULT
 from services.daraja.errors import DarajaError, ErrorKind
 from services.daraja.models import PushAccepted, QueryStatus, StkPushRequest
 from services.stk_worker.channels import ChannelAccess
-from services.stk_worker.claims import ClaimStatus, HeldBy, PushOutcome
-from services.stk_worker.errors import AnswerNotRecorded, Interrupted, OwnerBusy, database_unavailable
+from services.stk_worker.claims import ClaimStatus, HeldBy, PushOutcome, database_unavailable
+from services.stk_worker.errors import AnswerNotRecorded, Interrupted, OwnerBusy
 from services.stk_worker.ports import Channels, Claims, Clock, Daraja, SystemClock
 from services.stk_worker.throttle import ShortcodeThrottle
 

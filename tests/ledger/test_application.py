@@ -365,3 +365,10 @@ def test_a_payment_id_quoted_in_a_reason_stays_whole_while_long_digit_runs_are_c
     other = "f9e0695f-ca0b-4747-88e8-f085285276bd"
     masked = application._masked(f"receipt 56E386BAE0 already proves payment {other}; ref 20261130123456789")
     assert masked == f"receipt 56E386BAE0 already proves payment {other}; ref **************789"
+
+
+@pytest.mark.parametrize("text", ["Pay 254712345678-aaaa-bbbb-cccc-dddddddddddd",
+                                  "Pay 0712345678-aaaa-bbbb-cccc-dddddddddddd",
+                                  "Pay 0712345678aaaa-bbbb-cccc-dddd-eeeeeeeeeeee"])
+def test_a_number_glued_to_a_uuid_like_tail_is_still_masked(text):
+    assert "2345678" not in (application._masked(text) or "")
