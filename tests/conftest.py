@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -168,10 +169,26 @@ def unique() -> str:
     return uuid.uuid4().hex[:10]
 
 
+# Ports handed to services are taken below Linux's ephemeral range (32768-60999): a port the kernel
+# picked there could be picked again, for the next free_port or for any process's outgoing connection,
+# before the service binds it (a ledger once found its metrics port taken by the gateway).
+_LISTEN_PORTS = range(20000, 32000)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now and never handed out before by this test run."""
+    while True:
+        port = random.choice(_LISTEN_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 def kafka_login(infra: dict[str, str], principal: str) -> dict[str, str]:
