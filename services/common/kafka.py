@@ -540,6 +540,10 @@ class _PartitionProgress:
         return self.next_commit if advanced else None
 
 
+# How often a consumer commits its progress while it runs (ConsumerLoop._commit_in_background).
+COMMIT_INTERVAL_S: Final = 0.5
+
+
 class ConsumerLoop:
     """Consumes topics in batches and hands each decoded batch to `handler`.
 
@@ -569,13 +573,17 @@ class ConsumerLoop:
     def __init__(self, *, bootstrap: str, group_id: str, topics: list[Topic], codec: Codec,
                  handler: BatchHandler, dead_letters: Publisher, max_batch: int = 500,
                  max_in_flight: int = 1, overlap_from: int = 1, poll_timeout: float = 0.2, linger_s: float = 0.0,
-                 poison_budget: int = 5, revoke_timeout_s: float = 30.0, extra_config: dict | None = None):
+                 poison_budget: int = 5, revoke_timeout_s: float = 30.0, extra_config: dict | None = None,
+                 commit_interval_s: float = COMMIT_INTERVAL_S):
         if poison_budget < 1:
             raise ValueError("poison_budget must be at least 1")
         self.group_id = group_id
         # Five tries take about 1.5 s of back-off: enough for a fault that was not marked Transient
         # but passes (a connection reset mid-query), little next to a partition stalled for good.
         self.poison_budget = poison_budget
+        self.commit_interval_s = commit_interval_s
+        self._last_commit = 0.0  # monotonic
+        self._commit_timer: asyncio.TimerHandle | None = None
         self._in_hand: dict[int, float] = {}  # batch number -> when it was fetched (monotonic)
         self._batches = 0
         self.overlap_from = overlap_from
@@ -650,6 +658,9 @@ class ConsumerLoop:
         finally:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+            if self._commit_timer is not None:
+                self._commit_timer.cancel()  # the commit below takes its offsets
+                self._commit_timer = None
             await self._commit()
             await self._in_thread(self._consumer.close)
             self._thread.shutdown(wait=True)
@@ -856,7 +867,21 @@ class ConsumerLoop:
     def _commit_in_background(self) -> None:
         # Handlers are idempotent, so a commit that is late (or lost in a crash) only means a
         # redelivery: the next batch need not wait for the broker's answer. Queued on the consumer's
-        # thread, commits go out in order; close and revoke still commit synchronously.
+        # thread, commits go out in order; close and revoke still commit synchronously. At most one
+        # every commit_interval_s: a commit per batch was an OffsetCommit request per batch, and at
+        # a few hundred payments/s the small batches of every consumer made those a good part of the
+        # broker's CPU (docs/cpu-per-payment.md). A crash now redelivers up to that much more.
+        if self._commit_timer is not None:
+            return  # a commit is due soon: it takes these offsets too
+        wait = self._last_commit + self.commit_interval_s - time.monotonic()
+        if wait > 0:
+            self._commit_timer = asyncio.get_running_loop().call_later(wait, self._commit_now)
+        else:
+            self._commit_now()
+
+    def _commit_now(self) -> None:
+        self._commit_timer = None
+        self._last_commit = time.monotonic()
         offsets = self._committable()
         if offsets:
             self._thread.submit(self._consumer.commit, offsets=offsets, asynchronous=True)

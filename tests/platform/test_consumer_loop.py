@@ -8,7 +8,8 @@ import sys
 import uuid
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException, Message
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException, Message
+from confluent_kafka.admin import AdminClient
 
 from services.common.avro import Codec
 from services.common.kafka import (
@@ -17,6 +18,7 @@ from services.common.kafka import (
     EventProducer,
     PublishError,
     Transient,
+    client_config,
     ensure_topics,
     new_event_fields,
     rewind_points,
@@ -561,3 +563,35 @@ async def test_an_event_the_producer_refuses_before_sending_is_a_publish_error_n
         await producer.publish(STK_PUSH_RESULT, {**new_event_fields("shop", "p1"), "outcome": "ACCEPTED",
                                                  "merchant_request_id": None, "checkout_request_id": "ws_CO_1",
                                                  "error_code": None, "error_message": None, "attempts": 1})
+
+
+async def test_progress_is_committed_at_most_once_an_interval_and_on_stop_whatever_is_left(
+        kafka_bootstrap, codec, producer, unique):
+    topic = await own_topic(kafka_bootstrap, codec, unique)
+    channel = f"ch-{unique}"  # one key: one partition
+    group = f"g-{unique}"
+    seen: list[ConsumedEvent] = []
+    loop = recording_loop(kafka_bootstrap, group, topic, codec, producer, seen)
+    loop.commit_interval_s = 3600  # after the first commit, none until the loop stops
+    admin = AdminClient(client_config({"bootstrap.servers": kafka_bootstrap}))
+
+    def committed() -> int:
+        request = ConsumerGroupTopicPartitions(group)
+        result = admin.list_consumer_group_offsets([request])[group].result()
+        return sum(max(tp.offset, 0) for tp in result.topic_partitions or [])
+
+    stop = asyncio.Event()
+    running = asyncio.create_task(loop.run(stop))
+    await producer.publish(topic, sample_request(channel, str(uuid.uuid4())))
+    await eventually(lambda: met_async(committed() == 1), timeout=30)  # the first batch: committed at once
+    for _ in range(3):
+        await producer.publish(topic, sample_request(channel, str(uuid.uuid4())))
+    await eventually(lambda: met_async(len(seen) == 4), timeout=30)
+    assert committed() == 1  # handled, and left to the next commit
+    stop.set()
+    await running
+    assert committed() == 4  # stopping commits what was handled
+
+
+async def met_async(value: bool) -> bool:
+    return value
