@@ -468,6 +468,15 @@ def percentiles(values: list[float]) -> dict:
     return {"n": len(ordered), "p50_ms": at(0.50), "p99_ms": at(0.99), "max_ms": round(ordered[-1] * 1000, 1)}
 
 
+def by_second(pairs: list[tuple[float, float]], origin: float) -> list[dict]:
+    """(when, latency) pairs as one row of percentiles per second since `origin`: a stall shows as
+    the seconds whose p99 stands out, where one p99 over the whole run cannot say when or how often."""
+    seconds: dict[int, list[float]] = {}
+    for when, latency in pairs:
+        seconds.setdefault(max(int(when - origin), 0), []).append(latency)
+    return [{"second": k, **percentiles(v)} for k, v in sorted(seconds.items())]
+
+
 def push_log(sandbox_url: str, admin_token: str, o: Offer) -> tuple[dict[int, float], float | None, int]:
     """From the sandbox's push log: when it started sending each payment's first callback (by index),
     the pushes per second it received, and how many payments it accepted a push of more than once."""
@@ -531,8 +540,10 @@ def measure(o: Offer, reader: StatusReader, sent: dict[int, float], cpu: dict[st
     to_pending = [reader.pending_at[p] - o.scheduled_at[o.index_of[p]] for p in accepted if p in reader.pending_at]
     finals = {p: reader.final[p] for p in accepted if p in reader.final}
     settled_at = sorted(at for state, at in finals.values() if state == "Settled")
-    to_settled = [reader.final[p][1] - sent[o.index_of[p]] for p in accepted
-                  if finals.get(p, ("",))[0] == "Settled" and o.index_of[p] in sent]
+    settled_pairs = [(sent[o.index_of[p]], reader.final[p][1] - sent[o.index_of[p]]) for p in accepted
+                     if finals.get(p, ("",))[0] == "Settled" and o.index_of[p] in sent]
+    to_settled = [latency for _, latency in settled_pairs]
+    origin = o.scheduled_at[0] if o.scheduled_at else 0.0
     other = Counter(state for state, _ in finals.values() if state != "Settled")
     span = settled_at[-1] - settled_at[0] if len(settled_at) > 1 else 0.0
     per_payment = {name: round(seconds * 1000 / len(accepted), 3) for name, seconds in cpu.items()} if accepted else {}
@@ -546,6 +557,10 @@ def measure(o: Offer, reader: StatusReader, sent: dict[int, float], cpu: dict[st
         "other_final_reasons": dict(Counter(reader.why[p] for p in finals if p in reader.why).most_common(5)),
         "settled_per_s": round(len(settled_at) / span, 1) if span else None,
         "request_to_pending": percentiles(to_pending), "callback_to_settled": percentiles(to_settled),
+        "by_second": {  # by the second of the offer the request was scheduled, or the callback sent, in
+            "request_to_pending": by_second([(o.scheduled_at[o.index_of[p]], reader.pending_at[p] - o.scheduled_at[
+                o.index_of[p]]) for p in accepted if p in reader.pending_at], origin),
+            "callback_to_settled": by_second(settled_pairs, origin)},
         "cpu_ms_per_payment": per_payment,
         "cpu_ms_per_payment_by_service": _by_service(per_payment, stack),
         "cpu_ms_per_payment_own": round(sum(per_payment[n] for n in own), 3) if per_payment else None,
@@ -599,6 +614,12 @@ def print_phase(r: dict, args: argparse.Namespace, idle_cores: dict[str, float])
         ok = figures["p99_ms"] is not None and figures["p99_ms"] < target
         print(f"  {name:<19}p50 {figures['p50_ms']!s:>7} ms  p99 {figures['p99_ms']!s:>7} ms  max "
               f"{figures['max_ms']!s:>7} ms  (n {figures['n']})  target p99 < {target:.0f} ms: {verdict(ok)}")
+    for name, key, target in (("request → Pending", "request_to_pending", TARGET_REQUEST_TO_PENDING_P99_MS),
+                              ("callback → Settled", "callback_to_settled", TARGET_CALLBACK_TO_SETTLED_P99_MS)):
+        late = [row for row in r["by_second"][key] if row["p99_ms"] >= target]
+        print(f"  {name:<19}seconds with p99 over target: {len(late)} of {len(r['by_second'][key])}"
+              + (f" (at {', '.join(str(row['second']) for row in late[:20])}{' ...' if len(late) > 20 else ''})"
+                 if late else ""))
     if r["cpu_ms_per_payment"]:
         print(f"  CPU ms per payment (over {r['measured_s']} s, first request to end of drain), and cores busy "
               f"when idle:")

@@ -254,4 +254,4 @@ async def main(cfg: dict[str, Any], stop: asyncio.Event) -> None:
 
 
 if __name__ == "__main__":
-    run_service("audit-anchor", SETTINGS, main)
+    run_service("audit-anchor", SETTINGS, main, background=True)

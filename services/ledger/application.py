@@ -22,7 +22,8 @@ from prometheus_client import Counter
 from services.common import config
 from services.common.avro import Codec, DecodeError
 from services.common.ids import new_id
-from services.common.payment import PaymentState, mask_phone, mask_phones_in, outside_uuids
+from services.common.payment import (NUMBER_DIGITS_MIN, PaymentState, fewer_digits_than, mask_phone, mask_phones_in,
+                                     outside_uuids)
 from services.common.pseudonyms import CHECKOUT, PHONE, PSEUDONYM_KEY_FILE, Pseudonyms
 from services.common.text import untrusted
 from services.common.topics import PAYMENT_STATUS, STK_QUERY_REQUESTED
@@ -440,6 +441,8 @@ def _masked(text: str | None, limit: int | None = None, pseudonyms: Pseudonyms |
     number's head in clear)."""
     if text is None:
         return None
+    if fewer_digits_than(NUMBER_DIGITS_MIN, text) and _CHECKOUT_PREFIX not in text:
+        return text[:limit] if limit is not None else text  # nothing below could change it
     masked = text  # the ids first: their pseudonym is of the id as Daraja wrote it, number and all
     if pseudonyms is not None:
         masked = _CHECKOUT_IN_TEXT.sub(lambda m: pseudonyms.checkout(m.group(0)), masked)
@@ -457,5 +460,6 @@ def _checkout_ref(checkout_request_id: str | None, pseudonyms: Pseudonyms) -> st
     return pseudonyms.checkout(checkout_request_id)
 
 
-_CHECKOUT_IN_TEXT = re.compile(r"ws_CO_[0-9A-Za-z_]+")  # Daraja's form (docs/daraja.md §2)
+_CHECKOUT_PREFIX = "ws_CO_"
+_CHECKOUT_IN_TEXT = re.compile(_CHECKOUT_PREFIX + r"[0-9A-Za-z_]+")  # Daraja's form (docs/daraja.md §2)
 _LONG_DIGITS = re.compile(r"[0-9]{9,}")

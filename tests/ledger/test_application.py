@@ -7,9 +7,13 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.common.avro import Codec, open_codec
 from services.common.kafka import ConsumedEvent, new_event_fields
+from services.common.payment import (_NUMBER_IN_CHECKOUT_ID, _PHONE_IN_TEXT, NUMBER_DIGITS_MIN, fewer_digits_than,
+                                     mask_phones_in, outside_uuids)
 from services.common.topics import (
     ACCESS,
     CALLBACK_RAW,
@@ -372,3 +376,23 @@ def test_a_payment_id_quoted_in_a_reason_stays_whole_while_long_digit_runs_are_c
                                   "Pay 0712345678aaaa-bbbb-cccc-dddd-eeeeeeeeeeee"])
 def test_a_number_glued_to_a_uuid_like_tail_is_still_masked(text):
     assert "2345678" not in (application._masked(text) or "")
+
+
+# Texts rich in what the masking patterns look for: digits, their separators, a country code's "+",
+# letters around them, a CheckoutRequestID's prefix and pieces of UUIDs.
+_MASKING_ALPHABET = st.sampled_from(list("0123456789 -.()+abcfxINV_") + ["254", "07", "ws_CO_", "-aaaa-"])
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(st.lists(_MASKING_ALPHABET, max_size=40).map("".join))
+def test_the_masking_shortcut_never_leaves_what_the_full_masking_would_change(text):
+    """_masked and mask_phones_in return a text with fewer than nine digits (and, for _masked, no
+    CheckoutRequestID) unchanged without running their patterns: every pattern needs nine digits."""
+    full = application._CHECKOUT_IN_TEXT.sub(lambda m: PSEUDONYMS.checkout(m.group(0)), text)
+    full = outside_uuids(full, lambda piece: _PHONE_IN_TEXT.sub("#", _NUMBER_IN_CHECKOUT_ID.sub("#", piece)))
+    full = outside_uuids(full, lambda piece: application._LONG_DIGITS.sub("#", piece))
+    if full != text:  # something to mask or pseudonymise: the shortcut must not be taken
+        assert not (fewer_digits_than(NUMBER_DIGITS_MIN, text) and application._CHECKOUT_PREFIX not in text)
+    if fewer_digits_than(NUMBER_DIGITS_MIN, text):
+        assert mask_phones_in(text) == text
+        assert outside_uuids(text, lambda piece: _PHONE_IN_TEXT.sub("#", _NUMBER_IN_CHECKOUT_ID.sub("#", piece))) == text
