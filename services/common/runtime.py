@@ -15,7 +15,7 @@ from services.common.observability import setup_logging
 # How much a background job (audit anchoring, retention) lowers its CPU priority. The anchoring job
 # checks a minute of audit rows at once, about 0.45 s of one core at 300 payments/s: at the payment
 # path's priority that burst stalled every hop of it for as long (bench/pipeline_bench.py, a p99
-# step at the anchor's second). Niced, it takes the CPU the payment path leaves; docs/scaling.md.
+# step at the anchor's second). Niced, it takes the CPU the payment path leaves; docs/cpu-per-payment.md.
 BACKGROUND_NICENESS = 10
 
 

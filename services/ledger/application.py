@@ -22,8 +22,14 @@ from prometheus_client import Counter
 from services.common import config
 from services.common.avro import Codec, DecodeError
 from services.common.ids import new_id
-from services.common.payment import (NUMBER_DIGITS_MIN, PaymentState, fewer_digits_than, mask_phone, mask_phones_in,
-                                     outside_uuids)
+from services.common.payment import (
+    NUMBER_DIGITS_MIN,
+    PaymentState,
+    fewer_digits_than,
+    mask_phone,
+    mask_phones_in,
+    outside_uuids,
+)
 from services.common.pseudonyms import CHECKOUT, PHONE, PSEUDONYM_KEY_FILE, Pseudonyms
 from services.common.text import untrusted
 from services.common.topics import PAYMENT_STATUS, STK_QUERY_REQUESTED
