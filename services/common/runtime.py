@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import signal
 import sys
@@ -12,10 +13,12 @@ from typing import Any
 from services.common import config
 from services.common.observability import setup_logging
 
-# How much a background job (audit anchoring, retention) lowers its CPU priority. The anchoring job
-# checks a minute of audit rows at once, about 0.45 s of one core at 300 payments/s: at the payment
-# path's priority that burst stalled every hop of it for as long (bench/pipeline_bench.py, a p99
-# step at the anchor's second). Niced, it takes the CPU the payment path leaves; docs/cpu-per-payment.md.
+# How much a background job lowers its CPU priority. The audit-anchoring job checks a minute of audit
+# rows at once, about 0.45 s of one core at 300 payments/s: at the payment path's priority that burst
+# stalled every hop of it for as long (bench/pipeline_bench.py, a p99 step at the anchor's second).
+# Niced, it takes the CPU the payment path leaves (docs/cpu-per-payment.md). Only a job that holds no
+# lock the payment path waits for may be niced: the retention job holds payments' locks while it
+# scrubs a chunk, and niced it would hold them longer (a priority inversion), so it is not.
 BACKGROUND_NICENESS = 10
 
 
@@ -37,12 +40,19 @@ def run_service(name: str, settings: list[config.Setting], main: Callable[[Any, 
         raise SystemExit(2) from None
     setup_logging(name, log_level)
     if background:
-        os.nice(BACKGROUND_NICENESS)
+        _lower_priority(name)
     try:
         asyncio.run(_main_until_signalled(cfg, main))
     except StartupRefused as exc:
         print(f"{name}: cannot start: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _lower_priority(name: str) -> None:
+    try:
+        os.nice(BACKGROUND_NICENESS)
+    except OSError as exc:  # a runtime that forbids it: the job still runs, at the payment path's priority
+        logging.getLogger(__name__).warning("%s: could not lower its CPU priority: %s", name, exc)
 
 
 async def _main_until_signalled(cfg, main) -> None:

@@ -1,7 +1,8 @@
 """The outbox relay: publishes committed outbox rows to Kafka, then deletes them.
 
 Fast path: the ledger hands over each committed transaction's rows, which are published at once,
-in commit order, with no read back from the table. Catching up: at start and after a failed
+in commit order, with no read back from the table (the rows of transactions that committed while
+the relay was busy go out together, up to a lot). Catching up: at start and after a failed
 publish, the relay first publishes everything in the table, in id order, and only then takes the
 fast path again, so a payment's status events never overtake each other. Backstop: a periodic scan
 publishes rows older than `stale_after_s` (left by a ledger that stopped), with SKIP LOCKED so
@@ -68,7 +69,7 @@ class OutboxRelay:
                     catching_up = await self.publish_stale(older_than_s=0) == self.batch
                     continue
                 if self.handed:
-                    await self.publish(self.handed.popleft())
+                    await self.publish(self._next_rows())
                     continue
                 if loop.time() >= next_scan:
                     if await self.publish_stale() < self.batch:
@@ -80,6 +81,17 @@ class OutboxRelay:
                 await asyncio.sleep(1)
                 continue
             await self._sleep_until_woken(stop, next_scan - loop.time())
+
+    def _next_rows(self) -> list[OutboxRow]:
+        """The oldest handed-over transaction's rows, joined by those of the transactions committed
+        after it meanwhile, up to `batch` rows: one produce request, one acknowledgement and one
+        delete for several small transactions, in commit order. With batches applied side by side,
+        transactions come in small and close together, and each waited for the one before it to be
+        acknowledged and deleted."""
+        rows = list(self.handed.popleft())
+        while self.handed and len(rows) + len(self.handed[0]) <= self.batch:
+            rows += self.handed.popleft()
+        return rows
 
     async def _sleep_until_woken(self, stop: asyncio.Event, timeout: float) -> None:
         waiters = [asyncio.create_task(self.wake.wait()), asyncio.create_task(stop.wait())]

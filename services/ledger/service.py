@@ -30,15 +30,12 @@ from services.ledger.postgres import postgres_unit_of_work
 log = logging.getLogger(__name__)
 
 DEFAULTS = LedgerSettings()  # frozen: one shared default is safe
-# The next batch may be applied beside the one in hand (up to LEDGER_MAX_IN_FLIGHT), whatever its size.
-# Alone on a machine, small batches one after the other were faster for each (bench/settle_bench.py),
-# and overlap waited for batches of 100. With the whole pipeline on two cores a batch's wall time is
-# mostly waiting for a CPU between its round trips, and every event that arrived meanwhile waited for
-# it to end: at 300 payments/s (bench/pipeline_bench.py, two runs) request -> Pending p99 went from
-# 1.25-1.95 s to 0.91-0.94 s and callback -> Settled p99 from 0.65-1.2 s to 0.41-0.47 s, for about
-# 0.04 ms more ledger CPU per payment. Per-payment locks keep overlapping batches apart, as they keep
-# several ledgers (docs/scaling.md).
-OVERLAP_FROM = 1
+# A batch this big means the ledger is behind: the next one may be applied beside it. Smaller batches
+# (a ledger keeping up) go one after the other, which is faster for each (bench/settle_bench.py) and
+# keeps each partition's events in order. Overlapping every batch cut the latency at 300 payments/s
+# on two cores, but let a later event of a payment commit before an earlier one of the same
+# partition (its batch won the payment's lock first): docs/cpu-per-payment.md, "Second round".
+OVERLAP_FROM = 100
 
 
 class Ledger:

@@ -33,4 +33,4 @@ async def main(cfg: dict[str, Any], stop: asyncio.Event) -> None:
 
 
 if __name__ == "__main__":
-    run_service("privacy", SETTINGS, main, background=True)
+    run_service("privacy", SETTINGS, main)

@@ -461,3 +461,18 @@ async def test_a_success_after_a_cancel_keeps_its_receipt_in_the_row_and_in_the_
     statuses = [codec.decode(m.value())[1] for m in messages]
     assert [(s["status"], s["late_mpesa_receipt"]) for s in statuses] == [
         ("Requested", None), ("Pending", None), ("Cancelled", None), ("Review", receipt(unique))]
+
+
+
+def test_transactions_handed_over_while_the_relay_was_busy_go_out_together_in_commit_order():
+    relay = OutboxRelay(pool=cast(AsyncConnectionPool, None), producer=cast(EventProducer, None), batch=5)
+    transactions = [[(10 * n + i, PAYMENT_STATUS.name, b"k", b"v") for i in range(2)] for n in range(4)]
+    transactions.append([(100 + i, PAYMENT_STATUS.name, b"k", b"v") for i in range(7)])  # more than a lot
+    for rows in transactions:
+        relay.hand_over(rows)
+    lots = []
+    while relay.handed:
+        lots.append([row[0] for row in relay._next_rows()])
+    # Two transactions of 2 rows fit a lot of 5, a third does not; the big one goes alone (publish
+    # splits it into lots of 5).
+    assert lots == [[0, 1, 10, 11], [20, 21, 30, 31], [100, 101, 102, 103, 104, 105, 106]]

@@ -31,9 +31,9 @@ def test_only_background_jobs_run_at_a_lower_priority(kind, lowered_by):
     assert niceness_of(kind) == min(os.nice(0) + lowered_by, 19)
 
 
-def test_the_background_jobs_are_the_anchoring_and_retention_ones():
-    """The two periodic jobs whose bursts (a minute of audit rows, a chunk of retention) could stall
-    the payment path; the services on it keep their priority."""
+def test_the_only_background_job_is_the_anchoring_one():
+    """Its burst (a minute of audit rows) stalled the payment path, and it holds no lock the path
+    waits for; the retention job holds payments' locks (niced, it would hold them longer)."""
     background = {path.relative_to(ROOT).as_posix() for path in (ROOT / "services").rglob("*.py")
                   if "background=True" in path.read_text()}
-    assert background == {"services/ledger/anchors.py", "services/privacy/__main__.py"}
+    assert background == {"services/ledger/anchors.py"}
