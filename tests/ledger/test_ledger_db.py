@@ -24,7 +24,11 @@ from tests.platform.kafka_helpers import end_offsets, read_all
 
 
 def receipt(unique: str) -> str:
-    return unique[:10].upper()
+    """A receipt of M-Pesa's form (ten upper-case letters and digits) with a letter in its middle. Ten
+    hex digits hold a run of nine digits about once in 35 draws, which the ledger cuts in audit
+    details as it cuts any run a payer's number may hide in (application._masked): a test looking for
+    the receipt there then failed (CI, 370092075C)."""
+    return f"{unique[:4]}M{unique[5:10]}".upper()
 
 
 def event(topic, schema, value) -> ConsumedEvent:
