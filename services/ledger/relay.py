@@ -85,9 +85,8 @@ class OutboxRelay:
     def _next_rows(self) -> list[OutboxRow]:
         """The oldest handed-over transaction's rows, joined by those of the transactions committed
         after it meanwhile, up to `batch` rows: one produce request, one acknowledgement and one
-        delete for several small transactions, in commit order. With batches applied side by side,
-        transactions come in small and close together, and each waited for the one before it to be
-        acknowledged and deleted."""
+        delete for several small transactions, in commit order, where each waited for the one before
+        it to be acknowledged and deleted."""
         rows = list(self.handed.popleft())
         while self.handed and len(rows) + len(self.handed[0]) <= self.batch:
             rows += self.handed.popleft()

@@ -32,9 +32,10 @@ log = logging.getLogger(__name__)
 DEFAULTS = LedgerSettings()  # frozen: one shared default is safe
 # A batch this big means the ledger is behind: the next one may be applied beside it. Smaller batches
 # (a ledger keeping up) go one after the other, which is faster for each (bench/settle_bench.py) and
-# keeps each partition's events in order. Overlapping every batch cut the latency at 300 payments/s
-# on two cores, but let a later event of a payment commit before an earlier one of the same
-# partition (its batch won the payment's lock first): docs/cpu-per-payment.md, "Second round".
+# keeps a partition's events in order. Overlapping batches may not: a later event of a payment can
+# commit before an earlier one of its partition when its batch wins the payment's lock first. So
+# overlapping every batch, which cut the latency at 300 payments/s on two cores, was reverted, and a
+# ledger behind (batches of 100 or more) still runs that risk: docs/cpu-per-payment.md, "Second round".
 OVERLAP_FROM = 100
 
 

@@ -467,7 +467,6 @@ async def test_a_success_after_a_cancel_keeps_its_receipt_in_the_row_and_in_the_
         ("Requested", None), ("Pending", None), ("Cancelled", None), ("Review", receipt(unique))]
 
 
-
 def test_transactions_handed_over_while_the_relay_was_busy_go_out_together_in_commit_order():
     relay = OutboxRelay(pool=cast(AsyncConnectionPool, None), producer=cast(EventProducer, None), batch=5)
     transactions = [[(10 * n + i, PAYMENT_STATUS.name, b"k", b"v") for i in range(2)] for n in range(4)]
