@@ -42,7 +42,7 @@ from services.common.ids import new_id  # noqa: E402
 from services.common.kafka import ConsumerLoop, EventProducer, ensure_topics, new_event_fields, producer_config  # noqa: E402
 from services.common.topics import ACCESS, ALL_TOPICS, Topic  # noqa: E402
 from services.ledger.relay import OutboxRelay  # noqa: E402
-from services.ledger.service import OVERLAP_FROM, Ledger  # noqa: E402
+from services.ledger.service import Ledger, payment_of  # noqa: E402
 from services.ledger.settings import SETTINGS as LEDGER_SETTINGS  # noqa: E402
 
 KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
@@ -123,7 +123,7 @@ async def run_ledger(run: str, topics: dict[str, Topic], in_flight: int, linger_
 
     loop = ConsumerLoop(bootstrap=KAFKA, group_id=f"bench-{run}", topics=list(topics.values()), codec=codec,
                         handler=counting, dead_letters=producer, max_batch=1000, max_in_flight=in_flight,
-                        overlap_from=OVERLAP_FROM, linger_s=linger_ms / 1000)
+                        order_key=payment_of, linger_s=linger_ms / 1000)
     stop = asyncio.Event()
     tasks = [asyncio.create_task(loop.run(stop)), asyncio.create_task(relay.run(stop))]
     while not loop.assigned:

@@ -15,7 +15,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,6 +28,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.common.avro import Codec, DecodeError
 from services.common.config import ConfigError, client_variable, kafka_client_config
 from services.common.ids import new_id
+from services.common.key_order import KeyOrder, Turn
 from services.common.schema_registry import RegistryUnavailable
 from services.common.text import untrusted
 from services.common.topic_config import configs_for, differences
@@ -557,11 +558,12 @@ class ConsumerLoop:
     error and counted in pipeline_unexpected_errors_total; the others are handled as usual, in order
     (see _handled). `stalled_for` says how long the oldest batch in hand has been, for readiness.
 
-    Up to `max_in_flight` batches run at once; with `overlap_from`, a batch smaller than that waits for
-    the others (and takes what arrives meanwhile): overlapping helps a consumer that is behind, while
-    small batches are faster one after the other. With `linger_s`, a fetch that got a first message
-    waits up to that long for more (up to `max_batch`): a handler whose cost is mostly per batch
-    (the ledger's transaction) then spends less per event at moderate rates, for that much latency.
+    Up to `max_in_flight` batches run at once. With `order_key`, a batch waits before its handler
+    runs for every earlier batch in hand that has an event of the same key
+    (services/common/key_order.py): the ledger's batches overlap while each payment's events keep
+    their order. With `linger_s`, a fetch that got a first message waits up to that long for more
+    (up to `max_batch`): a handler whose cost is mostly per batch (the ledger's transaction) then
+    spends less per event at moderate rates, for that much latency.
 
     Rebalances: partitions revoked from this consumer are given up only once the batches in hand for
     them finished and their offsets are committed, for up to `revoke_timeout_s`: the new owner starts
@@ -572,7 +574,8 @@ class ConsumerLoop:
 
     def __init__(self, *, bootstrap: str, group_id: str, topics: list[Topic], codec: Codec,
                  handler: BatchHandler, dead_letters: Publisher, max_batch: int = 500,
-                 max_in_flight: int = 1, overlap_from: int = 1, poll_timeout: float = 0.2, linger_s: float = 0.0,
+                 max_in_flight: int = 1, order_key: Callable[[ConsumedEvent], Hashable] | None = None,
+                 poll_timeout: float = 0.2, linger_s: float = 0.0,
                  poison_budget: int = 5, revoke_timeout_s: float = 30.0, extra_config: dict | None = None,
                  commit_interval_s: float = COMMIT_INTERVAL_S):
         if poison_budget < 1:
@@ -586,7 +589,8 @@ class ConsumerLoop:
         self._commit_timer: asyncio.TimerHandle | None = None
         self._in_hand: dict[int, float] = {}  # batch number -> when it was fetched (monotonic)
         self._batches = 0
-        self.overlap_from = overlap_from
+        self.order_key = order_key
+        self._order = KeyOrder()
         self.topics = topics
         self.codec = codec
         self.handler = handler
@@ -638,10 +642,6 @@ class ConsumerLoop:
                 self._revoked_in_fetch.clear()
                 self._assigned_in_fetch.clear()
                 batch = [m for m in await self._in_thread(self._fetch) if self._is_data(m)]
-                if tasks and batch and len(batch) < self.overlap_from:
-                    await asyncio.wait(set(tasks))  # small batches go one after the other...
-                    more = await self._in_thread(self._consumer.consume, self.max_batch - len(batch), 0)
-                    batch += [m for m in more if self._is_data(m)]  # ...with what came meanwhile
                 # Tracked only now, with no consumer call (which may revoke) since the messages of
                 # partitions revoked meanwhile were dropped: a revocation waits for every tracked one.
                 dropped = [m for m in batch if _partition_of(m) in self._revoked_in_fetch]
@@ -652,7 +652,8 @@ class ConsumerLoop:
                     self._slots.release()
                     continue
                 owners = self._track(batch)
-                task = loop.create_task(self._handle(batch, owners, stop))
+                turn = self._order.take(owners) if self.order_key is not None else None  # in fetch order
+                task = loop.create_task(self._handle(batch, owners, turn, stop))
                 tasks.add(task)
                 task.add_done_callback(functools.partial(_finished, tasks))
         finally:
@@ -712,18 +713,24 @@ class ConsumerLoop:
         return 0.0 if oldest is None else time.monotonic() - oldest
 
     async def _handle(self, messages: list[Message], owners: dict[tuple[str, int], _PartitionProgress],
-                      stop: asyncio.Event) -> None:
+                      turn: Turn | None, stop: asyncio.Event) -> None:
         self._batches += 1
         number = self._batches
         self._in_hand[number] = time.monotonic()
+        handled = False
         try:
             await self._learn(messages, stop)
             events, undecodable = self._decode_all(messages)
             await asyncio.gather(*(self._dead_letter(msg, error, stop) for msg, error in undecodable))
+            if turn is not None:
+                await self._order.wait(turn, self._keys(events))
             await self._handle_with_retry(events, messages, stop)
             self._mark_done(messages, owners)
+            handled = True
             self._commit_in_background()
         finally:
+            if turn is not None:
+                self._order.end(turn, handled)
             del self._in_hand[number]
             with self._done_changed:  # done, or given up (stopping): a revocation waits no more for it
                 del self._running[id(owners)]
@@ -746,6 +753,10 @@ class ConsumerLoop:
                             delay, exc)
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 10.0)
+
+    def _keys(self, events: list[ConsumedEvent]) -> set[Hashable]:
+        assert self.order_key is not None
+        return {k for k in map(self.order_key, events) if k is not None}  # a keyless event touches nothing
 
     def _decode_all(self, messages: list[Message]) -> tuple[list[ConsumedEvent], list[tuple[Message, Exception]]]:
         events: list[ConsumedEvent] = []

@@ -14,7 +14,7 @@ from services.common.topics import ACCESS
 from services.ledger import bootstrap
 from services.ledger.relay import OutboxRelay
 from services.ledger.retention import Retention
-from services.ledger.service import OVERLAP_FROM
+from services.ledger.service import payment_of
 from services.ledger.settings import SETTINGS, LedgerConfig
 
 __all__ = ["SETTINGS", "main"]
@@ -33,7 +33,7 @@ async def main(cfg: LedgerConfig, stop: asyncio.Event) -> None:
     consumer = ConsumerLoop(bootstrap=cfg.kafka_bootstrap_servers, group_id=cfg.ledger_group_id, codec=codec,
                             topics=list(ACCESS["ledger"].reads),  # the topics its ACLs let it read: all its inputs
                             handler=ledger.consumer.handle_batch, dead_letters=producer,
-                            max_in_flight=cfg.ledger_max_in_flight, overlap_from=OVERLAP_FROM,
+                            max_in_flight=cfg.ledger_max_in_flight, order_key=payment_of,
                             linger_s=cfg.ledger_batch_linger_ms / 1000)
     retention = Retention(pool, timedelta(days=cfg.ledger_processed_retention_days))
     health = Health()

@@ -9,6 +9,7 @@ event is a no-op and nothing is published before the commit (docs/design.md).
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable
 
 import psycopg
 import psycopg.errors
@@ -30,13 +31,15 @@ from services.ledger.postgres import postgres_unit_of_work
 log = logging.getLogger(__name__)
 
 DEFAULTS = LedgerSettings()  # frozen: one shared default is safe
-# A batch this big means the ledger is behind: the next one may be applied beside it. Smaller batches
-# (a ledger keeping up) go one after the other, which is faster for each (bench/settle_bench.py) and
-# keeps a partition's events in order. Overlapping batches may not: a later event of a payment can
-# commit before an earlier one of its partition when its batch wins the payment's lock first. So
-# overlapping every batch, which cut the latency at 300 payments/s on two cores, was reverted, and a
-# ledger behind (batches of 100 or more) still runs that risk: docs/cpu-per-payment.md, "Second round".
-OVERLAP_FROM = 100
+
+
+def payment_of(event: ConsumedEvent) -> Hashable:
+    """What a ledger batch keeps in order: the events of one payment. Batches run side by side (up to
+    LEDGER_MAX_IN_FLIGHT), and one with an event of a payment that an earlier batch in hand also has
+    waits for that batch first (services/common/key_order.py). Events of other payments may commit in
+    either order: each decides only its own payment (receipts aside: two payments claiming one receipt
+    settle by whichever commits first, as with two ledgers; docs/scaling.md)."""
+    return event.value.get("payment_id")
 
 
 class Ledger:

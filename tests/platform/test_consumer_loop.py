@@ -127,46 +127,41 @@ async def test_producer_returns_after_the_ack_and_fails_without_a_broker(kafka_b
     broken.close(timeout=1)
 
 
-def overlap_tracking_loop(kafka_bootstrap, group, topic, codec, producer, seen, overlaps):
-    """A loop of two batches of at most 10 in flight that runs a batch beside another only when it
-    is full (the consumer is behind); records how many batches were running whenever one started."""
-    running = 0
-
-    async def handler(events):
-        nonlocal running
-        running += 1
-        overlaps.append(running)
-        await asyncio.sleep(0.2)  # a batch's database work
-        seen.extend(events)
-        running -= 1
-        return []
-
-    return ConsumerLoop(bootstrap=kafka_bootstrap, group_id=group, topics=[topic], codec=codec, handler=handler,
-                        dead_letters=producer, max_batch=10, max_in_flight=2, overlap_from=10,
-                        poll_timeout=0.1)
-
-
-async def test_batches_overlap_only_while_the_consumer_is_behind(kafka_bootstrap, codec, producer, unique):
-    topic = await own_topic(kafka_bootstrap, codec, unique)
-    backlog = [sample_request(f"ch-{unique}", str(uuid.uuid4())) for _ in range(60)]
-    await asyncio.gather(*(producer.publish(topic, e) for e in backlog))
-    seen: list[ConsumedEvent] = []
+async def test_batches_overlap_but_a_batch_sharing_a_key_with_an_earlier_one_waits_for_it(
+        kafka_bootstrap, codec, producer, unique):
+    """Two batches of at most 10 run at once; the events' payment ids are the order key. Every other
+    event belongs to one of three payments, each in its own stretch of 20 events: the batches within
+    a stretch share its payment, those on either side of a stretch's end do not."""
+    topic = Topic(f"test.loop.{unique}", "payment_requested")
+    ensure_topics(kafka_bootstrap, [topic], 1)  # one partition: the offsets are the fetch order
+    await codec.prepare([topic])
+    shared = [str(uuid.uuid4()) for _ in range(3)]
+    backlog = [sample_request(f"ch-{unique}", shared[i // 20] if i % 2 else str(uuid.uuid4())) for i in range(60)]
+    for e in backlog:  # one after the other: in this order on the partition
+        await producer.publish(topic, e)
+    running: list[set[str]] = []
     overlaps: list[int] = []
-    loop = overlap_tracking_loop(kafka_bootstrap, f"g-{unique}", topic, codec, producer, seen, overlaps)
-    await run_until(loop, lambda: len(seen) == 60)
-    assert max(overlaps) == 2  # full batches: two at once
+    applied: list[tuple[str, int]] = []  # (payment, offset) in the order handlers applied them
 
-    seen, overlaps = [], []
-    loop = overlap_tracking_loop(kafka_bootstrap, f"g-{unique}", topic, codec, producer, seen, overlaps)
-    stop = asyncio.Event()
-    running = asyncio.create_task(loop.run(stop))
-    for _ in range(6):  # one at a time: small batches
-        await producer.publish(topic, sample_request(f"ch-{unique}", str(uuid.uuid4())))
-        await asyncio.sleep(0.05)
-    await eventually(lambda: _at_least(seen, 6))
-    stop.set()
-    await running
-    assert max(overlaps) == 1
+    async def handler(events: list[ConsumedEvent]) -> list:
+        keys = {e.value["payment_id"] for e in events}
+        assert all(not (keys & other) for other in running), "a batch sharing a key ran beside an earlier one"
+        running.append(keys)
+        overlaps.append(len(running))
+        await asyncio.sleep(0.2)  # a batch's database work
+        applied.extend((e.value["payment_id"], e.offset) for e in events)
+        running.remove(keys)
+        return []
+    loop = ConsumerLoop(bootstrap=kafka_bootstrap, group_id=f"g-{unique}", topics=[topic], codec=codec,
+                        handler=handler, dead_letters=producer, max_batch=10, max_in_flight=2,
+                        order_key=lambda e: e.value["payment_id"], poll_timeout=0.1)
+    await run_until(loop, lambda: len(applied) == 60)
+    by_payment = collections.defaultdict(list)
+    for payment, offset in applied:
+        by_payment[payment].append(offset)
+    assert all(offsets == sorted(offsets) for offsets in by_payment.values())
+    assert [len(by_payment[p]) for p in shared] == [10, 10, 10]
+    assert max(overlaps) == 2  # batches without a shared payment did run side by side
 
 
 async def test_a_lingering_consumer_takes_what_arrives_soon_after_the_first_event_in_the_same_batch(
@@ -524,10 +519,6 @@ async def test_readiness_fails_naming_a_consumer_that_holds_one_batch_too_long(k
         stop.set()
         await asyncio.wait_for(running, 30)
         await runner.cleanup()
-
-
-async def _at_least(items: list, count: int) -> bool:
-    return len(items) >= count
 
 
 async def _answer_is(healthz, status):
