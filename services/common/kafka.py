@@ -55,7 +55,8 @@ CONSUMER_RETRIES = Counter(
     "split); a steady rate means a stall (docs/errors.md)", ["group", "reason"])
 CONSUMER_STALLED = Gauge(
     "pipeline_consumer_stalled_seconds", "How long the oldest batch a consumer holds has been in hand (0 with "
-    "none): grows while a batch is retried; its partitions' later events wait behind it", ["group"])
+    "none), or since a batch was given up (a consumer with an order key: services/common/key_order.py): grows while "
+    "a batch is retried; its partitions' later events wait behind it", ["group"])
 REVOKE_TIMEOUTS = Counter(
     "pipeline_revoke_timeouts_total", "Rebalances that gave partitions up before the batches in hand for them "
     "finished (their new owner handles those events again)", ["group"])
@@ -505,6 +506,10 @@ def _finished(tasks: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
                     type(error).__name__, untrusted(str(error)))
 
 
+def _given_up_unless_ended(order: KeyOrder, turn: Turn, task: asyncio.Task[None]) -> None:
+    order.end(turn, handled=False)  # a no-op when the batch's own `finally` ended its turn
+
+
 def rewind_points(dropped: list[Message], assigned_again: set[tuple[str, int]]) -> list[TopicPartition]:
     """Where to fetch again a partition whose messages were dropped because it was revoked during
     a fetch and then assigned back to this consumer in the same fetch: its position moved past
@@ -656,6 +661,8 @@ class ConsumerLoop:
                 task = loop.create_task(self._handle(batch, owners, turn, stop))
                 tasks.add(task)
                 task.add_done_callback(functools.partial(_finished, tasks))
+                if turn is not None:  # a task cancelled before its first step never runs its finally
+                    task.add_done_callback(functools.partial(_given_up_unless_ended, self._order, turn))
         finally:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -708,9 +715,11 @@ class ConsumerLoop:
 
     def stalled_for(self) -> float:
         """Seconds the oldest batch in hand has been so (0 with none): grows while a batch is retried
-        because its handler keeps failing (a dependency down) or while a handler never returns."""
+        because its handler keeps failing (a dependency down) or while a handler never returns. With
+        an order key, also since a batch was given up: the later batches sharing a key with it are
+        given up too, until a restart (services/common/key_order.py)."""
         oldest = min(self._in_hand.values(), default=None)
-        return 0.0 if oldest is None else time.monotonic() - oldest
+        return max(0.0 if oldest is None else time.monotonic() - oldest, self._order.given_up_for())
 
     async def _handle(self, messages: list[Message], owners: dict[tuple[str, int], _PartitionProgress],
                       turn: Turn | None, stop: asyncio.Event) -> None:

@@ -15,11 +15,14 @@ A batch that ends without being handled (given up at a stop, or a bug) leaves it
 handled again later, so the batches behind it that share a key are given up too, rather than go
 ahead of it. If it failed before its keys were known (they are read from decoded events), every
 later batch sharing a partition with it is given up: any of them could hold a later event of its.
-Such a failed batch stays on record until the process ends.
+Such a failed batch stays on record until the process ends, and `given_up_for` says since when, for
+readiness: outside a stop only a bug gives a batch up, and only a restart (which redelivers its
+events, in order) ends what it holds back.
 """
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
@@ -36,6 +39,7 @@ class Turn:
     known: asyncio.Event = field(default_factory=asyncio.Event)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     handled: bool = False
+    given_up_at: float | None = None  # monotonic
 
     def may_precede(self, later: Turn) -> bool:
         """Whether `later` may hold an event that must be applied after one of this batch's."""
@@ -69,8 +73,19 @@ class KeyOrder:
                                               "was not handled")
 
     def end(self, turn: Turn, handled: bool) -> None:
+        """Once per turn; a second call (a task cancelled before it ran, seen by its done callback
+        after its own `finally`) changes nothing."""
+        if turn.ended.is_set():
+            return
         turn.handled = handled
         turn.known.set()
         turn.ended.set()
         if handled:
             del self._turns[turn.number]
+        else:
+            turn.given_up_at = time.monotonic()
+
+    def given_up_for(self) -> float:
+        """Seconds since the first batch was given up (0 if none was)."""
+        first = min((t.given_up_at for t in self._turns.values() if t.given_up_at is not None), default=None)
+        return 0.0 if first is None else time.monotonic() - first

@@ -61,7 +61,8 @@ class UnitOfWork(Protocol):
         ...
 
     async def owners(self, receipts: list[str], checkout_ids: list[str]) -> tuple[dict[str, str], dict[str, str]]:
-        """Who holds these receipts and CheckoutRequestIDs (for facts not in the batch's first read)."""
+        """Locks these receipts, then reads who holds them and these CheckoutRequestIDs (for facts not in
+        the batch's first read)."""
         ...
 
     async def confirm_by_query(self, channel_id: str) -> bool:

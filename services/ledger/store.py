@@ -66,8 +66,7 @@ async def open_batch(conn: AsyncConnection, events: list[tuple[str, str]], payme
         await conn.execute("SELECT pg_advisory_xact_lock(%s, h) FROM (SELECT DISTINCT hashtext(p) AS h"
                            " FROM unnest(%s::text[]) AS p ORDER BY h) AS locks", (PAYMENT_LOCKS, ids))
         if receipts:
-            await conn.execute("SELECT pg_advisory_xact_lock(%s, h) FROM (SELECT DISTINCT hashtext(r) AS h"
-                               " FROM unnest(%s::text[]) AS r ORDER BY h) AS locks", (_RECEIPT_LOCKS, list(receipts)))
+            await _lock_receipts(conn, list(receipts))
         payments = conn.cursor(row_factory=dict_row)
         await payments.execute(f"SELECT {', '.join(COLUMNS)} FROM payments WHERE payment_id = ANY(%s)", (ids,))
         parked = await conn.execute("SELECT payment_id, event_id::text, topic, payload FROM parked_facts"
@@ -90,11 +89,21 @@ def _owners_query(columns: tuple[str, ...]) -> str:
     return " UNION ".join(f"SELECT {c}, payment_id FROM payments WHERE {c} = ANY(%s)" for c in columns)
 
 
+async def _lock_receipts(conn: AsyncConnection, receipts: list[str]) -> None:
+    await conn.execute("SELECT pg_advisory_xact_lock(%s, h) FROM (SELECT DISTINCT hashtext(r) AS h"
+                       " FROM unnest(%s::text[]) AS r ORDER BY h) AS locks", (_RECEIPT_LOCKS, receipts))
+
+
 async def owners(conn: AsyncConnection, receipts: list[str], checkout_ids: list[str]
                  ) -> tuple[dict[str, str], dict[str, str]]:
     """Which payments hold these receipts and CheckoutRequestIDs, for facts that were not in the
-    batch's first read (facts un-parked from an earlier batch)."""
+    batch's first read (facts un-parked from an earlier batch). Their receipts are locked first, as
+    open_batch locks the batch's own: a batch of other payments applied beside this one may name
+    the same receipt. Taken after the batch's first locks, they may be taken in another order than
+    a second batch's; PostgreSQL then aborts one of the two (a deadlock error), which is retried."""
     async with conn.pipeline():
+        if receipts:
+            await _lock_receipts(conn, receipts)
         in_use = await conn.execute(_owners_query(RECEIPT_COLUMNS), (receipts,) * len(RECEIPT_COLUMNS))
         pushes = await conn.execute(_owners_query(CHECKOUT_COLUMNS), (checkout_ids,) * len(CHECKOUT_COLUMNS))
     return dict(await in_use.fetchall()), dict(await pushes.fetchall())

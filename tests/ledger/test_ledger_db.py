@@ -121,6 +121,28 @@ async def test_a_callback_before_its_payment_waits_and_then_settles(ledger, pool
     assert left[0] == 0
 
 
+async def test_a_fact_taken_out_of_parking_waits_for_its_receipts_lock(ledger, pool, unique):
+    """The callback waits parked for its push result; the batch applying the push result applies the
+    callback too, and takes its receipt's lock first: a batch of another payment naming that receipt
+    may be applied beside it (a ledger's batches overlap), and would otherwise read it free too."""
+    channel, pid, checkout = f"ch-{unique}", str(uuid.uuid4()), f"ws_CO_{unique}"
+    await ledger.handle_batch([requested(channel, pid)])
+    await ledger.handle_batch([callback(channel, pid, success(checkout, receipt=receipt(unique)))])
+    assert await state_of(pool, pid) == ("Requested", None)  # parked
+    async with pool.connection() as conn, conn.transaction():
+        await store.open_batch(conn, [], [str(uuid.uuid4())], [receipt(unique)])  # another batch names it
+        waiting_before = await lock_waits(pool)
+        other = asyncio.create_task(ledger.handle_batch([accepted(channel, pid, checkout)]))
+
+        async def blocked():
+            return await lock_waits(pool) > waiting_before
+
+        await eventually(blocked, timeout=30)
+        assert not other.done()
+    assert await other == []
+    assert await state_of(pool, pid) == ("Settled", receipt(unique))
+
+
 async def test_early_facts_in_the_same_batch_as_their_payment_are_applied(ledger, pool, unique):
     channel, pid = f"ch-{unique}", str(uuid.uuid4())
     checkout = f"ws_CO_{unique}"

@@ -78,3 +78,14 @@ async def test_handled_batches_leave_no_trace():
         await order.wait(turn, {"pay-1"})
         order.end(turn, handled=True)
     assert order._turns == {}
+
+
+async def test_a_turn_ends_once_and_a_given_up_one_is_timed_for_readiness():
+    order = KeyOrder()
+    assert order.given_up_for() == 0.0
+    turn = order.take([P0])
+    order.end(turn, handled=False)
+    order.end(turn, handled=True)  # the task's done callback, after its own finally: no change
+    assert not turn.handled
+    await asyncio.sleep(0.05)
+    assert order.given_up_for() >= 0.05
