@@ -89,3 +89,11 @@ async def test_a_turn_ends_once_and_a_given_up_one_is_timed_for_readiness():
     assert not turn.handled
     await asyncio.sleep(0.05)
     assert order.given_up_for() >= 0.05
+
+
+async def test_a_batch_of_no_key_at_all_waits_for_no_one():
+    """Its events were all undecodable or keyless: none of them touches a payment."""
+    order = KeyOrder()
+    first, keyless = order.take([P0]), order.take([P0])
+    await order.wait(first, {"pay-1"})
+    assert await settles(order.wait(keyless, set()))
