@@ -28,9 +28,9 @@ from tests.conftest import ROOT, eventually
 from tests.platform.kafka_helpers import end_offsets, read_all, recording_loop, run_until, sample_request
 
 
-async def own_topic(kafka_bootstrap: str, codec: Codec, unique: str) -> Topic:
+async def own_topic(kafka_bootstrap: str, codec: Codec, unique: str, partitions: int = 2) -> Topic:
     topic = Topic(f"test.loop.{unique}", "payment_requested")
-    ensure_topics(kafka_bootstrap, [topic], 2)
+    ensure_topics(kafka_bootstrap, [topic], partitions)
     await codec.prepare([topic])  # its subject, as a service registers the topics it writes
     return topic
 
@@ -132,9 +132,7 @@ async def test_batches_overlap_but_a_batch_sharing_a_key_with_an_earlier_one_wai
     """Two batches of at most 10 run at once; the events' payment ids are the order key. Every other
     event belongs to one of three payments, each in its own stretch of 20 events: the batches within
     a stretch share its payment, those on either side of a stretch's end do not."""
-    topic = Topic(f"test.loop.{unique}", "payment_requested")
-    ensure_topics(kafka_bootstrap, [topic], 1)  # one partition: the offsets are the fetch order
-    await codec.prepare([topic])
+    topic = await own_topic(kafka_bootstrap, codec, unique, partitions=1)  # the offsets are the fetch order
     shared = [str(uuid.uuid4()) for _ in range(3)]
     backlog = [sample_request(f"ch-{unique}", shared[i // 20] if i % 2 else str(uuid.uuid4())) for i in range(60)]
     for e in backlog:  # one after the other: in this order on the partition
@@ -173,9 +171,7 @@ async def test_a_batch_waiting_for_one_given_up_at_a_stop_is_given_up_too_and_bo
     the second shares a payment with it and waits, the third shares none and is applied. At the stop
     the first is given up, so the second must be too: nothing of theirs is committed, and the next
     consumer applies the payment's two events in their order."""
-    topic = Topic(f"test.loop.{unique}", "payment_requested")
-    ensure_topics(kafka_bootstrap, [topic], 1)
-    await codec.prepare([topic])
+    topic = await own_topic(kafka_bootstrap, codec, unique, partitions=1)
     payment = str(uuid.uuid4())
     events = [sample_request(f"ch-{unique}", payment if i in (0, 10) else str(uuid.uuid4())) for i in range(30)]
     for e in events:
