@@ -109,6 +109,18 @@ def positive_int(raw: str) -> int:
     return value
 
 
+def linger_ms(raw: str) -> int:
+    """How long a consumer waits for more after a batch's first event. Bounded: a negative wait is
+    an endless one to librdkafka's consume, and a batch held for minutes is a stalled pipeline."""
+    value = whole_number(raw)
+    if not 0 <= value <= LINGER_MS_MAX:
+        raise ValueError(f"must be a whole number of milliseconds from 0 to {LINGER_MS_MAX}")
+    return value
+
+
+LINGER_MS_MAX = 10_000
+
+
 def positive_float(raw: str) -> float:
     try:
         value = float(raw)

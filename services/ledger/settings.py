@@ -22,7 +22,7 @@ SETTINGS = [
     config.Setting("LEDGER_METRICS_PORT", config.port, 9102, help="port of /metrics, /healthz and /readyz"),
     config.Setting("LEDGER_MAX_IN_FLIGHT", config.positive_int, 2,
                    help="batches applied at once (one sharing a payment with an earlier one waits for it)"),
-    config.Setting("LEDGER_BATCH_LINGER_MS", config.whole_number, 60,
+    config.Setting("LEDGER_BATCH_LINGER_MS", config.linger_ms, 60,
                    help="a batch waits this long for more events after its first: fewer, larger transactions"),
     config.Setting("LEDGER_QUERY_AFTER_S", config.positive_float, 90.0, help="Pending this long: start STK queries"),
     config.Setting("LEDGER_REVIEW_AFTER_S", config.positive_float, 900.0,

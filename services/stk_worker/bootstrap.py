@@ -49,6 +49,8 @@ SETTINGS = [
     config.Setting("WEBHOOK_TOKEN_SECRETS", parse_secrets, secret=True,
                    help="callback URL token secrets, current first (shared with the webhook gateway)"),
     config.Setting("STK_MAX_IN_FLIGHT", config.positive_int, 400, help="Daraja calls in flight at once"),
+    config.Setting("STK_BATCH_LINGER_MS", config.linger_ms, 100,
+                   help="after a payment request, how long the worker waits for more to push together"),
     config.Setting("STK_RATE_PER_SHORTCODE", config.positive_float, 50.0,
                    help="pushes+queries per second per shortcode"),
     config.Setting("STK_MAX_ATTEMPTS", config.positive_int, 4, help="tries of a push Daraja did not act on"),
@@ -79,6 +81,7 @@ class WorkerSettings:
     callback_public_base_url: str
     webhook_token_secrets: list[bytes] = field(repr=False)
     stk_max_in_flight: int
+    stk_batch_linger_ms: int
     stk_rate_per_shortcode: float
     stk_max_attempts: int
     stk_worker_stalled_after_s: float
