@@ -18,6 +18,8 @@ coordinated omission). After a drain (all payments final, or --drain-timeout-s) 
                    registry, PostgreSQL: the postmaster and all its backends, exited ones too) from the
                    first request to the end of the drain, divided by the payments accepted; the
                    project's own (ingress, STK worker, webhook gateway, ledger) summed, against ≤ 2.5 ms;
+                   beside it, how often per payment each process's threads slept (then were woken) and
+                   were preempted (live threads; PostgreSQL's exited backends are not counted);
   host             the hypervisor's steal and the CPU pressure meanwhile, and a fixed speed probe run
                    before the load (bench/host.py), so runs on different hosts can be compared.
 
@@ -58,7 +60,7 @@ import psycopg  # noqa: E402
 from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient  # noqa: E402
 
-from bench.host import HostLoad, cpu_seconds, host_speed_s  # noqa: E402
+from bench.host import HostLoad, context_switches, cpu_seconds, host_speed_s  # noqa: E402
 from bench.raw_http import Connection  # noqa: E402
 from services.channels.onboarding import Onboarding  # noqa: E402
 from services.channels.vault import public_key_path  # noqa: E402
@@ -273,6 +275,20 @@ def tree_cpu_seconds(root: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def tree_context_switches(root: int) -> tuple[int, int]:
+    """A process's and its live children's context switches (PostgreSQL's postmaster and backends)."""
+    voluntary, involuntary = context_switches(root)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if _stat_fields(int(entry.name))[1] == str(root):
+                    child = context_switches(int(entry.name))
+                    voluntary, involuntary = voluntary + child[0], involuntary + child[1]
+            except OSError:  # gone meanwhile
+                continue
+    return voluntary, involuntary
+
+
 def infra_pids(database_url: str) -> dict[str, int]:
     """Kafka's and the schema registry's JVMs (their pid files, infra/*.sh) and PostgreSQL's
     postmaster: the parent of a backend of ours."""
@@ -306,6 +322,18 @@ class CpuMeter:
                 pass  # stopped meanwhile: left out rather than counted as zero
         seconds["bench driver"] = cpu_seconds(os.getpid())
         return seconds
+
+    def switches(self) -> dict[str, tuple[int, int]]:
+        """(voluntary, involuntary) context switches of the same processes' live threads (PostgreSQL:
+        the postmaster and its live backends; a backend that exited meanwhile is not counted)."""
+        counts = {name: context_switches(proc.pid) for name, proc in self.stack.procs.items()}
+        for name, pid in self.infra.items():
+            try:
+                counts[name] = tree_context_switches(pid) if name == "postgresql" else context_switches(pid)
+            except OSError:
+                pass
+        counts["bench driver"] = context_switches(os.getpid())
+        return counts
 
 
 # --- status events -------------------------------------------------------------------------------
@@ -503,7 +531,7 @@ async def run_phase(ctx: dict, tag: str, rate: float, duration_s: float, drain_t
                     progress_s: float = 5.0) -> dict:
     stack, reader, meter = ctx["stack"], ctx["reader"], ctx["meter"]
     o = Offer(tag, stack.ingress_port, ctx["channel_ids"], ctx["api_key"], ctx["phones"])
-    host, cpu_before, started = HostLoad(), meter.read(), time.monotonic()
+    host, cpu_before, switches_before, started = HostLoad(), meter.read(), meter.switches(), time.monotonic()
     progress = asyncio.create_task(_report_progress(o, reader, stack, started, progress_s))
     try:
         await offer(o, stack.ingress_port, rate, duration_s)
@@ -513,10 +541,13 @@ async def run_phase(ctx: dict, tag: str, rate: float, duration_s: float, drain_t
             await asyncio.sleep(0.2)
     finally:
         progress.cancel()
-    cpu_after, elapsed = meter.read(), time.monotonic() - started
+    cpu_after, switches_after, elapsed = meter.read(), meter.switches(), time.monotonic() - started
     sent, pushes_per_s, pushed_twice = push_log(stack.sandbox_url, ctx["admin_token"], o)
+    # Threads that ended meanwhile take their counts with them: a difference may come out below 0.
+    switched = {n: (max(after[0] - switches_before[n][0], 0), max(after[1] - switches_before[n][1], 0))
+                for n, after in switches_after.items() if n in switches_before}
     result = measure(o, reader, sent, {n: cpu_after[n] - cpu_before[n] for n in cpu_after if n in cpu_before},
-                     stack, rate, duration_s, elapsed, host)
+                     stack, rate, duration_s, elapsed, host, switched)
     result.update(pushes_per_s=pushes_per_s, pushed_twice=pushed_twice)
     result["held"] = result["held"] and pushed_twice == 0
     return result
@@ -535,7 +566,8 @@ async def _report_progress(o: Offer, reader: StatusReader, stack: Stack, started
 
 
 def measure(o: Offer, reader: StatusReader, sent: dict[int, float], cpu: dict[str, float], stack: Stack,
-            rate: float, duration_s: float, elapsed_s: float, host: HostLoad) -> dict:
+            rate: float, duration_s: float, elapsed_s: float, host: HostLoad,
+            switches: dict[str, tuple[int, int]] | None = None) -> dict:
     accepted = o.accepted_ids()
     to_pending = [reader.pending_at[p] - o.scheduled_at[o.index_of[p]] for p in accepted if p in reader.pending_at]
     finals = {p: reader.final[p] for p in accepted if p in reader.final}
@@ -563,6 +595,10 @@ def measure(o: Offer, reader: StatusReader, sent: dict[int, float], cpu: dict[st
             "callback_to_settled": by_second(settled_pairs, origin)},
         "cpu_ms_per_payment": per_payment,
         "cpu_ms_per_payment_by_service": _by_service(per_payment, stack),
+        # How often each process slept and was woken, and was preempted, per payment: on a virtual
+        # machine where both cost CPU, what the CPU figures follow (docs/cpu-per-payment.md, "Fourth round").
+        "switches_per_payment": {name: {"slept": round(v / len(accepted), 2), "preempted": round(i / len(accepted), 2)}
+                                 for name, (v, i) in (switches or {}).items()} if accepted else {},
         "cpu_ms_per_payment_own": round(sum(per_payment[n] for n in own), 3) if per_payment else None,
         "cpu_ms_per_payment_total": round(sum(v for n, v in per_payment.items() if n != "bench driver"), 3)
         if per_payment else None,
@@ -621,10 +657,13 @@ def print_phase(r: dict, args: argparse.Namespace, idle_cores: dict[str, float])
               + (f" (at {', '.join(str(row['second']) for row in late[:20])}{' ...' if len(late) > 20 else ''})"
                  if late else ""))
     if r["cpu_ms_per_payment"]:
-        print(f"  CPU ms per payment (over {r['measured_s']} s, first request to end of drain), and cores busy "
-              f"when idle:")
+        print(f"  CPU ms per payment (over {r['measured_s']} s, first request to end of drain), cores busy "
+              f"when idle, and times per payment its threads slept (then were woken) or were preempted:")
+        switched = r.get("switches_per_payment", {})
         for name, ms in sorted(r["cpu_ms_per_payment"].items(), key=lambda kv: -kv[1]):
-            print(f"    {name:<22}{ms:8.3f}   idle {idle_cores.get(name, 0):.3f}")
+            counts = switched.get(name)
+            print(f"    {name:<22}{ms:8.3f}   idle {idle_cores.get(name, 0):.3f}"
+                  + (f"   slept {counts['slept']:6.2f}  preempted {counts['preempted']:6.2f}" if counts else ""))
         own = r["cpu_ms_per_payment_own"]
         print(f"    {'own (' + '+'.join(OWN_SERVICES) + ')':<22}{own:8.3f}   target ≤ {TARGET_OWN_CPU_MS} ms: "
               f"{verdict(own <= TARGET_OWN_CPU_MS)}")
