@@ -35,7 +35,7 @@ def cpu_seconds(pid: int, *, main_thread_only: bool = False) -> float:
 def context_switches(pid: int) -> tuple[int, int]:
     """(voluntary, involuntary) context switches of a process's live threads: how often it slept and
     was woken, and how often it was preempted. On this virtual machine a sleep and its wake-up cost
-    about 50 µs of the sleeper's CPU (docs/cpu-per-payment.md, "Fourth round"), so these explain CPU
+    50–100 µs of the sleeper's CPU (docs/cpu-per-payment.md, "Fourth round"), so these explain CPU
     figures that the work done does not. Threads that ended are not counted."""
     voluntary = involuntary = 0
     for task in Path(f"/proc/{pid}/task").iterdir():

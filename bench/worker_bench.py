@@ -6,7 +6,7 @@ folder), produces --payments payment requests (all at once, or --rate per second
 and reports push results per second from the first to the last, with the sandbox's own count of
 accepted pushes, and the worker's CPU per push (its process and threads, /proc, from the first
 request produced to the last result read: the figure that holds on a shared machine, where rates
-swing). Bounded by --payments and --timeout-s.
+swing), with how often per push its threads slept and were preempted. Bounded by --payments and --timeout-s.
 BENCH_WORKER_COMMAND replaces `-m services.stk_worker` (e.g. "-m cProfile -o w.prof -m services.stk_worker").
 
     .venv/bin/python bench/worker_bench.py [--payments 5000] [--latency-ms 300] [--in-flight 400] [--rate 300]
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 
-from bench.host import HostLoad, cpu_seconds  # noqa: E402
+from bench.host import HostLoad, context_switches, cpu_seconds  # noqa: E402
 from services.common.avro import Codec  # noqa: E402
 from services.common.db import migrate, open_pool  # noqa: E402
 from services.common.kafka import EventProducer, client_config, ensure_topics, new_event_fields  # noqa: E402
@@ -105,7 +105,7 @@ async def main(args) -> None:
         wait_for(f"http://127.0.0.1:{metrics_port}/healthz")
         mark = end_offsets(KAFKA, STK_PUSH_RESULT.name)
         producer = EventProducer(KAFKA, Codec(), client_id="wbench", linger_ms=20)
-        started, cpu_before = time.monotonic(), cpu_seconds(worker.pid)
+        started, cpu_before, switches_before = time.monotonic(), cpu_seconds(worker.pid), context_switches(worker.pid)
         def request(i: int) -> dict:
             return {**new_event_fields(channel_id, str(uuid.uuid4())), "amount": 10, "phone": f"254713{i:06d}",
                     "account_reference": f"W{i}", "description": None, "order_reference": None,
@@ -123,13 +123,16 @@ async def main(args) -> None:
         seen, first, last = await asyncio.to_thread(count_results, channel_id.encode(), mark, args.payments,
                                                     args.timeout_s)
         cpu_s = cpu_seconds(worker.pid) - cpu_before
+        slept, preempted = (after - before for after, before in zip(context_switches(worker.pid), switches_before,
+                                                                    strict=True))
         accepted = httpx.get(f"http://127.0.0.1:{sandbox_port}/sandbox/stats", headers=admin).json()
         rate = seen / (last - first) if last > first else 0
         pace = (f"{seen} push results of requests offered at {args.rate:,.0f}/s" if args.rate  # read after the fact
                 else f"{seen} push results in {last - first:.2f}s = {rate:,.0f} pushes/s")
         print(f"worker: {pace} at {args.latency_ms} ms Daraja latency, {args.in_flight} in flight (target >= 500/s);"
               f" sandbox stats: {accepted}")
-        print(f"  CPU per push: {cpu_s / max(seen, 1) * 1e6:.0f} us in the worker process ({cpu_s:.2f} s)")
+        print(f"  CPU per push: {cpu_s / max(seen, 1) * 1e6:.0f} us in the worker process ({cpu_s:.2f} s); its threads"
+              f" slept {slept / max(seen, 1):.2f} and were preempted {preempted / max(seen, 1):.2f} times per push")
         print(f"  {host.describe()}")
     finally:
         worker.terminate()

@@ -118,7 +118,7 @@ def linger_ms(raw: str) -> int:
     return value
 
 
-LINGER_MS_MAX = 10_000
+LINGER_MS_MAX = 1_000  # a second: more is a stalled hop, and a stop that waits as long
 
 
 def positive_float(raw: str) -> float:

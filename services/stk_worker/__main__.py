@@ -13,15 +13,6 @@ from services.common.topics import ACCESS, PAYMENT_REQUESTED, STK_QUERY_REQUESTE
 from services.stk_worker.bootstrap import SETTINGS, WorkerSettings, build
 from services.stk_worker.errors import is_transient
 
-# A batch holds its consumer slot until its slowest push is answered (Daraja: about 300 ms), so there
-# are STK_MAX_IN_FLIGHT / BATCH slots. At 100 (4 slots) requests waited for a slot about 300 ms at 300/s
-# (bench/pipeline_bench.py, request -> push result p50 618 ms, against 407 ms at 20). But a batch is
-# cheaper per push the more it carries: its claims, its pushes, their answers and their finishes then go
-# together, and the worker sleeps and wakes less often per push, which costs a lot on a shared virtual
-# machine. So a fetch waits STK_BATCH_LINGER_MS (100) for more, up to 40 a batch (10 slots, about 4 of
-# them in use at 300/s): bench/worker_bench.py --payments 3600 --rate 300, 1.53-1.83 ms of CPU per push
-# at 20 with no wait against 1.11-1.29 ms (docs/cpu-per-payment.md, "Fourth round").
-BATCH = 40
 # STK queries are the reconciler's, after an outage many at once and no one waiting on each: 2 batches
 # of 100 in flight, as before, so a backlog drains at the pace the pushes' batches had.
 QUERY_BATCH = 100
@@ -35,11 +26,11 @@ async def main(settings: WorkerSettings, stop: asyncio.Event) -> None:
     codec = await open_codec(settings.schema_registry_url, ACCESS["stk-worker"].writes)
     producer = EventProducer(bootstrap, codec, client_id="stk-worker")  # results and dead letters
     worker = await build(settings, publisher=producer, stop=stop)
-    in_flight_batches = max(settings.stk_max_in_flight // BATCH, 1)
+    batch, in_flight_batches = settings.push_batches()
     loops = [
         ConsumerLoop(bootstrap=bootstrap, group_id=settings.stk_worker_group_id, topics=[PAYMENT_REQUESTED],
                      codec=codec, handler=per_event(worker.pusher.handle, is_transient), dead_letters=producer,
-                     max_batch=BATCH, max_in_flight=in_flight_batches, linger_s=settings.stk_batch_linger_ms / 1000),
+                     max_batch=batch, max_in_flight=in_flight_batches, linger_s=settings.stk_batch_linger_ms / 1000),
         ConsumerLoop(bootstrap=bootstrap, group_id=f"{settings.stk_worker_group_id}-queries",
                      topics=[STK_QUERY_REQUESTED], codec=codec, handler=per_event(worker.querier.handle, is_transient),
                      dead_letters=producer, max_batch=QUERY_BATCH, max_in_flight=2),

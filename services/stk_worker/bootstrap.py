@@ -57,6 +57,15 @@ SETTINGS = [
     config.Setting("STK_WORKER_STALLED_AFTER_S", config.positive_float, 300.0,
                    help="/readyz fails once a consumer has held one batch this long (retrying it)"),
 ]
+# A batch holds its consumer slot until its slowest push is answered (Daraja: about 300 ms). At 100 a
+# batch (4 slots) requests waited for a slot about 300 ms at 300/s (bench/pipeline_bench.py, request ->
+# push result p50 618 ms, against 407 ms at 20). But a batch is cheaper per push the more it carries: its
+# claims, its pushes, their answers and their finishes then go together, and the worker sleeps and wakes
+# less often per push, which costs a lot on a shared virtual machine. So a fetch waits
+# STK_BATCH_LINGER_MS (100) for more, up to 40 a batch (10 slots at the default STK_MAX_IN_FLIGHT):
+# bench/worker_bench.py --payments 3600 --rate 300, in turns, 1,022-1,447 us of CPU per push against
+# 1,611-1,981 us at 20 with no wait (docs/cpu-per-payment.md, "Fourth round").
+PUSH_BATCH = 40
 HEARTBEAT_S = 2.0  # PushSettings.owner_silent_s (15 s) is seven missed beats: a live worker is never judged gone
 
 
@@ -85,6 +94,13 @@ class WorkerSettings:
     stk_rate_per_shortcode: float
     stk_max_attempts: int
     stk_worker_stalled_after_s: float
+
+    def push_batches(self) -> tuple[int, int]:
+        """(events per batch, batches at once) of the push consumer: batches of PUSH_BATCH, as many as
+        fit in STK_MAX_IN_FLIGHT, so that the pushes in flight never exceed it (a batch's pushes all
+        go out at once); a limit below PUSH_BATCH makes one batch of that size."""
+        batch = min(PUSH_BATCH, self.stk_max_in_flight)
+        return batch, self.stk_max_in_flight // batch
 
     def daraja(self) -> DarajaSettings:
         # Every call in flight needs its own connection, or it queues and times out as "retryable".

@@ -57,12 +57,12 @@ def test_plain_numbers_still_read():
     assert (config.whole_number("8080"), config.whole_number("-3"), config.positive_float("0.5")) == (8080, -3, 0.5)
 
 
-@pytest.mark.parametrize("raw", ["-1", "10001", "0.5", ""])
+@pytest.mark.parametrize("raw", ["-1", "1001", "0.5", ""])
 def test_a_linger_is_a_bounded_whole_number_of_milliseconds(raw):
     # -1 would reach librdkafka's consume as "wait for ever" for a batch that never fills
     with pytest.raises(ValueError):
         config.linger_ms(raw)
 
 
-def test_a_linger_may_be_zero_or_up_to_ten_seconds():
-    assert (config.linger_ms("0"), config.linger_ms("100"), config.linger_ms("10000")) == (0, 100, 10_000)
+def test_a_linger_may_be_zero_or_up_to_a_second():
+    assert (config.linger_ms("0"), config.linger_ms("100"), config.linger_ms("1000")) == (0, 100, 1_000)
