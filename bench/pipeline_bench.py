@@ -50,7 +50,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -257,35 +257,39 @@ def _stat_fields(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
+def _children(root: int) -> list[tuple[int, list[str]]]:
+    """(pid, stat fields) of a process's live children (PostgreSQL's backends)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = _stat_fields(int(entry.name))
+            except OSError:  # gone meanwhile
+                continue
+            if fields[1] == str(root):
+                children.append((int(entry.name), fields))
+    return children
+
+
 def tree_cpu_seconds(root: int) -> float:
     """A process, its live children and the children it has reaped (cutime, cstime): PostgreSQL's
     postmaster and every backend, including the ones that exited meanwhile: a child live at the first
     reading and reaped by the second is counted first as itself, then in its parent's cutime, so the
     difference is what it spent in between."""
-    fields = _stat_fields(root)
-    total = sum(int(v) for v in fields[11:15])
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                child = _stat_fields(int(entry.name))
-            except OSError:  # gone meanwhile
-                continue
-            if child[1] == str(root):
-                total += int(child[11]) + int(child[12])
+    total = sum(int(v) for v in _stat_fields(root)[11:15])
+    total += sum(int(child[11]) + int(child[12]) for _, child in _children(root))
     return total / os.sysconf("SC_CLK_TCK")
 
 
 def tree_context_switches(root: int) -> tuple[int, int]:
     """A process's and its live children's context switches (PostgreSQL's postmaster and backends)."""
     voluntary, involuntary = context_switches(root)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if _stat_fields(int(entry.name))[1] == str(root):
-                    child = context_switches(int(entry.name))
-                    voluntary, involuntary = voluntary + child[0], involuntary + child[1]
-            except OSError:  # gone meanwhile
-                continue
+    for pid, _ in _children(root):
+        try:
+            child = context_switches(pid)
+        except OSError:  # gone meanwhile
+            continue
+        voluntary, involuntary = voluntary + child[0], involuntary + child[1]
     return voluntary, involuntary
 
 
@@ -307,6 +311,9 @@ def infra_pids(database_url: str) -> dict[str, int]:
     return pids
 
 
+T = TypeVar("T")
+
+
 class CpuMeter:
     """CPU seconds of every process of the run, read together."""
 
@@ -314,26 +321,23 @@ class CpuMeter:
         self.stack, self.infra = stack, infra
 
     def read(self) -> dict[str, float]:
-        seconds = {name: cpu_seconds(proc.pid) for name, proc in self.stack.procs.items()}
-        for name, pid in self.infra.items():
-            try:
-                seconds[name] = tree_cpu_seconds(pid) if name == "postgresql" else cpu_seconds(pid)
-            except OSError:
-                pass  # stopped meanwhile: left out rather than counted as zero
-        seconds["bench driver"] = cpu_seconds(os.getpid())
-        return seconds
+        return self._each(cpu_seconds, tree_cpu_seconds)
 
     def switches(self) -> dict[str, tuple[int, int]]:
         """(voluntary, involuntary) context switches of the same processes' live threads (PostgreSQL:
         the postmaster and its live backends; a backend that exited meanwhile is not counted)."""
-        counts = {name: context_switches(proc.pid) for name, proc in self.stack.procs.items()}
+        return self._each(context_switches, tree_context_switches)
+
+    def _each(self, of_process: Callable[[int], T], of_tree: Callable[[int], T]) -> dict[str, T]:
+        """A figure of every process of the run; PostgreSQL's is of the postmaster and its backends."""
+        figures = {name: of_process(proc.pid) for name, proc in self.stack.procs.items()}
         for name, pid in self.infra.items():
             try:
-                counts[name] = tree_context_switches(pid) if name == "postgresql" else context_switches(pid)
+                figures[name] = of_tree(pid) if name == "postgresql" else of_process(pid)
             except OSError:
-                pass
-        counts["bench driver"] = context_switches(os.getpid())
-        return counts
+                pass  # stopped meanwhile: left out rather than counted as zero
+        figures["bench driver"] = of_process(os.getpid())
+        return figures
 
 
 # --- status events -------------------------------------------------------------------------------
@@ -567,7 +571,7 @@ async def _report_progress(o: Offer, reader: StatusReader, stack: Stack, started
 
 def measure(o: Offer, reader: StatusReader, sent: dict[int, float], cpu: dict[str, float], stack: Stack,
             rate: float, duration_s: float, elapsed_s: float, host: HostLoad,
-            switches: dict[str, tuple[int, int]] | None = None) -> dict:
+            switches: dict[str, tuple[int, int]]) -> dict:
     accepted = o.accepted_ids()
     to_pending = [reader.pending_at[p] - o.scheduled_at[o.index_of[p]] for p in accepted if p in reader.pending_at]
     finals = {p: reader.final[p] for p in accepted if p in reader.final}
@@ -598,7 +602,7 @@ def measure(o: Offer, reader: StatusReader, sent: dict[int, float], cpu: dict[st
         # How often each process slept and was woken, and was preempted, per payment: on a virtual
         # machine where both cost CPU, what the CPU figures follow (docs/cpu-per-payment.md, "Fourth round").
         "switches_per_payment": {name: {"slept": round(v / len(accepted), 2), "preempted": round(i / len(accepted), 2)}
-                                 for name, (v, i) in (switches or {}).items()} if accepted else {},
+                                 for name, (v, i) in switches.items()} if accepted else {},
         "cpu_ms_per_payment_own": round(sum(per_payment[n] for n in own), 3) if per_payment else None,
         "cpu_ms_per_payment_total": round(sum(v for n, v in per_payment.items() if n != "bench driver"), 3)
         if per_payment else None,
