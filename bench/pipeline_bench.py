@@ -363,7 +363,10 @@ class StatusReader:
 
     def _read(self) -> None:
         while not self._stop.is_set():
-            for msg in self._consumer.consume(500, 0.1):
+            # consume(n, timeout) waits until it has n messages or the timeout passed: asked for 500 at
+            # once it held every event seen here back by up to 0.1 s. One, then what is already here.
+            first = self._consumer.consume(1, 0.1)
+            for msg in first + (self._consumer.consume(499, 0) if first else []):
                 value = msg.value()
                 if msg.error() is None and msg.key() in self.keys and value is not None:
                     self._note(value, time.time())
@@ -739,6 +742,13 @@ async def load(args: argparse.Namespace, ctx: dict) -> dict:
     """The warm-up, then the one load or the steps."""
     print(f"warm-up: {args.warmup_payments} payments at 25/s (caches, connections, Daraja token; not measured)")
     await run_phase(ctx, "W", 25, args.warmup_payments / 25, args.drain_timeout_s, progress_s=1e9)
+    if args.warmup_s > 0:
+        # A broker just started spends its first minute under load compiling (about 14 s of the JVM's
+        # CPU at 300/s, docs/cpu-per-payment.md "Fifth round"): a start-up cost, not the steady state.
+        rate = args.step_start if args.step else args.rate
+        print(f"warm-up: {args.warmup_s:.0f} s at {rate:.0f}/s (the JVM's compiler, batch sizes; not measured)",
+              flush=True)
+        await run_phase(ctx, "WR", rate, args.warmup_s, args.drain_timeout_s, progress_s=1e9)
     idle = await idle_cores(ctx["meter"], args.idle_s)
     results: dict[str, Any] = {"idle_cpu_cores": idle, "phases": []}
     if not args.step:
@@ -842,6 +852,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drain-timeout-s", type=float, default=60.0,
                         help="after the load, wait this long at most for every payment to be final (default 60)")
     parser.add_argument("--warmup-payments", type=int, default=50, help="offered at 25/s before measuring (default 50)")
+    parser.add_argument("--warmup-s", type=float, default=20.0,
+                        help="then this long at the load's rate (the first step's with --step), not measured "
+                             "(default 20; 0 measures a cold start)")
     parser.add_argument("--idle-s", type=float, default=5.0,
                         help="seconds measuring each process's CPU with no payment in flight (default 5)")
     parser.add_argument("--step", action="store_true", help="raise the rate step by step until it breaks")
