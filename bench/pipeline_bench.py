@@ -6,7 +6,9 @@ topics' end, and the Daraja sandbox answering each push after --latency-ms and s
 --callback-delay-ms later. A channel and an API key of its own (made per run) then offer payments to the
 ingress at --rate per second for --duration-s, open loop: each request leaves at its scheduled time
 whatever earlier answers do, and latency counts from that time, so a stall is never hidden (no
-coordinated omission). After a drain (all payments final, or --drain-timeout-s) it reports:
+coordinated omission). Before it measures, it warms up: 50 payments at 25/s (caches, connections), then
+--warmup-s at the load's rate (a broker just started spends its first minute under load compiling). After
+a drain (all payments final, or --drain-timeout-s) it reports:
 
   settled/s        payments reaching Settled per second, from the first Settled to the last;
   none lost        offered, accepted (202), Settled, other final states, missing (accepted, never final);
@@ -366,10 +368,12 @@ class StatusReader:
             # consume(n, timeout) waits until it has n messages or the timeout passed: asked for 500 at
             # once it held every event seen here back by up to 0.1 s. One, then what is already here.
             first = self._consumer.consume(1, 0.1)
-            for msg in first + (self._consumer.consume(499, 0) if first else []):
+            messages = first + (self._consumer.consume(499, 0) if first else [])
+            seen_at = time.time()  # when they were handed over, not after the decoding of the others
+            for msg in messages:
                 value = msg.value()
                 if msg.error() is None and msg.key() in self.keys and value is not None:
-                    self._note(value, time.time())
+                    self._note(value, seen_at)
 
     def _note(self, value: bytes, seen_at: float) -> None:
         try:
@@ -683,6 +687,13 @@ def print_phase(r: dict, args: argparse.Namespace, idle_cores: dict[str, float])
 
 # --- main ----------------------------------------------------------------------------------------
 
+def non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 def parse_mix(text: str) -> dict[str, float]:
     mix = {}
     for part in filter(None, text.split(",")):
@@ -742,14 +753,16 @@ async def load(args: argparse.Namespace, ctx: dict) -> dict:
     """The warm-up, then the one load or the steps."""
     print(f"warm-up: {args.warmup_payments} payments at 25/s (caches, connections, Daraja token; not measured)")
     await run_phase(ctx, "W", 25, args.warmup_payments / 25, args.drain_timeout_s, progress_s=1e9)
+    # Measured before the warm-up at the load's rate: after it, PostgreSQL's autovacuum of what it wrote
+    # lands in the window (0.16 cores "at rest" in one run).
+    idle = await idle_cores(ctx["meter"], args.idle_s)
     if args.warmup_s > 0:
-        # A broker just started spends its first minute under load compiling (about 14 s of the JVM's
-        # CPU at 300/s, docs/cpu-per-payment.md "Fifth round"): a start-up cost, not the steady state.
+        # A broker just started spends about 14 s of its JVM's CPU compiling in its first minute under
+        # load (docs/cpu-per-payment.md, "Fifth round"): a start-up cost, not the steady state.
         rate = args.step_start if args.step else args.rate
-        print(f"warm-up: {args.warmup_s:.0f} s at {rate:.0f}/s (the JVM's compiler, batch sizes; not measured)",
+        print(f"warm-up: {args.warmup_s:g} s at {rate:g}/s (the JVM's compiler, batch sizes; not measured)",
               flush=True)
         await run_phase(ctx, "WR", rate, args.warmup_s, args.drain_timeout_s, progress_s=1e9)
-    idle = await idle_cores(ctx["meter"], args.idle_s)
     results: dict[str, Any] = {"idle_cpu_cores": idle, "phases": []}
     if not args.step:
         print(f"load: {args.rate:.0f}/s for {args.duration_s:.0f} s", flush=True)
@@ -852,9 +865,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drain-timeout-s", type=float, default=60.0,
                         help="after the load, wait this long at most for every payment to be final (default 60)")
     parser.add_argument("--warmup-payments", type=int, default=50, help="offered at 25/s before measuring (default 50)")
-    parser.add_argument("--warmup-s", type=float, default=20.0,
+    parser.add_argument("--warmup-s", type=non_negative, default=20.0,
                         help="then this long at the load's rate (the first step's with --step), not measured "
-                             "(default 20; 0 measures a cold start)")
+                             "(default 20; 0 skips it: on a broker just started, that measures a cold start)")
     parser.add_argument("--idle-s", type=float, default=5.0,
                         help="seconds measuring each process's CPU with no payment in flight (default 5)")
     parser.add_argument("--step", action="store_true", help="raise the rate step by step until it breaks")

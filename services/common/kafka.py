@@ -11,6 +11,7 @@ import collections
 import functools
 import json
 import logging
+import math
 import random
 import re
 import threading
@@ -590,7 +591,9 @@ class ConsumerLoop:
         # but passes (a connection reset mid-query), little next to a partition stalled for good.
         self.poison_budget = poison_budget
         self.commit_interval_s = commit_interval_s
-        self._last_commit = 0.0  # monotonic
+        # None yet, so the first batch commits at once: monotonic time counts from the host's boot, and
+        # on a machine up for less than the interval a last commit "at 0" held the first one back.
+        self._last_commit = -math.inf
         self._commit_timer: asyncio.TimerHandle | None = None
         self._in_hand: dict[int, float] = {}  # batch number -> when it was fetched (monotonic)
         self._batches = 0
