@@ -7,8 +7,8 @@ topics' end, and the Daraja sandbox answering each push after --latency-ms and s
 ingress at --rate per second for --duration-s, open loop: each request leaves at its scheduled time
 whatever earlier answers do, and latency counts from that time, so a stall is never hidden (no
 coordinated omission). Before it measures, it warms up: 50 payments at 25/s (caches, connections), then
---warmup-s at the load's rate (a broker just started spends its first minute under load compiling). After
-a drain (all payments final, or --drain-timeout-s) it reports:
+--warmup-s at the load's rate (a broker just started spends about 14 s of CPU compiling in its first minute
+under load). After a drain (all payments final, or --drain-timeout-s) it reports:
 
   settled/s        payments reaching Settled per second, from the first Settled to the last;
   none lost        offered, accepted (202), Settled, other final states, missing (accepted, never final);

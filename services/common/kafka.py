@@ -591,8 +591,8 @@ class ConsumerLoop:
         # but passes (a connection reset mid-query), little next to a partition stalled for good.
         self.poison_budget = poison_budget
         self.commit_interval_s = commit_interval_s
-        # None yet, so the first batch commits at once: monotonic time counts from the host's boot, and
-        # on a machine up for less than the interval a last commit "at 0" held the first one back.
+        # Minus infinity until the first commit, so that it goes at once: monotonic time counts from the
+        # host's boot, and on a machine up for less than the interval a last commit "at 0" held it back.
         self._last_commit = -math.inf
         self._commit_timer: asyncio.TimerHandle | None = None
         self._in_hand: dict[int, float] = {}  # batch number -> when it was fetched (monotonic)
