@@ -70,7 +70,7 @@ from services.cli import RUN_SETTINGS, RunSettings  # noqa: E402
 from services.common import config  # noqa: E402
 from services.common.avro import DecodeError, open_codec  # noqa: E402
 from services.common.db import open_pool  # noqa: E402
-from services.common.kafka import client_config, ensure_topics  # noqa: E402
+from services.common.kafka import client_config, ensure_topics, take  # noqa: E402
 from services.common.topics import ACCESS, ALL_TOPICS, PAYMENT_REQUESTED, PAYMENT_STATUS, STK_QUERY_REQUESTED  # noqa: E402
 from services.daraja_sandbox import settings as sandbox_settings  # noqa: E402
 from services.daraja_sandbox.scenarios import SELECTOR_PHONE_PREFIX, SELECTORS  # noqa: E402
@@ -365,10 +365,7 @@ class StatusReader:
 
     def _read(self) -> None:
         while not self._stop.is_set():
-            # consume(n, timeout) waits until it has n messages or the timeout passed: asked for 500 at
-            # once it held every event seen here back by up to 0.1 s. One, then what is already here.
-            first = self._consumer.consume(1, 0.1)
-            messages = first + (self._consumer.consume(499, 0) if first else [])
+            messages = take(self._consumer, 500, 0.1)  # consume(500, 0.1) held each event back up to 0.1 s
             seen_at = time.time()  # when they were handed over, not after the decoding of the others
             for msg in messages:
                 value = msg.value()

@@ -38,7 +38,7 @@ from services.common.avro import Codec, open_codec  # noqa: E402
 from services.common.callback_token import callback_url  # noqa: E402
 from services.common.db import migrate, open_pool  # noqa: E402
 from services.common.ids import new_id  # noqa: E402
-from services.common.kafka import EventProducer, client_config, ensure_topics, new_event_fields  # noqa: E402
+from services.common.kafka import EventProducer, client_config, ensure_topics, new_event_fields, take  # noqa: E402
 from services.common.topics import (  # noqa: E402
     ALL_TOPICS,
     CALLBACK_RAW,
@@ -83,9 +83,7 @@ def watch_settled(channels: set[bytes], since: dict[int, int], stop, results) ->
     consumer.consume(1, 1.0)  # connected and fetching: the driver may start
     results.put(0)
     while not stop.is_set():
-        # consume(n, timeout) waits for n messages or the timeout: take one, then what is already here.
-        first = consumer.consume(1, 0.05)
-        for msg in first + (consumer.consume(499, 0) if first else []):
+        for msg in take(consumer, 500, 0.05):
             if msg.error() is None and msg.key() in channels:
                 value = codec.decode(msg.value())[1]
                 if value["status"] == "Settled" and value["payment_id"] not in seen:

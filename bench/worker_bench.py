@@ -34,7 +34,7 @@ from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 from bench.host import HostLoad, context_switches, cpu_seconds  # noqa: E402
 from services.common.avro import Codec  # noqa: E402
 from services.common.db import migrate, open_pool  # noqa: E402
-from services.common.kafka import EventProducer, client_config, ensure_topics, new_event_fields  # noqa: E402
+from services.common.kafka import EventProducer, client_config, ensure_topics, new_event_fields, take  # noqa: E402
 from services.common.topics import ALL_TOPICS, PAYMENT_REQUESTED, STK_PUSH_RESULT, STK_QUERY_REQUESTED  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.e2e.stack import wait_for  # noqa: E402
@@ -60,8 +60,7 @@ def count_results(channel: bytes, since: dict[int, int], expected: int, timeout_
     seen, first, last = 0, None, None
     deadline = time.monotonic() + timeout_s
     while seen < expected and time.monotonic() < deadline:
-        first_msgs = consumer.consume(1, 0.2)  # then what is already here: consume(n, t) waits for n or t
-        for msg in first_msgs + (consumer.consume(999, 0) if first_msgs else []):
+        for msg in take(consumer, 1000, 0.2):
             if msg.error() is None and msg.key() == channel:
                 seen += 1
                 first = first or time.monotonic()

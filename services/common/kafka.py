@@ -523,6 +523,15 @@ def rewind_points(dropped: list[Message], assigned_again: set[tuple[str, int]]) 
     return [TopicPartition(topic, partition, offset) for (topic, partition), offset in sorted(earliest.items())]
 
 
+def take(consumer: Consumer, most: int, wait_s: float, linger_s: float = 0.0) -> list[Message]:
+    """Waits up to `wait_s` for a first message, then takes what else is already here, or arrives
+    within `linger_s`, up to `most` in all. Not one consume(most, wait_s): librdkafka's batch consume
+    returns only once it has `most` messages or the timeout has passed, so it would hold the first
+    ones back for the whole timeout whenever fewer arrive."""
+    first = consumer.consume(1, wait_s)
+    return first + consumer.consume(most - 1, linger_s) if first else first
+
+
 def _partition_of(message: Message) -> tuple[str, int]:
     """A data message's topic and partition (the client types them optional for its error events)."""
     return cast(str, message.topic()), cast(int, message.partition())
@@ -680,8 +689,7 @@ class ConsumerLoop:
         """Waits for one message, then takes whatever else is already here, or arrives within
         `linger_s` (0 by default: a batch never waits to fill up, so latency stays low at low rates
         and batches grow under load)."""
-        first = self._consumer.consume(1, self.poll_timeout)
-        return first + self._consumer.consume(self.max_batch - 1, self.linger_s) if first else first
+        return take(self._consumer, self.max_batch, self.poll_timeout, self.linger_s)
 
     def _in_thread(self, fn, *args, **kwargs):
         # Every consumer call happens on one thread: the client is not safe across threads.
